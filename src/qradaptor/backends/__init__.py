@@ -1,0 +1,28 @@
+"""Quantizer backends: one file each, all behind :class:`QuantBackend`.
+
+``get_backend("hqq")`` is the default (real packed weights via the ``hqq`` package);
+``get_backend("reference")`` is plain PyTorch round-to-nearest, the exact reference for tests.
+"""
+
+from __future__ import annotations
+
+from ..errors import BackendError
+from .base import QuantBackend, QuantCache
+
+BACKENDS = ("hqq", "reference")
+DEFAULT_BACKEND = "hqq"
+
+
+def get_backend(name: str = DEFAULT_BACKEND, **kwargs) -> QuantBackend:
+    if name == "hqq":
+        from .hqq import HQQBackend
+
+        return HQQBackend(**kwargs)
+    if name == "reference":
+        from .reference import ReferenceBackend
+
+        return ReferenceBackend(**kwargs)
+    raise BackendError(f"unknown quantizer backend {name!r}", f"choose one of {list(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "QuantBackend", "QuantCache", "get_backend"]

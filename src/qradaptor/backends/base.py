@@ -1,0 +1,114 @@
+"""The backend interface: quantize one linear layer at ``bits`` with groups of ``group_size`` weights,
+predict and measure its bytes, dequantize it, and (de)serialize it as plain tensors.
+
+Grouping is the same for every backend (and HQQ's ``axis=1``): the weight matrix is read row-major in
+runs of ``group_size`` consecutive weights, each run with one scale and one zero stored in the
+metadata dtype (the compute dtype).
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import BackendError
+
+
+class QuantBackend(ABC):
+    name: ClassVar[str]
+    #: bit-widths this backend can store.
+    supported_bits: ClassVar[tuple[int, ...]]
+
+    def __init__(self, compute_dtype: torch.dtype = torch.float32):
+        # The dtype the layer computes in; scales and zeros are stored in it too.
+        self.compute_dtype = compute_dtype
+
+    # ---------------------------------------------------------------- checks
+    def check_bits(self, bits: int) -> None:
+        if bits not in self.supported_bits:
+            raise BackendError(
+                f"the {self.name} backend cannot store {bits}-bit weights",
+                f"use one of {list(self.supported_bits)} (or 16 to leave a layer unquantized), "
+                f"or another backend (--backend reference stores 2..8 bits)",
+            )
+
+    def check_shape(self, out_features: int, in_features: int, group_size: int) -> None:
+        if (out_features * in_features) % group_size:
+            raise BackendError(
+                f"a {out_features}x{in_features} weight cannot be split into groups of {group_size}",
+                "choose a group_size that divides the number of weights of every quantized linear (e.g. 32 or 64)",
+            )
+
+    @property
+    def metadata_bytes(self) -> int:
+        return torch.finfo(self.compute_dtype).bits // 8
+
+    # ---------------------------------------------------------------- the interface
+    @abstractmethod
+    def quantize(self, linear: nn.Linear, bits: int, group_size: int) -> nn.Module:
+        """A frozen module computing ``x @ dequant(W).T + b``; ``linear`` itself is left untouched."""
+
+    @abstractmethod
+    def weight_bytes(self, out_features: int, in_features: int, bits: int, group_size: int) -> int:
+        """Predicted bytes of the stored weight (codes + scales + zeros, bias excluded), from shapes alone."""
+
+    @abstractmethod
+    def held_bytes(self, module: nn.Module) -> int:
+        """Bytes actually held by a quantized module's tensors (codes, metadata and bias)."""
+
+    @abstractmethod
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight the module computes with."""
+
+    @abstractmethod
+    def is_quantized(self, module: nn.Module) -> bool:
+        """True for modules this backend produced."""
+
+    @abstractmethod
+    def state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Every tensor needed to rebuild ``module`` (safetensors-compatible)."""
+
+    @abstractmethod
+    def from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """Rebuild a module from :meth:`state`'s tensors, refusing inconsistent ones."""
+
+
+class QuantCache:
+    """Quantized layers kept in memory per ``(module name, bits, group size)``.
+
+    The search applies many plans to the same model: each ``(layer, bits)`` pair is quantized once and
+    later requests get a copy. One cache serves one source model and backend; a changed source
+    weight (checked by shape and checksum) is an error rather than a silent stale hit.
+    """
+
+    def __init__(self, backend: QuantBackend):
+        self.backend = backend
+        self._modules: dict[tuple[str, int, int], tuple[tuple, nn.Module]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _signature(linear: nn.Linear) -> tuple:
+        w = linear.weight.detach()
+        return (tuple(w.shape), w.dtype, float(w.double().sum()), float(w.double().abs().sum()))
+
+    def get(self, name: str, linear: nn.Linear, bits: int, group_size: int) -> nn.Module:
+        key = (name, bits, group_size)
+        sig = self._signature(linear)
+        if key in self._modules:
+            cached_sig, module = self._modules[key]
+            if cached_sig != sig:
+                raise RuntimeError(f"QuantCache: weights of {name} changed; use one cache per source model")
+            self.hits += 1
+        else:
+            module = self.backend.quantize(linear, bits, group_size)
+            self._modules[key] = (sig, module)
+            self.misses += 1
+        return copy.deepcopy(module)
+
+    def __len__(self) -> int:
+        return len(self._modules)

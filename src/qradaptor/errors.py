@@ -1,0 +1,36 @@
+"""Errors a user can cause and fix.
+
+Every `QRAdaptorError` carries the cause and the fix; the CLI prints it as one message without a
+traceback and exits with status 2. Anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class QRAdaptorError(Exception):
+    """A problem with the user's input, with a message that names the cause and the fix."""
+
+    def __init__(self, cause: str, fix: str | None = None):
+        self.cause = cause
+        self.fix = fix
+        super().__init__(cause if fix is None else f"{cause}\n  fix: {fix}")
+
+
+class ModelLoadError(QRAdaptorError):
+    """The model could not be found or is not a model."""
+
+
+class DataError(QRAdaptorError):
+    """The training or evaluation data is missing, malformed or empty."""
+
+
+class PlanError(QRAdaptorError):
+    """A plan is malformed or does not fit the model."""
+
+
+class BackendError(QRAdaptorError):
+    """The quantizer backend cannot do what the plan asks (e.g. a bit-width it lacks)."""
+
+
+class BudgetError(QRAdaptorError):
+    """A memory budget is malformed or cannot be met."""

@@ -1,0 +1,237 @@
+"""The plan: one ``(bits, rank)`` per decoder layer plus the settings every layer shares.
+
+On disk a plan is a JSON or YAML object whose ``layers`` is a list with one ``{"bits": b, "rank": r}``
+per decoder layer, in order. Every other key is optional (defaults below), so a plan can be written by
+hand::
+
+    {"layers": [{"bits": 4, "rank": 16}, {"bits": 8, "rank": 8}, ...]}
+
+Bits are the stored bit-width of every quantized linear in that layer; ``16`` keeps the layer's linears
+unquantized (at the base dtype). Applying a plan to a model (``qradaptor.quantize``) gives the quantized
+base; ``lora_config`` gives the PEFT ``LoraConfig`` whose per-module ranks follow the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import PlanError
+from .io import atomic_write_text
+
+#: Every bit-width a plan may name. Whether a backend can store it is the backend's business.
+KNOWN_BITS = (2, 3, 4, 5, 6, 8, 16)
+#: 16 means "leave this layer unquantized".
+UNQUANTIZED_BITS = 16
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_RANK = 16
+DEFAULT_GROUP_SIZE = 64
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    bits: int
+    rank: int
+
+
+@dataclass
+class Plan:
+    """Per-layer bits and ranks and the shared settings.
+
+    - ``group_size``: weights per quantization group (one scale and one zero each).
+    - ``alpha_ratio``: LoRA alpha = ``alpha_ratio * rank`` for every module (keeps the update scale fixed
+      across ranks).
+    - ``target_modules``: the linears inside each decoder layer that get a LoRA adapter; every linear
+      inside a decoder layer is quantized at the layer's bits. Embeddings, norms and ``lm_head`` are never
+      quantized.
+    - ``dropout``: LoRA dropout.
+    """
+
+    layers: list[LayerChoice]
+    group_size: int = DEFAULT_GROUP_SIZE
+    alpha_ratio: float = 2.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.layers = [c if isinstance(c, LayerChoice) else LayerChoice(**c) for c in self.layers]
+        self.target_modules = tuple(self.target_modules)
+        self.check()
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def uniform(cls, num_layers: int, bits: int, rank: int = DEFAULT_RANK, **settings: Any) -> "Plan":
+        return cls([LayerChoice(bits, rank) for _ in range(num_layers)], **settings)
+
+    @classmethod
+    def from_dict(cls, obj: Any, *, source: str = "plan") -> "Plan":
+        if not isinstance(obj, dict) or "layers" not in obj:
+            raise PlanError(
+                f"{source}: a plan must be an object with a 'layers' list",
+                'write it as {"layers": [{"bits": 4, "rank": 16}, ...]} with one entry per decoder layer',
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise PlanError(f"{source}: unknown plan keys {unknown}", f"allowed keys: {sorted(known)}")
+        layers = obj["layers"]
+        if not isinstance(layers, list) or not layers:
+            raise PlanError(f"{source}: 'layers' must be a non-empty list", "give one {bits, rank} per decoder layer")
+        parsed = []
+        for i, entry in enumerate(layers):
+            if not isinstance(entry, dict) or set(entry) != {"bits", "rank"}:
+                raise PlanError(
+                    f"{source}: layer {i} is {entry!r}; each layer must be an object with exactly 'bits' and 'rank'",
+                    'write e.g. {"bits": 4, "rank": 16}',
+                )
+            bits, rank = entry["bits"], entry["rank"]
+            if not (isinstance(bits, int) and not isinstance(bits, bool)) or not (
+                isinstance(rank, int) and not isinstance(rank, bool)
+            ):
+                raise PlanError(f"{source}: layer {i} has non-integer bits or rank: {entry!r}", "use integers")
+            parsed.append(LayerChoice(bits, rank))
+        settings = {k: v for k, v in obj.items() if k != "layers"}
+        try:
+            return cls(parsed, **settings)
+        except PlanError as e:
+            raise PlanError(f"{source}: {e.cause}", e.fix) from None
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"{source}: invalid setting ({e})", "see the Plan documentation for the allowed keys") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file not found: {path}", "pass the path of a plan .json or .yaml file")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                obj = yaml.safe_load(text)
+            else:
+                obj = json.loads(text)
+        except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+            raise PlanError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({e})",
+                            "fix the syntax or regenerate the plan") from None
+        return cls.from_dict(obj, source=str(path))
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [{"bits": c.bits, "rank": c.rank} for c in self.layers]
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        return atomic_write_text(path, text)
+
+    # ------------------------------------------------------------------ validation
+    def check(self) -> None:
+        """Checks that need no model: known bit-widths, positive ranks, sane settings."""
+        for i, c in enumerate(self.layers):
+            if c.bits not in KNOWN_BITS:
+                raise PlanError(
+                    f"layer {i} asks for {c.bits}-bit weights, which is not a known bit-width",
+                    f"use one of {list(KNOWN_BITS)} (16 = unquantized)",
+                )
+            if c.rank <= 0:
+                raise PlanError(f"layer {i} has rank {c.rank}; ranks must be positive", "use a rank such as 8 or 16")
+        if not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise PlanError(f"group_size must be a positive integer, got {self.group_size!r}", "the default is 64")
+        if not self.alpha_ratio > 0:
+            raise PlanError(f"alpha_ratio must be positive, got {self.alpha_ratio!r}", "the default is 2.0")
+        if not self.target_modules:
+            raise PlanError("target_modules is empty", f"the default is {list(DEFAULT_TARGET_MODULES)}")
+        if not 0 <= self.dropout < 1:
+            raise PlanError(f"dropout must be in [0, 1), got {self.dropout!r}", "the default is 0.0")
+
+    def check_model(self, model, *, source: str = "plan") -> None:
+        """Checks against a model: one entry per decoder layer, target modules present."""
+        from .quantize import decoder_layers
+
+        n = len(decoder_layers(model))
+        if len(self.layers) != n:
+            raise PlanError(
+                f"{source} has {len(self.layers)} layers but the model has {n} decoder layers",
+                "make a plan for this model (one {bits, rank} per decoder layer)",
+            )
+        present = {name.rsplit(".", 1)[-1] for name, _ in decoder_layers(model)[0][1].named_modules()}
+        missing = [t for t in self.target_modules if t not in present]
+        if missing:
+            raise PlanError(
+                f"{source}: target modules {missing} do not exist in this model's decoder layers",
+                f"choose target_modules among {sorted(p for p in present if p)}",
+            )
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def bits(self) -> list[int]:
+        return [c.bits for c in self.layers]
+
+    @property
+    def ranks(self) -> list[int]:
+        return [c.rank for c in self.layers]
+
+    def describe(self) -> str:
+        """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30``."""
+
+        def runs(values: Iterable[int], unit: str) -> str:
+            counts: dict[int, int] = {}
+            for v in values:
+                counts[v] = counts.get(v, 0) + 1
+            return " ".join(f"{unit}{v}×{n}" if unit == "r" else f"{v}b×{n}" for v, n in sorted(counts.items()))
+
+        return f"{runs(self.bits, 'b')} | {runs(self.ranks, 'r')}"
+
+
+def lora_config(plan: Plan, model, **overrides: Any):
+    """The PEFT ``LoraConfig`` for ``plan`` on ``model``.
+
+    ``rank_pattern``/``alpha_pattern`` keys are full module names, regex-escaped: PEFT matches a key as
+    ``(.*\\.)?KEY$``, so an unescaped or partial key (``layers.1``) could select other layers
+    (``layers.11``). The most common rank becomes the default ``r`` and only the others are listed.
+    """
+    from peft import LoraConfig
+
+    from .quantize import decoder_layers
+
+    plan.check_model(model)
+    ranks = plan.ranks
+    default_r = max(set(ranks), key=lambda r: (ranks.count(r), r))
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for (layer_name, layer), choice in zip(decoder_layers(model), plan.layers):
+        if choice.rank == default_r:
+            continue
+        for name, _ in layer.named_modules():
+            if name.rsplit(".", 1)[-1] in plan.target_modules:
+                key = re.escape(f"{layer_name}.{name}")
+                rank_pattern[key] = choice.rank
+                alpha_pattern[key] = plan.alpha_ratio * choice.rank
+    kwargs = dict(
+        r=default_r,
+        lora_alpha=plan.alpha_ratio * default_r,
+        lora_dropout=plan.dropout,
+        target_modules=list(plan.target_modules),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    kwargs.update(overrides)
+    return LoraConfig(**kwargs)

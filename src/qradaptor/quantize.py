@@ -1,0 +1,98 @@
+"""Apply a plan to a model: quantize each decoder layer's linears at that layer's bits, then attach
+LoRA adapters with that layer's rank.
+
+Everything outside the decoder layers (embeddings, norms, ``lm_head``) stays unquantized at the base
+dtype; a layer whose plan says 16 bits keeps its linears unquantized too.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .backends import QuantBackend, QuantCache, get_backend
+from .errors import ModelLoadError
+from .plan import UNQUANTIZED_BITS, Plan, lora_config
+
+
+def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(full name, module)`` of every decoder layer, in order (``model.layers.0``, ...)."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) > 0:
+            # Skip PEFT's wrapper prefix differences by returning names as they appear in this model.
+            return [(f"{name}.{i}", layer) for i, layer in enumerate(module)]
+    raise ModelLoadError(
+        f"{type(model).__name__} has no list of decoder layers (expected a `layers` ModuleList)",
+        "use a decoder-only causal LM such as Llama, Mistral, Qwen or SmolLM",
+    )
+
+
+def layer_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The plain linears of one decoder layer (names relative to the layer)."""
+    return [(n, m) for n, m in layer.named_modules() if type(m) is nn.Linear]
+
+
+def resolve_backend(backend: str | QuantBackend | None, dtype: torch.dtype) -> QuantBackend:
+    if isinstance(backend, QuantBackend):
+        return backend
+    return get_backend(backend or "hqq", compute_dtype=dtype)
+
+
+def quantize_model(
+    model: nn.Module,
+    plan: Plan,
+    backend: str | QuantBackend | None = None,
+    *,
+    cache: QuantCache | None = None,
+    dtype: torch.dtype | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """The model with every decoder-layer linear replaced by its quantized version per ``plan``.
+
+    ``model`` is left intact unless ``inplace``. ``dtype`` (default: the backend's compute dtype) is the
+    base dtype of everything left unquantized.
+    """
+    plan.check_model(model)
+    if cache is not None:
+        backend = cache.backend
+    backend = resolve_backend(backend, dtype or torch.float32)
+    dtype = dtype or backend.compute_dtype
+    for choice in plan.layers:
+        if choice.bits != UNQUANTIZED_BITS:
+            backend.check_bits(choice.bits)
+    source_layers = decoder_layers(model)
+    out = model if inplace else copy.deepcopy(model)
+    out.to(dtype)
+    for (layer_name, layer), (_, source_layer) in zip(decoder_layers(out), source_layers):
+        bits = plan.layers[int(layer_name.rsplit(".", 1)[1])].bits
+        if bits == UNQUANTIZED_BITS:
+            continue
+        for (name, linear), (_, source_linear) in zip(layer_linears(layer), layer_linears(source_layer)):
+            full = f"{layer_name}.{name}"
+            if cache is not None:
+                q = cache.get(full, source_linear, bits, plan.group_size)
+            else:
+                q = backend.quantize(source_linear, bits, plan.group_size)
+            parent_name, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent_name) if parent_name else layer, child, q)
+    out.requires_grad_(False)
+    out.qradaptor_plan = plan
+    out.qradaptor_backend = backend
+    return out
+
+
+def add_adapters(model: nn.Module, plan: Plan, *, seed: int = 0):
+    """Wrap a (quantized) model with trainable LoRA adapters whose ranks follow ``plan``."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)  # adapter initialisation is random: make it reproducible
+    peft_model = get_peft_model(model, lora_config(plan, model))
+    return peft_model
+
+
+def prepare_model(model, plan: Plan, backend: str | QuantBackend | None = None, *, cache: QuantCache | None = None,
+                  dtype: torch.dtype | None = None, seed: int = 0):
+    """Quantized copy of ``model`` per ``plan`` with LoRA adapters attached, ready to train."""
+    return add_adapters(quantize_model(model, plan, backend, cache=cache, dtype=dtype), plan, seed=seed)

@@ -1,0 +1,49 @@
+"""Shared fixtures. Nothing here writes to the user's home: HF_HOME always points to a temp dir, and the
+model cache (QRADAPTOR_CACHE) does too unless the caller set one (so the SmolLM2 conversion can be reused
+across local test runs)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_SESSION_TMP = tempfile.mkdtemp(prefix="qradaptor-tests-")
+os.environ["HF_HOME"] = os.path.join(_SESSION_TMP, "hf")
+os.environ.setdefault("QRADAPTOR_CACHE", os.path.join(_SESSION_TMP, "cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The embedded default model, converted once per test session (or reused from QRADAPTOR_CACHE)."""
+    from qradaptor.models import default_model_path
+
+    return default_model_path()
