@@ -1,0 +1,45 @@
+"""Held-out loss and perplexity with our own loop: one forward per batch of packed blocks, the mean
+next-token loss over every position that has a label."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens}
+
+
+def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token negative log-likelihood over labelled positions, and their count."""
+    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
+    return nll, int((target != -100).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(model, blocks, *, batch_size: int = 8, progress: bool = True, desc: str = "evaluate") -> EvalResult:
+    """Mean held-out loss over ``blocks`` (a ``qradaptor.data.TokenBlocks``)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    starts = range(0, len(blocks), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        nll, n = token_nll(model, blocks.input_ids[start : start + batch_size], blocks.labels[start : start + batch_size])
+        total += float(nll)
+        count += n
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count)

