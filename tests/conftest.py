@@ -47,3 +47,25 @@ def smollm2_dir():
     from qradaptor.models import default_model_path
 
     return default_model_path()
+
+
+def tiny_tokenizer():
+    """A 128-word word-level tokenizer matching the tiny model's vocab, built offline in milliseconds."""
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
+    from tokenizers import pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(126)}}
+    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny_model):
+    """The tiny random Llama saved with a tokenizer, as a user's fine-tuned model directory would be."""
+    out = tmp_path / "tiny"
+    tiny_model.save_pretrained(out, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(out)
+    return out

@@ -5,7 +5,7 @@ import torch
 
 from qradaptor.backends import BACKENDS, get_backend
 from qradaptor.errors import BudgetError
-from qradaptor.memory import ModelShapes, check_budget, measure, parse_budget, predict, training_estimate, uniform_bytes
+from qradaptor.memory import ModelShapes, check_budget, measured_bytes, parse_budget, predict, training_estimate, uniform_bytes
 from qradaptor.plan import LayerChoice, Plan
 from qradaptor.quantize import prepare_model
 
@@ -20,9 +20,9 @@ def test_prediction_matches_measured_bytes(tiny_model, name, dtype, layers):
     plan = Plan(layers)
     model = prepare_model(tiny_model, plan, backend)
     predicted = predict(ModelShapes.from_config(tiny_model.config), plan, backend).total_bytes
-    assert abs(measure(model) - predicted) / predicted < 0.01
+    assert abs(measured_bytes(model) - predicted) / predicted < 0.01
     # Exactly equal in fact: every tensor is accounted for.
-    assert measure(model) == predicted
+    assert measured_bytes(model) == predicted
 
 
 def test_shapes_from_config_equal_shapes_from_model(tiny_model):
@@ -96,5 +96,5 @@ def test_prediction_matches_measured_bytes_on_smollm2(smollm2_dir, name):
     plan = Plan([LayerChoice(b, r) for b, r in zip(bits, [16, 8, 32, 4, 16] * 6)])
     built = prepare_model(model, plan, backend)
     predicted = predict(ModelShapes.from_config(model.config), plan, backend).total_bytes
-    measured = measure(built)
+    measured = measured_bytes(built)
     assert abs(measured - predicted) / predicted < 0.01, (measured, predicted)

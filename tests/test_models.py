@@ -11,29 +11,8 @@ import torch
 
 from qradaptor import models
 from qradaptor.errors import ModelLoadError
+from conftest import tiny_tokenizer
 from qradaptor.models import DEFAULT_MODEL, cache_dir, default_model_path, load_model, model_fingerprint
-
-
-def _tiny_tokenizer():
-    """A 128-word word-level tokenizer matching the tiny model's vocab, built offline in milliseconds."""
-    from tokenizers import Tokenizer
-    from tokenizers import models as tok_models
-    from tokenizers import pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(126)}}
-    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-
-
-@pytest.fixture
-def tiny_dir(tmp_path, tiny_model):
-    """The tiny random Llama saved with a tokenizer, as a user's fine-tuned model directory would be."""
-    out = tmp_path / "tiny"
-    tiny_model.save_pretrained(out, safe_serialization=True)
-    _tiny_tokenizer().save_pretrained(out)
-    return out
 
 
 # --- cache_dir -------------------------------------------------------------------------------------
@@ -184,7 +163,7 @@ def test_unsupported_architecture(tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(
         tmp_path
     )
-    _tiny_tokenizer().save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="GPT2LMHeadModel.*model.model.layers"):
         load_model(str(tmp_path))
 
@@ -264,3 +243,16 @@ def test_gguf_file_matches_converted_dir(smollm2_dir):
     assert diff < 1e-4
     assert "quantization_config" not in from_gguf.config.to_dict()
     assert model_fingerprint(from_gguf) == model_fingerprint(from_dir)
+
+
+def test_load_config_reads_shapes_without_weights(tiny_dir, tiny_model, tmp_path):
+    from qradaptor.models import load_config
+
+    config = load_config(str(tiny_dir))
+    assert config.num_hidden_layers == tiny_model.config.num_hidden_layers
+    assert config.hidden_size == tiny_model.config.hidden_size
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_config(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_config(str(tmp_path / "empty"))

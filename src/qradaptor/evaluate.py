@@ -43,3 +43,23 @@ def evaluate_loss(model, blocks, *, batch_size: int = 8, progress: bool = True, 
     model.train(was_training)
     loss = total / max(count, 1)
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count)
+
+
+def evaluate_model(model: str | None = None, *, data: str | None = None, split: str = "validation",
+                   plan=None, backend: str = "hqq", seq_len: int = 256, max_blocks: int | None = None,
+                   batch_size: int = 8, progress: bool = True) -> dict:
+    """What ``qradaptor evaluate`` prints: held-out loss and perplexity of ``model`` (quantized per
+    ``plan`` when one is given, adapters untrained) on ``split`` of ``data``."""
+    from .data import load_blocks
+    from .models import load_model
+    from .plan import Plan
+    from .quantize import quantize_model
+
+    base, tokenizer = load_model(model)
+    blocks = load_blocks(data, tokenizer, split, seq_len=seq_len, max_blocks=max_blocks)
+    if plan is not None:
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        base = quantize_model(base, plan, backend, inplace=True)
+    result = evaluate_loss(base, blocks, batch_size=batch_size, progress=progress)
+    return {**result.to_dict(), "split": split, "blocks": len(blocks), "seq_len": seq_len,
+            "plan": None if plan is None else plan.describe()}

@@ -168,7 +168,7 @@ def predict(
     )
 
 
-def measure(model: nn.Module, backend: QuantBackend | None = None) -> int:
+def measured_bytes(model: nn.Module, backend: QuantBackend | None = None) -> int:
     """Bytes actually held by ``model``'s tensors: quantized modules through their backend (scales and
     zeros included), everything else from its parameters and buffers. Shared tensors count once."""
     backend = backend or _find_backend(model)
@@ -325,3 +325,28 @@ def training_estimate(shapes: ModelShapes, plan: Plan, backend: QuantBackend, co
         optimizer_bytes=report.trainable_params * 8,
         activation_bytes=int(activations),
     )
+
+
+def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", dtype: torch.dtype = torch.float32,
+                measure: bool = False, budget: str | int | None = None) -> dict:
+    """What ``qradaptor memory`` prints: the plan's predicted bytes from the model's config alone;
+    with ``measure``, the bytes the built model (quantized base + adapters) really holds; with
+    ``budget``, the budget in bytes and whether the plan fits it."""
+    from .backends import get_backend
+    from .models import load_config, load_model
+
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    quant = get_backend(backend, compute_dtype=dtype)
+    shapes = ModelShapes.from_config(load_config(model))
+    report = predict(shapes, plan, quant)
+    out = {**report.to_dict(), "plan": plan.describe(), "backend": quant.name}
+    if budget is not None:
+        budget_bytes = parse_budget(budget, shapes, quant, group_size=plan.group_size)
+        check_budget(budget_bytes, shapes, quant, group_size=plan.group_size)
+        out.update(budget_bytes=budget_bytes, fits=report.total_bytes <= budget_bytes)
+    if measure:
+        from .quantize import prepare_model
+
+        base, _ = load_model(model)
+        out["measured_bytes"] = measured_bytes(prepare_model(base, plan, quant))
+    return out

@@ -30,7 +30,7 @@ from .io import AtomicDirectory
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_path", "load_model", "model_fingerprint"]
+__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_path", "load_config", "load_model", "model_fingerprint"]
 
 _log = logging.getLogger("qradaptor")
 
@@ -205,6 +205,47 @@ def _first_line(e: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
+def _resolve(spec: str | os.PathLike | None) -> tuple[str, str | Path]:
+    """What kind of model ``spec`` names: ("dir", path), ("gguf", path) or ("hub", id)."""
+    if spec is None or str(spec).strip().lower() == DEFAULT_MODEL:
+        return "dir", default_model_path()
+    name = str(spec)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "dir", path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{path} is not a model: expected a model directory (with config.json) or a .gguf file",
+                fix="pass the directory that contains config.json and the weights, not a file inside it",
+            )
+        return "gguf", path
+    if _looks_like_path(name):
+        raise ModelLoadError(
+            f"model path not found: {path}",
+            fix="check the path; pass a model directory, a .gguf file, a hub id, or omit it for the default",
+        )
+    return "hub", name
+
+
+def load_config(spec: str | os.PathLike | None = None):
+    """The model's transformers config without loading its weights (a GGUF file is loaded in full)."""
+    from transformers import AutoConfig
+
+    kind, where = _resolve(spec)
+    if kind == "gguf":
+        return load_model(spec)[0].config
+    if kind == "dir" and not (Path(where) / "config.json").is_file():
+        _load_dir(Path(where), torch.float32)  # raises the "not a model directory" error
+    try:
+        return AutoConfig.from_pretrained(where)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(
+            f"cannot read the config of model '{spec}': {_first_line(e)}",
+            fix="pass a model directory with config.json, a .gguf file, or a reachable Hugging Face hub id",
+        ) from e
+
+
 def load_model(
     spec: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -214,28 +255,10 @@ def load_model(
     (dequantized), or a Hugging Face hub id. Every user error raises `ModelLoadError`. The tokenizer
     always has a pad token (eos if it had none), because batching needs one.
     """
-    if spec is None or str(spec).strip().lower() == DEFAULT_MODEL:
-        model, tokenizer = _load_dir(default_model_path(), dtype)
-        name = DEFAULT_MODEL
-    else:
-        name = str(spec)
-        path = Path(name).expanduser()
-        if path.is_dir():
-            model, tokenizer = _load_dir(path, dtype)
-        elif path.is_file():
-            if path.suffix.lower() != ".gguf":
-                raise ModelLoadError(
-                    f"{path} is not a model: expected a model directory (with config.json) or a .gguf file",
-                    fix="pass the directory that contains config.json and the weights, not a file inside it",
-                )
-            model, tokenizer = _load_gguf(path, dtype)
-        elif _looks_like_path(name):
-            raise ModelLoadError(
-                f"model path not found: {path}",
-                fix="check the path; pass a model directory, a .gguf file, a hub id, or omit it for the default",
-            )
-        else:
-            model, tokenizer = _load_hub(name, dtype)
+    kind, where = _resolve(spec)
+    name = DEFAULT_MODEL if spec is None else str(spec)
+    loader = {"dir": _load_dir, "gguf": _load_gguf, "hub": _load_hub}[kind]
+    model, tokenizer = loader(where, dtype)
 
     layers = getattr(getattr(model, "model", None), "layers", None)
     if getattr(model.config, "is_encoder_decoder", False) or not isinstance(layers, torch.nn.ModuleList):

@@ -85,7 +85,7 @@ def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks
             nll, _ = token_nll(model, train_blocks.input_ids[idx], train_blocks.labels[idx])
             # Normalise by the step's token count so accumulation equals one big batch.
             (nll / max(sum(tokens), 1)).backward()
-            step_nll += float(nll)
+            step_nll += float(nll.detach())
             step_tokens += n
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

@@ -1,0 +1,23 @@
+"""qradaptor: per-layer bit-widths and LoRA ranks chosen under a memory budget (QR-Adaptor).
+
+The library mirrors the CLI: each ``qradaptor COMMAND`` is a function here.
+"""
+
+from .backends import get_backend
+from .data import load_blocks
+from .demo import run_demo
+from .errors import QRAdaptorError
+from .evaluate import evaluate_loss, evaluate_model
+from .memory import ModelShapes, measured_bytes, parse_budget, plan_memory, predict
+from .models import load_model, model_fingerprint
+from .plan import LayerChoice, Plan, lora_config
+from .quantize import add_adapters, prepare_model, quantize_model
+from .train import TrainConfig, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerChoice", "ModelShapes", "Plan", "QRAdaptorError", "TrainConfig", "add_adapters", "evaluate_loss",
+    "evaluate_model", "get_backend", "load_blocks", "load_model", "lora_config", "measured_bytes", "model_fingerprint",
+    "parse_budget", "plan_memory", "predict", "prepare_model", "quantize_model", "run_demo", "train",
+]

@@ -1,0 +1,125 @@
+"""The CLI end to end on a tiny model: output keys, and every bad input gets one clear message, exit 2,
+no traceback, and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qradaptor.cli import main
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    d = tmp_path / "work"
+    d.mkdir()
+    monkeypatch.chdir(d)
+    return d
+
+
+def write_plan(path, bits, rank=8):
+    path.write_text(json.dumps({"layers": [{"bits": b, "rank": rank} for b in bits]}))
+    return str(path)
+
+
+def words_file(path, n_lines=40):
+    path.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 120}" for j in range(30)) for i in range(n_lines)))
+    return str(path)
+
+
+def run(capsys, *argv):
+    capsys.readouterr()  # drop what fixtures printed
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for command in ("memory", "evaluate", "demo"):
+        assert command in out
+
+
+def test_memory_json_predicted_and_measured(capsys, tiny_dir, workdir):
+    plan = write_plan(workdir / "p.json", [2, 3, 4, 8])
+    code, out, _ = run(capsys, "memory", "--model", str(tiny_dir), "--plan", plan, "--measure", "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert abs(report["measured_bytes"] - report["predicted_bytes"]) / report["predicted_bytes"] < 0.01
+    assert report["avg_bits"] > report["code_bits"] == pytest.approx((2 + 3 + 4 + 8) / 4)
+
+
+def test_memory_budget_verdict(capsys, tiny_dir, workdir):
+    four = write_plan(workdir / "four.json", [4] * 4, rank=16)
+    eight = write_plan(workdir / "eight.json", [8] * 4, rank=16)
+    _, out, _ = run(capsys, "memory", "--model", str(tiny_dir), "--plan", four, "--budget", "4bit", "--json")
+    assert json.loads(out)["fits"] is True
+    _, out, _ = run(capsys, "memory", "--model", str(tiny_dir), "--plan", eight, "--budget", "4bit")
+    assert "does NOT fit" in out
+
+
+def test_evaluate_json(capsys, tiny_dir, workdir):
+    data = words_file(workdir / "d.txt")
+    code, out, _ = run(capsys, "evaluate", "--model", str(tiny_dir), "--data", data, "--split", "train",
+                       "--seq-len", "32", "--json", "-q")
+    result = json.loads(out)
+    assert code == 0 and result["tokens"] > 0 and result["perplexity"] > 1
+    plan = write_plan(workdir / "p.json", [2] * 4)
+    _, out, _ = run(capsys, "evaluate", "--model", str(tiny_dir), "--data", data, "--split", "train",
+                    "--seq-len", "32", "--plan", plan, "--json", "-q")
+    assert json.loads(out)["loss"] != result["loss"]  # 2-bit weights change the predictions
+
+
+BAD_INPUTS = {
+    "missing model path": (["memory", "--model", "./no/such/model", "--plan", "{plan4}"], "not found"),
+    "file that is not a model": (["memory", "--model", "{text}", "--plan", "{plan4}"], "is not a model"),
+    "malformed JSONL line": (["evaluate", "--model", "{model}", "--data", "{badjsonl}"], "line 2"),
+    "empty dataset": (["evaluate", "--model", "{model}", "--data", "{empty}"], "empty"),
+    "unknown bit-width in plan": (["memory", "--model", "{model}", "--plan", "{plan7}"], "7-bit"),
+    "layer count mismatch": (["memory", "--model", "{model}", "--plan", "{plan3layers}"], "3 layers"),
+    "bit-width the backend lacks": (["memory", "--model", "{model}", "--plan", "{plan5}"], "cannot store 5-bit"),
+    "budget below the cheapest plan": (["memory", "--model", "{model}", "--plan", "{plan4}", "--budget", "1kB"],
+                                       "cheapest possible plan"),
+    "unreadable budget": (["memory", "--model", "{model}", "--plan", "{plan4}", "--budget", "lots"], "budget"),
+    "missing plan file": (["memory", "--model", "{model}", "--plan", "nope.json"], "plan file not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_message_exit_2_nothing_written(capsys, tiny_dir, tmp_path, workdir, case):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    files = {
+        "model": str(tiny_dir),
+        "plan4": write_plan(inputs / "plan4.json", [4] * 4),
+        "plan7": write_plan(inputs / "plan7.json", [7] * 4),
+        "plan5": write_plan(inputs / "plan5.json", [5] * 4),
+        "plan3layers": write_plan(inputs / "plan3.json", [4] * 3),
+        "text": words_file(inputs / "notes.txt"),
+        "empty": str(inputs / "empty.jsonl"),
+        "badjsonl": str(inputs / "bad.jsonl"),
+    }
+    (inputs / "empty.jsonl").write_text("")
+    (inputs / "bad.jsonl").write_text('{"text": "w1 w2"}\n{"text": oops}\n')
+    argv, needle = BAD_INPUTS[case]
+    before = sorted(os.listdir(workdir)), sorted(os.listdir(inputs))
+    code, out, err = run(capsys, *[a.format(**files) for a in argv])
+    assert code == 2
+    assert needle in err and "fix:" in err and "Traceback" not in err
+    assert err.startswith("qradaptor: error:")
+    assert (sorted(os.listdir(workdir)), sorted(os.listdir(inputs))) == before
+
+
+def test_installed_entry_point_reports_errors_without_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "qradaptor.cli", "memory", "--model", str(tmp_path / "nope"),
+                           "--plan", "p.json"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "not found" in proc.stderr and "Traceback" not in proc.stderr
