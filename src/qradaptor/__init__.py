@@ -11,6 +11,7 @@ from .evaluate import evaluate_loss, evaluate_model
 from .memory import ModelShapes, measured_bytes, parse_budget, plan_memory, predict
 from .models import load_model, model_fingerprint
 from .plan import LayerChoice, Plan, lora_config
+from .profile import Sensitivity, profile
 from .quantize import add_adapters, prepare_model, quantize_model
 from .train import TrainConfig, train
 
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LayerChoice", "ModelShapes", "Plan", "QRAdaptorError", "TrainConfig", "add_adapters", "evaluate_loss",
     "evaluate_model", "get_backend", "load_blocks", "load_model", "lora_config", "measured_bytes", "model_fingerprint",
-    "parse_budget", "plan_memory", "predict", "prepare_model", "quantize_model", "run_demo", "train",
+    "parse_budget", "plan_memory", "predict", "prepare_model", "profile", "Sensitivity", "quantize_model", "run_demo", "train",
 ]

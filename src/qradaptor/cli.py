@@ -76,6 +76,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .profile import RESULT_FILE, profile
+
+    bits = [int(b) for b in args.bits.split(",") if b.strip()]
+    result = profile(args.model, data=args.data, out=args.out, bits=bits, tokens=args.tokens, backend=args.backend,
+                     dtype=args.dtype, reference=args.reference, group_size=args.group_size, force=args.force,
+                     use_cache=not args.no_cache, progress=not args.quiet)
+    how = "from the cache" if result.from_cache else f"in {result.seconds:.0f} s"
+    print(f"profiled {result.layers} layers × bits {result.bits} {how} → {args.out}/{RESULT_FILE}")
+    lowest = min(result.bits)
+    top = result.ranking(lowest)[:5]
+    print(f"most sensitive at {lowest} bits: " + ", ".join(f"layer {l} (KL {result.kl[l][lowest]:.4f})" for l in top))
+    for b, kl in result.kl_uniform.items():
+        print(f"whole model at {b} bits: KL {kl:.5f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qradaptor",
@@ -107,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (keys loss, perplexity, tokens, ...)")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("profile", parents=[common], help="per-layer KL sensitivity to quantization (stage 1)")
+    p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
+    p.add_argument("--data", default=None, help="calibration data (default: CPython's pydoc topics, train split)")
+    p.add_argument("--bits", default="2,3,4", help="bit-widths to probe per layer (default 2,3,4)")
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
+    p.add_argument("--group-size", type=int, default=64, help="weights per quantization group (default 64)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the probes (bfloat16 ~2x faster)")
+    p.add_argument("--reference", default="topk", choices=("topk", "fp16"),
+                   help="how the full model's distribution is kept: top-256 + tail mass (default) or all of it in fp16")
+    p.add_argument("--out", required=True, help="directory for sensitivity.json and sensitivity.png")
+    p.add_argument("--force", action="store_true", help="replace a profile of a different model in --out")
+    p.add_argument("--no-cache", action="store_true", help="recompute even if an identical profile is cached")
+    p.set_defaults(func=cmd_profile)
+
     p = sub.add_parser("demo", parents=[common], help="fine-tune uniform 4-bit and a mixed plan of the same memory on the default model")
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=25, help="LoRA training steps per plan (default 25)")
@@ -131,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  fix: {e.fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qradaptor: interrupted", file=sys.stderr)
+        print("qradaptor: interrupted; finished work is kept (rerun the same command to resume)", file=sys.stderr)
         return 130
 
 

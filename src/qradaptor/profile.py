@@ -1,0 +1,559 @@
+"""Stage 1: per-layer sensitivity. For every decoder layer ``l`` and bit-width ``b``, quantize only layer
+``l`` at ``b`` and measure the mean per-token KL(p_full ‖ p_quant) on calibration text.
+
+Why it is fast: one full-precision pass records the hidden states entering every layer, so the probe for
+layer ``l`` runs only layers ``l..L`` (on average half the model); the reference distribution is computed
+once and kept compactly (top-k log-probabilities + the tail's mass, or all log-probabilities in fp16);
+quantized layers come from the backend's cache; compute can be bf16.
+
+The top-k estimator groups the tail of the vocabulary into one outcome, so by the data-processing
+inequality it is a lower bound of the exact KL, tight when the tail mass is small (reported as
+``reference_tail_mass``).
+
+Results go to ``OUT/sensitivity.json`` (+ ``sensitivity.png``), are cached on disk keyed by model
+fingerprint + data + settings, and a run that is interrupted keeps its finished probes in
+``OUT/sensitivity.partial.json``, so rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .backends import QuantBackend, QuantCache, get_backend
+from .data import DEFAULT_DATA, TokenBlocks, data_fingerprint, load_blocks
+from .errors import DataError, QRAdaptorError
+from .io import atomic_write_json
+from .models import cache_dir, load_model, model_fingerprint
+from .quantize import decoder_layers, layer_linears
+
+log = logging.getLogger("qradaptor")
+
+RESULT_FILE = "sensitivity.json"
+PARTIAL_FILE = "sensitivity.partial.json"
+HEATMAP_FILE = "sensitivity.png"
+FORMAT = "qradaptor-sensitivity-1"
+
+
+class ProfileError(QRAdaptorError):
+    """The profile cannot run as asked (output directory of another model, ...)."""
+
+
+@dataclass
+class ProfileSettings:
+    bits: tuple[int, ...] = (2, 3, 4)  # probed per layer; 8 bits is also measured for the whole model
+    tokens: int = 4096  # calibration tokens (whole blocks of seq_len)
+    seq_len: int = 256
+    group_size: int = 64
+    backend: str = "hqq"
+    dtype: str = "float32"  # compute dtype of the probes: "float32" or "bfloat16" (about twice as fast)
+    # "topk": top-k log-probs + tail mass; "fp16": the full distribution as fp16 log-probs (fp16, not bf16:
+    # log-probs need mantissa, not range, and bf16's 8 bits shift small KLs by percents).
+    reference: str = "topk"
+    top_k: int = 256
+    batch_size: int = 4
+    data: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.bits = tuple(sorted(set(int(b) for b in self.bits)))
+        if not self.bits:
+            raise ProfileError("no bit-widths to profile", "pass e.g. --bits 2,3,4")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ProfileError(f"unknown dtype {self.dtype!r}", "use float32 or bfloat16")
+        if self.reference not in ("topk", "fp16"):
+            raise ProfileError(f"unknown reference storage {self.reference!r}", "use topk or fp16")
+        if self.tokens < self.seq_len:
+            raise ProfileError(f"--tokens {self.tokens} is less than one block of {self.seq_len} tokens",
+                               f"use at least {self.seq_len} calibration tokens (a few thousand is better)")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.tokens // self.seq_len
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bits"] = list(self.bits)
+        d["data"] = self.data or DEFAULT_DATA
+        return d
+
+
+@dataclass
+class Sensitivity:
+    """The profile: ``kl[layer][bits]`` and ``weight_error[layer][bits]`` (bits as ints in memory,
+    strings in JSON)."""
+
+    model_fingerprint: str
+    data_fingerprint: str
+    bits: list[int]
+    layers: int
+    kl: list[dict[int, float]]
+    weight_error: list[dict[int, float]]
+    kl_uniform: dict[int, float] = field(default_factory=dict)  # whole model at each bit-width (8 included)
+    settings: dict = field(default_factory=dict)
+    reference_storage: str = ""
+    reference_tail_mass: float = 0.0
+    seconds: float = 0.0
+    from_cache: bool = False
+
+    def to_dict(self) -> dict:
+        def keyed(rows):
+            return [{str(b): v for b, v in sorted(r.items())} for r in rows]
+
+        return {
+            "format": FORMAT,
+            "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "bits": self.bits,
+            "layers": self.layers,
+            "kl": keyed(self.kl),
+            "weight_error": keyed(self.weight_error),
+            "kl_uniform": {str(b): v for b, v in sorted(self.kl_uniform.items())},
+            "settings": self.settings,
+            "reference_storage": self.reference_storage,
+            "reference_tail_mass": self.reference_tail_mass,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: dict, *, source: str = RESULT_FILE) -> "Sensitivity":
+        try:
+            if obj.get("format") != FORMAT:
+                raise KeyError("format")
+
+            def unkeyed(rows):
+                return [{int(b): float(v) for b, v in r.items()} for r in rows]
+
+            return cls(
+                model_fingerprint=obj["model_fingerprint"], data_fingerprint=obj["data_fingerprint"],
+                bits=[int(b) for b in obj["bits"]], layers=int(obj["layers"]), kl=unkeyed(obj["kl"]),
+                weight_error=unkeyed(obj["weight_error"]),
+                kl_uniform={int(b): float(v) for b, v in obj.get("kl_uniform", {}).items()},
+                settings=obj.get("settings", {}), reference_storage=obj.get("reference_storage", ""),
+                reference_tail_mass=float(obj.get("reference_tail_mass", 0.0)), seconds=float(obj.get("seconds", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ProfileError(f"{source} is not a qradaptor sensitivity profile ({e})",
+                               "rerun `qradaptor profile` to regenerate it") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Sensitivity":
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"sensitivity file not found: {path}", "run `qradaptor profile --out DIR` first")
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{path} is not valid JSON ({e})", "rerun `qradaptor profile` to regenerate it") from None
+        return cls.from_dict(obj, source=str(path))
+
+    def save(self, out: str | Path) -> Path:
+        return atomic_write_json(Path(out) / RESULT_FILE, self.to_dict())
+
+    def ranking(self, bits: int | None = None) -> list[int]:
+        """Layers from most to least sensitive at ``bits`` (default: the lowest profiled)."""
+        b = min(self.bits) if bits is None else bits
+        return sorted(range(self.layers), key=lambda l: -self.kl[l][b])
+
+    def predicted_kl(self, bits_per_layer: list[int]) -> float:
+        """Sum of per-layer KLs for a mixed plan (8 and 16 bits count as lossless)."""
+        return sum(self.kl[l].get(b, 0.0) for l, b in enumerate(bits_per_layer) if b < 8)
+
+
+# ---------------------------------------------------------------------------------------- reference
+
+
+@dataclass
+class Reference:
+    """The full model's next-token distribution on the calibration blocks, per batch."""
+
+    kind: str
+    logp: list[torch.Tensor]  # topk: (B, S, k) fp32 log-probs of the top-k tokens; fp16: (B, S, V) fp16
+    index: list[torch.Tensor] | None = None  # topk: (B, S, k) int32 token ids
+
+    def describe(self) -> str:
+        if self.kind == "topk":
+            return f"top-{self.logp[0].shape[-1]} log-probabilities + tail mass (lower bound of the exact KL)"
+        return "full distribution as fp16 log-probabilities"
+
+    def tail_mass(self) -> float:
+        if self.kind != "topk":
+            return 0.0
+        total = sum(float((1 - lp.exp().sum(-1)).clamp_min(0).sum()) for lp in self.logp)
+        return total / sum(lp.shape[0] * lp.shape[1] for lp in self.logp)
+
+
+def make_reference(logits_batches: list[torch.Tensor], kind: str, top_k: int) -> Reference:
+    ref = Reference(kind, [], [] if kind == "topk" else None)
+    for z in logits_batches:  # one batch at a time: the full fp32 log-probs are large
+        lp = torch.log_softmax(z.float(), dim=-1)
+        if kind == "fp16":
+            ref.logp.append(lp.clamp_min(-60000).to(torch.float16))
+        else:
+            top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+            ref.logp.append(top.values)
+            ref.index.append(top.indices.to(torch.int32))
+    return ref
+
+
+def kl_sum(logits: torch.Tensor, reference: Reference, batch: int) -> torch.Tensor:
+    """Summed per-position KL(p_ref ‖ softmax(logits)) over one batch."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    if reference.kind == "fp16":
+        ref = reference.logp[batch].float()
+        return (ref.exp() * (ref - (logits - lse))).sum()
+    ref, idx = reference.logp[batch], reference.index[batch].long()
+    logq = logits.gather(-1, idx) - lse
+    p = ref.exp()
+    kl = (p * (ref - logq)).sum(-1)
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    q_tail = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
+    # Below 1e-6 the tail is float rounding of sum(top-k) (e.g. k = vocabulary); its term is negligible.
+    kl = kl + torch.where(p_tail > 1e-6, p_tail * (p_tail.clamp_min(1e-12).log() - q_tail.log()), 0.0)
+    return kl.sum()
+
+
+# ---------------------------------------------------------------------------------------- runner
+
+
+class SuffixRunner:
+    """Runs the decoder from any layer onward on the calibration blocks, from cached layer inputs.
+
+    One full pass records the hidden states entering every decoder layer (and the per-batch extra
+    arguments, such as rotary embeddings); ``logits_from(l, layer)`` then runs ``layer`` in place of layer
+    ``l`` followed by the original layers ``l+1..L``, the final norm and the LM head.
+    """
+
+    def __init__(self, model: nn.Module, blocks: TokenBlocks, batch_size: int):
+        self.model = model
+        self.layers = [layer for _, layer in decoder_layers(model)]
+        self.batches = [blocks.input_ids[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self.kwargs: list[dict] = []
+        self.reference_logits: list[torch.Tensor] = []
+        hooks = [layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        try:
+            with torch.no_grad():
+                for ids in self.batches:
+                    self.reference_logits.append(model(input_ids=ids, use_cache=False).logits)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _recorder(self, i: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.inputs[i].append(hidden.detach())
+            if i == 0:
+                self.kwargs.append({k: v for k, v in kwargs.items()
+                                    if k not in ("hidden_states", "cache", "past_key_values", "past_key_value")})
+
+        return hook
+
+    @torch.no_grad()
+    def logits_from(self, start: int, replacement: nn.Module, batch: int) -> torch.Tensor:
+        hidden = self.inputs[start][batch]
+        kwargs = self.kwargs[batch]
+        for i in range(start, len(self.layers)):
+            layer = replacement if i == start else self.layers[i]
+            out = layer(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+
+def quantized_layer(layer: nn.Module, layer_name: str, bits: int, group_size: int, cache: QuantCache) -> nn.Module:
+    """A copy of ``layer`` with every linear quantized at ``bits`` (from the cache)."""
+    linears = layer_linears(layer)
+    memo = {id(lin): None for _, lin in linears}  # do not copy the weights about to be replaced
+    q = copy.deepcopy(layer, memo)
+    for name, lin in linears:
+        parent_name, _, child = name.rpartition(".")
+        setattr(q.get_submodule(parent_name) if parent_name else q, child,
+                cache.get(f"{layer_name}.{name}", lin, bits, group_size))
+    return q
+
+
+def layer_weight_error(layer: nn.Module, qlayer: nn.Module, backend: QuantBackend) -> float:
+    """Relative squared Frobenius error of a layer's quantized linears."""
+    err = norm = 0.0
+    q_modules = dict(qlayer.named_modules())
+    for name, lin in layer_linears(layer):
+        w = lin.weight.detach().float()
+        err += float((backend.dequantize(q_modules[name]).float() - w).pow(2).sum())
+        norm += float(w.pow(2).sum())
+    return err / norm
+
+
+def mean_kl(runner: SuffixRunner, reference: Reference, start: int, replacement: nn.Module) -> float:
+    total, positions = 0.0, 0
+    for b, ids in enumerate(runner.batches):
+        total += float(kl_sum(runner.logits_from(start, replacement, b), reference, b))
+        positions += ids.numel()
+    return total / positions
+
+
+def model_kl(model: nn.Module, blocks: TokenBlocks, reference: Reference, batch_size: int) -> float:
+    """Mean per-token KL of a whole (e.g. mixed-precision) model from the reference: one full forward."""
+    total, positions = 0.0, 0
+    with torch.no_grad():
+        for b, start in enumerate(range(0, len(blocks), batch_size)):
+            ids = blocks.input_ids[start : start + batch_size]
+            total += float(kl_sum(model(input_ids=ids, use_cache=False).logits, reference, b))
+            positions += ids.numel()
+    return total / positions
+
+
+# ---------------------------------------------------------------------------------------- the profile
+
+
+def calibration_blocks(tokenizer, settings: ProfileSettings) -> TokenBlocks:
+    """``settings.tokens`` worth of blocks from the training split, spread over it (seeded)."""
+    blocks = load_blocks(settings.data, tokenizer, "train", seq_len=settings.seq_len, seed=settings.seed)
+    need = settings.num_blocks
+    if len(blocks) < need:
+        raise DataError(
+            f"the calibration set has {len(blocks) * settings.seq_len} tokens ({len(blocks)} blocks of "
+            f"{settings.seq_len}), but the profile needs {need * settings.seq_len} (--tokens {settings.tokens})",
+            f"pass --tokens {len(blocks) * settings.seq_len} or less, or more training data",
+        )
+    gen = torch.Generator().manual_seed(settings.seed)
+    pick = torch.randperm(len(blocks), generator=gen)[:need].sort().values
+    return TokenBlocks(blocks.input_ids[pick], blocks.labels[pick])
+
+
+def profile_key(model_fp: str, data_fp: str, settings: ProfileSettings) -> str:
+    payload = json.dumps({"format": FORMAT, "model": model_fp, "data": data_fp, "settings": settings.to_dict()},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _check_out_dir(out: Path, model_fp: str, force: bool) -> None:
+    existing = out / RESULT_FILE
+    if not existing.is_file() or force:
+        return
+    try:
+        other = json.loads(existing.read_text(encoding="utf-8")).get("model_fingerprint")
+    except (OSError, json.JSONDecodeError):
+        other = None
+    if other != model_fp:
+        raise ProfileError(
+            f"{out} already holds a sensitivity profile of a different model (fingerprint {str(other)[:12]}…, "
+            f"this model is {model_fp[:12]}…)",
+            "choose another --out directory, or pass --force to replace it",
+        )
+
+
+def _load_partial(out: Path, key: str) -> dict:
+    path = out / PARTIAL_FILE
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if obj.get("key") != key:
+        return {}
+    return obj.get("probes", {})
+
+
+def profile_model(
+    model: nn.Module,
+    tokenizer,
+    settings: ProfileSettings | None = None,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    use_cache: bool = True,
+    cache: QuantCache | None = None,
+    blocks: TokenBlocks | None = None,
+    progress: bool = True,
+    on_probe: Callable[[int, int, float], None] | None = None,
+) -> Sensitivity:
+    """Profile ``model`` (full precision). See the module docstring; ``blocks`` overrides the calibration
+    data (used by the validation); ``on_probe(layer, bits, kl)`` is called after each probe."""
+    settings = settings or ProfileSettings()
+    start_time = time.perf_counter()
+    model_fp = model_fingerprint(model)
+    backend = cache.backend if cache is not None else get_backend(settings.backend, compute_dtype=settings.torch_dtype)
+    for b in settings.bits:
+        if b < 16:
+            backend.check_bits(b)
+    out = Path(out) if out is not None else None
+    if out is not None:
+        _check_out_dir(out, model_fp, force)
+    if blocks is None:
+        blocks = calibration_blocks(tokenizer, settings)
+        data_fp = data_fingerprint(settings.data, "train", settings.seq_len, seed=settings.seed)
+    else:
+        data_fp = hashlib.sha256(blocks.input_ids.numpy().tobytes()).hexdigest()
+    key = profile_key(model_fp, data_fp, settings)
+    cached = cache_dir() / "profiles" / f"{key}.json"
+    if use_cache and cached.is_file():
+        result = Sensitivity.load(cached)
+        result.from_cache = True
+        log.info("profile: used the cached result %s", cached)
+        if out is not None:
+            _write_outputs(result, out)
+        return result
+
+    work = model if next(model.parameters()).dtype == settings.torch_dtype else copy.deepcopy(model).to(settings.torch_dtype)
+    work.eval()
+    cache = cache or QuantCache(backend)
+    runner = SuffixRunner(work, blocks, settings.batch_size)
+    reference = make_reference(runner.reference_logits, settings.reference, settings.top_k)
+    runner.reference_logits = []  # the reference holds what is needed; free the full logits
+
+    layers = decoder_layers(work)
+    probes: dict = _load_partial(out, key) if out is not None else {}
+    todo = [(l, b) for l in range(len(layers)) for b in settings.bits if f"{l}:{b}" not in probes]
+    if probes:
+        log.info("profile: resuming, %d of %d probes already done", len(probes), len(probes) + len(todo))
+    bar = tqdm(todo, desc="profile", unit="probe", disable=not progress)
+    for l, b in bar:
+        name, layer = layers[l]
+        qlayer = quantized_layer(layer, name, b, settings.group_size, cache)
+        kl = mean_kl(runner, reference, l, qlayer)
+        probes[f"{l}:{b}"] = {"kl": kl, "weight_error": layer_weight_error(layer, qlayer, backend)}
+        bar.set_postfix(layer=l, bits=b, kl=f"{kl:.4f}")
+        if out is not None:
+            atomic_write_json(out / PARTIAL_FILE, {"key": key, "probes": probes})
+        if on_probe is not None:
+            on_probe(l, b, kl)
+
+    # 8 bits for the whole model: one forward shows whether 8 bits is worth its bytes anywhere.
+    from .plan import Plan
+    from .quantize import quantize_model
+
+    kl_uniform = {}
+    if 8 in backend.supported_bits:
+        eight = quantize_model(work, Plan.uniform(len(layers), 8, 1, group_size=settings.group_size), cache=cache)
+        kl_uniform[8] = model_kl(eight, blocks, reference, settings.batch_size)
+        del eight
+    weight_error_8 = [layer_weight_error(layer, quantized_layer(layer, name, 8, settings.group_size, cache), backend)
+                      for name, layer in layers] if 8 in backend.supported_bits else [None] * len(layers)
+
+    result = Sensitivity(
+        model_fingerprint=model_fp, data_fingerprint=data_fp, bits=list(settings.bits), layers=len(layers),
+        kl=[{b: probes[f"{l}:{b}"]["kl"] for b in settings.bits} for l in range(len(layers))],
+        weight_error=[{**{b: probes[f"{l}:{b}"]["weight_error"] for b in settings.bits},
+                       **({8: weight_error_8[l]} if weight_error_8[l] is not None else {})} for l in range(len(layers))],
+        kl_uniform=kl_uniform, settings={**settings.to_dict(), "calibration_tokens": int(blocks.input_ids.numel())},
+        reference_storage=reference.describe(), reference_tail_mass=reference.tail_mass(),
+        seconds=time.perf_counter() - start_time,
+    )
+    if use_cache:
+        atomic_write_json(cached, result.to_dict())
+    if out is not None:
+        _write_outputs(result, out)
+        (out / PARTIAL_FILE).unlink(missing_ok=True)
+    return result
+
+
+def _write_outputs(result: Sensitivity, out: Path) -> None:
+    result.save(out)
+    try:
+        plot_heatmap(result, out / HEATMAP_FILE)
+    except Exception as e:  # a plot must never lose the profile
+        log.warning("profile: could not draw the heatmap (%s)", e)
+
+
+def plot_heatmap(result: Sensitivity, path: Path) -> Path:
+    """Layers × bits heatmap of the KL, log colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    data = [[max(result.kl[l][b], 1e-8) for b in result.bits] for l in range(result.layers)]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(result.bits), 1.5 + 0.22 * result.layers))
+    im = ax.imshow(data, aspect="auto", cmap="viridis", norm=LogNorm())
+    ax.set_xticks(range(len(result.bits)), [f"{b}-bit" for b in result.bits])
+    ax.set_yticks(range(result.layers), [str(l) for l in range(result.layers)], fontsize=7)
+    ax.set_ylabel("decoder layer")
+    ax.set_title("KL(full ‖ one layer quantized)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="mean per-token KL (log scale)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def profile(model: str | None = None, *, data: str | None = None, out: str | Path, bits=(2, 3, 4),
+            tokens: int = 4096, backend: str = "hqq", dtype: str = "float32", reference: str = "topk",
+            group_size: int = 64, seq_len: int = 256, force: bool = False, use_cache: bool = True,
+            progress: bool = True) -> Sensitivity:
+    """What ``qradaptor profile`` does: load the model, profile it, write ``out/sensitivity.{json,png}``."""
+    settings = ProfileSettings(bits=tuple(bits), tokens=tokens, seq_len=seq_len, group_size=group_size,
+                               backend=backend, dtype=dtype, reference=reference, data=data)
+    base, tokenizer = load_model(model)
+    return profile_model(base, tokenizer, settings, out=out, force=force, use_cache=use_cache, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def stability(model: nn.Module, settings: ProfileSettings, blocks: TokenBlocks, *, progress: bool = False) -> dict:
+    """Is the prior stable? Profile two disjoint halves of ``blocks`` at the lowest bit-width and return
+    the Spearman correlation of the per-layer KLs (and both profiles)."""
+    from scipy.stats import spearmanr
+
+    half = len(blocks) // 2
+    if half < 1:
+        raise DataError("the stability check needs at least 2 calibration blocks", "pass more tokens")
+    lowest = ProfileSettings(**{**asdict(settings), "bits": (min(settings.bits),)})
+    halves = [TokenBlocks(blocks.input_ids[s], blocks.labels[s]) for s in (slice(0, half), slice(half, 2 * half))]
+    runs = [profile_model(model, None, lowest, blocks=h, use_cache=False, progress=progress) for h in halves]
+    b = lowest.bits[0]
+    a, c = ([r.kl[l][b] for l in range(r.layers)] for r in runs)
+    return {"bits": b, "spearman": float(spearmanr(a, c).statistic), "kl_first_half": a, "kl_second_half": c}
+
+
+def additivity(model: nn.Module, sensitivity: Sensitivity, settings: ProfileSettings, blocks: TokenBlocks, *,
+               plans: int = 20, seed: int = 0, bits_choices: tuple[int, ...] | None = None,
+               progress: bool = False) -> dict:
+    """Does the prior add up? For ``plans`` random mixed plans, the Spearman correlation between the sum of
+    per-layer KLs and the measured KL of the whole mixed model (one forward each)."""
+    from scipy.stats import spearmanr
+
+    from .plan import LayerChoice, Plan
+    from .quantize import quantize_model
+
+    choices = bits_choices or tuple(sensitivity.bits) + (8,)
+    backend = get_backend(settings.backend, compute_dtype=settings.torch_dtype)
+    work = model if next(model.parameters()).dtype == settings.torch_dtype else copy.deepcopy(model).to(settings.torch_dtype)
+    with torch.no_grad():
+        logits = [work(input_ids=blocks.input_ids[i : i + settings.batch_size], use_cache=False).logits
+                  for i in range(0, len(blocks), settings.batch_size)]
+    reference = make_reference(logits, settings.reference, settings.top_k)
+    del logits
+    cache = QuantCache(backend)
+    gen = torch.Generator().manual_seed(seed)
+    predicted, measured, layouts = [], [], []
+    for _ in tqdm(range(plans), desc="additivity", disable=not progress):
+        bits = [choices[int(i)] for i in torch.randint(len(choices), (sensitivity.layers,), generator=gen)]
+        mixed = quantize_model(work, Plan([LayerChoice(b, 1) for b in bits], group_size=settings.group_size), cache=cache)
+        measured.append(model_kl(mixed, blocks, reference, settings.batch_size))
+        predicted.append(sensitivity.predicted_kl(bits))
+        layouts.append(bits)
+        del mixed
+    return {"plans": plans, "spearman": float(spearmanr(predicted, measured).statistic), "predicted": predicted,
+            "measured": measured, "bits": layouts}

@@ -1,0 +1,198 @@
+"""The sensitivity profiler on tiny models: exact against the naive method, cached, resumable, validated."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qradaptor.cli import main
+from qradaptor.data import TokenBlocks
+from qradaptor.errors import BackendError, DataError
+from qradaptor.plan import LayerChoice, Plan
+from qradaptor.profile import (PARTIAL_FILE, ProfileError, ProfileSettings, Sensitivity, additivity, profile_model,
+                               stability)
+from qradaptor.quantize import quantize_model
+
+VOCAB = 128
+# The module, not the `qradaptor.profile` function the package exports under the same name.
+profile_module = importlib.import_module("qradaptor.profile")
+
+
+@pytest.fixture(scope="module")
+def graded_model():
+    """A tiny Llama whose layers differ clearly in sensitivity: each layer's attention and MLP outputs are
+    scaled by its own power of two (in shuffled order), so some layers' quantization errors reach the
+    output much more strongly than others'."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6)  # sharper next-token distributions, like a trained model's
+        for layer, power in zip(model.model.layers, [3, 0, 5, 1, 4, 2]):
+            layer.mlp.down_proj.weight.mul_(2.0**power)
+            layer.self_attn.o_proj.weight.mul_(2.0**power)
+    return model
+
+
+def blocks(n=8, seq=32, seed=0):
+    ids = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+    return TokenBlocks(ids, ids.clone())
+
+
+def settings(**kw):
+    base = dict(bits=(2, 3, 4), tokens=8 * 32, seq_len=32, batch_size=4, top_k=VOCAB)
+    return ProfileSettings(**{**base, **kw})
+
+
+def naive_kl(model, ids, layer, bits):
+    """The naive method: quantize one layer in a copy of the model and run the whole model."""
+    plan_bits = [16] * model.config.num_hidden_layers
+    plan_bits[layer] = bits
+    quantized = quantize_model(model, Plan([LayerChoice(b, 1) for b in plan_bits]), "hqq")
+    with torch.no_grad():
+        p = F.log_softmax(model(input_ids=ids).logits, -1)
+        q = F.log_softmax(quantized(input_ids=ids).logits, -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("reference", ["topk", "fp16"])
+def test_cached_suffix_probes_equal_the_naive_full_forward(graded_model, reference):
+    data = blocks()
+    result = profile_model(graded_model, None, settings(reference=reference), blocks=data, use_cache=False,
+                           progress=False)
+    for layer in (0, 3, 5):
+        for bits in (2, 4):
+            expected = naive_kl(graded_model, data.input_ids, layer, bits)
+            # fp16 rounds each stored log-prob: a noise floor of a few 1e-6 nats
+            tolerance = 1e-6 if reference == "topk" else max(5e-3 * expected, 5e-6)
+            assert result.kl[layer][bits] == pytest.approx(expected, abs=tolerance)
+
+
+def test_topk_reference_is_a_lower_bound_that_tightens_with_k(graded_model):
+    """Grouping the tail into one outcome can only lose divergence (data processing), and a larger k
+    refines the grouping, so the estimate grows with k up to the exact value at k = vocabulary."""
+    data = blocks()
+    runs = {k: profile_model(graded_model, None, settings(top_k=k), blocks=data, use_cache=False, progress=False)
+            for k in (8, 32, VOCAB)}
+    assert runs[8].reference_tail_mass > runs[32].reference_tail_mass > 0.01 > runs[VOCAB].reference_tail_mass
+    for layer in range(6):
+        kls = [runs[k].kl[layer][2] for k in (8, 32, VOCAB)]
+        assert 0 < kls[0] <= kls[1] * (1 + 1e-5) and kls[1] <= kls[2] * (1 + 1e-5)
+
+
+def test_outputs_and_monotone_sensitivity(graded_model, tmp_path):
+    result = profile_model(graded_model, None, settings(), blocks=blocks(), out=tmp_path, use_cache=False,
+                           progress=False)
+    saved = json.loads((tmp_path / "sensitivity.json").read_text())
+    for key in ("model_fingerprint", "bits", "layers", "kl", "weight_error", "settings", "reference_storage"):
+        assert key in saved
+    assert saved["layers"] == 6 and saved["bits"] == [2, 3, 4] and len(saved["kl"]) == 6
+    assert (tmp_path / "sensitivity.png").stat().st_size > 1000
+    assert not (tmp_path / PARTIAL_FILE).exists()
+    assert Sensitivity.load(tmp_path / "sensitivity.json").kl == result.kl
+    for layer in range(6):
+        kl, err = result.kl[layer], result.weight_error[layer]
+        assert kl[2] > kl[3] > kl[4] > 0
+        assert err[2] > err[3] > err[4] > err[8] > 0
+    # 8 bits everywhere costs far less than 4 bits anywhere adds up to: a sign of wasted bytes
+    assert result.kl_uniform[8] < sum(result.kl[l][4] for l in range(6)) / 20
+
+
+def test_second_identical_call_uses_the_disk_cache(graded_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("QRADAPTOR_CACHE", str(tmp_path / "cache"))
+    first = profile_model(graded_model, None, settings(), blocks=blocks(), progress=False)
+    calls = []
+    monkeypatch.setattr(profile_module, "mean_kl", lambda *a: calls.append(a) or 0.0)
+    again = profile_model(graded_model, None, settings(), blocks=blocks(), out=tmp_path / "out", progress=False)
+    assert again.from_cache and not first.from_cache and calls == []
+    assert again.kl == first.kl and (tmp_path / "out" / "sensitivity.json").is_file()
+    other = profile_model(graded_model, None, settings(group_size=32), blocks=blocks(), progress=False)
+    assert not other.from_cache and calls  # different settings: computed, not served from the cache
+
+
+def test_interrupted_profile_keeps_its_probes_and_resumes(graded_model, tmp_path):
+    s, data = settings(), blocks()
+    full = profile_model(graded_model, None, s, blocks=data, use_cache=False, progress=False)
+
+    def stop_after_five(layer, bits, kl, seen=[]):
+        seen.append((layer, bits))
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        profile_model(graded_model, None, s, blocks=data, out=tmp_path, use_cache=False, progress=False,
+                      on_probe=stop_after_five)
+    partial = json.loads((tmp_path / PARTIAL_FILE).read_text())
+    assert len(partial["probes"]) == 5
+    done = []
+    resumed = profile_model(graded_model, None, s, blocks=data, out=tmp_path, use_cache=False, progress=False,
+                            on_probe=lambda l, b, kl: done.append((l, b)))
+    assert len(done) == 6 * 3 - 5
+    assert all(resumed.kl[l][b] == pytest.approx(full.kl[l][b], rel=1e-6) for l in range(6) for b in (2, 3, 4))
+
+
+def test_stability_and_additivity_on_a_tiny_model(graded_model):
+    s, data = settings(), blocks(n=16)
+    stable = stability(graded_model, s, data)
+    assert stable["spearman"] >= 0.9
+    prior = profile_model(graded_model, None, s, blocks=data, use_cache=False, progress=False)
+    adds = additivity(graded_model, prior, s, data, plans=12)
+    assert adds["spearman"] >= 0.8
+    assert len(adds["measured"]) == 12 and all(m > 0 for m in adds["measured"])
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+def test_bits_the_backend_lacks(graded_model):
+    with pytest.raises(BackendError, match="1-bit"):
+        profile_model(graded_model, None, settings(bits=(1, 4)), blocks=blocks(), use_cache=False, progress=False)
+
+
+def test_too_short_calibration_says_how_many_tokens(tiny_dir, tmp_path):
+    (tmp_path / "d.txt").write_text("\n\n".join(" ".join(f"w{j}" for j in range(20)) for _ in range(25)))
+    with pytest.raises(DataError) as e:
+        profile_module.profile(str(tiny_dir), data=str(tmp_path / "d.txt"), out=tmp_path / "out", tokens=4096,
+                               seq_len=32, use_cache=False, progress=False)
+    assert "needs 4096" in str(e.value) and "--tokens" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_directory_of_another_model_is_refused_unless_forced(graded_model, tiny_model, tmp_path):
+    profile_model(graded_model, None, settings(), blocks=blocks(), out=tmp_path, use_cache=False, progress=False)
+    before = (tmp_path / "sensitivity.json").read_text()
+    with pytest.raises(ProfileError, match="different model"):
+        profile_model(tiny_model, None, settings(), blocks=blocks(), out=tmp_path, use_cache=False, progress=False)
+    assert (tmp_path / "sensitivity.json").read_text() == before
+    forced = profile_model(tiny_model, None, settings(bits=(4,)), blocks=blocks(), out=tmp_path, force=True,
+                           use_cache=False, progress=False)
+    assert json.loads((tmp_path / "sensitivity.json").read_text())["model_fingerprint"] == forced.model_fingerprint
+
+
+def test_cli_ctrl_c_exits_130_and_keeps_finished_probes(tiny_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(" ".join(f"w{(i * 3 + j) % 100}" for j in range(40)) for i in range(60)))
+    real = profile_module.mean_kl
+    calls = []
+
+    def interrupt_on_fourth(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(profile_module, "mean_kl", interrupt_on_fourth)
+    argv = ["profile", "--model", str(tiny_dir), "--data", str(data), "--tokens", "256", "--out", str(tmp_path / "o"),
+            "--no-cache", "-q"]
+    assert main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "o" / PARTIAL_FILE).read_text())["probes"]) == 3
+    monkeypatch.setattr(profile_module, "mean_kl", real)
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "o" / "sensitivity.json").read_text())["layers"] == 4
