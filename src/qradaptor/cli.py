@@ -81,7 +81,7 @@ def cmd_profile(args) -> int:
 
     bits = [int(b) for b in args.bits.split(",") if b.strip()]
     result = profile(args.model, data=args.data, out=args.out, bits=bits, tokens=args.tokens, backend=args.backend,
-                     dtype=args.dtype, reference=args.reference, group_size=args.group_size, force=args.force,
+                     dtype=args.dtype, group_size=args.group_size, force=args.force,
                      use_cache=not args.no_cache, progress=not args.quiet)
     how = "from the cache" if result.from_cache else f"in {result.seconds:.0f} s"
     print(f"profiled {result.layers} layers × bits {result.bits} {how} → {args.out}/{RESULT_FILE}")
@@ -131,9 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
     p.add_argument("--group-size", type=int, default=64, help="weights per quantization group (default 64)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the probes (bfloat16 ~2x faster)")
-    p.add_argument("--reference", default="topk", choices=("topk", "fp16"),
-                   help="how the full model's distribution is kept: top-256 + tail mass (default) or all of it in fp16")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="decoder layers' compute dtype during the probes (bfloat16 is faster; the LM head stays fp32)")
     p.add_argument("--out", required=True, help="directory for sensitivity.json and sensitivity.png")
     p.add_argument("--force", action="store_true", help="replace a profile of a different model in --out")
     p.add_argument("--no-cache", action="store_true", help="recompute even if an identical profile is cached")

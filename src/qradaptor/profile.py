@@ -2,13 +2,18 @@
 ``l`` at ``b`` and measure the mean per-token KL(p_full ‖ p_quant) on calibration text.
 
 Why it is fast: one full-precision pass records the hidden states entering every layer, so the probe for
-layer ``l`` runs only layers ``l..L`` (on average half the model); the reference distribution is computed
-once and kept compactly (top-k log-probabilities + the tail's mass, or all log-probabilities in fp16);
-quantized layers come from the backend's cache; compute can be bf16.
+layer ``l`` runs only layers ``l..L`` (on average half the model); quantized layers come from the backend's
+cache; the decoder layers can run in bf16.
 
-The top-k estimator groups the tail of the vocabulary into one outcome, so by the data-processing
-inequality it is a lower bound of the exact KL, tight when the tail mass is small (reported as
-``reference_tail_mass``).
+The reference distribution is kept exactly in 1 + hidden_size numbers per token instead of a vocabulary's
+worth. With logits ``z = W h + b`` (the LM head is linear),
+
+    KL(p ‖ q) = Σ p log p − Σ p_i z_i + logsumexp(z) = −H(p) − (Wᵀp)·h − p·b + logsumexp(W h + b),
+
+so per position the reference needs only its negative entropy and its expected output embedding ``Wᵀp``;
+the probe needs its final hidden state ``h`` and one logsumexp. The LM head runs in fp32 in every mode,
+since the KL is a small difference of large terms. (Top-256 log-probabilities would lose ~6% tail mass on
+SmolLM2 and underestimate its KLs by ~10%.)
 
 Results go to ``OUT/sensitivity.json`` (+ ``sensitivity.png``), are cached on disk keyed by model
 fingerprint + data + settings, and a run that is interrupted keeps its finished probes in
@@ -56,11 +61,7 @@ class ProfileSettings:
     seq_len: int = 256
     group_size: int = 64
     backend: str = "hqq"
-    dtype: str = "float32"  # compute dtype of the probes: "float32" or "bfloat16" (about twice as fast)
-    # "topk": top-k log-probs + tail mass; "fp16": the full distribution as fp16 log-probs (fp16, not bf16:
-    # log-probs need mantissa, not range, and bf16's 8 bits shift small KLs by percents).
-    reference: str = "topk"
-    top_k: int = 256
+    dtype: str = "float32"  # decoder layers' compute dtype: "float32" or "bfloat16" (faster; the head stays fp32)
     batch_size: int = 4
     data: str | None = None
     seed: int = 0
@@ -71,8 +72,6 @@ class ProfileSettings:
             raise ProfileError("no bit-widths to profile", "pass e.g. --bits 2,3,4")
         if self.dtype not in ("float32", "bfloat16"):
             raise ProfileError(f"unknown dtype {self.dtype!r}", "use float32 or bfloat16")
-        if self.reference not in ("topk", "fp16"):
-            raise ProfileError(f"unknown reference storage {self.reference!r}", "use topk or fp16")
         if self.tokens < self.seq_len:
             raise ProfileError(f"--tokens {self.tokens} is less than one block of {self.seq_len} tokens",
                                f"use at least {self.seq_len} calibration tokens (a few thousand is better)")
@@ -106,7 +105,6 @@ class Sensitivity:
     kl_uniform: dict[int, float] = field(default_factory=dict)  # whole model at each bit-width (8 included)
     settings: dict = field(default_factory=dict)
     reference_storage: str = ""
-    reference_tail_mass: float = 0.0
     seconds: float = 0.0
     from_cache: bool = False
 
@@ -125,7 +123,6 @@ class Sensitivity:
             "kl_uniform": {str(b): v for b, v in sorted(self.kl_uniform.items())},
             "settings": self.settings,
             "reference_storage": self.reference_storage,
-            "reference_tail_mass": self.reference_tail_mass,
             "seconds": self.seconds,
         }
 
@@ -144,7 +141,7 @@ class Sensitivity:
                 weight_error=unkeyed(obj["weight_error"]),
                 kl_uniform={int(b): float(v) for b, v in obj.get("kl_uniform", {}).items()},
                 settings=obj.get("settings", {}), reference_storage=obj.get("reference_storage", ""),
-                reference_tail_mass=float(obj.get("reference_tail_mass", 0.0)), seconds=float(obj.get("seconds", 0.0)),
+                seconds=float(obj.get("seconds", 0.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ProfileError(f"{source} is not a qradaptor sensitivity profile ({e})",
@@ -177,55 +174,47 @@ class Sensitivity:
 # ---------------------------------------------------------------------------------------- reference
 
 
+REFERENCE_STORAGE = "exact: negative entropy + expected output embedding per token (1 + hidden_size floats)"
+
+
 @dataclass
 class Reference:
-    """The full model's next-token distribution on the calibration blocks, per batch."""
+    """The full model's next-token distribution on the calibration blocks, per batch, kept as what the
+    KL needs (see the module docstring)."""
 
-    kind: str
-    logp: list[torch.Tensor]  # topk: (B, S, k) fp32 log-probs of the top-k tokens; fp16: (B, S, V) fp16
-    index: list[torch.Tensor] | None = None  # topk: (B, S, k) int32 token ids
-
-    def describe(self) -> str:
-        if self.kind == "topk":
-            return f"top-{self.logp[0].shape[-1]} log-probabilities + tail mass (lower bound of the exact KL)"
-        return "full distribution as fp16 log-probabilities"
-
-    def tail_mass(self) -> float:
-        if self.kind != "topk":
-            return 0.0
-        total = sum(float((1 - lp.exp().sum(-1)).clamp_min(0).sum()) for lp in self.logp)
-        return total / sum(lp.shape[0] * lp.shape[1] for lp in self.logp)
+    neg_entropy: list[torch.Tensor]  # (B, S) float64: Σ_i p_i log p_i
+    mean_embedding: list[torch.Tensor]  # (B, S, H) float32: Σ_i p_i W_i
+    mean_bias: list[torch.Tensor]  # (B, S) float64: Σ_i p_i b_i (zero without a head bias)
 
 
-def make_reference(logits_batches: list[torch.Tensor], kind: str, top_k: int) -> Reference:
-    ref = Reference(kind, [], [] if kind == "topk" else None)
-    for z in logits_batches:  # one batch at a time: the full fp32 log-probs are large
-        lp = torch.log_softmax(z.float(), dim=-1)
-        if kind == "fp16":
-            ref.logp.append(lp.clamp_min(-60000).to(torch.float16))
-        else:
-            top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
-            ref.logp.append(top.values)
-            ref.index.append(top.indices.to(torch.int32))
-    return ref
+class Head:
+    """The final norm and LM head, applied in fp32 whatever the decoder's dtype."""
 
+    def __init__(self, model: nn.Module):
+        self.norm = model.model.norm
+        lm_head = model.lm_head
+        self.weight = lm_head.weight.detach().float()
+        self.bias = None if lm_head.bias is None else lm_head.bias.detach().float()
 
-def kl_sum(logits: torch.Tensor, reference: Reference, batch: int) -> torch.Tensor:
-    """Summed per-position KL(p_ref ‖ softmax(logits)) over one batch."""
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    if reference.kind == "fp16":
-        ref = reference.logp[batch].float()
-        return (ref.exp() * (ref - (logits - lse))).sum()
-    ref, idx = reference.logp[batch], reference.index[batch].long()
-    logq = logits.gather(-1, idx) - lse
-    p = ref.exp()
-    kl = (p * (ref - logq)).sum(-1)
-    p_tail = (1 - p.sum(-1)).clamp_min(0)
-    q_tail = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
-    # Below 1e-6 the tail is float rounding of sum(top-k) (e.g. k = vocabulary); its term is negligible.
-    kl = kl + torch.where(p_tail > 1e-6, p_tail * (p_tail.clamp_min(1e-12).log() - q_tail.log()), 0.0)
-    return kl.sum()
+    def hidden(self, last: torch.Tensor) -> torch.Tensor:
+        return self.norm(last).float()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        z = h @ self.weight.T
+        return z if self.bias is None else z + self.bias
+
+    def reference(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(self.logits(h), dim=-1)
+        p = logp.exp()
+        neg_entropy = (p * logp).sum(-1, dtype=torch.float64)
+        mean_bias = torch.zeros_like(neg_entropy) if self.bias is None else (p @ self.bias).double()
+        return neg_entropy, p @ self.weight, mean_bias
+
+    def kl_sum(self, h: torch.Tensor, reference: Reference, batch: int) -> torch.Tensor:
+        """Summed per-position KL(p_ref ‖ q) over one batch, from the probe's final hidden states ``h``."""
+        lse = torch.logsumexp(self.logits(h), dim=-1).double()
+        expected = (reference.mean_embedding[batch].double() * h.double()).sum(-1) + reference.mean_bias[batch]
+        return (reference.neg_entropy[batch] - expected + lse).sum()
 
 
 # ---------------------------------------------------------------------------------------- runner
@@ -245,12 +234,18 @@ class SuffixRunner:
         self.batches = [blocks.input_ids[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
         self.inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
         self.kwargs: list[dict] = []
-        self.reference_logits: list[torch.Tensor] = []
+        self.head = Head(model)
+        self.reference = Reference([], [], [])
         hooks = [layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
         try:
             with torch.no_grad():
                 for ids in self.batches:
-                    self.reference_logits.append(model(input_ids=ids, use_cache=False).logits)
+                    last = model.model(input_ids=ids, use_cache=False).last_hidden_state  # normed
+                    for part, value in zip(
+                        (self.reference.neg_entropy, self.reference.mean_embedding, self.reference.mean_bias),
+                        self.head.reference(last.float()),
+                    ):
+                        part.append(value)
         finally:
             for h in hooks:
                 h.remove()
@@ -266,14 +261,15 @@ class SuffixRunner:
         return hook
 
     @torch.no_grad()
-    def logits_from(self, start: int, replacement: nn.Module, batch: int) -> torch.Tensor:
+    def hidden_from(self, start: int, replacement: nn.Module, batch: int) -> torch.Tensor:
+        """Final normed hidden states (fp32) with ``replacement`` in place of layer ``start``."""
         hidden = self.inputs[start][batch]
         kwargs = self.kwargs[batch]
         for i in range(start, len(self.layers)):
             layer = replacement if i == start else self.layers[i]
             out = layer(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return self.model.lm_head(self.model.model.norm(hidden))
+        return self.head.hidden(hidden)
 
 
 def quantized_layer(layer: nn.Module, layer_name: str, bits: int, group_size: int, cache: QuantCache) -> nn.Module:
@@ -299,21 +295,23 @@ def layer_weight_error(layer: nn.Module, qlayer: nn.Module, backend: QuantBacken
     return err / norm
 
 
-def mean_kl(runner: SuffixRunner, reference: Reference, start: int, replacement: nn.Module) -> float:
+def mean_kl(runner: SuffixRunner, start: int, replacement: nn.Module) -> float:
+    """Mean per-token KL with ``replacement`` in place of layer ``start``."""
     total, positions = 0.0, 0
     for b, ids in enumerate(runner.batches):
-        total += float(kl_sum(runner.logits_from(start, replacement, b), reference, b))
+        total += float(runner.head.kl_sum(runner.hidden_from(start, replacement, b), runner.reference, b))
         positions += ids.numel()
     return total / positions
 
 
-def model_kl(model: nn.Module, blocks: TokenBlocks, reference: Reference, batch_size: int) -> float:
-    """Mean per-token KL of a whole (e.g. mixed-precision) model from the reference: one full forward."""
+def model_kl(model: nn.Module, runner: SuffixRunner) -> float:
+    """Mean per-token KL of a whole (e.g. mixed-precision) model from the runner's reference: one full
+    forward of ``model`` on the runner's calibration batches."""
     total, positions = 0.0, 0
     with torch.no_grad():
-        for b, start in enumerate(range(0, len(blocks), batch_size)):
-            ids = blocks.input_ids[start : start + batch_size]
-            total += float(kl_sum(model(input_ids=ids, use_cache=False).logits, reference, b))
+        for b, ids in enumerate(runner.batches):
+            last = model.model(input_ids=ids, use_cache=False).last_hidden_state  # already normed
+            total += float(runner.head.kl_sum(last.float(), runner.reference, b))
             positions += ids.numel()
     return total / positions
 
@@ -415,8 +413,6 @@ def profile_model(
     work.eval()
     cache = cache or QuantCache(backend)
     runner = SuffixRunner(work, blocks, settings.batch_size)
-    reference = make_reference(runner.reference_logits, settings.reference, settings.top_k)
-    runner.reference_logits = []  # the reference holds what is needed; free the full logits
 
     layers = decoder_layers(work)
     probes: dict = _load_partial(out, key) if out is not None else {}
@@ -427,7 +423,7 @@ def profile_model(
     for l, b in bar:
         name, layer = layers[l]
         qlayer = quantized_layer(layer, name, b, settings.group_size, cache)
-        kl = mean_kl(runner, reference, l, qlayer)
+        kl = mean_kl(runner, l, qlayer)
         probes[f"{l}:{b}"] = {"kl": kl, "weight_error": layer_weight_error(layer, qlayer, backend)}
         bar.set_postfix(layer=l, bits=b, kl=f"{kl:.4f}")
         if out is not None:
@@ -442,7 +438,7 @@ def profile_model(
     kl_uniform = {}
     if 8 in backend.supported_bits:
         eight = quantize_model(work, Plan.uniform(len(layers), 8, 1, group_size=settings.group_size), cache=cache)
-        kl_uniform[8] = model_kl(eight, blocks, reference, settings.batch_size)
+        kl_uniform[8] = model_kl(eight, runner)
         del eight
     weight_error_8 = [layer_weight_error(layer, quantized_layer(layer, name, 8, settings.group_size, cache), backend)
                       for name, layer in layers] if 8 in backend.supported_bits else [None] * len(layers)
@@ -453,7 +449,7 @@ def profile_model(
         weight_error=[{**{b: probes[f"{l}:{b}"]["weight_error"] for b in settings.bits},
                        **({8: weight_error_8[l]} if weight_error_8[l] is not None else {})} for l in range(len(layers))],
         kl_uniform=kl_uniform, settings={**settings.to_dict(), "calibration_tokens": int(blocks.input_ids.numel())},
-        reference_storage=reference.describe(), reference_tail_mass=reference.tail_mass(),
+        reference_storage=REFERENCE_STORAGE,
         seconds=time.perf_counter() - start_time,
     )
     if use_cache:
@@ -498,12 +494,12 @@ def plot_heatmap(result: Sensitivity, path: Path) -> Path:
 
 
 def profile(model: str | None = None, *, data: str | None = None, out: str | Path, bits=(2, 3, 4),
-            tokens: int = 4096, backend: str = "hqq", dtype: str = "float32", reference: str = "topk",
+            tokens: int = 4096, backend: str = "hqq", dtype: str = "float32",
             group_size: int = 64, seq_len: int = 256, force: bool = False, use_cache: bool = True,
             progress: bool = True) -> Sensitivity:
     """What ``qradaptor profile`` does: load the model, profile it, write ``out/sensitivity.{json,png}``."""
     settings = ProfileSettings(bits=tuple(bits), tokens=tokens, seq_len=seq_len, group_size=group_size,
-                               backend=backend, dtype=dtype, reference=reference, data=data)
+                               backend=backend, dtype=dtype, data=data)
     base, tokenizer = load_model(model)
     return profile_model(base, tokenizer, settings, out=out, force=force, use_cache=use_cache, progress=progress)
 
@@ -540,18 +536,14 @@ def additivity(model: nn.Module, sensitivity: Sensitivity, settings: ProfileSett
     choices = bits_choices or tuple(sensitivity.bits) + (8,)
     backend = get_backend(settings.backend, compute_dtype=settings.torch_dtype)
     work = model if next(model.parameters()).dtype == settings.torch_dtype else copy.deepcopy(model).to(settings.torch_dtype)
-    with torch.no_grad():
-        logits = [work(input_ids=blocks.input_ids[i : i + settings.batch_size], use_cache=False).logits
-                  for i in range(0, len(blocks), settings.batch_size)]
-    reference = make_reference(logits, settings.reference, settings.top_k)
-    del logits
+    runner = SuffixRunner(work, blocks, settings.batch_size)  # for its reference and head
     cache = QuantCache(backend)
     gen = torch.Generator().manual_seed(seed)
     predicted, measured, layouts = [], [], []
     for _ in tqdm(range(plans), desc="additivity", disable=not progress):
         bits = [choices[int(i)] for i in torch.randint(len(choices), (sensitivity.layers,), generator=gen)]
         mixed = quantize_model(work, Plan([LayerChoice(b, 1) for b in bits], group_size=settings.group_size), cache=cache)
-        measured.append(model_kl(mixed, blocks, reference, settings.batch_size))
+        measured.append(model_kl(mixed, runner))
         predicted.append(sensitivity.predicted_kl(bits))
         layouts.append(bits)
         del mixed
