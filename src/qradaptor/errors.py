@@ -34,3 +34,7 @@ class BackendError(QRAdaptorError):
 
 class BudgetError(QRAdaptorError):
     """A memory budget is malformed or cannot be met."""
+
+
+class ArtifactError(QRAdaptorError):
+    """A run directory or exported artifact is missing, unfinished, or does not match the request."""

@@ -4,6 +4,7 @@ next-token loss over every position that has a label."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -49,17 +50,32 @@ def evaluate_model(model: str | None = None, *, data: str | None = None, split: 
                    plan=None, backend: str = "hqq", seq_len: int = 256, max_blocks: int | None = None,
                    batch_size: int = 8, progress: bool = True) -> dict:
     """What ``qradaptor evaluate`` prints: held-out loss and perplexity of ``model`` (quantized per
-    ``plan`` when one is given, adapters untrained) on ``split`` of ``data``."""
+    ``plan`` when one is given, adapters untrained) on ``split`` of ``data``.
+
+    ``model`` may also be a training run directory or an exported directory (quantized base + trained
+    adapter, loaded with `qradaptor.export.load_artifact`); then ``plan`` must be None (the artifact has one).
+    """
     from .data import load_blocks
+    from .errors import ArtifactError
+    from .export import artifact_kind, load_artifact
     from .models import load_model
     from .plan import Plan
     from .quantize import quantize_model
 
-    base, tokenizer = load_model(model)
+    kind = artifact_kind(model) if model is not None and os.path.isdir(model) else None
+    if kind is not None:
+        if plan is not None:
+            raise ArtifactError(f"{model} is a trained {'export' if kind == 'export' else 'run'} that has its own plan, "
+                                "so --plan does not apply", "drop --plan")
+        base, tokenizer = load_artifact(model)
+    else:
+        base, tokenizer = load_model(model)
     blocks = load_blocks(data, tokenizer, split, seq_len=seq_len, max_blocks=max_blocks)
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         base = quantize_model(base, plan, backend, inplace=True)
     result = evaluate_loss(base, blocks, batch_size=batch_size, progress=progress)
+    if kind is not None:
+        plan = getattr(base, "qradaptor_plan", None)
     return {**result.to_dict(), "split": split, "blocks": len(blocks), "seq_len": seq_len,
-            "plan": None if plan is None else plan.describe()}
+            "plan": None if plan is None else plan.describe(), "artifact": kind}

@@ -3,14 +3,21 @@ accumulation, a fixed seed for the data order and adapter initialisation (same s
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .errors import ArtifactError
 from .evaluate import evaluate_loss, token_nll
+from .io import AtomicDirectory, atomic_save_safetensors, atomic_write_json
 
 
 @dataclass
@@ -41,6 +48,19 @@ class TrainResult:
         return self.losses[-1] if self.losses else math.nan
 
 
+@dataclass
+class TrainState:
+    """Where training stands after ``step`` optimizer steps: with the adapter weights, enough to continue
+    exactly (same losses as an uninterrupted run)."""
+
+    step: int
+    losses: list[float]
+    evals: list[tuple[int, float]]
+    optimizer: dict  # optimizer.state_dict()
+    scheduler: dict  # scheduler.state_dict()
+    rng: torch.Tensor  # torch.get_rng_state()
+
+
 def lr_lambda(config: TrainConfig):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -63,8 +83,15 @@ def batch_order(num_blocks: int, batch_size: int, num_batches: int, seed: int) -
 
 
 def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks=None, progress: bool = True,
-          desc: str = "train") -> TrainResult:
-    """Fine-tune the trainable (LoRA) parameters of ``model`` on ``train_blocks`` in place."""
+          desc: str = "train", resume: "TrainState | None" = None,
+          on_step: "Callable[[int, TrainResult, Callable[[], TrainState]], None] | None" = None) -> TrainResult:
+    """Fine-tune the trainable (LoRA) parameters of ``model`` on ``train_blocks`` in place.
+
+    Checkpoint hooks: ``on_step(step, result, snapshot)`` runs after every optimizer step (``step`` steps
+    done); ``snapshot()`` returns a `TrainState` (optimizer, scheduler, RNG, losses so far) to save.
+    ``resume`` continues from such a state; the caller has already loaded the adapter weights saved
+    with it. A resumed run computes exactly the losses the uninterrupted run would have.
+    """
     config = config or TrainConfig()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -74,9 +101,22 @@ def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     batches = batch_order(len(train_blocks), config.batch_size, config.steps * config.grad_accum, config.seed)
     result = TrainResult(losses=[])
+    first = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        torch.set_rng_state(resume.rng)
+        result = TrainResult(losses=list(resume.losses), evals=[tuple(e) for e in resume.evals])
+        first = resume.step
+
+    def snapshot() -> TrainState:
+        return TrainState(step=len(result.losses), losses=list(result.losses), evals=list(result.evals),
+                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=torch.get_rng_state())
+
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress, unit="step")
+    bar = tqdm(range(first, config.steps), desc=desc, disable=not progress, unit="step", total=config.steps,
+               initial=first)
     for step in bar:
         step_nll, step_tokens = 0.0, 0
         micro = batches[step * config.grad_accum : (step + 1) * config.grad_accum]
@@ -100,6 +140,405 @@ def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks
             postfix["val"] = f"{ev.loss:.3f}"
             model.train()
         bar.set_postfix(postfix)
+        if on_step is not None:
+            on_step(step + 1, result, snapshot)
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+# ============================================================================ checkpoint files
+# A checkpoint is a directory written atomically (temporary name, then rename): the adapter as PEFT saves
+# it (adapter_model.safetensors + adapter_config.json), the optimizer's tensors and the RNG state in
+# optimizer.safetensors, everything else (step, losses, optimizer hyper-parameters, scheduler) in
+# trainer_state.json. Nothing is pickled, so nothing a user hands us is unpickled on resume.
+STATE_TENSORS = "optimizer.safetensors"
+STATE_JSON = "trainer_state.json"
+_STATE_FORMAT = 1
+
+
+def save_train_state(state: TrainState, directory: str | Path) -> None:
+    """Write ``state`` into ``directory`` as safetensors + JSON."""
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {"rng": state.rng}
+    other: dict[str, dict] = {}
+    for idx, entries in state.optimizer["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{idx}.{key}"] = value.detach().clone()
+            else:
+                other.setdefault(str(idx), {})[key] = value
+    atomic_save_safetensors(directory / STATE_TENSORS, tensors)
+    atomic_write_json(directory / STATE_JSON, {
+        "format": _STATE_FORMAT, "step": state.step, "losses": state.losses, "evals": [list(e) for e in state.evals],
+        "param_groups": state.optimizer["param_groups"], "optimizer_other": other, "scheduler": state.scheduler,
+    })
+
+
+def load_train_state(directory: str | Path) -> TrainState:
+    """Read what `save_train_state` wrote (safetensors + JSON only)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(directory / STATE_TENSORS)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"checkpoint {directory} is unreadable ({e})",
+                            "delete that checkpoint directory to resume from the one before, or start a new run") from None
+    if meta.get("format") != _STATE_FORMAT:
+        raise ArtifactError(f"checkpoint {directory} has format {meta.get('format')!r}, expected {_STATE_FORMAT}",
+                            "resume it with the qradaptor version that wrote it, or start a new run")
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, entries in meta["optimizer_other"].items():
+        state.setdefault(int(idx), {}).update(entries)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return TrainState(step=meta["step"], losses=meta["losses"], evals=[tuple(e) for e in meta["evals"]],
+                      optimizer={"state": state, "param_groups": groups}, scheduler=meta["scheduler"],
+                      rng=tensors["rng"])
+
+
+# ============================================================================ training runs
+# A run directory (``qradaptor train --out DIR``):
+#   run.json        resolved config, seed, package versions, model and data fingerprints, status
+#   plan.json       the plan trained
+#   train.log       what the run logged
+#   checkpoints/step-NNNNNN/   the latest checkpoint (see above)
+#   adapter/        the final adapter (PEFT save_pretrained), written when training finishes
+#   metrics.json    losses, periodic and final validation loss, memory
+RUN_FILE = "run.json"
+PLAN_FILE = "plan.json"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "train.log"
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+_RUN_FORMAT = 1
+
+log = logging.getLogger("qradaptor")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a training run, resolved (written to run.json; a resume must match it)."""
+
+    model: str = "smollm2-135m"
+    data: str = "pydoc-topics"
+    steps: int | None = None  # optimizer steps; resolved from ``epochs`` when that is given
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-4
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    backend: str = "hqq"
+    dtype: str = "float32"
+    eval_every: int | None = None  # None: 5 validations over the run; 0: none
+    eval_blocks: int = 16  # validation blocks (0: no validation)
+    checkpoint_every: int | None = None  # None: 10 checkpoints over the run
+    max_train_blocks: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
+                           warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
+                           weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, seed=self.seed,
+                           eval_every=self.eval_every if self.eval_blocks else 0)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    config: RunConfig
+    train: TrainResult
+    validation: dict | None  # final held-out loss: {"loss", "perplexity", "tokens"}
+    metrics: dict
+    resumed_from: int = 0  # the step the run continued from (0: a fresh start)
+
+
+def _spec(value) -> str:
+    """A model/data spec as stored: existing paths absolute (so the run dir works from anywhere)."""
+    path = Path(str(value)).expanduser()
+    return str(path.resolve()) if path.exists() else str(value)
+
+
+def package_versions() -> dict[str, str | None]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("qradaptor", "torch", "transformers", "peft", "hqq", "safetensors", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def read_run(out: str | Path) -> dict | None:
+    """The run.json of a run directory, or None when ``out`` holds no run."""
+    path = Path(out) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e})", "the run directory is damaged; start a new run") from None
+
+
+def _resolve(given: dict, saved: dict | None) -> RunConfig:
+    """Settings from the caller (None = not given) over the saved run's (resume) or the defaults (new run)."""
+    if given.get("steps") is not None and given.get("epochs") is not None:
+        raise ArtifactError("both steps and epochs were given", "give either --steps N or --epochs E")
+    for key in ("model", "data"):
+        if given.get(key) is not None:
+            given[key] = _spec(given[key])
+    if saved is None:
+        values = RunConfig().to_dict()
+        values.update({k: v for k, v in given.items() if v is not None})
+        if values["steps"] is None and values["epochs"] is None:
+            values["epochs"] = 1.0
+        config = RunConfig(**values)
+    else:
+        changed = []
+        for key, value in given.items():
+            if value is None or key in _RESUME_MAY_CHANGE:
+                continue
+            if key == "steps" and saved.get("epochs") is not None and value == saved.get("steps"):
+                continue  # the same number of steps, written as --steps this time
+            if saved.get(key) != value:
+                changed.append(f"{key} {saved.get(key)!r} → {value!r}")
+        if changed:
+            raise ArtifactError(
+                "cannot resume with changed settings: " + ", ".join(changed),
+                "resume with the settings the run started with (or none: they are read from run.json), "
+                "or start a new run in another --out directory",
+            )
+        config = RunConfig(**{**RunConfig().to_dict(), **saved})
+        for key in _RESUME_MAY_CHANGE:
+            if given.get(key) is not None:
+                setattr(config, key, given[key])
+    for key in ("batch_size", "grad_accum", "seq_len"):
+        if getattr(config, key) < 1:
+            raise ArtifactError(f"{key} must be at least 1, got {getattr(config, key)}", f"pass a positive {key}")
+    if config.steps is not None and config.steps < 1:
+        raise ArtifactError(f"steps must be at least 1, got {config.steps}", "pass --steps 1 or more")
+    if config.epochs is not None and not config.epochs > 0:
+        raise ArtifactError(f"epochs must be positive, got {config.epochs}", "pass e.g. --epochs 1")
+    if config.dtype not in _DTYPES:
+        raise ArtifactError(f"unknown dtype {config.dtype!r}", f"use one of {sorted(_DTYPES)}")
+    return config
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Settings a resume may change: they do not change what is computed.
+_RESUME_MAY_CHANGE = frozenset({"checkpoint_every"})
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    root = out / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_JSON).is_file())
+
+
+def _load_checkpoint(model, directory: Path) -> TrainState:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_train_state(directory)
+    weights = load_file(directory / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ArtifactError(f"checkpoint {directory} does not match the model's adapters "
+                            f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors)",
+                            "resume with the plan the run started with, or start a new run")
+    return state
+
+
+def _save_checkpoint(model, out: Path, step: int, state: TrainState) -> Path:
+    target = out / CHECKPOINTS_DIR / f"step-{step:06d}"
+    with AtomicDirectory(target) as tmp:
+        model.save_pretrained(tmp)
+        save_train_state(state, tmp)
+    for old in _checkpoints(out):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: str | None = None,
+               steps: int | None = None, epochs: float | None = None, batch_size: int | None = None,
+               grad_accum: int | None = None, seq_len: int | None = None, lr: float | None = None,
+               warmup_steps: int | None = None, seed: int | None = None, backend: str | None = None,
+               dtype: str | None = None, eval_every: int | None = None, eval_blocks: int | None = None,
+               checkpoint_every: int | None = None, max_train_blocks: int | None = None, resume: bool = False,
+               progress: bool = True) -> RunResult:
+    """What ``qradaptor train`` runs: the full fine-tune of ``plan`` on the quantized base, into ``out``.
+
+    Settings left at None take their defaults (new run) or the saved run's values (``resume``); a resume
+    that names a different value is refused, naming the setting. Checkpoints are written every
+    ``checkpoint_every`` steps; an interrupted run continues from the latest with ``resume=True`` and
+    computes exactly the losses of an uninterrupted run.
+    """
+    from .backends import get_backend
+    from .data import data_fingerprint, load_blocks
+    from .memory import ModelShapes, format_bytes, measured_bytes, predict, training_estimate
+    from .models import load_model, model_fingerprint
+    from .plan import Plan
+    from .quantize import prepare_model
+
+    out = Path(out)
+    saved = read_run(out)
+    if resume:
+        if saved is None:
+            raise ArtifactError(f"nothing to resume: {out} holds no training run ({RUN_FILE} is missing)",
+                                "drop --resume to start a new run there, or pass the --out of the interrupted run")
+        if saved.get("status") == "finished":
+            raise ArtifactError(f"the run in {out} has already finished",
+                                f"export it (qradaptor export {out} --to OUT) or train into another --out directory")
+    elif saved is not None:
+        raise ArtifactError(f"{out} already holds a training run",
+                            "pass --resume to continue it, or choose another --out directory")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ArtifactError(f"{out} exists and is not empty", "choose a new or empty --out directory")
+
+    given = dict(model=model, data=data, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                 seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, seed=seed, backend=backend, dtype=dtype,
+                 eval_every=eval_every, eval_blocks=eval_blocks, checkpoint_every=checkpoint_every,
+                 max_train_blocks=max_train_blocks)
+    config = _resolve(given, None if saved is None else saved["config"])
+
+    # Plan: given, or the saved one on resume; a different plan on resume is a changed setting.
+    if plan is None:
+        if saved is None:
+            raise ArtifactError("no plan given", "pass --plan PLAN.json (one {bits, rank} per decoder layer)")
+        plan_obj = Plan.from_dict(saved["plan"], source=str(out / PLAN_FILE))
+    else:
+        plan_obj = plan if isinstance(plan, Plan) else (
+            Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(plan))
+        if saved is not None and plan_obj.to_dict() != saved["plan"]:
+            raise ArtifactError(f"cannot resume with changed settings: the plan differs from {out / PLAN_FILE} "
+                                f"({Plan.from_dict(saved['plan']).describe()} → {plan_obj.describe()})",
+                                "resume with the run's own plan (or omit --plan), or start a new run elsewhere")
+
+    # Everything that can fail on the user's input is checked before anything is written.
+    dtype_t = _DTYPES[config.dtype]
+    base, tokenizer = load_model(config.model, dtype=dtype_t)
+    plan_obj.check_model(base, source="the plan")
+    quant = get_backend(config.backend, compute_dtype=dtype_t)
+    fingerprint = model_fingerprint(base)
+    if saved is not None and saved.get("model_fingerprint") != fingerprint:
+        raise ArtifactError(f"cannot resume: the weights of {config.model} changed since the run started "
+                            "(model fingerprint differs)", "resume with the same model, or start a new run")
+    train_blocks = load_blocks(config.data, tokenizer, "train", seq_len=config.seq_len,
+                               max_blocks=config.max_train_blocks)
+    eval_blocks_ = (load_blocks(config.data, tokenizer, "validation", seq_len=config.seq_len,
+                                max_blocks=config.eval_blocks) if config.eval_blocks else None)
+    data_fp = data_fingerprint(config.data, "train", config.seq_len, max_blocks=config.max_train_blocks)
+    if saved is not None and saved.get("data_fingerprint") != data_fp:
+        raise ArtifactError(f"cannot resume: the training data {config.data} changed since the run started",
+                            "resume with the same data, or start a new run")
+    if config.steps is None:
+        config.steps = max(1, math.ceil(config.epochs * len(train_blocks) / (config.batch_size * config.grad_accum)))
+    if config.eval_every is None:
+        config.eval_every = max(1, math.ceil(config.steps / 5)) if config.eval_blocks else 0
+    if config.checkpoint_every is None:
+        config.checkpoint_every = max(1, math.ceil(config.steps / 10))
+    tuned = prepare_model(base, plan_obj, quant, dtype=dtype_t, seed=config.seed)  # checks bits and shapes
+
+    shapes = ModelShapes.from_model(base)
+    memory = predict(shapes, plan_obj, quant)
+    estimate = training_estimate(shapes, plan_obj, quant, base.config, batch_size=config.batch_size,
+                                 seq_len=config.seq_len)
+    del base
+
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = open(out / LOG_FILE, "a", encoding="utf-8")
+
+    def say(fmt: str, *args) -> None:
+        """Log (shown unless --quiet) and always append to the run's train.log."""
+        log.info(fmt, *args)
+        logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {fmt % args}\n")
+        logfile.flush()
+
+    try:
+        if saved is None:
+            run = {"format": _RUN_FORMAT, "status": "running", "config": config.to_dict(), "plan": plan_obj.to_dict(),
+                   "seed": config.seed, "model_fingerprint": fingerprint, "data_fingerprint": data_fp,
+                   "versions": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": []}
+            plan_obj.save(out / PLAN_FILE)
+        else:
+            run = saved
+        say("plan %s on %s: %s predicted (%.2f avg bits, adapters included)", plan_obj.describe(),
+                 config.model, format_bytes(memory.total_bytes), memory.avg_bits)
+        say("training memory estimate: %s (weights %s, LoRA gradients %s, AdamW state %s, activations %s) "
+                 "for batches of %d×%d tokens", format_bytes(estimate.total_bytes),
+                 format_bytes(estimate.weights_bytes), format_bytes(estimate.gradient_bytes),
+                 format_bytes(estimate.optimizer_bytes), format_bytes(estimate.activation_bytes),
+                 config.batch_size, config.seq_len)
+
+        state = None
+        if saved is not None:
+            checkpoints = _checkpoints(out)
+            if checkpoints:
+                state = _load_checkpoint(tuned, checkpoints[-1])
+                say("resuming from %s (step %d of %d)", checkpoints[-1], state.step, config.steps)
+            else:
+                say("no checkpoint was written before the interruption: starting again from step 0")
+            run.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                   "from_step": 0 if state is None else state.step,
+                                   "versions": package_versions()})
+        run["training_estimate"] = estimate.to_dict()
+        atomic_write_json(out / RUN_FILE, run)
+
+        def on_step(step: int, result: TrainResult, snapshot) -> None:
+            if result.evals and result.evals[-1][0] == step:
+                logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: validation loss "
+                              f"{result.evals[-1][1]:.4f}\n")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                where = _save_checkpoint(tuned, out, step, snapshot())
+                logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: loss {result.losses[-1]:.4f}, "
+                              f"checkpoint {where.name}\n")
+                logfile.flush()
+
+        say("training %d steps of %d×%d tokens (seed %d) → %s", config.steps,
+                 config.batch_size * config.grad_accum, config.seq_len, config.seed, out)
+        result = train(tuned, train_blocks, config.train_config(), eval_blocks=eval_blocks_, progress=progress,
+                       resume=state, on_step=on_step)
+        if result.evals:
+            log.info("validation loss by step: %s", ", ".join(f"{s}: {v:.4f}" for s, v in result.evals))
+
+        validation = None
+        if eval_blocks_ is not None:
+            validation = evaluate_loss(tuned, eval_blocks_, progress=progress, desc="validation").to_dict()
+        with AtomicDirectory(out / ADAPTER_DIR) as tmp:
+            tuned.save_pretrained(tmp)
+        metrics = {
+            "steps": config.steps, "train_losses": result.losses, "final_train_loss": result.final_loss,
+            "evals": [list(e) for e in result.evals], "validation": validation,
+            "memory": {**memory.to_dict(), "measured_bytes": measured_bytes(tuned), "backend": quant.name,
+                       "plan": plan_obj.describe()},
+            "training_estimate": estimate.to_dict(), "seconds_this_session": result.seconds,
+        }
+        atomic_write_json(out / METRICS_FILE, metrics)
+        run["status"] = "finished"
+        run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(out / RUN_FILE, run)
+        if validation:
+            say("final validation loss %.4f (perplexity %.2f) over %d tokens", validation["loss"],
+                     validation["perplexity"], validation["tokens"])
+        return RunResult(out=out, config=config, train=result, validation=validation, metrics=metrics,
+                         resumed_from=0 if state is None else state.step)
+    finally:
+        logfile.close()

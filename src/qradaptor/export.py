@@ -1,0 +1,344 @@
+"""Export a finished training run as a directory that stock ``transformers`` + ``peft`` load, and load it back
+with qradaptor on its packed mixed-precision base.
+
+``OUT/`` (written under a temporary name and renamed into place when complete):
+
+- ``config.json``, ``model.safetensors``, tokenizer files: the **dequantized** base, i.e. exactly the weights the
+  quantized layers compute with, as a plain checkpoint. Stock transformers cannot load a mixed-bit HQQ
+  checkpoint (its HQQ integration has no loader for pre-quantized weights, and ``HqqConfig`` keys its settings
+  by module tag, not layer index), so this is what ``AutoModelForCausalLM.from_pretrained(OUT)`` reads.
+- ``adapter/``: the trained LoRA adapter as PEFT writes it (``PeftModel.from_pretrained(model, OUT/"adapter")``).
+- ``qradaptor/quantized.safetensors``: the packed base, each quantized module's backend tensors under
+  ``<module name>.<tensor>``, with JSON metadata naming the backend, compute dtype, bits and group size per
+  module. `load` uses it, so the reloaded model holds exactly the bytes the memory model predicts.
+- ``qradaptor/export.json`` (source run, config, memory, metrics, versions), ``plan.json``, ``README.md``
+  (model card), and with ``merge`` ``merged/``: the adapter folded into the dequantized base, a plain model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import ArtifactError
+from .io import AtomicDirectory, atomic_save_safetensors, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("qradaptor")
+
+PACKED_DIR = "qradaptor"
+PACKED_FILE = "quantized.safetensors"
+EXPORT_FILE = "export.json"
+MERGED_DIR = "merged"
+PACKED_FORMAT = "qradaptor-packed/1"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------- kinds
+def artifact_kind(path: str | os.PathLike) -> str | None:
+    """``"export"`` for an exported directory, ``"run"`` for a training run directory, else None."""
+    from .train import RUN_FILE
+
+    path = Path(path)
+    if (path / PACKED_DIR / PACKED_FILE).is_file() or (path / PACKED_DIR / EXPORT_FILE).is_file():
+        return "export"
+    if (path / RUN_FILE).is_file():
+        return "run"
+    return None
+
+
+def _finished_run(run_dir: Path) -> dict:
+    from .train import ADAPTER_DIR, read_run
+
+    if not run_dir.exists():
+        raise ArtifactError(f"training run not found: {run_dir}",
+                            "pass the --out directory of `qradaptor train` (or an exported directory)")
+    run = read_run(run_dir)
+    if run is None:
+        raise ArtifactError(f"{run_dir} is not a training run (it has no run.json)",
+                            f"train first: qradaptor train --plan PLAN --out {run_dir}")
+    if run.get("status") != "finished" or not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise ArtifactError(f"the run in {run_dir} has not finished training (no trained adapter yet)",
+                            f"finish it with: qradaptor train --out {run_dir} --resume")
+    return run
+
+
+def _build_from_run(run_dir: Path, run: dict):
+    """The run's quantized base with its trained adapter, plus the pieces export needs."""
+    from peft import PeftModel
+
+    from .backends import get_backend
+    from .models import load_model, model_fingerprint
+    from .plan import Plan
+    from .quantize import quantize_model
+    from .train import ADAPTER_DIR, RunConfig
+
+    config = RunConfig(**{**RunConfig().to_dict(), **run["config"]})
+    dtype = _DTYPES[config.dtype]
+    plan = Plan.from_dict(run["plan"], source=str(run_dir / "run.json"))
+    base, tokenizer = load_model(config.model, dtype=dtype)
+    if model_fingerprint(base) != run.get("model_fingerprint"):
+        raise ArtifactError(f"the base model {config.model} is not the one {run_dir} was trained on "
+                            "(its weights changed: the model fingerprint differs)",
+                            "restore the original model at that path, or retrain")
+    quant = get_backend(config.backend, compute_dtype=dtype)
+    quantized = quantize_model(base, plan, quant)
+    tuned = PeftModel.from_pretrained(quantized, run_dir / ADAPTER_DIR)
+    tuned.eval()
+    return tuned, quantized, base, tokenizer, plan, quant, config
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False) -> dict:
+    """What ``qradaptor export RUN --to OUT [--merge]`` runs. Returns a summary (paths, memory, metrics)."""
+    from .memory import ModelShapes, measured_bytes, predict
+    from .train import ADAPTER_DIR, METRICS_FILE, package_versions
+
+    run_dir, out = Path(run_dir), Path(out)
+    run = _finished_run(run_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise ArtifactError(f"{out} exists and is not a directory", "choose another --to path")
+        if artifact_kind(out) != "export" and any(out.iterdir()):
+            raise ArtifactError(f"{out} exists and is not an earlier export (replacing it would destroy its files)",
+                                "choose a new or empty --to directory")
+    if out.resolve() == run_dir.resolve():
+        raise ArtifactError("the export target is the run directory itself", "choose another --to directory")
+
+    tuned, quantized, base, tokenizer, plan, quant, config = _build_from_run(run_dir, run)
+    # The packed states, and the dense base set to exactly the dequantized weights.
+    packed: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    for name, module in quantized.named_modules():
+        if not quant.is_quantized(module) or ".lora_" in name:
+            continue
+        prefix = name.removesuffix(".base_layer")  # PEFT wrapped it; the name in the plain model
+        state = quant.state(module)
+        for key, tensor in state.items():
+            packed[f"{prefix}.{key}"] = tensor.detach().contiguous().clone()
+        layer = int(prefix.split("layers.", 1)[1].split(".", 1)[0])
+        modules[prefix] = {"bits": plan.layers[layer].bits, "group_size": plan.group_size, "tensors": sorted(state)}
+        target = base.get_submodule(prefix)
+        with torch.no_grad():
+            target.weight.copy_(quant.dequantize(module).to(target.weight.dtype))
+    if not modules and any(c.bits != 16 for c in plan.layers):
+        raise RuntimeError("no quantized module found in the run's model")  # a bug, not a user error
+
+    shapes = ModelShapes.from_model(base)
+    memory = {**predict(shapes, plan, quant).to_dict(), "measured_bytes": measured_bytes(tuned),
+              "backend": quant.name, "plan": plan.describe()}
+    metrics_path = run_dir / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    info = {
+        "format": PACKED_FORMAT, "source_run": str(run_dir.resolve()), "config": run["config"],
+        "model_fingerprint": run.get("model_fingerprint"), "plan": plan.to_dict(), "memory": memory,
+        "metrics": {k: metrics.get(k) for k in ("steps", "final_train_loss", "validation", "evals")},
+        "merged": merge, "versions": package_versions(),
+    }
+    metadata = {"format": PACKED_FORMAT, "backend": quant.name, "compute_dtype": config.dtype,
+                "group_size": str(plan.group_size), "modules": json.dumps(modules, sort_keys=True)}
+
+    from .models import _quiet_transformers
+
+    try:
+        with AtomicDirectory(out) as tmp, _quiet_transformers():
+            base.config.architectures = [type(base).__name__]
+            base.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.copytree(run_dir / ADAPTER_DIR, tmp / "adapter")
+            plan.save(tmp / "plan.json")
+            atomic_save_safetensors(tmp / PACKED_DIR / PACKED_FILE, packed, metadata=metadata)
+            atomic_write_json(tmp / PACKED_DIR / EXPORT_FILE, info)
+            atomic_write_text(tmp / "README.md", model_card(info, out.name))
+            if merge:
+                _write_merged(base, tokenizer, run_dir / ADAPTER_DIR, tmp / MERGED_DIR)
+    except OSError as e:
+        raise ArtifactError(f"writing the export to {out} failed: {e.strerror or e}",
+                            "free disk space (or fix the permissions) and export again; nothing was left at "
+                            f"{out} (an earlier export there, if any, is intact)") from None
+    log.info("exported %s → %s (%s)", run_dir, out, plan.describe())
+    return {"out": str(out), "memory": memory, "metrics": info["metrics"],
+            "merged": str(out / MERGED_DIR) if merge else None}
+
+
+def _write_merged(dense_base, tokenizer, adapter_dir: Path, target: Path) -> None:
+    """The adapter folded into the dequantized base: a plain model that ``from_pretrained`` loads alone."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(dense_base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load_artifact(path: str | os.PathLike):
+    """``(model, tokenizer)`` from an exported directory (packed mixed-precision base + adapter) or a finished
+    training run directory. The model is a ``PeftModel`` in eval mode whose quantized layers hold the packed
+    codes, so `qradaptor.memory.measured_bytes` of it equals the memory model's prediction."""
+    path = Path(path)
+    kind = artifact_kind(path) if path.is_dir() else None
+    if kind is None:
+        if not path.exists():
+            raise ArtifactError(f"artifact not found: {path}",
+                                "pass the directory written by `qradaptor export` (or `qradaptor train --out`)")
+        raise ArtifactError(f"{path} is not a qradaptor artifact (no {PACKED_DIR}/{PACKED_FILE} and no run.json)",
+                            "pass the directory written by `qradaptor export` (or `qradaptor train --out`)")
+    if kind == "run":
+        tuned, _, _, tokenizer, _, _, _ = _build_from_run(path, _finished_run(path))
+        return tuned, tokenizer
+    return _load_export(path)
+
+
+def load(path: str | os.PathLike):
+    """The trained model in ``path`` (see `load_artifact`, which also returns the tokenizer)."""
+    return load_artifact(path)[0]
+
+
+def _load_export(path: Path):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .backends import get_backend
+    from .errors import QRAdaptorError
+    from .models import _quiet_transformers
+    from .plan import Plan
+
+    packed = path / PACKED_DIR / PACKED_FILE
+    for needed in (packed, path / "config.json", path / "adapter" / "adapter_config.json", path / "plan.json"):
+        if not needed.is_file():
+            raise ArtifactError(f"the export in {path} is incomplete: {needed.relative_to(path)} is missing",
+                                "export the training run again (qradaptor export RUN --to OUT)")
+    try:
+        with safe_open(packed, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != PACKED_FORMAT:
+                raise ArtifactError(f"{packed} has format {meta.get('format')!r}, expected {PACKED_FORMAT!r}",
+                                    "load it with the qradaptor version that wrote it, or export again")
+            modules = json.loads(meta["modules"])
+            states = {name: {key: f.get_tensor(f"{name}.{key}") for key in info["tensors"]}
+                      for name, info in modules.items()}
+    except ArtifactError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"{packed} is unreadable ({e})", "export the training run again") from None
+    dtype = _DTYPES[meta["compute_dtype"]]
+    quant = get_backend(meta["backend"], compute_dtype=dtype)
+    plan = Plan.load(path / "plan.json")
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    for name, state in states.items():
+        try:
+            module = quant.from_state(state)
+        except QRAdaptorError as e:
+            raise ArtifactError(f"{packed}: module {name}: {e.cause}", e.fix) from None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+    model.requires_grad_(False)
+    model.qradaptor_plan = plan
+    model.qradaptor_backend = quant
+    tuned = PeftModel.from_pretrained(model, path / "adapter")
+    tuned.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tuned, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- generate
+@torch.no_grad()
+def generate(path: str | os.PathLike, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             seed: int = 0) -> str:
+    """What ``qradaptor generate`` prints: the continuation of ``prompt`` (in the chat template when the
+    tokenizer has one) by the trained model in ``path``; greedy unless ``temperature > 0``."""
+    model, tokenizer = load_artifact(path)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    output = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
+                            temperature=temperature if sample else None, top_p=None, top_k=None,
+                            pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------- model card
+STOCK_LOADER = '''import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+out = "{out}"
+tokenizer = AutoTokenizer.from_pretrained(out)
+model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # the dequantized base
+model = PeftModel.from_pretrained(model, f"{{out}}/adapter").eval()
+'''
+
+
+def model_card(info: dict, name: str) -> str:
+    from .memory import format_bytes
+
+    mem, metrics, cfg, plan = info["memory"], info["metrics"], info["config"], info["plan"]
+    val = metrics.get("validation") or {}
+    rows = "\n".join(f"| {i} | {layer['bits']} | {layer['rank']} |" for i, layer in enumerate(plan["layers"]))
+    val_line = (f"- validation loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f} over {val['tokens']} tokens\n"
+                if val else "- no validation split was evaluated\n")
+    final = metrics.get("final_train_loss")
+    return f"""---
+library_name: peft
+tags: [qradaptor, lora, mixed-precision, {mem['backend']}]
+---
+
+# {name}
+
+A LoRA fine-tune of `{cfg['model']}` on a mixed-precision quantized base, made with qradaptor: every
+decoder layer has its own bit-width and LoRA rank.
+
+## Plan
+
+`{mem['plan']}`, group size {plan['group_size']}, alpha = {plan['alpha_ratio']} × rank, targets
+{', '.join(plan['target_modules'])}; embeddings, norms and `lm_head` unquantized.
+
+| layer | bits | rank |
+|---|---|---|
+{rows}
+
+## Memory
+
+- predicted {format_bytes(mem['predicted_bytes'])} ({mem['predicted_bytes']} bytes), measured after reload
+  {format_bytes(mem['measured_bytes'])} ({mem['measured_bytes']} bytes), with the `{mem['backend']}` backend in
+  {cfg['dtype']}
+- quantized linears {format_bytes(mem['quantized_bytes'])} ({mem['avg_bits']:.3f} bits per weight with scales
+  and zeros, {mem['code_bits']:.3f} code bits), LoRA adapters {format_bytes(mem['lora_bytes'])} (fp32, counted),
+  everything else {format_bytes(mem['other_bytes'])}
+
+## Training and metrics
+
+- {metrics.get('steps')} steps, batch {cfg['batch_size']}×{cfg['grad_accum']} of {cfg['seq_len']} tokens,
+  lr {cfg['lr']}, seed {cfg['seed']}, data `{cfg['data']}`
+- final training loss {final if final is None else f'{final:.4f}'}
+{val_line}
+## Loading
+
+With transformers + peft only (the base here is the *dequantized* weights: stock transformers cannot load a
+mixed-bit HQQ checkpoint, so `model.safetensors` holds exactly the values the quantized layers compute with):
+
+```python
+{STOCK_LOADER.format(out=name)}```
+
+With qradaptor, on the packed mixed-precision base (`qradaptor/quantized.safetensors`, the memory above):
+
+```python
+import qradaptor
+model = qradaptor.load("{name}")
+```
+""" + (f"""
+`merged/` holds the adapter folded into the dequantized base: `AutoModelForCausalLM.from_pretrained("{name}/merged")`.
+""" if info.get("merged") else "")
