@@ -21,24 +21,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# This file shares its name with the standard library's `profile` module (which torch imports): keep
-# its directory off the import path and load the shared helpers by file name.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-_spec = importlib.util.spec_from_file_location("bench_common", HERE / "common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-RESULTS, environment, markdown_table, write_results = (_common.RESULTS, _common.environment, _common.markdown_table,
-                                                       _common.write_results)
+if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (profile.py would shadow the stdlib's)
+    import pathlib
+    import sys
+
+    _here = pathlib.Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
 from qradaptor.backends import get_backend  # noqa: E402
 from qradaptor.models import load_model, model_fingerprint  # noqa: E402
 from qradaptor.plan import LayerChoice, Plan  # noqa: E402

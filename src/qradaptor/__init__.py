@@ -8,12 +8,13 @@ from .data import load_blocks
 from .demo import run_demo
 from .errors import QRAdaptorError
 from .evaluate import evaluate_loss, evaluate_model
+from .export import export, generate, load, load_artifact
 from .memory import ModelShapes, measured_bytes, parse_budget, plan_memory, predict
 from .models import load_model, model_fingerprint
 from .plan import LayerChoice, Plan, lora_config
 from .profile import Sensitivity, profile
 from .quantize import add_adapters, prepare_model, quantize_model
-from .train import TrainConfig, train
+from .train import RunConfig, TrainConfig, train, train_plan
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ __all__ = [
     "LayerChoice", "ModelShapes", "Plan", "QRAdaptorError", "TrainConfig", "add_adapters", "evaluate_loss",
     "evaluate_model", "get_backend", "load_blocks", "load_model", "lora_config", "measured_bytes", "model_fingerprint",
     "parse_budget", "plan_memory", "predict", "prepare_model", "profile", "Sensitivity", "quantize_model", "run_demo", "train",
+    "RunConfig", "export", "generate", "load", "load_artifact", "train_plan",
 ]

@@ -93,6 +93,68 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from .search import search, summary
+
+    settings = {"population": args.population, "promote": args.promote, "refine": args.refine,
+                "backend": args.backend, "seed": args.seed, "seq_len": args.seq_len}
+    if args.bits:
+        settings["bits"] = tuple(int(b) for b in args.bits.split(","))
+    if args.ranks:
+        settings["ranks"] = tuple(int(r) for r in args.ranks.split(","))
+    result = search(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
+                    storage=args.storage, study=args.study, sensitivity=args.sensitivity, progress=not args.quiet,
+                    **settings)
+    print(summary(result), end="")
+    print(f"wrote {args.out}/plan.json, pareto.json, pareto.png")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from .search import worker
+
+    trials = worker(storage=args.storage, study=args.study, progress=not args.quiet)
+    print(f"study {args.study} has {trials} exploration trials")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import train_plan
+
+    r = train_plan(args.out, plan=args.plan, model=args.model, data=args.data, steps=args.steps, epochs=args.epochs,
+                   batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
+                   warmup_steps=args.warmup_steps, seed=args.seed, backend=args.backend, dtype=args.dtype,
+                   eval_every=args.eval_every, eval_blocks=args.eval_blocks, checkpoint_every=args.checkpoint_every,
+                   max_train_blocks=args.max_train_blocks, resume=args.resume, progress=not args.quiet)
+    resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""
+    print(f"trained {r.config.steps} steps{resumed}: final training loss {r.train.final_loss:.4f}", end="")
+    if r.validation:
+        print(f", validation loss {r.validation['loss']:.4f} (perplexity {r.validation['perplexity']:.2f})", end="")
+    print(f"\nwrote {args.out}/ (adapter/, metrics.json, run.json); next: qradaptor export {args.out} --to OUT")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+    from .memory import format_bytes
+
+    result = export(args.run, args.to, merge=args.merge)
+    mem = result["memory"]
+    print(f"exported {args.run} → {args.to}/: {mem['plan']}, {format_bytes(mem['measured_bytes'])} on reload "
+          f"(predicted {format_bytes(mem['predicted_bytes'])})")
+    print(f"load it with transformers + peft (dequantized base + adapter/) or qradaptor.load({str(args.to)!r})"
+          + (f"; merged model in {result['merged']}/" if result["merged"] else ""))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .export import generate
+
+    print(generate(args.artifact, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   seed=args.seed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qradaptor",
@@ -114,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("evaluate", parents=[common], help="held-out loss and perplexity of a model (optionally quantized by a plan)")
-    p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
+    p.add_argument("--model", default=None,
+                   help="model directory, .gguf file, hub id, train --out directory or export directory (default: SmolLM2-135M)")
     p.add_argument("--data", default=None, help="JSONL/JSON/TXT file or HF dataset name (default: CPython's pydoc topics)")
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     p.add_argument("--plan", default=None, help="quantize the model by this plan first")
@@ -137,6 +200,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a profile of a different model in --out")
     p.add_argument("--no-cache", action="store_true", help="recompute even if an identical profile is cached")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("search", parents=[common], help="find a per-layer plan within a memory budget (stages 2-3)")
+    p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
+    p.add_argument("--data", default=None, help="fine-tuning data (default: CPython's pydoc topics)")
+    p.add_argument("--budget", required=True, help="memory budget: 4bit, 3.5bit, 350MB, 1.2GiB, 123456789 or 0.3x")
+    p.add_argument("--alpha", type=float, default=0.5, help="preference: 1 = only quality, 0 = only memory (default 0.5)")
+    p.add_argument("--trials", type=int, default=24, help="exploration trials, cheap fidelity (default 24)")
+    p.add_argument("--population", type=int, default=8, help="NSGA-II population (default 8)")
+    p.add_argument("--promote", type=int, default=3, help="front plans re-evaluated at full fidelity (default 3)")
+    p.add_argument("--refine", type=int, default=3, help="Bayesian refinement iterations (default 3)")
+    p.add_argument("--bits", default=None, help="bit-widths to choose from (default 2,3,4,8)")
+    p.add_argument("--ranks", default=None, help="LoRA ranks to choose from (default 4,8,16,32)")
+    p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training/evaluation block (default 256)")
+    p.add_argument("--sensitivity", default=None, help="sensitivity.json (default: OUT/sensitivity.json, profiled if missing)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in OUT); PostgreSQL for workers")
+    p.add_argument("--study", default=None, help="study name (default qradaptor)")
+    p.add_argument("--out", required=True, help="directory for plan.json, pareto.json, pareto.png and the study")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("worker", parents=[common], help="evaluate trials of a search study from another machine")
+    p.add_argument("--storage", required=True, help="the study's Optuna storage URL (e.g. postgresql://...)")
+    p.add_argument("--study", required=True, help="the study name given to `qradaptor search --study`")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("train", parents=[common], help="fine-tune a plan on its quantized base (checkpoints, --resume)")
+    p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
+    p.add_argument("--plan", default=None, help="plan file (.json or .yaml); with --resume, the run's own by default")
+    p.add_argument("--data", default=None, help="JSONL/JSON/TXT file or HF dataset name (default: CPython's pydoc topics)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training split (default 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="blocks per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 256)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of adapter init and data order (default 0)")
+    p.add_argument("--backend", default=None, help="quantizer backend: hqq (default) or reference")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="base and metadata dtype (default float32)")
+    p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: 5 times a run; 0: never)")
+    p.add_argument("--eval-blocks", type=int, default=None, help="validation blocks (default 16; 0: no validation)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: 10 per run)")
+    p.add_argument("--max-train-blocks", type=int, default=None, help="use at most this many training blocks")
+    p.add_argument("--out", required=True, help="run directory (run.json, checkpoints/, adapter/, metrics.json)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", parents=[common], help="write a trained run as a directory stock transformers + peft load")
+    p.add_argument("run", help="the --out directory of `qradaptor train`")
+    p.add_argument("--to", required=True, help="output directory (built under a temporary name, then renamed)")
+    p.add_argument("--merge", action="store_true", help="also write TO/merged/: the adapter folded into the dequantized base")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", parents=[common], help="continue a prompt with a trained model (export or run directory)")
+    p.add_argument("artifact", help="an exported directory (or a finished run directory)")
+    p.add_argument("--prompt", required=True, help="the prompt (wrapped in the chat template when the tokenizer has one)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", parents=[common], help="fine-tune uniform 4-bit and a mixed plan of the same memory on the default model")
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")

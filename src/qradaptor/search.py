@@ -1,0 +1,783 @@
+"""Stages 2–3: the budget-constrained search for a plan, on Optuna storage.
+
+1. Warm start: uniform plans that fit, and plans filled greedily from the sensitivity prior at several
+   fractions of the budget (sensitive layers get bits and ranks first).
+2. Exploration: NSGA-II over per-layer bits and ranks. Every suggested plan is repaired into the budget
+   (deterministically: lower the bit-width or rank that costs least prior sensitivity per byte saved),
+   so an infeasible plan never gets a fine-tune; objectives are (held-out loss after a *cheap* fine-tune,
+   memory). Identical repaired plans are evaluated once.
+3. Promotion: the cheap front's best plans (by the preference ``alpha``) get the *expensive* fidelity.
+4. Refinement: a Gaussian process over plan encodings proposes, by expected improvement of the
+   alpha-scalarised objective, among one-edit neighbours of the expensive front; a few iterations.
+
+Trials live in Optuna storage: SQLite in the output directory by default (an interrupted search
+resumes), or any RDB URL, through which ``qradaptor worker`` processes on other machines evaluate
+exploration trials of the same study. The study's user attributes hold the whole search config (model
+fingerprint, budget, space, fidelities, the prior), so a worker needs only the URL and the study name,
+and a study cannot be reused for another model or space by accident.
+
+The prior's units: per-layer KL for bits; halving a layer's rank is charged ``rank_value`` times that
+layer's KL at 4 bits (on SmolLM2, halving every rank cost about a third of what 4-bit quantization costs
+in held-out loss; see DESIGN §6). It only orders repair and warm-start moves; fitness is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .backends import QuantBackend, QuantCache, get_backend
+from .errors import QRAdaptorError
+from .io import atomic_write_json, atomic_write_text
+from .memory import ModelShapes, check_budget, format_bytes, parse_budget, predict
+from .plan import DEFAULT_RANK, DEFAULT_TARGET_MODULES, LayerChoice, Plan
+from .profile import Sensitivity
+
+log = logging.getLogger("qradaptor")
+
+DEFAULT_BITS = (2, 3, 4, 8)
+DEFAULT_RANKS = (4, 8, 16, 32)
+CONFIG_ATTR = "qradaptor_config"
+FORMAT = "qradaptor-search-1"
+
+
+class SearchError(QRAdaptorError):
+    """The search cannot run as asked."""
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class Fidelity:
+    name: str
+    steps: int
+    eval_blocks: int
+    batch_size: int = 4
+    lr: float = 3e-4
+
+
+@dataclass
+class SearchConfig:
+    budget_bytes: int
+    bits: tuple[int, ...] = DEFAULT_BITS
+    ranks: tuple[int, ...] = DEFAULT_RANKS
+    alpha: float = 0.5  # 1: only quality matters; 0: only memory
+    trials: int = 24  # exploration trials (warm start included), cheap fidelity
+    population: int = 8
+    promote: int = 3  # cheap-front plans re-evaluated at the expensive fidelity
+    refine: int = 3  # Bayesian refinement iterations, expensive fidelity
+    warm_start: int = 4  # prior-greedy plans at fractions of the budget
+    cheap: Fidelity = field(default_factory=lambda: Fidelity("cheap", steps=8, eval_blocks=8))
+    full: Fidelity = field(default_factory=lambda: Fidelity("full", steps=24, eval_blocks=16))
+    seq_len: int = 256
+    group_size: int = 64
+    backend: str = "hqq"
+    rank_value: float = 1 / 3
+    sampler: str = "nsga2"  # exploration sampler: "nsga2", or "random" (the baseline the benchmark compares to)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.bits, self.ranks = tuple(sorted(self.bits)), tuple(sorted(self.ranks))
+        for key in ("cheap", "full"):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, Fidelity(**value))
+        if not 0 <= self.alpha <= 1:
+            raise SearchError(f"--alpha must be between 0 and 1, got {self.alpha}", "0.5 weighs quality and memory equally")
+        if self.sampler not in ("nsga2", "random"):
+            raise SearchError(f"unknown sampler {self.sampler!r}", "use nsga2 or random")
+        if self.trials < 1 or self.population < 2:
+            raise SearchError("the search needs at least 1 trial and a population of 2", "e.g. --trials 24 --population 8")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bits"], d["ranks"] = list(self.bits), list(self.ranks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchConfig":
+        return cls(**{**d, "bits": tuple(d["bits"]), "ranks": tuple(d["ranks"])})
+
+
+# ---------------------------------------------------------------------------------------- cost model
+
+
+class PriorCost:
+    """Prior sensitivity of a plan's choices, from the profile, for repair and warm start."""
+
+    def __init__(self, sensitivity: Sensitivity, config: SearchConfig):
+        self.kl = sensitivity.kl
+        self.config = config
+        self.scale = [max(k.get(4, max(k.values())), 1e-9) for k in self.kl]  # a layer's importance
+
+    def bits_cost(self, layer: int, bits: int) -> float:
+        if bits >= 8:
+            return 0.0
+        table = self.kl[layer]
+        if bits in table:
+            return table[bits]
+        # Unprofiled bit-width: interpolate log-KL linearly in bits between the nearest profiled ones (8 → 0).
+        known = sorted(table)
+        lo = max((b for b in known if b < bits), default=known[0])
+        hi = min((b for b in known if b > bits), default=None)
+        if hi is None:
+            return table[lo] * 4.0 ** -(bits - lo)  # ~4x less KL per extra bit, as measured on SmolLM2
+        t = (bits - lo) / (hi - lo)
+        return math.exp((1 - t) * math.log(table[lo]) + t * math.log(max(table[hi], 1e-12)))
+
+    def rank_cost(self, layer: int, rank: int) -> float:
+        top = max(self.config.ranks)
+        return self.config.rank_value * self.scale[layer] * math.log2(top / rank)
+
+    def layer_cost(self, layer: int, choice: LayerChoice) -> float:
+        return self.bits_cost(layer, choice.bits) + self.rank_cost(layer, choice.rank)
+
+
+class Planner:
+    """Memory and prior cost of plans, repair into a budget, greedy fill from the cheapest plan."""
+
+    def __init__(self, shapes: ModelShapes, backend: QuantBackend, cost: PriorCost, config: SearchConfig):
+        self.shapes, self.backend, self.cost, self.config = shapes, backend, cost, config
+        self._layer_bytes: dict[tuple[int, int, int], int] = {}
+        base = Plan.uniform(shapes.num_layers, config.bits[0], config.ranks[0], group_size=config.group_size)
+        report = predict(shapes, base, backend)
+        self.fixed_bytes = report.other_bytes
+
+    def layer_bytes(self, layer: int, choice: LayerChoice) -> int:
+        key = (layer, choice.bits, choice.rank)
+        if key not in self._layer_bytes:
+            total = 0
+            for s in self.shapes.layers[layer]:
+                total += self.backend.weight_bytes(s.out_features, s.in_features, choice.bits, self.config.group_size) \
+                    if choice.bits < 16 else s.numel * self.backend.metadata_bytes
+                if s.name.rsplit(".", 1)[-1] in DEFAULT_TARGET_MODULES:
+                    total += choice.rank * (s.in_features + s.out_features) * 4
+            self._layer_bytes[key] = total
+        return self._layer_bytes[key]
+
+    def memory(self, plan: Plan) -> int:
+        return self.fixed_bytes + sum(self.layer_bytes(l, c) for l, c in enumerate(plan.layers))
+
+    def plan(self, choices: list[LayerChoice]) -> Plan:
+        return Plan(list(choices), group_size=self.config.group_size)
+
+    def _moves(self, choices: list[LayerChoice], direction: int):
+        """One-rung moves (down: -1, up: +1) with their (Δcost, Δbytes)."""
+        bits, ranks = self.config.bits, self.config.ranks
+        for l, c in enumerate(choices):
+            bi, ri = bits.index(c.bits), ranks.index(c.rank)
+            for new in ((bits[bi + direction], c.rank) if 0 <= bi + direction < len(bits) else None,
+                        (c.bits, ranks[ri + direction]) if 0 <= ri + direction < len(ranks) else None):
+                if new is None:
+                    continue
+                n = LayerChoice(*new)
+                yield l, n, self.cost.layer_cost(l, n) - self.cost.layer_cost(l, c), \
+                    self.layer_bytes(l, n) - self.layer_bytes(l, c)
+
+    def repair(self, plan: Plan, budget: int) -> Plan:
+        """While over budget, take the one-rung step down that costs least prior per byte saved."""
+        choices = list(plan.layers)
+        memory = self.memory(plan)
+        while memory > budget:
+            moves = [(dc / -db, l, n, db) for l, n, dc, db in self._moves(choices, -1) if db < 0]
+            if not moves:
+                raise SearchError(f"no plan in the search space fits {format_bytes(budget)}",
+                                  "raise the budget or allow fewer bits / smaller ranks")
+            _, l, n, db = min(moves, key=lambda m: (m[0], m[1], m[2].bits, m[2].rank))
+            choices[l] = n
+            memory += db
+        return self.plan(choices)
+
+    def fill(self, budget: int) -> Plan:
+        """From the cheapest plan, take the one-rung step up that buys most prior per byte, while it fits."""
+        choices = [LayerChoice(self.config.bits[0], self.config.ranks[0])] * self.shapes.num_layers
+        memory = self.memory(self.plan(choices))
+        while True:
+            moves = [(-dc / db, l, n, db) for l, n, dc, db in self._moves(choices, +1)
+                     if db > 0 and memory + db <= budget and dc < 0]
+            if not moves:
+                return self.plan(choices)
+            _, l, n, db = max(moves, key=lambda m: (m[0], -m[1], -m[2].bits, -m[2].rank))
+            choices[l] = n
+            memory += db
+
+    def neighbours(self, plan: Plan, budget: int) -> list[Plan]:
+        """Plans one rung away in one layer's bits or rank, repaired into the budget."""
+        out, seen = [], {plan_key(plan)}
+        for direction in (-1, +1):
+            for l, n, _, _ in self._moves(list(plan.layers), direction):
+                choices = list(plan.layers)
+                choices[l] = n
+                candidate = self.repair(self.plan(choices), budget)
+                if plan_key(candidate) not in seen:
+                    seen.add(plan_key(candidate))
+                    out.append(candidate)
+        return out
+
+    def encode(self, plan: Plan) -> np.ndarray:
+        bits, ranks = self.config.bits, self.config.ranks
+        return np.array([v for c in plan.layers for v in (bits.index(c.bits) / max(1, len(bits) - 1),
+                                                          ranks.index(c.rank) / max(1, len(ranks) - 1))])
+
+
+def plan_key(plan: Plan) -> str:
+    return ",".join(f"{c.bits}/{c.rank}" for c in plan.layers)
+
+
+def plan_from_key(key: str, group_size: int) -> Plan:
+    return Plan([LayerChoice(*map(int, item.split("/"))) for item in key.split(",")], group_size=group_size)
+
+
+# ---------------------------------------------------------------------------------------- fitness
+
+#: fitness(plan, fidelity) -> (held-out loss, fine-tune steps spent)
+Fitness = Callable[[Plan, Fidelity], "tuple[float, int]"]
+
+
+class FineTuneFitness:
+    """The real objective: a short LoRA fine-tune of the plan on the quantized base, then held-out loss.
+    Every plan sees the same data order (same seed), so differences come from the plan."""
+
+    def __init__(self, model, tokenizer, *, data: str | None, config: SearchConfig, progress: bool = False):
+        from .data import load_blocks
+
+        self.model, self.config, self.progress = model, config, progress
+        self.cache = QuantCache(get_backend(config.backend))
+        self.train_blocks = load_blocks(data, tokenizer, "train", seq_len=config.seq_len, seed=config.seed)
+        self.eval_blocks = load_blocks(data, tokenizer, "validation", seq_len=config.seq_len, seed=config.seed)
+
+    def __call__(self, plan: Plan, fidelity: Fidelity) -> tuple[float, int]:
+        from .evaluate import evaluate_loss
+        from .quantize import prepare_model
+        from .train import TrainConfig, train
+
+        model = prepare_model(self.model, plan, cache=self.cache, seed=self.config.seed)
+        train(model, self.train_blocks, TrainConfig(steps=fidelity.steps, batch_size=fidelity.batch_size,
+                                                    lr=fidelity.lr, warmup_steps=max(1, fidelity.steps // 10),
+                                                    seed=self.config.seed), progress=False)
+        result = evaluate_loss(model, self.eval_blocks.subset(min(fidelity.eval_blocks, len(self.eval_blocks))),
+                               progress=False)
+        return result.loss, fidelity.steps
+
+
+# ---------------------------------------------------------------------------------------- storage
+
+
+def open_storage(url: str):
+    """An Optuna RDB storage with heartbeats (a killed worker's trial is retried), or a clear error."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=int(os.environ.get("QRADAPTOR_HEARTBEAT", "30")),
+                grace_period=int(os.environ.get("QRADAPTOR_GRACE", "90")),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+    except (SQLAlchemyError, ImportError, ValueError, OSError) as e:
+        raise SearchError(f"cannot open the study storage {redact(url)}: {str(e).splitlines()[0][:300]}",
+                          "check the URL, that the database server is running and reachable, and the driver "
+                          "(PostgreSQL needs `pip install psycopg2-binary`)") from None
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    import re
+
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _config_fingerprint(config: dict) -> dict:
+    """What must match for a study to be continued: model, budget, space, settings (not trial counts)."""
+    keep = ("model_fingerprint", "budget_bytes", "bits", "ranks", "group_size", "backend", "seq_len", "cheap",
+            "full", "seed", "data", "alpha", "rank_value", "sampler")
+    return {k: config.get(k) for k in keep}
+
+
+# ---------------------------------------------------------------------------------------- the search
+
+
+@dataclass
+class Evaluated:
+    plan: Plan
+    memory_bytes: int
+    avg_bits: float
+    loss: float
+    fidelity: str
+    source: str
+    trial: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan.to_dict(), "memory_bytes": self.memory_bytes, "avg_bits": self.avg_bits,
+                "loss": self.loss, "fidelity": self.fidelity, "source": self.source, "trial": self.trial}
+
+
+@dataclass
+class SearchResult:
+    chosen: Evaluated
+    points: list[Evaluated]
+    budget_bytes: int
+    fine_tune_steps: int
+    seconds: float
+    config: dict
+
+    def front(self, fidelity: str) -> list[Evaluated]:
+        return pareto_front([p for p in self.points if p.fidelity == fidelity])
+
+
+def pareto_front(points: list[Evaluated]) -> list[Evaluated]:
+    """Non-dominated points in (loss, memory), sorted by memory."""
+    front = []
+    for p in sorted(points, key=lambda p: (p.memory_bytes, p.loss)):
+        if not front or p.loss < front[-1].loss:
+            front.append(p)
+    return front
+
+
+class Search:
+    """One search: a study in storage, a planner for the budget, and a fitness to evaluate plans."""
+
+    def __init__(self, *, model, sensitivity: Sensitivity, config: SearchConfig, storage: str, study_name: str,
+                 fitness: Fitness, run_config: dict | None = None, progress: bool = True):
+        import optuna
+
+        from .models import model_fingerprint
+
+        self.config, self.fitness, self.progress = config, fitness, progress
+        self.model_fp = model_fingerprint(model)
+        if sensitivity.model_fingerprint != self.model_fp:
+            raise SearchError(
+                f"the sensitivity profile was made for another model (fingerprint {sensitivity.model_fingerprint[:12]}…, "
+                f"this model is {self.model_fp[:12]}…)",
+                "profile this model (qradaptor profile --model M --out DIR) or point --sensitivity at its profile")
+        self.backend = get_backend(config.backend)
+        for b in config.bits:
+            if b < 16:
+                self.backend.check_bits(b)
+        self.shapes = ModelShapes.from_model(model)
+        self.planner = Planner(self.shapes, self.backend, PriorCost(sensitivity, config), config)
+        self.L = self.shapes.num_layers
+        self.storage = open_storage(storage) if isinstance(storage, str) else storage
+        self.run_config = {**(run_config or {}), **config.to_dict(), "model_fingerprint": self.model_fp,
+                           "sensitivity": sensitivity.to_dict(), "format": FORMAT}
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = self._open_study(study_name, "explore", ["minimize", "minimize"])
+        self.refine_study = self._open_study(study_name + ":refine", "refine", ["minimize", "minimize"])
+        self._evaluations: dict[tuple[str, str], float] = {}
+
+    def _open_study(self, name: str, role: str, directions: list[str]):
+        import optuna
+
+        if role == "explore" and self.config.sampler == "nsga2":
+            sampler = optuna.samplers.NSGAIISampler(population_size=self.config.population, seed=self.config.seed)
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=self.config.seed)
+        study = optuna.create_study(storage=self.storage, study_name=name, directions=directions, sampler=sampler,
+                                    load_if_exists=True)
+        existing = study.user_attrs.get(CONFIG_ATTR)
+        if existing is None:
+            study.set_user_attr(CONFIG_ATTR, self.run_config)
+        else:
+            mine, theirs = _config_fingerprint(self.run_config), _config_fingerprint(existing)
+            differ = [k for k in mine if mine[k] != theirs.get(k)]
+            if differ:
+                raise SearchError(
+                    f"study {name!r} in this storage belongs to a different search ({', '.join(differ)} differ)",
+                    "use another --study name (or --out directory), or rerun with the original settings to resume")
+        return study
+
+    # ---------------------------------------------------------------- evaluation
+
+    def _suggest(self, trial) -> Plan:
+        choices = [LayerChoice(trial.suggest_categorical(f"b{l}", list(self.config.bits)),
+                               trial.suggest_categorical(f"r{l}", list(self.config.ranks))) for l in range(self.L)]
+        return self.planner.plan(choices)
+
+    @staticmethod
+    def params(plan: Plan) -> dict:
+        return {k: v for l, c in enumerate(plan.layers) for k, v in ((f"b{l}", c.bits), (f"r{l}", c.rank))}
+
+    def _known_loss(self, study, key: str, fidelity: str) -> float | None:
+        from optuna.trial import TrialState
+
+        if (key, fidelity) in self._evaluations:
+            return self._evaluations[(key, fidelity)]
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.user_attrs.get("plan_key") == key and t.user_attrs.get("fidelity") == fidelity:
+                return t.values[0]
+        return None
+
+    def _evaluate(self, trial, plan: Plan, fidelity: Fidelity, source: str, study) -> tuple[float, int]:
+        """Evaluate ``plan`` (already within budget) and record it on ``trial``; reuse an earlier identical one."""
+        key = plan_key(plan)
+        memory = self.planner.memory(plan)
+        assert memory <= self.config.budget_bytes, "plans are repaired before evaluation"
+        known = self._known_loss(study, key, fidelity.name)
+        steps = 0
+        if known is None:
+            loss, steps = self.fitness(plan, fidelity)
+        else:
+            loss = known
+        self._evaluations[(key, fidelity.name)] = loss
+        report = predict(self.shapes, plan, self.backend)
+        for k, v in {"plan_key": key, "fidelity": fidelity.name, "memory_bytes": memory, "avg_bits": report.avg_bits,
+                     "source": source, "fine_tune_steps": steps, "reused": known is not None,
+                     "worker": f"{socket.gethostname()}:{os.getpid()}"}.items():
+            trial.set_user_attr(k, v)
+        return loss, memory
+
+    def objective(self, trial) -> tuple[float, int]:
+        raw = self._suggest(trial)
+        plan = self.planner.repair(raw, self.config.budget_bytes)
+        source = trial.user_attrs.get("source", "nsga2")
+        trial.set_user_attr("repaired", plan_key(plan) != plan_key(raw))
+        return self._evaluate(trial, plan, self.config.cheap, source, self.study)
+
+    # ---------------------------------------------------------------- stages
+
+    def warm_start_plans(self) -> list[tuple[Plan, str]]:
+        plans, budget = [], self.config.budget_bytes
+        for b in self.config.bits:  # uniform plans at the default rank that fit
+            rank = DEFAULT_RANK if DEFAULT_RANK in self.config.ranks else self.config.ranks[-1]
+            uniform = self.planner.plan([LayerChoice(b, rank)] * self.L)
+            if self.planner.memory(uniform) <= budget:
+                plans.append((uniform, f"uniform-{b}bit"))
+        floor = self.planner.memory(self.planner.plan([LayerChoice(self.config.bits[0], self.config.ranks[0])] * self.L))
+        n = self.config.warm_start
+        for i in range(n):
+            fraction = 1.0 if n == 1 else 0.7 + 0.3 * i / (n - 1)
+            plans.append((self.planner.fill(floor + int(fraction * (budget - floor))), f"prior-{fraction:.2f}"))
+        unique, seen = [], set()
+        for plan, source in plans:
+            if plan_key(plan) not in seen:
+                seen.add(plan_key(plan))
+                unique.append((plan, source))
+        return unique
+
+    def explore(self) -> None:
+        """Run exploration trials (this process; workers may add theirs) until the study has ``trials``."""
+        import optuna
+        from optuna.trial import TrialState
+
+        if not self.study.trials and self.config.sampler == "nsga2":
+            for plan, source in self.warm_start_plans()[: self.config.trials]:
+                self.study.enqueue_trial(self.params(plan), user_attrs={"source": source})
+        self._fail_orphans()
+        done = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        remaining = self.config.trials - done
+        if remaining <= 0:
+            return
+        bar = _progress(self.config.trials, done, "search: explore", self.progress)
+        try:
+            self.study.optimize(self.objective, n_trials=None, gc_after_trial=False,
+                                callbacks=[optuna.study.MaxTrialsCallback(self.config.trials, states=(TrialState.COMPLETE,)),
+                                           lambda study, trial: bar.update(1, self._best(study))])
+        finally:
+            bar.close()
+
+    def _fail_orphans(self) -> None:
+        """With a single-machine SQLite study, trials left RUNNING belong to a process that died: fail them
+        so the retry callback re-enqueues their plans. (RDB servers rely on heartbeats instead.)"""
+        from optuna.trial import TrialState
+
+        if not str(self.storage.url).startswith("sqlite"):
+            return
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            self.study.enqueue_trial(t.params, user_attrs={"source": t.user_attrs.get("source", "retry")})
+
+    def _best(self, study) -> str:
+        best = [t for t in study.best_trials]
+        if not best:
+            return ""
+        t = min(best, key=lambda t: t.values[0])
+        return f"best loss {t.values[0]:.4f} at {format_bytes(t.values[1])}"
+
+    def _record(self, plan: Plan, fidelity: Fidelity, source: str) -> float:
+        """Evaluate ``plan`` as a trial of the refine study (enqueued params, ask/tell)."""
+        key = plan_key(plan)
+        known = self._known_loss(self.refine_study, key, fidelity.name)
+        if known is not None:
+            return known
+        self.refine_study.enqueue_trial(self.params(plan), user_attrs={"source": source})
+        with warnings.catch_warnings():  # heartbeats matter for optimize(); these trials are told at once
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = self.refine_study.ask()
+        for l in range(self.L):  # the enqueued values
+            trial.suggest_categorical(f"b{l}", list(self.config.bits))
+            trial.suggest_categorical(f"r{l}", list(self.config.ranks))
+        loss, memory = self._evaluate(trial, plan, fidelity, source, self.refine_study)
+        self.refine_study.tell(trial, [loss, memory])
+        return loss
+
+    def promote(self) -> None:
+        cheap = [p for p in self.points() if p.fidelity == "cheap"]
+        front = sorted(pareto_front(cheap), key=lambda p: self.scalarize(p.loss, p.memory_bytes, cheap))
+        # Always include uniform baselines that were evaluated, so the report can compare at full fidelity.
+        chosen = front[: self.config.promote] + [p for p in cheap if p.source.startswith("uniform-4")]
+        bar = _progress(len(chosen), 0, "search: promote", self.progress)
+        for p in chosen:
+            self._record(p.plan, self.config.full, "promotion" if not p.source.startswith("uniform") else p.source)
+            bar.update(1)
+        bar.close()
+
+    def refine(self) -> None:
+        from .gp import GaussianProcess, expected_improvement
+
+        done = sum(p.source == "refine" for p in self.points())  # a resumed search continues its count
+        bar = _progress(self.config.refine, done, "search: refine", self.progress)
+        for _ in range(self.config.refine - done):
+            full = [p for p in self.points() if p.fidelity == "full"]
+            if len(full) < 2:
+                break
+            evaluated = {plan_key(p.plan) for p in full}
+            candidates = {plan_key(c): c for p in pareto_front(full)
+                          for c in self.planner.neighbours(p.plan, self.config.budget_bytes)
+                          if plan_key(c) not in evaluated}
+            if not candidates:
+                break
+            gp = GaussianProcess().fit(np.stack([self.planner.encode(p.plan) for p in full]),
+                                       np.array([p.loss for p in full]))
+            cand = list(candidates.values())
+            mu, sigma = gp.predict(np.stack([self.planner.encode(c) for c in cand]))
+            memories = np.array([self.planner.memory(c) for c in cand])
+            lo, span = self._loss_scale(full)
+            mem_lo, mem_span = self._memory_scale()
+            a = self.config.alpha
+            y_mu = a * (mu - lo) / span + (1 - a) * (memories - mem_lo) / mem_span
+            y_sigma = a * sigma / span
+            best = min(self.scalarize(p.loss, p.memory_bytes, full) for p in full)
+            ei = expected_improvement(y_mu, y_sigma, best)
+            pick = cand[int(np.argmax(ei))]
+            self._record(pick, self.config.full, "refine")
+            bar.update(1, f"EI {ei.max():.4f}")
+        bar.close()
+
+    # ---------------------------------------------------------------- results
+
+    def _loss_scale(self, points: list[Evaluated]) -> tuple[float, float]:
+        losses = [p.loss for p in points]
+        return min(losses), max(max(losses) - min(losses), 1e-6)
+
+    def _memory_scale(self) -> tuple[float, float]:
+        floor = self.planner.memory(self.planner.plan([LayerChoice(self.config.bits[0], self.config.ranks[0])] * self.L))
+        return floor, max(self.config.budget_bytes - floor, 1)
+
+    def scalarize(self, loss: float, memory: int, among: list[Evaluated]) -> float:
+        lo, span = self._loss_scale(among)
+        mem_lo, mem_span = self._memory_scale()
+        return self.config.alpha * (loss - lo) / span + (1 - self.config.alpha) * (memory - mem_lo) / mem_span
+
+    def points(self) -> list[Evaluated]:
+        from optuna.trial import TrialState
+
+        out = []
+        for study in (self.study, self.refine_study):
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                out.append(Evaluated(plan_from_key(t.user_attrs["plan_key"], self.config.group_size),
+                                     int(t.user_attrs["memory_bytes"]), float(t.user_attrs["avg_bits"]), t.values[0],
+                                     t.user_attrs["fidelity"], t.user_attrs.get("source", ""), t.number))
+        return out
+
+    def fine_tune_steps(self) -> int:
+        from optuna.trial import TrialState
+
+        return sum(int(t.user_attrs.get("fine_tune_steps", 0)) for s in (self.study, self.refine_study)
+                   for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def run(self) -> SearchResult:
+        start = time.perf_counter()
+        self.explore()
+        self.promote()
+        self.refine()
+        points = self.points()
+        full = [p for p in points if p.fidelity == "full"] or [p for p in points if p.fidelity == "cheap"]
+        chosen = min(full, key=lambda p: (self.scalarize(p.loss, p.memory_bytes, full), p.memory_bytes))
+        return SearchResult(chosen, points, self.config.budget_bytes, self.fine_tune_steps(),
+                            time.perf_counter() - start, self.run_config)
+
+
+class _progress:
+    """A tqdm bar that shows the best point so far."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="trial", disable=not enabled)
+
+    def update(self, n: int, best: str = "") -> None:
+        self.bar.update(n)
+        if best:
+            self.bar.set_postfix_str(best)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+
+def write_outputs(result: SearchResult, out: Path, shapes: ModelShapes, backend: QuantBackend) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cheap, full = result.front("cheap"), result.front("full")
+    on_front = {(plan_key(p.plan), p.fidelity) for p in cheap + full}
+    atomic_write_json(out / "pareto.json", {
+        "format": FORMAT,
+        "budget_bytes": result.budget_bytes,
+        "chosen": result.chosen.to_dict(),
+        "points": [{**p.to_dict(), "on_front": (plan_key(p.plan), p.fidelity) in on_front} for p in result.points],
+        "fine_tune_steps": result.fine_tune_steps,
+        "seconds": result.seconds,
+        "settings": {k: v for k, v in result.config.items() if k != "sensitivity"},
+    })
+    result.chosen.plan.save(out / "plan.json")
+    atomic_write_text(out / "search-summary.txt", summary(result))
+    try:
+        plot_pareto(result, out / "pareto.png", shapes, backend)
+    except Exception as e:  # never lose the search over a plot
+        log.warning("search: could not draw pareto.png (%s)", e)
+
+
+def summary(result: SearchResult) -> str:
+    c = result.chosen
+    lines = [
+        f"budget {format_bytes(result.budget_bytes)}; {len(result.points)} evaluations "
+        f"({sum(p.fidelity == 'cheap' for p in result.points)} cheap, {sum(p.fidelity == 'full' for p in result.points)} full), "
+        f"{result.fine_tune_steps} fine-tune steps, {result.seconds:.0f} s",
+        f"chosen plan: {c.plan.describe()}",
+        f"  memory {format_bytes(c.memory_bytes)} ({c.avg_bits:.2f} avg bits incl. scales/zeros, adapters counted), "
+        f"held-out loss {c.loss:.4f} ({c.fidelity} fidelity, from {c.source})",
+    ]
+    for p in result.points:
+        if p.fidelity == "full" and p.source.startswith("uniform"):
+            lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(result: SearchResult, path: Path, shapes: ModelShapes, backend: QuantBackend) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    mib = 2**20
+    for fidelity, colour in (("cheap", "#9ecae1"), ("full", "#08519c")):
+        pts = [p for p in result.points if p.fidelity == fidelity]
+        if pts:
+            ax.scatter([p.memory_bytes / mib for p in pts], [p.loss for p in pts], s=18, color=colour,
+                       label=f"{fidelity} fidelity ({len(pts)})")
+            front = pareto_front(pts)
+            ax.step([p.memory_bytes / mib for p in front], [p.loss for p in front], where="post", color=colour, lw=1)
+    ax.axvline(result.budget_bytes / mib, color="crimson", ls="--", lw=1, label="budget")
+    for b in backend.supported_bits:
+        if b in result.config.get("bits", []):
+            m = predict(shapes, Plan.uniform(shapes.num_layers, b, DEFAULT_RANK, group_size=result.config["group_size"]),
+                        backend).total_bytes
+            ax.axvline(m / mib, color="grey", ls=":", lw=0.8)
+            ax.text(m / mib, ax.get_ylim()[1], f" {b}-bit", fontsize=7, color="grey", va="top")
+    ax.scatter([result.chosen.memory_bytes / mib], [result.chosen.loss], marker="*", s=160, color="orange",
+               zorder=5, label="chosen")
+    ax.set_xlabel("memory of quantized weights + adapters + rest (MiB)")
+    ax.set_ylabel("held-out loss after fine-tune")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- entry points
+
+
+def _load_or_profile(sensitivity: str | None, out: Path, model, tokenizer, data, progress: bool) -> Sensitivity:
+    from .profile import RESULT_FILE, ProfileSettings, profile_model
+
+    path = Path(sensitivity) if sensitivity else out / RESULT_FILE
+    if path.is_file():
+        return Sensitivity.load(path)
+    if sensitivity:
+        raise SearchError(f"sensitivity file not found: {path}", "run `qradaptor profile` first or omit --sensitivity")
+    log.info("search: no sensitivity profile in %s, profiling first", out)
+    return profile_model(model, tokenizer, ProfileSettings(data=data), out=out, progress=progress)
+
+
+def search(model: str | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
+           alpha: float = 0.5, trials: int = 24, storage: str | None = None, study: str | None = None,
+           sensitivity: str | None = None, progress: bool = True, fitness: Fitness | None = None,
+           **settings) -> SearchResult:
+    """What ``qradaptor search`` does; returns the result and writes ``out/{pareto.json,plan.json,pareto.png}``."""
+    from .models import load_model
+
+    out = Path(out)
+    base, tokenizer = load_model(model)
+    shapes = ModelShapes.from_model(base)
+    backend = get_backend(settings.get("backend", "hqq"))
+    budget_bytes = parse_budget(budget, shapes, backend, group_size=settings.get("group_size", 64))
+    config = SearchConfig(budget_bytes=budget_bytes, alpha=alpha, trials=trials, **settings)
+    check_budget(budget_bytes, shapes, backend, bits_choices=config.bits, rank_choices=config.ranks,
+                 group_size=config.group_size)
+    ceiling = predict(shapes, Plan.uniform(shapes.num_layers, 16, max(config.ranks), group_size=config.group_size),
+                      backend).total_bytes
+    if budget_bytes >= ceiling:
+        suggestion = predict(shapes, Plan.uniform(shapes.num_layers, 4, DEFAULT_RANK), backend).total_bytes
+        raise SearchError(
+            f"the budget {format_bytes(budget_bytes)} is at least the whole model unquantized with rank-{max(config.ranks)} "
+            f"adapters ({format_bytes(ceiling)}): there is nothing to search",
+            f"give a smaller budget, e.g. 4bit ({suggestion} bytes), or fine-tune without quantization")
+    storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    if storage:  # reach the server before anything is written locally
+        open_storage(storage_url)
+    out.mkdir(parents=True, exist_ok=True)
+    prior = _load_or_profile(sensitivity, out, base, tokenizer, data, progress)
+    fitness = fitness or FineTuneFitness(base, tokenizer, data=data, config=config)
+    runner = Search(model=base, sensitivity=prior, config=config, storage=storage_url,
+                    study_name=study or "qradaptor", fitness=fitness,
+                    run_config={"model": model, "data": data}, progress=progress)
+    result = runner.run()
+    write_outputs(result, out, shapes, runner.backend)
+    return result
+
+
+def worker(*, storage: str, study: str, progress: bool = True) -> int:
+    """What ``qradaptor worker`` does: join a study's exploration and evaluate its trials until it has enough.
+    Everything else (model, data, budget, space, prior) comes from the study."""
+    import optuna
+
+    from .models import load_model
+
+    store = open_storage(storage)
+    try:
+        summaries = {s.study_name: s for s in optuna.get_all_study_summaries(store)}
+    except Exception as e:  # noqa: BLE001 - any storage failure is the user's to fix
+        raise SearchError(f"cannot read studies from {redact(storage)}: {e}", "check the storage URL") from None
+    if study not in summaries:
+        raise SearchError(f"no study named {study!r} in {redact(storage)}",
+                          f"start it with `qradaptor search --storage URL --study {study}` (studies: {sorted(summaries)})")
+    config_dict = summaries[study].user_attrs.get(CONFIG_ATTR)
+    if not config_dict or config_dict.get("format") != FORMAT:
+        raise SearchError(f"study {study!r} was not created by qradaptor search", "pass a study made by `qradaptor search`")
+    base, tokenizer = load_model(config_dict.get("model"))
+    config = SearchConfig.from_dict({k: v for k, v in config_dict.items()
+                                     if k in SearchConfig.__dataclass_fields__})
+    prior = Sensitivity.from_dict(config_dict["sensitivity"], source=f"study {study}")
+    fitness = FineTuneFitness(base, tokenizer, data=config_dict.get("data"), config=config)
+    runner = Search(model=base, sensitivity=prior, config=config, storage=store, study_name=study, fitness=fitness,
+                    run_config={"model": config_dict.get("model"), "data": config_dict.get("data")}, progress=progress)
+    runner.explore()
+    return len(runner.study.trials)

@@ -1,0 +1,277 @@
+"""The search on tiny models: planner (memory, repair, fill), the full search with a fast fitness,
+determinism, resume after a killed process, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from qradaptor.backends import get_backend
+from qradaptor.data import TokenBlocks
+from qradaptor.errors import BudgetError
+from qradaptor.gp import GaussianProcess, expected_improvement
+from qradaptor.memory import ModelShapes, predict
+from qradaptor.models import load_model
+from qradaptor.plan import LayerChoice, Plan
+from qradaptor.profile import ProfileSettings, profile_model
+from qradaptor.search import (Planner, PriorCost, SearchConfig, SearchError, pareto_front, plan_key, search)
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "words.txt"
+    path.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(120)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, words):
+    """A tiny model directory, its loaded model, and its real sensitivity profile."""
+    from conftest import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    LlamaForCausalLM(config).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    model, tok = load_model(str(d))
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    prior = profile_model(model, tok, ProfileSettings(tokens=128, seq_len=32), blocks=TokenBlocks(ids, ids.clone()),
+                          use_cache=False, progress=False)
+    return d, model, prior
+
+
+def planner_for(model, prior, budget, **kw):
+    config = SearchConfig(budget_bytes=budget, **kw)
+    return Planner(ModelShapes.from_model(model), get_backend("hqq"), PriorCost(prior, config), config)
+
+
+def fast_fitness(plan, fidelity):
+    """A deterministic stand-in for a fine-tune: quality rises with bits and ranks, layer 0 matters most."""
+    weights = [4.0, 1.0, 2.0, 0.5]
+    loss = sum(w * 4.0 ** -c.bits + 0.02 * w / c.rank for w, c in zip(weights, plan.layers))
+    return loss + (0.01 if fidelity.name == "cheap" else 0.0), fidelity.steps
+
+
+def budget_of(model, bits, rank=16):
+    return predict(ModelShapes.from_model(model), Plan.uniform(4, bits, rank), get_backend("hqq")).total_bytes
+
+
+def random_plan(rng, bits=(2, 3, 4, 8), ranks=(4, 8, 16, 32)):
+    return Plan([LayerChoice(rng.choice(bits), rng.choice(ranks)) for _ in range(4)])
+
+
+def test_planner_memory_is_the_memory_model(tiny):
+    _, model, prior = tiny
+    planner = planner_for(model, prior, budget_of(model, 4))
+    rng = random.Random(0)
+    for _ in range(20):
+        plan = random_plan(rng)
+        assert planner.memory(plan) == predict(planner.shapes, plan, planner.backend).total_bytes
+
+
+def test_repair_always_fits_and_is_a_fixed_point_for_feasible_plans(tiny):
+    _, model, prior = tiny
+    rng = random.Random(1)
+    floor, ceiling = budget_of(model, 2, 4), budget_of(model, 8, 32)
+    for _ in range(40):
+        budget = rng.randint(floor, ceiling)
+        planner = planner_for(model, prior, budget)
+        plan = random_plan(rng)
+        repaired = planner.repair(plan, budget)
+        assert planner.memory(repaired) <= budget
+        assert plan_key(planner.repair(repaired, budget)) == plan_key(repaired)  # fixed point
+        assert plan_key(planner.repair(plan, budget)) == plan_key(repaired)  # deterministic
+        if planner.memory(plan) <= budget:
+            assert plan_key(repaired) == plan_key(plan)
+        # repair only lowers: every layer keeps or drops its bits and rank
+        assert all(r.bits <= p.bits and r.rank <= p.rank for r, p in zip(repaired.layers, plan.layers))
+
+
+def test_repair_lowers_the_least_sensitive_layer_first(tiny):
+    _, model, prior = tiny
+    budget = budget_of(model, 4)
+    planner = planner_for(model, prior, budget, ranks=(16,))
+    over = Plan([LayerChoice(8, 16)] * 4)
+    repaired = planner.repair(over, budget)
+    dropped = [l for l, c in enumerate(repaired.layers) if c.bits < 8]
+    least = min(range(4), key=lambda l: prior.kl[l][4])
+    assert least in dropped
+
+
+def test_fill_stays_within_budget_and_buys_more_with_more(tiny):
+    _, model, prior = tiny
+    small, large = budget_of(model, 3), budget_of(model, 8)
+    p_small = planner_for(model, prior, small).fill(small)
+    p_large = planner_for(model, prior, large).fill(large)
+    planner = planner_for(model, prior, large)
+    assert planner.memory(p_small) <= small and planner.memory(p_large) <= large
+    assert planner.memory(p_large) > planner.memory(p_small)
+
+
+def test_search_end_to_end_respects_the_budget_everywhere(tiny, words, tmp_path):
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    budget = budget_of(model, 4)
+    result = search(str(d), data=words, budget=budget, out=tmp_path, trials=12, population=4, promote=2, refine=2,
+                    progress=False, fitness=fast_fitness, seq_len=32)
+    saved = json.loads((tmp_path / "pareto.json").read_text())
+    assert saved["budget_bytes"] == budget and saved["points"]
+    assert all(p["memory_bytes"] <= budget for p in saved["points"])
+    assert {p["fidelity"] for p in saved["points"]} == {"cheap", "full"}
+    assert sum(p["fidelity"] == "cheap" for p in saved["points"]) == 12
+    chosen = Plan.load(tmp_path / "plan.json")
+    assert planner_for(model, prior, budget).memory(chosen) <= budget
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "study.db").is_file()
+    assert result.chosen.fidelity == "full"
+    # the fast fitness rewards bits most on layer 0: the chosen plan gives it at least the median bits
+    assert chosen.layers[0].bits >= sorted(c.bits for c in chosen.layers)[1]
+
+
+def test_same_seed_same_result(tiny, words, tmp_path):
+    d, model, prior = tiny
+    budget = budget_of(model, 4)
+    runs = []
+    for name in ("a", "b"):
+        prior.save(tmp_path / name)
+        r = search(str(d), data=words, budget=budget, out=tmp_path / name, trials=10, population=4, promote=2,
+                   refine=1, progress=False, fitness=fast_fitness, seed=3, seq_len=32)
+        runs.append([(plan_key(p.plan), p.fidelity, p.loss) for p in r.points])
+    assert runs[0] == runs[1]
+
+
+def test_rerun_reuses_the_study_without_new_evaluations(tiny, words, tmp_path):
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    calls = []
+
+    def counting(plan, fidelity):
+        calls.append(fidelity.name)
+        return fast_fitness(plan, fidelity)
+
+    kw = dict(data=words, budget=budget_of(model, 4), out=tmp_path, trials=8, population=4, promote=1, refine=1,
+              progress=False, seq_len=32)
+    first = search(str(d), fitness=counting, **kw)
+    n = len(calls)
+    again = search(str(d), fitness=counting, **kw)
+    assert len(calls) == n  # nothing re-evaluated
+    assert plan_key(again.chosen.plan) == plan_key(first.chosen.plan)
+
+
+def test_resume_after_a_killed_process(tiny, words, tmp_path):
+    """Kill a real CLI search mid-exploration; the same command finishes it without redoing finished trials."""
+    import optuna
+
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    cmd = [sys.executable, "-m", "qradaptor.cli", "search", "--model", str(d), "--data", words, "--budget",
+           str(budget_of(model, 4)), "--trials", "14", "--population", "4", "--promote", "1", "--refine", "0",
+           "--seq-len", "32", "--out", str(tmp_path), "-q"]
+    env = dict(os.environ)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    deadline = time.time() + 300
+    done_before = []
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="qradaptor", storage=url)
+            done_before = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        except Exception:  # the database may not exist yet
+            continue
+        if len(done_before) >= 3:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 3 <= len(done_before) < 14, proc.stderr.read().decode()[-2000:]
+    values_before = {t.number: t.values for t in done_before}
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    study = optuna.load_study(study_name="qradaptor", storage=url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) >= 14
+    assert all(study.trials[n].values == v for n, v in values_before.items())  # finished trials kept as they were
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+def test_budget_below_the_cheapest_plan(tiny, words, tmp_path):
+    d, model, _ = tiny
+    with pytest.raises(BudgetError, match="cheapest possible plan"):
+        search(str(d), data=words, budget=1000, out=tmp_path / "o", progress=False, fitness=fast_fitness)
+    assert not (tmp_path / "o").exists()
+
+
+def test_budget_above_the_16bit_model(tiny, words, tmp_path):
+    d, model, _ = tiny
+    with pytest.raises(SearchError, match="nothing to search") as e:
+        search(str(d), data=words, budget="10GB", out=tmp_path / "o", progress=False, fitness=fast_fitness)
+    assert "4bit" in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_storage_writes_nothing(tiny, words, tmp_path):
+    d, model, _ = tiny
+    with pytest.raises(SearchError, match="cannot open the study storage") as e:
+        search(str(d), data=words, budget=budget_of(model, 4), out=tmp_path / "o", progress=False,
+               fitness=fast_fitness, storage="postgresql+psycopg2://qr:secret@127.0.0.1:1/nowhere")
+    assert "secret" not in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_study_of_another_search_space_is_refused(tiny, words, tmp_path):
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    kw = dict(data=words, budget=budget_of(model, 4), out=tmp_path, trials=4, population=2, promote=1, refine=0,
+              progress=False, fitness=fast_fitness, seq_len=32)
+    search(str(d), ranks=(4, 8), **kw)
+    with pytest.raises(SearchError, match="ranks"):
+        search(str(d), ranks=(4, 8, 16), **kw)
+
+
+def test_sensitivity_of_another_model_is_refused(tiny, words, tmp_path, tiny_model):
+    d, model, _ = tiny
+    with torch.no_grad():
+        tiny_model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # another model than the one in `d`
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    other = profile_model(tiny_model, None, ProfileSettings(tokens=128, seq_len=32), blocks=TokenBlocks(ids, ids.clone()),
+                          use_cache=False, progress=False)
+    other.save(tmp_path)
+    with pytest.raises(SearchError, match="another model"):
+        search(str(d), data=words, budget=budget_of(model, 4), out=tmp_path, progress=False, fitness=fast_fitness,
+               seq_len=32)
+
+
+# --- pieces ----------------------------------------------------------------------------------------------
+
+
+def test_gaussian_process_interpolates_and_ei_prefers_promising_points():
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 6))
+    y = (x**2).sum(1)
+    gp = GaussianProcess().fit(x, y)
+    mu, sigma = gp.predict(x)
+    assert np.abs(mu - y).max() < 0.1 * (y.max() - y.min())
+    ei = expected_improvement(np.array([0.0, 1.0]), np.array([0.1, 0.1]), best=0.5)
+    assert ei[0] > ei[1] >= 0
+
+
+def test_pareto_front_keeps_only_non_dominated_points():
+    from qradaptor.search import Evaluated
+
+    plan = Plan([LayerChoice(4, 8)])
+    pts = [Evaluated(plan, m, 4.0, loss, "cheap", "") for m, loss in [(10, 3.0), (20, 2.0), (15, 3.5), (30, 2.0), (5, 4.0)]]
+    assert [(p.memory_bytes, p.loss) for p in pareto_front(pts)] == [(5, 4.0), (10, 3.0), (20, 2.0)]
