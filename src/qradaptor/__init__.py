@@ -6,6 +6,7 @@ The library mirrors the CLI: each ``qradaptor COMMAND`` is a function here.
 from .backends import get_backend
 from .data import load_blocks
 from .demo import run_demo
+from .pipeline import run
 from .errors import QRAdaptorError
 from .evaluate import evaluate_loss, evaluate_model
 from .export import export, generate, load, load_artifact
@@ -14,6 +15,7 @@ from .models import load_model, model_fingerprint
 from .plan import LayerChoice, Plan, lora_config
 from .profile import Sensitivity, profile
 from .quantize import add_adapters, prepare_model, quantize_model
+from .search import search
 from .train import RunConfig, TrainConfig, train, train_plan
 
 __version__ = "0.1.0"
@@ -22,5 +24,5 @@ __all__ = [
     "LayerChoice", "ModelShapes", "Plan", "QRAdaptorError", "TrainConfig", "add_adapters", "evaluate_loss",
     "evaluate_model", "get_backend", "load_blocks", "load_model", "lora_config", "measured_bytes", "model_fingerprint",
     "parse_budget", "plan_memory", "predict", "prepare_model", "profile", "Sensitivity", "quantize_model", "run_demo", "train",
-    "RunConfig", "export", "generate", "load", "load_artifact", "train_plan",
+    "RunConfig", "export", "run", "search", "generate", "load", "load_artifact", "train_plan",
 ]

@@ -63,16 +63,26 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    result = run_demo(model=args.model, steps=args.steps, seed=args.seed, out=args.out, progress=not args.quiet)
+    result = run_demo(out=args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
     s = result.settings
-    print(f"\nqradaptor demo: {s['model']} ({s['backend']}, group size 64; the shipped weights were already "
-          f"4-bit at group size 32), {s['train']['steps']} LoRA steps of {s['train']['batch_size']}×{s['seq_len']} "
-          f"tokens each, held-out loss on {s['eval_tokens']} tokens\n")
+    print(f"\nqradaptor demo: SmolLM2-135M-Instruct, budget 4bit (HQQ, group size 64; the shipped weights were already "
+          f"4-bit at group size 32), {s['steps']} LoRA steps of 4×256 tokens for each plan; test-split loss on "
+          f"{s['eval_blocks']}×256 tokens\n")
     print(result.table())
-    print(f"\nmemory counts quantized weights with their scales and zeros, LoRA adapters (fp32) and every "
-          f"unquantized tensor; finished in {s['seconds']:.0f} s")
-    if args.out:
-        print(f"plans and results written to {args.out}/")
+    print(f"\nmemory counts quantized weights with their scales and zeros, LoRA adapters (fp32) and every unquantized "
+          f"tensor. Small demo settings: a {s['trials']}-trial search with 3-step fine-tunes; finished in {s['seconds']:.0f} s.")
+    print(f"artifacts: {s['out']}/search/pareto.png, {s['out']}/model/ (export: stock transformers + peft, or "
+          f"qradaptor.load), {s['out']}/demo.json")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run
+
+    result = run(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
+                 steps=args.steps, progress=not args.quiet)
+    print(f"test loss {result['test_loss_before']:.4f} before, {result['test_loss_after']:.4f} after training "
+          f"({result['test_tokens']} tokens); plan {result['plan']}; model {result['model']}/")
     return 0
 
 
@@ -263,11 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", parents=[common], help="fine-tune uniform 4-bit and a mixed plan of the same memory on the default model")
-    p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=25, help="LoRA training steps per plan (default 25)")
+    p = sub.add_parser("run", parents=[common], help="profile, search, train, evaluate and export in one command")
+    p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
+    p.add_argument("--data", default=None, help="fine-tuning data (default: CPython's pydoc topics)")
+    p.add_argument("--budget", required=True, help="memory budget: 4bit, 3.5bit, 350MB, 1.2GiB, 123456789 or 0.3x")
+    p.add_argument("--alpha", type=float, default=0.5, help="preference: 1 = only quality, 0 = only memory")
+    p.add_argument("--trials", type=int, default=24, help="search exploration trials (default 24)")
+    p.add_argument("--steps", type=int, default=200, help="steps of the final fine-tune (default 200)")
+    p.add_argument("--out", required=True, help="run directory; rerun the same command to continue after a crash")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", parents=[common],
+                       help="`run` on the embedded default at a 4-bit budget with small settings, vs uniform 4-bit")
+    p.add_argument("--steps", type=int, default=20, help="LoRA training steps per plan (default 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/demo", help="where to write the plans and demo.json (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); rerunning continues it")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -287,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  fix: {e.fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qradaptor: interrupted; finished work is kept (rerun the same command to resume)", file=sys.stderr)
+        hint = "add --resume to continue" if args.command == "train" else "rerun the same command to continue"
+        print(f"qradaptor: interrupted; finished work is kept ({hint})", file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,43 @@
+"""`qradaptor run` end to end on a tiny model: every stage's output, and a rerun that skips finished stages."""
+
+from __future__ import annotations
+
+import json
+
+from qradaptor.backends import get_backend
+from qradaptor.memory import ModelShapes, predict
+from qradaptor.models import load_model
+from qradaptor.pipeline import run
+from qradaptor.plan import Plan
+
+TINY_SEARCH = {"population": 4, "promote": 1, "refine": 1, "warm_start": 2,
+               "cheap": {"name": "cheap", "steps": 2, "eval_blocks": 2},
+               "full": {"name": "full", "steps": 4, "eval_blocks": 4}}
+
+
+def test_run_produces_every_stage_and_a_rerun_skips_them(tiny_dir, tmp_path):
+    data = tmp_path / "words.txt"
+    data.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(120)))
+    model, _ = load_model(str(tiny_dir))
+    budget = predict(ModelShapes.from_model(model), Plan.uniform(4, 4, 16), get_backend("hqq")).total_bytes
+    out = tmp_path / "run"
+    kw = dict(data=str(data), budget=budget, out=out, trials=6, steps=6, profile_tokens=128, seq_len=32,
+              profile_dtype="float32", search_settings=TINY_SEARCH, train_settings={"eval_blocks": 2},
+              progress=False)
+    first = run(str(tiny_dir), **kw)
+    for path in ("profile/sensitivity.json", "search/plan.json", "search/pareto.json", "train/run.json",
+                 "metrics.json", "model/qradaptor/export.json", "model/adapter/adapter_config.json"):
+        assert (out / path).is_file(), path
+    assert first["test_loss_after"] < first["test_loss_before"]
+    plan = Plan.load(out / "search" / "plan.json")
+    assert predict(ModelShapes.from_model(model), plan, get_backend("hqq")).total_bytes <= budget
+
+    stamps = {p: (out / p).stat().st_mtime_ns for p in ("profile/sensitivity.json", "search/pareto.json",
+                                                         "train/run.json", "metrics.json")}
+    (out / "metrics.json").unlink()  # as if the run had died after training
+    again = run(str(tiny_dir), **kw)
+    assert again["test_loss_after"] == first["test_loss_after"]
+    for p, stamp in stamps.items():
+        if p != "metrics.json":
+            assert (out / p).stat().st_mtime_ns == stamp, f"{p} was redone"
+    assert json.loads((out / "metrics.json").read_text())["test_loss_before"] == first["test_loss_before"]
