@@ -211,12 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute even if an identical profile is cached")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("search", parents=[common], help="find a per-layer plan within a memory budget (stages 2-3)")
-    p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
-    p.add_argument("--data", default=None, help="fine-tuning data (default: CPython's pydoc topics)")
-    p.add_argument("--budget", required=True, help="memory budget: 4bit, 3.5bit, 350MB, 1.2GiB, 123456789 or 0.3x")
-    p.add_argument("--alpha", type=float, default=0.5, help="preference: 1 = only quality, 0 = only memory (default 0.5)")
-    p.add_argument("--trials", type=int, default=24, help="exploration trials, cheap fidelity (default 24)")
+    # What `search` and `run` share: the model, the data, the budget and the search's size and preference.
+    budgeted = argparse.ArgumentParser(add_help=False)
+    budgeted.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
+    budgeted.add_argument("--data", default=None, help="fine-tuning data (default: CPython's pydoc topics)")
+    budgeted.add_argument("--budget", required=True, help="memory budget: 4bit, 3.5bit, 350MB, 1.2GiB, 123456789 or 0.3x")
+    budgeted.add_argument("--alpha", type=float, default=0.5,
+                          help="preference: 1 = only quality, 0 = only memory (default 0.5)")
+    budgeted.add_argument("--trials", type=int, default=24, help="search exploration trials, cheap fidelity (default 24)")
+
+    p = sub.add_parser("search", parents=[common, budgeted], help="find a per-layer plan within a memory budget (stages 2-3)")
     p.add_argument("--population", type=int, default=8, help="NSGA-II population (default 8)")
     p.add_argument("--promote", type=int, default=3, help="front plans re-evaluated at full fidelity (default 3)")
     p.add_argument("--refine", type=int, default=3, help="Bayesian refinement iterations (default 3)")
@@ -273,12 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("run", parents=[common], help="profile, search, train, evaluate and export in one command")
-    p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
-    p.add_argument("--data", default=None, help="fine-tuning data (default: CPython's pydoc topics)")
-    p.add_argument("--budget", required=True, help="memory budget: 4bit, 3.5bit, 350MB, 1.2GiB, 123456789 or 0.3x")
-    p.add_argument("--alpha", type=float, default=0.5, help="preference: 1 = only quality, 0 = only memory")
-    p.add_argument("--trials", type=int, default=24, help="search exploration trials (default 24)")
+    p = sub.add_parser("run", parents=[common, budgeted], help="profile, search, train, evaluate and export in one command")
     p.add_argument("--steps", type=int, default=200, help="steps of the final fine-tune (default 200)")
     p.add_argument("--out", required=True, help="run directory; rerun the same command to continue after a crash")
     p.set_defaults(func=cmd_run)
