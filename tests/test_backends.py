@@ -6,10 +6,19 @@ import pytest
 import torch
 from torch import nn
 
+import math
+
 from qradaptor.backends import BACKENDS, QuantCache, get_backend
 from qradaptor.errors import BackendError
 
 DTYPES = [torch.float32, torch.bfloat16]
+#: Every (backend, bit-width) pair a backend claims to store.
+PAIRS = [(name, bits) for name in BACKENDS for bits in get_backend(name).supported_bits]
+#: Backends that store any weight whose size the group size divides (hqq-native's 2- and 4-bit packers need
+#: the group count to be a multiple of 4 or 2 and refuse other sizes).
+ANY_SIZE = {"hqq", "reference"}
+#: (out_features, in_features, group_size) with a number of weights that is not a multiple of 8.
+ODD_SHAPES = [(3, 5, 5), (7, 9, 21), (5, 13, 13), (33, 17, 17)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -27,8 +36,14 @@ def test_supported_bits_include_the_default_ladder(backend):
     assert {2, 3, 4, 8} <= set(backend.supported_bits)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_error_shrinks_with_bits_and_matches_dense_forward(backend, bits):
+def test_hqq_and_reference_store_every_bit_width_2_to_8():
+    assert get_backend("hqq").supported_bits == get_backend("reference").supported_bits == (2, 3, 4, 5, 6, 7, 8)
+    assert get_backend("hqq-native").supported_bits == (2, 3, 4, 8)
+
+
+@pytest.mark.parametrize("name, bits", PAIRS)
+def test_error_shrinks_with_bits_and_matches_dense_forward(name, bits):
+    backend = get_backend(name)
     lin = _linear()
     q = backend.quantize(lin, bits, 64)
     w = backend.dequantize(q)
@@ -42,28 +57,67 @@ def test_error_shrinks_with_bits_and_matches_dense_forward(backend, bits):
 
 def test_error_is_monotone_in_bits(backend):
     lin = _linear()
-    errs = [float((backend.dequantize(backend.quantize(lin, b, 64)) - lin.weight.detach()).pow(2).mean()) for b in (2, 3, 4, 8)]
+    errs = [float((backend.dequantize(backend.quantize(lin, b, 64)) - lin.weight.detach()).pow(2).mean())
+            for b in backend.supported_bits]
     assert errs == sorted(errs, reverse=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_held_bytes_equal_predicted_bytes(bits, dtype):
-    for name in BACKENDS:
-        backend = get_backend(name, compute_dtype=dtype)
-        lin = _linear(bias=True)
-        q = backend.quantize(lin, bits, 64)
-        bias_bytes = lin.out_features * (torch.finfo(dtype).bits // 8)
-        assert backend.held_bytes(q) == backend.weight_bytes(lin.out_features, lin.in_features, bits, 64) + bias_bytes
+@pytest.mark.parametrize("name, bits", PAIRS)
+def test_held_bytes_equal_predicted_bytes(name, bits, dtype):
+    backend = get_backend(name, compute_dtype=dtype)
+    lin = _linear(bias=True)
+    q = backend.quantize(lin, bits, 64)
+    bias_bytes = lin.out_features * (torch.finfo(dtype).bits // 8)
+    assert backend.held_bytes(q) == backend.weight_bytes(lin.out_features, lin.in_features, bits, 64) + bias_bytes
 
 
-def test_hqq_packs_2_and_4_bits_exactly():
-    backend = get_backend("hqq")
+def test_hqq_native_packs_2_and_4_bits_exactly_and_3_bits_ten_to_an_int32():
+    backend = get_backend("hqq-native")
     n, groups = 96 * 128, 96 * 128 // 64
     meta = 2 * groups * 4
     assert backend.weight_bytes(96, 128, 2, 64) == n * 2 // 8 + meta
+    assert backend.weight_bytes(96, 128, 3, 64) == math.ceil(groups / 10) * 64 * 4 + meta  # 3.2 bits a weight
     assert backend.weight_bytes(96, 128, 4, 64) == n * 4 // 8 + meta
     assert backend.weight_bytes(96, 128, 8, 64) == n + meta
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("shape", [(96, 128, 64), *ODD_SHAPES])
+def test_hqq_stores_n_codes_in_ceil_n_bits_over_8_bytes(bits, shape, dtype):
+    out_features, in_features, group_size = shape
+    backend = get_backend("hqq", compute_dtype=dtype)
+    n = out_features * in_features
+    meta = 2 * (n // group_size) * (torch.finfo(dtype).bits // 8)
+    assert backend.weight_bytes(out_features, in_features, bits, group_size) == math.ceil(n * bits / 8) + meta
+    q = backend.quantize(_linear(out_features, in_features), bits, group_size)
+    assert backend.held_bytes(q) == math.ceil(n * bits / 8) + meta
+
+
+@pytest.mark.parametrize("name, bits", PAIRS)
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+def test_odd_sizes_round_trip_exactly_or_are_refused(name, bits, shape, tmp_path):
+    """A number of weights that is not a multiple of 8 is stored exactly (never silently truncated)."""
+    from safetensors.torch import load_file, save_file
+
+    out_features, in_features, group_size = shape
+    backend = get_backend(name)
+    lin = _linear(out_features, in_features, bias=True)
+    try:
+        q = backend.quantize(lin, bits, group_size)
+    except BackendError as e:
+        assert name not in ANY_SIZE, e
+        assert "multiple" in str(e)
+        return
+    w = backend.dequantize(q)
+    assert w.shape == lin.weight.shape
+    assert ((w - lin.weight).abs() <= (lin.weight.abs().max() * 2.0 ** (1 - bits))).all()
+    save_file({k: v.contiguous() for k, v in backend.state(q).items()}, tmp_path / "q.safetensors")
+    q2 = backend.from_state(load_file(tmp_path / "q.safetensors"))
+    assert torch.equal(backend.dequantize(q2), w)
+    assert backend.held_bytes(q2) == backend.held_bytes(q) == (
+        backend.weight_bytes(out_features, in_features, bits, group_size) + 4 * out_features)
 
 
 def test_quantize_leaves_the_source_layer_untouched(backend):
@@ -73,10 +127,11 @@ def test_quantize_leaves_the_source_layer_untouched(backend):
     assert torch.equal(lin.weight, before[0]) and torch.equal(lin.bias, before[1])
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_state_round_trips_through_safetensors(backend, bits, tmp_path):
+@pytest.mark.parametrize("name, bits", PAIRS)
+def test_state_round_trips_through_safetensors(name, bits, tmp_path):
     from safetensors.torch import load_file, save_file
 
+    backend = get_backend(name)
     q = backend.quantize(_linear(bias=True), bits, 64)
     save_file({k: v.contiguous() for k, v in backend.state(q).items()}, tmp_path / "q.safetensors")
     q2 = backend.from_state(load_file(tmp_path / "q.safetensors"))
@@ -88,16 +143,44 @@ def test_state_round_trips_through_safetensors(backend, bits, tmp_path):
 
 def test_from_state_refuses_inconsistent_tensors(backend):
     state = backend.state(backend.quantize(_linear(), 4, 64))
-    key = "W_q" if "W_q" in state else "codes"
+    key = max(state, key=lambda k: state[k].numel())  # the stored codes
     state[key] = state[key][: state[key].shape[0] // 2]
-    with pytest.raises(BackendError):
-        backend.from_state(state)
+    with pytest.raises(BackendError) as e:
+        backend.from_state(state, name="model.layers.0.mlp.up_proj")
+    assert f"model.layers.0.mlp.up_proj.{key}" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda s: s.update(packed=s["packed"][:-1]), "packed"),  # one byte short
+        (lambda s: s.update(packed=torch.cat([s["packed"], s["packed"][:1]])), "packed"),  # one byte over
+        (lambda s: s.update(packed=s["packed"].view(-1, 64)), "packed"),  # right bytes, wrong shape
+        (lambda s: s.update(packed=s["packed"].view(torch.int8)), "packed"),  # wrong dtype
+        (lambda s: s.update(nbits=torch.tensor(6)), "packed"),  # 5-bit bytes recorded as 6-bit
+        (lambda s: s.update(shape=torch.tensor([96, 64])), "packed"),  # recorded size does not match
+        (lambda s: s.update(scale=s["scale"][:-1]), "scale"),
+        (lambda s: s.update(shape=torch.tensor([97, 127])), "groups of 64"),
+        (lambda s: s.pop("zero"), "lacks ['zero']"),
+        (lambda s: s.update(nbits=torch.tensor(9)), "9-bit"),
+    ],
+)
+def test_hqq_from_state_refuses_packed_tensors_that_do_not_match_their_bits_and_size(change, needle):
+    backend = get_backend("hqq")
+    state = dict(backend.state(backend.quantize(_linear(), 5, 64)))
+    change(state)
+    with pytest.raises(BackendError) as e:
+        backend.from_state(state, name="model.layers.3.self_attn.q_proj")
+    assert needle in str(e.value)
+    if needle in ("packed", "scale"):
+        assert f"model.layers.3.self_attn.q_proj.{needle}" in str(e.value)
 
 
 def test_unsupported_bits_are_refused_with_the_allowed_set(backend):
+    bits = next(b for b in (5, 7, 9) if b not in backend.supported_bits)
     with pytest.raises(BackendError) as e:
-        backend.quantize(_linear(), 7, 64)
-    assert "7-bit" in str(e.value) and str(list(backend.supported_bits)) in str(e.value)
+        backend.quantize(_linear(), bits, 64)
+    assert f"{bits}-bit" in str(e.value) and str(list(backend.supported_bits)) in str(e.value)
 
 
 def test_group_size_must_divide_the_weight(backend):
@@ -106,17 +189,18 @@ def test_group_size_must_divide_the_weight(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_reaches_lora_adapters(backend, dtype):
+@pytest.mark.parametrize("name, bits", [(n, b) for n, b in PAIRS if b in (3, 4, 5, 6, 7)])
+def test_backward_reaches_lora_adapters(name, bits, dtype):
     """Gradients must flow through the frozen quantized layer into both LoRA matrices."""
     from peft import LoraConfig, get_peft_model
 
-    backend = get_backend(backend.name, compute_dtype=dtype)
+    backend = get_backend(name, compute_dtype=dtype)
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.norm = nn.LayerNorm(128, dtype=dtype)  # real models always hold some parameter
-            self.proj = backend.quantize(_linear(), 4, 64)
+            self.proj = backend.quantize(_linear(), bits, 64)
 
         def forward(self, x):
             return self.proj(self.norm(x))

@@ -10,19 +10,41 @@ from qradaptor.plan import LayerChoice, Plan
 from qradaptor.quantize import prepare_model
 
 MIXED = [LayerChoice(2, 4), LayerChoice(3, 32), LayerChoice(8, 8), LayerChoice(16, 16)]
+MIXED_FINE = [LayerChoice(5, 4), LayerChoice(6, 32), LayerChoice(7, 8), LayerChoice(3, 16)]
 
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layers", [MIXED, [LayerChoice(4, 16)] * 4])
+@pytest.mark.parametrize("layers", [MIXED, MIXED_FINE, [LayerChoice(4, 16)] * 4])
 def test_prediction_matches_measured_bytes(tiny_model, name, dtype, layers):
     backend = get_backend(name, compute_dtype=dtype)
+    if not {c.bits for c in layers} - {16} <= set(backend.supported_bits):
+        pytest.skip(f"{name} does not store {sorted({c.bits for c in layers})}")
     plan = Plan(layers)
     model = prepare_model(tiny_model, plan, backend)
     predicted = predict(ModelShapes.from_config(tiny_model.config), plan, backend).total_bytes
     assert abs(measured_bytes(model) - predicted) / predicted < 0.01
     # Exactly equal in fact: every tensor is accounted for.
     assert measured_bytes(model) == predicted
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_prediction_matches_measured_bytes_at_every_stored_bit_width(tiny_model, name):
+    backend = get_backend(name)
+    shapes = ModelShapes.from_config(tiny_model.config)
+    for bits in backend.supported_bits:
+        plan = Plan.uniform(4, bits, 8)
+        assert measured_bytes(prepare_model(tiny_model, plan, backend)) == predict(shapes, plan, backend).total_bytes
+
+
+@pytest.mark.parametrize("dtype, meta_bits", [(torch.float32, 1.0), (torch.bfloat16, 0.5)])
+def test_hqq_stores_exactly_b_bits_per_weight_plus_metadata(tiny_config, dtype, meta_bits):
+    shapes, backend = ModelShapes.from_config(tiny_config), get_backend("hqq", compute_dtype=dtype)
+    for bits in range(2, 9):
+        report = predict(shapes, Plan.uniform(4, bits), backend)
+        assert report.avg_bits == pytest.approx(bits + meta_bits) and report.code_bits == bits
+    native = get_backend("hqq-native", compute_dtype=dtype)
+    assert predict(shapes, Plan.uniform(4, 3), native).avg_bits > 3.19 + meta_bits  # HQQ's own 3-bit: 10 per int32
 
 
 def test_shapes_from_config_equal_shapes_from_model(tiny_model):
@@ -41,8 +63,8 @@ def test_avg_bits_count_metadata_and_code_bits_do_not(tiny_config):
 
 def test_memory_grows_with_bits_and_rank(tiny_config):
     shapes, backend = ModelShapes.from_config(tiny_config), get_backend("hqq")
-    totals = [predict(shapes, Plan.uniform(4, b), backend).total_bytes for b in (2, 3, 4, 8, 16)]
-    assert totals == sorted(totals) and len(set(totals)) == 5
+    totals = [predict(shapes, Plan.uniform(4, b), backend).total_bytes for b in (2, 3, 4, 5, 6, 7, 8, 16)]
+    assert totals == sorted(totals) and len(set(totals)) == 8
     ranks = [predict(shapes, Plan.uniform(4, 4, r), backend).lora_bytes for r in (4, 8, 16)]
     assert ranks[1] == 2 * ranks[0] and ranks[2] == 2 * ranks[1]
 
@@ -58,6 +80,16 @@ def test_budget_parsing(tiny_config):
     assert parse_budget("123456789", shapes, backend) == 123456789
     assert parse_budget("0.3x", shapes, backend) == int(0.3 * 2 * shapes.total_numel)
     assert uniform_bytes(shapes, backend, 8) > four
+    five = predict(shapes, Plan.uniform(4, 5, 16), backend).total_bytes
+    six = predict(shapes, Plan.uniform(4, 6, 16), backend).total_bytes
+    assert parse_budget("5bit", shapes, backend) == five and parse_budget("6bits", shapes, backend) == six
+    assert parse_budget("4.5bit", shapes, backend) == round((four + five) / 2)
+
+
+def test_budget_parsing_on_a_backend_without_5_bits_interpolates_4_to_8(tiny_config):
+    shapes, backend = ModelShapes.from_config(tiny_config), get_backend("hqq-native")
+    four, eight = (predict(shapes, Plan.uniform(4, b, 16), backend).total_bytes for b in (4, 8))
+    assert parse_budget("5bit", shapes, backend) == round(four + (eight - four) / 4)
 
 
 @pytest.mark.parametrize("text", ["four bits", "12parsecs", "1.5x", "9bit", "-3MB"])
@@ -93,6 +125,8 @@ def test_prediction_matches_measured_bytes_on_smollm2(smollm2_dir, name):
     backend = get_backend(name)
     bits = [4] * 30
     bits[0], bits[5], bits[29], bits[12] = 8, 3, 16, 2
+    if 5 in backend.supported_bits:
+        bits[1], bits[2], bits[3] = 5, 6, 7
     plan = Plan([LayerChoice(b, r) for b, r in zip(bits, [16, 8, 32, 4, 16] * 6)])
     built = prepare_model(model, plan, backend)
     predicted = predict(ModelShapes.from_config(model.config), plan, backend).total_bytes

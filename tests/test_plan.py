@@ -30,7 +30,7 @@ def test_round_trip_is_exact(tmp_path, suffix):
 @pytest.mark.parametrize(
     "obj, needle",
     [
-        ({"layers": [{"bits": 7, "rank": 16}]}, "7-bit"),
+        ({"layers": [{"bits": 9, "rank": 16}]}, "9-bit"),
         ({"layers": [{"bits": 4, "rank": 0}]}, "rank 0"),
         ({"layers": [{"bits": 4}]}, "exactly 'bits' and 'rank'"),
         ({"layers": []}, "non-empty"),
@@ -48,9 +48,16 @@ def test_bad_plans_are_refused_with_the_cause(tmp_path, obj, needle):
     assert needle in str(e.value) and str(path) in str(e.value)
 
 
-def test_unknown_bits_message_lists_the_allowed_set():
-    with pytest.raises(PlanError, match=r"\[2, 3, 4, 5, 6, 8, 16\]"):
-        Plan([LayerChoice(1, 8)])
+@pytest.mark.parametrize("bits", [0, 1, 9, 12, 32])
+def test_unknown_bits_message_lists_the_allowed_set(bits):
+    with pytest.raises(PlanError, match=r"\[2, 3, 4, 5, 6, 7, 8, 16\]") as e:
+        Plan([LayerChoice(bits, 8)])
+    assert f"{bits}-bit" in str(e.value)
+
+
+def test_every_bit_width_2_to_8_is_a_valid_plan_entry(tmp_path):
+    plan = Plan([LayerChoice(b, 8) for b in range(2, 9)] + [LayerChoice(16, 8)])
+    assert Plan.load(plan.save(tmp_path / "p.json")) == plan
 
 
 def test_malformed_and_missing_files(tmp_path):

@@ -22,8 +22,11 @@ from typing import Any, Iterable
 from .errors import PlanError
 from .io import atomic_write_text
 
-#: Every bit-width a plan may name. Whether a backend can store it is the backend's business.
-KNOWN_BITS = (2, 3, 4, 5, 6, 8, 16)
+#: Every bit-width a plan may name (every width 2..8, and 16). Whether a backend can store it is the
+#: backend's business (``hqq`` and ``reference`` store 2..8, ``hqq-native`` 2, 3, 4, 8).
+KNOWN_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+#: The bit-widths a search tries by default (DESIGN §3); 7 can be stored but is not on the default ladder.
+DEFAULT_BIT_LADDER = (2, 3, 4, 5, 6, 8)
 #: 16 means "leave this layer unquantized".
 UNQUANTIZED_BITS = 16
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

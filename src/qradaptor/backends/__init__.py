@@ -1,6 +1,7 @@
 """Quantizer backends: one file each, all behind :class:`QuantBackend`.
 
-``get_backend("hqq")`` is the default (real packed weights via the ``hqq`` package);
+``get_backend("hqq")`` is the default (HQQ's quantizer, exact bit packing for every bit-width 2–8);
+``get_backend("hqq-native")`` is HQQ's own ``HQQLinear`` storage (2, 3, 4, 8 bits: the baseline);
 ``get_backend("reference")`` is plain PyTorch round-to-nearest, the exact reference for tests.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 from ..errors import BackendError
 from .base import QuantBackend, QuantCache
 
-BACKENDS = ("hqq", "reference")
+BACKENDS = ("hqq", "hqq-native", "reference")
 DEFAULT_BACKEND = "hqq"
 
 
@@ -18,6 +19,10 @@ def get_backend(name: str = DEFAULT_BACKEND, **kwargs) -> QuantBackend:
         from .hqq import HQQBackend
 
         return HQQBackend(**kwargs)
+    if name == "hqq-native":
+        from .hqq_native import HQQNativeBackend
+
+        return HQQNativeBackend(**kwargs)
     if name == "reference":
         from .reference import ReferenceBackend
 

@@ -32,8 +32,8 @@ class QuantBackend(ABC):
         if bits not in self.supported_bits:
             raise BackendError(
                 f"the {self.name} backend cannot store {bits}-bit weights",
-                f"use one of {list(self.supported_bits)} (or 16 to leave a layer unquantized), "
-                f"or another backend (--backend reference stores 2..8 bits)",
+                f"use one of {list(self.supported_bits)} (or 16 to leave a layer unquantized)"
+                + ("" if self.name == "hqq" else ", or --backend hqq (it stores every bit-width 2..8)"),
             )
 
     def check_shape(self, out_features: int, in_features: int, group_size: int) -> None:
@@ -73,8 +73,9 @@ class QuantBackend(ABC):
         """Every tensor needed to rebuild ``module`` (safetensors-compatible)."""
 
     @abstractmethod
-    def from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
-        """Rebuild a module from :meth:`state`'s tensors, refusing inconsistent ones."""
+    def from_state(self, state: dict[str, torch.Tensor], name: str = "weight") -> nn.Module:
+        """Rebuild a module from :meth:`state`'s tensors, refusing inconsistent ones with a message that
+        names the offending tensor (``name`` is the module's name, e.g. ``model.layers.3.mlp.up_proj``)."""
 
 
 class QuantCache:

@@ -1,8 +1,9 @@
 """Reference backend: plain-PyTorch round-to-nearest with a min–max scale and zero per group.
 
 It is the exact, readable statement of what a quantized layer computes, used to check the rest of the
-pipeline. Codes are stored one per byte (no bit packing), so its memory is 8 bits per weight plus
-metadata whatever the bit-width; use it for correctness, not to save memory.
+pipeline. It accepts every bit-width 2–8 and stores codes one per byte (no bit packing, by choice: the
+reference stays the plainest statement of the math), so its memory is 8 bits per weight plus metadata
+whatever the bit-width; use it for correctness, not to save memory.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class FakeQuantLinear(nn.Linear):
 
 class ReferenceBackend(QuantBackend):
     name = "reference"
-    supported_bits = (2, 3, 4, 5, 6, 8)
+    supported_bits = (2, 3, 4, 5, 6, 7, 8)
 
     def quantize(self, linear: nn.Linear, bits: int, group_size: int) -> nn.Module:
         self.check_bits(bits)
@@ -96,14 +97,14 @@ class ReferenceBackend(QuantBackend):
             state["bias"] = module.bias.detach()
         return state
 
-    def from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
+    def from_state(self, state: dict[str, torch.Tensor], name: str = "weight") -> nn.Module:
         bits, group_size = int(state["nbits"]), int(state["group_size"])
         self.check_bits(bits)
         codes = state["codes"]
         n_groups = codes.numel() // group_size
         if codes.dtype != torch.uint8 or codes.dim() != 2 or tuple(state["scale"].shape) != (n_groups, 1) or int(codes.max()) >= 2**bits:
             raise BackendError(
-                f"stored codes {tuple(codes.shape)} {codes.dtype} do not match {bits}-bit groups of {group_size}",
+                f"{name}.codes: stored codes {tuple(codes.shape)} {codes.dtype} do not match {bits}-bit groups of {group_size}",
                 "the file is corrupt or was written by another version; re-export it",
             )
         return FakeQuantLinear(codes.clone(), state["scale"].clone(), state["zero"].clone(), state.get("bias"),
