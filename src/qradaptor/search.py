@@ -40,12 +40,12 @@ from .backends import QuantBackend, QuantCache, get_backend
 from .errors import QRAdaptorError
 from .io import atomic_write_json, atomic_write_text
 from .memory import ModelShapes, check_budget, format_bytes, parse_budget, predict
-from .plan import DEFAULT_RANK, DEFAULT_TARGET_MODULES, LayerChoice, Plan
+from .plan import DEFAULT_BIT_LADDER, DEFAULT_RANK, DEFAULT_TARGET_MODULES, LayerChoice, Plan
 from .profile import Sensitivity
 
 log = logging.getLogger("qradaptor")
 
-DEFAULT_BITS = (2, 3, 4, 8)
+DEFAULT_BITS = DEFAULT_BIT_LADDER  # (2, 3, 4, 5, 6, 8): exact packing makes 5 and 6 bits worth their bytes
 DEFAULT_RANKS = (4, 8, 16, 32)
 CONFIG_ATTR = "qradaptor_config"
 FORMAT = "qradaptor-search-1"
