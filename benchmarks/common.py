@@ -32,12 +32,12 @@ def environment() -> dict:
     }
 
 
-def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
-    """Write ``results/NAME.json`` and ``results/NAME.md`` (atomically, via qradaptor.io)."""
+def write_results(name: str, payload: dict, markdown: str, directory: Path = RESULTS) -> tuple[Path, Path]:
+    """Write ``NAME.json`` and ``NAME.md`` into ``directory`` (default: results/; atomically, via qradaptor.io)."""
     from qradaptor.io import atomic_write_json, atomic_write_text
 
-    json_path = atomic_write_json(RESULTS / f"{name}.json", payload)
-    md_path = atomic_write_text(RESULTS / f"{name}.md", markdown)
+    json_path = atomic_write_json(Path(directory) / f"{name}.json", payload)
+    md_path = atomic_write_text(Path(directory) / f"{name}.md", markdown)
     return json_path, md_path
 
 
