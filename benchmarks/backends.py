@@ -38,6 +38,7 @@ from qradaptor.data import load_blocks  # noqa: E402
 from qradaptor.memory import ModelShapes, measured_bytes, predict  # noqa: E402
 from qradaptor.models import load_model, model_fingerprint  # noqa: E402
 from qradaptor.plan import Plan  # noqa: E402
+from qradaptor.profile import weight_error_terms  # noqa: E402
 from qradaptor.quantize import add_adapters, decoder_layers, layer_linears, quantize_model  # noqa: E402
 
 #: The training-step target of issue 9: a 5-bit layer no more than 10% slower than HQQ's own 4-bit layer.
@@ -65,14 +66,9 @@ def kl_and_loss(reference: list[torch.Tensor], model, blocks, batch_size: int) -
 
 def weight_error(source, quantized, backend) -> float:
     """Relative squared Frobenius error summed over every decoder-layer linear."""
-    err = norm = 0.0
-    for (_, src_layer), (_, q_layer) in zip(decoder_layers(source), decoder_layers(quantized)):
-        q_modules = dict(q_layer.named_modules())
-        for name, lin in layer_linears(src_layer):
-            w = lin.weight.detach().float()
-            err += float((backend.dequantize(q_modules[name]).float() - w).pow(2).sum())
-            norm += float(w.pow(2).sum())
-    return err / norm
+    terms = [weight_error_terms(src, q, backend)
+             for (_, src), (_, q) in zip(decoder_layers(source), decoder_layers(quantized))]
+    return sum(e for e, _ in terms) / sum(n for _, n in terms)
 
 
 def linear_bits_per_weight(model, backend, shapes) -> float:

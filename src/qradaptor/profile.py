@@ -284,14 +284,20 @@ def quantized_layer(layer: nn.Module, layer_name: str, bits: int, group_size: in
     return q
 
 
-def layer_weight_error(layer: nn.Module, qlayer: nn.Module, backend: QuantBackend) -> float:
-    """Relative squared Frobenius error of a layer's quantized linears."""
+def weight_error_terms(layer: nn.Module, qlayer: nn.Module, backend: QuantBackend) -> tuple[float, float]:
+    """Squared Frobenius error of a layer's quantized linears, and their squared norm."""
     err = norm = 0.0
     q_modules = dict(qlayer.named_modules())
     for name, lin in layer_linears(layer):
         w = lin.weight.detach().float()
         err += float((backend.dequantize(q_modules[name]).float() - w).pow(2).sum())
         norm += float(w.pow(2).sum())
+    return err, norm
+
+
+def layer_weight_error(layer: nn.Module, qlayer: nn.Module, backend: QuantBackend) -> float:
+    """Relative squared Frobenius error of a layer's quantized linears."""
+    err, norm = weight_error_terms(layer, qlayer, backend)
     return err / norm
 
 
