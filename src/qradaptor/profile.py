@@ -12,8 +12,8 @@ worth. With logits ``z = W h + b`` (the LM head is linear),
 
 so per position the reference needs only its negative entropy and its expected output embedding ``Wᵀp``;
 the probe needs its final hidden state ``h`` and one logsumexp. The LM head runs in fp32 in every mode,
-since the KL is a small difference of large terms. (Top-256 log-probabilities would lose ~6% tail mass on
-SmolLM2 and underestimate its KLs by ~10%.)
+since the KL is a small difference of large terms. (Top-k log-probabilities plus the tail's mass would only
+give a lower bound of the KL, loose on heavy-tailed next-token distributions.)
 
 Results go to ``OUT/sensitivity.json`` (+ ``sensitivity.png``), are cached on disk keyed by model
 fingerprint + data + settings, and a run that is interrupted keeps its finished probes in
