@@ -132,7 +132,7 @@ class PriorCost:
         lo = max((b for b in known if b < bits), default=known[0])
         hi = min((b for b in known if b > bits), default=None)
         if hi is None:
-            return table[lo] * 4.0 ** -(bits - lo)  # ~4x less KL per extra bit, as measured on SmolLM2
+            return table[lo] * 4.0 ** -(bits - lo)  # ~4x less KL per extra bit (3.3-4.5x: benchmarks/results/backends.md)
         t = (bits - lo) / (hi - lo)
         return math.exp((1 - t) * math.log(table[lo]) + t * math.log(max(table[hi], 1e-12)))
 
