@@ -8,7 +8,6 @@ dtype; a layer whose plan says 16 bits keeps its linears unquantized too.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from torch import nn
@@ -89,10 +88,7 @@ def add_adapters(model: nn.Module, plan: Plan, *, seed: int = 0):
     from peft import get_peft_model
 
     torch.manual_seed(seed)  # adapter initialisation is random: make it reproducible
-    with warnings.catch_warnings():
-        # peft asks transformers about gradient checkpointing through a deprecated alias.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lora_config(plan, model))
+    return get_peft_model(model, lora_config(plan, model))
 
 
 def prepare_model(model, plan: Plan, backend: str | QuantBackend | None = None, *, cache: QuantCache | None = None,
