@@ -72,6 +72,21 @@ def trained(tmp_path_factory):
     return files
 
 
+def interrupt_at_forward(monkeypatch, n):
+    """Make the n-th training forward raise KeyboardInterrupt (Ctrl-C); returns the real function."""
+    real = train_module.token_nll
+    count = {"n": 0}
+
+    def interrupt(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "token_nll", interrupt)
+    return real
+
+
 def train_argv(trained, out, *extra):
     return ["train", "--model", trained["model"], "--plan", trained["plan"], "--data", trained["data"],
             "--out", str(out), *TRAIN_ARGS, *extra]
@@ -114,16 +129,7 @@ def test_training_memory_estimate_is_shown_before_training(trained, tmp_path, ca
 
 
 def test_interrupted_run_resumes_to_the_same_final_loss(trained, tmp_path, capsys, monkeypatch):
-    real = train_module.token_nll
-    count = {"n": 0}
-
-    def interrupt_in_step_5(*args, **kwargs):  # one forward a step; step 5 comes after the checkpoint at step 4
-        count["n"] += 1
-        if count["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "token_nll", interrupt_in_step_5)
+    real = interrupt_at_forward(monkeypatch, 5)  # one forward a step; step 5 comes after the checkpoint at step 4
     code, _, err = run(capsys, *train_argv(trained, tmp_path / "r"))
     assert code == 130 and "interrupted" in err
     assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-000004"]
@@ -157,16 +163,7 @@ def test_train_state_round_trips_through_safetensors_and_json(tmp_path):
 
 
 def test_resume_with_a_changed_setting_is_refused_and_names_it(trained, tmp_path, capsys, monkeypatch):
-    real = train_module.token_nll
-    count = {"n": 0}
-
-    def interrupt(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "token_nll", interrupt)
+    real = interrupt_at_forward(monkeypatch, 5)
     assert main(train_argv(trained, tmp_path / "r")) == 130
     monkeypatch.setattr(train_module, "token_nll", real)
     before = snapshot(tmp_path / "r")
@@ -345,16 +342,7 @@ def test_generate_prints_a_continuation(trained, capsys):
 @pytest.mark.parametrize("case", ["untrained run", "not a run", "target is not an export"])
 def test_export_bad_input(trained, tmp_path, capsys, monkeypatch, case):
     if case == "untrained run":
-        real = train_module.token_nll
-        count = {"n": 0}
-
-        def interrupt(*args, **kwargs):
-            count["n"] += 1
-            if count["n"] == 3:
-                raise KeyboardInterrupt
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(train_module, "token_nll", interrupt)
+        interrupt_at_forward(monkeypatch, 3)
         assert main(train_argv(trained, tmp_path / "r")) == 130
         argv, needle = ["export", tmp_path / "r", "--to", tmp_path / "out"], "has not finished training"
     elif case == "not a run":
