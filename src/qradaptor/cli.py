@@ -49,14 +49,18 @@ def cmd_memory(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_model
 
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()] if args.lm_eval else None
     result = evaluate_model(args.model, data=args.data, split=args.split, plan=args.plan, backend=args.backend,
-                            seq_len=args.seq_len, max_blocks=args.max_blocks, progress=not args.quiet)
+                            seq_len=args.seq_len, max_blocks=args.max_blocks, lm_eval_tasks=tasks,
+                            include_path=args.include_path, progress=not args.quiet)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         what = f" quantized as {result['plan']}" if result["plan"] else ""
         print(f"{args.split} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
               f"over {result['tokens']} tokens{what}")
+        for task, metrics in result.get("lm_eval", {}).items():
+            print(f"lm-eval {task}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
     return 0
 
 
@@ -194,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="hqq", help="quantizer backend: hqq (default), hqq-native or reference")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many blocks")
-    p.add_argument("--json", action="store_true", help="print JSON (keys loss, perplexity, tokens, ...)")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="also run these lm-eval harness tasks, comma-separated, offline (needs the lmeval extra)")
+    p.add_argument("--include-path", default=None, help="directory of lm-eval task YAML files (local tasks)")
+    p.add_argument("--json", action="store_true", help="print JSON (keys loss, perplexity, tokens, lm_eval, ...)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("profile", parents=[common], help="per-layer KL sensitivity to quantization (stage 1)")

@@ -38,3 +38,7 @@ class BudgetError(QRAdaptorError):
 
 class ArtifactError(QRAdaptorError):
     """A run directory or exported artifact is missing, unfinished, or does not match the request."""
+
+
+class LMEvalError(QRAdaptorError):
+    """An lm-eval harness task cannot run: lm-eval missing, unknown task, bad include path, or data it cannot reach."""
