@@ -275,3 +275,40 @@ def test_pareto_front_keeps_only_non_dominated_points():
     plan = Plan([LayerChoice(4, 8)])
     pts = [Evaluated(plan, m, 4.0, loss, "cheap", "") for m, loss in [(10, 3.0), (20, 2.0), (15, 3.5), (30, 2.0), (5, 4.0)]]
     assert [(p.memory_bytes, p.loss) for p in pareto_front(pts)] == [(5, 4.0), (10, 3.0), (20, 2.0)]
+
+
+def test_study_opens_in_optuna_dashboard(tiny, words, tmp_path):
+    """`optuna-dashboard sqlite:///DIR/study.db` serves both studies of a search with every trial."""
+    import socket
+    import urllib.request
+
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    result = search(str(d), data=words, budget=budget_of(model, 4), out=tmp_path, trials=6, population=4, promote=1,
+                    refine=1, progress=False, fitness=fast_fitness, seq_len=32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dashboard = os.path.join(os.path.dirname(sys.executable), "optuna-dashboard")
+    proc = subprocess.Popen([dashboard, f"sqlite:///{tmp_path / 'study.db'}", "--port", str(port), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, studies = time.time() + 60, None
+        while studies is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    studies = json.loads(r.read())["study_summaries"]
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+                time.sleep(0.5)
+        by_name = {s["study_name"]: s for s in studies}
+        assert set(by_name) == {"qradaptor", "qradaptor:refine"}
+        served = 0
+        for s in by_name.values():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{s['study_id']}?after=0", timeout=10) as r:
+                trials = json.loads(r.read())["trials"]
+            served += sum(t["state"] == "Complete" for t in trials)
+        assert served == len(result.points)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
