@@ -312,3 +312,18 @@ def test_study_opens_in_optuna_dashboard(tiny, words, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_refinement_runs_where_no_uniform_4bit_plan_fits(tiny, words, tmp_path):
+    """Below the 4-bit budget there is no uniform-4 baseline to promote; with --promote 1 the surrogate
+    would have one point, so one more front plan is promoted and the Bayesian stage still runs."""
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    budget = budget_of(model, 3)
+    result = search(str(d), data=words, budget=budget, out=tmp_path, trials=8, population=4, promote=1, refine=1,
+                    progress=False, fitness=fast_fitness, seq_len=32)
+    full = [p for p in result.points if p.fidelity == "full"]
+    assert not any(p.source.startswith("uniform-4") for p in result.points)
+    assert sum(p.source == "promotion" for p in full) == 2
+    assert sum(p.source == "refine" for p in full) == 1
+    assert all(p.memory_bytes <= budget for p in result.points)
