@@ -205,6 +205,23 @@ def test_resume_after_a_killed_process(tiny, words, tmp_path):
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
+def test_resumed_sampling_continues_instead_of_replaying(tiny, words, tmp_path):
+    """A resumed (or extended) study samples new plans: re-seeding the sampler with the bare seed would replay
+    the first trials' samples, which then count as duplicates instead of new evaluations."""
+    import optuna
+
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    kw = dict(data=words, budget=budget_of(model, 4), out=tmp_path, population=4, promote=1, refine=0,
+              progress=False, fitness=fast_fitness, seq_len=32, sampler="random")
+    search(str(d), trials=6, **kw)
+    search(str(d), trials=12, **kw)  # the same search, continued to 12 trials
+    study = optuna.load_study(study_name="qradaptor", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(params) == 12
+    assert not set(params[6:]) & set(params[:6])
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 

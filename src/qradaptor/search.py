@@ -351,12 +351,13 @@ class Search:
     """One search: a study in storage, a planner for the budget, and a fitness to evaluate plans."""
 
     def __init__(self, *, model, sensitivity: Sensitivity, config: SearchConfig, storage: str, study_name: str,
-                 fitness: Fitness, run_config: dict | None = None, progress: bool = True):
+                 fitness: Fitness, run_config: dict | None = None, progress: bool = True, seed_offset: int = 0):
         import optuna
 
         from .models import model_fingerprint
 
         self.config, self.fitness, self.progress = config, fitness, progress
+        self.seed_offset = seed_offset  # workers sample with their own stream (the seed alone would repeat plans)
         self.model_fp = model_fingerprint(model)
         if sensitivity.model_fingerprint != self.model_fp:
             raise SearchError(
@@ -381,12 +382,16 @@ class Search:
     def _open_study(self, name: str, role: str, directions: list[str]):
         import optuna
 
-        if role == "explore" and self.config.sampler == "nsga2":
-            sampler = optuna.samplers.NSGAIISampler(population_size=self.config.population, seed=self.config.seed)
-        else:
-            sampler = optuna.samplers.RandomSampler(seed=self.config.seed)
-        study = optuna.create_study(storage=self.storage, study_name=name, directions=directions, sampler=sampler,
+        def sampler(seed: int):
+            if role == "explore" and self.config.sampler == "nsga2":
+                return optuna.samplers.NSGAIISampler(population_size=self.config.population, seed=seed)
+            return optuna.samplers.RandomSampler(seed=seed)
+
+        seed = self.config.seed + self.seed_offset
+        study = optuna.create_study(storage=self.storage, study_name=name, directions=directions, sampler=sampler(seed),
                                     load_if_exists=True)
+        if study.trials:  # resumed or joined: a fresh random stream, not a replay of the first trials' samples
+            study.sampler = sampler(seed + len(study.trials))
         existing = study.user_attrs.get(CONFIG_ATTR)
         if existing is None:
             study.set_user_attr(CONFIG_ATTR, self.run_config)
@@ -782,6 +787,7 @@ def worker(*, storage: str, study: str, progress: bool = True) -> int:
     prior = Sensitivity.from_dict(config_dict["sensitivity"], source=f"study {study}")
     fitness = FineTuneFitness(base, tokenizer, data=config_dict.get("data"), config=config)
     runner = Search(model=base, sensitivity=prior, config=config, storage=store, study_name=study, fitness=fitness,
-                    run_config={"model": config_dict.get("model"), "data": config_dict.get("data")}, progress=progress)
+                    run_config={"model": config_dict.get("model"), "data": config_dict.get("data")}, progress=progress,
+                    seed_offset=1 + int.from_bytes(os.urandom(4), "little"))
     runner.explore()
     return len(runner.study.trials)
