@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,3 +21,34 @@ def test_search_benchmark_smoke(tmp_path):
     assert all(m["chosen"]["memory_bytes"] <= result["settings"]["budget_bytes"] for m in result["methods"])
     assert all(m["hypervolume"] >= 0 and m["fine_tune_steps"] > 0 for m in result["methods"])
     assert not (ROOT / "benchmarks" / "results" / "search-smoke.json").exists()
+
+
+def test_frontier_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--smoke", "--work", str(tmp_path)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "frontier-smoke.json").read_text())
+    names = [m["name"] for m in result["methods"]]
+    assert names == ["lora16", "uniform4", "uniform3", "greedy", "random",
+                     "qradaptor-3bit", "qradaptor-3.5bit", "qradaptor-4bit", "qradaptor-5bit"]
+    by = {m["name"]: m for m in result["methods"]}
+    for m in result["methods"]:
+        assert m["memory_bytes"] == m["predicted_bytes"] > 0  # measured on the trained model = the memory model
+        assert math.isfinite(m["loss"]) and m["peak_rss_bytes"] > 0 and m["trainable_params"] > 0
+        assert m["kl_before"] >= 0
+    # the searches and the greedy allocator stay within their budgets; uniform 4-bit is the 4-bit budget
+    assert by["greedy"]["memory_bytes"] <= by["uniform4"]["memory_bytes"]
+    assert by["random"]["memory_bytes"] <= by["uniform4"]["memory_bytes"]
+    assert by["qradaptor-4bit"]["memory_bytes"] <= by["uniform4"]["memory_bytes"]
+    assert by["qradaptor-3bit"]["memory_bytes"] <= by["uniform3"]["memory_bytes"]
+    assert by["lora16"]["kl_before"] < by["uniform3"]["kl_before"]
+    assert len(result["uniform4_seeds"]) == result["settings"]["seeds"]
+    assert by["random"]["search_steps"] <= by["qradaptor-4bit"]["search_steps"] + result["settings"]["search"]["cheap"]["steps"]
+    assert (tmp_path / "frontier-smoke.md").is_file() and (tmp_path / "frontier-smoke.png").is_file()
+    assert not (ROOT / "benchmarks" / "results" / "frontier-smoke.json").exists()
+    # rerunning resumes: every method's result is reused, nothing is trained again
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--smoke", "--work", str(tmp_path)],
+                           capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "final fine-tune" not in again.stdout
+    assert json.loads((tmp_path / "frontier-smoke.json").read_text())["methods"][1]["loss"] == by["uniform4"]["loss"]

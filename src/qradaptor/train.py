@@ -263,6 +263,7 @@ class RunResult:
     validation: dict | None  # final held-out loss: {"loss", "perplexity", "tokens"}
     metrics: dict
     resumed_from: int = 0  # the step the run continued from (0: a fresh start)
+    model: object = field(default=None, repr=False)  # the trained PEFT model, in memory
 
 
 def _spec(value) -> str:
@@ -539,6 +540,6 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
             say("final validation loss %.4f (perplexity %.2f) over %d tokens", validation["loss"],
                      validation["perplexity"], validation["tokens"])
         return RunResult(out=out, config=config, train=result, validation=validation, metrics=metrics,
-                         resumed_from=0 if state is None else state.step)
+                         resumed_from=0 if state is None else state.step, model=tuned)
     finally:
         logfile.close()

@@ -1,0 +1,405 @@
+"""Quality-vs-memory frontier: qradaptor's plans against uniform QLoRA-style quantization, 16-bit LoRA and
+simpler allocators, on SmolLM2-135M-Instruct with the default data, every method fine-tuned with the same
+data, steps, seed and evaluation.
+
+    lora16            LoRA r=16 on the bf16 base (unquantized): the quality ceiling
+    uniform4          uniform 4-bit HQQ + LoRA r=16 (QLoRA-style; the memory reference), seeds 0, 1, 2
+    uniform3          uniform 3-bit HQQ + LoRA r=16
+    greedy            bits and ranks from the sensitivity profile alone (greedy fill), 4-bit budget, no search
+    random            random search (plans repaired into the 4-bit budget), as many fine-tune steps as ours
+    qradaptor-<B>     the pipeline's search at budgets 3bit, 3.5bit, 4bit, 5bit
+
+Per method: weight memory (measured, adapters included), average bits, trainable parameters, KL to the
+full model before training (test split), held-out test loss and perplexity after training, search cost
+(fine-tune steps, seconds), the final fine-tune's seconds and peak RSS (each final fine-tune runs in its own
+process, through `qradaptor.train`, so RSS is that run's alone).
+
+    .venv/bin/python benchmarks/frontier.py            # SmolLM2: about 1.5 h on 2 cores
+    .venv/bin/python benchmarks/frontier.py --smoke    # a tiny random model, a minute: keeps this script working
+
+Everything is resumable: results per method go to ``--work`` (default benchmarks/work/frontier); rerunning
+skips what is done. Writes benchmarks/results/frontier.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (profile.py would shadow the stdlib's)
+    import pathlib
+
+    _here = pathlib.Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
+
+from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
+
+BUDGETS = ("3bit", "3.5bit", "4bit", "5bit")
+FULL = {  # SmolLM2 settings, chosen so the whole benchmark fits in about 1.5 h on 2 cores
+    "steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "seeds": 3, "kl_blocks": 16, "profile_tokens": 4096,
+    "search": {"trials": 12, "population": 6, "promote": 1, "refine": 2, "warm_start": 4, "alpha": 1.0,
+               "cheap": {"name": "cheap", "steps": 4, "eval_blocks": 8},
+               "full": {"name": "full", "steps": 12, "eval_blocks": 16}},
+}
+SMOKE = {
+    "steps": 4, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "seeds": 2, "kl_blocks": 4, "profile_tokens": 256,
+    "search": {"trials": 4, "population": 2, "promote": 1, "refine": 1, "warm_start": 2, "alpha": 1.0,
+               "cheap": {"name": "cheap", "steps": 1, "eval_blocks": 2},
+               "full": {"name": "full", "steps": 2, "eval_blocks": 2}},
+}
+
+
+# ---------------------------------------------------------------------------------------- the final fine-tune
+
+
+def final_run(spec_path: str) -> None:
+    """Child process: the real ``qradaptor train`` stage on one plan, then the test-split loss of the trained
+    model. Writes ``final.json`` next to the run."""
+    from qradaptor.data import load_blocks
+    from qradaptor.evaluate import evaluate_loss
+    from qradaptor.io import atomic_write_json
+    from qradaptor.models import load_model
+    from qradaptor.train import train_plan
+
+    spec = json.loads(Path(spec_path).read_text())
+    run_dir = Path(spec["run_dir"])
+    if run_dir.exists():  # an interrupted earlier attempt: start over so seconds and peak RSS are whole
+        shutil.rmtree(run_dir)
+    start = time.perf_counter()
+    result = train_plan(run_dir, plan=spec["plan"], model=spec["model"], data=spec["data"], steps=spec["steps"],
+                        seq_len=spec["seq_len"], batch_size=spec["batch_size"], lr=spec["lr"], seed=spec["seed"],
+                        dtype=spec["dtype"], eval_every=0, eval_blocks=16, checkpoint_every=spec["steps"],
+                        progress=False)
+    seconds = time.perf_counter() - start
+    _, tokenizer = load_model(spec["model"])
+    test = load_blocks(spec["data"], tokenizer, "test", seq_len=spec["seq_len"])
+    evaluated = evaluate_loss(result.model, test, progress=False)
+    trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
+    atomic_write_json(Path(spec["result"]), {
+        "loss": evaluated.loss, "perplexity": evaluated.perplexity, "test_tokens": evaluated.tokens,
+        "train_seconds": seconds, "trainable_params": trainable,
+        "memory_bytes": result.metrics["memory"]["measured_bytes"],
+        "predicted_bytes": result.metrics["memory"]["predicted_bytes"], "avg_bits": result.metrics["memory"]["avg_bits"],
+        "final_train_loss": result.train.final_loss, "validation_loss": (result.validation or {}).get("loss")})
+
+
+def run_final(work: Path, name: str, plan, settings: dict, model, data, *, seed: int, dtype: str = "float32") -> dict:
+    """Train ``plan`` in a child process (its own peak RSS), or return the result of a finished earlier run."""
+    from qradaptor.io import atomic_write_json
+
+    result_path = work / name / "final.json"
+    if not result_path.is_file():
+        (work / name).mkdir(parents=True, exist_ok=True)
+        spec = {"run_dir": str(work / name / "train"), "result": str(result_path), "plan": plan.to_dict(),
+                "model": model, "data": data, "steps": settings["steps"], "seq_len": settings["seq_len"],
+                "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": seed, "dtype": dtype}
+        spec_path = atomic_write_json(work / name / "spec.json", spec)
+        print(f"frontier: {name}: final fine-tune ({plan.describe()})", flush=True)
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--final-run", str(spec_path)])
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            sys.exit(f"frontier: the final fine-tune of {name} failed (exit {proc.returncode}); rerun to retry it")
+        result = json.loads(result_path.read_text())
+        result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+        atomic_write_json(result_path, result)
+    return json.loads(result_path.read_text())
+
+
+# ---------------------------------------------------------------------------------------- shared set-up
+
+
+class Bench:
+    """The model, the one sensitivity profile and the one fitness (with its quantization cache) that every
+    search of a benchmark run shares; also used by benchmarks/search.py, which reuses the same work dir."""
+
+    def __init__(self, work: str | None, *, smoke: bool):
+        from qradaptor.backends import QuantCache, get_backend
+        from qradaptor.memory import ModelShapes
+        from qradaptor.models import load_model
+        from qradaptor.profile import RESULT_FILE, ProfileSettings, Sensitivity, profile_model
+        from qradaptor.search import FineTuneFitness, SearchConfig
+
+        self.smoke, self.settings = smoke, dict(SMOKE if smoke else FULL)
+        self.work = Path(work or (tempfile.mkdtemp(prefix="qradaptor-bench-") if smoke
+                                  else Path(__file__).resolve().parent / "work" / "frontier"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.model = self.data = None
+        if smoke:
+            from benchmarks.search import smoke_model
+
+            self.model, self.data = smoke_model(self.work)
+        self.base, self.tokenizer = load_model(self.model)
+        self.shapes = ModelShapes.from_model(self.base)
+        self.backend = get_backend("hqq")
+
+        # Stage 1, once: the sensitivity profile every search and the greedy allocator use.
+        self.profile_path = self.work / "profile" / RESULT_FILE
+        seconds = self.work / "profile" / "seconds.txt"
+        if not self.profile_path.is_file():
+            t = time.perf_counter()
+            profile_model(self.base, self.tokenizer,
+                          ProfileSettings(tokens=self.settings["profile_tokens"], seq_len=self.settings["seq_len"],
+                                          dtype="bfloat16", data=self.data),
+                          out=self.profile_path.parent, force=True, progress=not smoke)
+            seconds.write_text(f"{time.perf_counter() - t:.1f}\n")
+        self.sensitivity = Sensitivity.load(self.profile_path)
+        self.profile_seconds = float(seconds.read_text())
+
+        self.search_settings = dict(self.settings["search"])
+        self.trials, self.alpha = self.search_settings.pop("trials"), self.search_settings.pop("alpha")
+        self.fitness = FineTuneFitness(self.base, self.tokenizer, data=self.data,
+                                       config=SearchConfig(budget_bytes=1, seq_len=self.settings["seq_len"], seed=0))
+        self.fitness.cache = QuantCache(self.backend)  # one cache for every search's fine-tunes
+
+    def search(self, name: str, budget: str, **extra):
+        """Run (or resume, or reload when finished) the search ``name`` in ``work/name/search``."""
+        from qradaptor.search import search
+
+        return search(self.model, data=self.data, budget=budget, out=self.work / name / "search", alpha=self.alpha,
+                      sensitivity=str(self.profile_path), progress=not self.smoke, fitness=self.fitness,
+                      **{"trials": self.trials, "seq_len": self.settings["seq_len"], "seed": 0,
+                         **self.search_settings, **extra})
+
+    def search_cost(self, name: str, result) -> dict:
+        """Fine-tune steps and seconds of a search, from its storage (a resumed search counts every session)."""
+        import optuna
+
+        seconds = 0.0
+        for study in ("qradaptor", "qradaptor:refine"):
+            loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{self.work / name / 'search' / 'study.db'}")
+            seconds += sum((t.datetime_complete - t.datetime_start).total_seconds() for t in loaded.trials
+                           if t.datetime_complete and t.datetime_start)
+        return {"search_steps": result.fine_tune_steps, "search_seconds": seconds,
+                "search_evaluations": len(result.points)}
+
+    def random_settings(self, steps: int) -> dict:
+        """Random search settings that spend about ``steps`` fine-tune steps (cheap trials, then promotion)."""
+        cheap, full = self.search_settings["cheap"]["steps"], self.search_settings["full"]["steps"]
+        trials = max(1, round((steps - self.search_settings["promote"] * full) / cheap))
+        return {"trials": trials, "refine": 0, "sampler": "random"}
+
+
+# ---------------------------------------------------------------------------------------- before training
+
+
+def kl_to_full(base, plan, blocks, cache, dtype) -> float:
+    """Mean per-token KL(full ‖ quantized) on ``blocks`` before any training (adapters start at zero)."""
+    import torch
+
+    from qradaptor.quantize import quantize_model
+
+    quantized = quantize_model(base, plan, cache=cache, dtype=dtype)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(blocks), 4):
+            ids = blocks.input_ids[i : i + 4]
+            p = torch.log_softmax(base(input_ids=ids).logits.float(), -1)
+            q = torch.log_softmax(quantized(input_ids=ids).logits.float(), -1)
+            total += float((p.exp() * (p - q)).sum())
+            tokens += ids.numel()
+    return total / tokens
+
+
+# ---------------------------------------------------------------------------------------- the report
+
+
+def front(rows: list[dict]) -> list[dict]:
+    """Rows not dominated in (memory, loss), by memory."""
+    out = [r for r in rows if not any(o is not r and o["memory_bytes"] <= r["memory_bytes"] and o["loss"] <= r["loss"]
+                                      and (o["memory_bytes"], o["loss"]) != (r["memory_bytes"], r["loss"]) for o in rows)]
+    return sorted(out, key=lambda r: r["memory_bytes"])
+
+
+def targets(methods: list[dict], final_steps: int) -> dict:
+    by = {m["name"]: m for m in methods}
+    u4, ceiling = by["uniform4"], by["lora16"]
+    gap = u4["loss"] - ceiling["loss"]
+    at_4bit = [m for m in methods if m["name"].startswith("qradaptor") and m["memory_bytes"] <= u4["memory_bytes"]]
+    best4 = min(at_4bit, key=lambda m: m["loss"]) if at_4bit else None
+    out = {
+        "uniform4_loss_mean": u4["loss"], "uniform4_loss_spread": u4.get("loss_spread"),
+        "gap_uniform4_minus_lora16": gap,
+        "best_at_uniform4_memory": best4 and best4["name"],
+        "best_at_uniform4_memory_loss_delta": best4 and best4["loss"] - u4["loss"],
+        "gap_recovered": best4 and (u4["loss"] - best4["loss"]) / gap if gap > 0 else None,
+        "no_worse_than_uniform4_at_its_memory": bool(best4 and best4["loss"] <= u4["loss"]),
+        "gap_recovered_at_least_90pct": bool(best4 and gap > 0 and (u4["loss"] - best4["loss"]) / gap >= 0.9),
+    }
+    # "≤ 3.5 average bits" in the issue's sense: the 3.5-bit budget (our avg_bits also counts scales and zeros,
+    # one bit more than the nominal width at group size 64 with fp32 metadata)
+    q35 = by.get("qradaptor-3.5bit")
+    out["at_3.5bit_loss_delta_vs_uniform4"] = q35 and q35["loss"] - u4["loss"]
+    out["at_3.5bit_no_worse_than_uniform4"] = bool(q35 and q35["loss"] <= u4["loss"])
+    costs = {m["name"]: m["search_steps"] / final_steps for m in methods if m["name"].startswith("qradaptor")}
+    out["search_cost_in_final_fine_tunes"] = costs
+    out["search_cost_at_most_one_fine_tune"] = all(c <= 1 for c in costs.values())
+    return out
+
+
+def plot(methods: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    mib = 2**20
+    for m in methods:
+        ours = m["name"].startswith("qradaptor")
+        ax.errorbar(m["memory_bytes"] / mib, m["loss"], yerr=m.get("loss_spread", 0) / 2 or None,
+                    fmt="o" if ours else "s", color="#08519c" if ours else "#d95f02", capsize=3)
+        ax.annotate(m["name"], (m["memory_bytes"] / mib, m["loss"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    f = front(methods)
+    ax.plot([m["memory_bytes"] / mib for m in f], [m["loss"] for m in f], "--", color="grey", lw=1, label="front")
+    ax.set_xlabel("weight memory incl. adapters (MiB, measured)")
+    ax.set_ylabel("held-out test loss after fine-tuning")
+    ax.set_title("SmolLM2-135M: quality vs memory (blue: qradaptor, orange: baselines)", fontsize=10)
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str:
+    by = {m["name"]: m for m in methods}
+    u4, ceiling = by["uniform4"], by["lora16"]
+    gap = u4["loss"] - ceiling["loss"]
+    rows = []
+    for m in methods:
+        recovered = (u4["loss"] - m["loss"]) / gap if gap > 0 else float("nan")
+        rows.append([m["name"], f"{m['memory_bytes'] / 2**20:.1f}", f"{m['memory_bytes'] / u4['memory_bytes']:.3f}",
+                     f"{m['avg_bits']:.2f}", f"{m['trainable_params'] / 1e6:.2f}M", f"{m['kl_before']:.4f}",
+                     f"{m['loss']:.4f}" + (f" ± {m['loss_spread'] / 2:.4f}" if m.get("loss_spread") else ""),
+                     f"{m['perplexity']:.2f}", f"{m['loss'] - u4['loss']:+.4f}", f"{100 * recovered:.0f}%",
+                     m["search_steps"], f"{m['search_steps'] / settings['steps']:.2f}", f"{m['search_seconds']:.0f}",
+                     f"{m['train_seconds']:.0f}", f"{m['peak_rss_bytes'] / 2**20:.0f}", m["plan"].replace("|", "/")])
+    title = "a tiny random model (smoke)" if smoke else "SmolLM2-135M-Instruct"
+    md = (f"# Quality vs memory on {title}\n\n"
+          f"Every method: {settings['steps']} LoRA steps of {settings['batch_size']}×{settings['seq_len']} tokens "
+          f"(lr {settings['lr']}, seed 0) on the default data's training split, held-out loss on the whole test split "
+          f"({methods[0]['test_tokens']} tokens). HQQ group size 64; the shipped SmolLM2 weights were already "
+          f"4-bit at group size 32 (GGUF Q4_1), dequantized to fp32 before anything here. Quantized runs compute in "
+          f"fp32 with fp32 embeddings; `lora16` is the bf16 base (weights and compute). Memory is measured on the "
+          f"trained model (weights, quantization metadata and LoRA adapters). avg bits counts scales and zeros "
+          f"(uniform 4-bit = 5.0). `uniform4` is the mean of {settings['seeds']} seeds (± half the max–min spread). "
+          f"Gap recovered = (uniform4 − method) / (uniform4 − lora16). Search cost is fine-tune steps spent by the "
+          f"search and its multiple of one final fine-tune ({settings['steps']} steps); the sensitivity profile is "
+          f"shared by the searches and `greedy` and took {settings['profile_seconds']:.0f} s.\n\n")
+    md += markdown_table(["method", "MiB", "× uniform4", "avg bits", "trainable", "KL before", "test loss", "ppl",
+                          "Δ vs uniform4", "gap recovered", "search steps", "× final", "search s", "train s",
+                          "peak RSS MiB", "plan"], rows)
+    g = goals
+    yn = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+    md += ("\n## Targets\n\n"
+           f"- At ≤ uniform 4-bit memory ({g['best_at_uniform4_memory']}): loss {g['best_at_uniform4_memory_loss_delta']:+.4f} "
+           f"vs uniform 4-bit (seed spread {g['uniform4_loss_spread']:.4f}) — no worse: "
+           f"{yn(g['no_worse_than_uniform4_at_its_memory'])}; gap recovered {100 * (g['gap_recovered'] or 0):.0f}% "
+           f"(target ≥ 90%): {yn(g['gap_recovered_at_least_90pct'])}.\n"
+           f"- 3.5-bit budget: loss {g['at_3.5bit_loss_delta_vs_uniform4']:+.4f} vs uniform 4-bit — no worse: "
+           f"{yn(g['at_3.5bit_no_worse_than_uniform4'])}.\n"
+           f"- Search cost ≤ one final fine-tune: "
+           + ", ".join(f"{k} {v:.2f}×" for k, v in g["search_cost_in_final_fine_tunes"].items())
+           + f" — {yn(g['search_cost_at_most_one_fine_tune'])}.\n")
+    return md
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
+    parser.add_argument("--work", default=None, help="resumable working directory (default: benchmarks/work/frontier; "
+                                                     "with --smoke a temp dir)")
+    parser.add_argument("--final-run", default=None, help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if args.final_run:
+        return final_run(args.final_run)
+
+    import torch
+
+    from qradaptor.data import load_blocks
+    from qradaptor.memory import parse_budget
+    from qradaptor.plan import Plan
+    from qradaptor.search import Planner, PriorCost, SearchConfig
+
+    settings = dict(SMOKE if args.smoke else FULL)
+    start = time.perf_counter()
+    bench = Bench(args.work, smoke=args.smoke)
+    model, data, base, tokenizer, L = bench.model, bench.data, bench.base, bench.tokenizer, bench.shapes.num_layers
+    settings["profile_seconds"] = bench.profile_seconds
+
+    def searched(name: str, budget: str, **extra) -> tuple[Plan, dict]:
+        result = bench.search(name, budget, **extra)
+        return result.chosen.plan, bench.search_cost(name, result)
+
+    # Every method: its plan and the search that found it (none for the fixed baselines).
+    none = {"search_steps": 0, "search_seconds": 0.0, "search_evaluations": 0}
+    plans: list[tuple[str, Plan, dict, str]] = [("lora16", Plan.uniform(L, 16, 16), none, "bfloat16")]
+    plans += [(f"uniform4-seed{s}", Plan.uniform(L, 4, 16), none, "float32") for s in range(settings["seeds"])]
+    plans.append(("uniform3", Plan.uniform(L, 3, 16), none, "float32"))
+    budget4 = parse_budget("4bit", bench.shapes, bench.backend)
+    config4 = SearchConfig(budget_bytes=budget4, seq_len=settings["seq_len"], **bench.search_settings)
+    planner = Planner(bench.shapes, bench.backend, PriorCost(bench.sensitivity, config4), config4)
+    plans.append(("greedy", planner.fill(budget4), none, "float32"))
+    ours = {budget: searched(f"qradaptor-{budget}", budget) for budget in BUDGETS}
+    # random search: the 4-bit budget and as many fine-tune steps as ours spent there
+    plans.append(("random", *searched("random", "4bit", **bench.random_settings(ours["4bit"][1]["search_steps"])),
+                  "float32"))
+    plans += [(f"qradaptor-{budget}", plan, cost, "float32") for budget, (plan, cost) in ours.items()]
+    cache = bench.fitness.cache  # quantized layers the searches made, reused for the KL measurements
+
+    kl_blocks = load_blocks(data, tokenizer, "test", seq_len=settings["seq_len"], max_blocks=settings["kl_blocks"])
+    rows = []
+    for name, plan, cost, dtype in plans:
+        seed = int(name.rsplit("seed", 1)[1]) if "-seed" in name else 0
+        final = run_final(bench.work, name, plan, settings, model, data, seed=seed, dtype=dtype)
+        kl_path = bench.work / name / "kl.json"
+        if not kl_path.is_file():
+            kl = kl_to_full(base, plan, kl_blocks, cache, getattr(torch, dtype))
+            kl_path.write_text(json.dumps({"kl_before": kl}))
+        rows.append({"name": name, "plan": plan.describe(), "plan_layers": plan.to_dict()["layers"], "seed": seed,
+                     "dtype": dtype, **json.loads(kl_path.read_text()), **final, **cost})
+        print(f"frontier: {name}: test loss {final['loss']:.4f}, {final['memory_bytes'] / 2**20:.1f} MiB", flush=True)
+
+    # uniform4 is reported as the mean of its seeds, with the spread
+    seeds = [r for r in rows if r["name"].startswith("uniform4-seed")]
+    mean = {**seeds[0], "name": "uniform4", "seeds": [r["loss"] for r in seeds],
+            "loss": sum(r["loss"] for r in seeds) / len(seeds),
+            "loss_spread": max(r["loss"] for r in seeds) - min(r["loss"] for r in seeds)}
+    mean["perplexity"] = math.exp(mean["loss"])
+    for key in ("train_seconds", "peak_rss_bytes"):
+        mean[key] = sum(r[key] for r in seeds) / len(seeds)
+    methods = [r for r in rows if r not in seeds]
+    methods.insert(1, mean)
+    goals = targets(methods, settings["steps"])
+    payload = {"settings": {**settings, "budgets": list(BUDGETS), "model": model or "smollm2-135m",
+                            "data": data or "pydoc-topics", "smoke": args.smoke, "group_size": 64},
+               "methods": methods, "uniform4_seeds": seeds, "targets": goals,
+               "seconds": time.perf_counter() - start, "environment": environment()}
+    md = report(methods, settings, goals, args.smoke)
+    compute = settings["profile_seconds"] + sum(r["search_seconds"] + r["train_seconds"] for r in rows)
+    payload["compute_seconds"] = compute
+    md += (f"\nTime: {compute / 60:.0f} min in the profile, the searches and the final fine-tunes; "
+           f"{payload['seconds'] / 60:.0f} min wall time in the last invocation (a resumed run counts only its part).\n")
+    directory = bench.work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
+    name = "frontier-smoke" if args.smoke else "frontier"
+    write_results(name, payload, md, directory=directory)
+    plot(methods, directory / f"{name}.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
