@@ -11,8 +11,9 @@ data, steps, seed and evaluation.
 
 Per method: weight memory (measured, adapters included), average bits, trainable parameters, KL to the
 full model before training (test split), held-out test loss and perplexity after training, search cost
-(fine-tune steps, seconds), the final fine-tune's seconds and peak RSS (each final fine-tune runs in its own
-process, through `qradaptor.train`, so RSS is that run's alone).
+(fine-tune steps, seconds), the final fine-tune's seconds (it runs through `qradaptor.train` in its own
+process) and peak RSS during training (a separate fresh process trains the plan for a few steps with the same
+batch shape and reads its own high-water mark, reset after the model is built).
 
     .venv/bin/python benchmarks/frontier.py            # SmolLM2: about 1.5 h on 2 cores
     .venv/bin/python benchmarks/frontier.py --smoke    # a tiny random model, a minute: keeps this script working
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -45,12 +45,14 @@ from benchmarks.common import RESULTS, environment, markdown_table, write_result
 BUDGETS = ("3bit", "3.5bit", "4bit", "5bit")
 FULL = {  # SmolLM2 settings, chosen so the whole benchmark fits in about 1.5 h on 2 cores
     "steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "seeds": 3, "kl_blocks": 16, "profile_tokens": 4096,
+    "rss_steps": 5,
     "search": {"trials": 12, "population": 6, "promote": 1, "refine": 2, "warm_start": 4, "alpha": 1.0,
                "cheap": {"name": "cheap", "steps": 4, "eval_blocks": 8},
                "full": {"name": "full", "steps": 12, "eval_blocks": 16}},
 }
 SMOKE = {
     "steps": 4, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "seeds": 2, "kl_blocks": 4, "profile_tokens": 256,
+    "rss_steps": 2,
     "search": {"trials": 4, "population": 2, "promote": 1, "refine": 1, "warm_start": 2, "alpha": 1.0,
                "cheap": {"name": "cheap", "steps": 1, "eval_blocks": 2},
                "full": {"name": "full", "steps": 2, "eval_blocks": 2}},
@@ -103,14 +105,67 @@ def run_final(work: Path, name: str, plan, settings: dict, model, data, *, seed:
                 "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": seed, "dtype": dtype}
         spec_path = atomic_write_json(work / name / "spec.json", spec)
         print(f"frontier: {name}: final fine-tune ({plan.describe()})", flush=True)
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--final-run", str(spec_path)])
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            sys.exit(f"frontier: the final fine-tune of {name} failed (exit {proc.returncode}); rerun to retry it")
-        result = json.loads(result_path.read_text())
-        result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
-        atomic_write_json(result_path, result)
+        child(name, "--final-run", spec_path)
+    return json.loads(result_path.read_text())
+
+
+def child(name: str, mode: str, spec_path: Path) -> None:
+    code = subprocess.call([sys.executable, str(Path(__file__).resolve()), mode, str(spec_path)])
+    if code != 0:
+        sys.exit(f"frontier: {mode[2:]} of {name} failed (exit {code}); rerun to retry it")
+
+
+# ---------------------------------------------------------------------------------------- peak RSS
+
+
+def _vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_run(spec_path: str) -> None:
+    """Child process: peak RSS while training ``plan`` with the final fine-tune's batch shape. The process's
+    own high-water mark is reset (``/proc/self/clear_refs``) once the quantized model with adapters is built,
+    so loading and quantizing do not count; the steps after the first allocate nothing new (AdamW state
+    exists from step 1), so a few steps reach the whole run's peak."""
+    import gc
+
+    import torch
+
+    from qradaptor.data import load_blocks
+    from qradaptor.io import atomic_write_json
+    from qradaptor.models import load_model
+    from qradaptor.plan import Plan
+    from qradaptor.quantize import prepare_model
+    from qradaptor.train import TrainConfig, train
+
+    spec = json.loads(Path(spec_path).read_text())
+    dtype = getattr(torch, spec["dtype"])
+    base, tokenizer = load_model(spec["model"], dtype=dtype)
+    blocks = load_blocks(spec["data"], tokenizer, "train", seq_len=spec["seq_len"])
+    model = prepare_model(base, Plan.from_dict(spec["plan"]), dtype=dtype, seed=spec["seed"])
+    del base
+    gc.collect()
+    before = _vm_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+    train(model, blocks, TrainConfig(steps=spec["steps"], batch_size=spec["batch_size"], lr=spec["lr"],
+                                     seed=spec["seed"]), progress=False)
+    atomic_write_json(Path(spec["result"]), {"peak_rss_bytes": _vm_kib("VmHWM") * 1024,
+                                             "rss_before_training_bytes": before * 1024, "steps": spec["steps"]})
+
+
+def measure_rss(work: Path, name: str, plan, settings: dict, model, data, *, dtype: str) -> dict:
+    """Peak RSS of ``plan``'s training in a fresh process (or the earlier measurement)."""
+    from qradaptor.io import atomic_write_json
+
+    result_path = work / name / "rss.json"
+    if not result_path.is_file():
+        spec = {"result": str(result_path), "plan": plan.to_dict(), "model": model, "data": data,
+                "steps": settings["rss_steps"], "seq_len": settings["seq_len"], "batch_size": settings["batch_size"],
+                "lr": settings["lr"], "seed": 0, "dtype": dtype}
+        child(name, "--rss-run", atomic_write_json(work / name / "rss-spec.json", spec))
     return json.loads(result_path.read_text())
 
 
@@ -256,11 +311,16 @@ def plot(methods: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     mib = 2**20
-    for m in methods:
+    placed: list[dict] = []
+    for m in sorted(methods, key=lambda m: (m["memory_bytes"], m["loss"])):
         ours = m["name"].startswith("qradaptor")
         ax.errorbar(m["memory_bytes"] / mib, m["loss"], yerr=m.get("loss_spread", 0) / 2 or None,
                     fmt="o" if ours else "s", color="#08519c" if ours else "#d95f02", capsize=3)
-        ax.annotate(m["name"], (m["memory_bytes"] / mib, m["loss"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # points at about the same memory get their labels stacked instead of printed over each other
+        near = sum(abs(p["memory_bytes"] - m["memory_bytes"]) < 0.02 * m["memory_bytes"] for p in placed)
+        ax.annotate(m["name"], (m["memory_bytes"] / mib, m["loss"]), textcoords="offset points",
+                    xytext=(6, 4 + 11 * near), fontsize=8)
+        placed.append(m)
     f = front(methods)
     ax.plot([m["memory_bytes"] / mib for m in f], [m["loss"] for m in f], "--", color="grey", lw=1, label="front")
     ax.set_xlabel("weight memory incl. adapters (MiB, measured)")
@@ -288,7 +348,9 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
                      f"{m['loss']:.4f}" + (f" ± {m['loss_spread'] / 2:.4f}" if m.get("loss_spread") else ""),
                      f"{m['perplexity']:.2f}", f"{m['loss'] - u4['loss']:+.4f}", f"{100 * recovered:.0f}%",
                      m["search_steps"], f"{m['search_steps'] / settings['steps']:.2f}", f"{m['search_seconds']:.0f}",
-                     f"{m['train_seconds']:.0f}", f"{m['peak_rss_bytes'] / 2**20:.0f}", m["plan"].replace("|", "/")])
+                     f"{m['train_seconds']:.0f}", f"{m['peak_rss_bytes'] / 2**20:.0f}",
+                     f"{m['rss_before_training_bytes'] / 2**20:.0f}", f"{m['training_estimate_bytes'] / 2**20:.0f}",
+                     m["plan"].replace("|", "/")])
     title = "a tiny random model (smoke)" if smoke else "SmolLM2-135M-Instruct"
     md = (f"# Quality vs memory on {title}\n\n"
           f"Every method: {settings['steps']} LoRA steps of {settings['batch_size']}×{settings['seq_len']} tokens "
@@ -300,10 +362,14 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
           f"(uniform 4-bit = 5.0); code bits is the plan's mean bit-width. `uniform4` is the mean of {settings['seeds']} seeds (± half the max–min spread). "
           f"Gap recovered = (uniform4 − method) / (uniform4 − lora16). Search cost is fine-tune steps spent by the "
           f"search and its multiple of one final fine-tune ({settings['steps']} steps); the sensitivity profile is "
-          f"shared by the searches and `greedy` and took {settings['profile_seconds']:.0f} s.\n\n")
+          f"shared by the searches and `greedy` and took {settings['profile_seconds']:.0f} s. Peak RSS: the process's "
+          f"high-water mark during {settings['rss_steps']} training steps of the plan in a fresh process, reset once the "
+          f"model is built (so loading and quantizing do not count; steps after the first allocate nothing new); "
+          f"RSS before = that process just before training (runtime, model, data); estimate = `qradaptor train`'s "
+          f"training-memory estimate (weights, LoRA gradients, AdamW state, activations; no runtime).\n\n")
     md += markdown_table(["method", "MiB", "× uniform4", "code bits", "avg bits", "trainable", "KL before", "test loss", "ppl",
                           "Δ vs uniform4", "gap recovered", "search steps", "× final", "search s", "train s",
-                          "peak RSS MiB", "plan"], rows)
+                          "peak RSS MiB", "RSS before MiB", "estimate MiB", "plan"], rows)
     g = goals
     yn = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     md += ("\n## Targets\n\n"
@@ -330,10 +396,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
     parser.add_argument("--work", default=None, help="resumable working directory (default: benchmarks/work/frontier; "
                                                      "with --smoke a temp dir)")
-    parser.add_argument("--final-run", default=None, help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--final-run", default=None, help=argparse.SUPPRESS)  # child processes
+    parser.add_argument("--rss-run", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.final_run:
         return final_run(args.final_run)
+    if args.rss_run:
+        return rss_run(args.rss_run)
 
     import torch
 
@@ -373,6 +442,9 @@ def main() -> None:
     for name, plan, cost, dtype in plans:
         seed = int(name.rsplit("seed", 1)[1]) if "-seed" in name else 0
         final = run_final(bench.work, name, plan, settings, model, data, seed=seed, dtype=dtype)
+        final.update(measure_rss(bench.work, name, plan, settings, model, data, dtype=dtype))
+        run = json.loads((bench.work / name / "train" / "run.json").read_text())
+        final["training_estimate_bytes"] = run["training_estimate"]["total_bytes"]  # what `train` predicted
         kl_path = bench.work / name / "kl.json"
         if not kl_path.is_file():
             kl = kl_to_full(base, plan, kl_blocks, cache, getattr(torch, dtype))
@@ -388,7 +460,7 @@ def main() -> None:
             "loss": sum(r["loss"] for r in seeds) / len(seeds),
             "loss_spread": max(r["loss"] for r in seeds) - min(r["loss"] for r in seeds)}
     mean["perplexity"] = math.exp(mean["loss"])
-    for key in ("train_seconds", "peak_rss_bytes"):
+    for key in ("train_seconds", "peak_rss_bytes", "rss_before_training_bytes"):
         mean[key] = sum(r[key] for r in seeds) / len(seeds)
     methods = [r for r in rows if r not in seeds]
     methods.insert(1, mean)
@@ -400,8 +472,8 @@ def main() -> None:
     md = report(methods, settings, goals, args.smoke)
     compute = settings["profile_seconds"] + sum(r["search_seconds"] + r["train_seconds"] for r in rows)
     payload["compute_seconds"] = compute
-    md += (f"\nTime: {compute / 60:.0f} min in the profile, the searches and the final fine-tunes; "
-           f"{payload['seconds'] / 60:.0f} min wall time in the last invocation (a resumed run counts only its part).\n")
+    md += (f"\nTime: {compute / 60:.0f} min in the profile, the searches and the final fine-tunes (measured parts, "
+           f"summed; the KL and peak-RSS measurements add a few minutes).\n")
     directory = bench.work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
     name = "frontier-smoke" if args.smoke else "frontier"
     write_results(name, payload, md, directory=directory)

@@ -50,5 +50,5 @@ def test_frontier_benchmark_smoke(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--smoke", "--work", str(tmp_path)],
                            capture_output=True, text=True, env=dict(os.environ), timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "final fine-tune" not in again.stdout
+    assert ": final fine-tune (" not in again.stdout
     assert json.loads((tmp_path / "frontier-smoke.json").read_text())["methods"][1]["loss"] == by["uniform4"]["loss"]
