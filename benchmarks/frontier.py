@@ -303,30 +303,45 @@ def targets(methods: list[dict], final_steps: int) -> dict:
     return out
 
 
+STYLE = {  # name: (marker, colour); qradaptor budgets are blue circles
+    "lora16": ("*", "black"), "uniform4": ("s", "#d95f02"), "uniform3": ("s", "#e7298a"),
+    "greedy": ("^", "#1b9e77"), "random": ("D", "#7570b3"),
+}
+
+
 def plot(methods: list[dict], path: Path) -> None:
+    """Held-out loss vs memory, one legend entry per method, and a zoom on the uniform 4-bit neighbourhood
+    (where several methods land within a few hundredths of a nat)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
     mib = 2**20
-    placed: list[dict] = []
-    for m in sorted(methods, key=lambda m: (m["memory_bytes"], m["loss"])):
-        ours = m["name"].startswith("qradaptor")
-        ax.errorbar(m["memory_bytes"] / mib, m["loss"], yerr=m.get("loss_spread", 0) / 2 or None,
-                    fmt="o" if ours else "s", color="#08519c" if ours else "#d95f02", capsize=3)
-        # points at about the same memory get their labels stacked instead of printed over each other
-        near = sum(abs(p["memory_bytes"] - m["memory_bytes"]) < 0.02 * m["memory_bytes"] for p in placed)
-        ax.annotate(m["name"], (m["memory_bytes"] / mib, m["loss"]), textcoords="offset points",
-                    xytext=(6, 4 + 11 * near), fontsize=8)
-        placed.append(m)
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    u4 = next(m for m in methods if m["name"] == "uniform4")
+    near = [m for m in methods if abs(m["memory_bytes"] - u4["memory_bytes"]) < 0.02 * u4["memory_bytes"]
+            and abs(m["loss"] - u4["loss"]) < 0.05]
+    inset = ax.inset_axes([0.42, 0.42, 0.3, 0.5]) if len(near) > 1 else None
+    shades = iter(["#c6dbef", "#6baed6", "#2171b5", "#08306b"])
+    for m in methods:
+        marker, colour = STYLE.get(m["name"], ("o", None))
+        colour = colour or next(shades)
+        for axis in (ax, inset) if (inset is not None and m in near) else (ax,):
+            axis.errorbar(m["memory_bytes"] / mib, m["loss"], yerr=m.get("loss_spread", 0) / 2 or None, fmt=marker,
+                          color=colour, markersize=9 if marker == "*" else 6, capsize=3,
+                          label=m["name"] if axis is ax else None)
     f = front(methods)
     ax.plot([m["memory_bytes"] / mib for m in f], [m["loss"] for m in f], "--", color="grey", lw=1, label="front")
+    if inset is not None:
+        inset.set_title("zoom: uniform 4-bit memory", fontsize=8)
+        inset.tick_params(labelsize=7)
+        inset.grid(alpha=0.3)
+        ax.indicate_inset_zoom(inset, edgecolor="grey")
     ax.set_xlabel("weight memory incl. adapters (MiB, measured)")
     ax.set_ylabel("held-out test loss after fine-tuning")
-    ax.set_title("SmolLM2-135M: quality vs memory (blue: qradaptor, orange: baselines)", fontsize=10)
-    ax.legend(loc="upper right")
+    ax.set_title("SmolLM2-135M: quality vs memory, same fine-tune for every method", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
