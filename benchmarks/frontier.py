@@ -8,6 +8,7 @@ data, steps, seed and evaluation.
     greedy            bits and ranks from the sensitivity profile alone (greedy fill), 4-bit budget, no search
     random            random search (plans repaired into the 4-bit budget), as many fine-tune steps as ours
     qradaptor-<B>     the pipeline's search at budgets 3bit, 3.5bit, 4bit, 5bit
+    qradaptor-4bit-r16  ablation: the same search over bits only, every adapter at rank 16
 
 Per method: weight memory (measured, adapters included), average bits, trainable parameters, KL to the
 full model before training (test split), held-out test loss and perplexity after training, search cost
@@ -450,6 +451,8 @@ def main() -> None:
     plans.append(("random", *searched("random", "4bit", **bench.random_settings(ours["4bit"][1]["search_steps"])),
                   "float32"))
     plans += [(f"qradaptor-{budget}", plan, cost, "float32") for budget, (plan, cost) in ours.items()]
+    # ablation: the same search over bits only, every adapter at rank 16 (does redistributing bits alone help?)
+    plans.append(("qradaptor-4bit-r16", *searched("qradaptor-4bit-r16", "4bit", ranks=(16,)), "float32"))
     cache = bench.fitness.cache  # quantized layers the searches made, reused for the KL measurements
 
     kl_blocks = load_blocks(data, tokenizer, "test", seq_len=settings["seq_len"], max_blocks=settings["kl_blocks"])

@@ -30,7 +30,7 @@ def test_frontier_benchmark_smoke(tmp_path):
     result = json.loads((tmp_path / "frontier-smoke.json").read_text())
     names = [m["name"] for m in result["methods"]]
     assert names == ["lora16", "uniform4", "uniform3", "greedy", "random",
-                     "qradaptor-3bit", "qradaptor-3.5bit", "qradaptor-4bit", "qradaptor-5bit"]
+                     "qradaptor-3bit", "qradaptor-3.5bit", "qradaptor-4bit", "qradaptor-5bit", "qradaptor-4bit-r16"]
     by = {m["name"]: m for m in result["methods"]}
     for m in result["methods"]:
         assert m["memory_bytes"] == m["predicted_bytes"] > 0  # measured on the trained model = the memory model
@@ -42,6 +42,7 @@ def test_frontier_benchmark_smoke(tmp_path):
     assert by["qradaptor-4bit"]["memory_bytes"] <= by["uniform4"]["memory_bytes"]
     assert by["qradaptor-3bit"]["memory_bytes"] <= by["uniform3"]["memory_bytes"]
     assert by["lora16"]["kl_before"] < by["uniform3"]["kl_before"]
+    assert {c["rank"] for c in by["qradaptor-4bit-r16"]["plan_layers"]} == {16}
     assert len(result["uniform4_seeds"]) == result["settings"]["seeds"]
     assert by["random"]["search_steps"] <= by["qradaptor-4bit"]["search_steps"] + result["settings"]["search"]["cheap"]["steps"]
     assert (tmp_path / "frontier-smoke.md").is_file() and (tmp_path / "frontier-smoke.png").is_file()

@@ -344,3 +344,19 @@ def test_refinement_runs_where_no_uniform_4bit_plan_fits(tiny, words, tmp_path):
     assert sum(p.source == "promotion" for p in full) == 2
     assert sum(p.source == "refine" for p in full) == 1
     assert all(p.memory_bytes <= budget for p in result.points)
+
+
+def test_refinement_runs_when_uniform_4bit_is_the_promoted_plan(tiny, words, tmp_path):
+    """Bits-only search at the 4-bit budget: uniform 4-bit may top the cheap front; promoting it alone
+    would leave the surrogate one point, so the next front plan is promoted too."""
+    d, model, prior = tiny
+    prior.save(tmp_path)
+
+    def uniform_wins(plan, fidelity):  # uniform 4-bit is the best plan there is
+        return sum(abs(c.bits - 4) for c in plan.layers) + 0.5, fidelity.steps
+
+    result = search(str(d), data=words, budget=budget_of(model, 4), out=tmp_path, trials=8, population=4, promote=1,
+                    refine=1, alpha=1.0, progress=False, fitness=uniform_wins, seq_len=32, ranks=(16,))
+    full = [p for p in result.points if p.fidelity == "full"]
+    assert sum(p.source != "refine" for p in full) == 2
+    assert sum(p.source == "refine" for p in full) == 1

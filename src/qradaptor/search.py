@@ -532,11 +532,13 @@ class Search:
         cheap = [p for p in self.points() if p.fidelity == "cheap"]
         front = sorted(pareto_front(cheap), key=lambda p: self.scalarize(p.loss, p.memory_bytes, cheap))
         # Always include uniform baselines that were evaluated, so the report can compare at full fidelity.
-        baselines = [p for p in cheap if p.source.startswith("uniform-4")]
-        # The refinement's surrogate needs two full-fidelity points: where no uniform 4-bit plan fits the
-        # budget, promote one more front plan rather than silently skip the Bayesian stage.
-        n = max(self.config.promote, 2 - len(baselines) if self.config.refine else 0)
-        chosen = front[:n] + [p for p in baselines if p not in front[:n]]
+        chosen = front[: self.config.promote]
+        chosen += [p for p in cheap if p.source.startswith("uniform-4") and p not in chosen]
+        # The refinement's surrogate needs two full-fidelity points: where that leaves fewer (no uniform 4-bit
+        # plan fits, or it is itself the promoted plan), promote more of the front rather than skip refinement.
+        more = [p for p in front if p not in chosen]
+        while self.config.refine and len(chosen) < 2 and more:
+            chosen.append(more.pop(0))
         bar = _progress(len(chosen), 0, "search: promote", self.progress)
         for p in chosen:
             self._record(p.plan, self.config.full, "promotion" if not p.source.startswith("uniform") else p.source)
