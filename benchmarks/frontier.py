@@ -26,6 +26,7 @@ skips what is done. Writes benchmarks/results/frontier.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
@@ -324,7 +325,7 @@ def plot(methods: list[dict], path: Path) -> None:
     near = [m for m in methods if abs(m["memory_bytes"] - u4["memory_bytes"]) < 0.02 * u4["memory_bytes"]
             and abs(m["loss"] - u4["loss"]) < 0.05]
     inset = ax.inset_axes([0.42, 0.42, 0.3, 0.5]) if len(near) > 1 else None
-    shades = iter(["#c6dbef", "#6baed6", "#2171b5", "#08306b"])
+    shades = itertools.cycle(["#c6dbef", "#6baed6", "#2171b5", "#08306b", "#9e9ac8"])
     for m in methods:
         marker, colour = STYLE.get(m["name"], ("o", None))
         colour = colour or next(shades)
@@ -435,7 +436,10 @@ def main() -> None:
 
     def searched(name: str, budget: str, **extra) -> tuple[Plan, dict]:
         result = bench.search(name, budget, **extra)
-        return result.chosen.plan, bench.search_cost(name, result)
+        # the search's own full-fidelity losses, to compare its ranking with the final fine-tune's
+        uniform4 = [p.loss for p in result.points if p.fidelity == "full" and p.source.startswith("uniform-4")]
+        return result.chosen.plan, {**bench.search_cost(name, result), "search_loss": result.chosen.loss,
+                                    "search_uniform4_loss": uniform4[0] if uniform4 else None}
 
     # Every method: its plan and the search that found it (none for the fixed baselines).
     none = {"search_steps": 0, "search_seconds": 0.0, "search_evaluations": 0}
