@@ -75,7 +75,7 @@ def final_run(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     run_dir = Path(spec["run_dir"])
-    if run_dir.exists():  # an interrupted earlier attempt: start over so seconds and peak RSS are whole
+    if run_dir.exists():  # an interrupted earlier attempt: start over so its seconds are whole
         shutil.rmtree(run_dir)
     start = time.perf_counter()
     result = train_plan(run_dir, plan=spec["plan"], model=spec["model"], data=spec["data"], steps=spec["steps"],
@@ -96,7 +96,7 @@ def final_run(spec_path: str) -> None:
 
 
 def run_final(work: Path, name: str, plan, settings: dict, model, data, *, seed: int, dtype: str = "float32") -> dict:
-    """Train ``plan`` in a child process (its own peak RSS), or return the result of a finished earlier run."""
+    """Train ``plan`` in a child process (the real training stage), or return a finished earlier run's result."""
     from qradaptor.io import atomic_write_json
 
     result_path = work / name / "final.json"
