@@ -179,7 +179,7 @@ class Bench:
     search of a benchmark run shares; also used by benchmarks/search.py, which reuses the same work dir."""
 
     def __init__(self, work: str | None, *, smoke: bool):
-        from qradaptor.backends import QuantCache, get_backend
+        from qradaptor.backends import get_backend
         from qradaptor.memory import ModelShapes
         from qradaptor.models import load_model
         from qradaptor.profile import RESULT_FILE, ProfileSettings, Sensitivity, profile_model
@@ -215,7 +215,6 @@ class Bench:
         self.trials, self.alpha = self.search_settings.pop("trials"), self.search_settings.pop("alpha")
         self.fitness = FineTuneFitness(self.base, self.tokenizer, data=self.data,
                                        config=SearchConfig(budget_bytes=1, seq_len=self.settings["seq_len"], seed=0))
-        self.fitness.cache = QuantCache(self.backend)  # one cache for every search's fine-tunes
 
     def search(self, name: str, budget: str, **extra):
         """Run (or resume, or reload when finished) the search ``name`` in ``work/name/search``."""
