@@ -13,9 +13,40 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackendError
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """``x @ W.T + b`` for a frozen quantized ``W`` that autograd never keeps.
+
+    ``F.linear(x, module.weight)`` would save the dequantized weight until backward (as much memory as the
+    unquantized model). The weight is frozen, so backward only needs ``grad @ W`` for the input gradient:
+    this saves nothing at all and dequantizes again from the packed codes in backward (HQQ's
+    ``HQQMatmulNoCacheDeq`` and bitsandbytes' ``MatMul4Bit`` do the same).
+    """
+
+    @staticmethod
+    def forward(ctx, x, module, bias):
+        ctx.module = module
+        return F.linear(x, module.weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output.matmul(ctx.module.weight)
+        return grad_input, None, None
+
+
+def dequant_linear(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ module.weight.T + bias`` where ``module.weight`` is dequantized on access and not saved for
+    backward (the weight and bias are frozen: only ``x`` gets a gradient)."""
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return F.linear(x, module.weight, bias)
+    return _DequantMatmul.apply(x, module, bias)
 
 
 class QuantBackend(ABC):

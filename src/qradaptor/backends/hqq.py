@@ -15,11 +15,10 @@ HQQ's own storage remains available as the ``hqq-native`` backend (``hqq_native.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackendError
-from .base import QuantBackend
+from .base import QuantBackend, dequant_linear
 from .packing import PACKABLE_BITS, pack, packed_bytes, unpack
 
 
@@ -81,7 +80,7 @@ class PackedLinear(nn.Linear):
         return w.sub_(self.zero).mul_(self.scale).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.compute_dtype), self.weight, self.bias)
+        return dequant_linear(x.to(self.compute_dtype), self, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

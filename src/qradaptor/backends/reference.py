@@ -9,11 +9,10 @@ whatever the bit-width; use it for correctness, not to save memory.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackendError
-from .base import QuantBackend
+from .base import QuantBackend, dequant_linear
 
 
 def quantize_groups(weight: torch.Tensor, bits: int, group_size: int):
@@ -53,7 +52,7 @@ class FakeQuantLinear(nn.Linear):
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.compute_dtype), self.weight, self.bias)
+        return dequant_linear(x.to(self.compute_dtype), self, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
