@@ -139,7 +139,8 @@ def cmd_train(args) -> int:
                    batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
                    warmup_steps=args.warmup_steps, seed=args.seed, backend=args.backend, dtype=args.dtype,
                    eval_every=args.eval_every, eval_blocks=args.eval_blocks, checkpoint_every=args.checkpoint_every,
-                   max_train_blocks=args.max_train_blocks, resume=args.resume, progress=not args.quiet)
+                   max_train_blocks=args.max_train_blocks, gradient_checkpointing=args.gradient_checkpointing,
+                   resume=args.resume, progress=not args.quiet)
     resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""
     print(f"trained {r.config.steps} steps{resumed}: final training loss {r.train.final_loss:.4f}", end="")
     if r.validation:
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-blocks", type=int, default=None, help="validation blocks (default 16; 0: no validation)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: 10 per run)")
     p.add_argument("--max-train-blocks", type=int, default=None, help="use at most this many training blocks")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each decoder layer's activations in backward instead of keeping them "
+                        "(default on: see the README's training memory)")
     p.add_argument("--out", required=True, help="run directory (run.json, checkpoints/, adapter/, metrics.json)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
     p.set_defaults(func=cmd_train)

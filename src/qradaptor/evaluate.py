@@ -16,6 +16,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from .errors import LMEvalError
@@ -31,12 +32,47 @@ class EvalResult:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens}
 
 
-def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token negative log-likelihood over labelled positions, and their count."""
-    logits = model(input_ids=input_ids).logits[:, :-1].float()
+#: Logit values computed at once by `token_nll` (2**23 fp32 values = 32 MiB; 170 tokens of a 49k vocabulary).
+LOSS_CHUNK_VALUES = 2**23
+# Config keys of architectures whose logits are not just ``lm_head(hidden)`` (they take the plain path).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _chunk_nll(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), target, ignore_index=-100, reduction="sum")
+
+
+def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
+              chunk_values: int = LOSS_CHUNK_VALUES) -> tuple[torch.Tensor, int]:
+    """Summed next-token negative log-likelihood over labelled positions, and their count.
+
+    The LM head and the loss run over chunks of labelled tokens (at most ``chunk_values`` logits each), and
+    under autograd each chunk is checkpointed: the full ``tokens × vocabulary`` fp32 logits and their
+    gradient never exist at once (for 4×256 tokens and SmolLM2's 49k vocabulary they would take 2×192 MiB).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
     target = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
-    return nll, int((target != -100).sum())
+    if head is None or not hasattr(base, "model") or any(getattr(base.config, k, None) for k in _LOGIT_TRANSFORMS):
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
+                              reduction="sum")
+        return nll, int((target != -100).sum())
+    hidden = base.model(input_ids=input_ids).last_hidden_state[:, :-1]
+    keep = target != -100
+    hidden, target = hidden[keep], target[keep]  # only labelled positions reach the head
+    count = int(target.numel())
+    if count == 0:
+        return hidden.sum() * 0.0, 0
+    step = max(1, chunk_values // head.weight.shape[0])
+    checkpointed = torch.is_grad_enabled() and hidden.requires_grad
+    total = None
+    for start in range(0, count, step):
+        args = (head, hidden[start : start + step], target[start : start + step])
+        part = (torch.utils.checkpoint.checkpoint(_chunk_nll, *args, use_reentrant=False) if checkpointed
+                else _chunk_nll(*args))
+        total = part if total is None else total + part
+    return total, count
 
 
 @torch.no_grad()

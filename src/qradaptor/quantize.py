@@ -34,6 +34,11 @@ def layer_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in layer.named_modules() if type(m) is nn.Linear]
 
 
+def _set_child(layer: nn.Module, name: str, module: nn.Module | None) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(layer.get_submodule(parent_name) if parent_name else layer, child, module)
+
+
 def resolve_backend(backend: str | QuantBackend | None, dtype: torch.dtype) -> QuantBackend:
     if isinstance(backend, QuantBackend):
         return backend
@@ -62,21 +67,35 @@ def quantize_model(
     for choice in plan.layers:
         if choice.bits != UNQUANTIZED_BITS:
             backend.check_bits(choice.bits)
-    source_layers = decoder_layers(model)
-    out = model if inplace else copy.deepcopy(model)
+    # The linears to quantize are never copied or converted: the copy gets empty slots in their place (in
+    # place, their slots are emptied), and each is quantized from the source and dropped in turn, so the
+    # peak holds one full-precision model plus one linear, never two copies of the model.
+    targets = []
+    for index, (_, layer) in enumerate(decoder_layers(model)):
+        bits = plan.layers[index].bits
+        if bits != UNQUANTIZED_BITS:
+            for name, linear in layer_linears(layer):
+                backend.check_shape(linear.out_features, linear.in_features, plan.group_size)
+                targets.append((index, name, linear, bits))
+    if inplace:
+        out = model
+        layers = decoder_layers(out)
+        for index, name, _, _ in targets:
+            _set_child(layers[index][1], name, None)
+    else:
+        out = copy.deepcopy(model, memo={id(linear): None for _, _, linear, _ in targets})
     out.to(dtype)
-    for (layer_name, layer), (_, source_layer) in zip(decoder_layers(out), source_layers):
-        bits = plan.layers[int(layer_name.rsplit(".", 1)[1])].bits
-        if bits == UNQUANTIZED_BITS:
-            continue
-        for (name, linear), (_, source_linear) in zip(layer_linears(layer), layer_linears(source_layer)):
-            full = f"{layer_name}.{name}"
-            if cache is not None:
-                q = cache.get(full, source_linear, bits, plan.group_size)
-            else:
-                q = backend.quantize(source_linear, bits, plan.group_size)
-            parent_name, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent_name) if parent_name else layer, child, q)
+    out_layers = decoder_layers(out)
+    targets.reverse()
+    while targets:
+        index, name, source_linear, bits = targets.pop()
+        layer_name, layer = out_layers[index]
+        if cache is not None:
+            q = cache.get(f"{layer_name}.{name}", source_linear, bits, plan.group_size)
+        else:
+            q = backend.quantize(source_linear, bits, plan.group_size)
+        _set_child(layer, name, q)
+        del source_linear  # in place, the last reference: that weight is freed now
     out.requires_grad_(False)
     out.qradaptor_plan = plan
     out.qradaptor_backend = backend

@@ -84,6 +84,7 @@ class SearchConfig:
     group_size: int = 64
     backend: str = "hqq"
     rank_value: float = 1 / 3
+    gradient_checkpointing: bool = True  # in the search's fine-tunes (see TrainConfig)
     sampler: str = "nsga2"  # exploration sampler: "nsga2", or "random" (the baseline the benchmark compares to)
     seed: int = 0
 
@@ -265,7 +266,9 @@ class FineTuneFitness:
         model = prepare_model(self.model, plan, cache=self.cache, seed=self.config.seed)
         train(model, self.train_blocks, TrainConfig(steps=fidelity.steps, batch_size=fidelity.batch_size,
                                                     lr=fidelity.lr, warmup_steps=max(1, fidelity.steps // 10),
-                                                    seed=self.config.seed), progress=False)
+                                                    seed=self.config.seed,
+                                                    gradient_checkpointing=self.config.gradient_checkpointing),
+              progress=False)
         result = evaluate_loss(model, self.eval_blocks.subset(min(fidelity.eval_blocks, len(self.eval_blocks))),
                                progress=False)
         return result.loss, fidelity.steps

@@ -32,6 +32,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     eval_every: int = 0  # 0: no periodic evaluation
+    # Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant).
+    gradient_checkpointing: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,36 +115,45 @@ def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks
         return TrainState(step=len(result.losses), losses=list(result.losses), evals=list(result.evals),
                           optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=torch.get_rng_state())
 
-    model.train()
+    transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if config.gradient_checkpointing:
+        # Non-reentrant: works with frozen quantized layers and inputs that need no gradient (no
+        # enable_input_require_grads hack), and the recomputation is exact (LoRA dropout is 0 by default).
+        transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     start = time.perf_counter()
-    bar = tqdm(range(first, config.steps), desc=desc, disable=not progress, unit="step", total=config.steps,
-               initial=first)
-    for step in bar:
-        step_nll, step_tokens = 0.0, 0
-        micro = batches[step * config.grad_accum : (step + 1) * config.grad_accum]
-        tokens = [int((train_blocks.labels[idx][:, 1:] != -100).sum()) for idx in micro]
-        for idx, n in zip(micro, tokens):
-            nll, _ = token_nll(model, train_blocks.input_ids[idx], train_blocks.labels[idx])
-            # Normalise by the step's token count so accumulation equals one big batch.
-            (nll / max(sum(tokens), 1)).backward()
-            step_nll += float(nll.detach())
-            step_tokens += n
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(step_nll / max(step_tokens, 1))
-        postfix = {"loss": f"{result.losses[-1]:.3f}"}
-        if eval_blocks is not None and config.eval_every and (step + 1) % config.eval_every == 0:
-            ev = evaluate_loss(model, eval_blocks, progress=False)
-            result.evals.append((step + 1, ev.loss))
-            postfix["val"] = f"{ev.loss:.3f}"
-            model.train()
-        bar.set_postfix(postfix)
-        if on_step is not None:
-            on_step(step + 1, result, snapshot)
-    model.eval()
+    try:
+        model.train()
+        bar = tqdm(range(first, config.steps), desc=desc, disable=not progress, unit="step", total=config.steps,
+                   initial=first)
+        for step in bar:
+            step_nll, step_tokens = 0.0, 0
+            micro = batches[step * config.grad_accum : (step + 1) * config.grad_accum]
+            tokens = [int((train_blocks.labels[idx][:, 1:] != -100).sum()) for idx in micro]
+            for idx, n in zip(micro, tokens):
+                nll, _ = token_nll(model, train_blocks.input_ids[idx], train_blocks.labels[idx])
+                # Normalise by the step's token count so accumulation equals one big batch.
+                (nll / max(sum(tokens), 1)).backward()
+                step_nll += float(nll.detach())
+                step_tokens += n
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(step_nll / max(step_tokens, 1))
+            postfix = {"loss": f"{result.losses[-1]:.3f}"}
+            if eval_blocks is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+                ev = evaluate_loss(model, eval_blocks, progress=False)
+                result.evals.append((step + 1, ev.loss))
+                postfix["val"] = f"{ev.loss:.3f}"
+                model.train()
+            bar.set_postfix(postfix)
+            if on_step is not None:
+                on_step(step + 1, result, snapshot)
+    finally:
+        model.eval()
+        if config.gradient_checkpointing:
+            transformer.activation_checkpointing_disable()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -244,6 +255,7 @@ class RunConfig:
     eval_blocks: int = 16  # validation blocks (0: no validation)
     checkpoint_every: int | None = None  # None: 10 checkpoints over the run
     max_train_blocks: int | None = None
+    gradient_checkpointing: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -252,7 +264,8 @@ class RunConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
                            warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
                            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, seed=self.seed,
-                           eval_every=self.eval_every if self.eval_blocks else 0)
+                           eval_every=self.eval_every if self.eval_blocks else 0,
+                           gradient_checkpointing=self.gradient_checkpointing)
 
 
 @dataclass
@@ -342,7 +355,7 @@ def _resolve(given: dict, saved: dict | None) -> RunConfig:
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Settings a resume may change: they do not change what is computed.
-_RESUME_MAY_CHANGE = frozenset({"checkpoint_every"})
+_RESUME_MAY_CHANGE = frozenset({"checkpoint_every", "gradient_checkpointing"})
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -383,8 +396,8 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
                grad_accum: int | None = None, seq_len: int | None = None, lr: float | None = None,
                warmup_steps: int | None = None, seed: int | None = None, backend: str | None = None,
                dtype: str | None = None, eval_every: int | None = None, eval_blocks: int | None = None,
-               checkpoint_every: int | None = None, max_train_blocks: int | None = None, resume: bool = False,
-               progress: bool = True) -> RunResult:
+               checkpoint_every: int | None = None, max_train_blocks: int | None = None,
+               gradient_checkpointing: bool | None = None, resume: bool = False, progress: bool = True) -> RunResult:
     """What ``qradaptor train`` runs: the full fine-tune of ``plan`` on the quantized base, into ``out``.
 
     Settings left at None take their defaults (new run) or the saved run's values (``resume``); a resume
@@ -397,7 +410,7 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
     from .memory import ModelShapes, format_bytes, measured_bytes, predict, training_estimate
     from .models import load_model, model_fingerprint
     from .plan import Plan
-    from .quantize import prepare_model
+    from .quantize import add_adapters, quantize_model
 
     out = Path(out)
     saved = read_run(out)
@@ -417,7 +430,7 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
     given = dict(model=model, data=data, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                  seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, seed=seed, backend=backend, dtype=dtype,
                  eval_every=eval_every, eval_blocks=eval_blocks, checkpoint_every=checkpoint_every,
-                 max_train_blocks=max_train_blocks)
+                 max_train_blocks=max_train_blocks, gradient_checkpointing=gradient_checkpointing)
     config = _resolve(given, None if saved is None else saved["config"])
 
     # Plan: given, or the saved one on resume; a different plan on resume is a changed setting.
@@ -456,11 +469,12 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
         config.eval_every = max(1, math.ceil(config.steps / 5)) if config.eval_blocks else 0
     if config.checkpoint_every is None:
         config.checkpoint_every = max(1, math.ceil(config.steps / 10))
-    tuned = prepare_model(base, plan_obj, quant, dtype=dtype_t, seed=config.seed)  # checks bits and shapes
-
     shapes = ModelShapes.from_model(base)
+    # In place: each dense linear is freed as its quantized version replaces it (checks bits and shapes first).
+    tuned = add_adapters(quantize_model(base, plan_obj, quant, dtype=dtype_t, inplace=True), plan_obj,
+                         seed=config.seed)
     memory = predict(shapes, plan_obj, quant)
-    estimate = training_estimate(shapes, plan_obj, quant, base.config, batch_size=config.batch_size,
+    estimate = training_estimate(shapes, plan_obj, quant, tuned.config, batch_size=config.batch_size,
                                  seq_len=config.seq_len)
     del base
 
