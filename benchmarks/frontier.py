@@ -89,7 +89,7 @@ def final_run(spec_path: str) -> None:
     trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
     atomic_write_json(Path(spec["result"]), {
         "loss": evaluated.loss, "perplexity": evaluated.perplexity, "test_tokens": evaluated.tokens,
-        "train_seconds": seconds, "trainable_params": trainable,
+        "train_seconds": seconds, "train_loop_seconds": result.train.seconds, "trainable_params": trainable,
         "memory_bytes": result.metrics["memory"]["measured_bytes"],
         "predicted_bytes": result.metrics["memory"]["predicted_bytes"], "avg_bits": result.metrics["memory"]["avg_bits"],
         "final_train_loss": result.train.final_loss, "validation_loss": (result.validation or {}).get("loss")})

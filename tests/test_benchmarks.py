@@ -53,3 +53,31 @@ def test_frontier_benchmark_smoke(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert ": final fine-tune (" not in again.stdout
     assert json.loads((tmp_path / "frontier-smoke.json").read_text())["methods"][1]["loss"] == by["uniform4"]["loss"]
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--smoke", "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "memory.json").read_text())
+    names = [c["name"] for c in result["cases"]]
+    assert names == ["tiny/bf16-lora/bfloat16/ckpt/2x32", "tiny/uniform4/bfloat16/ckpt/2x32",
+                     "tiny/uniform4/float32/no-ckpt/2x32"]
+    for case in result["cases"]:
+        # a fresh process per case: imports, then the model, then training; every figure from that process
+        assert 0 < case["rss_after_imports"] <= case["rss_before_training"] <= case["peak_training"]
+        assert case["peak_process"] >= case["peak_training"] and case["predicted_peak"] > 0
+        assert len(case["step_seconds"]) == 2 and all(t > 0 for t in case["step_seconds"])
+    assert not (ROOT / "benchmarks" / "results" / "memory-smoke.json").exists()
+
+
+def test_dtype_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dtype.py"), "--smoke", "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "dtype.json").read_text())
+    assert set(result["dtypes"]) == {"float32", "bfloat16"}
+    for d in result["dtypes"].values():
+        assert len(d["losses"]) == 3 and d["step_seconds"] > 0 and d["spread"] >= 0
+    assert result["verdict"]["default"] in ("float32", "bfloat16")
+    assert not (ROOT / "benchmarks" / "results" / "dtype-smoke.json").exists()

@@ -65,6 +65,30 @@ def test_memory_budget_verdict(capsys, tiny_dir, workdir):
     assert "does NOT fit" in out
 
 
+def test_memory_prints_the_training_peak_and_checks_a_training_budget(capsys, tiny_dir, workdir):
+    plan = write_plan(workdir / "four.json", [4] * 4, rank=16)
+    _, out, _ = run(capsys, "memory", "--model", str(tiny_dir), "--plan", plan, "--batch-size", "8", "--seq-len",
+                    "128", "--no-gradient-checkpointing", "--json")
+    training = json.loads(out)["training"]
+    assert (training["batch_size"], training["seq_len"], training["checkpointing"]) == (8, 128, False)
+    peak = training["peak_bytes"]
+    _, out, _ = run(capsys, "memory", "--model", str(tiny_dir), "--plan", plan, "--batch-size", "8", "--seq-len",
+                    "128", "--no-gradient-checkpointing", "--budget", f"train:{peak - 1}")
+    assert "training peak:" in out and "does NOT fit" in out and "fits with --batch-size" in out
+    _, out, _ = run(capsys, "memory", "--model", str(tiny_dir), "--plan", plan, "--budget", f"train:{10 * peak}",
+                    "--json")
+    assert json.loads(out)["fits"] is True
+
+
+def test_train_refuses_a_batch_over_the_training_budget_before_writing(capsys, tiny_dir, workdir):
+    plan = write_plan(workdir / "p.json", [4] * 4)
+    data = words_file(workdir / "d.txt")
+    code, _, err = run(capsys, "train", "--model", str(tiny_dir), "--plan", plan, "--data", data, "--seq-len", "16",
+                       "--batch-size", "8", "--steps", "1", "--budget", "train:100MB", "--out", "r")
+    assert code == 2 and "training-memory budget" in err and "fix:" in err
+    assert not (workdir / "r").exists()
+
+
 def test_evaluate_json(capsys, tiny_dir, workdir):
     data = words_file(workdir / "d.txt")
     code, out, _ = run(capsys, "evaluate", "--model", str(tiny_dir), "--data", data, "--split", "train",

@@ -5,7 +5,7 @@ import torch
 
 from qradaptor.backends import BACKENDS, get_backend
 from qradaptor.errors import BudgetError
-from qradaptor.memory import ModelShapes, check_budget, measured_bytes, parse_budget, predict, training_estimate, uniform_bytes
+from qradaptor.memory import ModelShapes, check_budget, measured_bytes, parse_budget, predict, training_memory, uniform_bytes
 from qradaptor.plan import LayerChoice, Plan
 from qradaptor.quantize import prepare_model
 
@@ -110,13 +110,74 @@ def test_budget_below_the_cheapest_plan_names_the_cheapest_memory(tiny_config):
     assert str(floor) in str(e.value)
 
 
-def test_training_estimate_scales_with_batch_and_rank(tiny_config):
+def test_training_memory_scales_with_batch_rank_and_checkpointing(tiny_config):
     shapes, backend = ModelShapes.from_config(tiny_config), get_backend("hqq")
-    est = lambda plan, b: training_estimate(shapes, plan, backend, tiny_config, batch_size=b, seq_len=64)
+    est = lambda plan, b, ckpt=True: training_memory(shapes, plan, backend, tiny_config, batch_size=b, seq_len=64,
+                                                     checkpointing=ckpt)
     small, big = est(Plan.uniform(4, 4, 4), 1), est(Plan.uniform(4, 4, 4), 4)
-    assert big.activation_bytes > 3 * small.activation_bytes - 1
+    assert big.activation_bytes == 4 * small.activation_bytes
     assert est(Plan.uniform(4, 4, 16), 1).optimizer_bytes == 4 * small.optimizer_bytes
-    assert small.total_bytes > small.weights_bytes
+    assert small.peak_bytes > small.weights_bytes + small.runtime_bytes
+    assert est(Plan.uniform(4, 4, 4), 4, ckpt=False).activation_bytes > 2 * big.activation_bytes
+    plain = training_memory(shapes, Plan.uniform(4, 16, 4), None, tiny_config, batch_size=4, seq_len=64,
+                            dtype=torch.bfloat16, plain_peft=True)
+    assert plain.weights_bytes > big.weights_bytes  # every layer at 16 bits
+    assert plain.loss_bytes == 4 * 64 * tiny_config.vocab_size * (2 + 4 + 4)  # the whole batch's logits
+
+
+def test_training_memory_model_counts_what_autograd_saves(tiny_config):
+    """Without checkpointing the predicted activations are the bytes autograd really keeps (hooked), within 15%."""
+    from transformers import LlamaForCausalLM
+
+    from qradaptor.evaluate import token_nll
+    from qradaptor.quantize import prepare_model
+
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(tiny_config)
+        plan = Plan.uniform(4, 4, 8)
+        model = prepare_model(base, plan, get_backend("hqq", compute_dtype=dtype), dtype=dtype)
+        model.train()
+        ids = torch.randint(0, tiny_config.vocab_size, (4, 64))
+        seen: dict[tuple, int] = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):  # parameters are counted with the weights
+                seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            token_nll(model, ids, ids)[0].backward()
+        saved = sum(seen.values())
+        predicted = training_memory(ModelShapes.from_config(tiny_config), plan, get_backend("hqq", compute_dtype=dtype),
+                                    tiny_config, batch_size=4, seq_len=64, dtype=dtype, checkpointing=False)
+        layers_only = predicted.activation_bytes - 4 * 64 * tiny_config.hidden_size * (2 if dtype != torch.float32 else 4)
+        assert abs(saved / layers_only - 1) < 0.15, (dtype, saved, layers_only)
+
+
+def test_training_budget_parsing_and_refusal_names_a_fitting_setting(tiny_config):
+    from qradaptor.memory import check_training_budget, parse_training_budget
+
+    assert parse_training_budget("train:1.5GiB") == int(1.5 * 2**30)
+    assert parse_training_budget("TRAIN: 700MB") == 700 * 10**6
+    assert parse_training_budget("4bit") is None and parse_training_budget(None) is None
+    for bad in ("train:", "train:abc", "train:4bit", "train:0"):
+        with pytest.raises(BudgetError, match="train:"):
+            parse_training_budget(bad)
+    shapes, backend, plan = ModelShapes.from_config(tiny_config), get_backend("hqq"), Plan.uniform(4, 4, 8)
+    est = lambda b, ckpt: training_memory(shapes, plan, backend, tiny_config, batch_size=b, seq_len=256,
+                                          checkpointing=ckpt)
+    big = est(8, False)
+    check_training_budget(big, big.peak_bytes, shapes, plan, backend, tiny_config, dtype=torch.float32)  # fits
+    budget = est(2, True).peak_bytes  # checkpointing on and a quarter of the batch fits
+    with pytest.raises(BudgetError) as e:
+        check_training_budget(big, budget, shapes, plan, backend, tiny_config, dtype=torch.float32)
+    assert "--gradient-checkpointing" in e.value.fix and "--batch-size" in e.value.fix
+    batch = int(e.value.fix.split("--batch-size ")[1].split()[0])
+    assert 2 <= batch < 8 and est(batch, True).peak_bytes <= budget < est(batch + 1, True).peak_bytes
+    with pytest.raises(BudgetError, match="even one block"):
+        check_training_budget(big, est(1, True).peak_bytes - 1, shapes, plan, backend, tiny_config,
+                              dtype=torch.float32)
 
 
 @pytest.mark.slow

@@ -139,6 +139,32 @@ def test_search_end_to_end_respects_the_budget_everywhere(tiny, words, tmp_path)
     assert chosen.layers[0].bits >= sorted(c.bits for c in chosen.layers)[1]
 
 
+def test_search_on_a_training_budget_keeps_every_predicted_training_peak_within_it(tiny, words, tmp_path):
+    from qradaptor.memory import training_memory
+
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    shapes, backend = ModelShapes.from_model(model), get_backend("hqq")
+
+    def peak(plan):
+        return training_memory(shapes, plan, backend, model.config, batch_size=4, seq_len=32).peak_bytes
+
+    budget = peak(Plan.uniform(4, 4, 16))
+    result = search(str(d), data=words, budget=f"train:{budget}", out=tmp_path, trials=10, population=4, promote=2,
+                    refine=1, progress=False, fitness=fast_fitness, seq_len=32)
+    saved = json.loads((tmp_path / "pareto.json").read_text())
+    assert saved["budget_bytes"] == budget and saved["settings"]["budget_on"] == "training"
+    assert saved["points"] and all(peak(Plan.from_dict(p["plan"])) <= p["memory_bytes"] <= budget
+                                   for p in saved["points"])
+    assert peak(result.chosen.plan) <= budget
+    assert "on the predicted training peak" in (tmp_path / "search-summary.txt").read_text()
+    # a training budget below the cheapest plan's training peak names that peak
+    with pytest.raises(BudgetError, match="training-memory budget") as e:
+        search(str(d), data=words, budget=f"train:{peak(Plan.uniform(4, 2, 4)) // 2}", out=tmp_path / "o",
+               progress=False, fitness=fast_fitness, seq_len=32)
+    assert "smaller batch" in str(e.value) and not (tmp_path / "o").exists()
+
+
 def test_same_seed_same_result(tiny, words, tmp_path):
     d, model, prior = tiny
     budget = budget_of(model, 4)

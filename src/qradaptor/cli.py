@@ -22,7 +22,8 @@ def cmd_memory(args) -> int:
     from .memory import plan_memory
 
     report = plan_memory(args.model, args.plan, backend=args.backend, dtype=_dtype(args.dtype), measure=args.measure,
-                         budget=args.budget)
+                         budget=args.budget, batch_size=args.batch_size, seq_len=args.seq_len,
+                         checkpointing=args.gradient_checkpointing)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -38,11 +39,26 @@ def cmd_memory(args) -> int:
     print(f"avg bits:        {report['avg_bits']:.3f} per decoder-linear weight, scales and zeros included "
           f"({report['code_bits']:.3f} code bits)")
     print(f"trainable:       {report['trainable_params']:,} LoRA parameters")
+    t = report["training"]
+    print(f"training peak:   {format_bytes(t['peak_bytes'])} predicted for batches of {t['batch_size']}×{t['seq_len']} "
+          f"tokens, gradient checkpointing {'on' if t['checkpointing'] else 'off'}")
+    print(f"  runtime {format_bytes(t['runtime_bytes'])}, model {format_bytes(t['weights_bytes'])}, LoRA gradients "
+          f"{format_bytes(t['gradient_bytes'])}, AdamW state {format_bytes(t['optimizer_bytes'])}, activations "
+          f"{format_bytes(t['activation_bytes'])}, loss {format_bytes(t['loss_bytes'])}, freed memory the allocator "
+          f"keeps {format_bytes(t['allocator_bytes'])}")
     if "budget_bytes" in report:
-        margin = report["budget_bytes"] - report["predicted_bytes"]
+        used = t["peak_bytes"] if report["budget_on"] == "training peak" else report["predicted_bytes"]
+        margin = report["budget_bytes"] - used
         verdict = "fits" if report["fits"] else "does NOT fit"
-        print(f"budget:          {format_bytes(report['budget_bytes'])}: the plan {verdict} "
+        print(f"budget:          {format_bytes(report['budget_bytes'])} on the {report['budget_on']}: the plan {verdict} "
               f"({format_bytes(abs(margin))} {'to spare' if margin >= 0 else 'over'})")
+        fit = report.get("fitting_batch", {})
+        if not report["fits"] and fit:
+            print(f"  fits with --batch-size {fit['batch_size']}"
+                  + (" and gradient checkpointing" if fit["checkpointing"] else ""))
+        elif fit is None:
+            print("  no batch size fits, even 1 block with gradient checkpointing: use a shorter --seq-len or a "
+                  "smaller plan")
     return 0
 
 
@@ -140,7 +156,7 @@ def cmd_train(args) -> int:
                    warmup_steps=args.warmup_steps, seed=args.seed, backend=args.backend, dtype=args.dtype,
                    eval_every=args.eval_every, eval_blocks=args.eval_blocks, checkpoint_every=args.checkpoint_every,
                    max_train_blocks=args.max_train_blocks, gradient_checkpointing=args.gradient_checkpointing,
-                   resume=args.resume, progress=not args.quiet)
+                   budget=args.budget, resume=args.resume, progress=not args.quiet)
     resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""
     print(f"trained {r.config.steps} steps{resumed}: final training loss {r.train.final_loss:.4f}", end="")
     if r.validation:
@@ -183,11 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--plan", required=True, help="plan file (.json or .yaml)")
     p.add_argument("--backend", default="hqq", help="quantizer backend: hqq (default), hqq-native or reference")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="base and metadata dtype (default float32)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
+                   help="base and metadata dtype, as train computes (default bfloat16)")
     p.add_argument("--measure", action="store_true", help="also build the model and count the bytes it holds")
     p.add_argument("--budget", default=None,
-                   help="also check the plan against a budget: 4bit, 3.5bit, 350MB, 1.2GiB, 123456789 or 0.3x")
-    p.add_argument("--json", action="store_true", help="print JSON (keys predicted_bytes, measured_bytes, avg_bits, ...)")
+                   help="also check the plan against a budget: on the stored model (4bit, 3.5bit, 350MB, 1.2GiB, "
+                        "123456789, 0.3x) or on the training peak (train:1.5GiB)")
+    p.add_argument("--batch-size", type=int, default=4, help="blocks per micro-batch of the training peak (default 4)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per block of the training peak (default 256)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="price training with gradient checkpointing (default on, as train)")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (keys predicted_bytes, measured_bytes, avg_bits, training, ...)")
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("evaluate", parents=[common], help="held-out loss and perplexity of a model (optionally quantized by a plan)")
@@ -223,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     budgeted = argparse.ArgumentParser(add_help=False)
     budgeted.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
     budgeted.add_argument("--data", default=None, help="fine-tuning data (default: CPython's pydoc topics)")
-    budgeted.add_argument("--budget", required=True, help="memory budget: 4bit, 3.5bit, 350MB, 1.2GiB, 123456789 or 0.3x")
+    budgeted.add_argument("--budget", required=True,
+                          help="memory budget on the stored model (4bit, 3.5bit, 350MB, 1.2GiB, 123456789, 0.3x) or on "
+                               "the predicted training peak (train:1.5GiB)")
     budgeted.add_argument("--alpha", type=float, default=0.5,
                           help="preference: 1 = only quality, 0 = only memory (default 0.5)")
     budgeted.add_argument("--trials", type=int, default=24, help="search exploration trials, cheap fidelity (default 24)")
@@ -262,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5)")
     p.add_argument("--seed", type=int, default=None, help="seed of adapter init and data order (default 0)")
     p.add_argument("--backend", default=None, help="quantizer backend: hqq (default), hqq-native or reference")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="base and metadata dtype (default float32)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="compute, base and metadata dtype (default bfloat16: see benchmarks/results/dtype.md)")
     p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: 5 times a run; 0: never)")
     p.add_argument("--eval-blocks", type=int, default=None, help="validation blocks (default 16; 0: no validation)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: 10 per run)")
@@ -270,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each decoder layer's activations in backward instead of keeping them "
                         "(default on: see the README's training memory)")
+    p.add_argument("--budget", default=None,
+                   help="refuse to start when the predicted training peak exceeds train:SIZE (e.g. train:1.5GiB), "
+                        "or the plan exceeds a budget on the stored model (4bit, 350MB, ...)")
     p.add_argument("--out", required=True, help="run directory (run.json, checkpoints/, adapter/, metrics.json)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
     p.set_defaults(func=cmd_train)

@@ -58,7 +58,7 @@ def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
                               reduction="sum")
         return nll, int((target != -100).sum())
-    hidden = base.model(input_ids=input_ids).last_hidden_state[:, :-1]
+    hidden = base.model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     keep = target != -100
     hidden, target = hidden[keep], target[keep]  # only labelled positions reach the head
     count = int(target.numel())

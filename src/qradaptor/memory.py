@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from .backends import QuantBackend
 from .errors import BudgetError
-from .plan import DEFAULT_RANK, UNQUANTIZED_BITS, Plan
+from .plan import DEFAULT_RANK, UNQUANTIZED_BITS, LayerChoice, Plan
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,88 @@ def check_budget(budget_bytes: int, shapes: ModelShapes, backend: QuantBackend, 
         )
 
 
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps freed blocks for reuse, so after quantizing a model, or after a training step, the process
+    holds hundreds of MiB it no longer uses (measured on SmolLM2: 1.96 → 1.71 GiB peak RSS while training
+    uniform 4-bit; benchmarks/memory.py). Changes no setting; costs milliseconds.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  (absent outside glibc)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+TRAINING_BUDGET_PREFIX = "train:"
+
+
+def parse_training_budget(text: str | int | None) -> int | None:
+    """Bytes of a budget on the peak training memory (``train:1.5GiB``, ``train:1500MB``), or None when
+    ``text`` is not one (a budget on the stored model: see `parse_budget`)."""
+    if text is None or isinstance(text, int) or not str(text).strip().lower().startswith(TRAINING_BUDGET_PREFIX):
+        return None
+    rest = str(text).strip()[len(TRAINING_BUDGET_PREFIX):].strip().lower()
+    m = _BUDGET_RE.match(rest)
+    if not m or m["unit"] not in ("", *_SIZE_UNITS):
+        raise BudgetError(f"cannot read the training-memory budget {text!r}",
+                          "write it as train:SIZE, e.g. train:1.5GiB, train:1500MB or train:1610612736 (bytes)")
+    value = int(float(m["num"]) * _SIZE_UNITS.get(m["unit"], 1))
+    if value <= 0:
+        raise BudgetError(f"a training-memory budget must be positive, got {text!r}", "e.g. train:1.5GiB")
+    return value
+
+
+def fitting_batch(shapes: ModelShapes, plan: Plan, backend: QuantBackend, config, *, budget_bytes: int,
+                  batch_size: int, seq_len: int, dtype: torch.dtype, checkpointing: bool) -> tuple[int, bool] | None:
+    """The largest micro-batch size (≤ ``batch_size``) and checkpointing setting whose predicted training peak
+    fits ``budget_bytes`` (checkpointing is turned on before the batch shrinks), or None if even one block
+    with checkpointing does not fit."""
+    for ckpt in ((checkpointing,) if checkpointing else (False, True)):
+        for b in range(batch_size, 0, -1):
+            peak = training_memory(shapes, plan, backend, config, batch_size=b, seq_len=seq_len, dtype=dtype,
+                                   checkpointing=ckpt).peak_bytes
+            if peak <= budget_bytes:
+                return b, ckpt
+    return None
+
+
+def check_training_budget(estimate: "TrainingMemory", budget_bytes: int, shapes: ModelShapes, plan: Plan,
+                          backend: QuantBackend, config, *, dtype: torch.dtype, grad_accum: int = 1) -> None:
+    """Refuse a run whose predicted training peak exceeds ``budget_bytes``, naming settings that fit."""
+    if estimate.peak_bytes <= budget_bytes:
+        return
+    what = (f"the predicted training peak {format_bytes(estimate.peak_bytes)} (batches of {estimate.batch_size}×"
+            f"{estimate.seq_len} tokens, gradient checkpointing {'on' if estimate.checkpointing else 'off'}) "
+            f"exceeds the training-memory budget {format_bytes(budget_bytes)}")
+    fit = fitting_batch(shapes, plan, backend, config, budget_bytes=budget_bytes, batch_size=estimate.batch_size,
+                        seq_len=estimate.seq_len, dtype=dtype, checkpointing=estimate.checkpointing)
+    if fit is None:
+        floor = training_memory(shapes, plan, backend, config, batch_size=1, seq_len=estimate.seq_len, dtype=dtype,
+                                checkpointing=True).peak_bytes
+        raise BudgetError(what + f"; even one block with checkpointing needs {format_bytes(floor)}",
+                          "use a shorter --seq-len, a plan with fewer bits or smaller ranks, or a larger budget")
+    b, ckpt = fit
+    steps = []
+    if ckpt and not estimate.checkpointing:
+        steps.append("--gradient-checkpointing")
+    if b < estimate.batch_size:
+        accum = grad_accum * estimate.batch_size / b
+        steps.append(f"--batch-size {b}" + (f" --grad-accum {accum:g}" if accum == int(accum) else ""))
+    raise BudgetError(what, f"pass {' '.join(steps)} (predicted to fit), or give a larger budget")
+
+
 def format_bytes(n: float) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
@@ -288,62 +371,147 @@ def format_bytes(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------- training memory
+#: Resident memory of a process that has imported torch, transformers, peft and qradaptor (430 MiB here), plus
+#: what the runtime adds once training runs (autograd engine, thread pools): measured once on this project's
+#: CPU machine, where glibc returned every freed block (benchmarks/memory.py, its `mmap128k` cases).
+RUNTIME_BYTES = 500 * 2**20
+#: glibc's default heap keeps freed blocks for reuse, and while training its retained free memory grows to
+#: about this fraction of what every layer's activations would take without checkpointing (measured on this
+#: machine: 0.58–0.95 across SmolLM2 cases at 4×256 and 8×512 tokens; benchmarks/memory.py). Allocators that
+#: return memory (jemalloc, tcmalloc, MALLOC_MMAP_THRESHOLD_=131072) avoid it, the last at twice the step time.
+ALLOCATOR_RETENTION = 0.7
+#: Logit values the chunked loss computes at once (qradaptor.evaluate.LOSS_CHUNK_VALUES).
+_LOSS_CHUNK_VALUES = 2**23
+
+
 @dataclass
-class TrainingEstimate:
-    weights_bytes: int
-    gradient_bytes: int
-    optimizer_bytes: int
-    activation_bytes: int
+class TrainingMemory:
+    """Predicted peak resident memory of a LoRA training process, by part (bytes)."""
+
+    runtime_bytes: int  # the interpreter and libraries (RUNTIME_BYTES)
+    weights_bytes: int  # the (quantized) model with its adapters: `predict`
+    gradient_bytes: int  # adapter gradients (fp32)
+    optimizer_bytes: int  # AdamW's two fp32 moments
+    activation_bytes: int  # what autograd keeps for backward at its peak (all layers, or layer inputs + one layer)
+    loss_bytes: int  # logits and their gradient: one chunk (qradaptor) or the whole batch (plain transformers)
+    allocator_bytes: int = 0  # freed memory glibc's heap keeps (ALLOCATOR_RETENTION)
+    batch_size: int = 0
+    seq_len: int = 0
+    checkpointing: bool = True
 
     @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.gradient_bytes + self.optimizer_bytes + self.activation_bytes
+    def live_peak_bytes(self) -> int:
+        """The peak of what is in use: an allocator that returns every freed block reaches this."""
+        return (self.runtime_bytes + self.weights_bytes + self.gradient_bytes + self.optimizer_bytes
+                + self.activation_bytes + self.loss_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The predicted peak resident memory with glibc's default allocator."""
+        return self.live_peak_bytes + self.allocator_bytes
+
+    # The name the run records used before the runtime was counted.
+    total_bytes = peak_bytes
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "total_bytes": self.total_bytes}
+        return {**asdict(self), "live_peak_bytes": self.live_peak_bytes, "peak_bytes": self.peak_bytes}
 
 
-def training_estimate(shapes: ModelShapes, plan: Plan, backend: QuantBackend, config, *, batch_size: int,
-                      seq_len: int, base_dtype: torch.dtype | None = None) -> TrainingEstimate:
-    """Rough training peak: weights + LoRA gradients + AdamW's two fp32 moments + saved activations.
+def _layer_activation_values(config, tokens: int, ranks_by_module: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes one Llama-style decoder layer with LoRA on its linears keeps for backward, and the bytes of the
+    gradients alive while that layer's backward runs, for ``tokens`` tokens.
 
-    Activations per decoder layer keep about ``b·s·(6h + 2·kv + 4·i + heads·s)`` values (norm inputs,
-    q/k/v, attention output, the MLP's gate/up/act/product, attention probabilities), and the logits
-    ``b·s·V`` are held in fp32 twice (values and their gradient). An estimate, not a bound.
+    Kept (per token): both RMSNorms' fp32 inputs (2h·4), their outputs (2h), the query, key and value after RoPE
+    (h + 2kv), the attention output and o_proj's input (2h), the MLP's gate, SiLU, up and product (4i), and
+    every LoRA A output (Σr·4, fp32 adapters). With a 16-bit compute dtype PEFT's casts to the fp32 adapters keep
+    another 2h + i fp32 values (counted with saved-tensor hooks). Frozen linears keep no weight.
     """
-    report = predict(shapes, plan, backend, base_dtype=base_dtype)
-    act_bytes = _dtype_bytes(base_dtype or backend.compute_dtype)
+    a = _dtype_bytes(dtype)
     h, i = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", heads) * (h // heads)
-    per_layer = batch_size * seq_len * (6 * h + 2 * kv + 4 * i + heads * seq_len)
-    lora_acts = batch_size * seq_len * sum(plan.ranks) * len(plan.target_modules)
-    activations = (per_layer * shapes.num_layers + lora_acts) * act_bytes + 2 * batch_size * seq_len * config.vocab_size * 4
-    return TrainingEstimate(
-        weights_bytes=report.total_bytes,
-        gradient_bytes=report.trainable_params * 4,
-        optimizer_bytes=report.trainable_params * 8,
-        activation_bytes=int(activations),
-    )
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    kv_dim = kv * (getattr(config, "head_dim", None) or h // heads)
+    kept = 2 * h * 4 + (2 * h + h + 2 * kv_dim + 2 * h + 4 * i) * a + ranks_by_module * 4
+    if a < 4:
+        kept += (2 * h + i) * 4
+    # Backward of one layer: the gradient of the residual stream and of the widest intermediate, in fp32.
+    transient = (2 * h + 3 * i) * 4
+    return kept * tokens, transient * tokens
 
 
-def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", dtype: torch.dtype = torch.float32,
-                measure: bool = False, budget: str | int | None = None) -> dict:
-    """What ``qradaptor memory`` prints: the plan's predicted bytes from the model's config alone;
-    with ``measure``, the bytes the built model (quantized base + adapters) really holds; with
-    ``budget``, the budget in bytes and whether the plan fits it."""
+def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | None, config, *, batch_size: int,
+                    seq_len: int, dtype: torch.dtype | None = None, checkpointing: bool = True,
+                    plain_peft: bool = False) -> TrainingMemory:
+    """Predicted peak memory of training ``plan``'s adapters with AdamW on batches of ``batch_size × seq_len``.
+
+    ``backend`` None means no quantization (every layer at ``dtype``). With ``checkpointing`` autograd keeps
+    each decoder layer's input and recomputes one layer at a time in backward; without, every layer's
+    activations. ``plain_peft`` prices the loss as plain transformers computes it (the whole batch's logits in
+    fp32 with their gradient) instead of qradaptor's chunked loss. ``peak_bytes`` adds the free memory glibc's
+    heap retains (`ALLOCATOR_RETENTION`); ``live_peak_bytes`` is what is in use. Checked on SmolLM2-135M and a
+    1B shape on CPU (benchmarks/memory.py); an estimate for Llama-style models, not a bound.
+    """
+    dtype = dtype or (backend.compute_dtype if backend is not None else torch.float32)
+    if backend is None:
+        plan = dataclasses.replace(plan, layers=[LayerChoice(UNQUANTIZED_BITS, c.rank) for c in plan.layers])
+        from .backends import get_backend
+
+        backend = get_backend("reference", compute_dtype=dtype)  # only consulted for 16-bit layers' dtype
+    report = predict(shapes, plan, backend, base_dtype=dtype)
+    tokens = batch_size * seq_len
+    a = _dtype_bytes(dtype)
+    layer_costs = [_layer_activation_values(config, tokens, c.rank * len(plan.target_modules), dtype)
+                   for c in plan.layers]
+    embeddings = tokens * config.hidden_size * a
+    every_layer = embeddings + sum(k for k, _ in layer_costs) + max(t for _, t in layer_costs)
+    if checkpointing:
+        activations = (len(layer_costs) + 1) * embeddings + max(k + t for k, t in layer_costs)
+    else:
+        activations = every_layer
+    vocab = config.vocab_size
+    if plain_peft:
+        loss = tokens * vocab * (a + 4 + 4)  # logits, their fp32 upcast and its gradient
+    else:
+        loss = min(tokens, max(1, _LOSS_CHUNK_VALUES // vocab)) * vocab * (a + 4 + 4)
+    return TrainingMemory(runtime_bytes=RUNTIME_BYTES, weights_bytes=report.total_bytes,
+                          gradient_bytes=report.trainable_params * 4, optimizer_bytes=report.trainable_params * 8,
+                          activation_bytes=int(activations), loss_bytes=int(loss),
+                          allocator_bytes=int(ALLOCATOR_RETENTION * every_layer), batch_size=batch_size,
+                          seq_len=seq_len, checkpointing=checkpointing)
+
+
+def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", dtype: torch.dtype = torch.bfloat16,
+                measure: bool = False, budget: str | int | None = None, batch_size: int = 4, seq_len: int = 256,
+                checkpointing: bool = True) -> dict:
+    """What ``qradaptor memory`` prints: the plan's predicted bytes from the model's config alone, and the
+    predicted peak memory of training it on batches of ``batch_size × seq_len`` tokens (key ``training``);
+    with ``measure``, the bytes the built model (quantized base + adapters) really holds; with ``budget``
+    (on the stored model, or ``train:SIZE`` on the training peak), the budget in bytes and whether it fits."""
     from .backends import get_backend
     from .models import load_config, load_model
 
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    for key, value in (("batch size", batch_size), ("sequence length", seq_len)):
+        if value < 1:
+            raise BudgetError(f"the {key} must be at least 1, got {value}", f"pass a positive {key}")
     quant = get_backend(backend, compute_dtype=dtype)
-    shapes = ModelShapes.from_config(load_config(model))
+    config = load_config(model)
+    shapes = ModelShapes.from_config(config)
     report = predict(shapes, plan, quant)
-    out = {**report.to_dict(), "plan": plan.describe(), "backend": quant.name}
+    training = training_memory(shapes, plan, quant, config, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+                               checkpointing=checkpointing)
+    out = {**report.to_dict(), "plan": plan.describe(), "backend": quant.name, "training": training.to_dict()}
     if budget is not None:
-        budget_bytes = parse_budget(budget, shapes, quant, group_size=plan.group_size)
-        check_budget(budget_bytes, shapes, quant, group_size=plan.group_size)
-        out.update(budget_bytes=budget_bytes, fits=report.total_bytes <= budget_bytes)
+        train_budget = parse_training_budget(budget)
+        if train_budget is not None:
+            out.update(budget_bytes=train_budget, budget_on="training peak", fits=training.peak_bytes <= train_budget)
+            fit = fitting_batch(shapes, plan, quant, config, budget_bytes=train_budget, batch_size=batch_size,
+                                seq_len=seq_len, dtype=dtype, checkpointing=checkpointing)
+            out["fitting_batch"] = None if fit is None else {"batch_size": fit[0], "checkpointing": fit[1]}
+        else:
+            budget_bytes = parse_budget(budget, shapes, quant, group_size=plan.group_size)
+            check_budget(budget_bytes, shapes, quant, group_size=plan.group_size)
+            out.update(budget_bytes=budget_bytes, budget_on="stored model", fits=report.total_bytes <= budget_bytes)
     if measure:
         from .quantize import prepare_model
 

@@ -35,6 +35,7 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
     """What ``qradaptor run`` does. Returns the metrics written to ``out/metrics.json``."""
     from .evaluate import evaluate_model
     from .export import export
+    from .memory import parse_training_budget
     from .models import load_model, model_fingerprint
     from .profile import ProfileSettings, profile_model
     from .search import search
@@ -68,8 +69,10 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
         log.info("run: training done, using %s", train_dir)
     else:
         log.info("run: stage 4/5, fine-tune of the chosen plan%s", " (resuming)" if status else "")
+        # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit)
+        train_budget = budget if parse_training_budget(budget) is not None else None
         train_plan(train_dir, plan=plan, model=model, data=data, steps=None if status else steps,
-                   seq_len=None if status else seq_len, resume=bool(status), progress=progress,
+                   seq_len=None if status else seq_len, resume=bool(status), progress=progress, budget=train_budget,
                    **({} if status else (train_settings or {})))
 
     metrics_path = out / "metrics.json"

@@ -34,6 +34,18 @@ def layer_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in layer.named_modules() if type(m) is nn.Linear]
 
 
+def _own_storage(model: nn.Module) -> None:
+    """Give every remaining tensor its own memory. ``from_pretrained`` in the file's dtype maps the safetensors
+    file and its tensors view that mapping: while one of them (an embedding) is alive the whole file stays
+    mapped, and every page read while loading stays resident, freed linears included (+300 MiB on SmolLM2 fp32,
+    benchmarks/memory.py)."""
+    with torch.no_grad():
+        for module in model.modules():
+            for t in list(module._parameters.values()) + list(module._buffers.values()):
+                if t is not None and t.device.type == "cpu" and t.is_floating_point():
+                    t.data = t.data.clone()
+
+
 def _set_child(layer: nn.Module, name: str, module: nn.Module | None) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(layer.get_submodule(parent_name) if parent_name else layer, child, module)
@@ -96,6 +108,8 @@ def quantize_model(
             q = backend.quantize(source_linear, bits, plan.group_size)
         _set_child(layer, name, q)
         del source_linear  # in place, the last reference: that weight is freed now
+    if inplace:
+        _own_storage(out)
     out.requires_grad_(False)
     out.qradaptor_plan = plan
     out.qradaptor_backend = backend

@@ -37,9 +37,9 @@ from typing import Callable
 import numpy as np
 
 from .backends import QuantBackend, QuantCache, get_backend
-from .errors import QRAdaptorError
+from .errors import BudgetError, QRAdaptorError
 from .io import atomic_write_json, atomic_write_text
-from .memory import ModelShapes, check_budget, format_bytes, parse_budget, predict
+from .memory import ModelShapes, format_bytes, parse_budget, parse_training_budget, predict, training_memory
 from .plan import DEFAULT_BIT_LADDER, DEFAULT_RANK, DEFAULT_TARGET_MODULES, LayerChoice, Plan
 from .profile import Sensitivity
 
@@ -85,6 +85,12 @@ class SearchConfig:
     backend: str = "hqq"
     rank_value: float = 1 / 3
     gradient_checkpointing: bool = True  # in the search's fine-tunes (see TrainConfig)
+    # "stored": the budget is on the stored model (predict); "training": on the predicted training peak, i.e.
+    # stored bytes + adapter gradients and AdamW state (12 bytes per trainable parameter) + training_fixed_bytes
+    # (runtime, activations at the largest rank, loss: memory.training_memory for train_batch_size × seq_len).
+    budget_on: str = "stored"
+    training_fixed_bytes: int = 0
+    train_batch_size: int = 4
     sampler: str = "nsga2"  # exploration sampler: "nsga2", or "random" (the baseline the benchmark compares to)
     seed: int = 0
 
@@ -96,6 +102,8 @@ class SearchConfig:
                 setattr(self, key, Fidelity(**value))
         if not 0 <= self.alpha <= 1:
             raise SearchError(f"--alpha must be between 0 and 1, got {self.alpha}", "0.5 weighs quality and memory equally")
+        if self.budget_on not in ("stored", "training"):
+            raise SearchError(f"unknown budget kind {self.budget_on!r}", "use stored or training")
         if self.sampler not in ("nsga2", "random"):
             raise SearchError(f"unknown sampler {self.sampler!r}", "use nsga2 or random")
         if self.trials < 1 or self.population < 2:
@@ -145,6 +153,10 @@ class PriorCost:
         return self.bits_cost(layer, choice.bits) + self.rank_cost(layer, choice.rank)
 
 
+#: A trainable parameter's fp32 gradient and AdamW's two fp32 moments.
+_ADAPTER_STATE_BYTES = 12
+
+
 class Planner:
     """Memory and prior cost of plans, repair into a budget, greedy fill from the cheapest plan."""
 
@@ -153,7 +165,10 @@ class Planner:
         self._layer_bytes: dict[tuple[int, int, int], int] = {}
         base = Plan.uniform(shapes.num_layers, config.bits[0], config.ranks[0], group_size=config.group_size)
         report = predict(shapes, base, backend)
-        self.fixed_bytes = report.other_bytes
+        self.fixed_bytes = report.other_bytes + config.training_fixed_bytes
+        # bytes per trainable parameter: the adapter (fp32), plus its gradient and AdamW's moments when the
+        # budget is on the training peak
+        self.param_bytes = 4 + (_ADAPTER_STATE_BYTES if config.budget_on == "training" else 0)
 
     def layer_bytes(self, layer: int, choice: LayerChoice) -> int:
         key = (layer, choice.bits, choice.rank)
@@ -163,7 +178,7 @@ class Planner:
                 total += self.backend.weight_bytes(s.out_features, s.in_features, choice.bits, self.config.group_size) \
                     if choice.bits < 16 else s.numel * self.backend.metadata_bytes
                 if s.name.rsplit(".", 1)[-1] in DEFAULT_TARGET_MODULES:
-                    total += choice.rank * (s.in_features + s.out_features) * 4
+                    total += choice.rank * (s.in_features + s.out_features) * self.param_bytes
             self._layer_bytes[key] = total
         return self._layer_bytes[key]
 
@@ -306,7 +321,7 @@ def redact(url: str) -> str:
 def _config_fingerprint(config: dict) -> dict:
     """What must match for a study to be continued: model, budget, space, settings (not trial counts)."""
     keep = ("model_fingerprint", "budget_bytes", "bits", "ranks", "group_size", "backend", "seq_len", "cheap",
-            "full", "seed", "data", "alpha", "rank_value", "sampler")
+            "full", "seed", "data", "alpha", "rank_value", "sampler", "budget_on", "train_batch_size")
     return {k: config.get(k) for k in keep}
 
 
@@ -667,8 +682,9 @@ def write_outputs(result: SearchResult, out: Path, shapes: ModelShapes, backend:
 
 def summary(result: SearchResult) -> str:
     c = result.chosen
+    on = " on the predicted training peak" if result.config.get("budget_on") == "training" else ""
     lines = [
-        f"budget {format_bytes(result.budget_bytes)}; {len(result.points)} evaluations "
+        f"budget {format_bytes(result.budget_bytes)}{on}; {len(result.points)} evaluations "
         f"({sum(p.fidelity == 'cheap' for p in result.points)} cheap, {sum(p.fidelity == 'full' for p in result.points)} full), "
         f"{result.fine_tune_steps} fine-tune steps, {result.seconds:.0f} s",
         f"chosen plan: {c.plan.describe()}",
@@ -697,15 +713,18 @@ def plot_pareto(result: SearchResult, path: Path, shapes: ModelShapes, backend: 
             front = pareto_front(pts)
             ax.step([p.memory_bytes / mib for p in front], [p.loss for p in front], where="post", color=colour, lw=1)
     ax.axvline(result.budget_bytes / mib, color="crimson", ls="--", lw=1, label="budget")
+    training = result.config.get("budget_on") == "training"
     for b in backend.supported_bits:
         if b in result.config.get("bits", []):
-            m = predict(shapes, Plan.uniform(shapes.num_layers, b, DEFAULT_RANK, group_size=result.config["group_size"]),
-                        backend).total_bytes
+            report = predict(shapes, Plan.uniform(shapes.num_layers, b, DEFAULT_RANK,
+                                                  group_size=result.config["group_size"]), backend)
+            m = report.total_bytes + (_ADAPTER_STATE_BYTES * report.trainable_params
+                                      + result.config.get("training_fixed_bytes", 0) if training else 0)
             ax.axvline(m / mib, color="grey", ls=":", lw=0.8)
             ax.text(m / mib, ax.get_ylim()[1], f" {b}-bit", fontsize=7, color="grey", va="top")
     ax.scatter([result.chosen.memory_bytes / mib], [result.chosen.loss], marker="*", s=160, color="orange",
                zorder=5, label="chosen")
-    ax.set_xlabel("memory of quantized weights + adapters + rest (MiB)")
+    ax.set_xlabel("predicted training peak (MiB)" if training else "memory of quantized weights + adapters + rest (MiB)")
     ax.set_ylabel("held-out loss after fine-tune")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -742,18 +761,14 @@ def search(model: str | None = None, *, data: str | None = None, budget: str | i
     base, tokenizer = load_model(model)
     shapes = ModelShapes.from_model(base)
     backend = get_backend(settings.get("backend", "hqq"))
-    budget_bytes = parse_budget(budget, shapes, backend, group_size=settings.get("group_size", 64))
-    config = SearchConfig(budget_bytes=budget_bytes, alpha=alpha, trials=trials, **settings)
-    check_budget(budget_bytes, shapes, backend, bits_choices=config.bits, rank_choices=config.ranks,
-                 group_size=config.group_size)
-    ceiling = predict(shapes, Plan.uniform(shapes.num_layers, 16, max(config.ranks), group_size=config.group_size),
-                      backend).total_bytes
-    if budget_bytes >= ceiling:
-        suggestion = predict(shapes, Plan.uniform(shapes.num_layers, 4, DEFAULT_RANK), backend).total_bytes
-        raise SearchError(
-            f"the budget {format_bytes(budget_bytes)} is at least the whole model unquantized with rank-{max(config.ranks)} "
-            f"adapters ({format_bytes(ceiling)}): there is nothing to search",
-            f"give a smaller budget, e.g. 4bit ({suggestion} bytes), or fine-tune without quantization")
+    train_budget = parse_training_budget(budget)
+    if train_budget is None:
+        budget_bytes = parse_budget(budget, shapes, backend, group_size=settings.get("group_size", 64))
+        config = SearchConfig(budget_bytes=budget_bytes, alpha=alpha, trials=trials, **settings)
+    else:
+        config = SearchConfig(budget_bytes=train_budget, alpha=alpha, trials=trials, budget_on="training", **settings)
+        config.training_fixed_bytes = training_fixed_bytes(shapes, backend, base.config, config)
+    _check_searchable(config, shapes, backend)
     storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if storage:  # reach the server before anything is written locally
         open_storage(storage_url)
@@ -766,6 +781,37 @@ def search(model: str | None = None, *, data: str | None = None, budget: str | i
     result = runner.run()
     write_outputs(result, out, shapes, runner.backend)
     return result
+
+
+def training_fixed_bytes(shapes: ModelShapes, backend: QuantBackend, model_config, config: SearchConfig) -> int:
+    """The part of the predicted training peak that no plan's bits change: runtime, activations, loss (at the
+    largest rank, so the bound holds for every plan), i.e. the peak minus the stored model and adapter state."""
+    plan = Plan.uniform(shapes.num_layers, config.bits[-1], config.ranks[-1], group_size=config.group_size)
+    peak = training_memory(shapes, plan, backend, model_config, batch_size=config.train_batch_size,
+                           seq_len=config.seq_len, checkpointing=config.gradient_checkpointing)
+    return peak.peak_bytes - peak.weights_bytes - peak.gradient_bytes - peak.optimizer_bytes
+
+
+def _check_searchable(config: SearchConfig, shapes: ModelShapes, backend: QuantBackend) -> None:
+    """Refuse a budget that no plan in the space meets, or one so large that there is nothing to choose."""
+    planner = Planner(shapes, backend, None, config)
+    floor = planner.memory(planner.plan([LayerChoice(config.bits[0], config.ranks[0])] * shapes.num_layers))
+    what = "training-memory budget" if config.budget_on == "training" else "budget"
+    if config.budget_bytes < floor:
+        raise BudgetError(
+            f"the {what} {format_bytes(config.budget_bytes)} is below the cheapest possible plan "
+            f"(uniform {config.bits[0]}-bit, rank {config.ranks[0]}: {format_bytes(floor)} = {floor} bytes"
+            + (f" predicted while training on {config.train_batch_size}×{config.seq_len}-token batches)"
+               if config.budget_on == "training" else ")"),
+            f"give a {what} of at least {format_bytes(floor)} ({floor} bytes)"
+            + (", or train with a smaller batch" if config.budget_on == "training" else ""))
+    ceiling = planner.memory(planner.plan([LayerChoice(16, config.ranks[-1])] * shapes.num_layers))
+    if config.budget_bytes >= ceiling:
+        suggestion = predict(shapes, Plan.uniform(shapes.num_layers, 4, DEFAULT_RANK), backend).total_bytes
+        raise SearchError(
+            f"the {what} {format_bytes(config.budget_bytes)} is at least the whole model unquantized with "
+            f"rank-{config.ranks[-1]} adapters ({format_bytes(ceiling)}): there is nothing to search",
+            f"give a smaller budget, e.g. 4bit ({suggestion} bytes), or fine-tune without quantization")
 
 
 def worker(*, storage: str, study: str, progress: bool = True) -> int:

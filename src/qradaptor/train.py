@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .errors import ArtifactError
 from .evaluate import evaluate_loss, token_nll
 from .io import AtomicDirectory, atomic_save_safetensors, atomic_write_json
+from .memory import release_free_memory
 
 
 @dataclass
@@ -120,6 +121,7 @@ def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks
         # Non-reentrant: works with frozen quantized layers and inputs that need no gradient (no
         # enable_input_require_grads hack), and the recomputation is exact (LoRA dropout is 0 by default).
         transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    release_free_memory()  # what building the model freed: the training peak starts from the live tensors
     start = time.perf_counter()
     try:
         model.train()
@@ -140,6 +142,7 @@ def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            release_free_memory()
             result.losses.append(step_nll / max(step_tokens, 1))
             postfix = {"loss": f"{result.losses[-1]:.3f}"}
             if eval_blocks is not None and config.eval_every and (step + 1) % config.eval_every == 0:
@@ -250,7 +253,9 @@ class RunConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     backend: str = "hqq"
-    dtype: str = "float32"
+    # bf16 compute: 1.9x faster per step than fp32 on this CPU, loss within the fp32 seeds' spread
+    # (benchmarks/results/dtype.md), and half the activation memory.
+    dtype: str = "bfloat16"
     eval_every: int | None = None  # None: 5 validations over the run; 0: none
     eval_blocks: int = 16  # validation blocks (0: no validation)
     checkpoint_every: int | None = None  # None: 10 checkpoints over the run
@@ -391,23 +396,41 @@ def _save_checkpoint(model, out: Path, step: int, state: TrainState) -> Path:
     return target
 
 
+def _check_budget(budget, memory, estimate, shapes, plan, quant, model_config, config: RunConfig, dtype) -> None:
+    from .errors import BudgetError
+    from .memory import check_training_budget, format_bytes, parse_budget, parse_training_budget
+
+    train_budget = parse_training_budget(budget)
+    if train_budget is not None:
+        check_training_budget(estimate, train_budget, shapes, plan, quant, model_config, dtype=dtype,
+                              grad_accum=config.grad_accum)
+        return
+    stored = parse_budget(budget, shapes, quant, group_size=plan.group_size, base_dtype=dtype)
+    if memory.total_bytes > stored:
+        raise BudgetError(f"the plan takes {format_bytes(memory.total_bytes)}, over the budget {format_bytes(stored)}",
+                          "search a plan within the budget (qradaptor search --budget ...) or give a larger one")
+
+
 def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: str | None = None,
                steps: int | None = None, epochs: float | None = None, batch_size: int | None = None,
                grad_accum: int | None = None, seq_len: int | None = None, lr: float | None = None,
                warmup_steps: int | None = None, seed: int | None = None, backend: str | None = None,
                dtype: str | None = None, eval_every: int | None = None, eval_blocks: int | None = None,
                checkpoint_every: int | None = None, max_train_blocks: int | None = None,
-               gradient_checkpointing: bool | None = None, resume: bool = False, progress: bool = True) -> RunResult:
+               gradient_checkpointing: bool | None = None, budget: str | int | None = None, resume: bool = False,
+               progress: bool = True) -> RunResult:
     """What ``qradaptor train`` runs: the full fine-tune of ``plan`` on the quantized base, into ``out``.
 
     Settings left at None take their defaults (new run) or the saved run's values (``resume``); a resume
     that names a different value is refused, naming the setting. Checkpoints are written every
     ``checkpoint_every`` steps; an interrupted run continues from the latest with ``resume=True`` and
-    computes exactly the losses of an uninterrupted run.
+    computes exactly the losses of an uninterrupted run. ``budget`` (``train:1.5GiB`` on the predicted training
+    peak, or a budget on the stored model as `parse_budget` reads it) refuses, before anything is written, a
+    plan and batch that exceed it, naming a batch size or checkpointing setting that fits.
     """
     from .backends import get_backend
     from .data import data_fingerprint, load_blocks
-    from .memory import ModelShapes, format_bytes, measured_bytes, predict, training_estimate
+    from .memory import ModelShapes, format_bytes, measured_bytes, predict, training_memory
     from .models import load_model, model_fingerprint
     from .plan import Plan
     from .quantize import add_adapters, quantize_model
@@ -470,12 +493,14 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
     if config.checkpoint_every is None:
         config.checkpoint_every = max(1, math.ceil(config.steps / 10))
     shapes = ModelShapes.from_model(base)
+    memory = predict(shapes, plan_obj, quant)
+    estimate = training_memory(shapes, plan_obj, quant, base.config, batch_size=config.batch_size,
+                               seq_len=config.seq_len, dtype=dtype_t, checkpointing=config.gradient_checkpointing)
+    if budget is not None:
+        _check_budget(budget, memory, estimate, shapes, plan_obj, quant, base.config, config, dtype_t)
     # In place: each dense linear is freed as its quantized version replaces it (checks bits and shapes first).
     tuned = add_adapters(quantize_model(base, plan_obj, quant, dtype=dtype_t, inplace=True), plan_obj,
                          seed=config.seed)
-    memory = predict(shapes, plan_obj, quant)
-    estimate = training_estimate(shapes, plan_obj, quant, tuned.config, batch_size=config.batch_size,
-                                 seq_len=config.seq_len)
     del base
 
     out.mkdir(parents=True, exist_ok=True)
@@ -497,11 +522,13 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
             run = saved
         say("plan %s on %s: %s predicted (%.2f avg bits, adapters included)", plan_obj.describe(),
                  config.model, format_bytes(memory.total_bytes), memory.avg_bits)
-        say("training memory estimate: %s (weights %s, LoRA gradients %s, AdamW state %s, activations %s) "
-                 "for batches of %d×%d tokens", format_bytes(estimate.total_bytes),
-                 format_bytes(estimate.weights_bytes), format_bytes(estimate.gradient_bytes),
-                 format_bytes(estimate.optimizer_bytes), format_bytes(estimate.activation_bytes),
-                 config.batch_size, config.seq_len)
+        say("predicted training peak: %s (runtime %s, model %s, LoRA gradients %s, AdamW state %s, activations "
+            "%s, loss %s, allocator %s) for batches of %d×%d tokens, gradient checkpointing %s",
+            format_bytes(estimate.peak_bytes), format_bytes(estimate.runtime_bytes),
+            format_bytes(estimate.weights_bytes), format_bytes(estimate.gradient_bytes),
+            format_bytes(estimate.optimizer_bytes), format_bytes(estimate.activation_bytes),
+            format_bytes(estimate.loss_bytes), format_bytes(estimate.allocator_bytes), config.batch_size,
+            config.seq_len, "on" if config.gradient_checkpointing else "off")
 
         state = None
         if saved is not None:

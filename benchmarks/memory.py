@@ -1,0 +1,344 @@
+"""Training memory: peak RSS of LoRA fine-tuning on a quantized base against plain bf16 / fp32 LoRA, each case
+in a fresh process, with the training-memory model's prediction beside every measurement.
+
+    bf16-lora    plain transformers + peft, as a user would write it: bf16 model, LoRA r16 on the 7 projections,
+                 `model(input_ids, labels=labels).loss`, AdamW (the baseline of the targets)
+    fp32-lora    the same in fp32
+    uniform4     qradaptor: uniform 4-bit + r16 on the `hqq` backend (and `-native`: HQQ's own HQQLinear)
+    uniform3 / uniform8 / mixed   other plans on `hqq` (mixed: 3/4/5/6/8 bits, ranks 4–32)
+
+Each on SmolLM2-135M (batch 4×256 and 8×512), checkpointing on and off, both compute dtypes for the quantized
+plans, and on a random-weight model of a 1B shape (hidden 2048, 16 layers, intermediate 8192) for uniform 4-bit
+vs bf16 LoRA. A case's process reports: RSS right after its imports, the whole process's peak, the peak of the
+training phase (its high-water mark reset through /proc/self/clear_refs once the model is built), and the mean
+time of the steps after the first.
+
+    .venv/bin/python benchmarks/memory.py            # about 20 min on 2 cores
+    .venv/bin/python benchmarks/memory.py --smoke    # a tiny random model, seconds: keeps the script working
+
+Resumable: each case's result is kept under --work (default benchmarks/work/memory). Run it on a quiet machine.
+Writes benchmarks/results/memory.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (profile.py would shadow the stdlib's)
+    import pathlib
+
+    _here = pathlib.Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
+
+from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
+
+MIB = 2**20
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: The 1B shape of the issue; weights are random (they do not change memory).
+SHAPE_1B = {"hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 49152, "max_position_embeddings": 2048, "tie_word_embeddings": True}
+SHAPE_TINY = {"hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256, "tie_word_embeddings": True}
+MIXED = [(4, 16), (5, 8), (3, 32), (6, 4), (8, 16), (4, 8)]  # repeated over the layers
+
+
+def cases(smoke: bool) -> list[dict]:
+    """Every case: name, model ('smollm2', '1b' or 'tiny'), method, dtype, checkpointing, batch shape, steps."""
+    out = []
+
+    def add(model, method, dtype, ckpt, batch, seq, steps, backend="hqq", allocator="glibc", backward="no-copy"):
+        name = f"{model}/{method}{'-native' if backend == 'hqq-native' else ''}/{dtype}/" \
+               f"{'ckpt' if ckpt else 'no-ckpt'}/{batch}x{seq}" + ("" if allocator == "glibc" else f"/{allocator}") \
+               + ("" if backward == "no-copy" else f"/{backward}")
+        out.append({"name": name, "model": model, "method": method, "backend": backend, "dtype": dtype,
+                    "checkpointing": ckpt, "batch_size": batch, "seq_len": seq, "steps": steps,
+                    "allocator": allocator, "backward": backward})
+
+    if smoke:
+        for method in ("bf16-lora", "uniform4"):
+            add("tiny", method, "bfloat16", True, 2, 32, 2)
+        add("tiny", "uniform4", "float32", False, 2, 32, 2)
+        return out
+    for ckpt in (True, False):  # SmolLM2, batch 4×256: the plain LoRA baselines and uniform 4-bit, both dtypes
+        add("smollm2", "bf16-lora", "bfloat16", ckpt, 4, 256, 4)
+        add("smollm2", "fp32-lora", "float32", ckpt, 4, 256, 4)
+        for dtype in ("bfloat16", "float32"):
+            add("smollm2", "uniform4", dtype, ckpt, 4, 256, 4)
+    for dtype in ("bfloat16", "float32"):  # other plans and HQQ's own layer, checkpointing on
+        add("smollm2", "uniform4", dtype, True, 4, 256, 4, backend="hqq-native")
+        add("smollm2", "uniform8", dtype, True, 4, 256, 4)
+        add("smollm2", "mixed", dtype, True, 4, 256, 4)
+    add("smollm2", "uniform3", "bfloat16", True, 4, 256, 4)
+    for dtype in ("bfloat16", "float32"):  # the step time of the backward that kept the dequantized weight
+        add("smollm2", "uniform4", dtype, False, 4, 256, 4, backward="saved-weight")
+    for method in ("bf16-lora", "uniform4"):  # a larger batch shape
+        add("smollm2", method, "bfloat16", True, 8, 512, 3)
+    # glibc returning every freed block of 128 KiB or more at once (MALLOC_MMAP_THRESHOLD_=131072): the
+    # memory the live tensors need, without the default heap's retained free blocks
+    for method, dtype in (("bf16-lora", "bfloat16"), ("uniform4", "bfloat16"), ("uniform4", "float32")):
+        add("smollm2", method, dtype, True, 4, 256, 4, allocator="mmap128k")
+    for method in ("bf16-lora", "uniform4"):
+        add("1b", method, "bfloat16", True, 4, 256, 3)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- one case (child)
+
+
+def _vm_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _plan(method: str, layers: int):
+    from qradaptor.plan import LayerChoice, Plan
+
+    if method == "mixed":
+        return Plan([LayerChoice(*MIXED[i % len(MIXED)]) for i in range(layers)])
+    bits = {"uniform4": 4, "uniform3": 3, "uniform8": 8}.get(method, 16)
+    return Plan.uniform(layers, bits, 16)
+
+
+def model_config(model: str):
+    from transformers import LlamaConfig
+
+    from qradaptor.models import default_model_path
+
+    if model == "smollm2":
+        return LlamaConfig.from_pretrained(default_model_path())
+    return LlamaConfig(**(SHAPE_1B if model == "1b" else SHAPE_TINY))
+
+
+def predicted(case: dict):
+    """The training-memory model's prediction for a case (computed when reporting, so it is always current)."""
+    import torch
+
+    from qradaptor.backends import get_backend
+    from qradaptor.memory import ModelShapes, training_memory
+
+    config = model_config(case["model"])
+    dtype = getattr(torch, case["dtype"])
+    plain = case["method"].endswith("-lora")
+    backend = None if plain else get_backend(case["backend"], compute_dtype=dtype)
+    return training_memory(ModelShapes.from_config(config), _plan(case["method"], config.num_hidden_layers), backend,
+                           config, batch_size=case["batch_size"], seq_len=case["seq_len"], dtype=dtype,
+                           checkpointing=case["checkpointing"], plain_peft=plain)
+
+
+def run_case(case: dict) -> dict:
+    """In a fresh process: build the case's model, train a few steps, report memory and time."""
+    import torch
+    import transformers  # noqa: F401  (imported before the baseline RSS: every case pays for it)
+    import peft  # noqa: F401
+
+    import qradaptor  # noqa: F401
+
+    after_imports = _vm_bytes("VmRSS")
+    from transformers import LlamaForCausalLM
+
+    from qradaptor.models import default_model_path
+
+    dtype = getattr(torch, case["dtype"])
+    torch.manual_seed(0)
+    config = model_config(case["model"])
+    batch, seq = case["batch_size"], case["seq_len"]
+    ids = torch.randint(0, config.vocab_size, (max(batch * (case["steps"] + 1), 16), seq),
+                        generator=torch.Generator().manual_seed(0))
+
+    def base_model():
+        if case["model"] == "smollm2":
+            return LlamaForCausalLM.from_pretrained(default_model_path(), dtype=dtype)
+        with torch.device("meta"):
+            shell = LlamaForCausalLM(config)
+        model = shell.to_empty(device="cpu").to(dtype)  # random weights without an fp32 copy first
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        return model
+
+    plan = _plan(case["method"], config.num_hidden_layers)
+    start = time.perf_counter()
+    if case["method"].endswith("-lora"):
+        # Plain transformers + peft, as a user would write it.
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(base_model(), LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGETS)))
+        if case["checkpointing"]:
+            model.get_base_model().activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        backend = None
+    else:
+        from qradaptor.backends import get_backend
+        from qradaptor.quantize import add_adapters, quantize_model
+
+        backend = get_backend(case["backend"], compute_dtype=dtype)
+        if case.get("backward") == "saved-weight":  # the layer as it was: F.linear saves the dequantized weight
+            import torch.nn.functional as F
+
+            import qradaptor.backends.hqq as hqq_backend
+
+            hqq_backend.dequant_linear = lambda x, module, bias: F.linear(x, module.weight, bias)
+        model = add_adapters(quantize_model(base_model(), plan, backend, dtype=dtype, inplace=True), plan)
+    build_seconds = time.perf_counter() - start
+    import gc
+
+    gc.collect()
+    built_peak = _vm_bytes("VmHWM")
+    before_training = _vm_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS (Linux >= 4.0)
+    step_seconds = []
+    if backend is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        model.train()
+        for step in range(case["steps"]):
+            t0 = time.perf_counter()
+            x = ids[step * batch : (step + 1) * batch]
+            model(input_ids=x, labels=x).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_seconds.append(time.perf_counter() - t0)
+    else:
+        from qradaptor.data import TokenBlocks
+        from qradaptor.train import TrainConfig, train
+
+        blocks = TokenBlocks(input_ids=ids, labels=ids.clone())
+        # Time each step through the training loop's own per-step hook.
+        marks = [time.perf_counter()]
+        train(model, blocks, TrainConfig(steps=case["steps"], batch_size=batch, lr=1e-4, warmup_steps=1,
+                                         gradient_checkpointing=case["checkpointing"]), progress=False,
+              on_step=lambda *a: marks.append(time.perf_counter()))
+        step_seconds = [b - a for a, b in zip(marks, marks[1:])]
+    train_peak = _vm_bytes("VmHWM")
+    return {
+        **case,
+        "rss_after_imports": after_imports,
+        "rss_before_training": before_training,
+        "peak_build": built_peak,
+        "peak_training": train_peak,
+        "peak_process": max(built_peak, train_peak),
+        "training_memory": train_peak - after_imports,
+        "build_seconds": build_seconds,
+        "step_seconds": step_seconds,
+        "step_time": sum(step_seconds[1:]) / max(1, len(step_seconds) - 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------- the whole run
+
+
+def measure(case: dict, work: Path) -> dict:
+    path = work / (case["name"].replace("/", "_") + ".json")
+    if not path.is_file():
+        print(f"memory: {case['name']}", flush=True)
+        env = dict(os.environ)
+        if case.get("allocator") == "mmap128k":
+            env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"memory: case {case['name']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(proc.stdout.strip().splitlines()[-1])
+        tmp.replace(path)
+    return json.loads(path.read_text())
+
+
+def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
+    for r in results:
+        prediction = predicted(r)
+        r["predicted_peak"], r["predicted"] = prediction.peak_bytes, prediction.to_dict()
+    by = {r["name"]: r for r in results}
+
+    def ratio(a: str, b: str, key: str = "training_memory"):
+        return by[a][key] / by[b][key] if a in by and b in by else None
+
+    rows = []
+    for r in results:
+        # with an allocator that returns freed memory, the live-tensor prediction is the one to compare
+        if r.get("allocator") == "mmap128k":
+            r["predicted_peak"] = r["predicted"]["live_peak_bytes"]
+        err = r["predicted_peak"] / r["peak_training"] - 1
+        rows.append([r["name"], f"{r['peak_process'] / MIB:.0f}", f"{r['peak_training'] / MIB:.0f}",
+                     f"{r['rss_after_imports'] / MIB:.0f}", f"{r['training_memory'] / MIB:.0f}",
+                     f"{r['predicted_peak'] / MIB:.0f}", f"{err:+.1%}", f"{r['step_time']:.2f}"])
+    worst = max(abs(r["predicted_peak"] / r["peak_training"] - 1) for r in results)
+    if smoke:
+        targets = {}
+    else:
+        s, b = "smollm2/uniform4/{}/ckpt/4x256", "smollm2/bf16-lora/bfloat16/ckpt/4x256"
+        default_dtype = _default_dtype_name()
+        targets = {
+            "smollm2_uniform4_vs_bf16_lora": ratio(s.format(default_dtype), b),
+            "1b_uniform4_vs_bf16_lora": ratio("1b/uniform4/bfloat16/ckpt/4x256", "1b/bf16-lora/bfloat16/ckpt/4x256"),
+            "checkpointing_memory_saving_uniform4": ratio(s.format(default_dtype),
+                                                          s.format(default_dtype).replace("/ckpt/", "/no-ckpt/")),
+            "checkpointing_step_time_cost_uniform4": ratio(s.format(default_dtype),
+                                                           s.format(default_dtype).replace("/ckpt/", "/no-ckpt/"),
+                                                           "step_time"),
+            **{f"no_copy_backward_step_time_{d}": ratio(f"smollm2/uniform4/{d}/no-ckpt/4x256",
+                                                        f"smollm2/uniform4/{d}/no-ckpt/4x256/saved-weight", "step_time")
+               for d in ("bfloat16", "float32")},
+            "bf16_vs_fp32_step_time_uniform4": ratio(s.format("bfloat16"), s.format("float32"), "step_time"),
+            "worst_prediction_error": worst,
+        }
+    payload = {"cases": results, "targets": targets}
+    md = ["# Training memory", "",
+          "Each case in a fresh process (`benchmarks/memory.py`): peak RSS of the whole process, peak of the training "
+          "phase (high-water mark reset once the model is built), RSS right after the imports (torch, transformers, "
+          "peft, qradaptor), training memory = training peak − RSS after imports, the training-memory model's "
+          "predicted peak (`qradaptor memory --batch-size B --seq-len S`) and its error against the training peak, "
+          "and the mean time of the steps after the first. `bf16-lora`/`fp32-lora`: plain transformers + peft "
+          "(`model(input_ids, labels=labels).loss`); the rest: qradaptor's training loop (chunked loss) on the "
+          "quantized base. Names: model / method / compute dtype / checkpointing / batch×tokens [/ allocator]. "
+          "`mmap128k`: the process ran with `MALLOC_MMAP_THRESHOLD_=131072`, so glibc returns every freed block of "
+          "128 KiB or more at once: its peak is what the live tensors need, and it is compared with the model's "
+          "live peak (without `ALLOCATOR_RETENTION`); every other case uses glibc's defaults and is compared with "
+          "the full prediction. Step times of the 1B cases overlapped other work on the machine and are not "
+          "comparable.", "",
+          markdown_table(["case", "peak process MiB", "peak training MiB", "after imports MiB", "training memory MiB",
+                          "predicted MiB", "prediction error", "step s"], rows)]
+    if targets:
+        md += ["## Ratios", ""] + [f"- {k}: {v:.3f}" if v is not None else f"- {k}: not measured"
+                                   for k, v in targets.items()] + [""]
+    return payload, "\n".join(md)
+
+
+def _default_dtype_name() -> str:
+    from qradaptor.train import RunConfig
+
+    return RunConfig().dtype
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny random model: checks the script, not memory")
+    parser.add_argument("--work", type=Path, default=None, help="where each case's result is kept (resumable)")
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return 0
+    work = args.work or Path(__file__).resolve().parent / "work" / ("memory-smoke" if args.smoke else "memory")
+    selected = [c for c in cases(args.smoke) if args.only is None or args.only in c["name"]]
+    results = [measure(c, work) for c in selected]
+    payload, md = report(results, args.smoke)
+    if args.only is None:
+        where = work if args.smoke else RESULTS
+        write_results("memory", payload, md, where)
+        print(f"memory: wrote {where}/memory.json and memory.md")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
