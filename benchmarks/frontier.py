@@ -465,7 +465,7 @@ def main() -> None:
         final = run_final(bench.work, name, plan, settings, model, data, seed=seed, dtype=dtype)
         final.update(measure_rss(bench.work, name, plan, settings, model, data, dtype=dtype))
         run = json.loads((bench.work / name / "train" / "run.json").read_text())
-        final["training_estimate_bytes"] = run["training_estimate"]["total_bytes"]  # what `train` predicted
+        final["training_estimate_bytes"] = run["training_estimate"]["peak_bytes"]  # what `train` predicted
         kl_path = bench.work / name / "kl.json"
         if not kl_path.is_file():
             kl = kl_to_full(base, plan, kl_blocks, cache, getattr(torch, dtype))

@@ -196,7 +196,8 @@ def exported(tmp_path_factory, tiny_config):
     (root / "p.json").write_text(json.dumps({"layers": [{"bits": b, "rank": 8} for b in (4, 2, 8, 3)]}))
     assert main(["train", "--model", str(root / "tiny"), "--plan", str(root / "p.json"), "--data",
                  words_file(root / "d.txt", 40), "--out", str(root / "run"), "--steps", "3", "--batch-size", "2",
-                 "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "1", "--eval-blocks", "0", "-q"]) == 0
+                 "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "1", "--eval-blocks", "0",
+                 "--dtype", "float32", "-q"]) == 0  # fp32: lm-eval's batches must score exactly as ours
     assert main(["export", str(root / "run"), "--to", str(root / "out"), "-q"]) == 0
     return root
 

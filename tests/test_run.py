@@ -20,8 +20,10 @@ train_module = importlib.import_module("qradaptor.train")  # `qradaptor.train` t
 export_module = importlib.import_module("qradaptor.export")
 
 PLAN = [(4, 8), (2, 4), (8, 8), (3, 16)]  # mixed bits and ranks: rank_pattern must carry layers 1 and 3
+# fp32: these tests check exact equalities (resumed losses, stock-loaded logits to 1e-3); the default bf16
+# compute is covered by test_default_bf16_run_trains_exports_and_loads.
 TRAIN_ARGS = ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "2",
-              "--eval-blocks", "2", "--eval-every", "3", "--checkpoint-every", "2", "-q"]
+              "--eval-blocks", "2", "--eval-every", "3", "--checkpoint-every", "2", "--dtype", "float32", "-q"]
 
 
 def write_plan(path, layers=PLAN):
@@ -99,13 +101,13 @@ def test_run_directory_holds_config_versions_fingerprint_and_metrics(trained):
     assert run["status"] == "finished" and run["seed"] == 0 and len(run["model_fingerprint"]) == 64
     assert run["config"]["steps"] == 6 and run["config"]["lr"] == 1e-2 and run["config"]["model"] == trained["model"]
     assert {"torch", "transformers", "peft", "hqq", "qradaptor"} <= set(run["versions"])
-    assert run["training_estimate"]["total_bytes"] > run["training_estimate"]["weights_bytes"] > 0
+    assert run["training_estimate"]["peak_bytes"] > run["training_estimate"]["weights_bytes"] > 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["train_losses"]) == 6 and [e[0] for e in metrics["evals"]] == [3, 6]
     assert metrics["validation"]["tokens"] > 0
     assert metrics["memory"]["measured_bytes"] == metrics["memory"]["predicted_bytes"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert "training memory estimate" in (run_dir / "train.log").read_text()
+    assert "predicted training peak" in (run_dir / "train.log").read_text()
     # Only the latest checkpoint is kept, and it holds nothing pickled.
     (ckpt,) = (run_dir / "checkpoints").iterdir()
     assert ckpt.name == "step-000006"
@@ -125,7 +127,7 @@ def test_training_memory_estimate_is_shown_before_training(trained, tmp_path, ca
 
     monkeypatch.setattr(train_module, "train", spy)
     assert main([a for a in train_argv(trained, tmp_path / "r") if a != "-q"]) == 0
-    assert any("training memory estimate" in m for m in seen)
+    assert any("predicted training peak" in m for m in seen)
 
 
 def test_interrupted_run_resumes_to_the_same_final_loss(trained, tmp_path, capsys, monkeypatch):
@@ -278,8 +280,10 @@ def test_reloaded_export_holds_the_predicted_bytes(trained):
 
 
 def test_merged_model_loads_with_from_pretrained_alone(trained):
-    import qradaptor
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    import qradaptor
 
     merged = AutoModelForCausalLM.from_pretrained(trained["out"] / "merged", dtype=torch.float32).eval()
     ids = torch.arange(2, 40)[None]
@@ -306,7 +310,7 @@ def test_export_with_the_reference_backend(trained, tmp_path):
     run_dir = tmp_path / "r"
     qradaptor.train_plan(run_dir, plan={"layers": [{"bits": b, "rank": r} for b, r in [(5, 4), (2, 4), (6, 8), (3, 4)]]},
                          model=trained["model"], data=trained["data"], steps=2, batch_size=2, seq_len=32,
-                         eval_blocks=0, backend="reference", progress=False)
+                         eval_blocks=0, backend="reference", dtype="float32", progress=False)
     qradaptor.export(run_dir, tmp_path / "out")
     model = qradaptor.load(tmp_path / "out")
     backend = qradaptor.get_backend("reference")
@@ -390,7 +394,7 @@ def test_smollm2_two_step_finetune_export_and_stock_reload(smollm2_dir, tmp_path
 
     plan = {"layers": [{"bits": 8 if i in (0, 29) else (3 if i % 2 else 4), "rank": 8} for i in range(30)]}
     qradaptor.train_plan(tmp_path / "run", plan=plan, model=str(smollm2_dir), steps=2, batch_size=2, seq_len=64,
-                         max_train_blocks=8, eval_blocks=2, progress=False)
+                         max_train_blocks=8, eval_blocks=2, dtype="float32", progress=False)  # exact reload check
     qradaptor.export(tmp_path / "run", tmp_path / "out")
     got, ranks = run_stock_program(tmp_path / "out", "def fibonacci(n):", tmp_path / "stock.safetensors")
     assert len(ranks) == 30 * 7
@@ -402,3 +406,25 @@ def test_smollm2_two_step_finetune_export_and_stock_reload(smollm2_dir, tmp_path
 
     predicted = predict(ModelShapes.from_config(model.config), qradaptor.Plan.from_dict(plan), qradaptor.get_backend("hqq"))
     assert measured_bytes(model) == predicted.total_bytes
+
+
+def test_default_bf16_run_trains_exports_and_loads(trained, tmp_path):
+    """The default compute dtype (bf16) end to end: train, export, load; the stock-loaded fp32 model's
+    logits agree with qradaptor.load's bf16 ones to bf16 precision."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import qradaptor
+
+    args = [a for a in train_argv(trained, tmp_path / "r") if a not in ("--dtype", "float32")]
+    assert main(args) == 0
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["config"]["dtype"] == "bfloat16" and run["status"] == "finished"
+    assert main(["export", str(tmp_path / "r"), "--to", str(tmp_path / "o"), "-q"]) == 0
+    model = qradaptor.load(tmp_path / "o")
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits.float()
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32)
+        theirs = PeftModel.from_pretrained(stock, str(tmp_path / "o" / "adapter")).eval()(input_ids=ids).logits
+    assert float((ours - theirs).abs().max()) < 5e-2 * float(theirs.abs().max())

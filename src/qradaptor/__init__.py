@@ -16,7 +16,7 @@ from .pipeline import run  # noqa: E402
 from .errors import QRAdaptorError  # noqa: E402
 from .evaluate import evaluate_lm_eval, evaluate_loss, evaluate_model  # noqa: E402
 from .export import export, generate, load, load_artifact  # noqa: E402
-from .memory import ModelShapes, measured_bytes, parse_budget, plan_memory, predict  # noqa: E402
+from .memory import ModelShapes, measured_bytes, parse_budget, plan_memory, predict, training_memory  # noqa: E402
 from .models import load_model, model_fingerprint  # noqa: E402
 from .plan import LayerChoice, Plan, lora_config  # noqa: E402
 from .profile import Sensitivity, profile  # noqa: E402
@@ -31,5 +31,5 @@ __all__ = [
     "evaluate_model", "get_backend", "load_blocks", "load_model", "lora_config", "measured_bytes", "model_fingerprint",
     "parse_budget", "plan_memory", "predict", "prepare_model", "profile", "Sensitivity", "quantize_model", "run_demo", "train",
     "RunConfig", "export", "run", "search", "generate", "load", "load_artifact", "train_plan",
-    "evaluate_lm_eval",
+    "evaluate_lm_eval", "training_memory",
 ]

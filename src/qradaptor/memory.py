@@ -327,10 +327,10 @@ def parse_training_budget(text: str | int | None) -> int | None:
 def fitting_batch(shapes: ModelShapes, plan: Plan, backend: QuantBackend, config, *, budget_bytes: int,
                   batch_size: int, seq_len: int, dtype: torch.dtype, checkpointing: bool) -> tuple[int, bool] | None:
     """The largest micro-batch size (≤ ``batch_size``) and checkpointing setting whose predicted training peak
-    fits ``budget_bytes`` (checkpointing is turned on before the batch shrinks), or None if even one block
-    with checkpointing does not fit."""
-    for ckpt in ((checkpointing,) if checkpointing else (False, True)):
-        for b in range(batch_size, 0, -1):
+    fits ``budget_bytes`` (at each size, checkpointing is turned on before the batch shrinks further), or None if
+    even one block with checkpointing does not fit."""
+    for b in range(batch_size, 0, -1):
+        for ckpt in dict.fromkeys((checkpointing, True)):  # the current setting, then checkpointing on
             peak = training_memory(shapes, plan, backend, config, batch_size=b, seq_len=seq_len, dtype=dtype,
                                    checkpointing=ckpt).peak_bytes
             if peak <= budget_bytes:
