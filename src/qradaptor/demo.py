@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .io import atomic_write_json
 
 log = logging.getLogger("qradaptor")
@@ -64,7 +66,8 @@ def run_demo(*, out: str | Path = "runs/demo", steps: int = 20, eval_blocks: int
                   search_settings={**DEMO_SEARCH, "seed": seed}, train_settings=train_settings, progress=progress)
 
     shapes = ModelShapes.from_config(load_config(None))
-    backend = get_backend("hqq")
+    # priced in the dtype the runs trained in (scales and zeros are stored in it)
+    backend = get_backend("hqq", compute_dtype=getattr(torch, read_run(out / "train")["config"]["dtype"]))
     found = Plan.load(out / "search" / "plan.json")
     uniform = Plan.uniform(shapes.num_layers, 4, 16)
     baseline_dir = out / "baseline-uniform4"
