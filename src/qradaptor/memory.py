@@ -285,8 +285,8 @@ def release_free_memory() -> None:
     """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``; elsewhere nothing).
 
     glibc keeps freed blocks for reuse, so after quantizing a model, or after a training step, the process
-    holds hundreds of MiB it no longer uses (measured on SmolLM2: 1.96 → 1.71 GiB peak RSS while training
-    uniform 4-bit; benchmarks/memory.py). Changes no setting; costs milliseconds.
+    holds memory it no longer uses; this returns the free pages between steps (it cannot bound the growth
+    within a step: see ALLOCATOR_RETENTION). Changes no setting.
     """
     global _LIBC
     if _LIBC is None:
@@ -409,9 +409,6 @@ class TrainingMemory:
     def peak_bytes(self) -> int:
         """The predicted peak resident memory with glibc's default allocator."""
         return self.live_peak_bytes + self.allocator_bytes
-
-    # The name the run records used before the runtime was counted.
-    total_bytes = peak_bytes
 
     def to_dict(self) -> dict:
         return {**asdict(self), "live_peak_bytes": self.live_peak_bytes, "peak_bytes": self.peak_bytes}
