@@ -39,10 +39,9 @@ def run(capsys, *argv):
 
 
 def test_help_lists_every_subcommand(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
+    code = main(["--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0
+    assert code == 0
     for command in ("memory", "evaluate", "demo"):
         assert command in out
 
@@ -104,23 +103,85 @@ def test_evaluate_json(capsys, tiny_dir, workdir):
 BAD_INPUTS = {
     "missing model path": (["memory", "--model", "./no/such/model", "--plan", "{plan4}"], "not found"),
     "file that is not a model": (["memory", "--model", "{text}", "--plan", "{plan4}"], "is not a model"),
+    "model path in a symlink loop": (["memory", "--model", "{loop}", "--plan", "{plan4}"], "cannot read model path"),
     "malformed JSONL line": (["evaluate", "--model", "{model}", "--data", "{badjsonl}"], "line 2"),
     "empty dataset": (["evaluate", "--model", "{model}", "--data", "{empty}"], "empty"),
+    "binary data file": (["evaluate", "--model", "{model}", "--data", "{binary}"], "binary, not text"),
+    "Latin-1 data file": (["evaluate", "--model", "{model}", "--data", "{latin1}"], "not UTF-8"),
+    "UTF-16 data file": (["evaluate", "--model", "{model}", "--data", "{utf16}"], "UTF-16"),
+    "UTF-16 plan file": (["memory", "--model", "{model}", "--plan", "{plan_utf16}"], "UTF-16"),
+    "Latin-1 plan file": (["memory", "--model", "{model}", "--plan", "{plan_latin1}"], "not UTF-8"),
     "unknown bit-width in plan": (["memory", "--model", "{model}", "--plan", "{plan9}"], "9-bit"),
     "layer count mismatch": (["memory", "--model", "{model}", "--plan", "{plan3layers}"], "3 layers"),
+    "plan alpha_ratio Infinity": (["memory", "--model", "{model}", "--plan", "{plan_inf}"], "alpha_ratio"),
+    "plan group_size true": (["memory", "--model", "{model}", "--plan", "{plan_bool}"], "group_size"),
     "bit-width the backend lacks": (["memory", "--model", "{model}", "--plan", "{plan5}", "--backend", "hqq-native"],
                                     "cannot store 5-bit"),
     "budget below the cheapest plan": (["memory", "--model", "{model}", "--plan", "{plan4}", "--budget", "1kB"],
                                        "cheapest possible plan"),
     "unreadable budget": (["memory", "--model", "{model}", "--plan", "{plan4}", "--budget", "lots"], "budget"),
+    "budget too large for a float": (["memory", "--model", "{model}", "--plan", "{plan4}", "--budget", "1e400GB"],
+                                     "budget"),
     "missing plan file": (["memory", "--model", "{model}", "--plan", "nope.json"], "plan file not found"),
+    "truncated safetensors": (["evaluate", "--model", "{truncated}", "--data", "{text}"], "cannot load"),
+    "empty safetensors": (["evaluate", "--model", "{emptyweights}", "--data", "{text}"], "cannot load"),
+    "garbage safetensors": (["evaluate", "--model", "{garbage}", "--data", "{text}"], "cannot load"),
+    "tensor of the wrong shape": (["evaluate", "--model", "{wrongshape}", "--data", "{text}"], "wrong shape"),
+    "tensor missing from the model": (["evaluate", "--model", "{missing}", "--data", "{text}"], "missing"),
+    "pickled weights only": (["evaluate", "--model", "{pickled}", "--data", "{text}"], "safetensors only"),
+    "--bits abc": (["profile", "--model", "{model}", "--bits", "abc", "--out", "o"], "--bits"),
+    "--bits 2,,4": (["profile", "--model", "{model}", "--bits", "2,,4", "--out", "o"], "--bits"),
+    "--bits 2,16 in profile": (["profile", "--model", "{model}", "--data", "{text}", "--bits", "2,16", "--out", "o"],
+                               "cannot profile bits [16]"),
+    "--ranks abc": (["search", "--model", "{model}", "--budget", "4bit", "--ranks", "abc", "--out", "o"], "--ranks"),
+    "--group-size 0": (["profile", "--model", "{model}", "--group-size", "0", "--out", "o"], "--group-size"),
+    "--lr -1": (["train", "--model", "{model}", "--plan", "{plan4}", "--lr", "-1", "--out", "o"], "--lr"),
+    "--lr nan": (["train", "--model", "{model}", "--plan", "{plan4}", "--lr", "nan", "--out", "o"], "--lr"),
+    "--lr inf": (["train", "--model", "{model}", "--plan", "{plan4}", "--lr", "inf", "--out", "o"], "--lr"),
+    "--checkpoint-every 0": (["train", "--model", "{model}", "--plan", "{plan4}", "--checkpoint-every", "0",
+                              "--out", "o"], "--checkpoint-every"),
+    "--max-new-tokens 0": (["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    "empty --prompt": (["generate", "{model}", "--prompt", "  "], "--prompt"),
+    "train --out is a file": (["train", "--model", "{model}", "--plan", "{plan4}", "--data", "{text}",
+                               "--out", "{text}"], "is a file"),
+    "train --out under a file": (["train", "--model", "{model}", "--plan", "{plan4}", "--data", "{text}",
+                                  "--out", "{text}/run"], "is a file"),
+    "profile --out is a file": (["profile", "--model", "{model}", "--data", "{text}", "--out", "{text}"], "is a file"),
 }
+
+
+def _damaged_models(inputs, tiny_dir) -> dict:
+    """Copies of the tiny model with damaged weights, one per way a download or a hand edit goes wrong."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    weights = (tiny_dir / "model.safetensors").read_bytes()
+    state = load_file(tiny_dir / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    edits = {
+        "truncated": lambda p: p.write_bytes(weights[: len(weights) // 2]),
+        "emptyweights": lambda p: p.write_bytes(b""),
+        "garbage": lambda p: p.write_bytes(bytes(range(256)) * 20),
+        "wrongshape": lambda p: save_file({**state, key: torch.zeros(32, 64)}, p, metadata={"format": "pt"}),
+        "missing": lambda p: save_file({k: v for k, v in state.items() if k != key}, p, metadata={"format": "pt"}),
+        "pickled": lambda p: (torch.save(state, p.with_name("pytorch_model.bin")), p.unlink()),
+    }
+    for name, edit in edits.items():
+        target = inputs / name
+        shutil.copytree(tiny_dir, target)
+        edit(target / "model.safetensors")
+        out[name] = str(target)
+    return out
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_one_message_exit_2_nothing_written(capsys, tiny_dir, tmp_path, workdir, case):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
+    plan = {"layers": [{"bits": 4, "rank": 8}] * 4}
     files = {
         "model": str(tiny_dir),
         "plan4": write_plan(inputs / "plan4.json", [4] * 4),
@@ -130,15 +191,35 @@ def test_bad_input_one_message_exit_2_nothing_written(capsys, tiny_dir, tmp_path
         "text": words_file(inputs / "notes.txt"),
         "empty": str(inputs / "empty.jsonl"),
         "badjsonl": str(inputs / "bad.jsonl"),
+        "binary": str(inputs / "binary.txt"),
+        "latin1": str(inputs / "latin1.txt"),
+        "utf16": str(inputs / "utf16.txt"),
+        "plan_utf16": str(inputs / "plan16.json"),
+        "plan_latin1": str(inputs / "planl1.json"),
+        "plan_inf": str(inputs / "planinf.json"),
+        "plan_bool": str(inputs / "planbool.json"),
+        "loop": str(inputs / "loop"),
     }
     (inputs / "empty.jsonl").write_text("")
     (inputs / "bad.jsonl").write_text('{"text": "w1 w2"}\n{"text": oops}\n')
+    (inputs / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (inputs / "latin1.txt").write_bytes("w1 w2 café w3\n\nw4 w5".encode("latin-1"))
+    (inputs / "utf16.txt").write_bytes("w1 w2 w3\n\nw4 w5".encode("utf-16"))
+    (inputs / "plan16.json").write_bytes(json.dumps(plan).encode("utf-16"))
+    (inputs / "planl1.json").write_bytes(json.dumps({**plan, "note": "é"}, ensure_ascii=False).encode("latin-1"))
+    (inputs / "planinf.json").write_text(json.dumps({**plan, "alpha_ratio": float("inf")}))  # writes Infinity
+    (inputs / "planbool.json").write_text(json.dumps({**plan, "group_size": True}))
+    os.symlink(inputs / "loop", inputs / "loop")
     argv, needle = BAD_INPUTS[case]
+    if any("{" + name + "}" in a for a in argv for name in ("truncated", "emptyweights", "garbage", "wrongshape",
+                                                            "missing", "pickled")):
+        files.update(_damaged_models(inputs, tiny_dir))
     before = sorted(os.listdir(workdir)), sorted(os.listdir(inputs))
     code, out, err = run(capsys, *[a.format(**files) for a in argv])
-    assert code == 2
-    assert needle in err and "fix:" in err and "Traceback" not in err
+    assert code == 2, err
+    assert needle in err and "fix:" in err and "Traceback" not in err, err
     assert err.startswith("qradaptor: error:")
+    assert len(err.strip().splitlines()) == 2, err  # the error line and the fix line, nothing else
     assert (sorted(os.listdir(workdir)), sorted(os.listdir(inputs))) == before
 
 

@@ -4,12 +4,59 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import sys
 
 from .errors import QRAdaptorError
 
 DTYPES = ("float32", "bfloat16")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with qradaptor's error format: one ``qradaptor: error:`` line and a fix, exit 2."""
+
+    def error(self, message: str):
+        print(f"qradaptor: error: {message}", file=sys.stderr)
+        print(f"  fix: see `{self.prog} --help` for what each option accepts", file=sys.stderr)
+        sys.exit(2)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """A comma-separated list of whole numbers, as --bits and --ranks take (e.g. 2,3,4)."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item.lstrip("-").isdigit() for item in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 2,3,4, got {text!r}")
+    return tuple(int(item) for item in items)
+
+
+def _number(kind: type, low: float, *, above: bool = False):
+    """An argparse type: an int or a finite float at least (or above) ``low``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and not math.isfinite(value) or (value <= low if above else value < low):
+            what = "a whole number" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {what} {'above' if above else 'at least'} {low:g}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_positive_int = _number(int, 1)
+_count = _number(int, 0)
+_positive_float = _number(float, 0, above=True)
+_fraction = _number(float, 0)
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _dtype(name: str):
@@ -109,7 +156,7 @@ def cmd_run(args) -> int:
 def cmd_profile(args) -> int:
     from .profile import RESULT_FILE, profile
 
-    bits = [int(b) for b in args.bits.split(",") if b.strip()]
+    bits = list(args.bits)
     result = profile(args.model, data=args.data, out=args.out, bits=bits, tokens=args.tokens, backend=args.backend,
                      dtype=args.dtype, group_size=args.group_size, force=args.force,
                      use_cache=not args.no_cache, progress=not args.quiet)
@@ -129,9 +176,9 @@ def cmd_search(args) -> int:
     settings = {"population": args.population, "promote": args.promote, "refine": args.refine,
                 "backend": args.backend, "seed": args.seed, "seq_len": args.seq_len}
     if args.bits:
-        settings["bits"] = tuple(int(b) for b in args.bits.split(","))
+        settings["bits"] = args.bits
     if args.ranks:
-        settings["ranks"] = tuple(int(r) for r in args.ranks.split(","))
+        settings["ranks"] = args.ranks
     result = search(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
                     storage=args.storage, study=args.study, sensitivity=args.sensitivity, progress=not args.quiet,
                     **settings)
@@ -187,11 +234,11 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qradaptor",
         description="Choose per-layer bit-widths and LoRA ranks under a memory budget, and fine-tune the result.",
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -205,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None,
                    help="also check the plan against a budget: on the stored model (4bit, 3.5bit, 350MB, 1.2GiB, "
                         "123456789, 0.3x) or on the training peak (train:1.5GiB)")
-    p.add_argument("--batch-size", type=int, default=4, help="blocks per micro-batch of the training peak (default 4)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per block of the training peak (default 256)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="blocks per micro-batch of the training peak (default 4)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per block of the training peak (default 256)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="price training with gradient checkpointing (default on, as train)")
     p.add_argument("--json", action="store_true",
@@ -220,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     p.add_argument("--plan", default=None, help="quantize the model by this plan first")
     p.add_argument("--backend", default="hqq", help="quantizer backend: hqq (default), hqq-native or reference")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
-    p.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many blocks")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--max-blocks", type=_positive_int, default=None, help="evaluate at most this many blocks")
     p.add_argument("--lm-eval", default=None, metavar="TASKS",
                    help="also run these lm-eval harness tasks, comma-separated, offline (needs the lmeval extra)")
     p.add_argument("--include-path", default=None, help="directory of lm-eval task YAML files (local tasks)")
@@ -231,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", parents=[common], help="per-layer KL sensitivity to quantization (stage 1)")
     p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--data", default=None, help="calibration data (default: CPython's pydoc topics, train split)")
-    p.add_argument("--bits", default="2,3,4", help="bit-widths to probe per layer (default 2,3,4)")
-    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--bits", type=_int_list, default=(2, 3, 4), help="bit-widths to probe per layer (default 2,3,4)")
+    p.add_argument("--tokens", type=_positive_int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
-    p.add_argument("--group-size", type=int, default=64, help="weights per quantization group (default 64)")
+    p.add_argument("--group-size", type=_positive_int, default=64, help="weights per quantization group (default 64)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="decoder layers' compute dtype during the probes (bfloat16 is faster; the LM head stays fp32)")
     p.add_argument("--out", required=True, help="directory for sensitivity.json and sensitivity.png")
@@ -243,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     # What `search` and `run` share: the model, the data, the budget and the search's size and preference.
-    budgeted = argparse.ArgumentParser(add_help=False)
+    budgeted = _Parser(add_help=False)
     budgeted.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
     budgeted.add_argument("--data", default=None, help="fine-tuning data (default: CPython's pydoc topics)")
     budgeted.add_argument("--budget", required=True,
@@ -251,17 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
                                "the predicted training peak (train:1.5GiB)")
     budgeted.add_argument("--alpha", type=float, default=0.5,
                           help="preference: 1 = only quality, 0 = only memory (default 0.5)")
-    budgeted.add_argument("--trials", type=int, default=24, help="search exploration trials, cheap fidelity (default 24)")
+    budgeted.add_argument("--trials", type=_positive_int, default=24, help="search exploration trials, cheap fidelity (default 24)")
 
     p = sub.add_parser("search", parents=[common, budgeted], help="find a per-layer plan within a memory budget (stages 2-3)")
-    p.add_argument("--population", type=int, default=8, help="NSGA-II population (default 8)")
-    p.add_argument("--promote", type=int, default=3, help="front plans re-evaluated at full fidelity (default 3)")
-    p.add_argument("--refine", type=int, default=3, help="Bayesian refinement iterations (default 3)")
-    p.add_argument("--bits", default=None, help="bit-widths to choose from (default 2,3,4,5,6,8)")
-    p.add_argument("--ranks", default=None, help="LoRA ranks to choose from (default 4,8,16,32)")
+    p.add_argument("--population", type=_positive_int, default=8, help="NSGA-II population (default 8)")
+    p.add_argument("--promote", type=_count, default=3, help="front plans re-evaluated at full fidelity (default 3)")
+    p.add_argument("--refine", type=_count, default=3, help="Bayesian refinement iterations (default 3)")
+    p.add_argument("--bits", type=_int_list, default=None, help="bit-widths to choose from (default 2,3,4,5,6,8)")
+    p.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks to choose from (default 4,8,16,32)")
     p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training/evaluation block (default 256)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per training/evaluation block (default 256)")
     p.add_argument("--sensitivity", default=None, help="sensitivity.json (default: OUT/sensitivity.json, profiled if missing)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in OUT); PostgreSQL for workers")
     p.add_argument("--study", default=None, help="study name (default qradaptor)")
@@ -278,21 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="plan file (.json or .yaml); with --resume, the run's own by default")
     p.add_argument("--data", default=None, help="JSONL/JSON/TXT file or HF dataset name (default: CPython's pydoc topics)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the training split (default 1)")
-    p.add_argument("--batch-size", type=int, default=None, help="blocks per micro-batch (default 4)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 256)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5)")
+    length.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=_positive_float, default=None, help="passes over the training split (default 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="blocks per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per block (default 256)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 3e-4)")
+    p.add_argument("--warmup-steps", type=_count, default=None, help="linear warm-up steps (default 5)")
     p.add_argument("--seed", type=int, default=None, help="seed of adapter init and data order (default 0)")
     p.add_argument("--backend", default=None, help="quantizer backend: hqq (default), hqq-native or reference")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="compute, base and metadata dtype (default bfloat16: see benchmarks/results/dtype.md)")
-    p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: 5 times a run; 0: never)")
-    p.add_argument("--eval-blocks", type=int, default=None, help="validation blocks (default 16; 0: no validation)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: 10 per run)")
-    p.add_argument("--max-train-blocks", type=int, default=None, help="use at most this many training blocks")
+    p.add_argument("--eval-every", type=_count, default=None, help="validation every N steps (default: 5 times a run; 0: never)")
+    p.add_argument("--eval-blocks", type=_count, default=None, help="validation blocks (default 16; 0: no validation)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="checkpoint every N steps (default: 10 per run)")
+    p.add_argument("--max-train-blocks", type=_positive_int, default=None, help="use at most this many training blocks")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each decoder layer's activations in backward instead of keeping them "
                         "(default on: see the README's training memory)")
@@ -311,33 +358,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", parents=[common], help="continue a prompt with a trained model (export or run directory)")
     p.add_argument("artifact", help="an exported directory (or a finished run directory)")
-    p.add_argument("--prompt", required=True, help="the prompt (wrapped in the chat template when the tokenizer has one)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--prompt", type=_text, required=True, help="the prompt (wrapped in the chat template when the tokenizer has one)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=_fraction, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("run", parents=[common, budgeted], help="profile, search, train, evaluate and export in one command")
-    p.add_argument("--steps", type=int, default=200, help="steps of the final fine-tune (default 200)")
+    p.add_argument("--steps", type=_positive_int, default=200, help="steps of the final fine-tune (default 200)")
     p.add_argument("--out", required=True, help="run directory; rerun the same command to continue after a crash")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", parents=[common],
                        help="`run` on the embedded default at a 4-bit budget with small settings, vs uniform 4-bit")
-    p.add_argument("--steps", type=int, default=20, help="LoRA training steps per plan (default 20)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="LoRA training steps per plan (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); rerunning continues it")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+def _hide_interrupted_trials() -> None:
+    """Optuna logs a Ctrl-C inside a trial as a failed trial, with its traceback; the CLI says it in one line."""
+    import optuna
+
+    class DropInterrupts(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+    optuna.logging.get_logger("optuna")  # makes sure Optuna's own stderr handler exists
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, DropInterrupts) for f in handler.filters):
+            handler.addFilter(DropInterrupts())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad option (already reported): an exit code, for callers of main()
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if args.quiet:
         import os
 
         os.environ["TQDM_DISABLE"] = "1"
+    if args.command in ("search", "worker", "run", "demo"):
+        _hide_interrupted_trials()
     try:
         return args.func(args)
     except QRAdaptorError as e:

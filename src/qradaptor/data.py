@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .io import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def _check_record(obj, where: str) -> dict:
 
 def _read_jsonl(path: Path, lines=None) -> list[dict]:
     records = []
-    for lineno, line in enumerate(lines if lines is not None else path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(lines if lines is not None else read_text(path, DataError, "data file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -138,7 +139,7 @@ def _read_jsonl(path: Path, lines=None) -> list[dict]:
 
 
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, DataError, "data file")
     if not text.strip():
         return []
     try:
@@ -156,7 +157,7 @@ def _read_json(path: Path) -> list[dict]:
 
 def _read_txt(path: Path) -> list[dict]:
     """Paragraphs (separated by blank lines) become text records."""
-    paragraphs = re.split(r"\n[ \t\r\f\v]*\n", path.read_text(encoding="utf-8"))
+    paragraphs = re.split(r"\n[ \t\r\f\v]*\n", read_text(path, DataError, "data file"))
     return [{"text": p.strip()} for p in paragraphs if p.strip()]
 
 

@@ -42,3 +42,7 @@ class ArtifactError(QRAdaptorError):
 
 class LMEvalError(QRAdaptorError):
     """An lm-eval harness task cannot run: lm-eval missing, unknown task, bad include path, or data it cannot reach."""
+
+
+class TrainingError(QRAdaptorError):
+    """The fine-tune diverged: its loss or its adapter weights stopped being finite numbers."""

@@ -88,3 +88,45 @@ class AtomicDirectory:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.target)
+
+
+
+def read_text(path: str | os.PathLike, error: type[Exception], what: str) -> str:
+    """The text of a file the user handed us (``what``: "data file", "plan file", ...), as UTF-8.
+
+    A UTF-8 byte-order mark is allowed. Another encoding, binary data or an unreadable file raises
+    ``error(cause, fix)`` (a `QRAdaptorError` subclass) naming the file, instead of a traceback.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}", f"check that {path} is a readable file") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise error(f"{what} {path} is UTF-16 text; qradaptor reads UTF-8",
+                    f"convert it (iconv -f UTF-16 -t UTF-8 {path} > NEW) and pass NEW")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        if b"\x00" in raw[:4096]:
+            raise error(f"{what} {path} is binary, not text (byte 0x{raw[e.start]:02x} at offset {e.start})",
+                        f"pass the {what} itself, as UTF-8 text") from None
+        raise error(f"{what} {path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
+                    f"convert it from its encoding (e.g. iconv -f LATIN1 -t UTF-8 {path} > NEW) and pass NEW") from None
+
+
+def check_output_dir(path: str | os.PathLike, error: type[Exception], flag: str = "--out") -> Path:
+    """Refuse, before any work, an output directory that cannot be made: a file, a path under a file, or
+    a place this user cannot write. Returns the path; creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{flag} {path} is a file, not a directory", f"pass a directory path as {flag}")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise error(f"{flag} {path} cannot be created: {existing} is a file", f"pass a directory path as {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise error(f"{flag} {path} cannot be written: {existing} is not writable by this user",
+                    f"pass an {flag} directory you can write to")
+    return path

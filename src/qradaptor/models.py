@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import ModelLoadError
 from .io import AtomicDirectory
@@ -112,10 +113,13 @@ def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load report: qradaptor turns what matters into one error
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
@@ -154,14 +158,19 @@ def _load_dir(path: Path, dtype: torch.dtype):
             fix="pass a directory written by save_pretrained (config.json, weights, tokenizer), a .gguf file, "
             "or a Hugging Face hub id",
         )
+    _refuse_pickles(path)
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
+            # safetensors only (nothing unpickled); mismatched shapes are reported below, with their names
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                               ignore_mismatched_sizes=True, output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise ModelLoadError(
             f"cannot load {path} as a causal language model: {_first_line(e)}",
-            fix="pass a directory with a decoder-only causal LM saved by save_pretrained",
+            fix="pass a directory with a decoder-only causal LM saved by save_pretrained; if its weight files are "
+            "truncated or damaged, copy or download them again",
         ) from e
+    _check_loading_info(path, info)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
@@ -172,21 +181,54 @@ def _load_dir(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+def _refuse_pickles(path: Path) -> None:
+    """Weights only in pickled PyTorch files: unpickling runs code, so qradaptor never loads them."""
+    if any(path.glob("*.safetensors")) or not any(path.glob("*.bin")):
+        return
+    raise ModelLoadError(
+        f"{path} holds its weights only as pickled PyTorch files ({', '.join(sorted(p.name for p in path.glob('*.bin')))}"
+        "); qradaptor loads safetensors only, because unpickling a file can run any code in it",
+        fix=f"if you trust the file, convert it once: python -c \"from transformers import AutoModelForCausalLM as M, "
+        f"AutoTokenizer as T; M.from_pretrained('{path}').save_pretrained('OUT'); "
+        f"T.from_pretrained('{path}').save_pretrained('OUT')\" and pass OUT",
+    )
+
+
+def _check_loading_info(path: Path, info: dict) -> None:
+    """A weight missing from the files or of the wrong shape would be left randomly initialised."""
+    missing, mismatched = sorted(info.get("missing_keys", ())), sorted(info.get("mismatched_keys", ()))
+    if mismatched:
+        name, got, want = mismatched[0] if isinstance(mismatched[0], tuple) else (mismatched[0], "?", "?")
+        raise ModelLoadError(
+            f"{path}: {len(mismatched)} weight(s) have the wrong shape for config.json, e.g. {name} is "
+            f"{tuple(got) if got != '?' else got} where the model needs {tuple(want) if want != '?' else want}",
+            fix="the weights and config.json come from different models: copy both from the same save_pretrained",
+        )
+    if missing:
+        raise ModelLoadError(
+            f"{path}: {len(missing)} weight(s) the model needs are missing from its files, e.g. "
+            f"{', '.join(missing[:3])}; they would be random",
+            fix="copy the complete model directory again (every *.safetensors file and its index)",
+        )
+
+
 def _load_hub(repo_id: str, dtype: torch.dtype):
     from huggingface_hub.errors import HfHubHTTPError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
+            model, info = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, use_safetensors=True,
+                                                               ignore_mismatched_sizes=True, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(repo_id)
-    except (OSError, ValueError, KeyError, HfHubHTTPError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, HfHubHTTPError) as e:
         raise ModelLoadError(
             f"cannot load model '{repo_id}': no local file or directory has that name, and loading it as a "
             f"Hugging Face hub id failed: {_first_line(e)}",
             fix=f"check the hub id (or the path, if you meant a local one); on a machine without hub access, "
             f"download it elsewhere (hf download {repo_id} --local-dir DIR), copy DIR here and pass DIR",
         ) from e
+    _check_loading_info(Path(repo_id), info)
     return model, tokenizer
 
 
@@ -211,6 +253,13 @@ def _resolve(spec: str | os.PathLike | None) -> tuple[str, str | Path]:
         return "dir", default_model_path()
     name = str(spec)
     path = Path(name).expanduser()
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # exists but cannot be reached: permissions, a symlink loop, ...
+        raise ModelLoadError(f"cannot read model path {path}: {e.strerror or e}",
+                             fix="check the path and its permissions (a model directory or .gguf file you can read)")
     if path.is_dir():
         return "dir", path
     if path.is_file():

@@ -14,13 +14,14 @@ base; ``lora_config`` gives the PEFT ``LoraConfig`` whose per-module ranks follo
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import PlanError
-from .io import atomic_write_text
+from .io import atomic_write_text, read_text
 
 #: Every bit-width a plan may name (every width 2..8, and 16). Whether a backend can store it is the
 #: backend's business (``hqq`` and ``reference`` store 2..8, ``hqq-native`` 2, 3, 4, 8).
@@ -109,7 +110,7 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"plan file not found: {path}", "pass the path of a plan .json or .yaml file")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, PlanError, "plan file")
         try:
             if path.suffix.lower() in (".yaml", ".yml"):
                 import yaml
@@ -150,13 +151,15 @@ class Plan:
                 )
             if c.rank <= 0:
                 raise PlanError(f"layer {i} has rank {c.rank}; ranks must be positive", "use a rank such as 8 or 16")
-        if not isinstance(self.group_size, int) or self.group_size <= 0:
+        # bool is an int to Python, and JSON allows Infinity/NaN: neither is a sane setting
+        if type(self.group_size) is not int or self.group_size <= 0:
             raise PlanError(f"group_size must be a positive integer, got {self.group_size!r}", "the default is 64")
-        if not self.alpha_ratio > 0:
-            raise PlanError(f"alpha_ratio must be positive, got {self.alpha_ratio!r}", "the default is 2.0")
+        if isinstance(self.alpha_ratio, bool) or not isinstance(self.alpha_ratio, (int, float)) \
+                or not 0 < self.alpha_ratio < math.inf:
+            raise PlanError(f"alpha_ratio must be a positive finite number, got {self.alpha_ratio!r}", "the default is 2.0")
         if not self.target_modules:
             raise PlanError("target_modules is empty", f"the default is {list(DEFAULT_TARGET_MODULES)}")
-        if not 0 <= self.dropout < 1:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise PlanError(f"dropout must be in [0, 1), got {self.dropout!r}", "the default is 0.0")
 
     def check_model(self, model, *, source: str = "plan") -> None:

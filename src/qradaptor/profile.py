@@ -26,6 +26,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from .backends import QuantBackend, QuantCache, get_backend
 from .data import DEFAULT_DATA, TokenBlocks, data_fingerprint, load_blocks
 from .errors import DataError, QRAdaptorError
-from .io import atomic_write_json
+from .io import atomic_write_json, check_output_dir, read_text
 from .models import cache_dir, load_model, model_fingerprint
 from .quantize import decoder_layers, layer_linears
 
@@ -54,10 +55,15 @@ class ProfileError(QRAdaptorError):
     """The profile cannot run as asked (output directory of another model, ...)."""
 
 
+#: Calibration tokens by default: enough for stable per-layer KL on a small model (DESIGN §2).
+DEFAULT_TOKENS = 4096
+
+
 @dataclass
 class ProfileSettings:
     bits: tuple[int, ...] = (2, 3, 4)  # probed per layer; 8 bits is also measured for the whole model
-    tokens: int = 4096  # calibration tokens (whole blocks of seq_len)
+    # calibration tokens (whole blocks of seq_len); None: DEFAULT_TOKENS, or all the training split has if fewer
+    tokens: int | None = 4096
     seq_len: int = 256
     group_size: int = 64
     backend: str = "hqq"
@@ -70,15 +76,23 @@ class ProfileSettings:
         self.bits = tuple(sorted(set(int(b) for b in self.bits)))
         if not self.bits:
             raise ProfileError("no bit-widths to profile", "pass e.g. --bits 2,3,4")
+        if any(not 2 <= b <= 8 for b in self.bits):
+            raise ProfileError(f"cannot profile bits {[b for b in self.bits if not 2 <= b <= 8]}: the profile probes "
+                               "quantized bit-widths, 2 to 8 (16, unquantized, has no quantization error)",
+                               "pass --bits from 2..8, e.g. --bits 2,3,4")
         if self.dtype not in ("float32", "bfloat16"):
             raise ProfileError(f"unknown dtype {self.dtype!r}", "use float32 or bfloat16")
-        if self.tokens < self.seq_len:
+        for name in ("seq_len", "group_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ProfileError(f"{name} must be at least 1, got {getattr(self, name)}",
+                                   f"pass a positive --{name.replace('_', '-')} (default {getattr(ProfileSettings, name)})")
+        if self.tokens is not None and self.tokens < self.seq_len:
             raise ProfileError(f"--tokens {self.tokens} is less than one block of {self.seq_len} tokens",
                                f"use at least {self.seq_len} calibration tokens (a few thousand is better)")
 
     @property
     def num_blocks(self) -> int:
-        return self.tokens // self.seq_len
+        return (DEFAULT_TOKENS if self.tokens is None else self.tokens) // self.seq_len
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -135,7 +149,7 @@ class Sensitivity:
             def unkeyed(rows):
                 return [{int(b): float(v) for b, v in r.items()} for r in rows]
 
-            return cls(
+            result = cls(
                 model_fingerprint=obj["model_fingerprint"], data_fingerprint=obj["data_fingerprint"],
                 bits=[int(b) for b in obj["bits"]], layers=int(obj["layers"]), kl=unkeyed(obj["kl"]),
                 weight_error=unkeyed(obj["weight_error"]),
@@ -146,6 +160,31 @@ class Sensitivity:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ProfileError(f"{source} is not a qradaptor sensitivity profile ({e})",
                                "rerun `qradaptor profile` to regenerate it") from None
+        result.check(source)
+        return result
+
+    def check(self, source: str = RESULT_FILE) -> None:
+        """Every layer has a finite, non-negative KL and weight error at every profiled bit-width."""
+        fix = "rerun `qradaptor profile` to regenerate it (a hand-edited profile must keep this shape)"
+        if self.layers < 1 or len(self.kl) != self.layers or len(self.weight_error) != self.layers:
+            raise ProfileError(f"{source}: says {self.layers} layers but has {len(self.kl)} KL rows and "
+                               f"{len(self.weight_error)} weight-error rows", fix)
+        for name, rows in (("KL", self.kl), ("weight error", self.weight_error)):
+            for layer, row in enumerate(rows):
+                if sorted(row) != sorted(self.bits):
+                    raise ProfileError(f"{source}: layer {layer} has {name} at bits {sorted(row)}, the profile's bits "
+                                       f"are {sorted(self.bits)}", fix)
+                for b, v in row.items():
+                    # KL is non-negative; a few ulps below zero is rounding, not a bad probe
+                    if not math.isfinite(v) or v < -1e-6:
+                        raise ProfileError(f"{source}: layer {layer} has {name} {v} at {b} bits; it must be a finite, "
+                                           "non-negative number", fix)
+
+    def check_layers(self, num_layers: int, source: str = RESULT_FILE) -> None:
+        """The profile covers exactly the model's ``num_layers`` decoder layers."""
+        if self.layers != num_layers:
+            raise ProfileError(f"{source} profiles {self.layers} decoder layers but the model has {num_layers}",
+                               "profile this model (qradaptor profile --model ... --out DIR) and pass that file")
 
     @classmethod
     def load(cls, path: str | Path) -> "Sensitivity":
@@ -153,7 +192,7 @@ class Sensitivity:
         if not path.is_file():
             raise ProfileError(f"sensitivity file not found: {path}", "run `qradaptor profile --out DIR` first")
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(read_text(path, ProfileError, "sensitivity file"))
         except json.JSONDecodeError as e:
             raise ProfileError(f"{path} is not valid JSON ({e})", "rerun `qradaptor profile` to regenerate it") from None
         return cls.from_dict(obj, source=str(path))
@@ -329,6 +368,10 @@ def calibration_blocks(tokenizer, settings: ProfileSettings) -> TokenBlocks:
     """``settings.tokens`` worth of blocks from the training split, spread over it (seeded)."""
     blocks = load_blocks(settings.data, tokenizer, "train", seq_len=settings.seq_len, seed=settings.seed)
     need = settings.num_blocks
+    if settings.tokens is None and len(blocks) < need:
+        log.warning("profile: the training split has %d blocks of %d tokens, fewer than the default %d tokens; "
+                    "profiling on all of them", len(blocks), settings.seq_len, DEFAULT_TOKENS)
+        need = len(blocks)
     if len(blocks) < need:
         raise DataError(
             f"the calibration set has {len(blocks) * settings.seq_len} tokens ({len(blocks)} blocks of "
@@ -394,9 +437,11 @@ def profile_model(
     start_time = time.perf_counter()
     model_fp = model_fingerprint(model)
     backend = cache.backend if cache is not None else get_backend(settings.backend, compute_dtype=settings.torch_dtype)
-    for b in settings.bits:
-        if b < 16:
-            backend.check_bits(b)
+    lacking = [b for b in settings.bits if b not in backend.supported_bits]
+    if lacking:
+        raise ProfileError(f"the {backend.name} backend cannot store {', '.join(map(str, lacking))}-bit weights",
+                           f"profile bits it stores ({', '.join(map(str, backend.supported_bits))}), or pass "
+                           "--backend hqq (it stores every bit-width 2..8)")
     out = Path(out) if out is not None else None
     if out is not None:
         _check_out_dir(out, model_fp, force)
@@ -408,12 +453,17 @@ def profile_model(
     key = profile_key(model_fp, data_fp, settings)
     cached = cache_dir() / "profiles" / f"{key}.json"
     if use_cache and cached.is_file():
-        result = Sensitivity.load(cached)
-        result.from_cache = True
-        log.info("profile: used the cached result %s", cached)
-        if out is not None:
-            _write_outputs(result, out)
-        return result
+        try:
+            result = Sensitivity.load(cached)
+        except ProfileError as e:  # the cache is ours: a damaged entry is recomputed, not reported
+            log.warning("profile: ignoring the damaged cache entry %s (%s); profiling again", cached, e.cause)
+            cached.unlink(missing_ok=True)
+        else:
+            result.from_cache = True
+            log.info("profile: used the cached result %s", cached)
+            if out is not None:
+                _write_outputs(result, out)
+            return result
 
     work = model if next(model.parameters()).dtype == settings.torch_dtype else copy.deepcopy(model).to(settings.torch_dtype)
     work.eval()
@@ -506,6 +556,7 @@ def profile(model: str | None = None, *, data: str | None = None, out: str | Pat
     """What ``qradaptor profile`` does: load the model, profile it, write ``out/sensitivity.{json,png}``."""
     settings = ProfileSettings(bits=tuple(bits), tokens=tokens, seq_len=seq_len, group_size=group_size,
                                backend=backend, dtype=dtype, data=data)
+    check_output_dir(out, ProfileError)
     base, tokenizer = load_model(model)
     return profile_model(base, tokenizer, settings, out=out, force=force, use_cache=use_cache, progress=progress)
 

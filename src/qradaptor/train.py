@@ -3,6 +3,7 @@ accumulation, a fixed seed for the data order and adapter initialisation (same s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,9 +16,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ArtifactError
+from .errors import ArtifactError, TrainingError
 from .evaluate import evaluate_loss, token_nll
-from .io import AtomicDirectory, atomic_save_safetensors, atomic_write_json
+from .io import AtomicDirectory, atomic_save_safetensors, atomic_write_json, check_output_dir, read_text
 from .memory import release_free_memory
 
 
@@ -73,6 +74,12 @@ def lr_lambda(config: TrainConfig):
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
     return factor
+
+
+def _diverged(step: int, what: str, config: TrainConfig) -> TrainingError:
+    return TrainingError(f"training diverged at step {step}: {what} (learning rate {config.lr:g})",
+                         "train again with a lower --lr (e.g. half of it); a float32 --dtype also helps when "
+                         "bfloat16 overflows")
 
 
 def batch_order(num_blocks: int, batch_size: int, num_batches: int, seed: int) -> list[torch.Tensor]:
@@ -137,9 +144,16 @@ def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks
                 (nll / max(sum(tokens), 1)).backward()
                 step_nll += float(nll.detach())
                 step_tokens += n
+            # A non-finite loss or update poisons every later step: stop before it is applied or saved.
+            if not math.isfinite(step_nll):
+                raise _diverged(step + 1, f"the training loss is {step_nll}", config)
             if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise _diverged(step + 1, "the gradient is not finite", config)
             optimizer.step()
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise _diverged(step + 1, "the adapter weights are no longer finite after the update", config)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             release_free_memory()
@@ -194,26 +208,39 @@ def load_train_state(directory: str | Path) -> TrainState:
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    damaged = (f"delete {directory} and rerun with --resume to start again from step 0, or start a new run in "
+               "another --out directory")
     try:
-        meta = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
+        meta = json.loads(read_text(directory / STATE_JSON, ArtifactError, "checkpoint file"))
         tensors = load_file(directory / STATE_TENSORS)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"checkpoint {directory} is unreadable ({e})",
-                            "delete that checkpoint directory to resume from the one before, or start a new run") from None
-    if meta.get("format") != _STATE_FORMAT:
-        raise ArtifactError(f"checkpoint {directory} has format {meta.get('format')!r}, expected {_STATE_FORMAT}",
-                            "resume it with the qradaptor version that wrote it, or start a new run")
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    for idx, entries in meta["optimizer_other"].items():
-        state.setdefault(int(idx), {}).update(entries)
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    return TrainState(step=meta["step"], losses=meta["losses"], evals=[tuple(e) for e in meta["evals"]],
-                      optimizer={"state": state, "param_groups": groups}, scheduler=meta["scheduler"],
-                      rng=tensors["rng"])
+    except ArtifactError as e:
+        raise ArtifactError(e.cause, damaged) from None
+    except Exception as e:  # OSError, JSON errors, safetensors' SafetensorError (truncated or garbage file)
+        raise ArtifactError(f"checkpoint {directory} is unreadable ({_first_line(e)})", damaged) from None
+    if not isinstance(meta, dict) or meta.get("format") != _STATE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ArtifactError(f"checkpoint {directory} has format {found!r}, expected {_STATE_FORMAT}",
+                            "resume it with the qradaptor version that wrote it, or " + damaged)
+    try:
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        for idx, entries in meta["optimizer_other"].items():
+            state.setdefault(int(idx), {}).update(entries)
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+        return TrainState(step=int(meta["step"]), losses=[float(v) for v in meta["losses"]],
+                          evals=[tuple(e) for e in meta["evals"]], optimizer={"state": state, "param_groups": groups},
+                          scheduler=dict(meta["scheduler"]), rng=tensors["rng"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"checkpoint {directory}: {STATE_JSON} or {STATE_TENSORS} lacks or mangles {e}",
+                            damaged) from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
 
 
 # ============================================================================ training runs
@@ -309,9 +336,14 @@ def read_run(out: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        run = json.loads(read_text(path, ArtifactError, "run file"))
     except ValueError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e})", "the run directory is damaged; start a new run") from None
+        raise ArtifactError(f"{path} is not valid JSON ({e})", "the run directory is damaged; start a new run in "
+                            "another --out directory") from None
+    if not isinstance(run, dict) or not all(isinstance(run.get(k), dict) for k in ("config", "plan")):
+        raise ArtifactError(f"{path} is not a qradaptor run record (no 'config' and 'plan' objects)",
+                            "the run directory is damaged; start a new run in another --out directory")
+    return run
 
 
 def _resolve(given: dict, saved: dict | None) -> RunConfig:
@@ -342,7 +374,11 @@ def _resolve(given: dict, saved: dict | None) -> RunConfig:
                 "resume with the settings the run started with (or none: they are read from run.json), "
                 "or start a new run in another --out directory",
             )
-        config = RunConfig(**{**RunConfig().to_dict(), **saved})
+        try:
+            config = RunConfig(**{**RunConfig().to_dict(), **saved})
+        except TypeError as e:  # keys this version does not know: a damaged or foreign run.json
+            raise ArtifactError(f"the run's {RUN_FILE} has settings this qradaptor does not know ({e})",
+                                "resume it with the qradaptor version that wrote it, or start a new run") from None
         for key in _RESUME_MAY_CHANGE:
             if given.get(key) is not None:
                 setattr(config, key, given[key])
@@ -355,7 +391,34 @@ def _resolve(given: dict, saved: dict | None) -> RunConfig:
         raise ArtifactError(f"epochs must be positive, got {config.epochs}", "pass e.g. --epochs 1")
     if config.dtype not in _DTYPES:
         raise ArtifactError(f"unknown dtype {config.dtype!r}", f"use one of {sorted(_DTYPES)}")
+    _check_numbers(config)
     return config
+
+
+_CLI_FLAGS = frozenset({"lr", "warmup_steps", "eval_blocks", "eval_every", "checkpoint_every", "max_train_blocks"})
+
+
+def _check_numbers(config: RunConfig) -> None:
+    """Settings that would fail or train to garbage after the run directory is written are refused before."""
+    def finite(name: str, low: float, *, above: bool = False, high: float = math.inf) -> None:
+        value = getattr(config, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and (value > low if above else value >= low) and value <= high
+        if not ok:
+            bound = f"{'above' if above else 'at least'} {low:g}" + ("" if high == math.inf else f" and at most {high:g}")
+            how = f"--{name.replace('_', '-')}" if name in _CLI_FLAGS else name  # the rest are library settings
+            raise ArtifactError(f"{name} must be a finite number {bound}, got {value!r}",
+                                f"give {how} such a value (default {getattr(RunConfig, name)!r})")
+
+    finite("lr", 0, above=True)
+    finite("warmup_steps", 0)
+    finite("min_lr_ratio", 0, high=1)
+    finite("weight_decay", 0)
+    finite("max_grad_norm", 0)
+    finite("eval_blocks", 0)
+    for name, low in (("eval_every", 0), ("checkpoint_every", 1), ("max_train_blocks", 1)):
+        if getattr(config, name) is not None:
+            finite(name, low)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -375,8 +438,13 @@ def _load_checkpoint(model, directory: Path) -> TrainState:
     from safetensors.torch import load_file
 
     state = load_train_state(directory)
-    weights = load_file(directory / "adapter_model.safetensors")
-    result = set_peft_model_state_dict(model, weights)
+    try:
+        weights = load_file(directory / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model, weights)
+    except Exception as e:  # truncated or garbage file, or tensors of the wrong shape
+        raise ArtifactError(f"checkpoint {directory}: its adapter is unreadable ({_first_line(e)})",
+                            f"delete {directory} and rerun with --resume to start again from step 0, or start a new "
+                            "run in another --out directory") from None
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise ArtifactError(f"checkpoint {directory} does not match the model's adapters "
@@ -435,7 +503,7 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
     from .plan import Plan
     from .quantize import add_adapters, quantize_model
 
-    out = Path(out)
+    out = check_output_dir(out, ArtifactError)
     saved = read_run(out)
     if resume:
         if saved is None:
@@ -503,8 +571,13 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
                          seed=config.seed)
     del base
 
-    out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / LOG_FILE, "a", encoding="utf-8")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        logfile = open(out / LOG_FILE, "a", encoding="utf-8")
+    except OSError as e:
+        raise ArtifactError(f"cannot write the run directory {out}: {e.strerror or e}",
+                            "pass an --out directory you can write to") from None
 
     def say(fmt: str, *args) -> None:
         """Log (shown unless --quiet) and always append to the run's train.log."""
@@ -582,5 +655,28 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
                      validation["perplexity"], validation["tokens"])
         return RunResult(out=out, config=config, train=result, validation=validation, metrics=metrics,
                          resumed_from=0 if state is None else state.step, model=tuned)
+    except Exception as e:
+        logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {e}\n")
+        kept = _checkpoints(out)
+        if saved is None and not kept:
+            # Nothing worth resuming: leave the directory as it was, so the same --out can be used again.
+            logfile.close()
+            _remove_new_run(out, created)
+        if isinstance(e, TrainingError):
+            where = (f"; the last good checkpoint, {kept[-1].name}, is kept in {out / CHECKPOINTS_DIR}" if kept
+                     else "; nothing was kept")
+            raise TrainingError(e.cause + where, e.fix.replace("train again", "train again into a new --out")
+                                if kept else e.fix) from None
+        raise
     finally:
         logfile.close()
+
+
+def _remove_new_run(out: Path, created: bool) -> None:
+    """Delete what a fresh run wrote before failing (and the directory, if the run made it)."""
+    for name in (RUN_FILE, PLAN_FILE, LOG_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()
