@@ -171,7 +171,7 @@ class Sensitivity:
                                f"{len(self.weight_error)} weight-error rows", fix)
         for name, rows in (("KL", self.kl), ("weight error", self.weight_error)):
             for layer, row in enumerate(rows):
-                if sorted(row) != sorted(self.bits):
+                if set(self.bits) - set(row):
                     raise ProfileError(f"{source}: layer {layer} has {name} at bits {sorted(row)}, the profile's bits "
                                        f"are {sorted(self.bits)}", fix)
                 for b, v in row.items():
