@@ -229,3 +229,23 @@ def test_installed_entry_point_reports_errors_without_traceback(tmp_path):
                            "--plan", "p.json"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 2
     assert "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_during_a_search_is_one_line_without_optunas_traceback(capfd, tiny_dir, tmp_path, workdir, monkeypatch):
+    import importlib
+
+    search_module = importlib.import_module("qradaptor.search")  # the attribute is the function
+
+    def interrupted(self, plan, fidelity):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_module.FineTuneFitness, "__call__", interrupted)
+    data = words_file(tmp_path / "d.txt", n_lines=200)
+    capfd.readouterr()
+    code = main(["search", "--model", str(tiny_dir), "--data", data, "--budget", "4bit", "--trials", "2",
+                 "--population", "2", "--seq-len", "32", "--out", str(workdir / "s"), "-q"])
+    err = capfd.readouterr().err
+    assert code == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert [line for line in err.splitlines() if line.strip() and "Warning" not in line and "warn" not in line] == \
+        [line for line in err.splitlines() if line.startswith("qradaptor: interrupted")], err

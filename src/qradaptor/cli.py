@@ -378,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _hide_interrupted_trials() -> None:
-    """Optuna logs a Ctrl-C inside a trial as a failed trial, with its traceback; the CLI says it in one line."""
+def _quiet_optuna(quiet: bool) -> None:
+    """Optuna logs a Ctrl-C inside a trial as a failed trial, with its traceback; the CLI says it in one line.
+    With --quiet, Optuna's own warnings are hidden too (qradaptor reports what matters)."""
     import optuna
 
     class DropInterrupts(logging.Filter):
@@ -390,6 +391,7 @@ def _hide_interrupted_trials() -> None:
     for handler in logging.getLogger("optuna").handlers:
         if not any(isinstance(f, DropInterrupts) for f in handler.filters):
             handler.addFilter(DropInterrupts())
+        handler.setLevel(logging.ERROR if quiet else logging.NOTSET)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ["TQDM_DISABLE"] = "1"
     if args.command in ("search", "worker", "run", "demo"):
-        _hide_interrupted_trials()
+        _quiet_optuna(args.quiet)
     try:
         return args.func(args)
     except QRAdaptorError as e:

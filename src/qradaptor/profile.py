@@ -63,7 +63,7 @@ DEFAULT_TOKENS = 4096
 class ProfileSettings:
     bits: tuple[int, ...] = (2, 3, 4)  # probed per layer; 8 bits is also measured for the whole model
     # calibration tokens (whole blocks of seq_len); None: DEFAULT_TOKENS, or all the training split has if fewer
-    tokens: int | None = 4096
+    tokens: int | None = None
     seq_len: int = 256
     group_size: int = 64
     backend: str = "hqq"
