@@ -14,7 +14,14 @@ Trials live in Optuna storage: SQLite in the output directory by default (an int
 resumes), or any RDB URL, through which ``qradaptor worker`` processes on other machines evaluate
 exploration trials of the same study. The study's user attributes hold the whole search config (model
 fingerprint, budget, space, fidelities, the prior), so a worker needs only the URL and the study name,
-and a study cannot be reused for another model or space by accident.
+and a study cannot be reused for another model or space by accident (nor with other data contents: the
+study records their fingerprint).
+
+One search per --out and per study: the search holds a lock on ``OUT/.qradaptor-search`` (which also marks
+the directory as the tool's; a non-empty directory without it is refused) and a heartbeat lease in the
+study ``NAME:coordinator``, so a second ``search`` is refused, naming the first; ``qradaptor worker`` is
+how more processes join. A trial left RUNNING is failed (and its plan retried) only when its process is
+known dead: at once on this machine, after the heartbeat grace period elsewhere.
 
 The prior's units: per-layer KL for bits; halving a layer's rank is charged ``rank_value`` times that
 layer's KL at 4 bits (on SmolLM2, halving every rank cost about a third of what 4-bit quantization costs
@@ -23,13 +30,17 @@ in held-out loss; see DESIGN §6). It only orders repair and warm-start moves; f
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 import socket
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -49,6 +60,11 @@ DEFAULT_BITS = DEFAULT_BIT_LADDER  # (2, 3, 4, 5, 6, 8): exact packing makes 5 a
 DEFAULT_RANKS = (4, 8, 16, 32)
 CONFIG_ATTR = "qradaptor_config"
 FORMAT = "qradaptor-search-1"
+#: Written into every --out a search uses: marks the directory as the tool's, and is locked (flock) for the
+#: search's duration so that a second search on the same --out is refused instead of overwriting the first.
+MARKER = ".qradaptor-search"
+#: What a search writes into its --out (a directory that holds study.db but no marker is an older search's).
+SEARCH_FILES = ("study.db", "pareto.json", "plan.json", "pareto.png", "search-summary.txt")
 
 
 class SearchError(QRAdaptorError):
@@ -321,8 +337,63 @@ def redact(url: str) -> str:
 def _config_fingerprint(config: dict) -> dict:
     """What must match for a study to be continued: model, budget, space, settings (not trial counts)."""
     keep = ("model_fingerprint", "budget_bytes", "bits", "ranks", "group_size", "backend", "seq_len", "cheap",
-            "full", "seed", "data", "alpha", "rank_value", "sampler", "budget_on", "train_batch_size")
+            "full", "seed", "data", "alpha", "rank_value", "sampler", "budget_on", "train_batch_size",
+            "data_fingerprint")
     return {k: config.get(k) for k in keep}
+
+
+def search_data_fingerprint(data: str | None, config: SearchConfig) -> str:
+    """The contents of what the fine-tunes train and are scored on (train and validation splits), so that a
+    resumed search refuses data replaced at the same path instead of mixing trials scored on both."""
+    from .data import data_fingerprint
+
+    parts = [data_fingerprint(data, split, config.seq_len, seed=config.seed) for split in ("train", "validation")]
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()
+
+
+def _whoami() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_here(worker: str) -> bool:
+    """Whether ``worker`` ("host:pid", as `_whoami` wrote it) is a process of this machine that has ended."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:  # a killed process its parent has not reaped yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _fail(storage, trial_id: int, value: float | None = None) -> bool:
+    """Fail a trial (or complete it with ``value``) unless another process finished it; whether this call did."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        if value is not None:
+            return storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [value])
+        return storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def _heartbeat(storage, trial_id: int, stop: threading.Event) -> None:
+    interval = storage.get_heartbeat_interval() or 30
+    while True:
+        try:
+            storage.record_heartbeat(trial_id)
+        except Exception as e:  # noqa: BLE001 - a missed beat only risks the lease; the search goes on
+            log.warning("search: heartbeat failed (%s)", e)
+        if stop.wait(interval):
+            return
 
 
 # ---------------------------------------------------------------------------------------- the search
@@ -415,10 +486,19 @@ class Search:
             study.set_user_attr(CONFIG_ATTR, self.run_config)
         else:
             mine, theirs = _config_fingerprint(self.run_config), _config_fingerprint(existing)
-            differ = [k for k in mine if mine[k] != theirs.get(k)]
+            # studies made before data contents were fingerprinted have none: compare the rest
+            differ = [k for k in mine if mine[k] != theirs.get(k)
+                      and not (k == "data_fingerprint" and theirs.get(k) is None)]
+            if differ == ["data_fingerprint"]:
+                data = self.run_config.get("data") or "the default data"
+                raise SearchError(
+                    f"the contents of {data} changed since study {name!r} began (same path, different data): "
+                    "its trials were scored on the old data",
+                    "restore the original data to resume, or search the new data with another --out (or --study)")
             if differ:
                 raise SearchError(
-                    f"study {name!r} in this storage belongs to a different search ({', '.join(differ)} differ)",
+                    f"study {name!r} in this storage belongs to a different search "
+                    f"({', '.join('data contents' if k == 'data_fingerprint' else k for k in differ)} differ)",
                     "use another --study name (or --out directory), or rerun with the original settings to resume")
         return study
 
@@ -463,6 +543,7 @@ class Search:
         return loss, memory
 
     def objective(self, trial) -> tuple[float, int]:
+        trial.set_user_attr("worker", _whoami())  # first, so a rerun on this machine sees the trial's process died
         raw = self._suggest(trial)
         plan = self.planner.repair(raw, self.config.budget_bytes)
         source = trial.user_attrs.get("source", "nsga2")
@@ -490,15 +571,16 @@ class Search:
                 unique.append((plan, source))
         return unique
 
-    def explore(self) -> None:
-        """Run exploration trials (this process; workers may add theirs) until the study has ``trials``."""
+    def explore(self, warm_start: bool = True) -> None:
+        """Run exploration trials (this process; workers may add theirs) until the study has ``trials``.
+        Only the coordinating search enqueues the warm start (``warm_start``), so a worker never duplicates it."""
         import optuna
         from optuna.trial import TrialState
 
-        if not self.study.trials and self.config.sampler == "nsga2":
+        if warm_start and not self.study.trials and self.config.sampler == "nsga2":
             for plan, source in self.warm_start_plans()[: self.config.trials]:
                 self.study.enqueue_trial(self.params(plan), user_attrs={"source": source})
-        self._fail_orphans()
+        self._fail_dead_trials()
         done = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         remaining = self.config.trials - done
         if remaining <= 0:
@@ -511,16 +593,71 @@ class Search:
         finally:
             bar.close()
 
-    def _fail_orphans(self) -> None:
-        """With a single-machine SQLite study, trials left RUNNING belong to a process that died: fail them
-        so the retry callback re-enqueues their plans. (RDB servers rely on heartbeats instead.)"""
+    def _fail_dead_trials(self) -> None:
+        """Fail exploration trials left RUNNING by a process that died, so the storage's retry callback
+        re-enqueues their plans. A trial can be a live worker's (on this machine or another), so it is failed
+        only when its process is known dead: on this machine at once (its pid is gone), elsewhere once its
+        heartbeat is older than the grace period (Optuna's fail_stale_trials, which optimize() also runs)."""
+        import optuna
         from optuna.trial import TrialState
 
-        if not str(self.storage.url).startswith("sqlite"):
-            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+        retry = self.storage.get_heartbeat_stale_trial_callback()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            self.study.enqueue_trial(t.params, user_attrs={"source": t.user_attrs.get("source", "retry")})
+            if _dead_here(t.user_attrs.get("worker", "")) and _fail(self.storage, t._trial_id) and retry:
+                retry(self.study, self.storage.get_trial(t._trial_id))
+
+    @contextmanager
+    def coordinating(self):
+        """Hold the study's coordinator lease while warm start, promotion and refinement run: those stages
+        must run in one process (two would evaluate the same refinement plans). The lease is a RUNNING trial
+        with a heartbeat in the study ``NAME:coordinator``; another search of the same study is refused while
+        it lives (``qradaptor worker`` joins the exploration instead), and a crashed holder's lease expires like
+        a trial's (at once when its process on this machine is gone, else after the grace period)."""
+        import optuna
+        from optuna.trial import TrialState, create_trial
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            leases = optuna.create_study(storage=self.storage, study_name=self.study.study_name + ":coordinator",
+                                         load_if_exists=True)
+            optuna.storages.fail_stale_trials(leases)
+        for t in leases.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            if t.state == TrialState.WAITING or _dead_here(t.user_attrs.get("worker", "")):
+                _fail(self.storage, t._trial_id)  # WAITING: the retry callback's copy of a stale lease
+        holder = {"worker": _whoami(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        lease = self.storage.create_new_trial(leases._study_id,
+                                              template_trial=create_trial(state=TrialState.RUNNING, user_attrs=holder))
+        stop = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(self.storage, lease, stop), daemon=True)
+        beat.start()
+        started = time.perf_counter()
+        try:
+            # Two searches may have created leases at once: the earliest live one wins.
+            first = min(leases.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), key=lambda t: t.number)
+            if first._trial_id != lease:
+                host, _, pid = first.user_attrs.get("worker", "?:?").rpartition(":")
+                grace = self.storage.grace_period or 2 * (self.storage.get_heartbeat_interval() or 30)
+                raise SearchError(
+                    f"study {self.study.study_name!r} is already being searched by process {pid} on {host} "
+                    f"(since {first.user_attrs.get('started', '?')}); two searches of one study would evaluate "
+                    "the same plans and overwrite each other's results",
+                    "wait for that search to finish, or add evaluators to it with `qradaptor worker --storage URL "
+                    f"--study {self.study.study_name}`; if that process is gone, its claim expires {grace} s after "
+                    "its last heartbeat")
+            # Only a coordinator writes the refine study: what a crashed one left RUNNING or WAITING is orphaned
+            # (and a WAITING trial would be popped by the next ask() in place of the plan just enqueued).
+            for t in self.refine_study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                _fail(self.storage, t._trial_id)
+            yield
+        finally:
+            stop.set()
+            beat.join()
+            # the run's record in the coordinator study, its value the seconds it held the lease
+            if not _fail(self.storage, lease, value=time.perf_counter() - started):
+                log.warning("search: the coordinator lease of study %s had expired", self.study.study_name)
 
     def _best(self, study) -> str:
         best = [t for t in study.best_trials]
@@ -629,9 +766,10 @@ class Search:
 
     def run(self) -> SearchResult:
         start = time.perf_counter()
-        self.explore()
-        self.promote()
-        self.refine()
+        with self.coordinating():
+            self.explore()
+            self.promote()
+            self.refine()
         points = self.points()
         full = [p for p in points if p.fidelity == "full"] or [p for p in points if p.fidelity == "cheap"]
         chosen = min(full, key=lambda p: (self.scalarize(p.loss, p.memory_bytes, full), p.memory_bytes))
@@ -758,6 +896,7 @@ def search(model: str | None = None, *, data: str | None = None, budget: str | i
     from .models import load_model
 
     out = Path(out)
+    _check_out(out)
     base, tokenizer = load_model(model)
     shapes = ModelShapes.from_model(base)
     backend = get_backend(settings.get("backend", "hqq"))
@@ -769,18 +908,82 @@ def search(model: str | None = None, *, data: str | None = None, budget: str | i
         config = SearchConfig(budget_bytes=train_budget, alpha=alpha, trials=trials, budget_on="training", **settings)
         config.training_fixed_bytes = training_fixed_bytes(shapes, backend, base.config, config)
     _check_searchable(config, shapes, backend)
+    data_fp = search_data_fingerprint(data, config)
     storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if storage:  # reach the server before anything is written locally
         open_storage(storage_url)
-    out.mkdir(parents=True, exist_ok=True)
-    prior = _load_or_profile(sensitivity, out, base, tokenizer, data, progress)
-    fitness = fitness or FineTuneFitness(base, tokenizer, data=data, config=config)
-    runner = Search(model=base, sensitivity=prior, config=config, storage=storage_url,
-                    study_name=study or "qradaptor", fitness=fitness,
-                    run_config={"model": model, "data": data}, progress=progress)
-    result = runner.run()
-    write_outputs(result, out, shapes, runner.backend)
+    study = study or "qradaptor"
+    with _locked_out(out, storage_url, study):
+        prior = _load_or_profile(sensitivity, out, base, tokenizer, data, progress)
+        fitness = fitness or FineTuneFitness(base, tokenizer, data=data, config=config)
+        runner = Search(model=base, sensitivity=prior, config=config, storage=storage_url, study_name=study,
+                        fitness=fitness, run_config={"model": model, "data": data, "data_fingerprint": data_fp},
+                        progress=progress)
+        result = runner.run()
+        write_outputs(result, out, shapes, runner.backend)
     return result
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before anything is written, an --out that is (or lies under) a file, or a non-empty directory
+    the tool did not make: the search writes plan.json and more there and must not overwrite the user's files.
+    The tool's are: a search's (marked by MARKER; or holding study.db, from before the marker existed) and a
+    profile's (search continues in the directory `qradaptor profile` wrote, or profiles into its own)."""
+    from .profile import HEATMAP_FILE, PARTIAL_FILE, RESULT_FILE
+
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == out else f"lies under {p}, which is a file"
+                raise SearchError(f"--out {out} {where}", "pass a directory for the search's outputs: a new one, "
+                                  "or the --out of an earlier search to resume it")
+            break
+    if not out.is_dir() or (out / MARKER).is_file():
+        return
+    names = sorted(e.name for e in out.iterdir())
+    ours = {RESULT_FILE, PARTIAL_FILE, HEATMAP_FILE} | (set(SEARCH_FILES) if "study.db" in names else set())
+    foreign = [n for n in names if n not in ours and not n.startswith((".qradaptor", "study.db"))
+               and not (n.startswith(".") and n.endswith(".tmp"))]  # our atomic writes' leftovers
+    if foreign:
+        raise SearchError(f"--out {out} is not empty and was not made by qradaptor (it holds "
+                          f"{', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}); the search would "
+                          "write plan.json and more there", "choose a new or empty --out directory")
+
+
+@contextmanager
+def _locked_out(out: Path, storage_url: str, study: str):
+    """Make --out (marked as the tool's by MARKER) and hold an exclusive lock on MARKER while the search runs:
+    a second search on the same --out is refused, naming the first; the lock goes with its process, so a
+    crashed search never blocks the rerun that resumes it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / MARKER, "a+", encoding="utf-8")
+    except OSError as e:
+        raise SearchError(f"cannot write to --out {out}: {e.strerror or e}",
+                          "pass a directory you can create and write to") from None
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                holder = json.loads(f.read())
+            except ValueError:
+                holder = {}
+            raise SearchError(
+                f"another search is running in {out} (process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, since {holder.get('started', '?')})",
+                "wait for it to finish (stopping it and rerunning the same command resumes it), or add evaluators "
+                f"to it with `qradaptor worker --storage {holder.get('storage', 'URL')} --study "
+                f"{holder.get('study', 'NAME')}`") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "storage": redact(storage_url),
+                            "study": study, "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 def training_fixed_bytes(shapes: ModelShapes, backend: QuantBackend, model_config, config: SearchConfig) -> int:
@@ -836,9 +1039,12 @@ def worker(*, storage: str, study: str, progress: bool = True) -> int:
     config = SearchConfig.from_dict({k: v for k, v in config_dict.items()
                                      if k in SearchConfig.__dataclass_fields__})
     prior = Sensitivity.from_dict(config_dict["sensitivity"], source=f"study {study}")
-    fitness = FineTuneFitness(base, tokenizer, data=config_dict.get("data"), config=config)
+    data = config_dict.get("data")
+    # the study refuses this worker (naming the data) if the data here differs from what the search scored on
+    data_fp = search_data_fingerprint(data, config) if config_dict.get("data_fingerprint") else None
+    fitness = FineTuneFitness(base, tokenizer, data=data, config=config)
     runner = Search(model=base, sensitivity=prior, config=config, storage=store, study_name=study, fitness=fitness,
-                    run_config={"model": config_dict.get("model"), "data": config_dict.get("data")}, progress=progress,
-                    seed_offset=1 + int.from_bytes(os.urandom(4), "little"))
-    runner.explore()
+                    run_config={"model": config_dict.get("model"), "data": data, "data_fingerprint": data_fp},
+                    progress=progress, seed_offset=1 + int.from_bytes(os.urandom(4), "little"))
+    runner.explore(warm_start=False)
     return len(runner.study.trials)
