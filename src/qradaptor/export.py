@@ -11,8 +11,14 @@ with qradaptor on its packed mixed-precision base.
 - ``qradaptor/quantized.safetensors``: the packed base, each quantized module's backend tensors under
   ``<module name>.<tensor>``, with JSON metadata naming the backend, compute dtype, bits and group size per
   module. `load` uses it, so the reloaded model holds exactly the bytes the memory model predicts.
-- ``qradaptor/export.json`` (source run, config, memory, metrics, versions), ``plan.json``, ``README.md``
-  (model card), and with ``merge`` ``merged/``: the adapter folded into the dequantized base, a plain model.
+- ``qradaptor/export.json`` (source run, config, memory, metrics, versions, and ``files``: every path the export
+  wrote), ``plan.json``, ``README.md`` (model card), and with ``merge`` ``merged/``: the adapter folded into the
+  dequantized base, a plain model.
+
+An existing ``OUT`` is replaced only when it is an export whose ``files`` list covers everything in it: a
+directory holding anything the tool did not write (the user's notes, an export made before the list existed) is
+refused, never deleted. Loading checks the packed file against the plan and the model: every module the plan
+quantizes present, no other, each with the model's shape, the plan's bits and the export's dtype.
 """
 
 from __future__ import annotations
@@ -93,6 +99,53 @@ def _build_from_run(run_dir: Path, run: dict):
 
 
 # ---------------------------------------------------------------------------------------------- export
+def _entries(root: Path) -> set[str]:
+    """Every file and directory under ``root`` (relative, ``/``-separated; directories end in ``/``)."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        found.update((rel / d).as_posix() + "/" for d in dirnames)
+        found.update((rel / f).as_posix() for f in filenames)
+    return found
+
+
+def export_manifest(path: str | os.PathLike) -> set[str] | None:
+    """The paths an export in ``path`` wrote (its ``files`` list), or None when ``path`` holds no export that
+    lists them (not an export, a damaged ``export.json``, or an export from before the list existed)."""
+    try:
+        info = json.loads((Path(path) / PACKED_DIR / EXPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("format") != PACKED_FORMAT:
+        return None
+    files = info.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return set(files)
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse an ``out`` that holds anything an earlier export did not write: replacing it would delete it."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a directory", "choose another --to path")
+    present = _entries(out)
+    if not present:
+        return
+    written = export_manifest(out)
+    if written is None:
+        raise ArtifactError(f"{out} is not empty and is not an earlier export (it has no readable "
+                            f"{PACKED_DIR}/{EXPORT_FILE} listing the files an export wrote): replacing it could "
+                            "destroy files that are not the tool's",
+                            "choose a new or empty --to directory (or delete that one yourself)")
+    foreign = sorted(present - written)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ArtifactError(f"{out} holds an earlier export plus files it did not write ({shown}): replacing it "
+                            "would delete them", f"move them out of {out}, or choose another --to directory")
+
+
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False) -> dict:
     """What ``qradaptor export RUN --to OUT [--merge]`` runs. Returns a summary (paths, memory, metrics)."""
     from .memory import ModelShapes, measured_bytes, predict
@@ -100,14 +153,9 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
 
     run_dir, out = Path(run_dir), Path(out)
     run = _finished_run(run_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise ArtifactError(f"{out} exists and is not a directory", "choose another --to path")
-        if artifact_kind(out) != "export" and any(out.iterdir()):
-            raise ArtifactError(f"{out} exists and is not an earlier export (replacing it would destroy its files)",
-                                "choose a new or empty --to directory")
     if out.resolve() == run_dir.resolve():
         raise ArtifactError("the export target is the run directory itself", "choose another --to directory")
+    _check_replaceable(out)
 
     tuned, quantized, base, tokenizer, plan, quant, config = _build_from_run(run_dir, run)
     # The packed states, and the dense base set to exactly the dequantized weights.
@@ -152,10 +200,12 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
             shutil.copytree(run_dir / ADAPTER_DIR, tmp / "adapter")
             plan.save(tmp / "plan.json")
             atomic_save_safetensors(tmp / PACKED_DIR / PACKED_FILE, packed, metadata=metadata)
-            atomic_write_json(tmp / PACKED_DIR / EXPORT_FILE, info)
             atomic_write_text(tmp / "README.md", model_card(info, out.name))
             if merge:
                 _write_merged(base, tokenizer, run_dir / ADAPTER_DIR, tmp / MERGED_DIR)
+            # written last, listing everything (itself included): what a later export may replace
+            info["files"] = sorted(_entries(tmp) | {f"{PACKED_DIR}/{EXPORT_FILE}"})
+            atomic_write_json(tmp / PACKED_DIR / EXPORT_FILE, info)
     except OSError as e:
         raise ArtifactError(f"writing the export to {out} failed: {e.strerror or e}",
                             "free disk space (or fix the permissions) and export again; nothing was left at "
@@ -200,19 +250,22 @@ def load(path: str | os.PathLike):
 
 def _load_export(path: Path):
     from peft import PeftModel
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .backends import get_backend
     from .errors import QRAdaptorError
     from .models import _quiet_transformers
-    from .plan import Plan
+    from .plan import UNQUANTIZED_BITS, Plan
+    from .quantize import decoder_layers, layer_linears
 
     packed = path / PACKED_DIR / PACKED_FILE
     for needed in (packed, path / "config.json", path / "adapter" / "adapter_config.json", path / "plan.json"):
         if not needed.is_file():
             raise ArtifactError(f"the export in {path} is incomplete: {needed.relative_to(path)} is missing",
                                 "export the training run again (qradaptor export RUN --to OUT)")
+    fix = ("the file is damaged or was changed after export: export the training run again "
+           "(qradaptor export RUN --to OUT)")
     try:
         with safe_open(packed, "pt") as f:
             meta = f.metadata() or {}
@@ -220,22 +273,66 @@ def _load_export(path: Path):
                 raise ArtifactError(f"{packed} has format {meta.get('format')!r}, expected {PACKED_FORMAT!r}",
                                     "load it with the qradaptor version that wrote it, or export again")
             modules = json.loads(meta["modules"])
-            states = {name: {key: f.get_tensor(f"{name}.{key}") for key in info["tensors"]}
-                      for name, info in modules.items()}
+            keys = set(f.keys())
+            states = {}
+            for name, info in modules.items():
+                lacking = [k for k in info["tensors"] if f"{name}.{k}" not in keys]
+                if lacking:  # e.g. tensors renamed: never fall back to the dense layer
+                    raise ArtifactError(f"{packed} lacks the tensor {name}.{lacking[0]} that its module list names",
+                                        fix)
+                states[name] = {key: f.get_tensor(f"{name}.{key}") for key in info["tensors"]}
+            unlisted = sorted(keys - {f"{n}.{k}" for n, info in modules.items() for k in info["tensors"]})
+            if unlisted:
+                raise ArtifactError(f"{packed} holds tensors its module list does not name ({', '.join(unlisted[:3])})",
+                                    fix)
     except ArtifactError:
         raise
-    except (OSError, ValueError, KeyError) as e:
-        raise ArtifactError(f"{packed} is unreadable ({e})", "export the training run again") from None
-    dtype = _DTYPES[meta["compute_dtype"]]
-    quant = get_backend(meta["backend"], compute_dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+        # truncated or garbage bytes, a header that does not cover the data, malformed metadata
+        raise ArtifactError(f"{packed} is unreadable ({e})", fix) from None
+    dtype = _DTYPES.get(meta.get("compute_dtype"))
+    if dtype is None:
+        raise ArtifactError(f"{packed} names an unknown compute dtype {meta.get('compute_dtype')!r}", fix)
+    try:
+        quant = get_backend(meta.get("backend"), compute_dtype=dtype)
+    except QRAdaptorError as e:
+        raise ArtifactError(f"{packed}: {e.cause}", fix) from None
     plan = Plan.load(path / "plan.json")
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    plan.check_model(model, source=str(path / "plan.json"))
+    # What the plan quantizes in this model: exactly these modules must be in the packed file.
+    expected: dict[str, tuple[torch.nn.Linear, int]] = {}
+    for index, (layer_name, layer) in enumerate(decoder_layers(model)):
+        if plan.layers[index].bits != UNQUANTIZED_BITS:
+            for sub, linear in layer_linears(layer):
+                expected[f"{layer_name}.{sub}"] = (linear, plan.layers[index].bits)
+    unknown, missing = sorted(set(states) - set(expected)), sorted(set(expected) - set(states))
+    if unknown or missing:
+        what = [f"modules the plan does not quantize in this model ({', '.join(unknown[:3])})"] if unknown else []
+        what += [f"no packed weights for {', '.join(missing[:3])}"] if missing else []
+        raise ArtifactError(f"{packed} does not match the model and plan.json: it has {'; and '.join(what)} "
+                            "(were module names changed?)", fix)
     for name, state in states.items():
+        linear, bits = expected[name]
+        for key in ("scale", "zero", "bias"):  # stored in the compute dtype: another dtype means a changed header
+            if key in state and state[key].dtype != dtype:
+                raise ArtifactError(f"{packed}: {name}.{key} is stored as {state[key].dtype}, but the export "
+                                    f"computes in {dtype}", fix)
         try:
-            module = quant.from_state(state)
-        except QRAdaptorError as e:
-            raise ArtifactError(f"{packed}: module {name}: {e.cause}", e.fix) from None
+            module = quant.from_state(state, name)
+            stored_bits = int(state["nbits"])
+        except QRAdaptorError as e:  # its cause names the module
+            raise ArtifactError(f"{packed}: {e.cause}", e.fix) from None
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise ArtifactError(f"{packed}: module {name}: its tensors are malformed ({e})", fix) from None
+        shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+        if shape != (linear.out_features, linear.in_features):
+            raise ArtifactError(f"{packed}: module {name} is stored as {shape[0]}x{shape[1]}, but the model's "
+                                f"is {linear.out_features}x{linear.in_features}", fix)
+        if stored_bits != bits or modules[name].get("bits") != bits:
+            raise ArtifactError(f"{packed}: module {name} is stored at {stored_bits} bits, but plan.json gives its "
+                                f"layer {bits}", fix)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
     model.requires_grad_(False)

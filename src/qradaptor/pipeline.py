@@ -1,31 +1,222 @@
 """``qradaptor run``: profile → search → train → evaluate → export, each stage in its own sub-directory of
-the run directory and skipped when its output is already there and valid, so rerunning the same command
-after a crash continues where it stopped.
+the run directory.
 
+    DIR/stages.json                the run's settings and one record per stage: its input fingerprint, status
     DIR/profile/sensitivity.json   stage 1
     DIR/search/plan.json           stages 2-3 (+ pareto.json, pareto.png, study.db)
     DIR/train/                     the full fine-tune (resumed from its last checkpoint if interrupted)
     DIR/metrics.json               held-out (test split) loss and perplexity, before and after training
     DIR/model/                     the export (stock transformers + peft, or qradaptor.load)
+
+Each stage records a fingerprint of its inputs in ``stages.json`` before it starts ("running") and marks it
+"finished" when its output is written. On a rerun a stage is
+
+- **kept** when its record is finished with the same fingerprint and its output is there and readable;
+- **continued** when its fingerprint is the same but it had not finished (or its output was lost or damaged):
+  rerunning the same command after a crash carries on (the search from its study, the fine-tune from its last
+  checkpoint);
+- **redone** from scratch when its inputs changed: the choice is to redo, not to refuse, because a changed
+  setting is what the user asked for. Its old output is deleted first (the search must not resume a study made
+  with other settings), and every stage downstream of a stage that runs again is redone too.
+
+What each fingerprint covers: profile — model, data, profile settings; search — the profile, budget, alpha,
+trials, search settings, model, data; train — the plan (the search), steps, training settings, budget, model,
+data; metrics and export — the training. Model identity is `models.model_fingerprint` (the weights), data
+identity is `data.data_fingerprint` of the train, validation and test splits (the contents, not the path).
+
+The tool only deletes what it wrote: ``stages.json`` marks a directory as made by ``run``, a non-empty
+``--out`` without it is refused, and a stage's output is deleted only while ``stages.json`` holds that stage's
+record (a ``search/`` the user put there without one is refused, not deleted).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 from pathlib import Path
 
+from .errors import ArtifactError
 from .io import atomic_write_json
 
 log = logging.getLogger("qradaptor")
 
+STAGES_FILE = "stages.json"
+_FORMAT = 1
+# Stage → its output under the run directory, and the stages it reads. Dependents always come later.
+_OUTPUTS = {"profile": "profile", "search": "search", "train": "train", "metrics": "metrics.json",
+            "export": "model"}
+_DEPENDS = {"profile": (), "search": ("profile",), "train": ("search",), "metrics": ("train",),
+            "export": ("train",)}
+
+
+def _downstream(stage: str) -> list[str]:
+    """Every stage that reads ``stage``'s output, directly or not."""
+    found: list[str] = []
+    for other, deps in _DEPENDS.items():
+        if any(d == stage or d in found for d in deps):
+            found.append(other)
+    return found
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+class _Stages:
+    """The run directory's ``stages.json``: the run's settings and a record per stage."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / STAGES_FILE
+        self.records: dict[str, dict] = {}
+        self.settings: dict = {}
+        if out.exists() and not out.is_dir():
+            raise ArtifactError(f"--out {out} exists and is not a directory", "choose a directory path for --out")
+        if self.path.is_file():
+            try:
+                obj = json.loads(self.path.read_text(encoding="utf-8"))
+                if not isinstance(obj, dict) or obj.get("format") != _FORMAT or not isinstance(obj.get("stages"), dict):
+                    raise ValueError("not a stage record of this qradaptor version")
+            except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise ArtifactError(f"{self.path} is damaged ({e}), so it is unknown which files in {out} this "
+                                    "run wrote", f"choose a new --out directory (or delete {out} if nothing in it "
+                                    "is yours)") from None
+            self.records = {k: v for k, v in obj["stages"].items() if isinstance(v, dict)}
+        elif out.exists() and any(out.iterdir()):
+            raise ArtifactError(f"{out} is not empty and was not made by `qradaptor run` (it has no {STAGES_FILE})",
+                                "choose a new or empty --out directory")
+        # A stage's output is deleted only while its record says this run wrote it: refuse one without.
+        for stage, name in _OUTPUTS.items():
+            output = out / name
+            if stage not in self.records and (output.exists() or output.is_symlink()):
+                raise ArtifactError(f"{output} exists but this run did not write it (no record of stage {stage!r} "
+                                    f"in {self.path})", f"move {output} out of the run directory, or choose another "
+                                    "--out")
+
+    def save(self) -> None:
+        try:
+            atomic_write_json(self.path, {"format": _FORMAT, "tool": "qradaptor run", "settings": self.settings,
+                                          "stages": self.records})
+        except OSError as e:
+            raise ArtifactError(f"cannot write {self.path}: {e.strerror or e}",
+                                "choose an --out directory you can write to (or free disk space)") from None
+
+    def fingerprint(self, stage: str, inputs: dict) -> str:
+        deps = {d: self.records.get(d, {}).get("fingerprint") for d in _DEPENDS[stage]}
+        payload = json.dumps({"stage": stage, "inputs": inputs, "after": deps}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def _clear(self, stage: str) -> None:
+        """Delete ``stage``'s output (ours: it has a record), then its record."""
+        path = self.out / _OUTPUTS[stage]
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        self.records.pop(stage, None)
+
+    def begin(self, stage: str, inputs: dict, output_ok) -> str:
+        """``"keep"``, ``"continue"`` or ``"fresh"`` for ``stage`` (see the module docstring); for the last two
+        its record is set to running and every downstream stage is cleared before this returns."""
+        inputs = _jsonable(inputs)
+        fp = self.fingerprint(stage, inputs)
+        rec = self.records.get(stage)
+        output = self.out / _OUTPUTS[stage]
+        if rec is not None and rec.get("fingerprint") == fp:
+            if rec.get("status") == "finished" and output_ok():
+                return "keep"
+            how = "continue"
+            if rec.get("status") == "finished":
+                log.warning("run: the output of stage %s (%s) is missing or damaged; making it again", stage, output)
+        else:
+            how = "fresh"
+            if rec is not None:
+                old = rec.get("inputs") or {}
+                changed = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
+                log.info("run: redoing %s (changed: %s)", stage,
+                         ", ".join(changed) or "an earlier stage was redone")
+                self._clear(stage)
+        for later in _downstream(stage):
+            if later in self.records:
+                self._clear(later)
+        self.records[stage] = {"fingerprint": fp, "status": "running", "inputs": inputs}
+        self.save()
+        return how
+
+    def finish(self, stage: str) -> None:
+        self.records[stage]["status"] = "finished"
+        self.save()
+
+
+def _resolved(spec) -> str | None:
+    """A model/data spec as recorded: existing paths absolute, anything else as given."""
+    if spec is None:
+        return None
+    path = Path(str(spec)).expanduser()
+    return str(path.resolve()) if path.exists() else str(spec)
+
+
+def _data_fingerprint(data, seq_len: int) -> str:
+    """The data's contents: the train split (search, fine-tune), validation (fine-tune) and test (metrics)."""
+    from .data import data_fingerprint
+
+    parts = [data_fingerprint(data, split, seq_len) for split in ("train", "validation", "test")]
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
+
 
 def _profile_ok(path: Path, fingerprint: str) -> bool:
-    from .profile import ProfileError, Sensitivity
+    from .errors import QRAdaptorError
+    from .profile import Sensitivity
 
     try:
         return Sensitivity.load(path).model_fingerprint == fingerprint
-    except ProfileError:
+    except QRAdaptorError:
         return False
+
+
+def _plan_ok(search_dir: Path) -> bool:
+    from .errors import QRAdaptorError
+    from .plan import Plan
+
+    try:
+        Plan.load(search_dir / "plan.json")
+    except QRAdaptorError:
+        return False
+    return (search_dir / "pareto.json").is_file()
+
+
+def _read_json(path: Path) -> dict | None:
+    """``path``'s JSON object, or None when it is missing or damaged."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+_METRIC_KEYS = ("test_loss_before", "test_loss_after", "test_perplexity_after", "test_tokens")
+
+
+def _metrics(path: Path) -> dict | None:
+    obj = _read_json(path)
+    if obj is None or not all(isinstance(obj.get(k), (int, float)) for k in _METRIC_KEYS):
+        return None
+    return obj
+
+
+def _train_status(train_dir: Path) -> str | None:
+    """The training run's status, or None when there is none (or its run.json is damaged)."""
+    from .train import ADAPTER_DIR, read_run
+
+    try:
+        status = (read_run(train_dir) or {}).get("status")
+    except ArtifactError:
+        return None
+    if status == "finished" and not (train_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        return None
+    return status
 
 
 def run(model: str | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
@@ -34,52 +225,72 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
         search_settings: dict | None = None, train_settings: dict | None = None, progress: bool = True) -> dict:
     """What ``qradaptor run`` does. Returns the metrics written to ``out/metrics.json``."""
     from .evaluate import evaluate_model
-    from .export import export
+    from .export import EXPORT_FILE, PACKED_DIR, export, export_manifest
     from .memory import parse_training_budget
     from .models import load_model, model_fingerprint
     from .profile import ProfileSettings, profile_model
     from .search import search
-    from .train import read_run, train_plan
+    from .train import train_plan
 
     out = Path(out)
+    stages = _Stages(out)  # refuses a directory that `run` did not make, before any work
     base, tokenizer = load_model(model)
-    fingerprint = model_fingerprint(base)
+    model_fp = model_fingerprint(base)
+    data_fp = _data_fingerprint(data, seq_len)
+    train_budget = budget if parse_training_budget(budget) is not None else None
+    stages.settings = _jsonable({
+        "model": _resolved(model), "model_fingerprint": model_fp, "data": _resolved(data), "data_fingerprint": data_fp,
+        "budget": budget, "alpha": alpha, "trials": trials, "steps": steps, "profile_tokens": profile_tokens,
+        "profile_dtype": profile_dtype, "seq_len": seq_len, "eval_blocks": eval_blocks,
+        "search_settings": search_settings or {}, "train_settings": train_settings or {}})
+    stages.save()
+    same = {"model": model_fp, "data": data_fp, "seq_len": seq_len}
 
     sensitivity = out / "profile" / "sensitivity.json"
-    if _profile_ok(sensitivity, fingerprint):
+    if stages.begin("profile", {**same, "tokens": profile_tokens, "dtype": profile_dtype},
+                    lambda: _profile_ok(sensitivity, model_fp)) == "keep":
         log.info("run: profile done, using %s", sensitivity)
     else:
         log.info("run: stage 1/5, sensitivity profile")
         profile_model(base, tokenizer, ProfileSettings(tokens=profile_tokens, seq_len=seq_len, dtype=profile_dtype,
                                                        data=data),
                       out=out / "profile", force=True, progress=progress)
+        stages.finish("profile")
     del base
 
     plan = out / "search" / "plan.json"
-    if plan.is_file() and (out / "search" / "pareto.json").is_file():
+    if stages.begin("search", {**same, "budget": budget, "alpha": alpha, "trials": trials,
+                               "settings": search_settings or {}},
+                    lambda: _plan_ok(out / "search")) == "keep":
         log.info("run: search done, using %s", plan)
     else:
         log.info("run: stage 2-3/5, budgeted search")
         search(model, data=data, budget=budget, out=out / "search", alpha=alpha, trials=trials,
                sensitivity=str(sensitivity), progress=progress, seq_len=seq_len, **(search_settings or {}))
+        stages.finish("search")
 
     train_dir = out / "train"
-    status = (read_run(train_dir) or {}).get("status")
-    if status == "finished":
+    how = stages.begin("train", {**same, "model_path": _resolved(model), "steps": steps, "budget": train_budget,
+                                 "settings": train_settings or {}},
+                       lambda: _train_status(train_dir) == "finished")
+    if how == "keep":
         log.info("run: training done, using %s", train_dir)
     else:
-        log.info("run: stage 4/5, fine-tune of the chosen plan%s", " (resuming)" if status else "")
-        # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit)
-        train_budget = budget if parse_training_budget(budget) is not None else None
-        train_plan(train_dir, plan=plan, model=model, data=data, steps=None if status else steps,
-                   seq_len=None if status else seq_len, resume=bool(status), progress=progress, budget=train_budget,
-                   **({} if status else (train_settings or {})))
+        status = _train_status(train_dir) if how == "continue" else None
+        if status is None and train_dir.exists():
+            shutil.rmtree(train_dir)  # ours, but holds no run it could resume (it died before run.json)
+        if status != "finished":
+            log.info("run: stage 4/5, fine-tune of the chosen plan%s", " (resuming)" if status else "")
+            # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit)
+            train_plan(train_dir, plan=plan, model=model, data=data, steps=None if status else steps,
+                       seq_len=None if status else seq_len, resume=bool(status), progress=progress,
+                       budget=train_budget, **({} if status else (train_settings or {})))
+        stages.finish("train")
 
     metrics_path = out / "metrics.json"
-    if metrics_path.is_file():
-        import json
-
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    if stages.begin("metrics", {**same, "eval_blocks": eval_blocks},
+                    lambda: _metrics(metrics_path) is not None) == "keep":
+        metrics = _metrics(metrics_path)
     else:
         log.info("run: evaluating on the test split")
         after = evaluate_model(str(train_dir), data=data, split="test", seq_len=seq_len, max_blocks=eval_blocks,
@@ -89,13 +300,14 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
         metrics = {"test_loss_before": before["loss"], "test_loss_after": after["loss"],
                    "test_perplexity_after": after["perplexity"], "test_tokens": after["tokens"]}
         atomic_write_json(metrics_path, metrics)
+        stages.finish("metrics")
 
     model_dir = out / "model"
-    if (model_dir / "qradaptor" / "export.json").is_file():
+    if stages.begin("export", {}, lambda: export_manifest(model_dir) is not None) == "keep":
         log.info("run: export done, %s", model_dir)
-        exported = None
+        memory = (_read_json(model_dir / PACKED_DIR / EXPORT_FILE) or {}).get("memory")
     else:
         log.info("run: stage 5/5, export")
-        exported = export(train_dir, model_dir)
-    return {**metrics, "plan": str(plan), "model": str(model_dir),
-            "memory": None if exported is None else exported["memory"]}
+        memory = export(train_dir, model_dir)["memory"]
+        stages.finish("export")
+    return {**metrics, "plan": str(plan), "model": str(model_dir), "memory": memory}
