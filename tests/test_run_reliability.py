@@ -382,6 +382,17 @@ def test_export_never_deletes_a_directory_it_cannot_prove_it_wrote(exported, tmp
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("damage", [b"{truncat", b"\xff\xfe\x00garbage", b"[1, 2]"])
+def test_export_of_a_run_with_a_damaged_metrics_json_says_so(exported, tmp_path, capsys, damage):
+    shutil.copytree(exported / "run", tmp_path / "run")
+    (tmp_path / "run" / "metrics.json").write_bytes(damage)
+    code, _, err = cli(capsys, "export", tmp_path / "run", "--to", tmp_path / "out", "-q")
+    assert_user_error(code, err, "metrics.json is damaged")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "run" / "metrics.json").unlink()  # the way out the fix names
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "out"), "-q"]) == 0
+
+
 def _rewrite_header(path, edit):
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]

@@ -146,6 +146,20 @@ def _check_replaceable(out: Path) -> None:
                             "would delete them", f"move them out of {out}, or choose another --to directory")
 
 
+def _run_metrics(path: Path) -> dict:
+    """The training run's metrics.json ({} when there is none), refusing a damaged one with a way out."""
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        metrics = e
+    if not isinstance(metrics, dict):
+        raise ArtifactError(f"{path} is damaged ({metrics if isinstance(metrics, Exception) else 'not a JSON object'})",
+                            "restore it, or delete it to export without the training metrics in the model card")
+    return metrics
+
+
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False) -> dict:
     """What ``qradaptor export RUN --to OUT [--merge]`` runs. Returns a summary (paths, memory, metrics)."""
     from .memory import ModelShapes, measured_bytes, predict
@@ -156,6 +170,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
     if out.resolve() == run_dir.resolve():
         raise ArtifactError("the export target is the run directory itself", "choose another --to directory")
     _check_replaceable(out)
+    metrics = _run_metrics(run_dir / METRICS_FILE)  # before the slow part
 
     tuned, quantized, base, tokenizer, plan, quant, config = _build_from_run(run_dir, run)
     # The packed states, and the dense base set to exactly the dequantized weights.
@@ -179,8 +194,6 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
     shapes = ModelShapes.from_model(base)
     memory = {**predict(shapes, plan, quant).to_dict(), "measured_bytes": measured_bytes(tuned),
               "backend": quant.name, "plan": plan.describe()}
-    metrics_path = run_dir / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     info = {
         "format": PACKED_FORMAT, "source_run": str(run_dir.resolve()), "config": run["config"],
         "model_fingerprint": run.get("model_fingerprint"), "plan": plan.to_dict(), "memory": memory,

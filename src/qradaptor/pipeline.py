@@ -84,7 +84,7 @@ class _Stages:
                                     "run wrote", f"choose a new --out directory (or delete {out} if nothing in it "
                                     "is yours)") from None
             self.records = {k: v for k, v in obj["stages"].items() if isinstance(v, dict)}
-        elif out.exists() and any(out.iterdir()):
+        elif out.exists() and _not_empty(out):
             raise ArtifactError(f"{out} is not empty and was not made by `qradaptor run` (it has no {STAGES_FILE})",
                                 "choose a new or empty --out directory")
         # A stage's output is deleted only while its record says this run wrote it: refuse one without.
@@ -148,6 +148,14 @@ class _Stages:
     def finish(self, stage: str) -> None:
         self.records[stage]["status"] = "finished"
         self.save()
+
+
+def _not_empty(out: Path) -> bool:
+    try:
+        return any(out.iterdir())
+    except OSError as e:
+        raise ArtifactError(f"cannot read --out {out}: {e.strerror or e}",
+                            "choose an --out directory you can read and write") from None
 
 
 def _resolved(spec) -> str | None:
