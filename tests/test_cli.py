@@ -249,3 +249,20 @@ def test_ctrl_c_during_a_search_is_one_line_without_optunas_traceback(capfd, tin
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert [line for line in err.splitlines() if line.strip() and "Warning" not in line and "warn" not in line] == \
         [line for line in err.splitlines() if line.startswith("qradaptor: interrupted")], err
+
+
+@pytest.mark.parametrize("edit, needle", [(lambda d: d.update(layers=3, kl=d["kl"][:3], weight_error=d["weight_error"][:3]),
+                                           "profiles 3 decoder layers but the model has 4"),
+                                          (lambda d: d["kl"][0].update({"2": float("nan")}), "KL nan at 2 bits"),
+                                          (lambda d: d["kl"][1].update({"2": -1.0}), "KL -1.0 at 2 bits")])
+def test_search_refuses_a_sensitivity_file_that_does_not_fit(capsys, tiny_dir, tmp_path, workdir, edit, needle):
+    from qradaptor.profile import FORMAT
+
+    profile = {"format": FORMAT, "model_fingerprint": "x", "data_fingerprint": "y", "bits": [2], "layers": 4,
+               "kl": [{"2": 0.1}] * 4, "weight_error": [{"2": 0.01, "8": 0.001}] * 4}
+    edit(profile)
+    path = tmp_path / "sensitivity.json"
+    path.write_text(json.dumps(profile))
+    code, _, err = run(capsys, "search", "--model", str(tiny_dir), "--data", words_file(tmp_path / "d.txt"),
+                       "--budget", "4bit", "--sensitivity", str(path), "--out", str(workdir / "s"), "-q")
+    assert code == 2 and needle in err and "fix:" in err and "Traceback" not in err, err

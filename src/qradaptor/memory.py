@@ -46,7 +46,7 @@ class ModelShapes:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelShapes":
-        from .quantize import decoder_layers, layer_linears
+        from .architecture import decoder_layers, layer_linears
 
         layers, linear_weights = [], set()
         for _, layer in decoder_layers(model):

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
+from .architecture import DEFAULT_TARGET_MODULES, decoder_layers
 from .errors import PlanError
 from .io import atomic_write_text, read_text
 
@@ -30,7 +31,6 @@ KNOWN_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 DEFAULT_BIT_LADDER = (2, 3, 4, 5, 6, 8)
 #: 16 means "leave this layer unquantized".
 UNQUANTIZED_BITS = 16
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_RANK = 16
 DEFAULT_GROUP_SIZE = 64
 
@@ -164,8 +164,6 @@ class Plan:
 
     def check_model(self, model, *, source: str = "plan") -> None:
         """Checks against a model: one entry per decoder layer, target modules present."""
-        from .quantize import decoder_layers
-
         n = len(decoder_layers(model))
         if len(self.layers) != n:
             raise PlanError(
@@ -213,8 +211,6 @@ def lora_config(plan: Plan, model, **overrides: Any):
     (``layers.11``). The most common rank becomes the default ``r`` and only the others are listed.
     """
     from peft import LoraConfig
-
-    from .quantize import decoder_layers
 
     plan.check_model(model)
     ranks = plan.ranks

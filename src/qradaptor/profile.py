@@ -41,7 +41,7 @@ from .data import DEFAULT_DATA, TokenBlocks, data_fingerprint, load_blocks
 from .errors import DataError, QRAdaptorError
 from .io import atomic_write_json, check_output_dir, read_text
 from .models import cache_dir, load_model, model_fingerprint
-from .quantize import decoder_layers, layer_linears
+from .architecture import decoder_layers, layer_linears
 
 log = logging.getLogger("qradaptor")
 

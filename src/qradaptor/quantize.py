@@ -12,26 +12,9 @@ import copy
 import torch
 from torch import nn
 
+from .architecture import decoder_layers, layer_linears
 from .backends import QuantBackend, QuantCache, get_backend
-from .errors import ModelLoadError
 from .plan import UNQUANTIZED_BITS, Plan, lora_config
-
-
-def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(full name, module)`` of every decoder layer, in order (``model.layers.0``, ...)."""
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) > 0:
-            # Skip PEFT's wrapper prefix differences by returning names as they appear in this model.
-            return [(f"{name}.{i}", layer) for i, layer in enumerate(module)]
-    raise ModelLoadError(
-        f"{type(model).__name__} has no list of decoder layers (expected a `layers` ModuleList)",
-        "use a decoder-only causal LM such as Llama, Mistral, Qwen or SmolLM",
-    )
-
-
-def layer_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The plain linears of one decoder layer (names relative to the layer)."""
-    return [(n, m) for n, m in layer.named_modules() if type(m) is nn.Linear]
 
 
 def _own_storage(model: nn.Module) -> None:

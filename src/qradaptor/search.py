@@ -881,7 +881,11 @@ def _load_or_profile(sensitivity: str | None, out: Path, model, tokenizer, data,
 
     path = Path(sensitivity) if sensitivity else out / RESULT_FILE
     if path.is_file():
-        return Sensitivity.load(path)
+        from .architecture import decoder_layers
+
+        prior = Sensitivity.load(path)
+        prior.check_layers(len(decoder_layers(model)), source=str(path))
+        return prior
     if sensitivity:
         raise SearchError(f"sensitivity file not found: {path}", "run `qradaptor profile` first or omit --sensitivity")
     log.info("search: no sensitivity profile in %s, profiling first", out)
