@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qradaptor.cli import main
 from qradaptor.data import TokenBlocks
-from qradaptor.errors import BackendError, DataError
+from qradaptor.errors import DataError
 from qradaptor.plan import LayerChoice, Plan
 from qradaptor.profile import (PARTIAL_FILE, ProfileError, ProfileSettings, Sensitivity, additivity, profile_model,
                                stability)
@@ -156,9 +156,13 @@ def test_stability_and_additivity_on_a_tiny_model(graded_model):
 # --- bad input -----------------------------------------------------------------------------------------
 
 
-def test_bits_the_backend_lacks(graded_model):
-    with pytest.raises(BackendError, match="1-bit"):
-        profile_model(graded_model, None, settings(bits=(1, 4)), blocks=blocks(), use_cache=False, progress=False)
+def test_bits_the_profile_or_the_backend_lacks(graded_model):
+    with pytest.raises(ProfileError, match=r"cannot profile bits \[1\]"):
+        settings(bits=(1, 4))
+    with pytest.raises(ProfileError, match="hqq-native backend cannot store 5-bit") as e:
+        profile_model(graded_model, None, settings(bits=(4, 5), backend="hqq-native"), blocks=blocks(),
+                      use_cache=False, progress=False)
+    assert "--backend hqq" in e.value.fix
 
 
 def test_too_short_calibration_says_how_many_tokens(tiny_dir, tmp_path):

@@ -228,10 +228,11 @@ def _train_status(train_dir: Path) -> str | None:
 
 
 def run(model: str | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
-        alpha: float = 0.5, trials: int = 24, steps: int = 200, profile_tokens: int = 4096,
+        alpha: float = 0.5, trials: int = 24, steps: int = 200, profile_tokens: int | None = None,
         profile_dtype: str = "bfloat16", seq_len: int = 256, eval_blocks: int | None = None,
         search_settings: dict | None = None, train_settings: dict | None = None, progress: bool = True) -> dict:
-    """What ``qradaptor run`` does. Returns the metrics written to ``out/metrics.json``."""
+    """What ``qradaptor run`` does. Returns the metrics written to ``out/metrics.json``. ``profile_tokens``:
+    calibration tokens of the profile (None: 4096, or all the training split has if fewer)."""
     from .evaluate import evaluate_model
     from .export import EXPORT_FILE, PACKED_DIR, export, export_manifest
     from .memory import parse_training_budget
