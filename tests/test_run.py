@@ -428,3 +428,26 @@ def test_default_bf16_run_trains_exports_and_loads(trained, tmp_path):
         stock = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32)
         theirs = PeftModel.from_pretrained(stock, str(tmp_path / "o" / "adapter")).eval()(input_ids=ids).logits
     assert float((ours - theirs).abs().max()) < 5e-2 * float(theirs.abs().max())
+
+
+@pytest.mark.parametrize("what", ["adapter", "base"])
+def test_an_export_with_pickled_weights_is_refused(trained, tmp_path, capsys, what):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "export"
+    shutil.copytree(trained["out"], out)
+    if what == "adapter":
+        path = out / "adapter" / "adapter_model.safetensors"
+        torch.save(load_file(path), path.with_name("adapter_model.bin"))
+        needle = "pickled adapter_model.bin"
+    else:
+        path = out / "model.safetensors"
+        torch.save(load_file(path), path.with_name("pytorch_model.bin"))
+        needle = "model.safetensors"
+    path.unlink()
+    before = snapshot(out)
+    code, _, err = run(capsys, "generate", out, "--prompt", "w1 w2", "-q")
+    assert_user_error(code, err, needle)
+    assert snapshot(out) == before

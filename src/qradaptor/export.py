@@ -44,6 +44,24 @@ PACKED_FORMAT = "qradaptor-packed/1"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def load_adapter(model, adapter_dir: Path):
+    """``PeftModel.from_pretrained``, from safetensors only: PEFT falls back to unpickling adapter_model.bin,
+    and unpickling a file can run any code in it."""
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        if (adapter_dir / "adapter_model.bin").is_file():
+            raise ArtifactError(
+                f"{adapter_dir} holds its adapter only as a pickled adapter_model.bin; qradaptor loads safetensors "
+                "only, because unpickling a file can run any code in it",
+                f"if you trust the file, convert it once: python -c \"import torch, safetensors.torch as st; "
+                f"st.save_file(torch.load('{adapter_dir}/adapter_model.bin'), "
+                f"'{adapter_dir}/adapter_model.safetensors')\"")
+        raise ArtifactError(f"{adapter_dir} has no adapter_model.safetensors",
+                            "export the training run again (qradaptor export RUN --to OUT)")
+    return PeftModel.from_pretrained(model, adapter_dir)
+
+
 # ---------------------------------------------------------------------------------------------- kinds
 def artifact_kind(path: str | os.PathLike) -> str | None:
     """``"export"`` for an exported directory, ``"run"`` for a training run directory, else None."""
@@ -75,8 +93,6 @@ def _finished_run(run_dir: Path) -> dict:
 
 def _build_from_run(run_dir: Path, run: dict):
     """The run's quantized base with its trained adapter, plus the pieces export needs."""
-    from peft import PeftModel
-
     from .backends import get_backend
     from .models import load_model, model_fingerprint
     from .plan import Plan
@@ -93,7 +109,7 @@ def _build_from_run(run_dir: Path, run: dict):
                             "restore the original model at that path, or retrain")
     quant = get_backend(config.backend, compute_dtype=dtype)
     quantized = quantize_model(base, plan, quant)
-    tuned = PeftModel.from_pretrained(quantized, run_dir / ADAPTER_DIR)
+    tuned = load_adapter(quantized, run_dir / ADAPTER_DIR)
     tuned.eval()
     return tuned, quantized, base, tokenizer, plan, quant, config
 
@@ -230,9 +246,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
 
 def _write_merged(dense_base, tokenizer, adapter_dir: Path, target: Path) -> None:
     """The adapter folded into the dequantized base: a plain model that ``from_pretrained`` loads alone."""
-    from peft import PeftModel
-
-    merged = PeftModel.from_pretrained(dense_base, adapter_dir).merge_and_unload()
+    merged = load_adapter(dense_base, adapter_dir).merge_and_unload()
     merged.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
 
@@ -262,7 +276,6 @@ def load(path: str | os.PathLike):
 
 
 def _load_export(path: Path):
-    from peft import PeftModel
     from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -311,8 +324,14 @@ def _load_export(path: Path):
     except QRAdaptorError as e:
         raise ArtifactError(f"{packed}: {e.cause}", fix) from None
     plan = Plan.load(path / "plan.json")
-    with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        pickled = " (only pickled .bin weights, which qradaptor does not load)" if any(path.glob("*.bin")) else ""
+        raise ArtifactError(f"the export's base weights, {path}/model.safetensors, are missing or unreadable{pickled}: "
+                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}",
+                            "export the training run again (qradaptor export RUN --to OUT)") from None
     plan.check_model(model, source=str(path / "plan.json"))
     # What the plan quantizes in this model: exactly these modules must be in the packed file.
     expected: dict[str, tuple[torch.nn.Linear, int]] = {}
@@ -351,7 +370,7 @@ def _load_export(path: Path):
     model.requires_grad_(False)
     model.qradaptor_plan = plan
     model.qradaptor_backend = quant
-    tuned = PeftModel.from_pretrained(model, path / "adapter")
+    tuned = load_adapter(model, path / "adapter")
     tuned.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
