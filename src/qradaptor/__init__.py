@@ -22,7 +22,8 @@ from .plan import LayerChoice, Plan, lora_config  # noqa: E402
 from .profile import Sensitivity, profile  # noqa: E402
 from .quantize import add_adapters, prepare_model, quantize_model  # noqa: E402
 from .search import search  # noqa: E402
-from .train import RunConfig, TrainConfig, train, train_plan  # noqa: E402
+from .rundir import RunConfig  # noqa: E402
+from .train import TrainConfig, train, train_plan  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -57,7 +57,8 @@ def run_demo(*, out: str | Path = "runs/demo", steps: int = 20, eval_blocks: int
     from .models import load_config
     from .pipeline import run
     from .plan import Plan
-    from .train import read_run, train_plan
+    from .rundir import read_run
+    from .train import train_plan
 
     start = time.perf_counter()
     out = Path(out)

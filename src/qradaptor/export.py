@@ -65,7 +65,7 @@ def load_adapter(model, adapter_dir: Path):
 # ---------------------------------------------------------------------------------------------- kinds
 def artifact_kind(path: str | os.PathLike) -> str | None:
     """``"export"`` for an exported directory, ``"run"`` for a training run directory, else None."""
-    from .train import RUN_FILE
+    from .rundir import RUN_FILE
 
     path = Path(path)
     if (path / PACKED_DIR / PACKED_FILE).is_file() or (path / PACKED_DIR / EXPORT_FILE).is_file():
@@ -76,7 +76,7 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
 
 
 def _finished_run(run_dir: Path) -> dict:
-    from .train import ADAPTER_DIR, read_run
+    from .rundir import ADAPTER_DIR, read_run
 
     if not run_dir.exists():
         raise ArtifactError(f"training run not found: {run_dir}",
@@ -97,7 +97,7 @@ def _build_from_run(run_dir: Path, run: dict):
     from .models import load_model, model_fingerprint
     from .plan import Plan
     from .quantize import quantize_model
-    from .train import ADAPTER_DIR, RunConfig
+    from .rundir import ADAPTER_DIR, RunConfig
 
     config = RunConfig(**{**RunConfig().to_dict(), **run["config"]})
     dtype = _DTYPES[config.dtype]
@@ -179,7 +179,7 @@ def _run_metrics(path: Path) -> dict:
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False) -> dict:
     """What ``qradaptor export RUN --to OUT [--merge]`` runs. Returns a summary (paths, memory, metrics)."""
     from .memory import ModelShapes, measured_bytes, predict
-    from .train import ADAPTER_DIR, METRICS_FILE, package_versions
+    from .rundir import ADAPTER_DIR, METRICS_FILE, package_versions
 
     run_dir, out = Path(run_dir), Path(out)
     run = _finished_run(run_dir)

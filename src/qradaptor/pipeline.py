@@ -216,7 +216,7 @@ def _metrics(path: Path) -> dict | None:
 
 def _train_status(train_dir: Path) -> str | None:
     """The training run's status, or None when there is none (or its run.json is damaged)."""
-    from .train import ADAPTER_DIR, read_run
+    from .rundir import ADAPTER_DIR, read_run
 
     try:
         status = (read_run(train_dir) or {}).get("status")

@@ -20,6 +20,8 @@ from .errors import ArtifactError, TrainingError
 from .evaluate import evaluate_loss, token_nll
 from .io import AtomicDirectory, atomic_save_safetensors, atomic_write_json, check_output_dir, read_text
 from .memory import release_free_memory
+from .rundir import (ADAPTER_DIR, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, PLAN_FILE, RUN_FILE, RUN_FORMAT,  # noqa: F401
+                     RunConfig, package_versions, read_run)
 
 
 @dataclass
@@ -244,60 +246,8 @@ def _first_line(e: BaseException) -> str:
 
 
 # ============================================================================ training runs
-# A run directory (``qradaptor train --out DIR``):
-#   run.json        resolved config, seed, package versions, model and data fingerprints, status
-#   plan.json       the plan trained
-#   train.log       what the run logged
-#   checkpoints/step-NNNNNN/   the latest checkpoint (see above)
-#   adapter/        the final adapter (PEFT save_pretrained), written when training finishes
-#   metrics.json    losses, periodic and final validation loss, memory
-RUN_FILE = "run.json"
-PLAN_FILE = "plan.json"
-METRICS_FILE = "metrics.json"
-LOG_FILE = "train.log"
-ADAPTER_DIR = "adapter"
-CHECKPOINTS_DIR = "checkpoints"
-_RUN_FORMAT = 1
-
+# The run directory's layout, its settings (RunConfig) and run.json are in rundir.py.
 log = logging.getLogger("qradaptor")
-
-
-@dataclass
-class RunConfig:
-    """Every setting of a training run, resolved (written to run.json; a resume must match it)."""
-
-    model: str = "smollm2-135m"
-    data: str = "pydoc-topics"
-    steps: int | None = None  # optimizer steps; resolved from ``epochs`` when that is given
-    epochs: float | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    lr: float = 3e-4
-    warmup_steps: int = 5
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    backend: str = "hqq"
-    # bf16 compute: 1.9x faster per step than fp32 on this CPU, loss within the fp32 seeds' spread
-    # (benchmarks/results/dtype.md), and half the activation memory.
-    dtype: str = "bfloat16"
-    eval_every: int | None = None  # None: 5 validations over the run; 0: none
-    eval_blocks: int = 16  # validation blocks (0: no validation)
-    checkpoint_every: int | None = None  # None: 10 checkpoints over the run
-    max_train_blocks: int | None = None
-    gradient_checkpointing: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
-                           warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
-                           weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, seed=self.seed,
-                           eval_every=self.eval_every if self.eval_blocks else 0,
-                           gradient_checkpointing=self.gradient_checkpointing)
 
 
 @dataclass
@@ -317,33 +267,12 @@ def _spec(value) -> str:
     return str(path.resolve()) if path.exists() else str(value)
 
 
-def package_versions() -> dict[str, str | None]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("qradaptor", "torch", "transformers", "peft", "hqq", "safetensors", "accelerate"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def read_run(out: str | Path) -> dict | None:
-    """The run.json of a run directory, or None when ``out`` holds no run."""
-    path = Path(out) / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        run = json.loads(read_text(path, ArtifactError, "run file"))
-    except ValueError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e})", "the run directory is damaged; start a new run in "
-                            "another --out directory") from None
-    if not isinstance(run, dict) or not all(isinstance(run.get(k), dict) for k in ("config", "plan")):
-        raise ArtifactError(f"{path} is not a qradaptor run record (no 'config' and 'plan' objects)",
-                            "the run directory is damaged; start a new run in another --out directory")
-    return run
+def _loop_config(config: RunConfig) -> TrainConfig:
+    return TrainConfig(steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=config.lr,
+                       warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio,
+                       weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed,
+                       eval_every=config.eval_every if config.eval_blocks else 0,
+                       gradient_checkpointing=config.gradient_checkpointing)
 
 
 def _resolve(given: dict, saved: dict | None) -> RunConfig:
@@ -587,7 +516,7 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
 
     try:
         if saved is None:
-            run = {"format": _RUN_FORMAT, "status": "running", "config": config.to_dict(), "plan": plan_obj.to_dict(),
+            run = {"format": RUN_FORMAT, "status": "running", "config": config.to_dict(), "plan": plan_obj.to_dict(),
                    "seed": config.seed, "model_fingerprint": fingerprint, "data_fingerprint": data_fp,
                    "versions": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": []}
             plan_obj.save(out / PLAN_FILE)
@@ -629,7 +558,7 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
 
         say("training %d steps of %d×%d tokens (seed %d) → %s", config.steps,
                  config.batch_size * config.grad_accum, config.seq_len, config.seed, out)
-        result = train(tuned, train_blocks, config.train_config(), eval_blocks=eval_blocks_, progress=progress,
+        result = train(tuned, train_blocks, _loop_config(config), eval_blocks=eval_blocks_, progress=progress,
                        resume=state, on_step=on_step)
         if result.evals:
             log.info("validation loss by step: %s", ", ".join(f"{s}: {v:.4f}" for s, v in result.evals))
