@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import logging
+import math
 import sys
+import warnings
 
 from .errors import QRAdaptorError
 
@@ -379,15 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_optuna(quiet: bool) -> None:
-    """Optuna logs a Ctrl-C inside a trial as a failed trial, with its traceback; the CLI says it in one line.
-    With --quiet, Optuna's own warnings are hidden too (qradaptor reports what matters)."""
+    """Optuna logs every trial (the search shows a progress bar instead) and a Ctrl-C inside a trial as a failed
+    trial with its traceback (the CLI says it in one line). With --quiet, Optuna's warnings are hidden too."""
     import optuna
 
     class DropInterrupts(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
-    optuna.logging.get_logger("optuna")  # makes sure Optuna's own stderr handler exists
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial lines: the search has its own progress bar
     for handler in logging.getLogger("optuna").handlers:
         if not any(isinstance(f, DropInterrupts) for f in handler.filters):
             handler.addFilter(DropInterrupts())
@@ -400,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a bad option (already reported): an exit code, for callers of main()
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    # peft asks transformers about gradient checkpointing through a deprecated alias on every adapter
+    # attach/load; the warning is theirs, not the user's, and would interleave with our one-line errors.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.quiet:
         import os
 

@@ -119,6 +119,26 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
+#: What training adds per adapter parameter: its fp32 gradient and AdamW's two fp32 moments.
+ADAPTER_STATE_BYTES = 12
+
+
+def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, group_size: int,
+                target_modules: tuple[str, ...], base_bytes: int) -> tuple[int, int]:
+    """One decoder layer (its linears' shapes) under ``choice``: the bytes of its weights (packed, or dense at
+    ``base_bytes`` per value when unquantized) and the number of LoRA parameters its target modules get.
+    The one place a layer is priced: `predict` sums it, the search memoises it."""
+    weights = params = 0
+    for s in layer:
+        if choice.bits == UNQUANTIZED_BITS:
+            weights += s.numel * base_bytes
+        else:
+            weights += backend.weight_bytes(s.out_features, s.in_features, choice.bits, group_size)
+        if s.name.rsplit(".", 1)[-1] in target_modules:
+            params += choice.rank * (s.in_features + s.out_features)
+    return weights, params
+
+
 def predict(
     shapes: ModelShapes,
     plan: Plan,
@@ -140,19 +160,12 @@ def predict(
     quantized = lora_params = bias_numel = 0
     per_layer = []
     for choice, layer in zip(plan.layers, shapes.layers):
-        layer_bytes = 0
-        for s in layer:
-            if choice.bits == UNQUANTIZED_BITS:
-                w = s.numel * base
-            else:
-                w = backend.weight_bytes(s.out_features, s.in_features, choice.bits, plan.group_size)
-            layer_bytes += w
-            if s.has_bias:
-                bias_numel += s.out_features
-            if s.name.rsplit(".", 1)[-1] in plan.target_modules:
-                lora_params += choice.rank * (s.in_features + s.out_features)
-        quantized += layer_bytes
-        per_layer.append(layer_bytes)
+        weights, params = layer_bytes(layer, choice, backend, group_size=plan.group_size,
+                                      target_modules=plan.target_modules, base_bytes=base)
+        bias_numel += sum(s.out_features for s in layer if s.has_bias)
+        lora_params += params
+        quantized += weights
+        per_layer.append(weights)
     lora = lora_params * adapter
     other = (shapes.other_numel + bias_numel) * base + shapes.other_fixed_bytes
     n = shapes.quantizable_numel

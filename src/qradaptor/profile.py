@@ -526,14 +526,12 @@ def _write_outputs(result: Sensitivity, out: Path) -> None:
 
 def plot_heatmap(result: Sensitivity, path: Path) -> Path:
     """Layers × bits heatmap of the KL, log colour scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry to touch
 
     data = [[max(result.kl[l][b], 1e-8) for b in result.bits] for l in range(result.layers)]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(result.bits), 1.5 + 0.22 * result.layers))
+    fig = Figure(figsize=(1.2 + 0.9 * len(result.bits), 1.5 + 0.22 * result.layers))
+    ax = fig.subplots()
     im = ax.imshow(data, aspect="auto", cmap="viridis", norm=LogNorm())
     ax.set_xticks(range(len(result.bits)), [f"{b}-bit" for b in result.bits])
     ax.set_yticks(range(result.layers), [str(l) for l in range(result.layers)], fontsize=7)
@@ -544,7 +542,6 @@ def plot_heatmap(result: Sensitivity, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
     tmp.replace(path)
     return path
 

@@ -50,8 +50,9 @@ import numpy as np
 from .backends import QuantBackend, QuantCache, get_backend
 from .errors import BudgetError, QRAdaptorError
 from .io import atomic_write_json, atomic_write_text
-from .memory import ModelShapes, format_bytes, parse_budget, parse_training_budget, predict, training_memory
-from .plan import DEFAULT_BIT_LADDER, DEFAULT_RANK, DEFAULT_TARGET_MODULES, LayerChoice, Plan
+from .memory import (ADAPTER_STATE_BYTES, ModelShapes, format_bytes, layer_bytes, parse_budget, parse_training_budget,
+                     predict, training_memory)
+from .plan import DEFAULT_BIT_LADDER, DEFAULT_RANK, LayerChoice, Plan
 from .profile import Sensitivity
 
 log = logging.getLogger("qradaptor")
@@ -169,9 +170,6 @@ class PriorCost:
         return self.bits_cost(layer, choice.bits) + self.rank_cost(layer, choice.rank)
 
 
-#: A trainable parameter's fp32 gradient and AdamW's two fp32 moments.
-_ADAPTER_STATE_BYTES = 12
-
 
 class Planner:
     """Memory and prior cost of plans, repair into a budget, greedy fill from the cheapest plan."""
@@ -179,30 +177,30 @@ class Planner:
     def __init__(self, shapes: ModelShapes, backend: QuantBackend, cost: PriorCost, config: SearchConfig):
         self.shapes, self.backend, self.cost, self.config = shapes, backend, cost, config
         self._layer_bytes: dict[tuple[int, int, int], int] = {}
-        base = Plan.uniform(shapes.num_layers, config.bits[0], config.ranks[0], group_size=config.group_size)
-        report = predict(shapes, base, backend)
+        # every plan the planner makes has these settings (target modules, group size): price them as predict does
+        self.template = Plan.uniform(shapes.num_layers, config.bits[0], config.ranks[0], group_size=config.group_size)
+        report = predict(shapes, self.template, backend)
         self.fixed_bytes = report.other_bytes + config.training_fixed_bytes
-        # bytes per trainable parameter: the adapter (fp32), plus its gradient and AdamW's moments when the
-        # budget is on the training peak
-        self.param_bytes = 4 + (_ADAPTER_STATE_BYTES if config.budget_on == "training" else 0)
+        # bytes per trainable parameter: the adapter (fp32, as predict prices it), plus its gradient and AdamW's
+        # moments when the budget is on the training peak
+        self.param_bytes = 4 + (ADAPTER_STATE_BYTES if config.budget_on == "training" else 0)
 
     def layer_bytes(self, layer: int, choice: LayerChoice) -> int:
+        """`memory.layer_bytes`, memoised (the search prices the same layer choices thousands of times)."""
         key = (layer, choice.bits, choice.rank)
         if key not in self._layer_bytes:
-            total = 0
-            for s in self.shapes.layers[layer]:
-                total += self.backend.weight_bytes(s.out_features, s.in_features, choice.bits, self.config.group_size) \
-                    if choice.bits < 16 else s.numel * self.backend.metadata_bytes
-                if s.name.rsplit(".", 1)[-1] in DEFAULT_TARGET_MODULES:
-                    total += choice.rank * (s.in_features + s.out_features) * self.param_bytes
-            self._layer_bytes[key] = total
+            weights, params = layer_bytes(self.shapes.layers[layer], choice, self.backend,
+                                          group_size=self.template.group_size,
+                                          target_modules=self.template.target_modules,
+                                          base_bytes=self.backend.metadata_bytes)
+            self._layer_bytes[key] = weights + params * self.param_bytes
         return self._layer_bytes[key]
 
     def memory(self, plan: Plan) -> int:
         return self.fixed_bytes + sum(self.layer_bytes(l, c) for l, c in enumerate(plan.layers))
 
     def plan(self, choices: list[LayerChoice]) -> Plan:
-        return Plan(list(choices), group_size=self.config.group_size)
+        return Plan(list(choices), group_size=self.template.group_size, target_modules=self.template.target_modules)
 
     def _moves(self, choices: list[LayerChoice], direction: int):
         """One-rung moves (down: -1, up: +1) with their (Δcost, Δbytes)."""
@@ -463,7 +461,6 @@ class Search:
         self.storage = open_storage(storage) if isinstance(storage, str) else storage
         self.run_config = {**(run_config or {}), **config.to_dict(), "model_fingerprint": self.model_fp,
                            "sensitivity": sensitivity.to_dict(), "format": FORMAT}
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = self._open_study(study_name, "explore", ["minimize", "minimize"])
         self.refine_study = self._open_study(study_name + ":refine", "refine", ["minimize", "minimize"])
         self._evaluations: dict[tuple[str, str], float] = {}
@@ -836,12 +833,10 @@ def summary(result: SearchResult) -> str:
 
 
 def plot_pareto(result: SearchResult, path: Path, shapes: ModelShapes, backend: QuantBackend) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry to touch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     mib = 2**20
     for fidelity, colour in (("cheap", "#9ecae1"), ("full", "#08519c")):
         pts = [p for p in result.points if p.fidelity == fidelity]
@@ -856,7 +851,7 @@ def plot_pareto(result: SearchResult, path: Path, shapes: ModelShapes, backend: 
         if b in result.config.get("bits", []):
             report = predict(shapes, Plan.uniform(shapes.num_layers, b, DEFAULT_RANK,
                                                   group_size=result.config["group_size"]), backend)
-            m = report.total_bytes + (_ADAPTER_STATE_BYTES * report.trainable_params
+            m = report.total_bytes + (ADAPTER_STATE_BYTES * report.trainable_params
                                       + result.config.get("training_fixed_bytes", 0) if training else 0)
             ax.axvline(m / mib, color="grey", ls=":", lw=0.8)
             ax.text(m / mib, ax.get_ylim()[1], f" {b}-bit", fontsize=7, color="grey", va="top")
@@ -868,7 +863,6 @@ def plot_pareto(result: SearchResult, path: Path, shapes: ModelShapes, backend: 
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
     tmp.replace(path)
     return path
 
