@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from qradaptor.backends import get_backend
 from qradaptor.memory import ModelShapes, predict
 from qradaptor.models import load_model
@@ -41,3 +43,33 @@ def test_run_produces_every_stage_and_a_rerun_skips_them(tiny_dir, tmp_path):
         if p != "metrics.json":
             assert (out / p).stat().st_mtime_ns == stamp, f"{p} was redone"
     assert json.loads((out / "metrics.json").read_text())["test_loss_before"] == first["test_loss_before"]
+
+
+def _run_options() -> set[str]:
+    from qradaptor.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return {o for action in sub.choices["run"]._actions for o in action.option_strings}
+
+
+def test_stage_fixes_inside_run_name_only_what_run_offers(tmp_path):
+    import re
+
+    from qradaptor.errors import ArtifactError
+    from qradaptor.pipeline import run_fix
+    from qradaptor.train import load_train_state, train_plan
+
+    damaged = tmp_path / "checkpoints" / "step-000002"
+    damaged.mkdir(parents=True)
+    (damaged / "trainer_state.json").write_text("{")
+    (tmp_path / "run.json").write_text(json.dumps({"status": "running", "config": {}, "plan": {}}))
+    fixes = []
+    for failing in (lambda: load_train_state(damaged), lambda: train_plan(tmp_path, plan={"layers": []})):
+        with pytest.raises(ArtifactError) as e:
+            failing()
+        assert "--resume" in e.value.fix  # what `train` says
+        fixes.append(run_fix(e.value.fix))
+    options = _run_options()
+    for fix in fixes:
+        assert "qradaptor run" in fix
+        assert set(re.findall(r"--[a-z][a-z-]*", fix)) <= options, fix

@@ -31,6 +31,7 @@ record (a ``search/`` the user put there without one is refused, not deleted).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -148,6 +149,35 @@ class _Stages:
     def finish(self, stage: str) -> None:
         self.records[stage]["status"] = "finished"
         self.save()
+
+
+#: Fixes the train and export commands give, and what they mean inside `run` (which has no --resume or --to:
+#: rerunning the same command continues, and its export goes to DIR/model).
+_RUN_FIXES = (("rerun with --resume", "rerun the same `qradaptor run` command"),
+              ("pass --resume to continue it", "rerun the same `qradaptor run` command to continue it"),
+              ("qradaptor export RUN --to OUT", "the same `qradaptor run` command"),
+              ("choose another --to directory", "choose another run --out directory"),
+              ("choose a new or empty --to directory", "choose another run --out directory"))
+
+
+def run_fix(fix: str | None) -> str | None:
+    """A stage's fix text, reworded for `run`: name what `run` offers instead of the stage command's flags."""
+    for theirs, ours in _RUN_FIXES:
+        fix = fix.replace(theirs, ours) if fix else fix
+    return fix
+
+
+@contextlib.contextmanager
+def _as_run_stage():
+    from .errors import QRAdaptorError
+
+    try:
+        yield
+    except QRAdaptorError as e:
+        fix = run_fix(e.fix)
+        if fix == e.fix:
+            raise
+        raise type(e)(e.cause, fix) from None
 
 
 def _not_empty(out: Path) -> bool:
@@ -291,9 +321,10 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
         if status != "finished":
             log.info("run: stage 4/5, fine-tune of the chosen plan%s", " (resuming)" if status else "")
             # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit)
-            train_plan(train_dir, plan=plan, model=model, data=data, steps=None if status else steps,
-                       seq_len=None if status else seq_len, resume=bool(status), progress=progress,
-                       budget=train_budget, **({} if status else (train_settings or {})))
+            with _as_run_stage():
+                train_plan(train_dir, plan=plan, model=model, data=data, steps=None if status else steps,
+                           seq_len=None if status else seq_len, resume=bool(status), progress=progress,
+                           budget=train_budget, **({} if status else (train_settings or {})))
         stages.finish("train")
 
     metrics_path = out / "metrics.json"
@@ -317,6 +348,7 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
         memory = (_read_json(model_dir / PACKED_DIR / EXPORT_FILE) or {}).get("memory")
     else:
         log.info("run: stage 5/5, export")
-        memory = export(train_dir, model_dir)["memory"]
+        with _as_run_stage():
+            memory = export(train_dir, model_dir)["memory"]
         stages.finish("export")
     return {**metrics, "plan": str(plan), "model": str(model_dir), "memory": memory}
