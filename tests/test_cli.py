@@ -147,6 +147,8 @@ BAD_INPUTS = {
     "train --out under a file": (["train", "--model", "{model}", "--plan", "{plan4}", "--data", "{text}",
                                   "--out", "{text}/run"], "is a file"),
     "profile --out is a file": (["profile", "--model", "{model}", "--data", "{text}", "--out", "{text}"], "is a file"),
+    "data shorter than one block": (["profile", "--model", "{model}", "--data", "{short}", "--out", "o"],
+                                    "pass a smaller --seq-len"),
 }
 
 
@@ -201,6 +203,8 @@ def test_bad_input_one_message_exit_2_nothing_written(capsys, tiny_dir, tmp_path
         "loop": str(inputs / "loop"),
     }
     (inputs / "empty.jsonl").write_text("")
+    files["short"] = str(inputs / "short.txt")
+    (inputs / "short.txt").write_text("w1 w2 w3 w4\n\nw5 w6")
     (inputs / "bad.jsonl").write_text('{"text": "w1 w2"}\n{"text": oops}\n')
     (inputs / "binary.txt").write_bytes(bytes(range(256)) * 8)
     (inputs / "latin1.txt").write_bytes("w1 w2 café w3\n\nw4 w5".encode("latin-1"))

@@ -148,7 +148,7 @@ def cmd_run(args) -> int:
     from .pipeline import run
 
     result = run(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
-                 steps=args.steps, progress=not args.quiet)
+                 steps=args.steps, seq_len=args.seq_len, progress=not args.quiet)
     print(f"test loss {result['test_loss_before']:.4f} before, {result['test_loss_after']:.4f} after training "
           f"({result['test_tokens']} tokens); plan {result['plan']}; model {result['model']}/")
     return 0
@@ -159,7 +159,7 @@ def cmd_profile(args) -> int:
 
     bits = list(args.bits)
     result = profile(args.model, data=args.data, out=args.out, bits=bits, tokens=args.tokens, backend=args.backend,
-                     dtype=args.dtype, group_size=args.group_size, force=args.force,
+                     dtype=args.dtype, group_size=args.group_size, seq_len=args.seq_len, force=args.force,
                      use_cache=not args.no_cache, progress=not args.quiet)
     how = "from the cache" if result.from_cache else f"in {result.seconds:.0f} s"
     print(f"profiled {result.layers} layers × bits {result.bits} {how} → {args.out}/{RESULT_FILE}")
@@ -283,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive_int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
     p.add_argument("--group-size", type=_positive_int, default=64, help="weights per quantization group (default 64)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per calibration block (default 256)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="decoder layers' compute dtype during the probes (bfloat16 is faster; the LM head stays fp32)")
     p.add_argument("--out", required=True, help="directory for sensitivity.json and sensitivity.png")
@@ -367,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common, budgeted], help="profile, search, train, evaluate and export in one command")
     p.add_argument("--steps", type=_positive_int, default=200, help="steps of the final fine-tune (default 200)")
+    p.add_argument("--seq-len", type=_positive_int, default=256,
+                   help="tokens per block in every stage (default 256)")
     p.add_argument("--out", required=True, help="run directory; rerun the same command to continue after a crash")
     p.set_defaults(func=cmd_run)
 

@@ -393,7 +393,7 @@ def _pack(examples, seq_len: int, eos_token_id: int, what: str) -> TokenBlocks:
     n_blocks = len(ids) // seq_len
     if n_blocks == 0:
         raise DataError(f"{what} has only {len(ids)} tokens, but at least {seq_len} are needed for one block "
-                        f"of seq_len {seq_len}", "add more data or use a smaller seq_len")
+                        f"of seq_len {seq_len}", "add more data, or pass a smaller --seq-len")
     input_ids = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
     block_labels = torch.tensor(labels[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
     # A causal LM never predicts position 0 of a block; a block with no other label would give a NaN loss.
