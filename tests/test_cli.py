@@ -147,6 +147,12 @@ BAD_INPUTS = {
     "train --out under a file": (["train", "--model", "{model}", "--plan", "{plan4}", "--data", "{text}",
                                   "--out", "{text}/run"], "is a file"),
     "profile --out is a file": (["profile", "--model", "{model}", "--data", "{text}", "--out", "{text}"], "is a file"),
+    "memory --batch-size 0": (["memory", "--model", "{model}", "--plan", "{plan4}", "--batch-size", "0"],
+                              "--batch-size"),
+    "unreadable training budget": (["memory", "--model", "{model}", "--plan", "{plan4}", "--budget", "train:lots"],
+                                   "training-memory budget"),
+    "negative training budget": (["train", "--model", "{model}", "--plan", "{plan4}", "--data", "{text}",
+                                  "--budget", "train:-1GiB", "--out", "o"], "training-memory budget"),
     "data shorter than one block": (["profile", "--model", "{model}", "--data", "{short}", "--out", "o"],
                                     "pass a smaller --seq-len"),
 }

@@ -447,6 +447,10 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ArtifactError(f"{out} exists and is not empty", "choose a new or empty --out directory")
 
+    if budget is not None:
+        from .memory import parse_training_budget
+
+        parse_training_budget(budget)  # a malformed train:SIZE fails before the model and the data load
     given = dict(model=model, data=data, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                  seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, seed=seed, backend=backend, dtype=dtype,
                  eval_every=eval_every, eval_blocks=eval_blocks, checkpoint_every=checkpoint_every,
