@@ -8,7 +8,7 @@ from torch import nn
 
 import math
 
-from qradaptor.backends import BACKENDS, QuantCache, get_backend
+from qradaptor.backends import BACKENDS, QuantCache, QuantizedLinear, get_backend, is_quantized
 from qradaptor.errors import BackendError
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -70,6 +70,45 @@ def test_held_bytes_equal_predicted_bytes(name, bits, dtype):
     q = backend.quantize(lin, bits, 64)
     bias_bytes = lin.out_features * (torch.finfo(dtype).bits // 8)
     assert backend.held_bytes(q) == backend.weight_bytes(lin.out_features, lin.in_features, bits, 64) + bias_bytes
+
+
+@pytest.mark.parametrize("name, bits", PAIRS)
+def test_quantized_modules_describe_themselves(name, bits):
+    """Every backend's module answers for itself (bits, group size, bytes held, state, dequantized weight),
+    and the backend's methods say the same."""
+    backend = get_backend(name)
+    lin = _linear(bias=True)
+    q = backend.quantize(lin, bits, 64)
+    assert isinstance(q, QuantizedLinear) and is_quantized(q) and backend.is_quantized(q)
+    assert (q.bits, q.group_size) == (bits, 64)
+    assert q.held_bytes() == backend.held_bytes(q) == backend.weight_bytes(96, 128, bits, 64) + 96 * 4
+    w = q.dequantize()
+    assert w.shape == (96, 128) and torch.equal(w, backend.dequantize(q))
+    state = q.state()
+    assert state.keys() == backend.state(q).keys() and int(state["nbits"]) == bits
+    q2 = backend.from_state(state)
+    assert (q2.bits, q2.group_size, q2.held_bytes()) == (bits, 64, q.held_bytes())
+    assert torch.equal(q2.dequantize(), w)
+    copied = QuantCache(backend).get("l", lin, bits, 64)  # the cache's copies are the same kind of module
+    assert is_quantized(copied) and copied.bits == bits and torch.equal(copied.dequantize(), w)
+
+
+def test_is_quantized_knows_every_backend_and_nothing_else():
+    modules = {name: get_backend(name).quantize(_linear(), 4, 64) for name in BACKENDS}
+    for name, module in modules.items():
+        assert is_quantized(module)
+        assert [other for other in BACKENDS if get_backend(other).is_quantized(module)] == [name]
+    assert not is_quantized(_linear()) and not is_quantized(nn.Sequential(modules["hqq"]))
+
+
+def test_hqq_native_module_is_hqqs_own_layer():
+    """hqq-native's module is HQQ's HQQLinear (PEFT wraps it as such, HQQ runs its forward)."""
+    from hqq.core.quantize import HQQLinear
+
+    q = get_backend("hqq-native").quantize(_linear(), 4, 64)
+    assert isinstance(q, HQQLinear)
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(q(x), x @ q.dequantize().T, rtol=1e-4, atol=1e-4)
 
 
 def test_hqq_native_packs_2_and_4_bits_exactly_and_3_bits_ten_to_an_int32():

@@ -205,12 +205,16 @@ def exported(tmp_path_factory, tiny_config):
 @needs_lm_eval
 @pytest.mark.parametrize("artifact", ["out", "run"])
 def test_trained_artifacts(exported, tasks_dir, artifact):
-    from qradaptor.export import load_artifact
+    from qradaptor.export import load_artifact, open_artifact
+    from qradaptor.plan import Plan
 
     path = str(exported / artifact)
     report = evaluate_model(path, data=str(exported / "d.txt"), split="train", seq_len=32, max_blocks=2,
                             lm_eval_tasks=["toy_mc", "toy_rolling"], include_path=str(tasks_dir), progress=False)
     assert report["artifact"] == ("export" if artifact == "out" else "run")
+    # the artifact's own plan, as open_artifact gives it (nothing is read off the model)
+    plan = Plan.load(exported / "out" / "plan.json")
+    assert report["plan"] == plan.describe() and open_artifact(path)[2] == plan
     model, tokenizer = load_artifact(path)
     assert_matches_reference(report["lm_eval"], model, tokenizer)
 

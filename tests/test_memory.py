@@ -29,6 +29,8 @@ def test_prediction_matches_measured_bytes(tiny_model, name, dtype, layers):
     assert abs(measured_bytes(model) - predicted) / predicted < 0.01
     # Exactly equal in fact: every tensor is accounted for.
     assert measured_bytes(model) == predicted
+    # found through the modules themselves: nothing on the model says which backend made them
+    assert not [k for m in model.modules() for k in vars(m) if k.startswith("qradaptor")]
 
 
 @pytest.mark.parametrize("name", BACKENDS)

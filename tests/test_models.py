@@ -48,7 +48,27 @@ def test_fingerprint_stable_for_identical_models(tiny_config):
     fa = model_fingerprint(a)
     assert len(fa) >= 16 and all(c in "0123456789abcdef" for c in fa)
     assert fa == model_fingerprint(b)
-    assert a._qradaptor_fingerprint == fa  # cached on the model
+    assert not [k for k in vars(a) if "qradaptor" in k]  # cached beside the model, never on it
+
+
+def test_fingerprint_cache_holds_no_model_and_does_not_follow_copies(tiny_config):
+    import copy
+    import gc
+    import weakref
+
+    from qradaptor import models
+
+    a = _fresh_tiny(tiny_config)
+    fa = model_fingerprint(a)
+    b = copy.deepcopy(a)  # a copy is hashed for itself: an edit to it is seen
+    with torch.no_grad():
+        b.model.norm.weight[0] = 2.0
+    assert model_fingerprint(b) != fa
+    ref = weakref.ref(a)
+    del a
+    gc.collect()
+    assert ref() is None  # the cache kept no reference to the model ...
+    assert all(m is not None for m in models._FINGERPRINTS.keys())  # ... and dropped its entry
 
 
 def test_fingerprint_changes_with_one_weight(tiny_config):

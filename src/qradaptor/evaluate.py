@@ -100,11 +100,11 @@ def evaluate_model(model: str | None = None, *, data: str | None = None, split: 
     those lm-eval harness tasks (see `evaluate_lm_eval`) under the key ``lm_eval``.
 
     ``model`` may also be a training run directory or an exported directory (quantized base + trained
-    adapter, loaded with `qradaptor.export.load_artifact`); then ``plan`` must be None (the artifact has one).
+    adapter, loaded with `qradaptor.export.open_artifact`); then ``plan`` must be None (the artifact has one).
     """
     from .data import load_blocks
     from .errors import ArtifactError
-    from .export import artifact_kind, load_artifact
+    from .export import artifact_kind, open_artifact
     from .models import load_model
     from .plan import Plan
     from .quantize import quantize_model
@@ -117,16 +117,14 @@ def evaluate_model(model: str | None = None, *, data: str | None = None, split: 
         if plan is not None:
             raise ArtifactError(f"{model} is a trained {'export' if kind == 'export' else 'run'} that has its own plan, "
                                 "so --plan does not apply", "drop --plan")
-        base, tokenizer = load_artifact(model)
+        base, tokenizer, plan = open_artifact(model)
     else:
         base, tokenizer = load_model(model)
     blocks = load_blocks(data, tokenizer, split, seq_len=seq_len, max_blocks=max_blocks)
-    if plan is not None:
+    if plan is not None and kind is None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         base = quantize_model(base, plan, backend, inplace=True)
     result = evaluate_loss(base, blocks, batch_size=batch_size, progress=progress)
-    if kind is not None:
-        plan = getattr(base, "qradaptor_plan", None)
     report = {**result.to_dict(), "split": split, "blocks": len(blocks), "seq_len": seq_len,
               "plan": None if plan is None else plan.describe(), "artifact": kind}
     if manager is not None:

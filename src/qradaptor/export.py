@@ -178,6 +178,7 @@ def _run_metrics(path: Path) -> dict:
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False) -> dict:
     """What ``qradaptor export RUN --to OUT [--merge]`` runs. Returns a summary (paths, memory, metrics)."""
+    from .backends import is_quantized
     from .memory import ModelShapes, measured_bytes, predict
     from .rundir import ADAPTER_DIR, METRICS_FILE, package_versions
 
@@ -193,17 +194,16 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
     packed: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     for name, module in quantized.named_modules():
-        if not quant.is_quantized(module) or ".lora_" in name:
+        if not is_quantized(module) or ".lora_" in name:
             continue
         prefix = name.removesuffix(".base_layer")  # PEFT wrapped it; the name in the plain model
-        state = quant.state(module)
+        state = module.state()
         for key, tensor in state.items():
             packed[f"{prefix}.{key}"] = tensor.detach().contiguous().clone()
-        layer = int(prefix.split("layers.", 1)[1].split(".", 1)[0])
-        modules[prefix] = {"bits": plan.layers[layer].bits, "group_size": plan.group_size, "tensors": sorted(state)}
+        modules[prefix] = {"bits": module.bits, "group_size": module.group_size, "tensors": sorted(state)}
         target = base.get_submodule(prefix)
         with torch.no_grad():
-            target.weight.copy_(quant.dequantize(module).to(target.weight.dtype))
+            target.weight.copy_(module.dequantize().to(target.weight.dtype))
     if not modules and any(c.bits != 16 for c in plan.layers):
         raise RuntimeError("no quantized module found in the run's model")  # a bug, not a user error
 
@@ -256,6 +256,12 @@ def load_artifact(path: str | os.PathLike):
     """``(model, tokenizer)`` from an exported directory (packed mixed-precision base + adapter) or a finished
     training run directory. The model is a ``PeftModel`` in eval mode whose quantized layers hold the packed
     codes, so `qradaptor.memory.measured_bytes` of it equals the memory model's prediction."""
+    model, tokenizer, _ = open_artifact(path)
+    return model, tokenizer
+
+
+def open_artifact(path: str | os.PathLike):
+    """``(model, tokenizer, plan)``: `load_artifact`'s model and tokenizer, and the artifact's `Plan`."""
     path = Path(path)
     kind = artifact_kind(path) if path.is_dir() else None
     if kind is None:
@@ -265,8 +271,8 @@ def load_artifact(path: str | os.PathLike):
         raise ArtifactError(f"{path} is not a qradaptor artifact (no {PACKED_DIR}/{PACKED_FILE} and no run.json)",
                             "pass the directory written by `qradaptor export` (or `qradaptor train --out`)")
     if kind == "run":
-        tuned, _, _, tokenizer, _, _, _ = _build_from_run(path, _finished_run(path))
-        return tuned, tokenizer
+        tuned, _, _, tokenizer, plan, _, _ = _build_from_run(path, _finished_run(path))
+        return tuned, tokenizer, plan
     return _load_export(path)
 
 
@@ -368,14 +374,12 @@ def _load_export(path: Path):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
     model.requires_grad_(False)
-    model.qradaptor_plan = plan
-    model.qradaptor_backend = quant
     tuned = load_adapter(model, path / "adapter")
     tuned.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tuned, tokenizer
+    return tuned, tokenizer, plan
 
 
 # ---------------------------------------------------------------------------------------------- generate

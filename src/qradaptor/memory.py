@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .backends import QuantBackend
+from .backends import QuantBackend, is_quantized
 from .errors import BudgetError
 from .plan import DEFAULT_RANK, UNQUANTIZED_BITS, LayerChoice, Plan
 
@@ -182,17 +182,16 @@ def predict(
     )
 
 
-def measured_bytes(model: nn.Module, backend: QuantBackend | None = None) -> int:
-    """Bytes actually held by ``model``'s tensors: quantized modules through their backend (scales and
-    zeros included), everything else from its parameters and buffers. Shared tensors count once."""
-    backend = backend or _find_backend(model)
+def measured_bytes(model: nn.Module) -> int:
+    """Bytes actually held by ``model``'s tensors: each quantized module (of any backend) counts what it holds
+    (scales and zeros included), everything else from its parameters and buffers. Shared tensors count once."""
     total, seen = 0, set()
     skip_prefixes: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in skip_prefixes):
             continue
-        if backend is not None and backend.is_quantized(module):
-            total += backend.held_bytes(module)
+        if is_quantized(module):
+            total += module.held_bytes()
             skip_prefixes.append(name + ".")
             continue
         for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
@@ -202,15 +201,6 @@ def measured_bytes(model: nn.Module, backend: QuantBackend | None = None) -> int
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
-
-
-def _find_backend(model: nn.Module) -> QuantBackend | None:
-    # quantize_model tags the transformers model; PEFT wraps it a few levels deep.
-    for m in model.modules():
-        backend = m.__dict__.get("qradaptor_backend")
-        if backend is not None:
-            return backend
-    return None
 
 
 # ---------------------------------------------------------------------------------------- budgets

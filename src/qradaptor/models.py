@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -329,14 +330,18 @@ def _strip_volatile(obj):
     return obj
 
 
+# model -> its fingerprint, dropped with the model.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model: torch.nn.Module, *, recompute: bool = False) -> str:
     """A sha256 hex digest of the model's class, config and every weight (bytes, dtype, shape).
 
     Same weights give the same digest across loads, so profiles and quantized weights can be cached
-    under it. Hashing takes ~1 s for SmolLM2, so the digest is stored on the model
-    (``_qradaptor_fingerprint``): pass ``recompute=True`` after changing weights in place.
+    under it. Hashing takes ~1 s for SmolLM2, so the digest is remembered per model object (in a weak-keyed
+    cache, not on the model): pass ``recompute=True`` after changing weights in place.
     """
-    cached = getattr(model, "_qradaptor_fingerprint", None)
+    cached = _FINGERPRINTS.get(model)
     if cached is not None and not recompute:
         return cached
     h = hashlib.sha256()
@@ -352,5 +357,5 @@ def model_fingerprint(model: torch.nn.Module, *, recompute: bool = False) -> str
         else:  # extra state some modules keep (non-tensor); hash its repr
             h.update(f"\0{name}\0{value!r}".encode())
     digest = h.hexdigest()
-    model._qradaptor_fingerprint = digest
+    _FINGERPRINTS[model] = digest
     return digest

@@ -94,8 +94,6 @@ def quantize_model(
     if inplace:
         _own_storage(out)
     out.requires_grad_(False)
-    out.qradaptor_plan = plan
-    out.qradaptor_backend = backend
     return out
 
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from ..errors import BackendError
-from .base import QuantBackend, QuantCache
+from .base import QuantBackend, QuantCache, QuantizedLinear, is_quantized
 
 BACKENDS = ("hqq", "hqq-native", "reference")
 DEFAULT_BACKEND = "hqq"
@@ -30,4 +30,4 @@ def get_backend(name: str = DEFAULT_BACKEND, **kwargs) -> QuantBackend:
     raise BackendError(f"unknown quantizer backend {name!r}", f"choose one of {list(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "QuantBackend", "QuantCache", "get_backend"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "QuantBackend", "QuantCache", "QuantizedLinear", "get_backend", "is_quantized"]

@@ -1,5 +1,8 @@
 """The backend interface: quantize one linear layer at ``bits`` with groups of ``group_size`` weights,
-predict and measure its bytes, dequantize it, and (de)serialize it as plain tensors.
+predict its bytes and rebuild it from plain tensors; and the quantized-module interface,
+:class:`QuantizedLinear`: every module a backend produces answers for itself (its bits, group size, the
+bytes it holds, its state for saving, its dequantized weight), so nothing has to tag the model with the
+backend that made it (:func:`is_quantized` finds them).
 
 Grouping is the same for every backend (and HQQ's ``axis=1``): the weight matrix is read row-major in
 runs of ``group_size`` consecutive weights, each run with one scale and one zero stored in the
@@ -49,6 +52,35 @@ def dequant_linear(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None
     return _DequantMatmul.apply(x, module, bias)
 
 
+class QuantizedLinear(ABC):
+    """What every quantized module, of every backend, answers for itself (mixed into the module class)."""
+
+    #: the bit-width of its codes, and the number of consecutive weights sharing one scale and zero.
+    bits: int
+    group_size: int
+
+    @abstractmethod
+    def held_bytes(self) -> int:
+        """Bytes actually held by the module's tensors (codes, scales, zeros and bias)."""
+
+    @abstractmethod
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to rebuild the module (safetensors-compatible): what an export packs."""
+
+    @abstractmethod
+    def dequantize(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight the module computes with."""
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a quantized module of any backend."""
+    return isinstance(module, QuantizedLinear)
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 class QuantBackend(ABC):
     name: ClassVar[str]
     #: bit-widths this backend can store.
@@ -87,21 +119,22 @@ class QuantBackend(ABC):
     def weight_bytes(self, out_features: int, in_features: int, bits: int, group_size: int) -> int:
         """Predicted bytes of the stored weight (codes + scales + zeros, bias excluded), from shapes alone."""
 
-    @abstractmethod
-    def held_bytes(self, module: nn.Module) -> int:
-        """Bytes actually held by a quantized module's tensors (codes, metadata and bias)."""
+    #: the class of the modules this backend produces (a :class:`QuantizedLinear`).
+    module_class: ClassVar[type]
 
-    @abstractmethod
-    def dequantize(self, module: nn.Module) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` weight the module computes with."""
-
-    @abstractmethod
     def is_quantized(self, module: nn.Module) -> bool:
-        """True for modules this backend produced."""
+        """True for modules this backend produced (:func:`is_quantized`: those of any backend)."""
+        return isinstance(module, self.module_class)
 
-    @abstractmethod
-    def state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Every tensor needed to rebuild ``module`` (safetensors-compatible)."""
+    # The module answers for itself; these are kept as shorthands.
+    def held_bytes(self, module: QuantizedLinear) -> int:
+        return module.held_bytes()
+
+    def dequantize(self, module: QuantizedLinear) -> torch.Tensor:
+        return module.dequantize()
+
+    def state(self, module: QuantizedLinear) -> dict[str, torch.Tensor]:
+        return module.state()
 
     @abstractmethod
     def from_state(self, state: dict[str, torch.Tensor], name: str = "weight") -> nn.Module:

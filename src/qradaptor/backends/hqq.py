@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendError
-from .base import QuantBackend, dequant_linear
+from .base import QuantBackend, QuantizedLinear, dequant_linear, tensor_bytes
 from .packing import PACKABLE_BITS, pack, packed_bytes, unpack
 
 
@@ -53,7 +53,7 @@ def _hqq_quantize_unlisted(w: torch.Tensor, bits: int, group_size: int):
     return codes.to(torch.uint8), (1.0 / inv_scale).float(), zero.float()
 
 
-class PackedLinear(nn.Linear):
+class PackedLinear(QuantizedLinear, nn.Linear):
     """A frozen linear holding bit-packed codes (``packed``, uint8) with one scale and one zero per group.
 
     It subclasses ``nn.Linear`` without a stored ``weight`` parameter: ``weight`` is dequantized on every
@@ -86,10 +86,30 @@ class PackedLinear(nn.Linear):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={self.bits}, group_size={self.group_size}")
 
+    def held_bytes(self) -> int:
+        return tensor_bytes(self.packed, self.scale, self.zero, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.detach()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {
+            "packed": self.packed,
+            "scale": self.scale,
+            "zero": self.zero,
+            "shape": torch.tensor([self.out_features, self.in_features], dtype=torch.int64),
+            "nbits": torch.tensor(self.bits, dtype=torch.int64),
+            "group_size": torch.tensor(self.group_size, dtype=torch.int64),
+        }
+        if self.bias is not None:
+            state["bias"] = self.bias.detach()
+        return state
+
 
 class HQQBackend(QuantBackend):
     name = "hqq"
     supported_bits = PACKABLE_BITS  # 2..8
+    module_class = PackedLinear
 
     def quantize(self, linear: nn.Linear, bits: int, group_size: int) -> nn.Module:
         self.check_bits(bits)
@@ -104,29 +124,6 @@ class HQQBackend(QuantBackend):
         self.check_bits(bits)
         n = out_features * in_features
         return packed_bytes(n, bits) + 2 * (n // group_size) * self.metadata_bytes
-
-    def held_bytes(self, module: nn.Module) -> int:
-        tensors = [module.packed, module.scale, module.zero] + ([module.bias] if module.bias is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def dequantize(self, module: nn.Module) -> torch.Tensor:
-        return module.weight.detach()
-
-    def is_quantized(self, module: nn.Module) -> bool:
-        return isinstance(module, PackedLinear)
-
-    def state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        state = {
-            "packed": module.packed,
-            "scale": module.scale,
-            "zero": module.zero,
-            "shape": torch.tensor([module.out_features, module.in_features], dtype=torch.int64),
-            "nbits": torch.tensor(module.bits, dtype=torch.int64),
-            "group_size": torch.tensor(module.group_size, dtype=torch.int64),
-        }
-        if module.bias is not None:
-            state["bias"] = module.bias.detach()
-        return state
 
     def from_state(self, state: dict[str, torch.Tensor], name: str = "weight") -> nn.Module:
         fix = "the file is corrupt or was written by another version; re-export it"

@@ -3,7 +3,9 @@
 HQQ 0.2.8 packs 2- and 4-bit codes into uint8 exactly, 3-bit codes ten to an int32 (3.2 bits per
 weight), 8-bit one per byte. 5 and 6 bits it would also store one code per byte, i.e. at the cost of
 8 bits, so they are not offered here. Scales and zeros are kept unquantized in the compute dtype.
-PEFT wraps ``HQQLinear`` as ``HqqLoraLinear``; gradients reach the adapters.
+PEFT wraps ``HQQLinear`` as ``HqqLoraLinear``; gradients reach the adapters. The module is
+:class:`NativeHQQLinear`, ``HQQLinear`` itself with the :class:`QuantizedLinear` answers added (so PEFT's
+``isinstance(..., HQQLinear)`` dispatch and HQQ's own forward are unchanged).
 
 The default ``hqq`` backend (``hqq.py``) uses the same quantizer with exact packing for every bit-width
 2–8; this one is kept as the baseline benchmarks compare against ("HQQ's own 4-bit layer").
@@ -14,18 +16,52 @@ from __future__ import annotations
 import math
 
 import torch
+from hqq.core.quantize import HQQLinear
 from torch import nn
 
 from ..errors import BackendError
-from .base import QuantBackend
+from .base import QuantBackend, QuantizedLinear, tensor_bytes
 
 # Codes per storage element and that element's size in bytes, per bit-width (hqq.core.bitpack).
 _PACKING = {2: (4, 1), 3: (10, 4), 4: (2, 1), 8: (1, 1)}
 
 
+class NativeHQQLinear(HQQLinear, QuantizedLinear):
+    """HQQ's ``HQQLinear`` (its storage, forward and PEFT wrapping) that describes itself."""
+
+    @property
+    def bits(self) -> int:  # type: ignore[override]
+        return int(self.meta["nbits"])
+
+    @property
+    def group_size(self) -> int:  # type: ignore[override]
+        return int(self.meta["group_size"])
+
+    def held_bytes(self) -> int:
+        return tensor_bytes(self.W_q, self.meta["scale"], self.meta["zero"], getattr(self, "bias", None))
+
+    def dequantize(self) -> torch.Tensor:
+        # HQQ's own dequantize (its forward calls it too), as the (out_features, in_features) matrix.
+        return super().dequantize().reshape(self.out_features, self.in_features)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {
+            "W_q": self.W_q.detach(),
+            "scale": self.meta["scale"],
+            "zero": self.meta["zero"],
+            "shape": torch.tensor(list(self.meta["shape"]), dtype=torch.int64),
+            "nbits": torch.tensor(self.meta["nbits"], dtype=torch.int64),
+            "group_size": torch.tensor(self.meta["group_size"], dtype=torch.int64),
+        }
+        if getattr(self, "bias", None) is not None:
+            state["bias"] = self.bias.detach()
+        return state
+
+
 class HQQNativeBackend(QuantBackend):
     name = "hqq-native"
     supported_bits = (2, 3, 4, 8)
+    module_class = NativeHQQLinear
 
     def _config(self, bits: int, group_size: int) -> dict:
         from hqq.core.quantize import BaseQuantizeConfig
@@ -33,8 +69,6 @@ class HQQNativeBackend(QuantBackend):
         return BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
 
     def quantize(self, linear: nn.Linear, bits: int, group_size: int) -> nn.Module:
-        from hqq.core.quantize import HQQLinear
-
         self.check_bits(bits)
         self.check_shape(linear.out_features, linear.in_features, group_size)
         if group_size % 8:
@@ -49,7 +83,7 @@ class HQQNativeBackend(QuantBackend):
                 "choose a smaller group_size",
             )
         cfg = self._config(bits, group_size)
-        module = HQQLinear(None, cfg, compute_dtype=self.compute_dtype, device="cpu", initialize=False)
+        module = NativeHQQLinear(None, cfg, compute_dtype=self.compute_dtype, device="cpu", initialize=False)
         module.in_features, module.out_features = linear.in_features, linear.out_features
         # Quantize a copy: hqq may work in place on what it is given.
         weight = linear.weight.detach().clone().to(torch.float32)
@@ -66,38 +100,8 @@ class HQQNativeBackend(QuantBackend):
         codes = math.ceil(rows / per_element) * group_size * element_bytes
         return codes + 2 * rows * self.metadata_bytes
 
-    def held_bytes(self, module: nn.Module) -> int:
-        total = module.W_q.numel() * module.W_q.element_size()
-        for key in ("scale", "zero"):
-            t = module.meta[key]
-            total += t.numel() * t.element_size()
-        if getattr(module, "bias", None) is not None:
-            total += module.bias.numel() * module.bias.element_size()
-        return total
-
-    def dequantize(self, module: nn.Module) -> torch.Tensor:
-        return module.dequantize().reshape(module.out_features, module.in_features)
-
-    def is_quantized(self, module: nn.Module) -> bool:
-        from hqq.core.quantize import HQQLinear
-
-        return isinstance(module, HQQLinear)
-
-    def state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        state = {
-            "W_q": module.W_q.detach(),
-            "scale": module.meta["scale"],
-            "zero": module.meta["zero"],
-            "shape": torch.tensor(list(module.meta["shape"]), dtype=torch.int64),
-            "nbits": torch.tensor(module.meta["nbits"], dtype=torch.int64),
-            "group_size": torch.tensor(module.meta["group_size"], dtype=torch.int64),
-        }
-        if getattr(module, "bias", None) is not None:
-            state["bias"] = module.bias.detach()
-        return state
-
     def from_state(self, state: dict[str, torch.Tensor], name: str = "weight") -> nn.Module:
-        from hqq.core.quantize import HQQLinear, Quantizer
+        from hqq.core.quantize import Quantizer
 
         bits, group_size = int(state["nbits"]), int(state["group_size"])
         out_features, in_features = (int(v) for v in state["shape"])
@@ -112,7 +116,7 @@ class HQQNativeBackend(QuantBackend):
                 "the file is corrupt or was written by another version; re-export it",
             )
         cfg = self._config(bits, group_size)
-        module = HQQLinear(None, cfg, compute_dtype=self.compute_dtype, device="cpu", initialize=False)
+        module = NativeHQQLinear(None, cfg, compute_dtype=self.compute_dtype, device="cpu", initialize=False)
         module.in_features, module.out_features = in_features, out_features
         packing = Quantizer.bit_to_packing[bits]
         module.W_q = state["W_q"].clone()

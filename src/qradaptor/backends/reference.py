@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendError
-from .base import QuantBackend, dequant_linear
+from .base import QuantBackend, QuantizedLinear, dequant_linear, tensor_bytes
 
 
 def quantize_groups(weight: torch.Tensor, bits: int, group_size: int):
@@ -30,7 +30,7 @@ def quantize_groups(weight: torch.Tensor, bits: int, group_size: int):
     return codes.reshape(weight.shape), scale, zero
 
 
-class FakeQuantLinear(nn.Linear):
+class FakeQuantLinear(QuantizedLinear, nn.Linear):
     """A frozen linear that keeps integer codes and dequantizes them on every forward.
 
     It subclasses ``nn.Linear`` (without a stored ``weight`` parameter) so PEFT wraps it with its
@@ -57,10 +57,29 @@ class FakeQuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
+    def held_bytes(self) -> int:
+        return tensor_bytes(self.codes, self.scale, self.zero, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.detach()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {
+            "codes": self.codes,
+            "scale": self.scale,
+            "zero": self.zero,
+            "nbits": torch.tensor(self.bits),
+            "group_size": torch.tensor(self.group_size),
+        }
+        if self.bias is not None:
+            state["bias"] = self.bias.detach()
+        return state
+
 
 class ReferenceBackend(QuantBackend):
     name = "reference"
     supported_bits = (2, 3, 4, 5, 6, 7, 8)
+    module_class = FakeQuantLinear
 
     def quantize(self, linear: nn.Linear, bits: int, group_size: int) -> nn.Module:
         self.check_bits(bits)
@@ -73,28 +92,6 @@ class ReferenceBackend(QuantBackend):
         self.check_bits(bits)
         n = out_features * in_features
         return n + 2 * (n // group_size) * self.metadata_bytes
-
-    def held_bytes(self, module: nn.Module) -> int:
-        tensors = [module.codes, module.scale, module.zero] + ([module.bias] if module.bias is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def dequantize(self, module: nn.Module) -> torch.Tensor:
-        return module.weight.detach()
-
-    def is_quantized(self, module: nn.Module) -> bool:
-        return isinstance(module, FakeQuantLinear)
-
-    def state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        state = {
-            "codes": module.codes,
-            "scale": module.scale,
-            "zero": module.zero,
-            "nbits": torch.tensor(module.bits),
-            "group_size": torch.tensor(module.group_size),
-        }
-        if module.bias is not None:
-            state["bias"] = module.bias.detach()
-        return state
 
     def from_state(self, state: dict[str, torch.Tensor], name: str = "weight") -> nn.Module:
         bits, group_size = int(state["nbits"]), int(state["group_size"])
