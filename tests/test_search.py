@@ -387,3 +387,44 @@ def test_refinement_runs_when_uniform_4bit_is_the_promoted_plan(tiny, words, tmp
     full = [p for p in result.points if p.fidelity == "full"]
     assert sum(p.source != "refine" for p in full) == 2
     assert sum(p.source == "refine" for p in full) == 1
+
+
+def test_nsga2_breeds_from_the_evaluated_plans(tiny, words, tmp_path):
+    """Every COMPLETE trial's params are the plan that was scored (within the budget, its loss recorded under
+    them): proposals are repaired before they become params, so NSGA-II breeds only from evaluated plans. An
+    over-budget enqueued trial (as an older study's retried trial) is pruned and its repaired plan evaluated."""
+    import optuna
+    from optuna.trial import TrialState
+
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    budget = budget_of(model, 3)
+    scored = {}
+
+    def fitness(plan, fidelity):
+        scored[(plan_key(plan), fidelity.name)] = fast_fitness(plan, fidelity)[0]
+        return fast_fitness(plan, fidelity)
+
+    kw = dict(population=4, promote=1, refine=1, progress=False, fitness=fitness, seq_len=32)
+    search(str(d), data=words, budget=budget, out=tmp_path, trials=14, **kw)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    over = {k: v for l in range(4) for k, v in ((f"b{l}", 8), (f"r{l}", 32))}
+    optuna.load_study(study_name="qradaptor", storage=url).enqueue_trial(over, user_attrs={"source": "old"})
+    search(str(d), data=words, budget=budget, out=tmp_path, trials=15, **kw)
+
+    planner = planner_for(model, prior, budget)
+    explore = optuna.load_study(study_name="qradaptor", storage=url).trials
+    refine = optuna.load_study(study_name="qradaptor:refine", storage=url).trials
+    complete = [t for t in explore + refine if t.state == TrialState.COMPLETE]
+    assert len(complete) >= 16
+    for t in complete:
+        plan = Plan([LayerChoice(t.params[f"b{l}"], t.params[f"r{l}"]) for l in range(4)])
+        assert planner.memory(plan) <= budget
+        assert plan_key(plan) == t.user_attrs["plan_key"]
+        assert t.values[0] == scored[(plan_key(plan), t.user_attrs["fidelity"])]
+        assert t.values[1] == planner.memory(plan)
+    assert any(t.user_attrs.get("repaired") for t in explore)  # NSGA-II's proposals did need repair
+    pruned = [t for t in explore if t.state == TrialState.PRUNED]
+    assert [t.params for t in pruned] == [over]
+    fixed = plan_key(planner.repair(Plan([LayerChoice(8, 32)] * 4), budget))
+    assert any(t.user_attrs.get("plan_key") == fixed and t.user_attrs.get("source") == "old" for t in complete)

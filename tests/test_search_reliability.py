@@ -171,14 +171,16 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _running_trial(study, params, worker_id):
+def _running_trial(study, storage, params, worker_id):
     """A trial RUNNING in ``study`` as a process ``worker_id`` ("host:pid") would leave it, heartbeat included."""
+    from qradaptor.search.storage import trial_id
+
     study.enqueue_trial(params)
     trial = study.ask()
     for name in params:
         trial.suggest_categorical(name, list(DEFAULT_BITS if name.startswith("b") else DEFAULT_RANKS))
     trial.set_user_attr("worker", worker_id)
-    study._storage.record_heartbeat(trial._trial_id)
+    storage.record_heartbeat(trial_id(storage, study, trial))
     return trial.number
 
 
@@ -189,10 +191,11 @@ def test_dead_processes_trials_are_failed_and_retried_live_ones_kept(tiny, words
     url = f"sqlite:///{tmp_path / 'study.db'}"
     from qradaptor.search import open_storage
 
-    study = optuna.load_study(study_name="qradaptor", storage=open_storage(url))
+    storage = open_storage(url)
+    study = optuna.load_study(study_name="qradaptor", storage=storage)
     params = dict(study.trials[0].params)
-    here_dead = _running_trial(study, params, f"{socket.gethostname()}:{_dead_pid()}")
-    elsewhere = _running_trial(study, params, "another-machine:1")  # may be a live worker there
+    here_dead = _running_trial(study, storage, params, f"{socket.gethostname()}:{_dead_pid()}")
+    elsewhere = _running_trial(study, storage, params, "another-machine:1")  # may be a live worker there
 
     search(str(d), data=words, budget=budget, out=tmp_path, **{**KW, "trials": 6})
     trials = trials_of(url)
@@ -223,7 +226,7 @@ def test_coordinator_lease_of_a_dead_search_is_taken_over_a_live_one_refused(tin
     leases = optuna.create_study(storage=storage, study_name="qradaptor:coordinator")
 
     def lease(worker_id):
-        tid = storage.create_new_trial(leases._study_id, template_trial=create_trial(
+        tid = storage.create_new_trial(storage.get_study_id_from_name(leases.study_name), template_trial=create_trial(
             state=TrialState.RUNNING, user_attrs={"worker": worker_id, "started": "earlier"}))
         storage.record_heartbeat(tid)
 

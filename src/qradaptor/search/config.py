@@ -1,0 +1,86 @@
+"""The search's settings: the space, the budget, the fidelities, and its error."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import QRAdaptorError
+from ..plan import DEFAULT_BIT_LADDER
+
+DEFAULT_BITS = DEFAULT_BIT_LADDER  # (2, 3, 4, 5, 6, 8): exact packing makes 5 and 6 bits worth their bytes
+DEFAULT_RANKS = (4, 8, 16, 32)
+CONFIG_ATTR = "qradaptor_config"
+FORMAT = "qradaptor-search-1"
+#: Written into every --out a search uses: marks the directory as the tool's, and is locked (flock) for the
+#: search's duration so that a second search on the same --out is refused instead of overwriting the first.
+MARKER = ".qradaptor-search"
+#: What a search writes into its --out (a directory that holds study.db but no marker is an older search's).
+SEARCH_FILES = ("study.db", "pareto.json", "plan.json", "pareto.png", "search-summary.txt")
+
+
+class SearchError(QRAdaptorError):
+    """The search cannot run as asked."""
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class Fidelity:
+    name: str
+    steps: int
+    eval_blocks: int
+    batch_size: int = 4
+    lr: float = 3e-4
+
+
+@dataclass
+class SearchConfig:
+    budget_bytes: int
+    bits: tuple[int, ...] = DEFAULT_BITS
+    ranks: tuple[int, ...] = DEFAULT_RANKS
+    alpha: float = 0.5  # 1: only quality matters; 0: only memory
+    trials: int = 24  # exploration trials (warm start included), cheap fidelity
+    population: int = 8
+    promote: int = 3  # cheap-front plans re-evaluated at the expensive fidelity
+    refine: int = 3  # Bayesian refinement iterations, expensive fidelity
+    warm_start: int = 4  # prior-greedy plans at fractions of the budget
+    cheap: Fidelity = field(default_factory=lambda: Fidelity("cheap", steps=8, eval_blocks=8))
+    full: Fidelity = field(default_factory=lambda: Fidelity("full", steps=24, eval_blocks=16))
+    seq_len: int = 256
+    group_size: int = 64
+    backend: str = "hqq"
+    rank_value: float = 1 / 3
+    gradient_checkpointing: bool = True  # in the search's fine-tunes (see TrainConfig)
+    # "stored": the budget is on the stored model (predict); "training": on the predicted training peak, i.e.
+    # stored bytes + adapter gradients and AdamW state (12 bytes per trainable parameter) + training_fixed_bytes
+    # (runtime, activations at the largest rank, loss: memory.training_memory for train_batch_size × seq_len).
+    budget_on: str = "stored"
+    training_fixed_bytes: int = 0
+    train_batch_size: int = 4
+    sampler: str = "nsga2"  # exploration sampler: "nsga2", or "random" (the baseline the benchmark compares to)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.bits, self.ranks = tuple(sorted(self.bits)), tuple(sorted(self.ranks))
+        for key in ("cheap", "full"):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, Fidelity(**value))
+        if not 0 <= self.alpha <= 1:
+            raise SearchError(f"--alpha must be between 0 and 1, got {self.alpha}", "0.5 weighs quality and memory equally")
+        if self.budget_on not in ("stored", "training"):
+            raise SearchError(f"unknown budget kind {self.budget_on!r}", "use stored or training")
+        if self.sampler not in ("nsga2", "random"):
+            raise SearchError(f"unknown sampler {self.sampler!r}", "use nsga2 or random")
+        if self.trials < 1 or self.population < 2:
+            raise SearchError("the search needs at least 1 trial and a population of 2", "e.g. --trials 24 --population 8")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bits"], d["ranks"] = list(self.bits), list(self.ranks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchConfig":
+        return cls(**{**d, "bits": tuple(d["bits"]), "ranks": tuple(d["ranks"])})

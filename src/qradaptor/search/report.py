@@ -1,0 +1,126 @@
+"""A search's results: evaluated points, the Pareto front, and the files written to --out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..backends import QuantBackend
+from ..io import atomic_write_json, atomic_write_text
+from ..memory import ADAPTER_STATE_BYTES, ModelShapes, format_bytes, predict
+from ..plan import DEFAULT_RANK, Plan
+from .config import FORMAT
+from .planner import plan_key
+
+log = logging.getLogger("qradaptor")
+
+
+@dataclass
+class Evaluated:
+    plan: Plan
+    memory_bytes: int
+    avg_bits: float
+    loss: float
+    fidelity: str
+    source: str
+    trial: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan.to_dict(), "memory_bytes": self.memory_bytes, "avg_bits": self.avg_bits,
+                "loss": self.loss, "fidelity": self.fidelity, "source": self.source, "trial": self.trial}
+
+
+@dataclass
+class SearchResult:
+    chosen: Evaluated
+    points: list[Evaluated]
+    budget_bytes: int
+    fine_tune_steps: int
+    seconds: float
+    config: dict
+
+    def front(self, fidelity: str) -> list[Evaluated]:
+        return pareto_front([p for p in self.points if p.fidelity == fidelity])
+
+
+def pareto_front(points: list[Evaluated]) -> list[Evaluated]:
+    """Non-dominated points in (loss, memory), sorted by memory."""
+    front = []
+    for p in sorted(points, key=lambda p: (p.memory_bytes, p.loss)):
+        if not front or p.loss < front[-1].loss:
+            front.append(p)
+    return front
+
+
+def write_outputs(result: SearchResult, out: Path, shapes: ModelShapes, backend: QuantBackend) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cheap, full = result.front("cheap"), result.front("full")
+    on_front = {(plan_key(p.plan), p.fidelity) for p in cheap + full}
+    atomic_write_json(out / "pareto.json", {
+        "format": FORMAT,
+        "budget_bytes": result.budget_bytes,
+        "chosen": result.chosen.to_dict(),
+        "points": [{**p.to_dict(), "on_front": (plan_key(p.plan), p.fidelity) in on_front} for p in result.points],
+        "fine_tune_steps": result.fine_tune_steps,
+        "seconds": result.seconds,
+        "settings": {k: v for k, v in result.config.items() if k != "sensitivity"},
+    })
+    result.chosen.plan.save(out / "plan.json")
+    atomic_write_text(out / "search-summary.txt", summary(result))
+    try:
+        plot_pareto(result, out / "pareto.png", shapes, backend)
+    except Exception as e:  # never lose the search over a plot
+        log.warning("search: could not draw pareto.png (%s)", e)
+
+
+def summary(result: SearchResult) -> str:
+    c = result.chosen
+    on = " on the predicted training peak" if result.config.get("budget_on") == "training" else ""
+    lines = [
+        f"budget {format_bytes(result.budget_bytes)}{on}; {len(result.points)} evaluations "
+        f"({sum(p.fidelity == 'cheap' for p in result.points)} cheap, {sum(p.fidelity == 'full' for p in result.points)} full), "
+        f"{result.fine_tune_steps} fine-tune steps, {result.seconds:.0f} s",
+        f"chosen plan: {c.plan.describe()}",
+        f"  memory {format_bytes(c.memory_bytes)} ({c.avg_bits:.2f} avg bits incl. scales/zeros, adapters counted), "
+        f"held-out loss {c.loss:.4f} ({c.fidelity} fidelity, from {c.source})",
+    ]
+    for p in result.points:
+        if p.fidelity == "full" and p.source.startswith("uniform"):
+            lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(result: SearchResult, path: Path, shapes: ModelShapes, backend: QuantBackend) -> Path:
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry to touch
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    mib = 2**20
+    for fidelity, colour in (("cheap", "#9ecae1"), ("full", "#08519c")):
+        pts = [p for p in result.points if p.fidelity == fidelity]
+        if pts:
+            ax.scatter([p.memory_bytes / mib for p in pts], [p.loss for p in pts], s=18, color=colour,
+                       label=f"{fidelity} fidelity ({len(pts)})")
+            front = pareto_front(pts)
+            ax.step([p.memory_bytes / mib for p in front], [p.loss for p in front], where="post", color=colour, lw=1)
+    ax.axvline(result.budget_bytes / mib, color="crimson", ls="--", lw=1, label="budget")
+    training = result.config.get("budget_on") == "training"
+    for b in backend.supported_bits:
+        if b in result.config.get("bits", []):
+            report = predict(shapes, Plan.uniform(shapes.num_layers, b, DEFAULT_RANK,
+                                                  group_size=result.config["group_size"]), backend)
+            m = report.total_bytes + (ADAPTER_STATE_BYTES * report.trainable_params
+                                      + result.config.get("training_fixed_bytes", 0) if training else 0)
+            ax.axvline(m / mib, color="grey", ls=":", lw=0.8)
+            ax.text(m / mib, ax.get_ylim()[1], f" {b}-bit", fontsize=7, color="grey", va="top")
+    ax.scatter([result.chosen.memory_bytes / mib], [result.chosen.loss], marker="*", s=160, color="orange",
+               zorder=5, label="chosen")
+    ax.set_xlabel("predicted training peak (MiB)" if training else "memory of quantized weights + adapters + rest (MiB)")
+    ax.set_ylabel("held-out loss after fine-tune")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    return path

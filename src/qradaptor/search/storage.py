@@ -1,0 +1,178 @@
+"""Where a search keeps its state: Optuna RDB storage (with heartbeats), the study's config fingerprint,
+the --out directory's marker and lock, and the liveness of the processes that hold trials and leases.
+Only Optuna's public API: trials are addressed by ids from ``BaseStorage`` (see ``trial_id``)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import MARKER, SEARCH_FILES, SearchConfig, SearchError
+
+log = logging.getLogger("qradaptor")
+
+
+def open_storage(url: str):
+    """An Optuna RDB storage with heartbeats (a killed worker's trial is retried), or a clear error."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=int(os.environ.get("QRADAPTOR_HEARTBEAT", "30")),
+                grace_period=int(os.environ.get("QRADAPTOR_GRACE", "90")),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+    except (SQLAlchemyError, ImportError, ValueError, OSError) as e:
+        raise SearchError(f"cannot open the study storage {redact(url)}: {str(e).splitlines()[0][:300]}",
+                          "check the URL, that the database server is running and reachable, and the driver "
+                          "(PostgreSQL needs `pip install psycopg2-binary`)") from None
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    import re
+
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _config_fingerprint(config: dict) -> dict:
+    """What must match for a study to be continued: model, budget, space, settings (not trial counts)."""
+    keep = ("model_fingerprint", "budget_bytes", "bits", "ranks", "group_size", "backend", "seq_len", "cheap",
+            "full", "seed", "data", "alpha", "rank_value", "sampler", "budget_on", "train_batch_size",
+            "data_fingerprint")
+    return {k: config.get(k) for k in keep}
+
+
+def search_data_fingerprint(data: str | None, config: SearchConfig) -> str:
+    """The contents of what the fine-tunes train and are scored on (train and validation splits), so that a
+    resumed search refuses data replaced at the same path instead of mixing trials scored on both."""
+    from ..data import data_fingerprint
+
+    parts = [data_fingerprint(data, split, config.seq_len, seed=config.seed) for split in ("train", "validation")]
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()
+
+
+def trial_id(storage, study, trial) -> int:
+    """The storage's id of ``trial`` (a FrozenTrial of ``study``), through the public storage API: Optuna keeps
+    a trial's id in private fields, but a study's name and a trial's number identify it too."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                           trial.number)
+
+
+def _whoami() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_here(worker: str) -> bool:
+    """Whether ``worker`` ("host:pid", as `_whoami` wrote it) is a process of this machine that has ended."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:  # a killed process its parent has not reaped yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _fail(storage, trial_id: int, value: float | None = None) -> bool:
+    """Fail a trial (or complete it with ``value``) unless another process finished it; whether this call did."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        if value is not None:
+            return storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [value])
+        return storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def _heartbeat(storage, trial_id: int, stop: threading.Event) -> None:
+    interval = storage.get_heartbeat_interval() or 30
+    while True:
+        try:
+            storage.record_heartbeat(trial_id)
+        except Exception as e:  # noqa: BLE001 - a missed beat only risks the lease; the search goes on
+            log.warning("search: heartbeat failed (%s)", e)
+        if stop.wait(interval):
+            return
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before anything is written, an --out that is (or lies under) a file, or a non-empty directory
+    the tool did not make: the search writes plan.json and more there and must not overwrite the user's files.
+    The tool's are: a search's (marked by MARKER; or holding study.db, from before the marker existed) and a
+    profile's (search continues in the directory `qradaptor profile` wrote, or profiles into its own)."""
+    from ..profile import HEATMAP_FILE, PARTIAL_FILE, RESULT_FILE
+
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == out else f"lies under {p}, which is a file"
+                raise SearchError(f"--out {out} {where}", "pass a directory for the search's outputs: a new one, "
+                                  "or the --out of an earlier search to resume it")
+            break
+    if not out.is_dir() or (out / MARKER).is_file():
+        return
+    names = sorted(e.name for e in out.iterdir())
+    ours = {RESULT_FILE, PARTIAL_FILE, HEATMAP_FILE} | (set(SEARCH_FILES) if "study.db" in names else set())
+    foreign = [n for n in names if n not in ours and not n.startswith((".qradaptor", "study.db"))
+               and not (n.startswith(".") and n.endswith(".tmp"))]  # our atomic writes' leftovers
+    if foreign:
+        raise SearchError(f"--out {out} is not empty and was not made by qradaptor (it holds "
+                          f"{', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}); the search would "
+                          "write plan.json and more there", "choose a new or empty --out directory")
+
+
+@contextmanager
+def _locked_out(out: Path, storage_url: str, study: str):
+    """Make --out (marked as the tool's by MARKER) and hold an exclusive lock on MARKER while the search runs:
+    a second search on the same --out is refused, naming the first; the lock goes with its process, so a
+    crashed search never blocks the rerun that resumes it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / MARKER, "a+", encoding="utf-8")
+    except OSError as e:
+        raise SearchError(f"cannot write to --out {out}: {e.strerror or e}",
+                          "pass a directory you can create and write to") from None
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                holder = json.loads(f.read())
+            except ValueError:
+                holder = {}
+            raise SearchError(
+                f"another search is running in {out} (process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, since {holder.get('started', '?')})",
+                "wait for it to finish (stopping it and rerunning the same command resumes it), or add evaluators "
+                f"to it with `qradaptor worker --storage {holder.get('storage', 'URL')} --study "
+                f"{holder.get('study', 'NAME')}`") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "storage": redact(storage_url),
+                            "study": study, "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
