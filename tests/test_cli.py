@@ -276,3 +276,14 @@ def test_search_refuses_a_sensitivity_file_that_does_not_fit(capsys, tiny_dir, t
     code, _, err = run(capsys, "search", "--model", str(tiny_dir), "--data", words_file(tmp_path / "d.txt"),
                        "--budget", "4bit", "--sensitivity", str(path), "--out", str(workdir / "s"), "-q")
     assert code == 2 and needle in err and "fix:" in err and "Traceback" not in err, err
+
+
+def test_search_profiles_with_its_own_block_length(capsys, tiny_dir, tmp_path, workdir):
+    # 12 paragraphs of 30 words: too short for the profile's default 256-token blocks, fine at --seq-len 32
+    data = words_file(tmp_path / "d.txt", n_lines=12)
+    code, _, err = run(capsys, "search", "--model", str(tiny_dir), "--data", data, "--budget", "4bit", "--trials", "2",
+                       "--population", "2", "--promote", "1", "--refine", "0", "--seq-len", "32",
+                       "--out", str(workdir / "s"), "-q")
+    assert code == 0, err
+    settings = json.loads((workdir / "s" / "sensitivity.json").read_text())["settings"]
+    assert settings["seq_len"] == 32 and settings["backend"] == "hqq"

@@ -61,7 +61,8 @@ __all__ = ["BudgetError", "CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evalu
            "write_outputs"]
 
 
-def _load_or_profile(sensitivity: str | None, out: Path, model, tokenizer, data, progress: bool) -> Sensitivity:
+def _load_or_profile(sensitivity: str | None, out: Path, model, tokenizer, data, progress: bool,
+                     config: SearchConfig) -> Sensitivity:
     from ..profile import RESULT_FILE, ProfileSettings, profile_model
 
     path = Path(sensitivity) if sensitivity else out / RESULT_FILE
@@ -74,7 +75,9 @@ def _load_or_profile(sensitivity: str | None, out: Path, model, tokenizer, data,
     if sensitivity:
         raise SearchError(f"sensitivity file not found: {path}", "run `qradaptor profile` first or omit --sensitivity")
     log.info("search: no sensitivity profile in %s, profiling first", out)
-    return profile_model(model, tokenizer, ProfileSettings(data=data), out=out, progress=progress)
+    # the search's own blocks, backend and groups: data too short for 256-token blocks works with --seq-len
+    settings = ProfileSettings(data=data, seq_len=config.seq_len, backend=config.backend, group_size=config.group_size)
+    return profile_model(model, tokenizer, settings, out=out, progress=progress)
 
 
 def search(model: str | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
@@ -103,7 +106,7 @@ def search(model: str | None = None, *, data: str | None = None, budget: str | i
         open_storage(storage_url)
     study = study or "qradaptor"
     with _locked_out(out, storage_url, study):
-        prior = _load_or_profile(sensitivity, out, base, tokenizer, data, progress)
+        prior = _load_or_profile(sensitivity, out, base, tokenizer, data, progress, config)
         fitness = fitness or FineTuneFitness(base, tokenizer, data=data, config=config)
         runner = Search(model=base, sensitivity=prior, config=config, storage=storage_url, study_name=study,
                         fitness=fitness, run_config={"model": model, "data": data, "data_fingerprint": data_fp},
