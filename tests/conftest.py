@@ -69,3 +69,25 @@ def tiny_dir(tmp_path, tiny_model):
     tiny_model.save_pretrained(out, safe_serialization=True)
     tiny_tokenizer().save_pretrained(out)
     return out
+
+
+def tiny_profiled(tmp_path_factory):
+    """A tiny random Llama saved with a tokenizer (no tied embeddings), the loaded model and its real
+    sensitivity profile on 4 random blocks of 32 tokens: what the search tests start from."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qradaptor.data import TokenBlocks
+    from qradaptor.models import load_model
+    from qradaptor.profile import ProfileSettings, profile_model
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    LlamaForCausalLM(config).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    model, tok = load_model(str(d))
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    prior = profile_model(model, tok, ProfileSettings(tokens=128, seq_len=32), blocks=TokenBlocks(ids, ids.clone()),
+                          use_cache=False, progress=False)
+    return d, model, prior

@@ -20,7 +20,6 @@ from qradaptor.data import TokenBlocks
 from qradaptor.errors import BudgetError
 from qradaptor.gp import GaussianProcess, expected_improvement
 from qradaptor.memory import ModelShapes, predict
-from qradaptor.models import load_model
 from qradaptor.plan import LayerChoice, Plan
 from qradaptor.profile import ProfileSettings, profile_model
 from qradaptor.search import (Planner, PriorCost, SearchConfig, SearchError, pareto_front, plan_key, search)
@@ -36,19 +35,9 @@ def words(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, words):
     """A tiny model directory, its loaded model, and its real sensitivity profile."""
-    from conftest import tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_profiled
 
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("model") / "tiny"
-    LlamaForCausalLM(config).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    model, tok = load_model(str(d))
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    prior = profile_model(model, tok, ProfileSettings(tokens=128, seq_len=32), blocks=TokenBlocks(ids, ids.clone()),
-                          use_cache=False, progress=False)
+    d, model, prior = tiny_profiled(tmp_path_factory)
     return d, model, prior
 
 
