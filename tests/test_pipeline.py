@@ -73,3 +73,21 @@ def test_stage_fixes_inside_run_name_only_what_run_offers(tmp_path):
     for fix in fixes:
         assert "qradaptor run" in fix
         assert set(re.findall(r"--[a-z][a-z-]*", fix)) <= options, fix
+
+
+def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
+    import fcntl
+
+    from qradaptor.errors import ArtifactError
+    from qradaptor.pipeline import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / LOCK_FILE, "a+") as held:  # what a live `qradaptor run` holds
+        held.write("4242 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ArtifactError) as e:
+            run(None, budget="4bit", out=out)
+        assert "another `qradaptor run`" in e.value.cause and "4242 on elsewhere" in e.value.cause
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing else was written

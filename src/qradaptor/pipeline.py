@@ -32,10 +32,14 @@ record (a ``search/`` the user put there without one is refused, not deleted).
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 from pathlib import Path
 
 from .errors import ArtifactError
@@ -182,7 +186,7 @@ def _as_run_stage():
 
 def _not_empty(out: Path) -> bool:
     try:
-        return any(out.iterdir())
+        return any(not p.name.startswith(".qradaptor") for p in out.iterdir())  # our lock file is not content
     except OSError as e:
         raise ArtifactError(f"cannot read --out {out}: {e.strerror or e}",
                             "choose an --out directory you can read and write") from None
@@ -257,6 +261,39 @@ def _train_status(train_dir: Path) -> str | None:
     return status
 
 
+#: Locked (flock) while a `run` works in the directory: a second `run` there is refused instead of racing it.
+LOCK_FILE = ".qradaptor-run"
+
+
+def _one_run_per_directory(run_fn):
+    @functools.wraps(run_fn)
+    def locked(*args, out, **kwargs):
+        out = Path(out)
+        _Stages(out)  # refuses a file, a foreign directory or a damaged record before anything is written
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / LOCK_FILE, "a+", encoding="utf-8")
+        except OSError as e:
+            raise ArtifactError(f"cannot write to --out {out}: {e.strerror or e}",
+                                "choose an --out directory you can write to") from None
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                raise ArtifactError(f"another `qradaptor run` is working in {out} (process "
+                                    f"{lock.read().strip() or '?'}); two would overwrite each other's stages",
+                                    "wait for it to finish, or stop it and rerun this command to continue") from None
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+            return run_fn(*args, out=out, **kwargs)  # the lock goes with the file (or the process)
+
+    return locked
+
+
+@_one_run_per_directory
 def run(model: str | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
         alpha: float = 0.5, trials: int = 24, steps: int = 200, profile_tokens: int | None = None,
         profile_dtype: str = "bfloat16", seq_len: int = 256, eval_blocks: int | None = None,
