@@ -84,10 +84,10 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     with open(out / LOCK_FILE, "a+") as held:  # what a live `qradaptor run` holds
-        held.write("4242 on elsewhere\n")
+        held.write(json.dumps({"pid": 4242, "host": "elsewhere", "started": "2026-01-01 00:00:00"}) + "\n")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(ArtifactError) as e:
             run(None, budget="4bit", out=out)
-        assert "another `qradaptor run`" in e.value.cause and "4242 on elsewhere" in e.value.cause
+        assert "another `qradaptor run`" in e.value.cause and "process 4242 on elsewhere" in e.value.cause
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing else was written

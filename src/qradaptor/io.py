@@ -5,10 +5,14 @@ A crash mid-write leaves at most a stray ``.tmp`` file, never a half-written fil
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +134,42 @@ def check_output_dir(path: str | os.PathLike, error: type[Exception], flag: str 
         raise error(f"{flag} {path} cannot be written: {existing} is not writable by this user",
                     f"pass an {flag} directory you can write to")
     return path
+
+
+class LockHeld(Exception):
+    """`exclusive_lock` found the lock held; ``holder`` is what its holder recorded (pid, host, started, ...)."""
+
+    def __init__(self, holder: dict):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, error: type[Exception], record: dict | None = None):
+    """Hold an exclusive lock (flock) on ``path`` while the block runs, with who holds it written into the file
+    (pid, host, start time and ``record``). Another holder raises `LockHeld` with its record; a directory that
+    cannot be written raises ``error(cause, fix)``. The lock goes with the file or its process, so a crash never
+    leaves a stale lock behind."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise error(f"cannot write to --out {path.parent}: {e.strerror or e}",
+                    "pass a directory you can create and write to") from None
+    with f:  # closing the file releases the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                holder = json.loads(f.read())
+            except ValueError:
+                holder = {}
+            raise LockHeld(holder if isinstance(holder, dict) else {}) from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(record or {})}) + "\n")
+        f.flush()
+        yield

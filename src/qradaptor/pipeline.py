@@ -32,18 +32,15 @@ record (a ``search/`` the user put there without one is refused, not deleted).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
-import socket
 from pathlib import Path
 
 from .errors import ArtifactError
-from .io import atomic_write_json
+from .io import LockHeld, atomic_write_json, exclusive_lock
 
 log = logging.getLogger("qradaptor")
 
@@ -271,24 +268,13 @@ def _one_run_per_directory(run_fn):
         out = Path(out)
         _Stages(out)  # refuses a file, a foreign directory or a damaged record before anything is written
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock = open(out / LOCK_FILE, "a+", encoding="utf-8")
-        except OSError as e:
-            raise ArtifactError(f"cannot write to --out {out}: {e.strerror or e}",
-                                "choose an --out directory you can write to") from None
-        with lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                raise ArtifactError(f"another `qradaptor run` is working in {out} (process "
-                                    f"{lock.read().strip() or '?'}); two would overwrite each other's stages",
-                                    "wait for it to finish, or stop it and rerun this command to continue") from None
-            lock.seek(0)
-            lock.truncate()
-            lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
-            lock.flush()
-            return run_fn(*args, out=out, **kwargs)  # the lock goes with the file (or the process)
+            with exclusive_lock(out / LOCK_FILE, ArtifactError):
+                return run_fn(*args, out=out, **kwargs)
+        except LockHeld as e:
+            raise ArtifactError(f"another `qradaptor run` is working in {out} (process {e.holder.get('pid', '?')} on "
+                                f"{e.holder.get('host', '?')}, since {e.holder.get('started', '?')}); two would "
+                                "overwrite each other's stages",
+                                "wait for it to finish, or stop it and rerun this command to continue") from None
 
     return locked
 

@@ -4,18 +4,16 @@ Only Optuna's public API: trials are addressed by ids from ``BaseStorage`` (see 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import socket
 import threading
-import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..io import LockHeld, exclusive_lock
 from .config import MARKER, SEARCH_FILES, SearchConfig, SearchError
 
 log = logging.getLogger("qradaptor")
@@ -148,31 +146,13 @@ def _locked_out(out: Path, storage_url: str, study: str):
     a second search on the same --out is refused, naming the first; the lock goes with its process, so a
     crashed search never blocks the rerun that resumes it."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / MARKER, "a+", encoding="utf-8")
-    except OSError as e:
-        raise SearchError(f"cannot write to --out {out}: {e.strerror or e}",
-                          "pass a directory you can create and write to") from None
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            try:
-                holder = json.loads(f.read())
-            except ValueError:
-                holder = {}
-            raise SearchError(
-                f"another search is running in {out} (process {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}, since {holder.get('started', '?')})",
-                "wait for it to finish (stopping it and rerunning the same command resumes it), or add evaluators "
-                f"to it with `qradaptor worker --storage {holder.get('storage', 'URL')} --study "
-                f"{holder.get('study', 'NAME')}`") from None
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "storage": redact(storage_url),
-                            "study": study, "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-        f.flush()
-        yield
-    finally:
-        f.close()  # releases the lock
+        with exclusive_lock(out / MARKER, SearchError, {"storage": redact(storage_url), "study": study}):
+            yield
+    except LockHeld as e:
+        holder = e.holder
+        raise SearchError(
+            f"another search is running in {out} (process {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, since {holder.get('started', '?')})",
+            "wait for it to finish (stopping it and rerunning the same command resumes it), or add evaluators "
+            f"to it with `qradaptor worker --storage {holder.get('storage', 'URL')} --study "
+            f"{holder.get('study', 'NAME')}`") from None
