@@ -182,12 +182,15 @@ def test_dead_processes_trials_are_failed_and_retried_live_ones_kept(tiny, words
     params = dict(study.trials[0].params)
     here_dead = _running_trial(study, storage, params, f"{socket.gethostname()}:{_dead_pid()}")
     elsewhere = _running_trial(study, storage, params, "another-machine:1")  # may be a live worker there
+    # created, then its process killed before it tagged the trial with itself: no worker, no heartbeat
+    untagged = storage.get_trial_number_from_id(storage.create_new_trial(storage.get_study_id_from_name("qradaptor")))
 
     search(str(d), data=words, budget=budget, out=tmp_path, **{**KW, "trials": 6})
     trials = trials_of(url)
     assert trials[here_dead].state == TrialState.FAIL  # its process is gone: failed at once and retried
     assert any(t.system_attrs.get("failed_trial") == here_dead and t.state == TrialState.COMPLETE for t in trials)
     assert trials[elsewhere].state == TrialState.RUNNING  # fresh heartbeat: not failed by another process
+    assert trials[untagged].state == TrialState.RUNNING  # younger than the grace period: may be a live one's
 
     # once its heartbeat is older than the grace period, it is failed and its plan retried
     monkeypatch.setenv("QRADAPTOR_HEARTBEAT", "1")
@@ -196,6 +199,7 @@ def test_dead_processes_trials_are_failed_and_retried_live_ones_kept(tiny, words
     search(str(d), data=words, budget=budget, out=tmp_path, **{**KW, "trials": 8})
     trials = trials_of(url)
     assert trials[elsewhere].state == TrialState.FAIL
+    assert trials[untagged].state == TrialState.FAIL
     assert any(t.system_attrs.get("failed_trial") == elsewhere and t.state == TrialState.COMPLETE for t in trials)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 

@@ -3,9 +3,8 @@ front to the expensive fidelity, and Bayesian refinement among one-edit neighbou
 
 from __future__ import annotations
 
+import datetime
 import logging
-import os
-import socket
 import threading
 import time
 import warnings
@@ -65,7 +64,7 @@ class Search:
             inner = (optuna.samplers.NSGAIISampler(population_size=self.config.population, seed=seed)
                      if self.config.sampler == "nsga2" else optuna.samplers.RandomSampler(seed=seed))
             # proposals are repaired into the budget before they become the trial's params (see sampler.py)
-            return repairing_sampler(inner, self.space(), self._repair_params)
+            return repairing_sampler(inner, self.space(), self._repair_params, on_new_trial=self._claim)
 
         seed = self.config.seed + self.seed_offset
         study = optuna.create_study(storage=self.storage, study_name=name, directions=directions, sampler=sampler(seed),
@@ -129,7 +128,7 @@ class Search:
         report = predict(self.shapes, plan, self.backend)
         for k, v in {"plan_key": key, "fidelity": fidelity.name, "memory_bytes": memory, "avg_bits": report.avg_bits,
                      "source": source, "fine_tune_steps": steps, "reused": known is not None,
-                     "worker": f"{socket.gethostname()}:{os.getpid()}"}.items():
+                     "worker": _whoami()}.items():
             trial.set_user_attr(k, v)
         return loss, memory
 
@@ -146,12 +145,16 @@ class Search:
     def _repair_params(self, params: dict) -> dict:
         return self.params(self.planner.repair(self.plan_of(params), self.config.budget_bytes))
 
+    def _claim(self, study, trial) -> None:
+        """Tag a just-created trial with its process (before it is sampled), so that if this process dies a
+        rerun on this machine sees at once that the trial's process is gone."""
+        self.storage.set_trial_user_attr(trial_id(self.storage, study, trial), "worker", _whoami())
+
     def objective(self, trial) -> tuple[float, int]:
         """Evaluate the trial's plan. Its params are already within the budget (the sampler repairs what NSGA-II
         proposes), so the plan scored is the plan NSGA-II breeds from."""
         import optuna
 
-        trial.set_user_attr("worker", _whoami())  # first, so a rerun on this machine sees the trial's process died
         plan = self._suggest(trial)
         source = trial.user_attrs.get("source", "nsga2")
         repaired = self.planner.repair(plan, self.config.budget_bytes)
@@ -210,7 +213,8 @@ class Search:
         """Fail exploration trials left RUNNING by a process that died, so the storage's retry callback
         re-enqueues their plans. A trial can be a live worker's (on this machine or another), so it is failed
         only when its process is known dead: on this machine at once (its pid is gone), elsewhere once its
-        heartbeat is older than the grace period (Optuna's fail_stale_trials, which optimize() also runs)."""
+        heartbeat is older than the grace period (Optuna's fail_stale_trials, which optimize() also runs), and
+        a trial never tagged with its process (created, then killed before ``_claim``) once it is that old."""
         import optuna
         from optuna.trial import TrialState
 
@@ -218,8 +222,12 @@ class Search:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
         retry = self.storage.get_heartbeat_stale_trial_callback()
+        grace = datetime.timedelta(seconds=self.storage.grace_period or 2 * (self.storage.get_heartbeat_interval() or 30))
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if _dead_here(t.user_attrs.get("worker", "")):
+            worker = t.user_attrs.get("worker")
+            # untagged past the grace period: its process died between creating the trial and tagging it
+            untagged = worker is None and t.datetime_start is not None and datetime.datetime.now() - t.datetime_start > grace
+            if untagged or _dead_here(worker or ""):
                 tid = trial_id(self.storage, self.study, t)
                 if _fail(self.storage, tid) and retry:
                     retry(self.study, self.storage.get_trial(tid))

@@ -26,10 +26,12 @@ def _base_sampler():
     return BaseSampler
 
 
-def repairing_sampler(inner, space: dict, repair: Callable[[dict[str, Any]], dict[str, Any]]):
+def repairing_sampler(inner, space: dict, repair: Callable[[dict[str, Any]], dict[str, Any]],
+                      on_new_trial: Callable[[Any, Any], None] | None = None):
     """``inner`` (an Optuna sampler) whose relative proposals over ``space`` (name → distribution, in the
     order the objective suggests them) are passed through ``repair`` (params → params within the budget).
-    ``.repaired[trial number]`` says whether repair changed that trial's proposal."""
+    ``.repaired[trial number]`` says whether repair changed that trial's proposal. ``on_new_trial(study,
+    trial)`` runs first thing for each trial (Optuna calls ``before_trial`` as soon as it creates one)."""
 
     class RepairingSampler(_base_sampler()):
         def __init__(self) -> None:
@@ -55,6 +57,8 @@ def repairing_sampler(inner, space: dict, repair: Callable[[dict[str, Any]], dic
             return self.inner.sample_independent(study, trial, param_name, param_distribution)
 
         def before_trial(self, study, trial) -> None:
+            if on_new_trial is not None:
+                on_new_trial(study, trial)
             self.inner.before_trial(study, trial)
 
         def after_trial(self, study, trial, state, values: Sequence[float] | None) -> None:
