@@ -328,3 +328,38 @@ def test_cache_quantizes_each_layer_bits_pair_once(backend):
         lin.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="changed"):
         cache.get("layers.0.q", lin, 4, 64)
+
+
+@pytest.mark.parametrize("name,tied", [("hqq", False), ("reference", True)])
+def test_dequantized_model_is_the_plain_model_the_quantized_one_computes(tiny_config, name, tied):
+    """What an export saves for stock transformers: dequantized linears, the rest copied, ties kept, no adapters."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from qradaptor.plan import Plan
+    from qradaptor.quantize import add_adapters, dequantized_model, quantize_model
+
+    config = copy.deepcopy(tiny_config)
+    config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    tiny_model = LlamaForCausalLM(config).eval()
+    assert (tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight) == tied
+    plan = Plan.from_dict({"layers": [{"bits": 4, "rank": 4}, {"bits": 16, "rank": 4}, {"bits": 3, "rank": 8},
+                                      {"bits": 8, "rank": 4}]})
+    tuned = add_adapters(quantize_model(tiny_model, plan, name), plan)
+    with torch.no_grad():  # as if trained: adapters that change the output
+        for n, p in tuned.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    dense = dequantized_model(tuned, torch.float32)
+    assert type(dense) is type(tiny_model) and not any(is_quantized(m) for m in dense.modules())
+    assert not any("lora" in n for n, _ in dense.named_parameters())
+    q0 = tuned.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert torch.equal(dense.model.layers[0].self_attn.q_proj.weight, q0.dequantize())
+    assert torch.equal(dense.model.layers[1].mlp.up_proj.weight, tiny_model.model.layers[1].mlp.up_proj.weight.data)
+    assert (dense.lm_head.weight is dense.model.embed_tokens.weight) == tied
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 16))
+    with torch.no_grad(), tuned.disable_adapter():
+        assert torch.allclose(dense(ids).logits, tuned(ids).logits, atol=1e-5)
+    assert not torch.allclose(dense(ids).logits, tuned(ids).logits, atol=1e-3)  # the tuned model is unchanged

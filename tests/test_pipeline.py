@@ -17,7 +17,22 @@ TINY_SEARCH = {"population": 4, "promote": 1, "refine": 1, "warm_start": 2,
                "full": {"name": "full", "steps": 4, "eval_blocks": 4}}
 
 
-def test_run_produces_every_stage_and_a_rerun_skips_them(tiny_dir, tmp_path):
+def _count_loads(monkeypatch) -> list[str]:
+    """Every model load from here on (the loaders behind `load_model`), by the path loaded."""
+    import qradaptor.models as models
+
+    loads: list[str] = []
+    real = models._load_dir
+
+    def counting(path, dtype):
+        loads.append(str(path))
+        return real(path, dtype)
+
+    monkeypatch.setattr(models, "_load_dir", counting)
+    return loads
+
+
+def test_run_produces_every_stage_and_a_rerun_skips_them(tiny_dir, tmp_path, monkeypatch):
     data = tmp_path / "words.txt"
     data.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(120)))
     model, _ = load_model(str(tiny_dir))
@@ -26,7 +41,9 @@ def test_run_produces_every_stage_and_a_rerun_skips_them(tiny_dir, tmp_path):
     kw = dict(data=str(data), budget=budget, out=out, trials=6, steps=6, profile_tokens=128, seq_len=32,
               profile_dtype="float32", search_settings=TINY_SEARCH, train_settings={"eval_blocks": 2},
               progress=False)
+    loads = _count_loads(monkeypatch)
     first = run(str(tiny_dir), **kw)
+    assert len(loads) == 1  # profile, search, fine-tune, test loss and export all use the one loaded model
     for path in ("profile/sensitivity.json", "search/plan.json", "search/pareto.json", "train/run.json",
                  "metrics.json", "model/qradaptor/export.json", "model/adapter/adapter_config.json"):
         assert (out / path).is_file(), path
@@ -37,7 +54,9 @@ def test_run_produces_every_stage_and_a_rerun_skips_them(tiny_dir, tmp_path):
     stamps = {p: (out / p).stat().st_mtime_ns for p in ("profile/sensitivity.json", "search/pareto.json",
                                                          "train/run.json", "metrics.json")}
     (out / "metrics.json").unlink()  # as if the run had died after training
+    loads.clear()
     again = run(str(tiny_dir), **kw)
+    assert len(loads) == 1  # the finished fine-tune is rebuilt on the model loaded for the fingerprints
     assert again["test_loss_after"] == first["test_loss_after"]
     for p, stamp in stamps.items():
         if p != "metrics.json":

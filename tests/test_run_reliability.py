@@ -12,6 +12,7 @@ import importlib
 import json
 import shutil
 import struct
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,6 @@ from qradaptor.cli import main
 pipeline = importlib.import_module("qradaptor.pipeline")
 search_module = importlib.import_module("qradaptor.search")
 train_module = importlib.import_module("qradaptor.train")
-evaluate_module = importlib.import_module("qradaptor.evaluate")
 export_module = importlib.import_module("qradaptor.export")
 
 
@@ -79,7 +79,7 @@ def fakes(monkeypatch):
     def train_plan(out, *, plan, model, data, steps, resume, **kwargs):
         calls.append(("train", {"resume": resume, "steps": steps, "existed": out.exists()}))
         out.mkdir(parents=True, exist_ok=True)
-        run = {"status": "running", "config": {"model": model, "steps": steps},
+        run = {"status": "running", "config": {"model": model.spec, "steps": steps},
                "plan": json.loads(plan.read_text())}
         if resume:
             run = json.loads((out / "run.json").read_text())
@@ -89,10 +89,14 @@ def fakes(monkeypatch):
         (out / "adapter").mkdir(exist_ok=True)
         (out / "adapter" / "adapter_config.json").write_text("{}")
         (out / "run.json").write_text(json.dumps({**run, "status": "finished"}))
+        return SimpleNamespace(model="trained in memory")
 
-    def evaluate_model(model, **kwargs):
+    def open_run(run_dir, base=None):
+        return SimpleNamespace(model=f"rebuilt from {run_dir}", tokenizer=base.tokenizer)
+
+    def test_metrics(model, tokenizer, **kwargs):
         calls.append(("metrics", model))
-        return {"loss": 1.5 if "train" in str(model) else 2.0, "perplexity": 4.5, "tokens": 64}
+        return {"test_loss_before": 2.0, "test_loss_after": 1.5, "test_perplexity_after": 4.5, "test_tokens": 64}
 
     def export(run_dir, out, **kwargs):
         calls.append(("export", None))
@@ -106,7 +110,8 @@ def fakes(monkeypatch):
     monkeypatch.setattr(importlib.import_module("qradaptor.profile"), "profile_model", profile)
     monkeypatch.setattr(search_module, "search", search)
     monkeypatch.setattr(train_module, "train_plan", train_plan)
-    monkeypatch.setattr(evaluate_module, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(pipeline, "test_metrics", test_metrics)
+    monkeypatch.setattr(export_module, "open_run", open_run)
     monkeypatch.setattr(export_module, "export", export)
     calls.fail = calls_fail  # a stage name → interrupt that stage's next call (after it wrote its first files)
     return calls
@@ -222,6 +227,7 @@ def test_an_interrupted_fine_tune_resumes_from_its_checkpoint(setup, tmp_path):
 def test_a_damaged_metrics_json_is_recomputed(setup, tmp_path, damage, status):
     settings, calls = setup
     first, _ = do_run(settings, calls)
+    assert dict(calls)["metrics"] == "trained in memory"  # measured on the model the fine-tune left
     metrics = tmp_path / "run" / "metrics.json"
     if damage == "garbage":
         metrics.write_bytes(b"\xff\xfe{not json")
@@ -237,6 +243,7 @@ def test_a_damaged_metrics_json_is_recomputed(setup, tmp_path, damage, status):
     stages_file.write_text(json.dumps(record))
     again, stages = do_run(settings, calls)
     assert stages == ["metrics"]
+    assert dict(calls)["metrics"] == f"rebuilt from {tmp_path / 'run' / 'train'}"  # the kept run, on the loaded base
     assert json.loads(metrics.read_text()) == {k: first[k] for k in pipeline._METRIC_KEYS}
     assert again["test_loss_after"] == first["test_loss_after"]
 

@@ -9,12 +9,12 @@ from .demo import run_demo
 from .pipeline import run
 from .errors import QRAdaptorError
 from .evaluate import evaluate_lm_eval, evaluate_loss, evaluate_model
-from .export import export, generate, load, load_artifact
+from .export import TrainedModel, export, generate, load, load_artifact, open_run
 from .memory import ModelShapes, measured_bytes, parse_budget, plan_memory, predict, training_memory
-from .models import load_model, model_fingerprint
+from .models import LoadedModel, load_base, load_model, model_fingerprint
 from .plan import LayerChoice, Plan, lora_config
 from .profile import Sensitivity, profile
-from .quantize import add_adapters, prepare_model, quantize_model
+from .quantize import add_adapters, dequantized_model, prepare_model, quantize_model
 from .search import search
 from .rundir import RunConfig
 from .train import TrainConfig, train, train_plan
@@ -26,5 +26,6 @@ __all__ = [
     "evaluate_model", "get_backend", "load_blocks", "load_model", "lora_config", "measured_bytes", "model_fingerprint",
     "parse_budget", "plan_memory", "predict", "prepare_model", "profile", "Sensitivity", "quantize_model", "run_demo", "train",
     "RunConfig", "export", "run", "search", "generate", "load", "load_artifact", "train_plan",
-    "evaluate_lm_eval", "training_memory",
+    "evaluate_lm_eval", "training_memory", "LoadedModel", "load_base", "TrainedModel", "open_run",
+    "dequantized_model",
 ]

@@ -27,12 +27,16 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import ArtifactError
 from .io import AtomicDirectory, atomic_save_safetensors, atomic_write_json, atomic_write_text
+from .models import LoadedModel
+from .plan import Plan
+from .rundir import RunConfig
 
 log = logging.getLogger("qradaptor")
 
@@ -91,27 +95,43 @@ def _finished_run(run_dir: Path) -> dict:
     return run
 
 
-def _build_from_run(run_dir: Path, run: dict):
-    """The run's quantized base with its trained adapter, plus the pieces export needs."""
-    from .backends import get_backend
-    from .models import load_model, model_fingerprint
-    from .plan import Plan
-    from .quantize import quantize_model
-    from .rundir import ADAPTER_DIR, RunConfig
+@dataclass(eq=False)
+class TrainedModel:
+    """A finished training run in memory: its quantized base with the trained adapter (a ``PeftModel``)."""
 
+    model: object
+    tokenizer: object
+    plan: Plan
+    run: dict  # the run's run.json
+
+    @property
+    def config(self) -> RunConfig:
+        return RunConfig(**{**RunConfig().to_dict(), **self.run["config"]})
+
+
+def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None) -> TrainedModel:
+    """The finished training run in ``run_dir``, its base quantized per its plan and its adapter loaded (eval
+    mode). ``base``: the run's model already loaded (it must have the run's weights); it is converted and
+    quantized in place, so it is used up. Without it the model is loaded from the run's spec."""
+    from .backends import get_backend
+    from .models import load_base, model_fingerprint
+    from .quantize import quantize_model
+    from .rundir import ADAPTER_DIR
+
+    run_dir = Path(run_dir)
+    run = _finished_run(run_dir)
     config = RunConfig(**{**RunConfig().to_dict(), **run["config"]})
     dtype = _DTYPES[config.dtype]
     plan = Plan.from_dict(run["plan"], source=str(run_dir / "run.json"))
-    base, tokenizer = load_model(config.model, dtype=dtype)
-    if model_fingerprint(base) != run.get("model_fingerprint"):
+    loaded = load_base(base or config.model, dtype=dtype)
+    if model_fingerprint(loaded.model) != run.get("model_fingerprint"):
         raise ArtifactError(f"the base model {config.model} is not the one {run_dir} was trained on "
                             "(its weights changed: the model fingerprint differs)",
                             "restore the original model at that path, or retrain")
-    quant = get_backend(config.backend, compute_dtype=dtype)
-    quantized = quantize_model(base, plan, quant)
+    quantized = quantize_model(loaded.model, plan, get_backend(config.backend, compute_dtype=dtype), inplace=True)
     tuned = load_adapter(quantized, run_dir / ADAPTER_DIR)
     tuned.eval()
-    return tuned, quantized, base, tokenizer, plan, quant, config
+    return TrainedModel(tuned, loaded.tokenizer, plan, run)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -176,10 +196,13 @@ def _run_metrics(path: Path) -> dict:
     return metrics
 
 
-def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False) -> dict:
-    """What ``qradaptor export RUN --to OUT [--merge]`` runs. Returns a summary (paths, memory, metrics)."""
-    from .backends import is_quantized
+def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False,
+           trained: TrainedModel | None = None) -> dict:
+    """What ``qradaptor export RUN --to OUT [--merge]`` runs. Returns a summary (paths, memory, metrics).
+    ``trained``: the run already in memory (`open_run`, or the model `train_plan` returned); left unchanged."""
+    from .backends import get_backend, is_quantized
     from .memory import ModelShapes, measured_bytes, predict
+    from .quantize import dequantized_model
     from .rundir import ADAPTER_DIR, METRICS_FILE, package_versions
 
     run_dir, out = Path(run_dir), Path(out)
@@ -189,11 +212,14 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
     _check_replaceable(out)
     metrics = _run_metrics(run_dir / METRICS_FILE)  # before the slow part
 
-    tuned, quantized, base, tokenizer, plan, quant, config = _build_from_run(run_dir, run)
-    # The packed states, and the dense base set to exactly the dequantized weights.
+    trained = trained or open_run(run_dir)
+    tuned, tokenizer, plan, config = trained.model, trained.tokenizer, trained.plan, trained.config
+    quant = get_backend(config.backend, compute_dtype=_DTYPES[config.dtype])
+    # The dense base holding exactly the dequantized weights (what stock transformers loads), and the packed states.
+    base = dequantized_model(tuned, _DTYPES[config.dtype])
     packed: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
-    for name, module in quantized.named_modules():
+    for name, module in tuned.get_base_model().named_modules():
         if not is_quantized(module) or ".lora_" in name:
             continue
         prefix = name.removesuffix(".base_layer")  # PEFT wrapped it; the name in the plain model
@@ -201,9 +227,6 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
         for key, tensor in state.items():
             packed[f"{prefix}.{key}"] = tensor.detach().contiguous().clone()
         modules[prefix] = {"bits": module.bits, "group_size": module.group_size, "tensors": sorted(state)}
-        target = base.get_submodule(prefix)
-        with torch.no_grad():
-            target.weight.copy_(module.dequantize().to(target.weight.dtype))
     if not modules and any(c.bits != 16 for c in plan.layers):
         raise RuntimeError("no quantized module found in the run's model")  # a bug, not a user error
 
@@ -223,7 +246,6 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
 
     try:
         with AtomicDirectory(out) as tmp, _quiet_transformers():
-            base.config.architectures = [type(base).__name__]
             base.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             shutil.copytree(run_dir / ADAPTER_DIR, tmp / "adapter")
@@ -271,8 +293,8 @@ def open_artifact(path: str | os.PathLike):
         raise ArtifactError(f"{path} is not a qradaptor artifact (no {PACKED_DIR}/{PACKED_FILE} and no run.json)",
                             "pass the directory written by `qradaptor export` (or `qradaptor train --out`)")
     if kind == "run":
-        tuned, _, _, tokenizer, plan, _, _ = _build_from_run(path, _finished_run(path))
-        return tuned, tokenizer, plan
+        trained = open_run(path)
+        return trained.model, trained.tokenizer, trained.plan
     return _load_export(path)
 
 
@@ -288,7 +310,7 @@ def _load_export(path: Path):
     from .backends import get_backend
     from .errors import QRAdaptorError
     from .models import _quiet_transformers
-    from .plan import UNQUANTIZED_BITS, Plan
+    from .plan import UNQUANTIZED_BITS
     from .quantize import decoder_layers, layer_linears
 
     packed = path / PACKED_DIR / PACKED_FILE

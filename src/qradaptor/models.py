@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -320,6 +321,29 @@ def load_model(
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.cpu().eval(), tokenizer
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A base model loaded once and handed from stage to stage, with the spec it came from (which the stages
+    record, so a worker, a resume or an export can load the same model again)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: str | None = None
+
+
+def load_base(spec: str | os.PathLike | LoadedModel | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """``spec`` loaded (see `load_model`) as a `LoadedModel` in ``dtype``; a `LoadedModel` is returned itself,
+    its weights converted to ``dtype`` in place (the same values a load in ``dtype`` gives: both round the
+    stored weights once)."""
+    if not isinstance(spec, LoadedModel):
+        model, tokenizer = load_model(spec, dtype=dtype)
+        return LoadedModel(model, tokenizer, None if spec is None else str(spec))
+    if any(p.dtype != dtype for p in spec.model.parameters() if p.is_floating_point()):
+        spec.model.to(dtype)
+        _FINGERPRINTS.pop(spec.model, None)  # the weights' bytes changed
+    return spec
 
 
 def _strip_volatile(obj):

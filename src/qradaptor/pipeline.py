@@ -5,7 +5,8 @@ the run directory.
     DIR/profile/sensitivity.json   stage 1
     DIR/search/plan.json           stages 2-3 (+ pareto.json, pareto.png, study.db)
     DIR/train/                     the full fine-tune (resumed from its last checkpoint if interrupted)
-    DIR/metrics.json               held-out (test split) loss and perplexity, before and after training
+    DIR/metrics.json               held-out (test split) loss and perplexity after training, and "before": the
+                                   same quantized base with its adapters off
     DIR/model/                     the export (stock transformers + peft, or qradaptor.load)
 
 Each stage records a fingerprint of its inputs in ``stages.json`` before it starts ("running") and marks it
@@ -40,6 +41,7 @@ import shutil
 from pathlib import Path
 
 from .errors import ArtifactError
+from .evaluate import evaluate_loss
 from .io import LockHeld, atomic_write_json, exclusive_lock
 
 log = logging.getLogger("qradaptor")
@@ -258,6 +260,20 @@ def _train_status(train_dir: Path) -> str | None:
     return status
 
 
+def test_metrics(model, tokenizer, *, data: str | None, seq_len: int, max_blocks: int | None,
+                 progress: bool = True) -> dict:
+    """Test-split loss of a trained PEFT ``model``, and of the same quantized base with its adapters off
+    (``test_loss_before``: what the plan's quantization alone gives, the adapters being untrained)."""
+    from .data import load_blocks
+
+    blocks = load_blocks(data, tokenizer, "test", seq_len=seq_len, max_blocks=max_blocks)
+    after = evaluate_loss(model, blocks, progress=progress, desc="test, trained")
+    with model.disable_adapter():
+        before = evaluate_loss(model, blocks, progress=progress, desc="test, untrained")
+    return {"test_loss_before": before.loss, "test_loss_after": after.loss,
+            "test_perplexity_after": after.perplexity, "test_tokens": after.tokens}
+
+
 #: Locked (flock) while a `run` works in the directory: a second `run` there is refused instead of racing it.
 LOCK_FILE = ".qradaptor-run"
 
@@ -285,19 +301,23 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
         profile_dtype: str = "bfloat16", seq_len: int = 256, eval_blocks: int | None = None,
         search_settings: dict | None = None, train_settings: dict | None = None, progress: bool = True) -> dict:
     """What ``qradaptor run`` does. Returns the metrics written to ``out/metrics.json``. ``profile_tokens``:
-    calibration tokens of the profile (None: 4096, or all the training split has if fewer)."""
-    from .evaluate import evaluate_model
-    from .export import EXPORT_FILE, PACKED_DIR, export, export_manifest
+    calibration tokens of the profile (None: 4096, or all the training split has if fewer).
+
+    The model is loaded once: the profile and the search read it (and quantize copies), the fine-tune then
+    quantizes it in place, and the test loss and the export are taken from the trained model in memory."""
+    from .export import EXPORT_FILE, PACKED_DIR, TrainedModel, export, export_manifest, open_run
     from .memory import parse_training_budget
-    from .models import load_model, model_fingerprint
+    from .models import load_base, model_fingerprint
+    from .plan import Plan
     from .profile import ProfileSettings, profile_model
+    from .rundir import read_run
     from .search import search
     from .train import train_plan
 
     out = Path(out)
     stages = _Stages(out)  # refuses a directory that `run` did not make, before any work
-    base, tokenizer = load_model(model)
-    model_fp = model_fingerprint(base)
+    base = load_base(model)  # float32: the search's fine-tunes compute in it
+    model_fp = model_fingerprint(base.model)
     data_fp = _data_fingerprint(data, seq_len)
     train_budget = budget if parse_training_budget(budget) is not None else None
     stages.settings = _jsonable({
@@ -314,11 +334,10 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
         log.info("run: profile done, using %s", sensitivity)
     else:
         log.info("run: stage 1/5, sensitivity profile")
-        profile_model(base, tokenizer, ProfileSettings(tokens=profile_tokens, seq_len=seq_len, dtype=profile_dtype,
-                                                       data=data),
+        profile_model(base.model, base.tokenizer, ProfileSettings(tokens=profile_tokens, seq_len=seq_len,
+                                                                  dtype=profile_dtype, data=data),
                       out=out / "profile", force=True, progress=progress)
         stages.finish("profile")
-    del base
 
     plan = out / "search" / "plan.json"
     if stages.begin("search", {**same, "budget": budget, "alpha": alpha, "trials": trials,
@@ -327,11 +346,12 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
         log.info("run: search done, using %s", plan)
     else:
         log.info("run: stage 2-3/5, budgeted search")
-        search(model, data=data, budget=budget, out=out / "search", alpha=alpha, trials=trials,
+        search(base, data=data, budget=budget, out=out / "search", alpha=alpha, trials=trials,
                sensitivity=str(sensitivity), progress=progress, seq_len=seq_len, **(search_settings or {}))
         stages.finish("search")
 
     train_dir = out / "train"
+    trained: TrainedModel | None = None
     how = stages.begin("train", {**same, "model_path": _resolved(model), "steps": steps, "budget": train_budget,
                                  "settings": train_settings or {}},
                        lambda: _train_status(train_dir) == "finished")
@@ -343,25 +363,32 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
             shutil.rmtree(train_dir)  # ours, but holds no run it could resume (it died before run.json)
         if status != "finished":
             log.info("run: stage 4/5, fine-tune of the chosen plan%s", " (resuming)" if status else "")
-            # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit)
+            # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit);
+            # the fine-tune quantizes the loaded model in place (base is used up)
             with _as_run_stage():
-                train_plan(train_dir, plan=plan, model=model, data=data, steps=None if status else steps,
-                           seq_len=None if status else seq_len, resume=bool(status), progress=progress,
-                           budget=train_budget, **({} if status else (train_settings or {})))
+                result = train_plan(train_dir, plan=plan, model=base, data=data, steps=None if status else steps,
+                                    seq_len=None if status else seq_len, resume=bool(status), progress=progress,
+                                    budget=train_budget, **({} if status else (train_settings or {})))
+            trained = TrainedModel(result.model, base.tokenizer, Plan.load(plan), read_run(train_dir))
         stages.finish("train")
 
+    def trained_model() -> TrainedModel:
+        """The trained model: in memory from the fine-tune, else the finished run built on the loaded base."""
+        nonlocal trained
+        if trained is None:
+            with _as_run_stage():
+                trained = open_run(train_dir, base)
+        return trained
+
     metrics_path = out / "metrics.json"
-    if stages.begin("metrics", {**same, "eval_blocks": eval_blocks},
+    if stages.begin("metrics", {**same, "eval_blocks": eval_blocks, "before": "adapters off"},
                     lambda: _metrics(metrics_path) is not None) == "keep":
         metrics = _metrics(metrics_path)
     else:
         log.info("run: evaluating on the test split")
-        after = evaluate_model(str(train_dir), data=data, split="test", seq_len=seq_len, max_blocks=eval_blocks,
+        tuned = trained_model()
+        metrics = test_metrics(tuned.model, tuned.tokenizer, data=data, seq_len=seq_len, max_blocks=eval_blocks,
                                progress=progress)
-        before = evaluate_model(model, data=data, split="test", plan=str(plan), seq_len=seq_len,
-                                max_blocks=eval_blocks, progress=progress)
-        metrics = {"test_loss_before": before["loss"], "test_loss_after": after["loss"],
-                   "test_perplexity_after": after["perplexity"], "test_tokens": after["tokens"]}
         atomic_write_json(metrics_path, metrics)
         stages.finish("metrics")
 
@@ -372,6 +399,6 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
     else:
         log.info("run: stage 5/5, export")
         with _as_run_stage():
-            memory = export(train_dir, model_dir)["memory"]
+            memory = export(train_dir, model_dir, trained=trained_model())["memory"]
         stages.finish("export")
     return {**metrics, "plan": str(plan), "model": str(model_dir), "memory": memory}

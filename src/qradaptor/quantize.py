@@ -109,3 +109,37 @@ def prepare_model(model, plan: Plan, backend: str | QuantBackend | None = None, 
                   dtype: torch.dtype | None = None, seed: int = 0):
     """Quantized copy of ``model`` per ``plan`` with LoRA adapters attached, ready to train."""
     return add_adapters(quantize_model(model, plan, backend, cache=cache, dtype=dtype), plan, seed=seed)
+
+
+def dequantized_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A plain model of ``model``'s class (a PEFT model: of its base model's) in ``dtype`` whose weights are
+    exactly what ``model``'s layers compute with: each quantized linear dequantized, every other tensor copied,
+    adapters left out. ``model`` is not changed; tied weights stay tied."""
+    from .backends import is_quantized
+
+    source = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.device("meta"):  # the skeleton only: every tensor is set below
+        dense = type(source)(copy.deepcopy(source.config))
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (source, copy): ties stay tied
+
+    def copied(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(t) not in copies:
+            c = t.detach().to(dtype if parameter and t.is_floating_point() else t.dtype, copy=True)
+            copies[id(t)] = (t, nn.Parameter(c, requires_grad=False) if parameter else c)
+        return copies[id(t)][1]
+
+    with torch.no_grad():
+        for name, module in dense.named_modules():
+            src = source.get_submodule(name) if name else source
+            src = getattr(src, "base_layer", src)  # PEFT's LoRA wrapper: the layer it wraps
+            for key, value in list(module._parameters.items()):
+                if value is not None:
+                    module._parameters[key] = (
+                        nn.Parameter(src.dequantize().to(dtype), requires_grad=False)
+                        if is_quantized(src) and key == "weight" else copied(getattr(src, key), True))
+            for key, value in list(module._buffers.items()):
+                if value is not None:
+                    module._buffers[key] = copied(getattr(src, key), False)
+    dense.generation_config = copy.deepcopy(source.generation_config)
+    dense.config.architectures = [type(dense).__name__]
+    return dense.eval()

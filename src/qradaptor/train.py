@@ -20,6 +20,7 @@ from .errors import ArtifactError, TrainingError
 from .evaluate import evaluate_loss, token_nll
 from .io import AtomicDirectory, atomic_save_safetensors, atomic_write_json, check_output_dir, read_text
 from .memory import release_free_memory
+from .models import LoadedModel, load_base
 from .rundir import (ADAPTER_DIR, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, PLAN_FILE, RUN_FILE, RUN_FORMAT,  # noqa: F401
                      RunConfig, package_versions, read_run)
 
@@ -408,7 +409,7 @@ def _check_budget(budget, memory, estimate, shapes, plan, quant, model_config, c
                           "search a plan within the budget (qradaptor search --budget ...) or give a larger one")
 
 
-def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: str | None = None,
+def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = None, data: str | None = None,
                steps: int | None = None, epochs: float | None = None, batch_size: int | None = None,
                grad_accum: int | None = None, seq_len: int | None = None, lr: float | None = None,
                warmup_steps: int | None = None, seed: int | None = None, backend: str | None = None,
@@ -424,14 +425,19 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
     computes exactly the losses of an uninterrupted run. ``budget`` (``train:1.5GiB`` on the predicted training
     peak, or a budget on the stored model as `parse_budget` reads it) refuses, before anything is written, a
     plan and batch that exceed it, naming a batch size or checkpointing setting that fits.
+
+    ``model`` is a spec, or a `LoadedModel` (its spec is what run.json records): that one is converted to the
+    run's dtype and quantized in place, so the caller's dense model is used up (one copy in memory, not two).
     """
     from .backends import get_backend
     from .data import data_fingerprint, load_blocks
     from .memory import ModelShapes, format_bytes, measured_bytes, predict, training_memory
-    from .models import load_model, model_fingerprint
+    from .models import model_fingerprint
     from .plan import Plan
     from .quantize import add_adapters, quantize_model
 
+    loaded = model if isinstance(model, LoadedModel) else None
+    model = loaded.spec if loaded is not None else model
     out = check_output_dir(out, ArtifactError)
     saved = read_run(out)
     if resume:
@@ -472,7 +478,8 @@ def train_plan(out: str | Path, *, plan=None, model: str | None = None, data: st
 
     # Everything that can fail on the user's input is checked before anything is written.
     dtype_t = _DTYPES[config.dtype]
-    base, tokenizer = load_model(config.model, dtype=dtype_t)
+    loaded = load_base(loaded or config.model, dtype=dtype_t)
+    base, tokenizer = loaded.model, loaded.tokenizer
     plan_obj.check_model(base, source="the plan")
     quant = get_backend(config.backend, compute_dtype=dtype_t)
     fingerprint = model_fingerprint(base)

@@ -43,6 +43,7 @@ from pathlib import Path
 from ..backends import get_backend
 from ..errors import BudgetError
 from ..memory import ModelShapes, parse_budget, parse_training_budget
+from ..models import LoadedModel, load_base
 from ..profile import Sensitivity
 from .config import (CONFIG_ATTR, DEFAULT_BITS, DEFAULT_RANKS, FORMAT, MARKER, SEARCH_FILES, Fidelity, SearchConfig,
                      SearchError)
@@ -80,16 +81,16 @@ def _load_or_profile(sensitivity: str | None, out: Path, model, tokenizer, data,
     return profile_model(model, tokenizer, settings, out=out, progress=progress)
 
 
-def search(model: str | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
+def search(model: str | LoadedModel | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
            alpha: float = 0.5, trials: int = 24, storage: str | None = None, study: str | None = None,
            sensitivity: str | None = None, progress: bool = True, fitness: Fitness | None = None,
            **settings) -> SearchResult:
-    """What ``qradaptor search`` does; returns the result and writes ``out/{pareto.json,plan.json,pareto.png}``."""
-    from ..models import load_model
-
+    """What ``qradaptor search`` does; returns the result and writes ``out/{pareto.json,plan.json,pareto.png}``.
+    ``model``: a spec, or a `LoadedModel` (converted to float32 in place if it is not; left unquantized)."""
     out = Path(out)
     _check_out(out)
-    base, tokenizer = load_model(model)
+    loaded = load_base(model)
+    base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
     shapes = ModelShapes.from_model(base)
     backend = get_backend(settings.get("backend", "hqq"))
     train_budget = parse_training_budget(budget)
@@ -121,8 +122,6 @@ def worker(*, storage: str, study: str, progress: bool = True) -> int:
     Everything else (model, data, budget, space, prior) comes from the study."""
     import optuna
 
-    from ..models import load_model
-
     store = open_storage(storage)
     try:
         summaries = {s.study_name: s for s in optuna.get_all_study_summaries(store)}
@@ -134,7 +133,8 @@ def worker(*, storage: str, study: str, progress: bool = True) -> int:
     config_dict = summaries[study].user_attrs.get(CONFIG_ATTR)
     if not config_dict or config_dict.get("format") != FORMAT:
         raise SearchError(f"study {study!r} was not created by qradaptor search", "pass a study made by `qradaptor search`")
-    base, tokenizer = load_model(config_dict.get("model"))
+    loaded = load_base(config_dict.get("model"))
+    base, tokenizer = loaded.model, loaded.tokenizer
     config = SearchConfig.from_dict({k: v for k, v in config_dict.items()
                                      if k in SearchConfig.__dataclass_fields__})
     prior = Sensitivity.from_dict(config_dict["sensitivity"], source=f"study {study}")
