@@ -1,7 +1,7 @@
 """The demo: ``qradaptor run`` on the embedded default (SmolLM2-135M-Instruct + CPython's pydoc topics) at a
 4-bit budget with small settings, plus uniform 4-bit QLoRA trained for the same number of steps, compared in
 one table. Small settings: a short profile, a handful of search trials with very short fine-tunes, a
-short final fine-tune; it shows the whole pipeline in about ten minutes on a 2-core CPU, not what a full
+short final fine-tune; it shows the whole pipeline in about eight minutes on a 2-core CPU, not what a full
 search finds.
 """
 
