@@ -94,7 +94,7 @@ def fakes(monkeypatch):
     def open_run(run_dir, base=None):
         return SimpleNamespace(model=f"rebuilt from {run_dir}", tokenizer=base.tokenizer)
 
-    def test_metrics(model, tokenizer, **kwargs):
+    def held_out_metrics(model, tokenizer, **kwargs):
         calls.append(("metrics", model))
         return {"test_loss_before": 2.0, "test_loss_after": 1.5, "test_perplexity_after": 4.5, "test_tokens": 64}
 
@@ -110,7 +110,7 @@ def fakes(monkeypatch):
     monkeypatch.setattr(importlib.import_module("qradaptor.profile"), "profile_model", profile)
     monkeypatch.setattr(search_module, "search", search)
     monkeypatch.setattr(train_module, "train_plan", train_plan)
-    monkeypatch.setattr(pipeline, "test_metrics", test_metrics)
+    monkeypatch.setattr(pipeline, "held_out_metrics", held_out_metrics)
     monkeypatch.setattr(export_module, "open_run", open_run)
     monkeypatch.setattr(export_module, "export", export)
     calls.fail = calls_fail  # a stage name → interrupt that stage's next call (after it wrote its first files)

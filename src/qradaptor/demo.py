@@ -65,7 +65,7 @@ def run_demo(*, out: str | Path = "runs/demo", steps: int = 20, eval_blocks: int
     from .export import open_run
     from .memory import ModelShapes, predict
     from .models import load_base, load_config
-    from .pipeline import run, test_metrics
+    from .pipeline import held_out_metrics, run
     from .plan import Plan
     from .rundir import read_run
     from .train import train_plan
@@ -98,7 +98,7 @@ def run_demo(*, out: str | Path = "runs/demo", steps: int = 20, eval_blocks: int
                                **({} if status else train_settings)).model
             tokenizer = loaded.tokenizer
         # measured as `run` measures the found plan: test loss trained, and adapters off
-        base = test_metrics(model, tokenizer, data=None, seq_len=256, max_blocks=eval_blocks, progress=progress)
+        base = held_out_metrics(model, tokenizer, data=None, seq_len=256, max_blocks=eval_blocks, progress=progress)
         atomic_write_json(baseline_metrics, base)
 
     rows = []

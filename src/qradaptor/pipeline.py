@@ -260,7 +260,7 @@ def _train_status(train_dir: Path) -> str | None:
     return status
 
 
-def test_metrics(model, tokenizer, *, data: str | None, seq_len: int, max_blocks: int | None,
+def held_out_metrics(model, tokenizer, *, data: str | None, seq_len: int, max_blocks: int | None,
                  progress: bool = True) -> dict:
     """Test-split loss of a trained PEFT ``model``, and of the same quantized base with its adapters off
     (``test_loss_before``: what the plan's quantization alone gives, the adapters being untrained)."""
@@ -387,8 +387,8 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
     else:
         log.info("run: evaluating on the test split")
         tuned = trained_model()
-        metrics = test_metrics(tuned.model, tuned.tokenizer, data=data, seq_len=seq_len, max_blocks=eval_blocks,
-                               progress=progress)
+        metrics = held_out_metrics(tuned.model, tuned.tokenizer, data=data, seq_len=seq_len,
+                                   max_blocks=eval_blocks, progress=progress)
         atomic_write_json(metrics_path, metrics)
         stages.finish("metrics")
 
