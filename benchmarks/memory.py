@@ -38,6 +38,8 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
 
 from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
 
+REPEATS = 3  # runs of the headline pair (see cases)
+
 MIB = 2**20
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: The 1B shape of the issue; weights are random (they do not change memory).
@@ -52,24 +54,28 @@ def cases(smoke: bool) -> list[dict]:
     """Every case: name, model ('smollm2', '1b' or 'tiny'), method, dtype, checkpointing, batch shape, steps."""
     out = []
 
-    def add(model, method, dtype, ckpt, batch, seq, steps, backend="hqq", allocator="glibc", backward="no-copy"):
+    def add(model, method, dtype, ckpt, batch, seq, steps, backend="hqq", allocator="glibc", backward="no-copy",
+            repeats=1):
         name = f"{model}/{method}{'-native' if backend == 'hqq-native' else ''}/{dtype}/" \
                f"{'ckpt' if ckpt else 'no-ckpt'}/{batch}x{seq}" + ("" if allocator == "glibc" else f"/{allocator}") \
                + ("" if backward == "no-copy" else f"/{backward}")
         out.append({"name": name, "model": model, "method": method, "backend": backend, "dtype": dtype,
                     "checkpointing": ckpt, "batch_size": batch, "seq_len": seq, "steps": steps,
-                    "allocator": allocator, "backward": backward})
+                    "allocator": allocator, "backward": backward, "repeats": repeats})
 
     if smoke:
         for method in ("bf16-lora", "uniform4"):
-            add("tiny", method, "bfloat16", True, 2, 32, 2)
+            add("tiny", method, "bfloat16", True, 2, 32, 2, repeats=2 if method == "uniform4" else 1)
         add("tiny", "uniform4", "float32", False, 2, 32, 2)
         return out
+    # The headline pair (uniform 4-bit at the default dtype against bf16 LoRA) runs REPEATS times: glibc's
+    # retained heap makes one process's peak vary by ~15% from run to run, as much as the target's margin.
     for ckpt in (True, False):  # SmolLM2, batch 4×256: the plain LoRA baselines and uniform 4-bit, both dtypes
-        add("smollm2", "bf16-lora", "bfloat16", ckpt, 4, 256, 4)
+        add("smollm2", "bf16-lora", "bfloat16", ckpt, 4, 256, 4, repeats=REPEATS if ckpt else 1)
         add("smollm2", "fp32-lora", "float32", ckpt, 4, 256, 4)
         for dtype in ("bfloat16", "float32"):
-            add("smollm2", "uniform4", dtype, ckpt, 4, 256, 4)
+            add("smollm2", "uniform4", dtype, ckpt, 4, 256, 4,
+                repeats=REPEATS if ckpt and dtype == _default_dtype_name() else 1)
     for dtype in ("bfloat16", "float32"):  # other plans and HQQ's own layer, checkpointing on
         add("smollm2", "uniform4", dtype, True, 4, 256, 4, backend="hqq-native")
         add("smollm2", "uniform8", dtype, True, 4, 256, 4)
@@ -158,7 +164,10 @@ def run_case(case: dict) -> dict:
             return LlamaForCausalLM.from_pretrained(default_model_path(), dtype=dtype)
         with torch.device("meta"):
             shell = LlamaForCausalLM(config)
-        model = shell.to_empty(device="cpu").to(dtype)  # random weights without an fp32 copy first
+        model = shell.to_empty(device="cpu")  # random weights without an fp32 copy first
+        # to_empty leaves every tensor uninitialised: the rotary tables too (built anew here), or the loss can be NaN
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+        model = model.to(dtype)
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.02)
         return model
@@ -235,9 +244,20 @@ def run_case(case: dict) -> dict:
 
 
 def measure(case: dict, work: Path) -> dict:
-    path = work / (case["name"].replace("/", "_") + ".json")
+    """The case's result; for a repeated case, its median run (by training memory) with every run under ``runs``."""
+    runs = sorted((_measure_once(case, work, i) for i in range(case.get("repeats", 1))),
+                  key=lambda r: r["training_memory"])
+    result = dict(runs[len(runs) // 2])
+    if len(runs) > 1:
+        result["runs"] = [{k: r[k] for k in ("peak_training", "training_memory", "step_time")} for r in runs]
+    return result
+
+
+def _measure_once(case: dict, work: Path, i: int) -> dict:
+    path = work / (case["name"].replace("/", "_") + (f"-run{i + 1}" if i else "") + ".json")
     if not path.is_file():
-        print(f"memory: {case['name']}", flush=True)
+        print(f"memory: {case['name']}" + (f" (run {i + 1} of {case['repeats']})" if case.get("repeats", 1) > 1
+                                           else ""), flush=True)
         env = dict(os.environ)
         if case.get("allocator") == "mmap128k":
             env["MALLOC_MMAP_THRESHOLD_"] = "131072"
@@ -267,8 +287,10 @@ def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
         if r.get("allocator") == "mmap128k":
             r["predicted_peak"] = r["predicted"]["live_peak_bytes"]
         err = r["predicted_peak"] / r["peak_training"] - 1
+        spread = (f"{r['runs'][0]['training_memory'] / MIB:.0f}–{r['runs'][-1]['training_memory'] / MIB:.0f}"
+                  if r.get("runs") else "")
         rows.append([r["name"], f"{r['peak_process'] / MIB:.0f}", f"{r['peak_training'] / MIB:.0f}",
-                     f"{r['rss_after_imports'] / MIB:.0f}", f"{r['training_memory'] / MIB:.0f}",
+                     f"{r['rss_after_imports'] / MIB:.0f}", f"{r['training_memory'] / MIB:.0f}", spread,
                      f"{r['predicted_peak'] / MIB:.0f}", f"{err:+.1%}", f"{r['step_time']:.2f}"])
     worst = max(abs(r["predicted_peak"] / r["peak_training"] - 1) for r in results)
     if smoke:
@@ -276,8 +298,15 @@ def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
     else:
         s, b = "smollm2/uniform4/{}/ckpt/4x256", "smollm2/bf16-lora/bfloat16/ckpt/4x256"
         default_dtype = _default_dtype_name()
+        quant_runs = by.get(s.format(default_dtype), {}).get("runs")
+        lora_runs = by.get(b, {}).get("runs")
         targets = {
             "smollm2_uniform4_vs_bf16_lora": ratio(s.format(default_dtype), b),
+            # the best and worst pairing of the repeated runs
+            "smollm2_uniform4_vs_bf16_lora_min": (quant_runs[0]["training_memory"] / lora_runs[-1]["training_memory"]
+                                                  if quant_runs and lora_runs else None),
+            "smollm2_uniform4_vs_bf16_lora_max": (quant_runs[-1]["training_memory"] / lora_runs[0]["training_memory"]
+                                                  if quant_runs and lora_runs else None),
             "1b_uniform4_vs_bf16_lora": ratio("1b/uniform4/bfloat16/ckpt/4x256", "1b/bf16-lora/bfloat16/ckpt/4x256"),
             "checkpointing_memory_saving_uniform4": ratio(s.format(default_dtype),
                                                           s.format(default_dtype).replace("/ckpt/", "/no-ckpt/")),
@@ -302,10 +331,11 @@ def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
           "`mmap128k`: the process ran with `MALLOC_MMAP_THRESHOLD_=131072`, so glibc returns every freed block of "
           "128 KiB or more at once: its peak is what the live tensors need, and it is compared with the model's "
           "live peak (without `ALLOCATOR_RETENTION`); every other case uses glibc's defaults and is compared with "
-          "the full prediction. Step times of the 1B cases overlapped other work on the machine and are not "
-          "comparable.", "",
+          "the full prediction. A case with a range ran several times in fresh processes: its row is the median run "
+          "(by training memory), the range is over all its runs, and the `_min`/`_max` ratios pair those runs "
+          "best and worst.", "",
           markdown_table(["case", "peak process MiB", "peak training MiB", "after imports MiB", "training memory MiB",
-                          "predicted MiB", "prediction error", "step s"], rows)]
+                          "range MiB", "predicted MiB", "prediction error", "step s"], rows)]
     if targets:
         md += ["## Ratios", ""] + [f"- {k}: {v:.3f}" if v is not None else f"- {k}: not measured"
                                    for k, v in targets.items()] + [""]

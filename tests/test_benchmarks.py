@@ -63,6 +63,10 @@ def test_memory_benchmark_smoke(tmp_path):
     names = [c["name"] for c in result["cases"]]
     assert names == ["tiny/bf16-lora/bfloat16/ckpt/2x32", "tiny/uniform4/bfloat16/ckpt/2x32",
                      "tiny/uniform4/float32/no-ckpt/2x32"]
+    repeated = result["cases"][1]  # ran twice, each in its own process: the median run, with both listed
+    assert [r["training_memory"] for r in repeated["runs"]] == sorted(r["training_memory"] for r in repeated["runs"])
+    assert len(repeated["runs"]) == 2 and repeated["training_memory"] in [r["training_memory"] for r in repeated["runs"]]
+    assert "runs" not in result["cases"][0]
     for case in result["cases"]:
         # a fresh process per case: imports, then the model, then training; every figure from that process
         assert 0 < case["rss_after_imports"] <= case["rss_before_training"] <= case["peak_training"]
