@@ -121,6 +121,23 @@ def test_load_model_from_directory(tiny_model, tiny_dir):
         assert torch.equal(model(ids).logits, tiny_model(ids).logits)
 
 
+def test_a_loaded_base_converted_in_place_equals_a_load_in_that_dtype(tiny_dir):
+    """`run` loads once in float32 and converts for the fine-tune: every tensor, buffers included, as a load in bf16."""
+    from qradaptor.models import load_base
+
+    base = load_base(str(tiny_dir))
+    before = model_fingerprint(base.model)
+    assert load_base(base, dtype=torch.bfloat16) is base
+    direct, _ = load_model(str(tiny_dir), dtype=torch.bfloat16)
+    mine, theirs = dict(base.model.named_buffers()), dict(direct.named_buffers())
+    assert mine.keys() == theirs.keys() and any(t.dtype == torch.float32 for t in theirs.values())
+    for name, t in theirs.items():  # the rotary tables stay float32, as from_pretrained leaves them
+        assert mine[name].dtype == t.dtype and torch.equal(mine[name], t), name
+    for name, t in direct.state_dict().items():
+        assert base.model.state_dict()[name].dtype == t.dtype and torch.equal(base.model.state_dict()[name], t), name
+    assert model_fingerprint(base.model) == model_fingerprint(direct) != before  # the cached digest was dropped
+
+
 def test_load_model_dtype(tiny_dir):
     model, _ = load_model(str(tiny_dir), dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -335,15 +335,30 @@ class LoadedModel:
 
 def load_base(spec: str | os.PathLike | LoadedModel | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """``spec`` loaded (see `load_model`) as a `LoadedModel` in ``dtype``; a `LoadedModel` is returned itself,
-    its weights converted to ``dtype`` in place (the same values a load in ``dtype`` gives: both round the
-    stored weights once)."""
+    converted to ``dtype`` in place exactly as a load in ``dtype`` would give it (both round the stored weights
+    once, and leave the same buffers in float32)."""
     if not isinstance(spec, LoadedModel):
         model, tokenizer = load_model(spec, dtype=dtype)
         return LoadedModel(model, tokenizer, None if spec is None else str(spec))
     if any(p.dtype != dtype for p in spec.model.parameters() if p.is_floating_point()):
-        spec.model.to(dtype)
+        if _resolve(spec.spec)[0] == "gguf":  # `_load_gguf` converts the whole model, buffers included
+            spec.model.to(dtype)
+        else:  # from_pretrained converts the weights; computed tables (rotary frequencies) stay float32
+            _convert_weights(spec.model, dtype)
         _FINGERPRINTS.pop(spec.model, None)  # the weights' bytes changed
     return spec
+
+
+def _convert_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters and persistent buffers to ``dtype``; non-persistent buffers (not in the checkpoint) kept."""
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is not None and param.is_floating_point():
+                    param.data = param.data.to(dtype)
+            for key, buffer in module._buffers.items():
+                if buffer is not None and buffer.is_floating_point() and key not in module._non_persistent_buffers_set:
+                    module._buffers[key] = buffer.to(dtype)
 
 
 def _strip_volatile(obj):
