@@ -7,7 +7,6 @@ search finds.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -48,16 +47,6 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def _read_metrics(path: Path) -> dict | None:
-    """The baseline's metrics written by an earlier demo, or None (missing, damaged, or from an older version)."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    keys = ("test_loss_before", "test_loss_after", "test_tokens")
-    return obj if isinstance(obj, dict) and all(isinstance(obj.get(k), (int, float)) for k in keys) else None
-
-
 def run_demo(*, out: str | Path = "runs/demo", steps: int = 20, eval_blocks: int = 16, seed: int = 0,
              progress: bool = True) -> DemoResult:
     """Run the pipeline on the default model at a 4-bit budget and train uniform 4-bit alongside."""
@@ -65,7 +54,7 @@ def run_demo(*, out: str | Path = "runs/demo", steps: int = 20, eval_blocks: int
     from .export import open_run
     from .memory import ModelShapes, predict
     from .models import load_base, load_config
-    from .pipeline import held_out_metrics, run
+    from .pipeline import held_out_metrics, read_metrics, run
     from .plan import Plan
     from .rundir import read_run
     from .train import train_plan
@@ -83,7 +72,7 @@ def run_demo(*, out: str | Path = "runs/demo", steps: int = 20, eval_blocks: int
     uniform = Plan.uniform(shapes.num_layers, 4, 16)
     baseline_dir = out / "baseline-uniform4"
     baseline_metrics = out / "baseline-metrics.json"
-    base = _read_metrics(baseline_metrics)
+    base = read_metrics(baseline_metrics)
     if base is None:
         status = (read_run(baseline_dir) or {}).get("status")
         if status == "finished":

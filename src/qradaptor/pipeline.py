@@ -240,7 +240,8 @@ def _read_json(path: Path) -> dict | None:
 _METRIC_KEYS = ("test_loss_before", "test_loss_after", "test_perplexity_after", "test_tokens")
 
 
-def _metrics(path: Path) -> dict | None:
+def read_metrics(path: Path) -> dict | None:
+    """The held-out metrics (`held_out_metrics`) written at ``path``, or None when missing or damaged."""
     obj = _read_json(path)
     if obj is None or not all(isinstance(obj.get(k), (int, float)) for k in _METRIC_KEYS):
         return None
@@ -382,8 +383,8 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
 
     metrics_path = out / "metrics.json"
     if stages.begin("metrics", {**same, "eval_blocks": eval_blocks, "before": "adapters off"},
-                    lambda: _metrics(metrics_path) is not None) == "keep":
-        metrics = _metrics(metrics_path)
+                    lambda: read_metrics(metrics_path) is not None) == "keep":
+        metrics = read_metrics(metrics_path)
     else:
         log.info("run: evaluating on the test split")
         tuned = trained_model()

@@ -21,7 +21,8 @@ from .fitness import Fitness
 from .planner import Planner, PriorCost, plan_from_key, plan_key
 from .report import Evaluated, SearchResult, pareto_front
 from .sampler import repairing_sampler
-from .storage import _config_fingerprint, _dead_here, _fail, _heartbeat, _whoami, open_storage, trial_id
+from .storage import (_config_fingerprint, _dead_here, _fail, _heartbeat, _whoami, grace_seconds, open_storage,
+                      trial_id)
 
 log = logging.getLogger("qradaptor")
 
@@ -222,7 +223,7 @@ class Search:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
         retry = self.storage.get_heartbeat_stale_trial_callback()
-        grace = datetime.timedelta(seconds=self.storage.grace_period or 2 * (self.storage.get_heartbeat_interval() or 30))
+        grace = datetime.timedelta(seconds=grace_seconds(self.storage))
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = t.user_attrs.get("worker")
             # untagged past the grace period: its process died between creating the trial and tagging it
@@ -264,7 +265,7 @@ class Search:
             first = min(leases.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), key=lambda t: t.number)
             if first.number != lease_number:
                 host, _, pid = first.user_attrs.get("worker", "?:?").rpartition(":")
-                grace = self.storage.grace_period or 2 * (self.storage.get_heartbeat_interval() or 30)
+                grace = grace_seconds(self.storage)
                 raise SearchError(
                     f"study {self.study.study_name!r} is already being searched by process {pid} on {host} "
                     f"(since {first.user_attrs.get('started', '?')}); two searches of one study would evaluate "

@@ -69,6 +69,11 @@ def trial_id(storage, study, trial) -> int:
                                                            trial.number)
 
 
+def grace_seconds(storage) -> int:
+    """How long after its last heartbeat a trial (or a coordinator lease) counts as its process's death."""
+    return storage.grace_period or 2 * (storage.get_heartbeat_interval() or 30)
+
+
 def _whoami() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
