@@ -71,7 +71,7 @@ def final_run(spec_path: str) -> None:
     from qradaptor.evaluate import evaluate_loss
     from qradaptor.io import atomic_write_json
     from qradaptor.models import load_model
-    from qradaptor.train import train_plan
+    from qradaptor.commands import train_plan
 
     spec = json.loads(Path(spec_path).read_text())
     run_dir = Path(spec["run_dir"])
@@ -218,7 +218,7 @@ class Bench:
 
     def search(self, name: str, budget: str, **extra):
         """Run (or resume, or reload when finished) the search ``name`` in ``work/name/search``."""
-        from qradaptor.search import search
+        from qradaptor.commands import search
 
         return search(self.model, data=self.data, budget=budget, out=self.work / name / "search", alpha=self.alpha,
                       sensitivity=str(self.profile_path), progress=not self.smoke, fitness=self.fitness,

@@ -343,7 +343,7 @@ def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
 
 
 def _default_dtype_name() -> str:
-    from qradaptor.train import RunConfig
+    from qradaptor.rundir import RunConfig
 
     return RunConfig().dtype
 

@@ -17,7 +17,8 @@ import optuna
 import pytest
 import torch
 
-from qradaptor.search import SearchConfig, Search, search
+from qradaptor.commands import search
+from qradaptor.search import Search, SearchConfig
 
 
 def _free_port() -> int:

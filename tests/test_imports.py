@@ -82,3 +82,14 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function(tmp_path):
     (pkg / "c.py").write_text("def g():\n    from .a import f\n")
     (pkg / "d.py").write_text("from .a import f\n")
     assert cycles(import_graph(pkg)) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_the_cli_calls_only_the_command_layer_and_no_stage_imports_it():
+    graph = import_graph()
+    layer = {m for m in graph if m == "qradaptor.commands" or m.startswith("qradaptor.commands.")}
+    assert "qradaptor.commands" in graph["qradaptor.cli"]
+    assert graph["qradaptor.cli"] - layer == {"qradaptor.errors"}
+    assert {"qradaptor.commands.train", "qradaptor.commands.run", "qradaptor.commands.demo"} <= layer
+    # the package's __init__ re-exports the commands; every other module is a stage or a helper below them
+    importers = {m: sorted(graph[m] & layer) for m in graph if m not in layer | {"qradaptor", "qradaptor.cli"}}
+    assert {m: deps for m, deps in importers.items() if deps} == {}

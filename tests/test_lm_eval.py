@@ -16,7 +16,8 @@ from conftest import tiny_tokenizer
 
 from qradaptor.cli import main
 from qradaptor.errors import LMEvalError
-from qradaptor.evaluate import evaluate_lm_eval, evaluate_model
+from qradaptor.commands import evaluate_model
+from qradaptor.evaluate import evaluate_lm_eval
 
 needs_lm_eval = pytest.mark.skipif(find_spec("lm_eval") is None, reason="lm-eval is not installed (the lmeval extra)")
 

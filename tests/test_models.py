@@ -280,6 +280,12 @@ def test_gguf_file_matches_converted_dir(smollm2_dir):
     assert diff < 1e-4
     assert "quantization_config" not in from_gguf.config.to_dict()
     assert model_fingerprint(from_gguf) == model_fingerprint(from_dir)
+    # in bf16 too, a GGUF load is a directory load: the rotary tables stay float32 in both
+    gguf16, dir16 = load_model(str(gguf), dtype=torch.bfloat16)[0], load_model(str(smollm2_dir), dtype=torch.bfloat16)[0]
+    theirs = dict(dir16.named_buffers())
+    assert any(t.dtype == torch.float32 for t in theirs.values())
+    assert {n: t.dtype for n, t in gguf16.named_buffers()} == {n: t.dtype for n, t in theirs.items()}
+    assert model_fingerprint(gguf16) == model_fingerprint(dir16)
 
 
 def test_load_config_reads_shapes_without_weights(tiny_dir, tiny_model, tmp_path):

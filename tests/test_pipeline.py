@@ -9,7 +9,7 @@ import pytest
 from qradaptor.backends import get_backend
 from qradaptor.memory import ModelShapes, predict
 from qradaptor.models import load_model
-from qradaptor.pipeline import run
+from qradaptor.commands.run import run
 from qradaptor.plan import Plan
 
 TINY_SEARCH = {"population": 4, "promote": 1, "refine": 1, "warm_start": 2,
@@ -75,8 +75,9 @@ def test_stage_fixes_inside_run_name_only_what_run_offers(tmp_path):
     import re
 
     from qradaptor.errors import ArtifactError
-    from qradaptor.pipeline import run_fix
-    from qradaptor.train import load_train_state, train_plan
+    from qradaptor.commands import train_plan
+    from qradaptor.commands.run import run_fix
+    from qradaptor.train import load_train_state
 
     damaged = tmp_path / "checkpoints" / "step-000002"
     damaged.mkdir(parents=True)
@@ -98,7 +99,7 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
     import fcntl
 
     from qradaptor.errors import ArtifactError
-    from qradaptor.pipeline import LOCK_FILE
+    from qradaptor.commands.run import LOCK_FILE
 
     out = tmp_path / "run"
     out.mkdir()

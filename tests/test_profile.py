@@ -16,6 +16,7 @@ from qradaptor.errors import DataError
 from qradaptor.plan import LayerChoice, Plan
 from qradaptor.profile import (PARTIAL_FILE, ProfileError, ProfileSettings, Sensitivity, additivity, profile_model,
                                stability)
+from qradaptor.commands import profile as profile_command
 from qradaptor.quantize import quantize_model
 
 VOCAB = 128
@@ -168,7 +169,7 @@ def test_bits_the_profile_or_the_backend_lacks(graded_model):
 def test_too_short_calibration_says_how_many_tokens(tiny_dir, tmp_path):
     (tmp_path / "d.txt").write_text("\n\n".join(" ".join(f"w{j}" for j in range(20)) for _ in range(25)))
     with pytest.raises(DataError) as e:
-        profile_module.profile(str(tiny_dir), data=str(tmp_path / "d.txt"), out=tmp_path / "out", tokens=4096,
+        profile_command(str(tiny_dir), data=str(tmp_path / "d.txt"), out=tmp_path / "out", tokens=4096,
                                seq_len=32, use_cache=False, progress=False)
     assert "needs 4096" in str(e.value) and "--tokens" in str(e.value)
     assert not (tmp_path / "out").exists()

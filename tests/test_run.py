@@ -17,7 +17,8 @@ import torch
 from qradaptor.cli import main
 
 train_module = importlib.import_module("qradaptor.train")  # `qradaptor.train` the attribute is the loop function
-export_module = importlib.import_module("qradaptor.export")
+train_command = importlib.import_module("qradaptor.commands.train")
+export_command = importlib.import_module("qradaptor.commands.export")
 
 PLAN = [(4, 8), (2, 4), (8, 8), (3, 16)]  # mixed bits and ranks: rank_pattern must carry layers 1 and 3
 # fp32: these tests check exact equalities (resumed losses, stock-loaded logits to 1e-3); the default bf16
@@ -125,7 +126,7 @@ def test_training_memory_estimate_is_shown_before_training(trained, tmp_path, ca
         seen.extend(r.getMessage() for r in caplog.records)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train", spy)
+    monkeypatch.setattr(train_command, "train", spy)
     assert main([a for a in train_argv(trained, tmp_path / "r") if a != "-q"]) == 0
     assert any("predicted training peak" in m for m in seen)
 
@@ -372,7 +373,7 @@ def test_disk_full_export_leaves_nothing_that_looks_valid(trained, tmp_path, cap
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export_module, "atomic_save_safetensors", disk_full)
+    monkeypatch.setattr(export_command, "atomic_save_safetensors", disk_full)
     code, _, err = run(capsys, "export", trained["run"], "--to", target, "-q")
     assert_user_error(code, err, "No space left on device")
     assert snapshot(tmp_path) == before  # no half-written OUT, no temporary directory left behind

@@ -19,9 +19,10 @@ import torch
 
 from qradaptor.cli import main
 
-pipeline = importlib.import_module("qradaptor.pipeline")
-search_module = importlib.import_module("qradaptor.search")
-train_module = importlib.import_module("qradaptor.train")
+pipeline = importlib.import_module("qradaptor.commands.run")  # the attribute `run` of commands is the function
+search_command = importlib.import_module("qradaptor.commands.search")
+train_command = importlib.import_module("qradaptor.commands.train")
+export_command = importlib.import_module("qradaptor.commands.export")
 export_module = importlib.import_module("qradaptor.export")
 
 
@@ -108,11 +109,11 @@ def fakes(monkeypatch):
 
     calls_fail = {}
     monkeypatch.setattr(importlib.import_module("qradaptor.profile"), "profile_model", profile)
-    monkeypatch.setattr(search_module, "search", search)
-    monkeypatch.setattr(train_module, "train_plan", train_plan)
+    monkeypatch.setattr(search_command, "search", search)
+    monkeypatch.setattr(train_command, "train_plan", train_plan)
     monkeypatch.setattr(pipeline, "held_out_metrics", held_out_metrics)
     monkeypatch.setattr(export_module, "open_run", open_run)
-    monkeypatch.setattr(export_module, "export", export)
+    monkeypatch.setattr(export_command, "export", export)
     calls.fail = calls_fail  # a stage name → interrupt that stage's next call (after it wrote its first files)
     return calls
 

@@ -22,7 +22,8 @@ from qradaptor.gp import GaussianProcess, expected_improvement
 from qradaptor.memory import ModelShapes, predict
 from qradaptor.plan import LayerChoice, Plan
 from qradaptor.profile import ProfileSettings, profile_model
-from qradaptor.search import (Planner, PriorCost, SearchConfig, SearchError, pareto_front, plan_key, search)
+from qradaptor.commands import search
+from qradaptor.search import Planner, PriorCost, SearchConfig, SearchError, pareto_front, plan_key
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from qradaptor.backends import get_backend
 from qradaptor.cli import main
 from qradaptor.memory import ModelShapes, predict
 from qradaptor.plan import Plan
-from qradaptor.search import DEFAULT_BITS, DEFAULT_RANKS, MARKER, SearchError, search, worker
+from qradaptor.commands import search, worker
+from qradaptor.search import DEFAULT_BITS, DEFAULT_RANKS, MARKER, SearchError
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ KW = dict(trials=6, population=4, promote=1, refine=1, progress=False, fitness=f
 BLOCKED_SEARCH = r"""
 import os, sys, time
 from pathlib import Path
-from qradaptor.search import search
+from qradaptor.commands import search
 model, data, budget, out, storage, gate, prior = sys.argv[1:8]
 def fitness(plan, fidelity):
     Path(gate + ".started").touch()

@@ -14,7 +14,9 @@ import torch
 from qradaptor.cli import main
 from qradaptor.errors import ArtifactError, TrainingError
 from qradaptor.profile import ProfileError, ProfileSettings, Sensitivity
-from qradaptor.train import CHECKPOINTS_DIR, RUN_FILE, STATE_JSON, STATE_TENSORS, train_plan
+from qradaptor.commands import train_plan
+from qradaptor.rundir import CHECKPOINTS_DIR, RUN_FILE
+from qradaptor.train import STATE_JSON, STATE_TENSORS
 
 PLAN = {"layers": [{"bits": 4, "rank": 8}] * 4}
 FAST = dict(seq_len=32, batch_size=2, eval_blocks=0, warmup_steps=0, dtype="float32", progress=False)
@@ -36,6 +38,16 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(inputs, tmp_pa
     assert "lower --lr" in e.value.fix
     assert [p.name for p in (out / CHECKPOINTS_DIR).iterdir()] == ["step-000001"]
     assert json.loads((out / RUN_FILE).read_text())["status"] == "running"
+
+
+def test_a_setting_that_is_not_a_run_setting_is_refused_before_anything_is_written(inputs, tmp_path):
+    with pytest.raises(TypeError, match=r"unexpected settings \['learning_rate'\].*'lr'"):
+        train_plan(tmp_path / "run", learning_rate=1e-3, **inputs, **FAST)
+    assert not (tmp_path / "run").exists()
+    # the RunConfig fields the CLI has no flag for are settings too
+    r = train_plan(tmp_path / "run", steps=1, weight_decay=0.01, max_grad_norm=0.5, **inputs, **FAST)
+    assert (r.config.weight_decay, r.config.max_grad_norm) == (0.01, 0.5)
+    assert json.loads((tmp_path / "run" / RUN_FILE).read_text())["config"]["weight_decay"] == 0.01
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(inputs, tmp_path):

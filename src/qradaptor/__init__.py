@@ -1,23 +1,23 @@
 """qradaptor: per-layer bit-widths and LoRA ranks chosen under a memory budget (QR-Adaptor).
 
-The library mirrors the CLI: each ``qradaptor COMMAND`` is a function here.
+The library mirrors the CLI: each ``qradaptor COMMAND`` is a function here (from ``qradaptor.commands``); the
+stages below them take models, plans and token blocks.
 """
 
 from .backends import get_backend
+from .commands import (evaluate_model, export, generate, plan_memory, profile, run, run_demo, search, train_plan,
+                       worker)
 from .data import load_blocks
-from .demo import run_demo
-from .pipeline import run
 from .errors import QRAdaptorError
-from .evaluate import evaluate_lm_eval, evaluate_loss, evaluate_model
-from .export import TrainedModel, export, generate, load, load_artifact, open_run
-from .memory import ModelShapes, measured_bytes, parse_budget, plan_memory, predict, training_memory
+from .evaluate import evaluate_lm_eval, evaluate_loss
+from .export import TrainedModel, load, load_artifact, open_run
+from .memory import ModelShapes, measured_bytes, parse_budget, predict, training_memory
 from .models import LoadedModel, load_base, load_model, model_fingerprint
 from .plan import LayerChoice, Plan, lora_config
-from .profile import Sensitivity, profile
+from .profile import Sensitivity
 from .quantize import add_adapters, dequantized_model, prepare_model, quantize_model
-from .search import search
 from .rundir import RunConfig
-from .train import TrainConfig, train, train_plan
+from .train import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -27,5 +27,5 @@ __all__ = [
     "parse_budget", "plan_memory", "predict", "prepare_model", "profile", "Sensitivity", "quantize_model", "run_demo", "train",
     "RunConfig", "export", "run", "search", "generate", "load", "load_artifact", "train_plan",
     "evaluate_lm_eval", "training_memory", "LoadedModel", "load_base", "TrainedModel", "open_run",
-    "dequantized_model",
+    "dequantized_model", "worker",
 ]

@@ -67,7 +67,7 @@ def _dtype(name: str):
 
 
 def cmd_memory(args) -> int:
-    from .memory import plan_memory
+    from .commands import plan_memory
 
     report = plan_memory(args.model, args.plan, backend=args.backend, dtype=_dtype(args.dtype), measure=args.measure,
                          budget=args.budget, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -75,7 +75,7 @@ def cmd_memory(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    from .memory import format_bytes
+    from .commands import format_bytes
 
     print(f"plan:            {report['plan']}")
     print(f"predicted:       {format_bytes(report['predicted_bytes'])} ({report['predicted_bytes']} bytes)")
@@ -111,7 +111,7 @@ def cmd_memory(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_model
+    from .commands import evaluate_model
 
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()] if args.lm_eval else None
     result = evaluate_model(args.model, data=args.data, split=args.split, plan=args.plan, backend=args.backend,
@@ -129,7 +129,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .commands import run_demo
 
     result = run_demo(out=args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
     s = result.settings
@@ -145,7 +145,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run
+    from .commands import run
 
     result = run(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
                  steps=args.steps, seq_len=args.seq_len, progress=not args.quiet)
@@ -155,7 +155,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .profile import RESULT_FILE, profile
+    from .commands import RESULT_FILE, profile
 
     bits = list(args.bits)
     result = profile(args.model, data=args.data, out=args.out, bits=bits, tokens=args.tokens, backend=args.backend,
@@ -172,7 +172,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .search import search, summary
+    from .commands import search, summary
 
     settings = {"population": args.population, "promote": args.promote, "refine": args.refine,
                 "backend": args.backend, "seed": args.seed, "seq_len": args.seq_len}
@@ -189,7 +189,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from .search import worker
+    from .commands import worker
 
     trials = worker(storage=args.storage, study=args.study, progress=not args.quiet)
     print(f"study {args.study} has {trials} exploration trials")
@@ -197,7 +197,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import train_plan
+    from .commands import train_plan
 
     r = train_plan(args.out, plan=args.plan, model=args.model, data=args.data, steps=args.steps, epochs=args.epochs,
                    batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
@@ -214,8 +214,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
-    from .memory import format_bytes
+    from .commands import export
+    from .commands import format_bytes
 
     result = export(args.run, args.to, merge=args.merge)
     mem = result["memory"]
@@ -227,7 +227,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .export import generate
+    from .commands import generate
 
     print(generate(args.artifact, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    seed=args.seed))

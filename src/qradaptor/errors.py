@@ -16,6 +16,13 @@ class QRAdaptorError(Exception):
         super().__init__(cause if fix is None else f"{cause}\n  fix: {fix}")
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), to quote a library's error in ours."""
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
 class ModelLoadError(QRAdaptorError):
     """The model could not be found or is not a model."""
 

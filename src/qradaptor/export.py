@@ -1,5 +1,6 @@
-"""Export a finished training run as a directory that stock ``transformers`` + ``peft`` load, and load it back
-with qradaptor on its packed mixed-precision base.
+"""The export format: a finished training run as a directory that stock ``transformers`` + ``peft`` load, and
+loading it back with qradaptor on its packed mixed-precision base (``qradaptor export``, which writes it, is in
+``qradaptor.commands.export``).
 
 ``OUT/`` (written under a temporary name and renamed into place when complete):
 
@@ -26,14 +27,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import ArtifactError
-from .io import AtomicDirectory, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from .models import LoadedModel
 from .plan import Plan
 from .rundir import RunConfig
@@ -45,7 +44,7 @@ PACKED_FILE = "quantized.safetensors"
 EXPORT_FILE = "export.json"
 MERGED_DIR = "merged"
 PACKED_FORMAT = "qradaptor-packed/1"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_adapter(model, adapter_dir: Path):
@@ -79,7 +78,7 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _finished_run(run_dir: Path) -> dict:
+def finished_run(run_dir: Path) -> dict:
     from .rundir import ADAPTER_DIR, read_run
 
     if not run_dir.exists():
@@ -106,7 +105,7 @@ class TrainedModel:
 
     @property
     def config(self) -> RunConfig:
-        return RunConfig(**{**RunConfig().to_dict(), **self.run["config"]})
+        return RunConfig.from_dict(self.run["config"])
 
 
 def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None) -> TrainedModel:
@@ -119,9 +118,9 @@ def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None) -> Tra
     from .rundir import ADAPTER_DIR
 
     run_dir = Path(run_dir)
-    run = _finished_run(run_dir)
-    config = RunConfig(**{**RunConfig().to_dict(), **run["config"]})
-    dtype = _DTYPES[config.dtype]
+    run = finished_run(run_dir)
+    config = RunConfig.from_dict(run["config"])
+    dtype = DTYPES[config.dtype]
     plan = Plan.from_dict(run["plan"], source=str(run_dir / "run.json"))
     loaded = load_base(base or config.model, dtype=dtype)
     if model_fingerprint(loaded.model) != run.get("model_fingerprint"):
@@ -135,144 +134,6 @@ def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None) -> Tra
 
 
 # ---------------------------------------------------------------------------------------------- export
-def _entries(root: Path) -> set[str]:
-    """Every file and directory under ``root`` (relative, ``/``-separated; directories end in ``/``)."""
-    found = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = Path(dirpath).relative_to(root)
-        found.update((rel / d).as_posix() + "/" for d in dirnames)
-        found.update((rel / f).as_posix() for f in filenames)
-    return found
-
-
-def export_manifest(path: str | os.PathLike) -> set[str] | None:
-    """The paths an export in ``path`` wrote (its ``files`` list), or None when ``path`` holds no export that
-    lists them (not an export, a damaged ``export.json``, or an export from before the list existed)."""
-    try:
-        info = json.loads((Path(path) / PACKED_DIR / EXPORT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or info.get("format") != PACKED_FORMAT:
-        return None
-    files = info.get("files")
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        return None
-    return set(files)
-
-
-def _check_replaceable(out: Path) -> None:
-    """Refuse an ``out`` that holds anything an earlier export did not write: replacing it would delete it."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir():
-        raise ArtifactError(f"{out} exists and is not a directory", "choose another --to path")
-    present = _entries(out)
-    if not present:
-        return
-    written = export_manifest(out)
-    if written is None:
-        raise ArtifactError(f"{out} is not empty and is not an earlier export (it has no readable "
-                            f"{PACKED_DIR}/{EXPORT_FILE} listing the files an export wrote): replacing it could "
-                            "destroy files that are not the tool's",
-                            "choose a new or empty --to directory (or delete that one yourself)")
-    foreign = sorted(present - written)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ArtifactError(f"{out} holds an earlier export plus files it did not write ({shown}): replacing it "
-                            "would delete them", f"move them out of {out}, or choose another --to directory")
-
-
-def _run_metrics(path: Path) -> dict:
-    """The training run's metrics.json ({} when there is none), refusing a damaged one with a way out."""
-    if not path.is_file():
-        return {}
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        metrics = e
-    if not isinstance(metrics, dict):
-        raise ArtifactError(f"{path} is damaged ({metrics if isinstance(metrics, Exception) else 'not a JSON object'})",
-                            "restore it, or delete it to export without the training metrics in the model card")
-    return metrics
-
-
-def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False,
-           trained: TrainedModel | None = None) -> dict:
-    """What ``qradaptor export RUN --to OUT [--merge]`` runs. Returns a summary (paths, memory, metrics).
-    ``trained``: the run already in memory (`open_run`, or the model `train_plan` returned); left unchanged."""
-    from .backends import get_backend, is_quantized
-    from .memory import ModelShapes, measured_bytes, predict
-    from .quantize import dequantized_model
-    from .rundir import ADAPTER_DIR, METRICS_FILE, package_versions
-
-    run_dir, out = Path(run_dir), Path(out)
-    run = _finished_run(run_dir)
-    if out.resolve() == run_dir.resolve():
-        raise ArtifactError("the export target is the run directory itself", "choose another --to directory")
-    _check_replaceable(out)
-    metrics = _run_metrics(run_dir / METRICS_FILE)  # before the slow part
-
-    trained = trained or open_run(run_dir)
-    tuned, tokenizer, plan, config = trained.model, trained.tokenizer, trained.plan, trained.config
-    quant = get_backend(config.backend, compute_dtype=_DTYPES[config.dtype])
-    # The dense base holding exactly the dequantized weights (what stock transformers loads), and the packed states.
-    base = dequantized_model(tuned, _DTYPES[config.dtype])
-    packed: dict[str, torch.Tensor] = {}
-    modules: dict[str, dict] = {}
-    for name, module in tuned.get_base_model().named_modules():
-        if not is_quantized(module) or ".lora_" in name:
-            continue
-        prefix = name.removesuffix(".base_layer")  # PEFT wrapped it; the name in the plain model
-        state = module.state()
-        for key, tensor in state.items():
-            packed[f"{prefix}.{key}"] = tensor.detach().contiguous().clone()
-        modules[prefix] = {"bits": module.bits, "group_size": module.group_size, "tensors": sorted(state)}
-    if not modules and any(c.bits != 16 for c in plan.layers):
-        raise RuntimeError("no quantized module found in the run's model")  # a bug, not a user error
-
-    shapes = ModelShapes.from_model(base)
-    memory = {**predict(shapes, plan, quant).to_dict(), "measured_bytes": measured_bytes(tuned),
-              "backend": quant.name, "plan": plan.describe()}
-    info = {
-        "format": PACKED_FORMAT, "source_run": str(run_dir.resolve()), "config": run["config"],
-        "model_fingerprint": run.get("model_fingerprint"), "plan": plan.to_dict(), "memory": memory,
-        "metrics": {k: metrics.get(k) for k in ("steps", "final_train_loss", "validation", "evals")},
-        "merged": merge, "versions": package_versions(),
-    }
-    metadata = {"format": PACKED_FORMAT, "backend": quant.name, "compute_dtype": config.dtype,
-                "group_size": str(plan.group_size), "modules": json.dumps(modules, sort_keys=True)}
-
-    from .models import _quiet_transformers
-
-    try:
-        with AtomicDirectory(out) as tmp, _quiet_transformers():
-            base.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            shutil.copytree(run_dir / ADAPTER_DIR, tmp / "adapter")
-            plan.save(tmp / "plan.json")
-            atomic_save_safetensors(tmp / PACKED_DIR / PACKED_FILE, packed, metadata=metadata)
-            atomic_write_text(tmp / "README.md", model_card(info, out.name))
-            if merge:
-                _write_merged(base, tokenizer, run_dir / ADAPTER_DIR, tmp / MERGED_DIR)
-            # written last, listing everything (itself included): what a later export may replace
-            info["files"] = sorted(_entries(tmp) | {f"{PACKED_DIR}/{EXPORT_FILE}"})
-            atomic_write_json(tmp / PACKED_DIR / EXPORT_FILE, info)
-    except OSError as e:
-        raise ArtifactError(f"writing the export to {out} failed: {e.strerror or e}",
-                            "free disk space (or fix the permissions) and export again; nothing was left at "
-                            f"{out} (an earlier export there, if any, is intact)") from None
-    log.info("exported %s → %s (%s)", run_dir, out, plan.describe())
-    return {"out": str(out), "memory": memory, "metrics": info["metrics"],
-            "merged": str(out / MERGED_DIR) if merge else None}
-
-
-def _write_merged(dense_base, tokenizer, adapter_dir: Path, target: Path) -> None:
-    """The adapter folded into the dequantized base: a plain model that ``from_pretrained`` loads alone."""
-    merged = load_adapter(dense_base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
-
-
 # ---------------------------------------------------------------------------------------------- load
 def load_artifact(path: str | os.PathLike):
     """``(model, tokenizer)`` from an exported directory (packed mixed-precision base + adapter) or a finished
@@ -344,7 +205,7 @@ def _load_export(path: Path):
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         # truncated or garbage bytes, a header that does not cover the data, malformed metadata
         raise ArtifactError(f"{packed} is unreadable ({e})", fix) from None
-    dtype = _DTYPES.get(meta.get("compute_dtype"))
+    dtype = DTYPES.get(meta.get("compute_dtype"))
     if dtype is None:
         raise ArtifactError(f"{packed} names an unknown compute dtype {meta.get('compute_dtype')!r}", fix)
     try:
@@ -402,27 +263,6 @@ def _load_export(path: Path):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tuned, tokenizer, plan
-
-
-# ---------------------------------------------------------------------------------------------- generate
-@torch.no_grad()
-def generate(path: str | os.PathLike, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int = 0) -> str:
-    """What ``qradaptor generate`` prints: the continuation of ``prompt`` (in the chat template when the
-    tokenizer has one) by the trained model in ``path``; greedy unless ``temperature > 0``."""
-    model, tokenizer = load_artifact(path)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    else:
-        enc = tokenizer(prompt, return_tensors="pt")
-    torch.manual_seed(seed)
-    sample = temperature > 0
-    output = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                            temperature=temperature if sample else None, top_p=None, top_k=None,
-                            pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(output[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------------------------- model card

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .io import AtomicDirectory
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(
-            f"cannot load GGUF file {path} as a causal language model: {_first_line(e)}",
+            f"cannot load GGUF file {path} as a causal language model: {first_line(e)}",
             fix="pass a GGUF file of a decoder-only model that transformers supports, or a model directory",
         ) from e
     config = raw.config
@@ -148,7 +148,8 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     model = type(raw)(config)
     model.load_state_dict(raw.state_dict())
     del raw
-    return model.to(dtype), tokenizer
+    _convert_weights(model, dtype)  # as from_pretrained would: the rotary tables stay float32
+    return model, tokenizer
 
 
 def _load_dir(path: Path, dtype: torch.dtype):
@@ -168,7 +169,7 @@ def _load_dir(path: Path, dtype: torch.dtype):
                                                                ignore_mismatched_sizes=True, output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise ModelLoadError(
-            f"cannot load {path} as a causal language model: {_first_line(e)}",
+            f"cannot load {path} as a causal language model: {first_line(e)}",
             fix="pass a directory with a decoder-only causal LM saved by save_pretrained; if its weight files are "
             "truncated or damaged, copy or download them again",
         ) from e
@@ -177,7 +178,7 @@ def _load_dir(path: Path, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(
-            f"no usable tokenizer in model directory {path}: {_first_line(e)}",
+            f"no usable tokenizer in model directory {path}: {first_line(e)}",
             fix="save the model's tokenizer into the same directory (tokenizer.save_pretrained(dir))",
         ) from e
     return model, tokenizer
@@ -226,7 +227,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype):
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, HfHubHTTPError) as e:
         raise ModelLoadError(
             f"cannot load model '{repo_id}': no local file or directory has that name, and loading it as a "
-            f"Hugging Face hub id failed: {_first_line(e)}",
+            f"Hugging Face hub id failed: {first_line(e)}",
             fix=f"check the hub id (or the path, if you meant a local one); on a machine without hub access, "
             f"download it elsewhere (hf download {repo_id} --local-dir DIR), copy DIR here and pass DIR",
         ) from e
@@ -241,12 +242,6 @@ def _looks_like_path(spec: str) -> bool:
     if spec.lower().endswith((".gguf", ".safetensors", ".bin")):
         return True
     return not _HUB_ID.fullmatch(spec) or "--" in spec or ".." in spec
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _resolve(spec: str | os.PathLike | None) -> tuple[str, str | Path]:
@@ -292,7 +287,7 @@ def load_config(spec: str | os.PathLike | None = None):
         return AutoConfig.from_pretrained(where)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(
-            f"cannot read the config of model '{spec}': {_first_line(e)}",
+            f"cannot read the config of model '{spec}': {first_line(e)}",
             fix="pass a model directory with config.json, a .gguf file, or a reachable Hugging Face hub id",
         ) from e
 
@@ -336,15 +331,12 @@ class LoadedModel:
 def load_base(spec: str | os.PathLike | LoadedModel | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """``spec`` loaded (see `load_model`) as a `LoadedModel` in ``dtype``; a `LoadedModel` is returned itself,
     converted to ``dtype`` in place exactly as a load in ``dtype`` would give it (both round the stored weights
-    once, and leave the same buffers in float32)."""
+    once, and leave the computed tables, such as the rotary frequencies, in float32)."""
     if not isinstance(spec, LoadedModel):
         model, tokenizer = load_model(spec, dtype=dtype)
         return LoadedModel(model, tokenizer, None if spec is None else str(spec))
     if any(p.dtype != dtype for p in spec.model.parameters() if p.is_floating_point()):
-        if _resolve(spec.spec)[0] == "gguf":  # `_load_gguf` converts the whole model, buffers included
-            spec.model.to(dtype)
-        else:  # from_pretrained converts the weights; computed tables (rotary frequencies) stay float32
-            _convert_weights(spec.model, dtype)
+        _convert_weights(spec.model, dtype)
         _FINGERPRINTS.pop(spec.model, None)  # the weights' bytes changed
     return spec
 

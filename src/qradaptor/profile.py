@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from .backends import QuantBackend, QuantCache, get_backend
 from .data import DEFAULT_DATA, TokenBlocks, data_fingerprint, load_blocks
 from .errors import DataError, QRAdaptorError
-from .io import atomic_write_json, check_output_dir, read_text
-from .models import cache_dir, load_model, model_fingerprint
+from .io import atomic_write_json, read_text
+from .models import cache_dir, model_fingerprint
 from .architecture import decoder_layers, layer_linears
 
 log = logging.getLogger("qradaptor")
@@ -544,18 +544,6 @@ def plot_heatmap(result: Sensitivity, path: Path) -> Path:
     fig.savefig(tmp, dpi=120)
     tmp.replace(path)
     return path
-
-
-def profile(model: str | None = None, *, data: str | None = None, out: str | Path, bits=(2, 3, 4),
-            tokens: int = 4096, backend: str = "hqq", dtype: str = "float32",
-            group_size: int = 64, seq_len: int = 256, force: bool = False, use_cache: bool = True,
-            progress: bool = True) -> Sensitivity:
-    """What ``qradaptor profile`` does: load the model, profile it, write ``out/sensitivity.{json,png}``."""
-    settings = ProfileSettings(bits=tuple(bits), tokens=tokens, seq_len=seq_len, group_size=group_size,
-                               backend=backend, dtype=dtype, data=data)
-    check_output_dir(out, ProfileError)
-    base, tokenizer = load_model(model)
-    return profile_model(base, tokenizer, settings, out=out, force=force, use_cache=use_cache, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------- validation

@@ -1,6 +1,6 @@
 """The layout of a training run directory (``qradaptor train --out DIR``), its settings and its record.
 
-Written by `qradaptor.train.train_plan`; read by export, load, evaluate and ``run``, which need to know
+Written by `qradaptor.commands.train.train_plan`; read by export, load, evaluate and ``run``, which need to know
 what a run holds without importing the training code.
 """
 
@@ -58,6 +58,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "RunConfig":
+        """A run.json's settings over the defaults (a setting added after the run was written takes its default).
+        Raises TypeError on a key this version does not know."""
+        return cls(**{**cls().to_dict(), **saved})
 
 
 def package_versions() -> dict[str, str | None]:

@@ -159,7 +159,7 @@ def training_fixed_bytes(shapes: ModelShapes, backend: QuantBackend, model_confi
     return peak.peak_bytes - peak.weights_bytes - peak.gradient_bytes - peak.optimizer_bytes
 
 
-def _check_searchable(config: SearchConfig, shapes: ModelShapes, backend: QuantBackend) -> None:
+def check_searchable(config: SearchConfig, shapes: ModelShapes, backend: QuantBackend) -> None:
     """Refuse a budget that no plan in the space meets, or one so large that there is nothing to choose."""
     planner = Planner(shapes, backend, None, config)
     floor = planner.memory(planner.plan([LayerChoice(config.bits[0], config.ranks[0])] * shapes.num_layers))

@@ -119,7 +119,7 @@ def _heartbeat(storage, trial_id: int, stop: threading.Event) -> None:
             return
 
 
-def _check_out(out: Path) -> None:
+def check_search_dir(out: Path) -> None:
     """Refuse, before anything is written, an --out that is (or lies under) a file, or a non-empty directory
     the tool did not make: the search writes plan.json and more there and must not overwrite the user's files.
     The tool's are: a search's (marked by MARKER; or holding study.db, from before the marker existed) and a
@@ -146,7 +146,7 @@ def _check_out(out: Path) -> None:
 
 
 @contextmanager
-def _locked_out(out: Path, storage_url: str, study: str):
+def locked_search_dir(out: Path, storage_url: str, study: str):
     """Make --out (marked as the tool's by MARKER) and hold an exclusive lock on MARKER while the search runs:
     a second search on the same --out is refused, naming the first; the lock goes with its process, so a
     crashed search never blocks the rerun that resumes it."""

@@ -40,9 +40,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from .errors import ArtifactError
-from .evaluate import evaluate_loss
-from .io import LockHeld, atomic_write_json, exclusive_lock
+from ..errors import ArtifactError
+from ..evaluate import evaluate_loss
+from ..io import LockHeld, atomic_write_json, exclusive_lock
+from ..models import LoadedModel
 
 log = logging.getLogger("qradaptor")
 
@@ -172,7 +173,7 @@ def run_fix(fix: str | None) -> str | None:
 
 @contextlib.contextmanager
 def _as_run_stage():
-    from .errors import QRAdaptorError
+    from ..errors import QRAdaptorError
 
     try:
         yield
@@ -201,15 +202,15 @@ def _resolved(spec) -> str | None:
 
 def _data_fingerprint(data, seq_len: int) -> str:
     """The data's contents: the train split (search, fine-tune), validation (fine-tune) and test (metrics)."""
-    from .data import data_fingerprint
+    from ..data import data_fingerprint
 
     parts = [data_fingerprint(data, split, seq_len) for split in ("train", "validation", "test")]
     return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def _profile_ok(path: Path, fingerprint: str) -> bool:
-    from .errors import QRAdaptorError
-    from .profile import Sensitivity
+    from ..errors import QRAdaptorError
+    from ..profile import Sensitivity
 
     try:
         return Sensitivity.load(path).model_fingerprint == fingerprint
@@ -218,8 +219,8 @@ def _profile_ok(path: Path, fingerprint: str) -> bool:
 
 
 def _plan_ok(search_dir: Path) -> bool:
-    from .errors import QRAdaptorError
-    from .plan import Plan
+    from ..errors import QRAdaptorError
+    from ..plan import Plan
 
     try:
         Plan.load(search_dir / "plan.json")
@@ -250,7 +251,7 @@ def read_metrics(path: Path) -> dict | None:
 
 def _train_status(train_dir: Path) -> str | None:
     """The training run's status, or None when there is none (or its run.json is damaged)."""
-    from .rundir import ADAPTER_DIR, read_run
+    from ..rundir import ADAPTER_DIR, read_run
 
     try:
         status = (read_run(train_dir) or {}).get("status")
@@ -265,7 +266,7 @@ def held_out_metrics(model, tokenizer, *, data: str | None, seq_len: int, max_bl
                  progress: bool = True) -> dict:
     """Test-split loss of a trained PEFT ``model``, and of the same quantized base with its adapters off
     (``test_loss_before``: what the plan's quantization alone gives, the adapters being untrained)."""
-    from .data import load_blocks
+    from ..data import load_blocks
 
     blocks = load_blocks(data, tokenizer, "test", seq_len=seq_len, max_blocks=max_blocks)
     after = evaluate_loss(model, blocks, progress=progress, desc="test, trained")
@@ -297,7 +298,7 @@ def _one_run_per_directory(run_fn):
 
 
 @_one_run_per_directory
-def run(model: str | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
+def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, budget: str | int, out: str | Path,
         alpha: float = 0.5, trials: int = 24, steps: int = 200, profile_tokens: int | None = None,
         profile_dtype: str = "bfloat16", seq_len: int = 256, eval_blocks: int | None = None,
         search_settings: dict | None = None, train_settings: dict | None = None, progress: bool = True) -> dict:
@@ -305,19 +306,22 @@ def run(model: str | None = None, *, data: str | None = None, budget: str | int,
     calibration tokens of the profile (None: 4096, or all the training split has if fewer).
 
     The model is loaded once: the profile and the search read it (and quantize copies), the fine-tune then
-    quantizes it in place, and the test loss and the export are taken from the trained model in memory."""
-    from .export import EXPORT_FILE, PACKED_DIR, TrainedModel, export, export_manifest, open_run
-    from .memory import parse_training_budget
-    from .models import load_base, model_fingerprint
-    from .plan import Plan
-    from .profile import ProfileSettings, profile_model
-    from .rundir import read_run
+    quantizes it in place, and the test loss and the export are taken from the trained model in memory.
+    ``model``: a spec, or a `LoadedModel` (its spec is what the run records); either is used up."""
+    from ..export import EXPORT_FILE, PACKED_DIR, TrainedModel, open_run
+    from ..memory import parse_training_budget
+    from ..models import load_base, model_fingerprint
+    from ..plan import Plan
+    from ..profile import ProfileSettings, profile_model
+    from ..rundir import read_run
+    from .export import export, export_manifest
     from .search import search
     from .train import train_plan
 
     out = Path(out)
     stages = _Stages(out)  # refuses a directory that `run` did not make, before any work
     base = load_base(model)  # float32: the search's fine-tunes compute in it
+    model = base.spec
     model_fp = model_fingerprint(base.model)
     data_fp = _data_fingerprint(data, seq_len)
     train_budget = budget if parse_training_budget(budget) is not None else None

@@ -7,6 +7,7 @@ search finds.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_json
+from ..io import atomic_write_json
 
 log = logging.getLogger("qradaptor")
 
@@ -50,19 +51,27 @@ class DemoResult:
 def run_demo(*, out: str | Path = "runs/demo", steps: int = 20, eval_blocks: int = 16, seed: int = 0,
              progress: bool = True) -> DemoResult:
     """Run the pipeline on the default model at a 4-bit budget and train uniform 4-bit alongside."""
-    from .backends import get_backend
-    from .export import open_run
-    from .memory import ModelShapes, predict
-    from .models import load_base, load_config
-    from .pipeline import held_out_metrics, read_metrics, run
-    from .plan import Plan
-    from .rundir import read_run
+    from ..backends import get_backend
+    from ..export import open_run
+    from ..memory import ModelShapes, predict
+    from ..models import LoadedModel, load_base, load_config
+    from .run import held_out_metrics, read_metrics, run
+    from ..plan import Plan
+    from ..rundir import read_run
     from .train import train_plan
 
     start = time.perf_counter()
     out = Path(out)
     train_settings = {"eval_blocks": 8, "seed": seed}
-    metrics = run(None, budget="4bit", out=out, trials=6, steps=steps, profile_tokens=1024, eval_blocks=eval_blocks,
+    baseline_metrics = out / "baseline-metrics.json"
+    loaded = load_base(None)
+    # The run uses its model up (its fine-tune quantizes it in place): the baseline, when it still has to be
+    # trained or measured, gets a copy made here instead of a second load.
+    spare = None
+    if read_metrics(baseline_metrics) is None:
+        # in the baseline's training dtype (bfloat16, the default) at once: half the memory of a float32 copy
+        spare = load_base(LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.spec), dtype=torch.bfloat16)
+    metrics = run(loaded, budget="4bit", out=out, trials=6, steps=steps, profile_tokens=1024, eval_blocks=eval_blocks,
                   search_settings={**DEMO_SEARCH, "seed": seed}, train_settings=train_settings, progress=progress)
 
     shapes = ModelShapes.from_config(load_config(None))
@@ -71,21 +80,19 @@ def run_demo(*, out: str | Path = "runs/demo", steps: int = 20, eval_blocks: int
     found = Plan.load(out / "search" / "plan.json")
     uniform = Plan.uniform(shapes.num_layers, 4, 16)
     baseline_dir = out / "baseline-uniform4"
-    baseline_metrics = out / "baseline-metrics.json"
     base = read_metrics(baseline_metrics)
     if base is None:
         status = (read_run(baseline_dir) or {}).get("status")
         if status == "finished":
-            tuned = open_run(baseline_dir)
+            tuned = open_run(baseline_dir, spare)
             model, tokenizer = tuned.model, tuned.tokenizer
         else:
             uniform.save(out / "uniform4-plan.json")
             log.info("demo: uniform 4-bit baseline, same steps")
-            loaded = load_base(None)
-            model = train_plan(baseline_dir, plan=out / "uniform4-plan.json", model=loaded,
+            model = train_plan(baseline_dir, plan=out / "uniform4-plan.json", model=spare,
                                steps=None if status else steps, resume=bool(status), progress=progress,
                                **({} if status else train_settings)).model
-            tokenizer = loaded.tokenizer
+            tokenizer = spare.tokenizer
         # measured as `run` measures the found plan: test loss trained, and adapters off
         base = held_out_metrics(model, tokenizer, data=None, seq_len=256, max_blocks=eval_blocks, progress=progress)
         atomic_write_json(baseline_metrics, base)

@@ -1,0 +1,51 @@
+"""``qradaptor memory``: a plan's predicted bytes and training peak on a model, from its config alone (or measured),
+and whether it fits a budget."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BudgetError
+from ..memory import (ModelShapes, check_budget, fitting_batch, measured_bytes, parse_budget, parse_training_budget,
+                      predict, training_memory)
+from ..plan import Plan
+
+
+def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", dtype: torch.dtype = torch.bfloat16,
+                measure: bool = False, budget: str | int | None = None, batch_size: int = 4, seq_len: int = 256,
+                checkpointing: bool = True) -> dict:
+    """What ``qradaptor memory`` prints: the plan's predicted bytes from the model's config alone, and the
+    predicted peak memory of training it on batches of ``batch_size × seq_len`` tokens (key ``training``);
+    with ``measure``, the bytes the built model (quantized base + adapters) really holds; with ``budget``
+    (on the stored model, or ``train:SIZE`` on the training peak), the budget in bytes and whether it fits."""
+    from ..backends import get_backend
+    from ..models import load_config, load_model
+
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    for key, value in (("batch size", batch_size), ("sequence length", seq_len)):
+        if value < 1:
+            raise BudgetError(f"the {key} must be at least 1, got {value}", f"pass a positive {key}")
+    quant = get_backend(backend, compute_dtype=dtype)
+    config = load_config(model)
+    shapes = ModelShapes.from_config(config)
+    report = predict(shapes, plan, quant)
+    training = training_memory(shapes, plan, quant, config, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+                               checkpointing=checkpointing)
+    out = {**report.to_dict(), "plan": plan.describe(), "backend": quant.name, "training": training.to_dict()}
+    if budget is not None:
+        train_budget = parse_training_budget(budget)
+        if train_budget is not None:
+            out.update(budget_bytes=train_budget, budget_on="training peak", fits=training.peak_bytes <= train_budget)
+            fit = fitting_batch(shapes, plan, quant, config, budget_bytes=train_budget, batch_size=batch_size,
+                                seq_len=seq_len, dtype=dtype, checkpointing=checkpointing)
+            out["fitting_batch"] = None if fit is None else {"batch_size": fit[0], "checkpointing": fit[1]}
+        else:
+            budget_bytes = parse_budget(budget, shapes, quant, group_size=plan.group_size)
+            check_budget(budget_bytes, shapes, quant, group_size=plan.group_size)
+            out.update(budget_bytes=budget_bytes, budget_on="stored model", fits=report.total_bytes <= budget_bytes)
+    if measure:
+        from ..quantize import prepare_model
+
+        base, _ = load_model(model)
+        out["measured_bytes"] = measured_bytes(prepare_model(base, plan, quant))
+    return out

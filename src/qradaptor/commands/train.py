@@ -1,0 +1,396 @@
+"""``qradaptor train``: the full fine-tune of a plan, in a run directory it owns (``rundir.py`` holds the layout).
+
+The run directory records the resolved settings, the plan, fingerprints of the model and data, and checkpoints;
+an interrupted run continues from its last checkpoint with ``resume=True`` and computes the losses of an
+uninterrupted one. The training loop itself (`qradaptor.train.train`) takes a model and token blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ArtifactError, TrainingError, first_line
+from ..evaluate import evaluate_loss
+from ..io import AtomicDirectory, atomic_write_json, check_output_dir
+from ..models import LoadedModel, load_base
+from ..rundir import (ADAPTER_DIR, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, PLAN_FILE, RUN_FILE, RUN_FORMAT,
+                      RunConfig, package_versions, read_run)
+from ..train import STATE_JSON, TrainConfig, TrainResult, TrainState, load_train_state, save_train_state, train
+
+log = logging.getLogger("qradaptor")
+
+
+
+@dataclass
+class RunResult:
+    out: Path
+    config: RunConfig
+    train: TrainResult
+    validation: dict | None  # final held-out loss: {"loss", "perplexity", "tokens"}
+    metrics: dict
+    resumed_from: int = 0  # the step the run continued from (0: a fresh start)
+    model: object = field(default=None, repr=False)  # the trained PEFT model, in memory
+
+
+def _spec(value) -> str:
+    """A model/data spec as stored: existing paths absolute (so the run dir works from anywhere)."""
+    path = Path(str(value)).expanduser()
+    return str(path.resolve()) if path.exists() else str(value)
+
+
+def _loop_config(config: RunConfig) -> TrainConfig:
+    return TrainConfig(steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=config.lr,
+                       warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio,
+                       weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed,
+                       eval_every=config.eval_every if config.eval_blocks else 0,
+                       gradient_checkpointing=config.gradient_checkpointing)
+
+
+def _resolve(given: dict, saved: dict | None) -> RunConfig:
+    """Settings from the caller (None = not given) over the saved run's (resume) or the defaults (new run)."""
+    if given.get("steps") is not None and given.get("epochs") is not None:
+        raise ArtifactError("both steps and epochs were given", "give either --steps N or --epochs E")
+    for key in ("model", "data"):
+        if given.get(key) is not None:
+            given[key] = _spec(given[key])
+    if saved is None:
+        values = RunConfig().to_dict()
+        values.update({k: v for k, v in given.items() if v is not None})
+        if values["steps"] is None and values["epochs"] is None:
+            values["epochs"] = 1.0
+        config = RunConfig(**values)
+    else:
+        changed = []
+        for key, value in given.items():
+            if value is None or key in _RESUME_MAY_CHANGE:
+                continue
+            if key == "steps" and saved.get("epochs") is not None and value == saved.get("steps"):
+                continue  # the same number of steps, written as --steps this time
+            if saved.get(key) != value:
+                changed.append(f"{key} {saved.get(key)!r} → {value!r}")
+        if changed:
+            raise ArtifactError(
+                "cannot resume with changed settings: " + ", ".join(changed),
+                "resume with the settings the run started with (or none: they are read from run.json), "
+                "or start a new run in another --out directory",
+            )
+        try:
+            config = RunConfig.from_dict(saved)
+        except TypeError as e:  # keys this version does not know: a damaged or foreign run.json
+            raise ArtifactError(f"the run's {RUN_FILE} has settings this qradaptor does not know ({e})",
+                                "resume it with the qradaptor version that wrote it, or start a new run") from None
+        for key in _RESUME_MAY_CHANGE:
+            if given.get(key) is not None:
+                setattr(config, key, given[key])
+    for key in ("batch_size", "grad_accum", "seq_len"):
+        if getattr(config, key) < 1:
+            raise ArtifactError(f"{key} must be at least 1, got {getattr(config, key)}", f"pass a positive {key}")
+    if config.steps is not None and config.steps < 1:
+        raise ArtifactError(f"steps must be at least 1, got {config.steps}", "pass --steps 1 or more")
+    if config.epochs is not None and not config.epochs > 0:
+        raise ArtifactError(f"epochs must be positive, got {config.epochs}", "pass e.g. --epochs 1")
+    if config.dtype not in _DTYPES:
+        raise ArtifactError(f"unknown dtype {config.dtype!r}", f"use one of {sorted(_DTYPES)}")
+    _check_numbers(config)
+    return config
+
+
+_CLI_FLAGS = frozenset({"lr", "warmup_steps", "eval_blocks", "eval_every", "checkpoint_every", "max_train_blocks"})
+
+
+def _check_numbers(config: RunConfig) -> None:
+    """Settings that would fail or train to garbage after the run directory is written are refused before."""
+    def finite(name: str, low: float, *, above: bool = False, high: float = math.inf) -> None:
+        value = getattr(config, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and (value > low if above else value >= low) and value <= high
+        if not ok:
+            bound = f"{'above' if above else 'at least'} {low:g}" + ("" if high == math.inf else f" and at most {high:g}")
+            how = f"--{name.replace('_', '-')}" if name in _CLI_FLAGS else name  # the rest are library settings
+            raise ArtifactError(f"{name} must be a finite number {bound}, got {value!r}",
+                                f"give {how} such a value (default {getattr(RunConfig, name)!r})")
+
+    finite("lr", 0, above=True)
+    finite("warmup_steps", 0)
+    finite("min_lr_ratio", 0, high=1)
+    finite("weight_decay", 0)
+    finite("max_grad_norm", 0)
+    finite("eval_blocks", 0)
+    for name, low in (("eval_every", 0), ("checkpoint_every", 1), ("max_train_blocks", 1)):
+        if getattr(config, name) is not None:
+            finite(name, low)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Settings a resume may change: they do not change what is computed.
+_RESUME_MAY_CHANGE = frozenset({"checkpoint_every", "gradient_checkpointing"})
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    root = out / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_JSON).is_file())
+
+
+def _load_checkpoint(model, directory: Path) -> TrainState:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_train_state(directory)
+    try:
+        weights = load_file(directory / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model, weights)
+    except Exception as e:  # truncated or garbage file, or tensors of the wrong shape
+        raise ArtifactError(f"checkpoint {directory}: its adapter is unreadable ({first_line(e)})",
+                            f"delete {directory} and rerun with --resume to start again from step 0, or start a new "
+                            "run in another --out directory") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ArtifactError(f"checkpoint {directory} does not match the model's adapters "
+                            f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors)",
+                            "resume with the plan the run started with, or start a new run")
+    return state
+
+
+def _save_checkpoint(model, out: Path, step: int, state: TrainState) -> Path:
+    target = out / CHECKPOINTS_DIR / f"step-{step:06d}"
+    with AtomicDirectory(target) as tmp:
+        model.save_pretrained(tmp)
+        save_train_state(state, tmp)
+    for old in _checkpoints(out):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _check_budget(budget, memory, estimate, shapes, plan, quant, model_config, config: RunConfig, dtype) -> None:
+    from ..errors import BudgetError
+    from ..memory import check_training_budget, format_bytes, parse_budget, parse_training_budget
+
+    train_budget = parse_training_budget(budget)
+    if train_budget is not None:
+        check_training_budget(estimate, train_budget, shapes, plan, quant, model_config, dtype=dtype,
+                              grad_accum=config.grad_accum)
+        return
+    stored = parse_budget(budget, shapes, quant, group_size=plan.group_size, base_dtype=dtype)
+    if memory.total_bytes > stored:
+        raise BudgetError(f"the plan takes {format_bytes(memory.total_bytes)}, over the budget {format_bytes(stored)}",
+                          "search a plan within the budget (qradaptor search --budget ...) or give a larger one")
+
+
+def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = None, data: str | None = None,
+               budget: str | int | None = None, resume: bool = False, progress: bool = True,
+               **settings) -> RunResult:
+    """What ``qradaptor train`` runs: the full fine-tune of ``plan`` on the quantized base, into ``out``.
+
+    ``settings`` are `RunConfig` fields (``steps``, ``epochs``, ``batch_size``, ``lr``, ``dtype``, ...). Those
+    not given (or None) take their defaults (new run) or the saved run's values (``resume``); a resume
+    that names a different value is refused, naming the setting. Checkpoints are written every
+    ``checkpoint_every`` steps; an interrupted run continues from the latest with ``resume=True`` and
+    computes exactly the losses of an uninterrupted run. ``budget`` (``train:1.5GiB`` on the predicted training
+    peak, or a budget on the stored model as `parse_budget` reads it) refuses, before anything is written, a
+    plan and batch that exceed it, naming a batch size or checkpointing setting that fits.
+
+    ``model`` is a spec, or a `LoadedModel` (its spec is what run.json records): that one is converted to the
+    run's dtype and quantized in place, so the caller's dense model is used up (one copy in memory, not two).
+    """
+    from ..backends import get_backend
+    from ..data import data_fingerprint, load_blocks
+    from ..memory import ModelShapes, format_bytes, measured_bytes, predict, training_memory
+    from ..models import model_fingerprint
+    from ..plan import Plan
+    from ..quantize import add_adapters, quantize_model
+
+    known = set(RunConfig.__dataclass_fields__) - {"model", "data"}
+    if set(settings) - known:
+        raise TypeError(f"train_plan() got unexpected settings {sorted(set(settings) - known)}; settings are "
+                        f"RunConfig fields: {sorted(known)}")
+    loaded = model if isinstance(model, LoadedModel) else None
+    model = loaded.spec if loaded is not None else model
+    out = check_output_dir(out, ArtifactError)
+    saved = read_run(out)
+    if resume:
+        if saved is None:
+            raise ArtifactError(f"nothing to resume: {out} holds no training run ({RUN_FILE} is missing)",
+                                "drop --resume to start a new run there, or pass the --out of the interrupted run")
+        if saved.get("status") == "finished":
+            raise ArtifactError(f"the run in {out} has already finished",
+                                f"export it (qradaptor export {out} --to OUT) or train into another --out directory")
+    elif saved is not None:
+        raise ArtifactError(f"{out} already holds a training run",
+                            "pass --resume to continue it, or choose another --out directory")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ArtifactError(f"{out} exists and is not empty", "choose a new or empty --out directory")
+
+    if budget is not None:
+        from ..memory import parse_training_budget
+
+        parse_training_budget(budget)  # a malformed train:SIZE fails before the model and the data load
+    config = _resolve({**settings, "model": model, "data": data}, None if saved is None else saved["config"])
+
+    # Plan: given, or the saved one on resume; a different plan on resume is a changed setting.
+    if plan is None:
+        if saved is None:
+            raise ArtifactError("no plan given", "pass --plan PLAN.json (one {bits, rank} per decoder layer)")
+        plan_obj = Plan.from_dict(saved["plan"], source=str(out / PLAN_FILE))
+    else:
+        plan_obj = plan if isinstance(plan, Plan) else (
+            Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(plan))
+        if saved is not None and plan_obj.to_dict() != saved["plan"]:
+            raise ArtifactError(f"cannot resume with changed settings: the plan differs from {out / PLAN_FILE} "
+                                f"({Plan.from_dict(saved['plan']).describe()} → {plan_obj.describe()})",
+                                "resume with the run's own plan (or omit --plan), or start a new run elsewhere")
+
+    # Everything that can fail on the user's input is checked before anything is written.
+    dtype_t = _DTYPES[config.dtype]
+    loaded = load_base(loaded or config.model, dtype=dtype_t)
+    base, tokenizer = loaded.model, loaded.tokenizer
+    plan_obj.check_model(base, source="the plan")
+    quant = get_backend(config.backend, compute_dtype=dtype_t)
+    fingerprint = model_fingerprint(base)
+    if saved is not None and saved.get("model_fingerprint") != fingerprint:
+        raise ArtifactError(f"cannot resume: the weights of {config.model} changed since the run started "
+                            "(model fingerprint differs)", "resume with the same model, or start a new run")
+    train_blocks = load_blocks(config.data, tokenizer, "train", seq_len=config.seq_len,
+                               max_blocks=config.max_train_blocks)
+    eval_blocks_ = (load_blocks(config.data, tokenizer, "validation", seq_len=config.seq_len,
+                                max_blocks=config.eval_blocks) if config.eval_blocks else None)
+    data_fp = data_fingerprint(config.data, "train", config.seq_len, max_blocks=config.max_train_blocks)
+    if saved is not None and saved.get("data_fingerprint") != data_fp:
+        raise ArtifactError(f"cannot resume: the training data {config.data} changed since the run started",
+                            "resume with the same data, or start a new run")
+    if config.steps is None:
+        config.steps = max(1, math.ceil(config.epochs * len(train_blocks) / (config.batch_size * config.grad_accum)))
+    if config.eval_every is None:
+        config.eval_every = max(1, math.ceil(config.steps / 5)) if config.eval_blocks else 0
+    if config.checkpoint_every is None:
+        config.checkpoint_every = max(1, math.ceil(config.steps / 10))
+    shapes = ModelShapes.from_model(base)
+    memory = predict(shapes, plan_obj, quant)
+    estimate = training_memory(shapes, plan_obj, quant, base.config, batch_size=config.batch_size,
+                               seq_len=config.seq_len, dtype=dtype_t, checkpointing=config.gradient_checkpointing)
+    if budget is not None:
+        _check_budget(budget, memory, estimate, shapes, plan_obj, quant, base.config, config, dtype_t)
+    # In place: each dense linear is freed as its quantized version replaces it (checks bits and shapes first).
+    tuned = add_adapters(quantize_model(base, plan_obj, quant, dtype=dtype_t, inplace=True), plan_obj,
+                         seed=config.seed)
+    del base
+
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        logfile = open(out / LOG_FILE, "a", encoding="utf-8")
+    except OSError as e:
+        raise ArtifactError(f"cannot write the run directory {out}: {e.strerror or e}",
+                            "pass an --out directory you can write to") from None
+
+    def say(fmt: str, *args) -> None:
+        """Log (shown unless --quiet) and always append to the run's train.log."""
+        log.info(fmt, *args)
+        logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {fmt % args}\n")
+        logfile.flush()
+
+    try:
+        if saved is None:
+            run = {"format": RUN_FORMAT, "status": "running", "config": config.to_dict(), "plan": plan_obj.to_dict(),
+                   "seed": config.seed, "model_fingerprint": fingerprint, "data_fingerprint": data_fp,
+                   "versions": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": []}
+            plan_obj.save(out / PLAN_FILE)
+        else:
+            run = saved
+        say("plan %s on %s: %s predicted (%.2f avg bits, adapters included)", plan_obj.describe(),
+                 config.model, format_bytes(memory.total_bytes), memory.avg_bits)
+        say("predicted training peak: %s (runtime %s, model %s, LoRA gradients %s, AdamW state %s, activations "
+            "%s, loss %s, allocator %s) for batches of %d×%d tokens, gradient checkpointing %s",
+            format_bytes(estimate.peak_bytes), format_bytes(estimate.runtime_bytes),
+            format_bytes(estimate.weights_bytes), format_bytes(estimate.gradient_bytes),
+            format_bytes(estimate.optimizer_bytes), format_bytes(estimate.activation_bytes),
+            format_bytes(estimate.loss_bytes), format_bytes(estimate.allocator_bytes), config.batch_size,
+            config.seq_len, "on" if config.gradient_checkpointing else "off")
+
+        state = None
+        if saved is not None:
+            checkpoints = _checkpoints(out)
+            if checkpoints:
+                state = _load_checkpoint(tuned, checkpoints[-1])
+                say("resuming from %s (step %d of %d)", checkpoints[-1], state.step, config.steps)
+            else:
+                say("no checkpoint was written before the interruption: starting again from step 0")
+            run.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                   "from_step": 0 if state is None else state.step,
+                                   "versions": package_versions()})
+        run["training_estimate"] = estimate.to_dict()
+        atomic_write_json(out / RUN_FILE, run)
+
+        def on_step(step: int, result: TrainResult, snapshot) -> None:
+            if result.evals and result.evals[-1][0] == step:
+                logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: validation loss "
+                              f"{result.evals[-1][1]:.4f}\n")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                where = _save_checkpoint(tuned, out, step, snapshot())
+                logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: loss {result.losses[-1]:.4f}, "
+                              f"checkpoint {where.name}\n")
+                logfile.flush()
+
+        say("training %d steps of %d×%d tokens (seed %d) → %s", config.steps,
+                 config.batch_size * config.grad_accum, config.seq_len, config.seed, out)
+        result = train(tuned, train_blocks, _loop_config(config), eval_blocks=eval_blocks_, progress=progress,
+                       resume=state, on_step=on_step)
+        if result.evals:
+            log.info("validation loss by step: %s", ", ".join(f"{s}: {v:.4f}" for s, v in result.evals))
+
+        validation = None
+        if eval_blocks_ is not None:
+            validation = evaluate_loss(tuned, eval_blocks_, progress=progress, desc="validation").to_dict()
+        with AtomicDirectory(out / ADAPTER_DIR) as tmp:
+            tuned.save_pretrained(tmp)
+        metrics = {
+            "steps": config.steps, "train_losses": result.losses, "final_train_loss": result.final_loss,
+            "evals": [list(e) for e in result.evals], "validation": validation,
+            "memory": {**memory.to_dict(), "measured_bytes": measured_bytes(tuned), "backend": quant.name,
+                       "plan": plan_obj.describe()},
+            "training_estimate": estimate.to_dict(), "seconds_this_session": result.seconds,
+        }
+        atomic_write_json(out / METRICS_FILE, metrics)
+        run["status"] = "finished"
+        run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(out / RUN_FILE, run)
+        if validation:
+            say("final validation loss %.4f (perplexity %.2f) over %d tokens", validation["loss"],
+                     validation["perplexity"], validation["tokens"])
+        return RunResult(out=out, config=config, train=result, validation=validation, metrics=metrics,
+                         resumed_from=0 if state is None else state.step, model=tuned)
+    except Exception as e:
+        logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {e}\n")
+        kept = _checkpoints(out)
+        if saved is None and not kept:
+            # Nothing worth resuming: leave the directory as it was, so the same --out can be used again.
+            logfile.close()
+            _remove_new_run(out, created)
+        if isinstance(e, TrainingError):
+            where = (f"; the last good checkpoint, {kept[-1].name}, is kept in {out / CHECKPOINTS_DIR}" if kept
+                     else "; nothing was kept")
+            raise TrainingError(e.cause + where, e.fix.replace("train again", "train again into a new --out")
+                                if kept else e.fix) from None
+        raise
+    finally:
+        logfile.close()
+
+
+def _remove_new_run(out: Path, created: bool) -> None:
+    """Delete what a fresh run wrote before failing (and the directory, if the run made it)."""
+    for name in (RUN_FILE, PLAN_FILE, LOG_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()
