@@ -138,6 +138,22 @@ def test_a_loaded_base_converted_in_place_equals_a_load_in_that_dtype(tiny_dir):
     assert model_fingerprint(base.model) == model_fingerprint(direct) != before  # the cached digest was dropped
 
 
+def test_quantizing_in_bf16_keeps_the_rotary_tables_as_a_bf16_load_has_them(tiny_dir):
+    """The fine-tune computes with the rotary angles the export's reload (from_pretrained) computes with."""
+    from qradaptor.plan import Plan
+    from qradaptor.quantize import quantize_model
+
+    model, _ = load_model(str(tiny_dir))
+    direct, _ = load_model(str(tiny_dir), dtype=torch.bfloat16)
+    for inplace in (False, True):
+        q = quantize_model(model, Plan.uniform(model.config.num_hidden_layers, 4, 8), "reference",
+                           dtype=torch.bfloat16, inplace=inplace)
+        theirs = dict(direct.named_buffers())
+        rotary = {n: t for n, t in q.named_buffers() if n in theirs}
+        assert rotary and all(t.dtype == torch.float32 and torch.equal(t, theirs[n]) for n, t in rotary.items())
+        assert q.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
 def test_load_model_dtype(tiny_dir):
     model, _ = load_model(str(tiny_dir), dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -148,7 +148,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     model = type(raw)(config)
     model.load_state_dict(raw.state_dict())
     del raw
-    _convert_weights(model, dtype)  # as from_pretrained would: the rotary tables stay float32
+    convert_weights(model, dtype)  # as from_pretrained would: the rotary tables stay float32
     return model, tokenizer
 
 
@@ -336,12 +336,12 @@ def load_base(spec: str | os.PathLike | LoadedModel | None = None, *, dtype: tor
         model, tokenizer = load_model(spec, dtype=dtype)
         return LoadedModel(model, tokenizer, None if spec is None else str(spec))
     if any(p.dtype != dtype for p in spec.model.parameters() if p.is_floating_point()):
-        _convert_weights(spec.model, dtype)
+        convert_weights(spec.model, dtype)
         _FINGERPRINTS.pop(spec.model, None)  # the weights' bytes changed
     return spec
 
 
-def _convert_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def convert_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Parameters and persistent buffers to ``dtype``; non-persistent buffers (not in the checkpoint) kept."""
     with torch.no_grad():
         for module in model.modules():

@@ -14,6 +14,7 @@ from torch import nn
 
 from .architecture import decoder_layers, layer_linears
 from .backends import QuantBackend, QuantCache, get_backend
+from .models import convert_weights
 from .plan import UNQUANTIZED_BITS, Plan, lora_config
 
 
@@ -79,7 +80,7 @@ def quantize_model(
             _set_child(layers[index][1], name, None)
     else:
         out = copy.deepcopy(model, memo={id(linear): None for _, _, linear, _ in targets})
-    out.to(dtype)
+    convert_weights(out, dtype)  # as a load in ``dtype``: the rotary tables stay float32
     out_layers = decoder_layers(out)
     targets.reverse()
     while targets:
