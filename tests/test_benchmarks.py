@@ -85,3 +85,64 @@ def test_dtype_benchmark_smoke(tmp_path):
         assert len(d["losses"]) == 3 and d["step_seconds"] > 0 and d["spread"] >= 0
     assert result["verdict"]["default"] in ("float32", "bfloat16")
     assert not (ROOT / "benchmarks" / "results" / "dtype-smoke.json").exists()
+
+
+def test_gpu_check_smoke_on_the_cpu(tmp_path):
+    """The GPU check's every case on a tiny model on the CPU: the script works where no GPU is."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--device", "cpu", "--work", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert [c["name"] for c in result["cases"]] == [f"{m}/{c}" for m in ("bf16-lora", "uniform4", "uniform4-native",
+                                                                        "mixed") for c in ("ckpt", "no-ckpt")]
+    for case in result["cases"]:
+        assert case["device"] == "cpu" and case["peak_bytes"] > 0 and case["predicted_peak_bytes"] > 0
+        assert len(case["step_seconds"]) == case["steps"] and case["step_time"] > 0
+        assert (case["quantize_seconds"] is None) == (case["method"] == "bf16-lora")
+    assert result["ratios"]["step_mixed_over_uniform4"] > 0
+    assert not (ROOT / "benchmarks" / "results" / "gpu.json").exists()
+    import torch
+
+    if not torch.cuda.is_available():  # without a GPU the full check refuses, naming the smoke run
+        full = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--work", str(tmp_path / "x")],
+                              capture_output=True, text=True, timeout=300)
+        assert full.returncode != 0 and "needs a CUDA GPU" in full.stderr and "--smoke" in full.stderr
+
+
+def test_fidelity_study_smoke(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--smoke", "--work", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "fidelity.json").read_text())
+    assert result["plans_done"] == result["plans_planned"] >= 6
+    names = [s["name"] for s in result["signals"]]
+    assert names[:4] == ["kl_before", "loss@1", "loss@2", "loss@3"] and "surrogate" in names
+    assert "extrapolated" in names and result["chosen"] in names
+    for s in result["signals"]:
+        assert -1 <= s["spearman"] <= 1 and s["top3"] in (0, 1 / 3, 2 / 3, 1)
+    plans = result["plans"]
+    assert len({p["id"] for p in plans}) == len(plans)  # no plan measured twice
+    assert any(p["name"].startswith("uniform") for p in plans) and any(p["name"].startswith("random") for p in plans)
+    assert all(math.isfinite(p["final"]) and p["kl_before"] >= 0 for p in plans)
+    assert sum(len(p["final_seeds"]) > 1 for p in plans) == result["plans_with_seeds"] >= 1
+    assert not (ROOT / "benchmarks" / "results" / "fidelity-smoke.json").exists()
+    # a rerun measures nothing again
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "fidelity: plan " not in again.stdout
+    assert json.loads((tmp_path / "fidelity.json").read_text())["signals"] == result["signals"]
+
+
+def test_fidelity_statistics():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.fidelity import extrapolate, ranks, ridge_loo, spearman, top3
+
+    assert ranks([3.0, 1.0, 2.0, 2.0]) == [4.0, 1.0, 2.5, 2.5]
+    assert abs(spearman([1, 2, 3, 4], [10, 20, 30, 40]) - 1) < 1e-12
+    assert abs(spearman([1, 2, 3, 4], [4, 3, 2, 1]) + 1) < 1e-12 and spearman([1, 1, 1], [1, 2, 3]) is None
+    assert top3([1, 2, 3, 9, 9], [1, 2, 3, 0.5, 9]) == 2 / 3
+    steps = [8, 12, 24, 48]
+    curve = [2.0 + 3.0 * k ** -0.5 for k in steps]
+    assert abs(extrapolate(steps, curve, 100) - (2.0 + 3.0 * 100 ** -0.5)) < 1e-3
+    x = [[float(i), float(i % 3)] for i in range(12)]
+    y = [2 * a - b + 1 for a, b in x]
+    assert max(abs(p - t) for p, t in zip(ridge_loo(x, y, alpha=1e-9), y)) < 1e-4

@@ -83,7 +83,7 @@ def test_budget_parsing(tiny_config):
     assert parse_budget("350MB", shapes, backend) == 350_000_000
     assert parse_budget("1.5GiB", shapes, backend) == int(1.5 * 2**30)
     assert parse_budget("123456789", shapes, backend) == 123456789
-    assert parse_budget("0.3x", shapes, backend) == int(0.3 * 2 * shapes.total_numel)
+    assert parse_budget("0.3x", shapes, backend) == int(0.3 * shapes.bytes_16bit())  # rotary tables included
     assert uniform_bytes(shapes, backend, 8) > four
     five = predict(shapes, Plan.uniform(4, 5, 16), backend).total_bytes
     six = predict(shapes, Plan.uniform(4, 6, 16), backend).total_bytes

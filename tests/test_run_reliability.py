@@ -92,7 +92,7 @@ def fakes(monkeypatch):
         (out / "run.json").write_text(json.dumps({**run, "status": "finished"}))
         return SimpleNamespace(model="trained in memory")
 
-    def open_run(run_dir, base=None):
+    def open_run(run_dir, base=None, **kwargs):
         return SimpleNamespace(model=f"rebuilt from {run_dir}", tokenizer=base.tokenizer)
 
     def held_out_metrics(model, tokenizer, **kwargs):

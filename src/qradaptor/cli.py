@@ -116,7 +116,8 @@ def cmd_evaluate(args) -> int:
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()] if args.lm_eval else None
     result = evaluate_model(args.model, data=args.data, split=args.split, plan=args.plan, backend=args.backend,
                             seq_len=args.seq_len, max_blocks=args.max_blocks, lm_eval_tasks=tasks,
-                            include_path=args.include_path, progress=not args.quiet)
+                            include_path=args.include_path, progress=not args.quiet,
+                            device=args.device)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -148,7 +149,7 @@ def cmd_run(args) -> int:
     from .commands import run
 
     result = run(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
-                 steps=args.steps, seq_len=args.seq_len, progress=not args.quiet)
+                 steps=args.steps, seq_len=args.seq_len, progress=not args.quiet, device=args.device)
     print(f"test loss {result['test_loss_before']:.4f} before, {result['test_loss_after']:.4f} after training "
           f"({result['test_tokens']} tokens); plan {result['plan']}; model {result['model']}/")
     return 0
@@ -160,7 +161,7 @@ def cmd_profile(args) -> int:
     bits = list(args.bits)
     result = profile(args.model, data=args.data, out=args.out, bits=bits, tokens=args.tokens, backend=args.backend,
                      dtype=args.dtype, group_size=args.group_size, seq_len=args.seq_len, force=args.force,
-                     use_cache=not args.no_cache, progress=not args.quiet)
+                     use_cache=not args.no_cache, progress=not args.quiet, device=args.device)
     how = "from the cache" if result.from_cache else f"in {result.seconds:.0f} s"
     print(f"profiled {result.layers} layers × bits {result.bits} {how} → {args.out}/{RESULT_FILE}")
     lowest = min(result.bits)
@@ -182,7 +183,7 @@ def cmd_search(args) -> int:
         settings["ranks"] = args.ranks
     result = search(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
                     storage=args.storage, study=args.study, sensitivity=args.sensitivity, progress=not args.quiet,
-                    **settings)
+                    device=args.device, **settings)
     print(summary(result), end="")
     print(f"wrote {args.out}/plan.json, pareto.json, pareto.png")
     return 0
@@ -191,24 +192,28 @@ def cmd_search(args) -> int:
 def cmd_worker(args) -> int:
     from .commands import worker
 
-    trials = worker(storage=args.storage, study=args.study, progress=not args.quiet)
+    trials = worker(storage=args.storage, study=args.study, progress=not args.quiet, device=args.device)
     print(f"study {args.study} has {trials} exploration trials")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .commands import train_plan
+    from .commands import format_bytes, train_plan
 
     r = train_plan(args.out, plan=args.plan, model=args.model, data=args.data, steps=args.steps, epochs=args.epochs,
                    batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
                    warmup_steps=args.warmup_steps, seed=args.seed, backend=args.backend, dtype=args.dtype,
                    eval_every=args.eval_every, eval_blocks=args.eval_blocks, checkpoint_every=args.checkpoint_every,
                    max_train_blocks=args.max_train_blocks, gradient_checkpointing=args.gradient_checkpointing,
-                   budget=args.budget, resume=args.resume, progress=not args.quiet)
+                   budget=args.budget, resume=args.resume, progress=not args.quiet, device=args.device)
     resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""
     print(f"trained {r.config.steps} steps{resumed}: final training loss {r.train.final_loss:.4f}", end="")
     if r.validation:
         print(f", validation loss {r.validation['loss']:.4f} (perplexity {r.validation['perplexity']:.2f})", end="")
+    peak = r.metrics.get("training_peak") or {}
+    if peak.get("measured_bytes") is not None:
+        print(f"\ntraining peak {format_bytes(peak['measured_bytes'])} measured ({peak['what']}), "
+              f"{format_bytes(peak['predicted_bytes'])} predicted", end="")
     print(f"\nwrote {args.out}/ (adapter/, metrics.json, run.json); next: qradaptor export {args.out} --to OUT")
     return 0
 
@@ -230,7 +235,7 @@ def cmd_generate(args) -> int:
     from .commands import generate
 
     print(generate(args.artifact, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   seed=args.seed))
+                   seed=args.seed, device=args.device))
     return 0
 
 
@@ -241,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    on_device = _Parser(add_help=False)
+    on_device.add_argument("--device", default=None, metavar="{auto,cpu,cuda}",
+                           help="where the model computes: auto (default: a CUDA GPU when PyTorch sees one, else the "
+                                "CPU), cpu or cuda (cuda:N for GPU N)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("memory", parents=[common], help="bytes a plan takes on a model (predicted from shapes; --measure builds it)")
@@ -261,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print JSON (keys predicted_bytes, measured_bytes, avg_bits, training, ...)")
     p.set_defaults(func=cmd_memory)
 
-    p = sub.add_parser("evaluate", parents=[common], help="held-out loss and perplexity of a model (optionally quantized by a plan)")
+    p = sub.add_parser("evaluate", parents=[common, on_device], help="held-out loss and perplexity of a model (optionally quantized by a plan)")
     p.add_argument("--model", default=None,
                    help="model directory, .gguf file, hub id, train --out directory or export directory (default: SmolLM2-135M)")
     p.add_argument("--data", default=None, help="JSONL/JSON/TXT file or HF dataset name (default: CPython's pydoc topics)")
@@ -276,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (keys loss, perplexity, tokens, lm_eval, ...)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("profile", parents=[common], help="per-layer KL sensitivity to quantization (stage 1)")
+    p = sub.add_parser("profile", parents=[common, on_device], help="per-layer KL sensitivity to quantization (stage 1)")
     p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--data", default=None, help="calibration data (default: CPython's pydoc topics, train split)")
     p.add_argument("--bits", type=_int_list, default=(2, 3, 4), help="bit-widths to probe per layer (default 2,3,4)")
@@ -302,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="preference: 1 = only quality, 0 = only memory (default 0.5)")
     budgeted.add_argument("--trials", type=_positive_int, default=24, help="search exploration trials, cheap fidelity (default 24)")
 
-    p = sub.add_parser("search", parents=[common, budgeted], help="find a per-layer plan within a memory budget (stages 2-3)")
+    p = sub.add_parser("search", parents=[common, budgeted, on_device], help="find a per-layer plan within a memory budget (stages 2-3)")
     p.add_argument("--population", type=_positive_int, default=8, help="NSGA-II population (default 8)")
     p.add_argument("--promote", type=_count, default=3, help="front plans re-evaluated at full fidelity (default 3)")
     p.add_argument("--refine", type=_count, default=3, help="Bayesian refinement iterations (default 3)")
@@ -317,12 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for plan.json, pareto.json, pareto.png and the study")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("worker", parents=[common], help="evaluate trials of a search study from another machine")
+    p = sub.add_parser("worker", parents=[common, on_device], help="evaluate trials of a search study from another machine")
     p.add_argument("--storage", required=True, help="the study's Optuna storage URL (e.g. postgresql://...)")
     p.add_argument("--study", required=True, help="the study name given to `qradaptor search --study`")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("train", parents=[common], help="fine-tune a plan on its quantized base (checkpoints, --resume)")
+    p = sub.add_parser("train", parents=[common, on_device], help="fine-tune a plan on its quantized base (checkpoints, --resume)")
     p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--plan", default=None, help="plan file (.json or .yaml); with --resume, the run's own by default")
     p.add_argument("--data", default=None, help="JSONL/JSON/TXT file or HF dataset name (default: CPython's pydoc topics)")
@@ -358,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="also write TO/merged/: the adapter folded into the dequantized base")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", parents=[common], help="continue a prompt with a trained model (export or run directory)")
+    p = sub.add_parser("generate", parents=[common, on_device], help="continue a prompt with a trained model (export or run directory)")
     p.add_argument("artifact", help="an exported directory (or a finished run directory)")
     p.add_argument("--prompt", type=_text, required=True, help="the prompt (wrapped in the chat template when the tokenizer has one)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
@@ -366,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("run", parents=[common, budgeted], help="profile, search, train, evaluate and export in one command")
+    p = sub.add_parser("run", parents=[common, budgeted, on_device], help="profile, search, train, evaluate and export in one command")
     p.add_argument("--steps", type=_positive_int, default=200, help="steps of the final fine-tune (default 200)")
     p.add_argument("--seq-len", type=_positive_int, default=256,
                    help="tokens per block in every stage (default 256)")

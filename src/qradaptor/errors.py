@@ -51,5 +51,9 @@ class LMEvalError(QRAdaptorError):
     """An lm-eval harness task cannot run: lm-eval missing, unknown task, bad include path, or data it cannot reach."""
 
 
+class DeviceError(QRAdaptorError):
+    """The device asked for is unknown or not present (e.g. --device cuda without a usable GPU)."""
+
+
 class TrainingError(QRAdaptorError):
     """The fine-tune diverged: its loss or its adapter weights stopped being finite numbers."""

@@ -51,6 +51,8 @@ def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
     gradient never exist at once (for 4×256 tokens and SmolLM2's 49k vocabulary they would take 2×192 MiB).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = base.get_input_embeddings().weight.device  # the stages compute where the model is
+    input_ids, labels = input_ids.to(device), labels.to(device)
     head = base.get_output_embeddings()
     target = labels[:, 1:]
     if head is None or not hasattr(base, "model") or any(getattr(base.config, k, None) for k in _LOGIT_TRANSFORMS):

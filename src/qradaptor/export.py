@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .device import resolve_device
 from .errors import ArtifactError
 from .models import LoadedModel
 from .plan import Plan
@@ -108,10 +109,11 @@ class TrainedModel:
         return RunConfig.from_dict(self.run["config"])
 
 
-def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None) -> TrainedModel:
+def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None, *, device=None) -> TrainedModel:
     """The finished training run in ``run_dir``, its base quantized per its plan and its adapter loaded (eval
     mode). ``base``: the run's model already loaded (it must have the run's weights); it is converted and
-    quantized in place, so it is used up. Without it the model is loaded from the run's spec."""
+    quantized in place, so it is used up. Without it the model is loaded from the run's spec. ``device``:
+    where the model is quantized and lives (default: auto)."""
     from .backends import get_backend
     from .models import load_base, model_fingerprint
     from .quantize import quantize_model
@@ -127,23 +129,24 @@ def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None) -> Tra
         raise ArtifactError(f"the base model {config.model} is not the one {run_dir} was trained on "
                             "(its weights changed: the model fingerprint differs)",
                             "restore the original model at that path, or retrain")
-    quantized = quantize_model(loaded.model, plan, get_backend(config.backend, compute_dtype=dtype), inplace=True)
+    quantized = quantize_model(loaded.model, plan, get_backend(config.backend, compute_dtype=dtype), inplace=True,
+                               device=resolve_device(device))
     tuned = load_adapter(quantized, run_dir / ADAPTER_DIR)
     tuned.eval()
     return TrainedModel(tuned, loaded.tokenizer, plan, run)
 
 
-# ---------------------------------------------------------------------------------------------- export
 # ---------------------------------------------------------------------------------------------- load
-def load_artifact(path: str | os.PathLike):
+def load_artifact(path: str | os.PathLike, *, device=None):
     """``(model, tokenizer)`` from an exported directory (packed mixed-precision base + adapter) or a finished
     training run directory. The model is a ``PeftModel`` in eval mode whose quantized layers hold the packed
-    codes, so `qradaptor.memory.measured_bytes` of it equals the memory model's prediction."""
-    model, tokenizer, _ = open_artifact(path)
+    codes, so `qradaptor.memory.measured_bytes` of it equals the memory model's prediction. ``device``: where it
+    is built (``auto``: a CUDA GPU when PyTorch sees one, else the CPU)."""
+    model, tokenizer, _ = open_artifact(path, device=device)
     return model, tokenizer
 
 
-def open_artifact(path: str | os.PathLike):
+def open_artifact(path: str | os.PathLike, *, device=None):
     """``(model, tokenizer, plan)``: `load_artifact`'s model and tokenizer, and the artifact's `Plan`."""
     path = Path(path)
     kind = artifact_kind(path) if path.is_dir() else None
@@ -153,18 +156,20 @@ def open_artifact(path: str | os.PathLike):
                                 "pass the directory written by `qradaptor export` (or `qradaptor train --out`)")
         raise ArtifactError(f"{path} is not a qradaptor artifact (no {PACKED_DIR}/{PACKED_FILE} and no run.json)",
                             "pass the directory written by `qradaptor export` (or `qradaptor train --out`)")
+    device = resolve_device(device)
     if kind == "run":
-        trained = open_run(path)
+        trained = open_run(path, device=device)
         return trained.model, trained.tokenizer, trained.plan
-    return _load_export(path)
+    return _load_export(path, device)
 
 
-def load(path: str | os.PathLike):
-    """The trained model in ``path`` (see `load_artifact`, which also returns the tokenizer)."""
-    return load_artifact(path)[0]
+def load(path: str | os.PathLike, *, device=None):
+    """The trained model in ``path`` (see `load_artifact`, which also returns the tokenizer), on ``device``
+    (``auto``: a CUDA GPU when PyTorch sees one, else the CPU)."""
+    return load_artifact(path, device=device)[0]
 
 
-def _load_export(path: Path):
+def _load_export(path: Path, device: torch.device):
     from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,7 +200,8 @@ def _load_export(path: Path):
                 if lacking:  # e.g. tensors renamed: never fall back to the dense layer
                     raise ArtifactError(f"{packed} lacks the tensor {name}.{lacking[0]} that its module list names",
                                         fix)
-                states[name] = {key: f.get_tensor(f"{name}.{key}") for key in info["tensors"]}
+                # on the device at once: a backend builds its module where its tensors are
+                states[name] = {key: f.get_tensor(f"{name}.{key}").to(device) for key in info["tensors"]}
             unlisted = sorted(keys - {f"{n}.{k}" for n, info in modules.items() for k in info["tensors"]})
             if unlisted:
                 raise ArtifactError(f"{packed} holds tensors its module list does not name ({', '.join(unlisted[:3])})",
@@ -256,6 +262,7 @@ def _load_export(path: Path):
                                 f"layer {bits}", fix)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
+    model.to(device)  # the rest: embeddings, norms, 16-bit layers
     model.requires_grad_(False)
     tuned = load_adapter(model, path / "adapter")
     tuned.eval()

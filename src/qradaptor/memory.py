@@ -40,7 +40,9 @@ class ModelShapes:
 
     layers: list[list[LinearShape]]  # per decoder layer, its linears
     other_numel: int  # floating tensors outside decoder linears (tied ones once), biases included
-    other_fixed_bytes: int = 0  # non-floating buffers, at their own dtype
+    # non-floating buffers, and computed tables (non-persistent floating buffers such as the rotary frequencies,
+    # which a load in any dtype leaves float32), at their own dtype
+    other_fixed_bytes: int = 0
     name: str = ""
 
     @classmethod
@@ -54,12 +56,14 @@ class ModelShapes:
                 shapes.append(LinearShape(name, lin.out_features, lin.in_features, lin.bias is not None))
                 linear_weights.add(id(lin.weight))
             layers.append(shapes)
+        tables = {id(t) for m in model.modules() for k, t in m._buffers.items()
+                  if t is not None and k in m._non_persistent_buffers_set}
         other, fixed, seen = 0, 0, set()
         for t in list(model.parameters()) + list(model.buffers()):
             if id(t) in seen or id(t) in linear_weights:
                 continue
             seen.add(id(t))
-            if t.is_floating_point():
+            if t.is_floating_point() and id(t) not in tables:
                 other += t.numel()
             else:
                 fixed += t.numel() * t.element_size()
@@ -440,7 +444,7 @@ def _layer_activation_values(config, tokens: int, ranks_by_module: int, dtype: t
 
 def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | None, config, *, batch_size: int,
                     seq_len: int, dtype: torch.dtype | None = None, checkpointing: bool = True,
-                    plain_peft: bool = False) -> TrainingMemory:
+                    plain_peft: bool = False, device: torch.device | str = "cpu") -> TrainingMemory:
     """Predicted peak memory of training ``plan``'s adapters with AdamW on batches of ``batch_size × seq_len``.
 
     ``backend`` None means no quantization (every layer at ``dtype``). With ``checkpointing`` autograd keeps
@@ -449,7 +453,12 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
     fp32 with their gradient) instead of qradaptor's chunked loss. ``peak_bytes`` adds the free memory glibc's
     heap retains (`ALLOCATOR_RETENTION`); ``live_peak_bytes`` is what is in use. Checked on SmolLM2-135M and a
     1B shape on CPU (benchmarks/memory.py); an estimate for Llama-style models, not a bound.
+
+    On a CUDA ``device`` the prediction is of PyTorch's allocations on the GPU (``torch.cuda.max_memory_allocated``):
+    no interpreter share and no heap retention (the caching allocator's spare blocks are not allocations). Not yet
+    checked against a GPU measurement.
     """
+    on_gpu = torch.device(device).type == "cuda"
     dtype = dtype or (backend.compute_dtype if backend is not None else torch.float32)
     if backend is None:
         plan = dataclasses.replace(plan, layers=[LayerChoice(UNQUANTIZED_BITS, c.rank) for c in plan.layers])
@@ -472,8 +481,8 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
         loss = tokens * vocab * (a + 4 + 4)  # logits, their fp32 upcast and its gradient
     else:
         loss = min(tokens, max(1, _LOSS_CHUNK_VALUES // vocab)) * vocab * (a + 4 + 4)
-    return TrainingMemory(runtime_bytes=RUNTIME_BYTES, weights_bytes=report.total_bytes,
+    return TrainingMemory(runtime_bytes=0 if on_gpu else RUNTIME_BYTES, weights_bytes=report.total_bytes,
                           gradient_bytes=report.trainable_params * 4, optimizer_bytes=report.trainable_params * 8,
                           activation_bytes=int(activations), loss_bytes=int(loss),
-                          allocator_bytes=int(ALLOCATOR_RETENTION * every_layer), batch_size=batch_size,
+                          allocator_bytes=0 if on_gpu else int(ALLOCATOR_RETENTION * every_layer), batch_size=batch_size,
                           seq_len=seq_len, checkpointing=checkpointing)

@@ -40,6 +40,7 @@ from .backends import QuantBackend, QuantCache, get_backend
 from .data import DEFAULT_DATA, TokenBlocks, data_fingerprint, load_blocks
 from .errors import DataError, QRAdaptorError
 from .io import atomic_write_json, read_text
+from .device import model_device
 from .models import cache_dir, model_fingerprint
 from .architecture import decoder_layers, layer_linears
 
@@ -270,7 +271,8 @@ class SuffixRunner:
     def __init__(self, model: nn.Module, blocks: TokenBlocks, batch_size: int):
         self.model = model
         self.layers = [layer for _, layer in decoder_layers(model)]
-        self.batches = [blocks.input_ids[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
+        device = model_device(model)
+        self.batches = [blocks.input_ids[i : i + batch_size].to(device) for i in range(0, len(blocks), batch_size)]
         self.inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
         self.kwargs: list[dict] = []
         self.head = Head(model)
@@ -430,9 +432,12 @@ def profile_model(
     blocks: TokenBlocks | None = None,
     progress: bool = True,
     on_probe: Callable[[int, int, float], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> Sensitivity:
     """Profile ``model`` (full precision). See the module docstring; ``blocks`` overrides the calibration
-    data (used by the validation); ``on_probe(layer, bits, kl)`` is called after each probe."""
+    data (used by the validation); ``on_probe(layer, bits, kl)`` is called after each probe. ``device``
+    (default: where ``model`` is): where the probes compute; ``model`` is moved there for the profile and
+    back afterwards."""
     settings = settings or ProfileSettings()
     start_time = time.perf_counter()
     model_fp = model_fingerprint(model)
@@ -465,8 +470,19 @@ def profile_model(
                 _write_outputs(result, out)
             return result
 
+    home = model_device(model)
+    device = torch.device(device) if device is not None else home
+    try:
+        return _profile(model, settings, blocks, device, backend, cache, out, key, model_fp, data_fp, cached,
+                        use_cache, progress, on_probe, start_time)
+    finally:
+        model.to(home)
+
+
+def _profile(model, settings, blocks, device, backend, cache, out, key, model_fp, data_fp, cached, use_cache,
+             progress, on_probe, start_time) -> Sensitivity:
     work = model if next(model.parameters()).dtype == settings.torch_dtype else copy.deepcopy(model).to(settings.torch_dtype)
-    work.eval()
+    work.to(device).eval()
     cache = cache or QuantCache(backend)
     runner = SuffixRunner(work, blocks, settings.batch_size)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from .architecture import decoder_layers, layer_linears
 from .backends import QuantBackend, QuantCache, get_backend
+from .device import model_device
 from .models import convert_weights
 from .plan import UNQUANTIZED_BITS, Plan, lora_config
 
@@ -49,17 +50,21 @@ def quantize_model(
     cache: QuantCache | None = None,
     dtype: torch.dtype | None = None,
     inplace: bool = False,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """The model with every decoder-layer linear replaced by its quantized version per ``plan``.
 
     ``model`` is left intact unless ``inplace``. ``dtype`` (default: the backend's compute dtype) is the
-    base dtype of everything left unquantized.
+    base dtype of everything left unquantized. ``device`` (default: where ``model`` is): where the result
+    lives; each linear is moved there on its own and quantized there, so the device never holds the whole
+    full-precision model.
     """
     plan.check_model(model)
     if cache is not None:
         backend = cache.backend
     backend = resolve_backend(backend, dtype or torch.float32)
     dtype = dtype or backend.compute_dtype
+    device = torch.device(device) if device is not None else model_device(model)
     for choice in plan.layers:
         if choice.bits != UNQUANTIZED_BITS:
             backend.check_bits(choice.bits)
@@ -87,11 +92,14 @@ def quantize_model(
         index, name, source_linear, bits = targets.pop()
         layer_name, layer = out_layers[index]
         if cache is not None:
-            q = cache.get(f"{layer_name}.{name}", source_linear, bits, plan.group_size)
+            q = cache.get(f"{layer_name}.{name}", source_linear, bits, plan.group_size, device=device)
         else:
+            if source_linear.weight.device != device:  # in place the source moves (and is freed below); else a copy
+                source_linear = (source_linear if inplace else copy.deepcopy(source_linear)).to(device)
             q = backend.quantize(source_linear, bits, plan.group_size)
         _set_child(layer, name, q)
         del source_linear  # in place, the last reference: that weight is freed now
+    out.to(device)  # what was not quantized: embeddings, norms, 16-bit layers
     if inplace:
         _own_storage(out)
     out.requires_grad_(False)
@@ -107,15 +115,17 @@ def add_adapters(model: nn.Module, plan: Plan, *, seed: int = 0):
 
 
 def prepare_model(model, plan: Plan, backend: str | QuantBackend | None = None, *, cache: QuantCache | None = None,
-                  dtype: torch.dtype | None = None, seed: int = 0):
-    """Quantized copy of ``model`` per ``plan`` with LoRA adapters attached, ready to train."""
-    return add_adapters(quantize_model(model, plan, backend, cache=cache, dtype=dtype), plan, seed=seed)
+                  dtype: torch.dtype | None = None, seed: int = 0, device: torch.device | str | None = None):
+    """Quantized copy of ``model`` per ``plan`` (on ``device``, default: where ``model`` is) with LoRA adapters
+    attached, ready to train."""
+    return add_adapters(quantize_model(model, plan, backend, cache=cache, dtype=dtype, device=device), plan, seed=seed)
 
 
-def dequantized_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A plain model of ``model``'s class (a PEFT model: of its base model's) in ``dtype`` whose weights are
-    exactly what ``model``'s layers compute with: each quantized linear dequantized, every other tensor copied,
-    adapters left out. ``model`` is not changed; tied weights stay tied."""
+def dequantized_model(model: nn.Module, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """A plain model of ``model``'s class (a PEFT model: of its base model's) in ``dtype`` on ``device`` (the CPU
+    by default: an export writes it, a GPU need not hold it) whose weights are exactly what ``model``'s layers
+    compute with: each quantized linear dequantized, every other tensor copied, adapters left out. ``model`` is
+    not changed; tied weights stay tied."""
     from .backends import is_quantized
 
     source = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -125,7 +135,7 @@ def dequantized_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
     def copied(t: torch.Tensor, parameter: bool) -> torch.Tensor:
         if id(t) not in copies:
-            c = t.detach().to(dtype if parameter and t.is_floating_point() else t.dtype, copy=True)
+            c = t.detach().to(device, dtype if parameter and t.is_floating_point() else t.dtype, copy=True)
             copies[id(t)] = (t, nn.Parameter(c, requires_grad=False) if parameter else c)
         return copies[id(t)][1]
 
@@ -136,7 +146,7 @@ def dequantized_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             for key, value in list(module._parameters.items()):
                 if value is not None:
                     module._parameters[key] = (
-                        nn.Parameter(src.dequantize().to(dtype), requires_grad=False)
+                        nn.Parameter(src.dequantize().to(device, dtype), requires_grad=False)
                         if is_quantized(src) and key == "weight" else copied(getattr(src, key), True))
             for key, value in list(module._buffers.items()):
                 if value is not None:

@@ -55,6 +55,7 @@ class RunConfig:
     checkpoint_every: int | None = None  # None: 10 checkpoints over the run
     max_train_blocks: int | None = None
     gradient_checkpointing: bool = True
+    device: str = "auto"  # auto: a CUDA GPU when PyTorch sees one, else the CPU (qradaptor.device)
 
     def to_dict(self) -> dict:
         return asdict(self)

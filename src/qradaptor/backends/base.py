@@ -161,7 +161,9 @@ class QuantCache:
         w = linear.weight.detach()
         return (tuple(w.shape), w.dtype, float(w.double().sum()), float(w.double().abs().sum()))
 
-    def get(self, name: str, linear: nn.Linear, bits: int, group_size: int) -> nn.Module:
+    def get(self, name: str, linear: nn.Linear, bits: int, group_size: int,
+            device: torch.device | None = None) -> nn.Module:
+        """A copy of ``linear`` quantized (once per key) on ``device`` (default: where ``linear`` is)."""
         key = (name, bits, group_size)
         sig = self._signature(linear)
         if key in self._modules:
@@ -170,6 +172,8 @@ class QuantCache:
                 raise RuntimeError(f"QuantCache: weights of {name} changed; use one cache per source model")
             self.hits += 1
         else:
+            if device is not None and linear.weight.device != torch.device(device):
+                linear = copy.deepcopy(linear).to(device)
             module = self.backend.quantize(linear, bits, group_size)
             self._modules[key] = (sig, module)
             self.misses += 1

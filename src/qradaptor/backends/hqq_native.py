@@ -83,7 +83,9 @@ class HQQNativeBackend(QuantBackend):
                 "choose a smaller group_size",
             )
         cfg = self._config(bits, group_size)
-        module = NativeHQQLinear(None, cfg, compute_dtype=self.compute_dtype, device="cpu", initialize=False)
+        # on the weight's device: hqq quantizes there and keeps the codes there
+        module = NativeHQQLinear(None, cfg, compute_dtype=self.compute_dtype, device=str(linear.weight.device),
+                                 initialize=False)
         module.in_features, module.out_features = linear.in_features, linear.out_features
         # Quantize a copy: hqq may work in place on what it is given.
         weight = linear.weight.detach().clone().to(torch.float32)
@@ -116,7 +118,8 @@ class HQQNativeBackend(QuantBackend):
                 "the file is corrupt or was written by another version; re-export it",
             )
         cfg = self._config(bits, group_size)
-        module = NativeHQQLinear(None, cfg, compute_dtype=self.compute_dtype, device="cpu", initialize=False)
+        module = NativeHQQLinear(None, cfg, compute_dtype=self.compute_dtype, device=str(state["W_q"].device),
+                                 initialize=False)
         module.in_features, module.out_features = in_features, out_features
         packing = Quantizer.bit_to_packing[bits]
         module.W_q = state["W_q"].clone()

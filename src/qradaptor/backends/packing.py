@@ -18,6 +18,7 @@ costs a few uint8 passes more than HQQ's 4-bit one and the same float work.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -40,8 +41,10 @@ def packed_bytes(n: int, bits: int) -> int:
     return math.ceil(n * bits / 8)
 
 
-def _shifts(width: int, device) -> torch.Tensor:
-    """Bit offset of each of the ``8/width`` slices inside a byte, as a ``(k, 1)`` column."""
+@functools.lru_cache(maxsize=None)
+def _shifts(width: int, device: torch.device) -> torch.Tensor:
+    """Bit offset of each of the ``8/width`` slices inside a byte, as a ``(k, 1)`` column. Made once per device:
+    building it from a Python list on every call would copy it from host memory in every forward on a GPU."""
     k = 8 // width
     return torch.tensor([8 - width * (j + 1) for j in range(k)], dtype=torch.uint8, device=device).view(k, 1)
 

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import os
 
+from ..device import resolve_device
 from ..evaluate import evaluate_lm_eval, evaluate_loss, lm_eval_task_manager
 
 
 def evaluate_model(model: str | None = None, *, data: str | None = None, split: str = "validation",
                    plan=None, backend: str = "hqq", seq_len: int = 256, max_blocks: int | None = None,
                    batch_size: int = 8, lm_eval_tasks: list[str] | None = None, include_path: str | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, device: str | None = None) -> dict:
     """What ``qradaptor evaluate`` prints: held-out loss and perplexity of ``model`` (quantized per
     ``plan`` when one is given, adapters untrained) on ``split`` of ``data``; with ``lm_eval_tasks``, also
     those lm-eval harness tasks (see `evaluate_lm_eval`) under the key ``lm_eval``.
 
     ``model`` may also be a training run directory or an exported directory (quantized base + trained
     adapter, loaded with `qradaptor.export.open_artifact`); then ``plan`` must be None (the artifact has one).
+    ``device`` (``auto``, ``cpu``, ``cuda``): where the model is quantized and evaluated.
     """
     from ..data import load_blocks
     from ..errors import ArtifactError
@@ -26,6 +28,7 @@ def evaluate_model(model: str | None = None, *, data: str | None = None, split: 
     from ..plan import Plan
     from ..quantize import quantize_model
 
+    device = resolve_device(device)
     manager = None
     if lm_eval_tasks is not None or include_path is not None:  # bad tasks or paths fail before the model loads
         manager = lm_eval_task_manager(lm_eval_tasks or [], include_path)
@@ -34,13 +37,15 @@ def evaluate_model(model: str | None = None, *, data: str | None = None, split: 
         if plan is not None:
             raise ArtifactError(f"{model} is a trained {'export' if kind == 'export' else 'run'} that has its own plan, "
                                 "so --plan does not apply", "drop --plan")
-        base, tokenizer, plan = open_artifact(model)
+        base, tokenizer, plan = open_artifact(model, device=device)
     else:
         base, tokenizer = load_model(model)
     blocks = load_blocks(data, tokenizer, split, seq_len=seq_len, max_blocks=max_blocks)
     if plan is not None and kind is None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        base = quantize_model(base, plan, backend, inplace=True)
+        base = quantize_model(base, plan, backend, inplace=True, device=device)
+    else:
+        base.to(device)
     result = evaluate_loss(base, blocks, batch_size=batch_size, progress=progress)
     report = {**result.to_dict(), "split": split, "blocks": len(blocks), "seq_len": seq_len,
               "plan": None if plan is None else plan.describe(), "artifact": kind}

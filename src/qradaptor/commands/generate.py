@@ -6,21 +6,23 @@ import os
 
 import torch
 
+from ..device import model_device
 from ..export import load_artifact
 
 
 @torch.no_grad()
 def generate(path: str | os.PathLike, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int = 0) -> str:
+             seed: int = 0, device: str | None = None) -> str:
     """What ``qradaptor generate`` prints: the continuation of ``prompt`` (in the chat template when the
-    tokenizer has one) by the trained model in ``path``; greedy unless ``temperature > 0``."""
-    model, tokenizer = load_artifact(path)
+    tokenizer has one) by the trained model in ``path``, on ``device``; greedy unless ``temperature > 0``."""
+    model, tokenizer = load_artifact(path, device=device)
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
     else:
         enc = tokenizer(prompt, return_tensors="pt")
+    enc = enc.to(model_device(model))
     torch.manual_seed(seed)
     sample = temperature > 0
     output = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,

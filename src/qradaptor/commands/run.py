@@ -43,6 +43,7 @@ from pathlib import Path
 from ..errors import ArtifactError
 from ..evaluate import evaluate_loss
 from ..io import LockHeld, atomic_write_json, exclusive_lock
+from ..device import resolve_device
 from ..models import LoadedModel
 
 log = logging.getLogger("qradaptor")
@@ -301,13 +302,16 @@ def _one_run_per_directory(run_fn):
 def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, budget: str | int, out: str | Path,
         alpha: float = 0.5, trials: int = 24, steps: int = 200, profile_tokens: int | None = None,
         profile_dtype: str = "bfloat16", seq_len: int = 256, eval_blocks: int | None = None,
-        search_settings: dict | None = None, train_settings: dict | None = None, progress: bool = True) -> dict:
+        search_settings: dict | None = None, train_settings: dict | None = None, progress: bool = True,
+        device: str | None = None) -> dict:
     """What ``qradaptor run`` does. Returns the metrics written to ``out/metrics.json``. ``profile_tokens``:
     calibration tokens of the profile (None: 4096, or all the training split has if fewer).
 
     The model is loaded once: the profile and the search read it (and quantize copies), the fine-tune then
     quantizes it in place, and the test loss and the export are taken from the trained model in memory.
-    ``model``: a spec, or a `LoadedModel` (its spec is what the run records); either is used up."""
+    ``model``: a spec, or a `LoadedModel` (its spec is what the run records); either is used up. ``device``
+    (``auto``, ``cpu``, ``cuda``): where every stage computes; the dense model stays in host memory and each plan
+    is quantized on the device. Not part of any stage's fingerprint: a run continues on another device."""
     from ..export import EXPORT_FILE, PACKED_DIR, TrainedModel, open_run
     from ..memory import parse_training_budget
     from ..models import load_base, model_fingerprint
@@ -319,6 +323,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     from .train import train_plan
 
     out = Path(out)
+    device = resolve_device(device)
     stages = _Stages(out)  # refuses a directory that `run` did not make, before any work
     base = load_base(model)  # float32: the search's fine-tunes compute in it
     model = base.spec
@@ -341,7 +346,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
         log.info("run: stage 1/5, sensitivity profile")
         profile_model(base.model, base.tokenizer, ProfileSettings(tokens=profile_tokens, seq_len=seq_len,
                                                                   dtype=profile_dtype, data=data),
-                      out=out / "profile", force=True, progress=progress)
+                      out=out / "profile", force=True, progress=progress, device=device)
         stages.finish("profile")
 
     plan = out / "search" / "plan.json"
@@ -352,7 +357,8 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     else:
         log.info("run: stage 2-3/5, budgeted search")
         search(base, data=data, budget=budget, out=out / "search", alpha=alpha, trials=trials,
-               sensitivity=str(sensitivity), progress=progress, seq_len=seq_len, **(search_settings or {}))
+               sensitivity=str(sensitivity), progress=progress, seq_len=seq_len, device=device,
+               **(search_settings or {}))
         stages.finish("search")
 
     train_dir = out / "train"
@@ -373,7 +379,8 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
             with _as_run_stage():
                 result = train_plan(train_dir, plan=plan, model=base, data=data, steps=None if status else steps,
                                     seq_len=None if status else seq_len, resume=bool(status), progress=progress,
-                                    budget=train_budget, **({} if status else (train_settings or {})))
+                                    budget=train_budget,
+                                    **{"device": str(device), **({} if status else (train_settings or {}))})
             trained = TrainedModel(result.model, base.tokenizer, Plan.load(plan), read_run(train_dir))
         stages.finish("train")
 
@@ -382,7 +389,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
         nonlocal trained
         if trained is None:
             with _as_run_stage():
-                trained = open_run(train_dir, base)
+                trained = open_run(train_dir, base, device=device)
         return trained
 
     metrics_path = out / "metrics.json"

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..backends import get_backend
+from ..device import resolve_device
 from ..memory import ModelShapes, parse_budget, parse_training_budget
 from ..models import LoadedModel, load_base
 from ..profile import Sensitivity
@@ -19,7 +20,7 @@ log = logging.getLogger("qradaptor")
 
 
 def _load_or_profile(sensitivity: str | None, out: Path, model, tokenizer, data, progress: bool,
-                     config: SearchConfig) -> Sensitivity:
+                     config: SearchConfig, device) -> Sensitivity:
     from ..profile import RESULT_FILE, ProfileSettings, profile_model
 
     path = Path(sensitivity) if sensitivity else out / RESULT_FILE
@@ -34,16 +35,18 @@ def _load_or_profile(sensitivity: str | None, out: Path, model, tokenizer, data,
     log.info("search: no sensitivity profile in %s, profiling first", out)
     # the search's own blocks, backend and groups: data too short for 256-token blocks works with --seq-len
     settings = ProfileSettings(data=data, seq_len=config.seq_len, backend=config.backend, group_size=config.group_size)
-    return profile_model(model, tokenizer, settings, out=out, progress=progress)
+    return profile_model(model, tokenizer, settings, out=out, progress=progress, device=device)
 
 
 def search(model: str | LoadedModel | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
            alpha: float = 0.5, trials: int = 24, storage: str | None = None, study: str | None = None,
            sensitivity: str | None = None, progress: bool = True, fitness: Fitness | None = None,
-           **settings) -> SearchResult:
+           device: str | None = None, **settings) -> SearchResult:
     """What ``qradaptor search`` does; returns the result and writes ``out/{pareto.json,plan.json,pareto.png}``.
-    ``model``: a spec, or a `LoadedModel` (converted to float32 in place if it is not; left unquantized)."""
+    ``model``: a spec, or a `LoadedModel` (converted to float32 in place if it is not; left unquantized, and
+    where it was). ``device`` (``auto``, ``cpu``, ``cuda``): where each plan is quantized and fine-tuned."""
     out = Path(out)
+    device = resolve_device(device)
     check_search_dir(out)
     loaded = load_base(model)
     base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
@@ -63,8 +66,8 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
         open_storage(storage_url)
     study = study or "qradaptor"
     with locked_search_dir(out, storage_url, study):
-        prior = _load_or_profile(sensitivity, out, base, tokenizer, data, progress, config)
-        fitness = fitness or FineTuneFitness(base, tokenizer, data=data, config=config)
+        prior = _load_or_profile(sensitivity, out, base, tokenizer, data, progress, config, device)
+        fitness = fitness or FineTuneFitness(base, tokenizer, data=data, config=config, device=device)
         runner = Search(model=base, sensitivity=prior, config=config, storage=storage_url, study_name=study,
                         fitness=fitness, run_config={"model": model, "data": data, "data_fingerprint": data_fp},
                         progress=progress)
@@ -73,11 +76,12 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
     return result
 
 
-def worker(*, storage: str, study: str, progress: bool = True) -> int:
+def worker(*, storage: str, study: str, progress: bool = True, device: str | None = None) -> int:
     """What ``qradaptor worker`` does: join a study's exploration and evaluate its trials until it has enough.
-    Everything else (model, data, budget, space, prior) comes from the study."""
+    Everything else (model, data, budget, space, prior) comes from the study; ``device`` is this worker's."""
     import optuna
 
+    device = resolve_device(device)
     store = open_storage(storage)
     try:
         summaries = {s.study_name: s for s in optuna.get_all_study_summaries(store)}
@@ -97,7 +101,7 @@ def worker(*, storage: str, study: str, progress: bool = True) -> int:
     data = config_dict.get("data")
     # the study refuses this worker (naming the data) if the data here differs from what the search scored on
     data_fp = search_data_fingerprint(data, config) if config_dict.get("data_fingerprint") else None
-    fitness = FineTuneFitness(base, tokenizer, data=data, config=config)
+    fitness = FineTuneFitness(base, tokenizer, data=data, config=config, device=device)
     runner = Search(model=base, sensitivity=prior, config=config, storage=store, study_name=study, fitness=fitness,
                     run_config={"model": config_dict.get("model"), "data": data, "data_fingerprint": data_fp},
                     progress=progress, seed_offset=1 + int.from_bytes(os.urandom(4), "little"))

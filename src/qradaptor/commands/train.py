@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ..device import PeakMemory, resolve_device
 from ..errors import ArtifactError, TrainingError, first_line
 from ..evaluate import evaluate_loss
+from ..memory import release_free_memory
 from ..io import AtomicDirectory, atomic_write_json, check_output_dir
 from ..models import LoadedModel, load_base
 from ..rundir import (ADAPTER_DIR, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, PLAN_FILE, RUN_FILE, RUN_FORMAT,
@@ -131,7 +133,7 @@ def _check_numbers(config: RunConfig) -> None:
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Settings a resume may change: they do not change what is computed.
-_RESUME_MAY_CHANGE = frozenset({"checkpoint_every", "gradient_checkpointing"})
+_RESUME_MAY_CHANGE = frozenset({"checkpoint_every", "gradient_checkpointing", "device"})
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -252,6 +254,7 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
 
     # Everything that can fail on the user's input is checked before anything is written.
     dtype_t = _DTYPES[config.dtype]
+    device = resolve_device(config.device)
     loaded = load_base(loaded or config.model, dtype=dtype_t)
     base, tokenizer = loaded.model, loaded.tokenizer
     plan_obj.check_model(base, source="the plan")
@@ -277,12 +280,14 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
     shapes = ModelShapes.from_model(base)
     memory = predict(shapes, plan_obj, quant)
     estimate = training_memory(shapes, plan_obj, quant, base.config, batch_size=config.batch_size,
-                               seq_len=config.seq_len, dtype=dtype_t, checkpointing=config.gradient_checkpointing)
+                               seq_len=config.seq_len, dtype=dtype_t, checkpointing=config.gradient_checkpointing,
+                               device=device)
     if budget is not None:
         _check_budget(budget, memory, estimate, shapes, plan_obj, quant, base.config, config, dtype_t)
-    # In place: each dense linear is freed as its quantized version replaces it (checks bits and shapes first).
-    tuned = add_adapters(quantize_model(base, plan_obj, quant, dtype=dtype_t, inplace=True), plan_obj,
-                         seed=config.seed)
+    # In place: each dense linear moves to the device, is quantized there and is freed as its quantized version
+    # replaces it (bits and shapes are checked first).
+    tuned = add_adapters(quantize_model(base, plan_obj, quant, dtype=dtype_t, inplace=True, device=device),
+                         plan_obj, seed=config.seed)
     del base
 
     created = not out.exists()
@@ -343,8 +348,15 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
 
         say("training %d steps of %d×%d tokens (seed %d) → %s", config.steps,
                  config.batch_size * config.grad_accum, config.seq_len, config.seed, out)
+        release_free_memory()  # what building the model freed does not count towards the training peak
+        peak = PeakMemory(device).start()
         result = train(tuned, train_blocks, _loop_config(config), eval_blocks=eval_blocks_, progress=progress,
                        resume=state, on_step=on_step)
+        training_peak = {"measured_bytes": peak.bytes(), "what": peak.describe(), "device": str(device),
+                         "predicted_bytes": estimate.peak_bytes}
+        if training_peak["measured_bytes"] is not None:
+            say("training peak: %s measured (%s), %s predicted", format_bytes(training_peak["measured_bytes"]),
+                training_peak["what"], format_bytes(training_peak["predicted_bytes"]))
         if result.evals:
             log.info("validation loss by step: %s", ", ".join(f"{s}: {v:.4f}" for s, v in result.evals))
 
@@ -358,7 +370,8 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
             "evals": [list(e) for e in result.evals], "validation": validation,
             "memory": {**memory.to_dict(), "measured_bytes": measured_bytes(tuned), "backend": quant.name,
                        "plan": plan_obj.describe()},
-            "training_estimate": estimate.to_dict(), "seconds_this_session": result.seconds,
+            "training_estimate": estimate.to_dict(), "training_peak": training_peak,
+            "seconds_this_session": result.seconds,
         }
         atomic_write_json(out / METRICS_FILE, metrics)
         run["status"] = "finished"

@@ -14,12 +14,14 @@ Fitness = Callable[[Plan, Fidelity], "tuple[float, int]"]
 
 class FineTuneFitness:
     """The real objective: a short LoRA fine-tune of the plan on the quantized base, then held-out loss.
-    Every plan sees the same data order (same seed), so differences come from the plan."""
+    Every plan sees the same data order (same seed), so differences come from the plan. ``device`` (default:
+    where ``model`` is): where each plan is quantized and fine-tuned; the dense ``model`` stays where it is."""
 
-    def __init__(self, model, tokenizer, *, data: str | None, config: SearchConfig, progress: bool = False):
+    def __init__(self, model, tokenizer, *, data: str | None, config: SearchConfig, progress: bool = False,
+                 device=None):
         from ..data import load_blocks
 
-        self.model, self.config, self.progress = model, config, progress
+        self.model, self.config, self.progress, self.device = model, config, progress, device
         self.cache = QuantCache(get_backend(config.backend))
         self.train_blocks = load_blocks(data, tokenizer, "train", seq_len=config.seq_len, seed=config.seed)
         self.eval_blocks = load_blocks(data, tokenizer, "validation", seq_len=config.seq_len, seed=config.seed)
@@ -29,7 +31,7 @@ class FineTuneFitness:
         from ..quantize import prepare_model
         from ..train import TrainConfig, train
 
-        model = prepare_model(self.model, plan, cache=self.cache, seed=self.config.seed)
+        model = prepare_model(self.model, plan, cache=self.cache, seed=self.config.seed, device=self.device)
         train(model, self.train_blocks, TrainConfig(steps=fidelity.steps, batch_size=fidelity.batch_size,
                                                     lr=fidelity.lr, warmup_steps=max(1, fidelity.steps // 10),
                                                     seed=self.config.seed,

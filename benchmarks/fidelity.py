@@ -1,0 +1,329 @@
+"""Fidelity study (issue 16): which cheap signal ranks plans the way the final fine-tune does.
+
+On plans inside the 4-bit budget of SmolLM2-135M-Instruct (every uniform bits × rank setting that fits,
+profile-greedy plans at several fractions of the budget, random plans repaired into it), each plan gets:
+
+    kl_before      KL(full ‖ quantized) on test blocks before any training (the adapters start at zero)
+    loss@K         validation loss after a K-step fine-tune, K = 4, 8, 12, 24, 48, run as the search runs its
+                   fidelities (`qradaptor.search.FineTuneFitness`: its compute dtype, warm-up, data order)
+    final          test loss after the frontier benchmark's final fine-tune (the real `train` stage in a child
+                   process: 100 steps of 4×128 tokens at the training defaults), seed 0; seeds 0-2 on a few plans
+                   for the seed spread
+
+and these predictors of the final loss, each evaluated leave-one-out (a plan's prediction never saw its own
+final loss):
+
+    surrogate      ridge regression of the final loss on (loss@4, loss@8, loss@12, kl_before, mean log2 rank,
+                   code bits), AutoQRA-style: the cheap loss and plan features to the expensive loss
+    extrapolated   per plan, loss@K ≈ a + b·K^(-c) fitted on K = 8..48 and read at the final step count
+
+For every signal: the Spearman rank correlation with the final loss and the top-3 hit rate (of the three plans
+the signal ranks best, the share among the three best by final loss), over all plans and over the better half by
+final loss (where the choice is made: bad plans are easy to rank). `chosen` names the signal the search should
+choose by: the best Spearman over the better half among the signals a search can afford (everything but
+`final`).
+
+    .venv/bin/python benchmarks/fidelity.py            # SmolLM2: ~4 min per plan on 2 cores (resumable)
+    .venv/bin/python benchmarks/fidelity.py --smoke    # a tiny random model, about a minute: keeps it working
+    .venv/bin/python benchmarks/fidelity.py --report   # write the results from what is done so far
+
+Resumable: every measurement is kept under --work (default benchmarks/work/fidelity) as soon as it is made;
+plans are visited in a fixed shuffled order, so a partial run covers every kind of plan. Results:
+benchmarks/results/fidelity.{json,md} (with --smoke, in the work directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (profile.py would shadow the stdlib's)
+    import pathlib
+
+    _here = pathlib.Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
+
+from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
+
+FULL = {"steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "short_steps": (4, 8, 12, 24, 48),
+        "eval_blocks": 16, "kl_blocks": 16, "profile_tokens": 4096, "greedy": 4, "random": 9, "seed_plans": 3,
+        "seeds": 3}
+SMOKE = {"steps": 4, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "short_steps": (1, 2, 3), "eval_blocks": 2,
+         "kl_blocks": 2, "profile_tokens": 256, "greedy": 2, "random": 2, "seed_plans": 1, "seeds": 2}
+FEATURES = ("loss@4", "loss@8", "loss@12", "kl_before", "log2_rank", "code_bits")
+
+
+# ---------------------------------------------------------------------------------------- statistics
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties given their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 3:
+        return None
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return None if sx == 0 or sy == 0 else sxy / (sx * sy)
+
+
+def top3(signal: list[float], final: list[float]) -> float | None:
+    if len(signal) < 3:
+        return None
+    best = set(sorted(range(len(final)), key=lambda i: final[i])[:3])
+    picked = set(sorted(range(len(signal)), key=lambda i: signal[i])[:3])
+    return len(best & picked) / 3
+
+
+def ridge_loo(x: list[list[float]], y: list[float], alpha: float = 1e-2) -> list[float]:
+    """Leave-one-out predictions of a ridge regression on standardised features."""
+    import torch
+
+    X, Y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    out = []
+    for i in range(len(y)):
+        keep = [j for j in range(len(y)) if j != i]
+        xs, ys = X[keep], Y[keep]
+        mean, std = xs.mean(0), xs.std(0).clamp_min(1e-12)
+        a = torch.cat([torch.ones(len(keep), 1, dtype=torch.float64), (xs - mean) / std], 1)
+        reg = alpha * torch.eye(a.shape[1], dtype=torch.float64)
+        reg[0, 0] = 0  # the intercept is not shrunk
+        w = torch.linalg.solve(a.T @ a + reg, a.T @ ys)
+        xi = torch.cat([torch.ones(1, dtype=torch.float64), (X[i] - mean) / std])
+        out.append(float(xi @ w))
+    return out
+
+
+def extrapolate(steps: list[int], losses: list[float], target: int) -> float:
+    """loss(K) ≈ a + b·K^(-c), least squares over c on a grid (a, b linear for each c), read at ``target``."""
+    best = None
+    for c in [0.05 * i for i in range(1, 41)]:
+        xs = [k ** -c for k in steps]
+        n, sx, sy = len(xs), sum(xs), sum(losses)
+        sxx, sxy = sum(v * v for v in xs), sum(v * w for v, w in zip(xs, losses))
+        den = n * sxx - sx * sx
+        if abs(den) < 1e-18:
+            continue
+        b = (n * sxy - sx * sy) / den
+        a = (sy - b * sx) / n
+        err = sum((a + b * v - w) ** 2 for v, w in zip(xs, losses))
+        if best is None or err < best[0]:
+            best = (err, a, b, c)
+    _, a, b, c = best
+    return a + b * target ** -c
+
+
+# ---------------------------------------------------------------------------------------- the plans
+
+
+def candidate_plans(bench, settings: dict) -> list[tuple[str, object]]:
+    """(name, plan) of every plan studied, in the fixed shuffled order they are measured in."""
+    from qradaptor.memory import parse_budget, predict
+    from qradaptor.plan import Plan
+    from qradaptor.search import Planner, PriorCost, SearchConfig
+
+    L = bench.shapes.num_layers
+    budget = parse_budget("4bit", bench.shapes, bench.backend)
+    config = SearchConfig(budget_bytes=budget, seq_len=settings["seq_len"])
+    planner = Planner(bench.shapes, bench.backend, PriorCost(bench.sensitivity, config), config)
+    plans = [(f"uniform{b}-r{r}", Plan.uniform(L, b, r)) for b in config.bits for r in config.ranks
+             if predict(bench.shapes, Plan.uniform(L, b, r), bench.backend).total_bytes <= budget]
+    floor = planner.memory(Plan.uniform(L, config.bits[0], config.ranks[0]))
+    n = settings["greedy"]
+    for i in range(n):
+        fraction = 0.7 + 0.3 * i / max(1, n - 1)
+        plans.append((f"greedy-{fraction:.2f}", planner.fill(floor + int(fraction * (budget - floor)))))
+    rng = random.Random(0)
+    for i in range(settings["random"]):
+        from qradaptor.plan import LayerChoice
+
+        choices = [LayerChoice(rng.choice(config.bits), rng.choice(config.ranks)) for _ in range(L)]
+        plans.append((f"random-{i}", planner.repair(Plan(choices), budget)))
+    seen, unique = set(), []
+    for name, plan in plans:  # a greedy or repaired plan can coincide with another
+        key = json.dumps(plan.to_dict(), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append((name, plan))
+    random.Random(1).shuffle(unique)
+    return unique
+
+
+def plan_id(plan) -> str:
+    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- measurements
+
+
+def cached(path: Path, compute):
+    """The JSON value kept at ``path``, computing and keeping it first if it is not there."""
+    from qradaptor.io import atomic_write_json
+
+    if not path.is_file():
+        atomic_write_json(path, {"value": compute()})
+    return json.loads(path.read_text())["value"]
+
+
+def measure(bench, name: str, plan, settings: dict, kl_blocks, *, seeds: int) -> dict:
+    from benchmarks.frontier import kl_to_full, run_final
+    from qradaptor.search import Fidelity
+
+    d = bench.work / "plans" / plan_id(plan)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "plan.json").write_text(json.dumps({"name": name, "plan": plan.to_dict()}))
+    row = {"name": name, "plan": plan.describe(), "id": plan_id(plan)}
+    row["kl_before"] = cached(d / "kl.json", lambda: kl_to_full(bench.base, plan, kl_blocks, bench.fitness.cache,
+                                                                 None))
+    for k in settings["short_steps"]:
+        fidelity = Fidelity(f"k{k}", steps=k, eval_blocks=settings["eval_blocks"], batch_size=settings["batch_size"],
+                            lr=settings["lr"])
+        row[f"loss@{k}"] = cached(d / f"loss-{k}.json", lambda: bench.fitness(plan, fidelity)[0])
+    finals = []
+    for seed in range(seeds):
+        # the real training stage in a child process, with the training defaults (dtype, checkpointing)
+        result = run_final(bench.work / "plans" / plan_id(plan), f"final-seed{seed}", plan, settings, bench.model,
+                           bench.data, seed=seed, dtype=_train_dtype())
+        finals.append(result["loss"])
+        row.setdefault("train_seconds", result["train_seconds"])
+    row["final"], row["final_seeds"] = finals[0], finals
+    row["log2_rank"] = sum(math.log2(c.rank) for c in plan.layers) / len(plan.layers)
+    row["code_bits"] = sum(c.bits for c in plan.layers) / len(plan.layers)
+    return row
+
+
+def _train_dtype() -> str:
+    from qradaptor.rundir import RunConfig
+
+    return RunConfig().dtype
+
+
+def done_rows(work: Path) -> list[dict]:
+    """Rows of the plans whose every measurement is done (for --report while a run is under way)."""
+    rows = []
+    for path in sorted((work / "rows").glob("*.json")):
+        rows.append(json.loads(path.read_text()))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- the report
+
+
+def analyse(rows: list[dict], settings: dict) -> dict:
+    final = [r["final"] for r in rows]
+    signals = {"kl_before": [r["kl_before"] for r in rows]}
+    for k in settings["short_steps"]:
+        signals[f"loss@{k}"] = [r[f"loss@{k}"] for r in rows]
+    features = [f for f in FEATURES if f in rows[0]] if rows else []
+    if len(rows) >= len(features) + 3:
+        signals["surrogate"] = ridge_loo([[r[f] for f in features] for r in rows], final)
+    fit_steps = [k for k in settings["short_steps"] if k >= 8] or list(settings["short_steps"])
+    if len(fit_steps) >= 3:
+        signals["extrapolated"] = [extrapolate(fit_steps, [r[f"loss@{k}"] for k in fit_steps], settings["steps"])
+                                   for r in rows]
+    better = sorted(range(len(rows)), key=lambda i: final[i])[: max(3, len(rows) // 2)]
+    out = []
+    for name, values in signals.items():
+        sub_v, sub_f = [values[i] for i in better], [final[i] for i in better]
+        out.append({"name": name, "spearman": spearman(values, final), "top3": top3(values, final),
+                    "spearman_better_half": spearman(sub_v, sub_f), "top3_better_half": top3(sub_v, sub_f)})
+    ranked = [s for s in out if s["spearman_better_half"] is not None]
+    chosen = max(ranked, key=lambda s: s["spearman_better_half"])["name"] if ranked else None
+    spreads = [max(r["final_seeds"]) - min(r["final_seeds"]) for r in rows if len(r["final_seeds"]) > 1]
+    return {"signals": out, "chosen": chosen, "seed_spread_max": max(spreads) if spreads else None,
+            "seed_spread_mean": sum(spreads) / len(spreads) if spreads else None,
+            "plans_with_seeds": len(spreads)}
+
+
+def report(rows: list[dict], settings: dict, planned: int, smoke: bool) -> tuple[dict, str]:
+    stats = analyse(rows, settings)
+    payload = {"smoke": smoke, "settings": settings, "environment": environment(), "plans_done": len(rows),
+               "plans_planned": planned, **stats, "plans": rows}
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    md = (f"# Fidelity: which cheap signal ranks plans like the final fine-tune{' (smoke)' if smoke else ''}\n\n"
+          f"{len(rows)} of {planned} plans measured inside the 4-bit budget "
+          f"({'a tiny random model' if smoke else 'SmolLM2-135M-Instruct'}). Final: test loss after "
+          f"{settings['steps']} steps of {settings['batch_size']}×{settings['seq_len']} tokens (the `train` stage, "
+          f"its default dtype). loss@K: validation loss after the search's K-step fine-tune. Surrogate and "
+          f"extrapolated: leave-one-out predictions. Better half: the half of the plans with the lower final loss.\n\n")
+    md += markdown_table(["signal", "Spearman", "top-3", "Spearman (better half)", "top-3 (better half)"],
+                         [[s["name"], fmt(s["spearman"]), fmt(s["top3"]), fmt(s["spearman_better_half"]),
+                           fmt(s["top3_better_half"])] for s in stats["signals"]])
+    md += (f"\nChosen (best Spearman over the better half): **{stats['chosen']}**. Seed spread of the final loss "
+           f"(max − min over {settings['seeds']} seeds) on {stats['plans_with_seeds']} plans: max "
+           f"{fmt(stats['seed_spread_max'])}, mean {fmt(stats['seed_spread_mean'])}.\n\n")
+    cols = ["plan", "final", "kl_before"] + [f"loss@{k}" for k in settings["short_steps"]] + ["layout"]
+    md += markdown_table(cols, [[r["name"], f"{r['final']:.4f}", f"{r['kl_before']:.4f}"]
+                                + [f"{r[f'loss@{k}']:.4f}" for k in settings["short_steps"]]
+                                + [r["plan"].replace("|", "/")] for r in sorted(rows, key=lambda r: r["final"])])
+    return payload, md
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script")
+    parser.add_argument("--work", type=Path, default=None, help="resumable working directory "
+                                                               "(default benchmarks/work/fidelity[-smoke])")
+    parser.add_argument("--report", action="store_true", help="only write the results of the plans done so far")
+    parser.add_argument("--max-plans", type=int, default=None, help="stop after this many plans (the rest later)")
+    args = parser.parse_args(argv)
+
+    from benchmarks.frontier import Bench
+    from qradaptor.data import load_blocks
+
+    settings = dict(SMOKE if args.smoke else FULL)
+    work = args.work or Path(__file__).resolve().parent / "work" / ("fidelity-smoke" if args.smoke else "fidelity")
+    bench = Bench(str(work), smoke=args.smoke)
+    plans = candidate_plans(bench, settings)
+    if not args.report:
+        kl_blocks = load_blocks(bench.data, bench.tokenizer, "test", seq_len=settings["seq_len"],
+                                max_blocks=settings["kl_blocks"])
+        start = time.perf_counter()
+        for i, (name, plan) in enumerate(plans[: args.max_plans]):
+            row_path = work / "rows" / f"{plan_id(plan)}.json"
+            if row_path.is_file():
+                continue
+            print(f"fidelity: plan {i + 1}/{len(plans)} {name} ({plan.describe()})", flush=True)
+            row = measure(bench, name, plan, settings, kl_blocks,
+                          seeds=settings["seeds"] if i < settings["seed_plans"] else 1)
+            from qradaptor.io import atomic_write_json
+
+            atomic_write_json(row_path, row)
+        print(f"fidelity: measured for {time.perf_counter() - start:.0f} s", flush=True)
+    rows = done_rows(work)
+    if not rows:
+        sys.exit("fidelity: no plan is measured yet; run without --report first")
+    payload, md = report(rows, settings, len(plans), args.smoke)
+    where = work if args.smoke else RESULTS
+    write_results("fidelity", payload, md, where)
+    print(f"fidelity: wrote {where}/fidelity.json and fidelity.md")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
