@@ -45,3 +45,19 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def child_result(path: Path, args: list[str], what: str, env: dict | None = None) -> dict:
+    """The JSON a case's child process printed last, kept at ``path``: the child runs only when ``path`` is not
+    there yet (so a benchmark resumes), and a failed child stops the benchmark with its error."""
+    import subprocess
+
+    if not path.is_file():
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(proc.stdout.strip().splitlines()[-1])
+        tmp.replace(path)
+    return json.loads(path.read_text())

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     _here = pathlib.Path(__file__).resolve().parent
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, child_result, environment, markdown_table, write_results  # noqa: E402
 
 MIB = 2**20
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -181,15 +180,8 @@ def measure(case: dict, work: Path, device: str) -> dict:
     path = work / (case["name"].replace("/", "_") + ".json")
     if not path.is_file():
         print(f"gpu: {case['name']}", flush=True)
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case),
-                               "--device", device], capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"gpu: case {case['name']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        work.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(proc.stdout.strip().splitlines()[-1])
-        tmp.replace(path)
-    return json.loads(path.read_text())
+    return child_result(path, [str(Path(__file__).resolve()), "--case", json.dumps(case), "--device", device],
+                        f"gpu: case {case['name']}")
 
 
 def report(results: list[dict], smoke: bool) -> tuple[dict, str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     _here = pathlib.Path(__file__).resolve().parent
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
 
-from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, child_result, markdown_table, write_results  # noqa: E402
 
 REPEATS = 3  # runs of the headline pair (see cases)
 
@@ -258,18 +257,11 @@ def _measure_once(case: dict, work: Path, i: int) -> dict:
     if not path.is_file():
         print(f"memory: {case['name']}" + (f" (run {i + 1} of {case['repeats']})" if case.get("repeats", 1) > 1
                                            else ""), flush=True)
-        env = dict(os.environ)
-        if case.get("allocator") == "mmap128k":
-            env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.exit(f"memory: case {case['name']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        work.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(proc.stdout.strip().splitlines()[-1])
-        tmp.replace(path)
-    return json.loads(path.read_text())
+    env = dict(os.environ)
+    if case.get("allocator") == "mmap128k":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    return child_result(path, [str(Path(__file__).resolve()), "--case", json.dumps(case)],
+                        f"memory: case {case['name']}", env=env)
 
 
 def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
