@@ -13,7 +13,13 @@ vs bf16 LoRA. A case's process reports: RSS right after its imports, the whole p
 training phase (its high-water mark reset through /proc/self/clear_refs once the model is built), and the mean
 time of the steps after the first.
 
-    .venv/bin/python benchmarks/memory.py            # about 20 min on 2 cores
+Allocation: qradaptor's cases run as qradaptor does, with PyTorch's huge-page allocation path
+(THP_MEM_ALLOC_ENABLE=1, set when qradaptor is imported); the plain LoRA baselines as a user's script would,
+with glibc's defaults, and again with the huge-page path (`/huge-pages`) for a same-allocator comparison; the
+headline quantized case also with glibc's defaults (`/glibc`), and three cases with glibc returning every freed
+block (`/mmap128k`), whose peak is what the live tensors need.
+
+    .venv/bin/python benchmarks/memory.py            # about 40 min on 2 cores
     .venv/bin/python benchmarks/memory.py --smoke    # a tiny random model, seconds: keeps the script working
 
 Resumable: each case's result is kept under --work (default benchmarks/work/memory). Run it on a quiet machine.
@@ -53,10 +59,12 @@ def cases(smoke: bool) -> list[dict]:
     """Every case: name, model ('smollm2', '1b' or 'tiny'), method, dtype, checkpointing, batch shape, steps."""
     out = []
 
-    def add(model, method, dtype, ckpt, batch, seq, steps, backend="hqq", allocator="glibc", backward="no-copy",
+    def add(model, method, dtype, ckpt, batch, seq, steps, backend="hqq", allocator=None, backward="no-copy",
             repeats=1):
+        default = _default_allocator(method)
+        allocator = allocator or default
         name = f"{model}/{method}{'-native' if backend == 'hqq-native' else ''}/{dtype}/" \
-               f"{'ckpt' if ckpt else 'no-ckpt'}/{batch}x{seq}" + ("" if allocator == "glibc" else f"/{allocator}") \
+               f"{'ckpt' if ckpt else 'no-ckpt'}/{batch}x{seq}" + ("" if allocator == default else f"/{allocator}") \
                + ("" if backward == "no-copy" else f"/{backward}")
         out.append({"name": name, "model": model, "method": method, "backend": backend, "dtype": dtype,
                     "checkpointing": ckpt, "batch_size": batch, "seq_len": seq, "steps": steps,
@@ -67,14 +75,16 @@ def cases(smoke: bool) -> list[dict]:
             add("tiny", method, "bfloat16", True, 2, 32, 2, repeats=2 if method == "uniform4" else 1)
         add("tiny", "uniform4", "float32", False, 2, 32, 2)
         return out
-    # The headline pair (uniform 4-bit at the default dtype against bf16 LoRA) runs REPEATS times: glibc's
-    # retained heap makes one process's peak vary by ~15% from run to run, as much as the target's margin.
+    # The headline cases (uniform 4-bit at the default dtype against bf16 LoRA, each allocator) run REPEATS
+    # times: the retained heap makes one process's peak vary by ~15% from run to run.
     for ckpt in (True, False):  # SmolLM2, batch 4×256: the plain LoRA baselines and uniform 4-bit, both dtypes
         add("smollm2", "bf16-lora", "bfloat16", ckpt, 4, 256, 4, repeats=REPEATS if ckpt else 1)
         add("smollm2", "fp32-lora", "float32", ckpt, 4, 256, 4)
         for dtype in ("bfloat16", "float32"):
             add("smollm2", "uniform4", dtype, ckpt, 4, 256, 4,
                 repeats=REPEATS if ckpt and dtype == _default_dtype_name() else 1)
+    add("smollm2", "bf16-lora", "bfloat16", True, 4, 256, 4, allocator="huge-pages", repeats=REPEATS)
+    add("smollm2", "uniform4", _default_dtype_name(), True, 4, 256, 4, allocator="glibc", repeats=REPEATS)
     for dtype in ("bfloat16", "float32"):  # other plans and HQQ's own layer, checkpointing on
         add("smollm2", "uniform4", dtype, True, 4, 256, 4, backend="hqq-native")
         add("smollm2", "uniform8", dtype, True, 4, 256, 4)
@@ -84,13 +94,20 @@ def cases(smoke: bool) -> list[dict]:
         add("smollm2", "uniform4", dtype, False, 4, 256, 4, backward="saved-weight")
     for method in ("bf16-lora", "uniform4"):  # a larger batch shape
         add("smollm2", method, "bfloat16", True, 8, 512, 3)
+    add("smollm2", "bf16-lora", "bfloat16", True, 8, 512, 3, allocator="huge-pages")
     # glibc returning every freed block of 128 KiB or more at once (MALLOC_MMAP_THRESHOLD_=131072): the
     # memory the live tensors need, without the default heap's retained free blocks
     for method, dtype in (("bf16-lora", "bfloat16"), ("uniform4", "bfloat16"), ("uniform4", "float32")):
         add("smollm2", method, dtype, True, 4, 256, 4, allocator="mmap128k")
     for method in ("bf16-lora", "uniform4"):
-        add("1b", method, "bfloat16", True, 4, 256, 3)
+        add("1b", method, "bfloat16", True, 4, 256, 3, repeats=REPEATS)
+    add("1b", "bf16-lora", "bfloat16", True, 4, 256, 3, allocator="huge-pages")
     return out
+
+
+def _default_allocator(method: str) -> str:
+    """Plain LoRA scripts allocate with glibc's defaults; qradaptor turns on PyTorch's huge-page path."""
+    return "glibc" if method.endswith("-lora") else "huge-pages"
 
 
 # ---------------------------------------------------------------------------------------- one case (child)
@@ -135,7 +152,8 @@ def predicted(case: dict):
     backend = None if plain else get_backend(case["backend"], compute_dtype=dtype)
     return training_memory(ModelShapes.from_config(config), _plan(case["method"], config.num_hidden_layers), backend,
                            config, batch_size=case["batch_size"], seq_len=case["seq_len"], dtype=dtype,
-                           checkpointing=case["checkpointing"], plain_peft=plain)
+                           checkpointing=case["checkpointing"], plain_peft=plain,
+                           allocator="huge-pages" if case["allocator"] == "huge-pages" else "glibc")
 
 
 def run_case(case: dict) -> dict:
@@ -198,6 +216,10 @@ def run_case(case: dict) -> dict:
     import gc
 
     gc.collect()
+    if backend is not None:  # as `qradaptor train` does: what building the model freed goes back to the system
+        from qradaptor.memory import release_free_memory
+
+        release_free_memory()
     built_peak = _vm_bytes("VmHWM")
     before_training = _vm_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS (Linux >= 4.0)
@@ -225,7 +247,10 @@ def run_case(case: dict) -> dict:
               on_step=lambda *a: marks.append(time.perf_counter()))
         step_seconds = [b - a for a, b in zip(marks, marks[1:])]
     train_peak = _vm_bytes("VmHWM")
+    from qradaptor.device import cpu_allocator
+
     return {
+        "observed_allocator": cpu_allocator(),
         **case,
         "rss_after_imports": after_imports,
         "rss_before_training": before_training,
@@ -257,11 +282,15 @@ def _measure_once(case: dict, work: Path, i: int) -> dict:
     if not path.is_file():
         print(f"memory: {case['name']}" + (f" (run {i + 1} of {case['repeats']})" if case.get("repeats", 1) > 1
                                            else ""), flush=True)
-    env = dict(os.environ)
-    if case.get("allocator") == "mmap128k":
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if case["allocator"] == "huge-pages" else "0"}
+    if case["allocator"] == "mmap128k":
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    return child_result(path, [str(Path(__file__).resolve()), "--case", json.dumps(case)],
-                        f"memory: case {case['name']}", env=env)
+    result = child_result(path, [str(Path(__file__).resolve()), "--case", json.dumps(case)],
+                          f"memory: case {case['name']}", env=env)
+    expected = "huge-pages" if case["allocator"] == "huge-pages" else "glibc"
+    if result.get("observed_allocator") != expected:  # the setting did not reach PyTorch: the case is not what it says
+        sys.exit(f"memory: case {case['name']} allocated with {result.get('observed_allocator')}, not {expected}")
+    return result
 
 
 def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
@@ -290,16 +319,32 @@ def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
     else:
         s, b = "smollm2/uniform4/{}/ckpt/4x256", "smollm2/bf16-lora/bfloat16/ckpt/4x256"
         default_dtype = _default_dtype_name()
-        quant_runs = by.get(s.format(default_dtype), {}).get("runs")
-        lora_runs = by.get(b, {}).get("runs")
+
+        def pairings(a: str, b: str) -> dict:
+            """The best and worst pairing of two repeated cases' runs."""
+            runs_a, runs_b = by.get(a, {}).get("runs"), by.get(b, {}).get("runs")
+            if not (runs_a and runs_b):
+                return {"min": None, "max": None}
+            return {"min": runs_a[0]["training_memory"] / runs_b[-1]["training_memory"],
+                    "max": runs_a[-1]["training_memory"] / runs_b[0]["training_memory"]}
+
+        small = pairings(s.format(default_dtype), b)
+        large = pairings("1b/uniform4/bfloat16/ckpt/4x256", "1b/bf16-lora/bfloat16/ckpt/4x256")
         targets = {
             "smollm2_uniform4_vs_bf16_lora": ratio(s.format(default_dtype), b),
-            # the best and worst pairing of the repeated runs
-            "smollm2_uniform4_vs_bf16_lora_min": (quant_runs[0]["training_memory"] / lora_runs[-1]["training_memory"]
-                                                  if quant_runs and lora_runs else None),
-            "smollm2_uniform4_vs_bf16_lora_max": (quant_runs[-1]["training_memory"] / lora_runs[0]["training_memory"]
-                                                  if quant_runs and lora_runs else None),
+            # the same comparison with both on PyTorch's huge-page path
+            "smollm2_uniform4_vs_bf16_lora_same_allocator": ratio(s.format(default_dtype), b + "/huge-pages"),
+            "smollm2_uniform4_vs_bf16_lora_min": small["min"],
+            "smollm2_uniform4_vs_bf16_lora_max": small["max"],
             "1b_uniform4_vs_bf16_lora": ratio("1b/uniform4/bfloat16/ckpt/4x256", "1b/bf16-lora/bfloat16/ckpt/4x256"),
+            "1b_uniform4_vs_bf16_lora_min": large["min"],
+            "1b_uniform4_vs_bf16_lora_max": large["max"],
+            "1b_uniform4_vs_bf16_lora_same_allocator": ratio("1b/uniform4/bfloat16/ckpt/4x256",
+                                                             "1b/bf16-lora/bfloat16/ckpt/4x256/huge-pages"),
+            # qradaptor's allocation setting against glibc's defaults, uniform 4-bit
+            "huge_pages_memory_saving_uniform4": ratio(s.format(default_dtype), s.format(default_dtype) + "/glibc"),
+            "huge_pages_step_time_uniform4": ratio(s.format(default_dtype), s.format(default_dtype) + "/glibc",
+                                                   "step_time"),
             "checkpointing_memory_saving_uniform4": ratio(s.format(default_dtype),
                                                           s.format(default_dtype).replace("/ckpt/", "/no-ckpt/")),
             "checkpointing_step_time_cost_uniform4": ratio(s.format(default_dtype),
@@ -320,10 +365,13 @@ def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
           "and the mean time of the steps after the first. `bf16-lora`/`fp32-lora`: plain transformers + peft "
           "(`model(input_ids, labels=labels).loss`); the rest: qradaptor's training loop (chunked loss) on the "
           "quantized base. Names: model / method / compute dtype / checkpointing / batch×tokens [/ allocator]. "
-          "`mmap128k`: the process ran with `MALLOC_MMAP_THRESHOLD_=131072`, so glibc returns every freed block of "
-          "128 KiB or more at once: its peak is what the live tensors need, and it is compared with the model's "
-          "live peak (without `ALLOCATOR_RETENTION`); every other case uses glibc's defaults and is compared with "
-          "the full prediction. A case with a range ran several times in fresh processes: its row is the median run "
+          "Allocation: qradaptor's cases as qradaptor runs, on PyTorch's huge-page path (`THP_MEM_ALLOC_ENABLE=1`, "
+          "set when qradaptor is imported); the plain LoRA cases as a user's script runs, with glibc's defaults; "
+          "a name ending in `/huge-pages` or `/glibc` ran with the other one. `mmap128k`: glibc's defaults with "
+          "`MALLOC_MMAP_THRESHOLD_=131072`, so glibc returns every freed block of 128 KiB or more at once: its peak "
+          "is what the live tensors need, and it is compared with the model's live peak (without "
+          "`ALLOCATOR_RETENTION`); every other case is compared with the full prediction for its allocator. "
+          "A case with a range ran several times in fresh processes: its row is the median run "
           "(by training memory), the range is over all its runs, and the `_min`/`_max` ratios pair those runs "
           "best and worst.", "",
           markdown_table(["case", "peak process MiB", "peak training MiB", "after imports MiB", "training memory MiB",

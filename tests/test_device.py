@@ -67,6 +67,38 @@ def test_peak_memory_on_the_cpu_is_the_peak_of_the_phase_only():
     del block
 
 
+@pytest.mark.parametrize("setting, expected", [(None, "huge-pages"), ("0", "glibc"), ("1", "huge-pages")])
+def test_importing_qradaptor_turns_on_pytorchs_huge_page_allocation_unless_the_user_set_it(setting, expected,
+                                                                                           tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    # as a user's script does: torch first, then qradaptor, then the first tensors
+    code = "import torch, qradaptor\nfrom qradaptor.device import cpu_allocator\nprint(cpu_allocator())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == expected
+
+
+def test_training_memory_prices_the_heap_by_allocator(tiny_config):
+    from qradaptor.backends import get_backend
+    from qradaptor.device import cpu_allocator
+    from qradaptor.memory import ALLOCATOR_RETENTION, ModelShapes, training_memory
+
+    est = lambda **kw: training_memory(ModelShapes.from_config(tiny_config), Plan.uniform(4, 4, 8),
+                                       get_backend("hqq"), tiny_config, batch_size=4, seq_len=64, **kw)
+    glibc, huge = est(allocator="glibc"), est(allocator="huge-pages")
+    assert glibc.live_peak_bytes == huge.live_peak_bytes  # the same tensors
+    assert ALLOCATOR_RETENTION["huge-pages"] < ALLOCATOR_RETENTION["glibc"]
+    assert huge.allocator_bytes < glibc.allocator_bytes and huge.peak_bytes < glibc.peak_bytes
+    assert est().allocator == cpu_allocator() and huge.to_dict()["allocator"] == "huge-pages"
+    gpu = est(device="cuda")  # pricing only: nothing is placed on a GPU
+    assert gpu.allocator == "" and gpu.allocator_bytes == 0 and gpu.runtime_bytes == 0
+
+
 def test_model_device_is_where_its_tensors_are(tiny_model):
     assert model_device(tiny_model) == torch.device("cpu")
     assert model_device(torch.nn.Module()) == torch.device("cpu")
@@ -88,6 +120,7 @@ def test_train_on_the_cpu_records_its_device_and_measured_peak(tiny_dir, words, 
     assert run["config"]["device"] == "cpu"
     peak = metrics["training_peak"]
     assert peak["device"] == "cpu" and peak["measured_bytes"] > 0 and peak["predicted_bytes"] > 0
+    assert run["training_estimate"]["allocator"] in ("glibc", "huge-pages")
 
 
 def test_quantizing_onto_the_device_gives_the_same_model(tiny_model):

@@ -92,8 +92,8 @@ def cmd_memory(args) -> int:
           f"tokens, gradient checkpointing {'on' if t['checkpointing'] else 'off'}")
     print(f"  runtime {format_bytes(t['runtime_bytes'])}, model {format_bytes(t['weights_bytes'])}, LoRA gradients "
           f"{format_bytes(t['gradient_bytes'])}, AdamW state {format_bytes(t['optimizer_bytes'])}, activations "
-          f"{format_bytes(t['activation_bytes'])}, loss {format_bytes(t['loss_bytes'])}, freed memory the allocator "
-          f"keeps {format_bytes(t['allocator_bytes'])}")
+          f"{format_bytes(t['activation_bytes'])}, loss {format_bytes(t['loss_bytes'])}, freed memory the heap "
+          f"keeps {format_bytes(t['allocator_bytes'])}" + (f" ({t['allocator']} allocation)" if t["allocator"] else ""))
     if "budget_bytes" in report:
         used = t["peak_bytes"] if report["budget_on"] == "training peak" else report["predicted_bytes"]
         margin = report["budget_bytes"] - used

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .backends import QuantBackend, is_quantized
+from .device import cpu_allocator
 from .errors import BudgetError
 from .plan import DEFAULT_RANK, UNQUANTIZED_BITS, LayerChoice, Plan
 
@@ -381,11 +382,14 @@ def format_bytes(n: float) -> str:
 #: what the runtime adds once training runs (autograd engine, thread pools): measured once on this project's
 #: CPU machine, where glibc returned every freed block (benchmarks/memory.py, its `mmap128k` cases).
 RUNTIME_BYTES = 500 * 2**20
-#: glibc's default heap keeps freed blocks for reuse, and while training its retained free memory grows to
-#: about this fraction of what every layer's activations would take without checkpointing (measured on this
-#: machine: 0.58–0.95 across SmolLM2 cases at 4×256 and 8×512 tokens; benchmarks/memory.py). Allocators that
-#: return memory (jemalloc, tcmalloc, MALLOC_MMAP_THRESHOLD_=131072) avoid it, the last at twice the step time.
-ALLOCATOR_RETENTION = 0.7
+#: The C heap keeps freed blocks for reuse, so while training a process also holds free memory, by how PyTorch
+#: allocates (`qradaptor.device.cpu_allocator`). Fitted on this machine (benchmarks/memory.py, SmolLM2 cases at
+#: 4×256 and 8×512 tokens): with glibc's defaults the retained memory grows to about 0.7× of what every layer's
+#: activations take without checkpointing (what one step allocates in all; 0.5–0.9 across cases); on PyTorch's
+#: huge-page path, qradaptor's default, to about 0.6× of the activations and loss alive at the peak (0.45–0.9).
+#: An allocator that returns every freed block (MALLOC_MMAP_THRESHOLD_=131072) reaches the live peak, at twice
+#: the step time.
+ALLOCATOR_RETENTION = {"glibc": 0.7, "huge-pages": 0.6}
 #: Logit values the chunked loss computes at once (qradaptor.evaluate.LOSS_CHUNK_VALUES).
 _LOSS_CHUNK_VALUES = 2**23
 
@@ -400,10 +404,11 @@ class TrainingMemory:
     optimizer_bytes: int  # AdamW's two fp32 moments
     activation_bytes: int  # what autograd keeps for backward at its peak (all layers, or layer inputs + one layer)
     loss_bytes: int  # logits and their gradient: one chunk (qradaptor) or the whole batch (plain transformers)
-    allocator_bytes: int = 0  # freed memory glibc's heap keeps (ALLOCATOR_RETENTION)
+    allocator_bytes: int = 0  # freed memory the C heap keeps (ALLOCATOR_RETENTION)
     batch_size: int = 0
     seq_len: int = 0
     checkpointing: bool = True
+    allocator: str = ""  # how the CPU heap was priced ("glibc", "huge-pages"); "" on a GPU
 
     @property
     def live_peak_bytes(self) -> int:
@@ -413,7 +418,7 @@ class TrainingMemory:
 
     @property
     def peak_bytes(self) -> int:
-        """The predicted peak resident memory with glibc's default allocator."""
+        """The predicted peak resident memory (with the free memory the heap keeps)."""
         return self.live_peak_bytes + self.allocator_bytes
 
     def to_dict(self) -> dict:
@@ -444,14 +449,16 @@ def _layer_activation_values(config, tokens: int, ranks_by_module: int, dtype: t
 
 def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | None, config, *, batch_size: int,
                     seq_len: int, dtype: torch.dtype | None = None, checkpointing: bool = True,
-                    plain_peft: bool = False, device: torch.device | str = "cpu") -> TrainingMemory:
+                    plain_peft: bool = False, device: torch.device | str = "cpu",
+                    allocator: str | None = None) -> TrainingMemory:
     """Predicted peak memory of training ``plan``'s adapters with AdamW on batches of ``batch_size × seq_len``.
 
     ``backend`` None means no quantization (every layer at ``dtype``). With ``checkpointing`` autograd keeps
     each decoder layer's input and recomputes one layer at a time in backward; without, every layer's
     activations. ``plain_peft`` prices the loss as plain transformers computes it (the whole batch's logits in
-    fp32 with their gradient) instead of qradaptor's chunked loss. ``peak_bytes`` adds the free memory glibc's
-    heap retains (`ALLOCATOR_RETENTION`); ``live_peak_bytes`` is what is in use. Checked on SmolLM2-135M and a
+    fp32 with their gradient) instead of qradaptor's chunked loss. ``peak_bytes`` adds the free memory the C
+    heap retains (`ALLOCATOR_RETENTION` for ``allocator``, "glibc" or "huge-pages"; None: how this process
+    allocates, `qradaptor.device.cpu_allocator`); ``live_peak_bytes`` is what is in use. Checked on SmolLM2-135M and a
     1B shape on CPU (benchmarks/memory.py); an estimate for Llama-style models, not a bound.
 
     On a CUDA ``device`` the prediction is of PyTorch's allocations on the GPU (``torch.cuda.max_memory_allocated``):
@@ -459,6 +466,8 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
     checked against a GPU measurement.
     """
     on_gpu = torch.device(device).type == "cuda"
+    if not on_gpu and allocator is None:
+        allocator = cpu_allocator()
     dtype = dtype or (backend.compute_dtype if backend is not None else torch.float32)
     if backend is None:
         plan = dataclasses.replace(plan, layers=[LayerChoice(UNQUANTIZED_BITS, c.rank) for c in plan.layers])
@@ -481,8 +490,10 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
         loss = tokens * vocab * (a + 4 + 4)  # logits, their fp32 upcast and its gradient
     else:
         loss = min(tokens, max(1, _LOSS_CHUNK_VALUES // vocab)) * vocab * (a + 4 + 4)
+    # what the heap's retained free memory grows with (see ALLOCATOR_RETENTION)
+    retained_from = every_layer if allocator == "glibc" else activations + loss
     return TrainingMemory(runtime_bytes=0 if on_gpu else RUNTIME_BYTES, weights_bytes=report.total_bytes,
                           gradient_bytes=report.trainable_params * 4, optimizer_bytes=report.trainable_params * 8,
                           activation_bytes=int(activations), loss_bytes=int(loss),
-                          allocator_bytes=0 if on_gpu else int(ALLOCATOR_RETENTION * every_layer), batch_size=batch_size,
-                          seq_len=seq_len, checkpointing=checkpointing)
+                          allocator_bytes=0 if on_gpu else int(ALLOCATOR_RETENTION[allocator] * retained_from), batch_size=batch_size,
+                          seq_len=seq_len, checkpointing=checkpointing, allocator="" if on_gpu else allocator)

@@ -315,12 +315,17 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
         say("plan %s on %s: %s predicted (%.2f avg bits, adapters included)", plan_obj.describe(),
                  config.model, format_bytes(memory.total_bytes), memory.avg_bits)
         say("predicted training peak: %s (runtime %s, model %s, LoRA gradients %s, AdamW state %s, activations "
-            "%s, loss %s, allocator %s) for batches of %d×%d tokens, gradient checkpointing %s",
+            "%s, loss %s, freed memory the heap keeps %s%s) for batches of %d×%d tokens, gradient checkpointing %s",
             format_bytes(estimate.peak_bytes), format_bytes(estimate.runtime_bytes),
             format_bytes(estimate.weights_bytes), format_bytes(estimate.gradient_bytes),
             format_bytes(estimate.optimizer_bytes), format_bytes(estimate.activation_bytes),
-            format_bytes(estimate.loss_bytes), format_bytes(estimate.allocator_bytes), config.batch_size,
+            format_bytes(estimate.loss_bytes), format_bytes(estimate.allocator_bytes),
+            f" with {estimate.allocator} allocation" if estimate.allocator else "", config.batch_size,
             config.seq_len, "on" if config.gradient_checkpointing else "off")
+        if estimate.allocator == "glibc":
+            say("PyTorch allocates with glibc's defaults in this process (THP_MEM_ALLOC_ENABLE=0, or PyTorch "
+                "allocated before qradaptor was imported), whose heap keeps more freed memory while training; "
+                "import qradaptor before making tensors, or set THP_MEM_ALLOC_ENABLE=1, for its huge-page path")
 
         state = None
         if saved is not None:
