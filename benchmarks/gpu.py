@@ -76,6 +76,7 @@ def _random_model(config, device, dtype):
         shell = LlamaForCausalLM(config)
     model = shell.to_empty(device=device)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)  # real tables
+    model.tie_weights()  # to_empty gives each module its own tensor: the output layer again shares the embedding's
     from qradaptor.models import convert_weights
 
     convert_weights(model, dtype)

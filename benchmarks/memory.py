@@ -184,9 +184,12 @@ def run_case(case: dict) -> dict:
         model = shell.to_empty(device="cpu")  # random weights without an fp32 copy first
         # to_empty leaves every tensor uninitialised: the rotary tables too (built anew here), or the loss can be NaN
         model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+        model.tie_weights()  # to_empty gives each module its own tensor: the output layer again shares the embedding's
         model = model.to(dtype)
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.02)
+        if config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+            raise RuntimeError("the random model's output layer does not share the embedding: it would count twice")
         return model
 
     plan = _plan(case["method"], config.num_hidden_layers)
