@@ -99,16 +99,27 @@ def run_final(work: Path, name: str, plan, settings: dict, model, data, *, seed:
     """Train ``plan`` in a child process (the real training stage), or return a finished earlier run's result."""
     from qradaptor.io import atomic_write_json
 
-    result_path = work / name / "final.json"
+    result_path, spec_path = work / name / "final.json", work / name / "spec.json"
+    spec = {"run_dir": str(work / name / "train"), "result": str(result_path), "plan": plan.to_dict(),
+            "model": model, "data": data, "steps": settings["steps"], "seq_len": settings["seq_len"],
+            "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": seed, "dtype": dtype}
+    _drop_if_stale(result_path, spec_path, spec)
     if not result_path.is_file():
         (work / name).mkdir(parents=True, exist_ok=True)
-        spec = {"run_dir": str(work / name / "train"), "result": str(result_path), "plan": plan.to_dict(),
-                "model": model, "data": data, "steps": settings["steps"], "seq_len": settings["seq_len"],
-                "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": seed, "dtype": dtype}
-        spec_path = atomic_write_json(work / name / "spec.json", spec)
+        spec_path = atomic_write_json(spec_path, spec)
         print(f"frontier: {name}: final fine-tune ({plan.describe()})", flush=True)
         child(name, "--final-run", spec_path)
     return json.loads(result_path.read_text())
+
+
+def _drop_if_stale(result_path: Path, spec_path: Path, spec: dict) -> None:
+    """Remove a kept result that an earlier run made with other settings (dtype, steps, plan, seed): rerunning the
+    benchmark after its settings changed must not report it as this one's."""
+    paths = ("run_dir", "result")
+    if result_path.is_file() and spec_path.is_file():
+        kept = json.loads(spec_path.read_text())
+        if {k: v for k, v in kept.items() if k not in paths} != {k: v for k, v in spec.items() if k not in paths}:
+            result_path.unlink()
 
 
 def child(name: str, mode: str, spec_path: Path) -> None:
@@ -162,12 +173,13 @@ def measure_rss(work: Path, name: str, plan, settings: dict, model, data, *, dty
     """Peak RSS of ``plan``'s training in a fresh process (or the earlier measurement)."""
     from qradaptor.io import atomic_write_json
 
-    result_path = work / name / "rss.json"
+    result_path, spec_path = work / name / "rss.json", work / name / "rss-spec.json"
+    spec = {"result": str(result_path), "plan": plan.to_dict(), "model": model, "data": data,
+            "steps": settings["rss_steps"], "seq_len": settings["seq_len"], "batch_size": settings["batch_size"],
+            "lr": settings["lr"], "seed": 0, "dtype": dtype}
+    _drop_if_stale(result_path, spec_path, spec)
     if not result_path.is_file():
-        spec = {"result": str(result_path), "plan": plan.to_dict(), "model": model, "data": data,
-                "steps": settings["rss_steps"], "seq_len": settings["seq_len"], "batch_size": settings["batch_size"],
-                "lr": settings["lr"], "seed": 0, "dtype": dtype}
-        child(name, "--rss-run", atomic_write_json(work / name / "rss-spec.json", spec))
+        child(name, "--rss-run", atomic_write_json(spec_path, spec))
     return json.loads(result_path.read_text())
 
 
@@ -373,7 +385,7 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
           f"(lr {settings['lr']}, seed 0) on the default data's training split, held-out loss on the whole test split "
           f"({methods[0]['test_tokens']} tokens). HQQ group size 64; the shipped SmolLM2 weights were already "
           f"4-bit at group size 32 (GGUF Q4_1), dequantized to fp32 before anything here. Quantized runs compute in "
-          f"fp32 with fp32 embeddings; `lora16` is the bf16 base (weights and compute). Memory is measured on the "
+          f"{settings.get('dtype', 'float32')} (the training default), checkpointing on; `lora16` is the bf16 base (weights and compute). Memory is measured on the "
           f"trained model (weights, quantization metadata and LoRA adapters). avg bits counts scales and zeros "
           f"(uniform 4-bit = 5.0); code bits is the plan's mean bit-width. `uniform4` is the mean of {settings['seeds']} seeds (± half the max–min spread). "
           f"Gap recovered = (uniform4 − method) / (uniform4 − lora16). Search cost is fine-tune steps spent by the "
@@ -420,11 +432,10 @@ def main() -> None:
     if args.rss_run:
         return rss_run(args.rss_run)
 
-    import torch
-
     from qradaptor.data import load_blocks
     from qradaptor.memory import parse_budget
     from qradaptor.plan import Plan
+    from qradaptor.rundir import RunConfig
     from qradaptor.search import Planner, PriorCost, SearchConfig
 
     settings = dict(SMOKE if args.smoke else FULL)
@@ -443,19 +454,21 @@ def main() -> None:
     # Every method: its plan and the search that found it (none for the fixed baselines).
     none = {"search_steps": 0, "search_seconds": 0.0, "search_evaluations": 0}
     plans: list[tuple[str, Plan, dict, str]] = [("lora16", Plan.uniform(L, 16, 16), none, "bfloat16")]
-    plans += [(f"uniform4-seed{s}", Plan.uniform(L, 4, 16), none, "float32") for s in range(settings["seeds"])]
-    plans.append(("uniform3", Plan.uniform(L, 3, 16), none, "float32"))
+    # quantized plans train as `qradaptor train` does by default (its compute dtype, checkpointing on)
+    dtype = settings["dtype"] = RunConfig().dtype
+    plans += [(f"uniform4-seed{s}", Plan.uniform(L, 4, 16), none, dtype) for s in range(settings["seeds"])]
+    plans.append(("uniform3", Plan.uniform(L, 3, 16), none, dtype))
     budget4 = parse_budget("4bit", bench.shapes, bench.backend)
     config4 = SearchConfig(budget_bytes=budget4, seq_len=settings["seq_len"], **bench.search_settings)
     planner = Planner(bench.shapes, bench.backend, PriorCost(bench.sensitivity, config4), config4)
-    plans.append(("greedy", planner.fill(budget4), none, "float32"))
+    plans.append(("greedy", planner.fill(budget4), none, dtype))
     ours = {budget: searched(f"qradaptor-{budget}", budget) for budget in BUDGETS}
     # random search: the 4-bit budget and as many fine-tune steps as ours spent there
     plans.append(("random", *searched("random", "4bit", **bench.random_settings(ours["4bit"][1]["search_steps"])),
-                  "float32"))
-    plans += [(f"qradaptor-{budget}", plan, cost, "float32") for budget, (plan, cost) in ours.items()]
+                  dtype))
+    plans += [(f"qradaptor-{budget}", plan, cost, dtype) for budget, (plan, cost) in ours.items()]
     # ablation: the same search over bits only, every adapter at rank 16 (does redistributing bits alone help?)
-    plans.append(("qradaptor-4bit-r16", *searched("qradaptor-4bit-r16", "4bit", ranks=(16,)), "float32"))
+    plans.append(("qradaptor-4bit-r16", *searched("qradaptor-4bit-r16", "4bit", ranks=(16,)), dtype))
     cache = bench.fitness.cache  # quantized layers the searches made, reused for the KL measurements
 
     kl_blocks = load_blocks(data, tokenizer, "test", seq_len=settings["seq_len"], max_blocks=settings["kl_blocks"])
@@ -466,9 +479,10 @@ def main() -> None:
         final.update(measure_rss(bench.work, name, plan, settings, model, data, dtype=dtype))
         run = json.loads((bench.work / name / "train" / "run.json").read_text())
         final["training_estimate_bytes"] = run["training_estimate"]["peak_bytes"]  # what `train` predicted
-        kl_path = bench.work / name / "kl.json"
+        # KL before training in fp32 for every method, as the fidelity study and the search's fitness measure it
+        kl_path = bench.work / name / "kl-fp32.json"
         if not kl_path.is_file():
-            kl = kl_to_full(base, plan, kl_blocks, cache, getattr(torch, dtype))
+            kl = kl_to_full(base, plan, kl_blocks, cache, None)
             kl_path.write_text(json.dumps({"kl_before": kl}))
         rows.append({"name": name, "plan": plan.describe(), "plan_layers": plan.to_dict()["layers"], "seed": seed,
                      "code_bits": sum(c.bits for c in plan.layers) / L,  # decoder layers are equal in size
