@@ -68,12 +68,15 @@ def test_peak_memory_on_the_cpu_is_the_peak_of_the_phase_only():
 
 
 @pytest.mark.parametrize("setting, expected", [(None, "huge-pages"), ("0", "glibc"), ("1", "huge-pages")])
-def test_importing_qradaptor_turns_on_pytorchs_huge_page_allocation_unless_the_user_set_it(setting, expected,
-                                                                                           tmp_path):
+def test_importing_qradaptor_turns_on_pytorchs_huge_page_allocation_unless_the_user_set_it(setting, expected):
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.is_file() or "[never]" in thp.read_text():
+        expected = "glibc"  # no transparent huge pages here: the path does nothing, and cpu_allocator says so
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if setting is not None:
         env["THP_MEM_ALLOC_ENABLE"] = setting
