@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
 
 from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
-from benchmarks.frontier import FULL, SMOKE, run_final  # noqa: E402
+from benchmarks.frontier import FINALS, FULL, SMOKE, run_final  # noqa: E402
 from benchmarks.search import smoke_model  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
@@ -49,7 +49,8 @@ def main(argv=None) -> int:
                                                                                 str(work / "words.txt"))
     layers = 4 if args.smoke else 30
     plan = Plan.uniform(layers, 4, 16)
-    runs = {d: [run_final(work, f"uniform4-{d}-s{seed}", plan, settings, model, data, seed=seed, dtype=d)
+    store = work / "finals" if args.smoke else FINALS  # final fine-tunes shared with the other benchmarks
+    runs = {d: [run_final(store, f"uniform4-{d}-s{seed}", plan, settings, model, data, seed=seed, dtype=d)
                 for seed in SEEDS] for d in DTYPES}
     summary, rows = {}, []
     for d, results in runs.items():

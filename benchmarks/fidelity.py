@@ -1,11 +1,16 @@
 """Fidelity study (issue 16): which cheap signal ranks plans the way the final fine-tune does.
 
 On plans inside the 4-bit budget of SmolLM2-135M-Instruct (every uniform bits × rank setting that fits,
-profile-greedy plans at several fractions of the budget, random plans repaired into it), each plan gets:
+profile-greedy plans at several fractions of the budget, random plans repaired into it, random plans with no
+layer below 3 bits ("mixed": the plans a search must tell apart from the uniform ones), and the plans the first
+frontier benchmark's searches chose), each plan gets:
 
     kl_before      KL(full ‖ quantized) on test blocks before any training (the adapters start at zero)
     loss@K         validation loss after a K-step fine-tune, K = 4, 8, 12, 24, 48, run as the search runs its
                    fidelities (`qradaptor.search.FineTuneFitness`: its compute dtype, warm-up, data order)
+    prefix@K       validation loss after the first K steps of the final fine-tune's schedule (100 steps: its warm-up,
+                   cosine decay, compute dtype), all K along one 48-step run: what a search that continues its
+                   plans' fine-tunes, and the winner's into the final one, would see (`FineTuneFitness.trajectory`)
     final          test loss after the frontier benchmark's final fine-tune (the real `train` stage in a child
                    process: 100 steps of 4×128 tokens at the training defaults), seed 0; seeds 0-2 on a few plans
                    for the seed spread
@@ -53,10 +58,23 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
 from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
 
 FULL = {"steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "short_steps": (4, 8, 12, 24, 48),
-        "eval_blocks": 16, "kl_blocks": 16, "profile_tokens": 4096, "greedy": 4, "random": 9, "seed_plans": 3,
-        "seeds": 3}
+        "eval_blocks": 16, "kl_blocks": 16, "profile_tokens": 4096, "greedy": 4, "random": 9, "mixed": 8,
+        "seed_plans": 3, "seeds": 3}
 SMOKE = {"steps": 4, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "short_steps": (1, 2, 3), "eval_blocks": 2,
-         "kl_blocks": 2, "profile_tokens": 256, "greedy": 2, "random": 2, "seed_plans": 1, "seeds": 2}
+         "kl_blocks": 2, "profile_tokens": 256, "greedy": 2, "random": 2, "mixed": 1, "seed_plans": 1, "seeds": 2,
+         "uniform": {"bits": (3, 4), "ranks": (4, 16)}}  # a few uniform settings: most fit a tiny model's budget
+#: Plans the first frontier benchmark's searches chose for SmolLM2 (benchmarks/results/frontier.json at 822f055;
+#: per layer bits/rank), studied as the search-found plans: the 3-bit, 3.5-bit and 4-bit budgets' choices and the
+#: bits-only ablation's. All fit the 4-bit budget.
+SEARCH_FOUND = {
+    "search-3bit": "4/4,4/4,4/8,4/4,4/4,4/4,4/4,4/4,4/4,4/4,4/4,5/16,4/4,4/4,4/4,4/4,4/4,4/4,4/4,4/4,4/4,4/4,4/4,4/4,"
+                   "4/4,3/4,4/4,4/4,4/4,5/8",
+    "search-3.5bit": "5/8,5/8,5/16,5/8,4/4,4/4,4/4,4/4,4/8,4/8,4/4,6/32,5/8,4/8,4/4,4/8,4/4,4/4,4/8,4/4,4/4,4/4,4/4,4/4,"
+                     "4/4,4/4,4/4,4/4,4/8,5/32",
+    "search-4bit": "5/16,5/16,5/16,5/8,4/4,4/8,4/8,4/8,5/8,5/8,4/8,6/32,5/16,5/8,4/8,5/8,5/8,4/4,5/8,5/8,4/8,4/4,4/4,4/8,"
+                   "4/4,4/4,4/4,4/4,5/8,6/32",
+    "search-4bit-r16": ",".join(["3/16"] + ["4/16"] * 3 + ["5/16"] + ["4/16"] * 25),
+}
 FEATURES = ("loss@4", "loss@8", "loss@12", "kl_before", "log2_rank", "code_bits")
 
 
@@ -148,19 +166,32 @@ def candidate_plans(bench, settings: dict) -> list[tuple[str, object]]:
     budget = parse_budget("4bit", bench.shapes, bench.backend)
     config = SearchConfig(budget_bytes=budget, seq_len=settings["seq_len"])
     planner = Planner(bench.shapes, bench.backend, PriorCost(bench.sensitivity, config), config)
-    plans = [(f"uniform{b}-r{r}", Plan.uniform(L, b, r)) for b in config.bits for r in config.ranks
+    grid = settings.get("uniform", {"bits": config.bits, "ranks": config.ranks})
+    plans = [(f"uniform{b}-r{r}", Plan.uniform(L, b, r)) for b in grid["bits"] for r in grid["ranks"]
              if predict(bench.shapes, Plan.uniform(L, b, r), bench.backend).total_bytes <= budget]
     floor = planner.memory(Plan.uniform(L, config.bits[0], config.ranks[0]))
     n = settings["greedy"]
     for i in range(n):
         fraction = 0.7 + 0.3 * i / max(1, n - 1)
         plans.append((f"greedy-{fraction:.2f}", planner.fill(floor + int(fraction * (budget - floor)))))
+    from qradaptor.plan import LayerChoice
+
     rng = random.Random(0)
     for i in range(settings["random"]):
-        from qradaptor.plan import LayerChoice
-
         choices = [LayerChoice(rng.choice(config.bits), rng.choice(config.ranks)) for _ in range(L)]
         plans.append((f"random-{i}", planner.repair(Plan(choices), budget)))
+    # random plans over 3 bits and up, repaired by a planner that cannot go below 3 bits either
+    mixed = SearchConfig(budget_bytes=budget, seq_len=settings["seq_len"], bits=tuple(b for b in config.bits if b >= 3))
+    mixed_planner = Planner(bench.shapes, bench.backend, PriorCost(bench.sensitivity, mixed), mixed)
+    rng = random.Random(2)
+    for i in range(settings["mixed"]):
+        choices = [LayerChoice(rng.choice(mixed.bits[:-1]), rng.choice(config.ranks)) for _ in range(L)]
+        plans.append((f"mixed-{i}", mixed_planner.repair(Plan(choices), budget)))
+    if not bench.smoke:
+        from qradaptor.search.planner import plan_from_key
+
+        plans += [(name, plan_from_key(key, config.group_size)) for name, key in SEARCH_FOUND.items()
+                  if len(key.split(",")) == L]
     seen, unique = set(), []
     for name, plan in plans:  # a greedy or repaired plan can coincide with another
         key = json.dumps(plan.to_dict(), sort_keys=True)
@@ -169,6 +200,11 @@ def candidate_plans(bench, settings: dict) -> list[tuple[str, object]]:
             unique.append((name, plan))
     random.Random(1).shuffle(unique)
     return unique
+
+
+def measured_signals(settings: dict) -> set[str]:
+    """What a finished row holds (a row from before a signal was added lacks it, and is completed)."""
+    return {"kl_before", "final", *(f"{kind}@{k}" for kind in ("loss", "prefix") for k in settings["short_steps"])}
 
 
 def _contender(plan) -> bool:
@@ -205,11 +241,18 @@ def measure(bench, name: str, plan, settings: dict, kl_blocks, *, seeds: int) ->
         fidelity = Fidelity(f"k{k}", steps=k, eval_blocks=settings["eval_blocks"], batch_size=settings["batch_size"],
                             lr=settings["lr"])
         row[f"loss@{k}"] = cached(d / f"loss-{k}.json", lambda: bench.fitness(plan, fidelity)[0])
+    # one run on the final fine-tune's schedule, evaluated at every K on its way
+    ks = list(settings["short_steps"])
+    prefix = Fidelity("prefix", steps=max(ks), eval_blocks=settings["eval_blocks"], batch_size=settings["batch_size"],
+                      lr=settings["lr"], schedule_steps=settings["steps"])
+    along = cached(d / "prefix.json", lambda: {str(k): v for k, v in prefix_fitness(bench).trajectory(plan, prefix,
+                                                                                                       ks).items()})
+    row.update({f"prefix@{k}": along[str(k)] for k in ks})
     finals = []
     for seed in range(seeds):
         # the real training stage in a child process, with the training defaults (dtype, checkpointing)
-        result = run_final(bench.work / "plans" / plan_id(plan), f"final-seed{seed}", plan, settings, bench.model,
-                           bench.data, seed=seed, dtype=_train_dtype())
+        result = run_final(bench.finals, f"{name} seed {seed}", plan, settings, bench.model, bench.data, seed=seed,
+                           dtype=_train_dtype())
         finals.append(result["loss"])
         row.setdefault("train_seconds", result["train_seconds"])
     row["final"], row["final_seeds"] = finals[0], finals
@@ -218,18 +261,30 @@ def measure(bench, name: str, plan, settings: dict, kl_blocks, *, seeds: int) ->
     return row
 
 
+def prefix_fitness(bench):
+    """The fitness that measures prefixes: the model loaded in the final fine-tune's compute dtype (as `train`
+    loads it), the search fitness's data."""
+    if not hasattr(bench, "prefix_fitness"):
+        import torch
+
+        from qradaptor.models import load_model
+        from qradaptor.search import FineTuneFitness
+
+        model, _ = load_model(bench.model, dtype=getattr(torch, _train_dtype()))
+        bench.prefix_fitness = FineTuneFitness(model, bench.tokenizer, data=bench.data, config=bench.fitness.config)
+    return bench.prefix_fitness
+
+
 def _train_dtype() -> str:
     from qradaptor.rundir import RunConfig
 
     return RunConfig().dtype
 
 
-def done_rows(work: Path) -> list[dict]:
+def done_rows(work: Path, settings: dict) -> list[dict]:
     """Rows of the plans whose every measurement is done (for --report while a run is under way)."""
-    rows = []
-    for path in sorted((work / "rows").glob("*.json")):
-        rows.append(json.loads(path.read_text()))
-    return rows
+    rows = [json.loads(path.read_text()) for path in sorted((work / "rows").glob("*.json"))]
+    return [r for r in rows if measured_signals(settings) <= r.keys()]
 
 
 # ---------------------------------------------------------------------------------------- the report
@@ -240,6 +295,8 @@ def analyse(rows: list[dict], settings: dict) -> dict:
     signals = {"kl_before": [r["kl_before"] for r in rows]}
     for k in settings["short_steps"]:
         signals[f"loss@{k}"] = [r[f"loss@{k}"] for r in rows]
+    for k in settings["short_steps"]:
+        signals[f"prefix@{k}"] = [r[f"prefix@{k}"] for r in rows]
     features = [f for f in FEATURES if f in rows[0]] if rows else []
     if len(rows) >= len(features) + 3:
         signals["surrogate"] = ridge_loo([[r[f] for f in features] for r in rows], final)
@@ -270,7 +327,8 @@ def report(rows: list[dict], settings: dict, planned: int, smoke: bool) -> tuple
           f"{len(rows)} of {planned} plans measured inside the 4-bit budget "
           f"({'a tiny random model' if smoke else 'SmolLM2-135M-Instruct'}). Final: test loss after "
           f"{settings['steps']} steps of {settings['batch_size']}×{settings['seq_len']} tokens (the `train` stage, "
-          f"its default dtype). loss@K: validation loss after the search's K-step fine-tune. Surrogate and "
+          f"its default dtype). loss@K: validation loss after the search's K-step fine-tune (its own schedule). "
+          f"prefix@K: validation loss after the first K steps of the final fine-tune's schedule. Surrogate and "
           f"extrapolated: leave-one-out predictions. Better half: the half of the plans with the lower final loss.\n\n")
     md += markdown_table(["signal", "Spearman", "top-3", "Spearman (better half)", "top-3 (better half)"],
                          [[s["name"], fmt(s["spearman"]), fmt(s["top3"]), fmt(s["spearman_better_half"]),
@@ -278,9 +336,10 @@ def report(rows: list[dict], settings: dict, planned: int, smoke: bool) -> tuple
     md += (f"\nChosen (best Spearman over the better half): **{stats['chosen']}**. Seed spread of the final loss "
            f"(max − min over {settings['seeds']} seeds) on {stats['plans_with_seeds']} plans: max "
            f"{fmt(stats['seed_spread_max'])}, mean {fmt(stats['seed_spread_mean'])}.\n\n")
-    cols = ["plan", "final", "kl_before"] + [f"loss@{k}" for k in settings["short_steps"]] + ["layout"]
+    per_k = [f"{kind}@{k}" for kind in ("loss", "prefix") for k in settings["short_steps"]]
+    cols = ["plan", "final", "kl_before"] + per_k + ["layout"]
     md += markdown_table(cols, [[r["name"], f"{r['final']:.4f}", f"{r['kl_before']:.4f}"]
-                                + [f"{r[f'loss@{k}']:.4f}" for k in settings["short_steps"]]
+                                + [f"{r[key]:.4f}" for key in per_k]
                                 + [r["plan"].replace("|", "/")] for r in sorted(rows, key=lambda r: r["final"])])
     return payload, md
 
@@ -314,7 +373,7 @@ def main(argv=None) -> int:
         for i in order[: args.max_plans]:
             name, plan = plans[i]
             row_path = work / "rows" / f"{plan_id(plan)}.json"
-            if row_path.is_file():
+            if row_path.is_file() and measured_signals(settings) <= json.loads(row_path.read_text()).keys():
                 continue
             print(f"fidelity: plan {i + 1}/{len(plans)} {name} ({plan.describe()})", flush=True)
             row = measure(bench, name, plan, settings, kl_blocks,
@@ -323,7 +382,7 @@ def main(argv=None) -> int:
 
             atomic_write_json(row_path, row)
         print(f"fidelity: measured for {time.perf_counter() - start:.0f} s", flush=True)
-    rows = done_rows(work)
+    rows = done_rows(work, settings)
     if not rows:
         sys.exit("fidelity: no plan is measured yet; run without --report first")
     payload, md = report(rows, settings, len(plans), args.smoke)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,22 +31,38 @@ def test_frontier_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "frontier-smoke.json").read_text())
     names = [m["name"] for m in result["methods"]]
-    assert names == ["lora16", "uniform4", "uniform3", "greedy", "random",
-                     "qradaptor-3bit", "qradaptor-3.5bit", "qradaptor-4bit", "qradaptor-5bit", "qradaptor-4bit-r16"]
+    grid = [f"uniform{b}-r{r}" for b in (3, 4, 8) for r in (4, 16)]
+    assert names == ["lora16", *grid, "greedy", "random", "qradaptor-3bit", "qradaptor-3.5bit", "qradaptor-4bit",
+                     "qradaptor-5bit", "qradaptor-4bit-r16"]
     by = {m["name"]: m for m in result["methods"]}
     for m in result["methods"]:
         assert m["memory_bytes"] == m["predicted_bytes"] > 0  # measured on the trained model = the memory model
         assert math.isfinite(m["loss"]) and m["peak_rss_bytes"] > 0 and m["trainable_params"] > 0
         assert m["kl_before"] >= 0
-    # the searches and the greedy allocator stay within their budgets; uniform 4-bit is the 4-bit budget
-    assert by["greedy"]["memory_bytes"] <= by["uniform4"]["memory_bytes"]
-    assert by["random"]["memory_bytes"] <= by["uniform4"]["memory_bytes"]
-    assert by["qradaptor-4bit"]["memory_bytes"] <= by["uniform4"]["memory_bytes"]
-    assert by["qradaptor-3bit"]["memory_bytes"] <= by["uniform3"]["memory_bytes"]
-    assert by["lora16"]["kl_before"] < by["uniform3"]["kl_before"]
+    # the searches and the greedy allocator stay within their budgets; uniform 4-bit r16 is the 4-bit budget
+    u4 = by["uniform4-r16"]
+    assert by["greedy"]["memory_bytes"] <= u4["memory_bytes"]
+    for name in ("random", "qradaptor-3bit", "qradaptor-3.5bit", "qradaptor-4bit", "qradaptor-5bit"):
+        assert by[name]["memory_bytes"] <= by[name]["budget_bytes"]
+    assert by["qradaptor-4bit"]["memory_bytes"] <= u4["memory_bytes"]
+    assert by["lora16"]["kl_before"] < by["uniform3-r16"]["kl_before"]
     assert {c["rank"] for c in by["qradaptor-4bit-r16"]["plan_layers"]} == {16}
-    assert len(result["uniform4_seeds"]) == result["settings"]["seeds"]
     assert by["random"]["search_steps"] <= by["qradaptor-4bit"]["search_steps"] + result["settings"]["search"]["cheap"]["steps"]
+    # the best-uniform front: every setting on it ran every seed, its loss is their mean; the others ran one
+    front = result["best_uniform_front"]
+    assert front and set(front) <= set(grid)
+    for name in grid:
+        m = by[name]
+        assert len(m["seeds"]) == (result["settings"]["seeds"] if name in front else 1)
+        assert m["loss"] == pytest.approx(sum(m["seeds"]) / len(m["seeds"]))
+        assert ("loss_spread" in m) == (name in front)
+        # nothing on the front is beaten by a uniform setting that needs no more memory
+        if name in front:
+            assert not any(by[o]["memory_bytes"] <= m["memory_bytes"] and by[o]["loss"] < m["loss"] for o in grid)
+    for budget, t in result["targets"]["budgets"].items():
+        fits = [by[n] for n in grid if by[n]["memory_bytes"] <= t["budget_bytes"]]
+        assert t["best_uniform"] == min(fits, key=lambda m: m["loss"])["name"]
+        assert t["delta"] == pytest.approx(by[f"qradaptor-{budget}"]["loss"] - t["best_uniform_loss"])
     assert (tmp_path / "frontier-smoke.md").is_file() and (tmp_path / "frontier-smoke.png").is_file()
     assert not (ROOT / "benchmarks" / "results" / "frontier-smoke.json").exists()
     # rerunning resumes: every method's result is reused, nothing is trained again
@@ -52,7 +70,8 @@ def test_frontier_benchmark_smoke(tmp_path):
                            capture_output=True, text=True, env=dict(os.environ), timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert ": final fine-tune (" not in again.stdout
-    assert json.loads((tmp_path / "frontier-smoke.json").read_text())["methods"][1]["loss"] == by["uniform4"]["loss"]
+    rerun = {m["name"]: m for m in json.loads((tmp_path / "frontier-smoke.json").read_text())["methods"]}
+    assert rerun["uniform4-r16"]["seeds"] == u4["seeds"]
 
 
 def test_memory_benchmark_smoke(tmp_path):
@@ -118,6 +137,7 @@ def test_fidelity_study_smoke(tmp_path):
     assert result["plans_done"] == result["plans_planned"] >= 6
     names = [s["name"] for s in result["signals"]]
     assert names[:4] == ["kl_before", "loss@1", "loss@2", "loss@3"] and "surrogate" in names
+    assert names[4:7] == ["prefix@1", "prefix@2", "prefix@3"]
     assert "extrapolated" in names and result["chosen"] in names
     for s in result["signals"]:
         assert -1 <= s["spearman"] <= 1 and s["top3"] in (0, 1 / 3, 2 / 3, 1)
@@ -148,3 +168,18 @@ def test_fidelity_statistics():
     x = [[float(i), float(i % 3)] for i in range(12)]
     y = [2 * a - b + 1 for a, b in x]
     assert max(abs(p - t) for p, t in zip(ridge_loo(x, y, alpha=1e-9), y)) < 1e-4
+
+
+def test_final_fine_tunes_are_kept_by_what_decides_their_result():
+    """The store of final fine-tunes shared by the benchmarks: where a run was written or what it was called does
+    not change its key; every setting that changes its result does."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.frontier import final_key
+
+    spec = {"plan": {"layers": [{"bits": 4, "rank": 16}]}, "model": None, "data": None, "steps": 100, "seq_len": 128,
+            "batch_size": 4, "lr": 3e-4, "seed": 0, "dtype": "bfloat16"}
+    key = final_key(spec)
+    assert final_key({**spec, "run_dir": "/a", "result": "/a/final.json", "label": "uniform4-r16"}) == key
+    for field, other in [("plan", {"layers": [{"bits": 5, "rank": 4}]}), ("steps", 50), ("seed", 1),
+                         ("dtype", "float32"), ("lr", 1e-4), ("model", "other"), ("batch_size", 8)]:
+        assert final_key({**spec, field: other}) != key, field

@@ -348,17 +348,27 @@ def test_study_opens_in_optuna_dashboard(tiny, words, tmp_path):
         proc.wait(timeout=30)
 
 
-def test_refinement_runs_where_no_uniform_4bit_plan_fits(tiny, words, tmp_path):
-    """Below the 4-bit budget there is no uniform-4 baseline to promote; with --promote 1 the surrogate
-    would have one point, so one more front plan is promoted and the Bayesian stage still runs."""
+def test_the_best_uniform_setting_that_fits_starts_the_search_and_is_promoted(tiny, words, tmp_path):
+    """The warm start holds the uniform settings a user would pick in the budget (the two largest bit-widths that
+    fit at some rank, each at the largest rank that fits); the best of them is re-evaluated at the expensive
+    fidelity, where the choice is made, besides the promoted front plan; refinement still runs."""
     d, model, prior = tiny
     prior.save(tmp_path)
     budget = budget_of(model, 3)
+    planner = planner_for(model, prior, budget)
+    config = planner.config
     result = search(str(d), data=words, budget=budget, out=tmp_path, trials=8, population=4, promote=1, refine=1,
                     progress=False, fitness=fast_fitness, seq_len=32)
+    cheap = [p for p in result.points if p.fidelity == "cheap" and p.source.startswith("uniform-")]
+    fitting = {b: [r for r in config.ranks if planner.memory(Plan.uniform(4, b, r)) <= budget] for b in config.bits}
+    widths = sorted((b for b in config.bits if fitting[b]), reverse=True)[:2]
+    assert sorted((p.plan.layers[0].bits, p.plan.layers[0].rank) for p in cheap) == \
+        sorted((b, max(fitting[b])) for b in widths)
+    assert all(len(set(p.plan.layers)) == 1 and p.memory_bytes <= budget for p in cheap)
+    best = min(cheap, key=lambda p: (p.loss, p.memory_bytes))
     full = [p for p in result.points if p.fidelity == "full"]
-    assert not any(p.source.startswith("uniform-4") for p in result.points)
-    assert sum(p.source == "promotion" for p in full) == 2
+    assert plan_key(best.plan) in {plan_key(p.plan) for p in full}
+    assert sum(p.source != "refine" for p in full) == 2
     assert sum(p.source == "refine" for p in full) == 1
     assert all(p.memory_bytes <= budget for p in result.points)
 
@@ -418,3 +428,44 @@ def test_nsga2_breeds_from_the_evaluated_plans(tiny, words, tmp_path):
     assert [t.params for t in pruned] == [over]
     fixed = plan_key(planner.repair(Plan([LayerChoice(8, 32)] * 4), budget))
     assert any(t.user_attrs.get("plan_key") == fixed and t.user_attrs.get("source") == "old" for t in complete)
+
+
+def test_prefix_fidelity_is_where_the_longer_fine_tune_passes(tiny, words):
+    """A prefix fidelity trains the first K steps of the final fine-tune's schedule: one run evaluated at several
+    steps gives what separate runs stopped there give (evaluating does not change the run), and K = the schedule's
+    length is the whole fine-tune, evaluated the same way."""
+    from qradaptor.evaluate import evaluate_loss
+    from qradaptor.quantize import prepare_model
+    from qradaptor.search import FineTuneFitness
+    from qradaptor.search.config import Fidelity
+    from qradaptor.train import TrainConfig, train
+
+    from qradaptor.models import load_model
+
+    d, model, _ = tiny
+    plan = Plan([LayerChoice(4, 8), LayerChoice(3, 4), LayerChoice(8, 16), LayerChoice(4, 4)])
+    fitness = FineTuneFitness(model, load_model(str(d))[1], data=words, config=SearchConfig(budget_bytes=1, seq_len=32))
+    prefix = Fidelity("prefix", steps=2, eval_blocks=4, schedule_steps=6)
+    along = fitness.trajectory(plan, prefix, [2, 4, 6])
+    assert sorted(along) == [2, 4, 6] and len(set(along.values())) == 3
+    assert fitness(plan, prefix) == (along[2], 2)
+    assert fitness(plan, Fidelity("prefix", steps=4, eval_blocks=4, schedule_steps=6))[0] == along[4]
+    whole = prepare_model(model, plan, seed=0)
+    train(whole, fitness.train_blocks, TrainConfig(steps=6, batch_size=4, seed=0), progress=False)
+    assert evaluate_loss(whole, fitness.eval_blocks.subset(4), progress=False).loss == pytest.approx(along[6], abs=1e-6)
+    # a prefix is not the short fine-tune with its own schedule (which decays to zero by its last step)
+    assert fitness(plan, Fidelity("short", steps=4, eval_blocks=4))[0] != along[4]
+    with pytest.raises(ValueError, match="schedule"):
+        fitness.trajectory(plan, prefix, [7])
+
+
+def test_a_study_made_before_prefix_fidelities_still_resumes():
+    """Fidelities gained a field (schedule_steps); a study whose stored config predates it is the same search."""
+    from qradaptor.search.storage import _config_fingerprint
+
+    config = SearchConfig(budget_bytes=123).to_dict()
+    old = {**config, "cheap": {k: v for k, v in config["cheap"].items() if k != "schedule_steps"}}
+    assert "schedule_steps" not in old["cheap"]
+    assert _config_fingerprint(old) == _config_fingerprint(config)
+    other = {**config, "cheap": {**config["cheap"], "schedule_steps": 100}}
+    assert _config_fingerprint(other) != _config_fingerprint(config)

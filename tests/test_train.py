@@ -94,3 +94,18 @@ def test_quantize_model_leaves_the_source_intact(tiny_model):
     quantize_model(tiny_model, Plan.uniform(4, 2, 8), "hqq")
     after = tiny_model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_stop_after_is_the_longer_runs_beginning_and_resume_finishes_it(tiny_model):
+    """``stop_after=K`` trains the first K steps of the whole schedule; resuming from a snapshot taken there ends
+    exactly where the uninterrupted run ends."""
+    plan = Plan.uniform(4, 4, 8)
+    _, whole = _train(tiny_model, plan, steps=6)
+    model = prepare_model(tiny_model, plan, "hqq", seed=0)
+    config = TrainConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, seed=0)
+    states = []
+    first = train(model, _blocks(), config, progress=False, stop_after=4,
+                  on_step=lambda step, result, snapshot: states.append(snapshot()) if step == 4 else None)
+    assert first.losses == whole.losses[:4] and len(states) == 1
+    rest = train(model, _blocks(), config, progress=False, resume=states[0])
+    assert rest.losses == whole.losses

@@ -91,8 +91,12 @@ def batch_order(num_blocks: int, batch_size: int, num_batches: int, seed: int) -
 
 def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks=None, progress: bool = True,
           desc: str = "train", resume: "TrainState | None" = None,
-          on_step: "Callable[[int, TrainResult, Callable[[], TrainState]], None] | None" = None) -> TrainResult:
+          on_step: "Callable[[int, TrainResult, Callable[[], TrainState]], None] | None" = None,
+          stop_after: int | None = None) -> TrainResult:
     """Fine-tune the trainable (LoRA) parameters of ``model`` on ``train_blocks`` in place.
+
+    ``stop_after``: stop once that many steps are done, on the schedule of the whole ``config.steps`` run (the
+    first steps of the longer run, which ``resume`` from a snapshot taken then continues exactly).
 
     Checkpoint hooks: ``on_step(step, result, snapshot)`` runs after every optimizer step (``step`` steps
     done); ``snapshot()`` returns a `TrainState` (optimizer, scheduler, RNG, losses so far) to save.
@@ -129,7 +133,8 @@ def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks
     start = time.perf_counter()
     try:
         model.train()
-        bar = tqdm(range(first, config.steps), desc=desc, disable=not progress, unit="step", total=config.steps,
+        last = config.steps if stop_after is None else min(stop_after, config.steps)
+        bar = tqdm(range(first, last), desc=desc, disable=not progress, unit="step", total=last,
                    initial=first)
         for step in bar:
             step_nll, step_tokens = 0.0, 0

@@ -32,6 +32,9 @@ class Fidelity:
     eval_blocks: int
     batch_size: int = 4
     lr: float = 3e-4
+    # 0: a fine-tune of ``steps`` steps (its own warm-up and decay); N: the first ``steps`` steps of an N-step one
+    # (the final fine-tune's schedule), so the plan is measured where its final fine-tune would pass
+    schedule_steps: int = 0
 
 
 @dataclass

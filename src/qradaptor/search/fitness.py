@@ -15,7 +15,8 @@ Fitness = Callable[[Plan, Fidelity], "tuple[float, int]"]
 class FineTuneFitness:
     """The real objective: a short LoRA fine-tune of the plan on the quantized base, then held-out loss.
     Every plan sees the same data order (same seed), so differences come from the plan. ``device`` (default:
-    where ``model`` is): where each plan is quantized and fine-tuned; the dense ``model`` stays where it is."""
+    where ``model`` is): where each plan is quantized and fine-tuned; the dense ``model`` stays where it is.
+    The plans compute in ``model``'s dtype."""
 
     def __init__(self, model, tokenizer, *, data: str | None, config: SearchConfig, progress: bool = False,
                  device=None):
@@ -27,16 +28,46 @@ class FineTuneFitness:
         self.eval_blocks = load_blocks(data, tokenizer, "validation", seq_len=config.seq_len, seed=config.seed)
 
     def __call__(self, plan: Plan, fidelity: Fidelity) -> tuple[float, int]:
+        if fidelity.schedule_steps:
+            return self.trajectory(plan, fidelity, [fidelity.steps])[fidelity.steps], fidelity.steps
         from ..evaluate import evaluate_loss
-        from ..quantize import prepare_model
         from ..train import TrainConfig, train
 
-        model = prepare_model(self.model, plan, cache=self.cache, seed=self.config.seed, device=self.device)
+        model = self._prepare(plan)
         train(model, self.train_blocks, TrainConfig(steps=fidelity.steps, batch_size=fidelity.batch_size,
                                                     lr=fidelity.lr, warmup_steps=max(1, fidelity.steps // 10),
                                                     seed=self.config.seed,
                                                     gradient_checkpointing=self.config.gradient_checkpointing),
               progress=False)
-        result = evaluate_loss(model, self.eval_blocks.subset(min(fidelity.eval_blocks, len(self.eval_blocks))),
-                               progress=False)
-        return result.loss, fidelity.steps
+        return evaluate_loss(model, self._eval_blocks(fidelity), progress=False).loss, fidelity.steps
+
+    def trajectory(self, plan: Plan, fidelity: Fidelity, at: list[int]) -> dict[int, float]:
+        """Held-out loss after each of the steps ``at`` of one fine-tune run on the schedule of a
+        ``fidelity.schedule_steps``-step fine-tune (the final fine-tune's: `train`'s default warm-up, then cosine
+        decay over all of its steps), stopped after the last of them: where the plan's final fine-tune passes."""
+        from ..evaluate import evaluate_loss
+        from ..train import TrainConfig, train
+
+        if not fidelity.schedule_steps or max(at) > fidelity.schedule_steps:
+            raise ValueError(f"steps {at} are not within a {fidelity.schedule_steps}-step schedule")
+        model = self._prepare(plan)
+        blocks, losses = self._eval_blocks(fidelity), {}
+
+        def evaluate(step, result, snapshot) -> None:
+            if step in at:
+                losses[step] = evaluate_loss(model, blocks, progress=False).loss
+                model.train()
+
+        train(model, self.train_blocks, TrainConfig(steps=fidelity.schedule_steps, batch_size=fidelity.batch_size,
+                                                    lr=fidelity.lr, seed=self.config.seed,
+                                                    gradient_checkpointing=self.config.gradient_checkpointing),
+              progress=False, on_step=evaluate, stop_after=max(at))
+        return losses
+
+    def _prepare(self, plan: Plan):
+        from ..quantize import prepare_model
+
+        return prepare_model(self.model, plan, cache=self.cache, seed=self.config.seed, device=self.device)
+
+    def _eval_blocks(self, fidelity: Fidelity):
+        return self.eval_blocks.subset(min(fidelity.eval_blocks, len(self.eval_blocks)))

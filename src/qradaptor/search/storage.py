@@ -11,10 +11,11 @@ import socket
 import threading
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from ..io import LockHeld, exclusive_lock
-from .config import MARKER, SEARCH_FILES, SearchConfig, SearchError
+from .config import MARKER, SEARCH_FILES, Fidelity, SearchConfig, SearchError
 
 log = logging.getLogger("qradaptor")
 
@@ -50,7 +51,11 @@ def _config_fingerprint(config: dict) -> dict:
     keep = ("model_fingerprint", "budget_bytes", "bits", "ranks", "group_size", "backend", "seq_len", "cheap",
             "full", "seed", "data", "alpha", "rank_value", "sampler", "budget_on", "train_batch_size",
             "data_fingerprint")
-    return {k: config.get(k) for k in keep}
+    out = {k: config.get(k) for k in keep}
+    for k in ("cheap", "full"):  # with the defaults of fields added since (a study made before has none)
+        if isinstance(out[k], dict):
+            out[k] = asdict(Fidelity(**out[k]))
+    return out
 
 
 def search_data_fingerprint(data: str | None, config: SearchConfig) -> str:
