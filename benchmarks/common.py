@@ -61,3 +61,13 @@ def child_result(path: Path, args: list[str], what: str, env: dict | None = None
         tmp.write_text(proc.stdout.strip().splitlines()[-1])
         tmp.replace(path)
     return json.loads(path.read_text())
+
+
+def vm_bytes(field: str) -> int:
+    """This process's ``VmRSS`` / ``VmHWM`` (peak) in bytes; the memory benchmarks measure on Linux only."""
+    from qradaptor.device import process_memory
+
+    value = process_memory(field)
+    if value is None:
+        raise RuntimeError(f"{field} not in /proc/self/status: the memory benchmarks measure on Linux")
+    return value

@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     _here = pathlib.Path(__file__).resolve().parent
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, environment, markdown_table, vm_bytes, write_results  # noqa: E402
 
 BUDGETS = ("3bit", "3.5bit", "4bit", "5bit")
 FINALS = Path(__file__).resolve().parent / "work" / "finals"  # see run_final
@@ -151,13 +151,6 @@ def child(name: str, mode: str, spec_path: Path) -> None:
 # ---------------------------------------------------------------------------------------- peak RSS
 
 
-def _vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def rss_run(spec_path: str) -> None:
     """Child process: peak RSS while training ``plan`` with the final fine-tune's batch shape. The process's
     own high-water mark is reset (``/proc/self/clear_refs``) once the quantized model with adapters is built,
@@ -181,12 +174,12 @@ def rss_run(spec_path: str) -> None:
     model = prepare_model(base, Plan.from_dict(spec["plan"]), dtype=dtype, seed=spec["seed"])
     del base
     gc.collect()
-    before = _vm_kib("VmRSS")
+    before = vm_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
     train(model, blocks, TrainConfig(steps=spec["steps"], batch_size=spec["batch_size"], lr=spec["lr"],
                                      seed=spec["seed"]), progress=False)
-    atomic_write_json(Path(spec["result"]), {"peak_rss_bytes": _vm_kib("VmHWM") * 1024,
-                                             "rss_before_training_bytes": before * 1024, "steps": spec["steps"]})
+    atomic_write_json(Path(spec["result"]), {"peak_rss_bytes": vm_bytes("VmHWM"),
+                                             "rss_before_training_bytes": before, "steps": spec["steps"]})
 
 
 def measure_rss(work: Path, name: str, plan, settings: dict, model, data, *, dtype: str) -> dict:

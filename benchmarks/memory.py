@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     _here = pathlib.Path(__file__).resolve().parent
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
 
-from benchmarks.common import RESULTS, child_result, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, child_result, markdown_table, vm_bytes, write_results  # noqa: E402
 
 REPEATS = 3  # runs of the headline pair (see cases)
 
@@ -110,14 +110,12 @@ def _default_allocator(method: str) -> str:
     return "glibc" if method.endswith("-lora") else "huge-pages"
 
 
+def _heap_kind(case: dict) -> str:
+    """How the case's process allocates, as `qradaptor.device.cpu_allocator` names it (`mmap128k` is glibc's)."""
+    return "huge-pages" if case["allocator"] == "huge-pages" else "glibc"
+
+
 # ---------------------------------------------------------------------------------------- one case (child)
-
-
-def _vm_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _plan(method: str, layers: int):
@@ -153,7 +151,7 @@ def predicted(case: dict):
     return training_memory(ModelShapes.from_config(config), _plan(case["method"], config.num_hidden_layers), backend,
                            config, batch_size=case["batch_size"], seq_len=case["seq_len"], dtype=dtype,
                            checkpointing=case["checkpointing"], plain_peft=plain,
-                           allocator="huge-pages" if case["allocator"] == "huge-pages" else "glibc")
+                           allocator=_heap_kind(case))
 
 
 def run_case(case: dict) -> dict:
@@ -164,7 +162,7 @@ def run_case(case: dict) -> dict:
 
     import qradaptor  # noqa: F401
 
-    after_imports = _vm_bytes("VmRSS")
+    after_imports = vm_bytes("VmRSS")
     from transformers import LlamaForCausalLM
 
     from qradaptor.models import default_model_path
@@ -223,8 +221,8 @@ def run_case(case: dict) -> dict:
         from qradaptor.memory import release_free_memory
 
         release_free_memory()
-    built_peak = _vm_bytes("VmHWM")
-    before_training = _vm_bytes("VmRSS")
+    built_peak = vm_bytes("VmHWM")
+    before_training = vm_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS (Linux >= 4.0)
     step_seconds = []
     if backend is None:
@@ -249,7 +247,7 @@ def run_case(case: dict) -> dict:
                                          gradient_checkpointing=case["checkpointing"]), progress=False,
               on_step=lambda *a: marks.append(time.perf_counter()))
         step_seconds = [b - a for a, b in zip(marks, marks[1:])]
-    train_peak = _vm_bytes("VmHWM")
+    train_peak = vm_bytes("VmHWM")
     from qradaptor.device import cpu_allocator
 
     return {
@@ -285,12 +283,12 @@ def _measure_once(case: dict, work: Path, i: int) -> dict:
     if not path.is_file():
         print(f"memory: {case['name']}" + (f" (run {i + 1} of {case['repeats']})" if case.get("repeats", 1) > 1
                                            else ""), flush=True)
-    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if case["allocator"] == "huge-pages" else "0"}
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if _heap_kind(case) == "huge-pages" else "0"}
     if case["allocator"] == "mmap128k":
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     result = child_result(path, [str(Path(__file__).resolve()), "--case", json.dumps(case)],
                           f"memory: case {case['name']}", env=env)
-    expected = "huge-pages" if case["allocator"] == "huge-pages" else "glibc"
+    expected = _heap_kind(case)
     if result.get("observed_allocator") != expected:  # the setting did not reach PyTorch: the case is not what it says
         sys.exit(f"memory: case {case['name']} allocated with {result.get('observed_allocator')}, not {expected}")
     return result

@@ -82,11 +82,13 @@ def cpu_allocator() -> str:
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
 
 
-def _vm_kib(field: str) -> int | None:
+def process_memory(field: str) -> int | None:
+    """Bytes of a memory field of this process from /proc/self/status (``VmRSS``, ``VmHWM``: the peak); None where
+    there is none (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
-                return int(line.split()[1])
+                return int(line.split()[1]) * 1024  # the kernel writes kB
     except OSError:
         pass
     return None
@@ -122,8 +124,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
-        kib = _vm_kib("VmHWM")
-        return None if kib is None else kib * 1024
+        return process_memory("VmHWM")
 
     def describe(self) -> str:
         if self.device.type == "cuda":
