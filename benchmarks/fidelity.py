@@ -367,9 +367,12 @@ def main(argv=None) -> int:
         kl_blocks = load_blocks(bench.data, bench.tokenizer, "test", seq_len=settings["seq_len"],
                                 max_blocks=settings["kl_blocks"])
         start = time.perf_counter()
-        # The plans a search must tell apart first (uniform settings of 3 bits or more, greedy fills), then the
-        # rest: plans with 2-bit layers are far behind and easy to rank. The order within each kind stays shuffled.
-        order = sorted(range(len(plans)), key=lambda j: not _contender(plans[j][1]))
+        # Rows measured before a signal was added are completed first (quick: the rest is kept). Then the plans a
+        # search must tell apart (uniform settings of 3 bits or more, greedy fills, mixed and search-found plans),
+        # then the rest: plans with 2-bit layers are far behind and easy to rank. Within each kind: shuffled.
+        started = {p.stem for p in (work / "rows").glob("*.json")}
+        order = sorted(range(len(plans)), key=lambda j: (plan_id(plans[j][1]) not in started,
+                                                         not _contender(plans[j][1])))
         for i in order[: args.max_plans]:
             name, plan = plans[i]
             row_path = work / "rows" / f"{plan_id(plan)}.json"
