@@ -469,3 +469,24 @@ def test_a_study_made_before_prefix_fidelities_still_resumes():
     assert _config_fingerprint(old) == _config_fingerprint(config)
     other = {**config, "cheap": {**config["cheap"], "schedule_steps": 100}}
     assert _config_fingerprint(other) != _config_fingerprint(config)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_prefix_run_is_the_train_stages_run(tiny, words, tmp_path, dtype):
+    """The search's prefix fine-tune of a plan is exactly the fine-tune `qradaptor train` runs on it (same
+    quantized layers, data, schedule and evaluation), so a final fine-tune could continue where the search stopped:
+    run to the schedule's end, both give the same held-out loss."""
+    from qradaptor.commands import train_plan
+    from qradaptor.models import load_model
+    from qradaptor.search import FineTuneFitness
+    from qradaptor.search.config import Fidelity
+
+    d = tiny[0]
+    model, tokenizer = load_model(str(d), dtype=getattr(torch, dtype))
+    plan = Plan([LayerChoice(4, 8), LayerChoice(3, 4), LayerChoice(8, 16), LayerChoice(4, 4)])
+    fitness = FineTuneFitness(model, tokenizer, data=words, config=SearchConfig(budget_bytes=1, seq_len=32))
+    along = fitness.trajectory(plan, Fidelity("prefix", steps=6, eval_blocks=16, schedule_steps=6), [6])
+    run = train_plan(tmp_path / "run", plan=plan.to_dict(), model=str(d), data=words, steps=6, seq_len=32,
+                     batch_size=4, lr=3e-4, seed=0, dtype=dtype, eval_every=0, eval_blocks=16, checkpoint_every=6,
+                     progress=False)
+    assert along[6] == run.validation["loss"]

@@ -23,7 +23,9 @@ class FineTuneFitness:
         from ..data import load_blocks
 
         self.model, self.config, self.progress, self.device = model, config, progress, device
-        self.cache = QuantCache(get_backend(config.backend))
+        # quantized layers compute (and keep scales and zeros) in the model's dtype, as `train` quantizes them
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        self.cache = QuantCache(get_backend(config.backend, **({"compute_dtype": dtype} if dtype else {})))
         self.train_blocks = load_blocks(data, tokenizer, "train", seq_len=config.seq_len, seed=config.seed)
         self.eval_blocks = load_blocks(data, tokenizer, "validation", seq_len=config.seq_len, seed=config.seed)
 
