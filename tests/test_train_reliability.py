@@ -216,3 +216,45 @@ def test_a_damaged_profile_cache_entry_is_recomputed(tiny_model, tmp_path, monke
     again = profile_model(tiny_model, tiny_tokenizer(), settings, progress=False)
     assert not again.from_cache and again.kl == first.kl
     assert Sensitivity.load(entries[0]).kl == first.kl  # the entry was rewritten
+
+
+def test_a_new_run_continues_a_search_prefix_run_exactly(inputs, tmp_path, capsys):
+    """`train --init-from` a run the search kept (the first steps of this very fine-tune) trains only the rest and
+    ends exactly where a run from step 0 ends; a kept run of another fine-tune is refused before anything is
+    written, naming what differs; so is a directory that holds no kept run, from the CLI in one line."""
+    from qradaptor.models import load_model
+    from qradaptor.plan import Plan
+    from qradaptor.search import FineTuneFitness, SearchConfig
+    from qradaptor.search.config import Fidelity
+
+    model, tokenizer = load_model(inputs["model"], dtype=torch.bfloat16)
+    fitness = FineTuneFitness(model, tokenizer, data=inputs["data"], config=SearchConfig(budget_bytes=1, seq_len=32))
+    kept = tmp_path / "kept"
+    along = fitness.trajectory(Plan.from_dict(PLAN), Fidelity("prefix", steps=3, eval_blocks=16, batch_size=2,
+                                                              schedule_steps=6), [3], keep=kept)
+    assert set(along) == {3} and (kept / "snapshot.json").is_file()
+    common = {**inputs, "steps": 6, "seq_len": 32, "batch_size": 2, "eval_blocks": 16, "dtype": "bfloat16",
+              "progress": False}
+    whole = train_plan(tmp_path / "whole", **common)
+    continued = train_plan(tmp_path / "continued", init_from=kept, **common)
+    assert continued.resumed_from == 3 and continued.train.losses == whole.train.losses
+    assert continued.validation["loss"] == whole.validation["loss"]
+    assert json.loads((tmp_path / "continued" / RUN_FILE).read_text())["initialised_from"]["step"] == 3
+
+    for name, change, named in (("lr", {"lr": 1e-3}, "lr (0.0003 there, 0.001 here)"),
+                                ("steps", {"steps": 8}, "steps (6 there, 8 here)"),
+                                ("plan", {"plan": {"layers": [{"bits": 8, "rank": 8}] * 4}}, "plan")):
+        with pytest.raises(ArtifactError) as e:
+            train_plan(tmp_path / name, init_from=kept, **{**common, **change})
+        assert "beginning of another fine-tune" in e.value.cause and named in e.value.cause
+        assert not (tmp_path / name).exists()
+    with pytest.raises(ArtifactError, match="resum"):
+        train_plan(tmp_path / "continued", init_from=kept, resume=True, **common)
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps(PLAN))
+    code = main(["train", "--model", inputs["model"], "--data", inputs["data"], "--plan", str(plan), "--steps", "6",
+                 "--seq-len", "32", "--batch-size", "2", "--out", str(tmp_path / "cli"), "--init-from",
+                 str(tmp_path / "whole"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no kept search run (snapshot.json is missing)" in err and "fix:" in err
+    assert not (tmp_path / "cli").exists()

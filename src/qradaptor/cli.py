@@ -205,7 +205,8 @@ def cmd_train(args) -> int:
                    warmup_steps=args.warmup_steps, seed=args.seed, backend=args.backend, dtype=args.dtype,
                    eval_every=args.eval_every, eval_blocks=args.eval_blocks, checkpoint_every=args.checkpoint_every,
                    max_train_blocks=args.max_train_blocks, gradient_checkpointing=args.gradient_checkpointing,
-                   budget=args.budget, resume=args.resume, progress=not args.quiet, device=args.device)
+                   budget=args.budget, resume=args.resume, progress=not args.quiet, device=args.device,
+                   init_from=args.init_from)
     resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""
     print(f"trained {r.config.steps} steps{resumed}: final training loss {r.train.final_loss:.4f}", end="")
     if r.validation:
@@ -359,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the plan exceeds a budget on the stored model (4bit, 350MB, ...)")
     p.add_argument("--out", required=True, help="run directory (run.json, checkpoints/, adapter/, metrics.json)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from a search's kept run of this plan (the first steps of this very fine-tune) "
+                        "instead of step 0: those steps are not trained again")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", parents=[common], help="write a trained run as a directory stock transformers + peft load")

@@ -238,3 +238,37 @@ def load_train_state(directory: str | Path) -> TrainState:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"checkpoint {directory}: {STATE_JSON} or {STATE_TENSORS} lacks or mangles {e}",
                             damaged) from None
+
+
+def save_checkpoint(model, directory: str | Path, state: TrainState) -> Path:
+    """Write the adapter of ``model`` (as PEFT saves it) and ``state`` into ``directory``, atomically."""
+    from .io import AtomicDirectory
+
+    directory = Path(directory)
+    with AtomicDirectory(directory) as tmp:
+        model.save_pretrained(tmp)
+        save_train_state(state, tmp)
+    return directory
+
+
+def load_checkpoint(model, directory: str | Path) -> TrainState:
+    """Load a `save_checkpoint` directory: its adapter weights into ``model`` (which must have the same
+    adapters), and return its training state for ``train(..., resume=state)``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    state = load_train_state(directory)
+    try:
+        weights = load_file(directory / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model, weights)
+    except Exception as e:  # truncated or garbage file, or tensors of the wrong shape
+        raise ArtifactError(f"checkpoint {directory}: its adapter is unreadable ({first_line(e)})",
+                            f"delete {directory} and rerun with --resume to start again from step 0, or start a new "
+                            "run in another --out directory") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ArtifactError(f"checkpoint {directory} does not match the model's adapters "
+                            f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors)",
+                            "resume with the plan the run started with, or start a new run")
+    return state

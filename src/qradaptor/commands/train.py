@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 
 from ..device import PeakMemory, resolve_device
-from ..errors import ArtifactError, TrainingError, first_line
+from ..errors import ArtifactError, TrainingError
 from ..evaluate import evaluate_loss
 from ..memory import release_free_memory
 from ..io import AtomicDirectory, atomic_write_json, check_output_dir
 from ..models import LoadedModel, load_base
 from ..rundir import (ADAPTER_DIR, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, PLAN_FILE, RUN_FILE, RUN_FORMAT,
                       RunConfig, package_versions, read_run)
-from ..train import STATE_JSON, TrainConfig, TrainResult, TrainState, load_train_state, save_train_state, train
+from ..train import (STATE_JSON, TrainConfig, TrainResult, TrainState, load_checkpoint, save_checkpoint,
+                     train)
 
 log = logging.getLogger("qradaptor")
 
@@ -143,31 +144,45 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_JSON).is_file())
 
 
-def _load_checkpoint(model, directory: Path) -> TrainState:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+def _read_snapshot(directory: str | Path) -> tuple[Path, dict]:
+    """A search's kept prefix run (`FineTuneFitness.trajectory(keep=...)`) and what it is the beginning of."""
+    import json
 
-    state = load_train_state(directory)
+    from ..search.fitness import SNAPSHOT_FILE, SNAPSHOT_FORMAT
+
+    directory = Path(directory)
+    fix = (f"point --init-from at a directory a search kept for this plan (it holds {SNAPSHOT_FILE} and the "
+           "run's checkpoint), or train without --init-from")
     try:
-        weights = load_file(directory / "adapter_model.safetensors")
-        result = set_peft_model_state_dict(model, weights)
-    except Exception as e:  # truncated or garbage file, or tensors of the wrong shape
-        raise ArtifactError(f"checkpoint {directory}: its adapter is unreadable ({first_line(e)})",
-                            f"delete {directory} and rerun with --resume to start again from step 0, or start a new "
-                            "run in another --out directory") from None
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise ArtifactError(f"checkpoint {directory} does not match the model's adapters "
-                            f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors)",
-                            "resume with the plan the run started with, or start a new run")
-    return state
+        info = json.loads((directory / SNAPSHOT_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory} holds no kept search run ({SNAPSHOT_FILE} is missing)", fix) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{directory / SNAPSHOT_FILE} is unreadable ({e})", fix) from None
+    if not isinstance(info, dict) or info.get("format") != SNAPSHOT_FORMAT:
+        raise ArtifactError(f"{directory / SNAPSHOT_FILE} is not a kept search run of this qradaptor version "
+                            f"(format {info.get('format') if isinstance(info, dict) else None!r})", fix)
+    if not (directory / STATE_JSON).is_file():
+        raise ArtifactError(f"{directory} lacks the run's checkpoint ({STATE_JSON})", fix)
+    return directory, info
+
+
+def _check_snapshot(directory: Path, info: dict, this_run: dict) -> None:
+    """Refuse to continue a kept run that is not the beginning of this one, naming what differs."""
+    differ = [k for k, v in this_run.items() if k != "train_config" and info.get(k) != v]
+    kept = info.get("train_config") or {}
+    # what is computed does not depend on these: evaluation and activation checkpointing
+    same = ("eval_every", "gradient_checkpointing")
+    differ += [f"{k} ({kept.get(k)!r} there, {v!r} here)" for k, v in this_run["train_config"].items()
+               if k not in same and kept.get(k) != v]
+    if differ:
+        raise ArtifactError(f"the run kept in {directory} is the beginning of another fine-tune: "
+                            f"{', '.join(differ)} differ",
+                            f"train with that run's settings ({directory / 'snapshot.json'}) or without --init-from")
 
 
 def _save_checkpoint(model, out: Path, step: int, state: TrainState) -> Path:
-    target = out / CHECKPOINTS_DIR / f"step-{step:06d}"
-    with AtomicDirectory(target) as tmp:
-        model.save_pretrained(tmp)
-        save_train_state(state, tmp)
+    target = save_checkpoint(model, out / CHECKPOINTS_DIR / f"step-{step:06d}", state)
     for old in _checkpoints(out):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
@@ -191,7 +206,7 @@ def _check_budget(budget, memory, estimate, shapes, plan, quant, model_config, c
 
 def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = None, data: str | None = None,
                budget: str | int | None = None, resume: bool = False, progress: bool = True,
-               **settings) -> RunResult:
+               init_from: str | Path | None = None, **settings) -> RunResult:
     """What ``qradaptor train`` runs: the full fine-tune of ``plan`` on the quantized base, into ``out``.
 
     ``settings`` are `RunConfig` fields (``steps``, ``epochs``, ``batch_size``, ``lr``, ``dtype``, ...). Those
@@ -204,6 +219,11 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
 
     ``model`` is a spec, or a `LoadedModel` (its spec is what run.json records): that one is converted to the
     run's dtype and quantized in place, so the caller's dense model is used up (one copy in memory, not two).
+
+    ``init_from``: a search's kept prefix run of this plan (`FineTuneFitness.trajectory(keep=...)`), which a new
+    run continues instead of starting over: its steps are not trained twice, and the result is exactly that of
+    a run from step 0. It must be the beginning of this very run (plan, model, data, schedule, dtype), else the
+    run is refused, naming what differs.
     """
     from ..backends import get_backend
     from ..data import data_fingerprint, load_blocks
@@ -219,6 +239,11 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
     loaded = model if isinstance(model, LoadedModel) else None
     model = loaded.spec if loaded is not None else model
     out = check_output_dir(out, ArtifactError)
+    if init_from is not None:
+        if resume:
+            raise ArtifactError("--init-from starts a new run from a search's kept run; a resumed run continues from "
+                                "its own checkpoints", "drop --init-from when resuming")
+        init_from, snapshot = _read_snapshot(init_from)
     saved = read_run(out)
     if resume:
         if saved is None:
@@ -284,6 +309,11 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
                                device=device)
     if budget is not None:
         _check_budget(budget, memory, estimate, shapes, plan_obj, quant, base.config, config, dtype_t)
+    if init_from is not None:
+        _check_snapshot(init_from, snapshot, {
+            "plan": plan_obj.to_dict(), "model_fingerprint": fingerprint, "dtype": config.dtype,
+            "backend": config.backend, "seq_len": config.seq_len, "data_fingerprint": data_fp,
+            "train_config": _loop_config(config).to_dict()})
     # In place: each dense linear moves to the device, is quantized there and is freed as its quantized version
     # replaces it (bits and shapes are checked first).
     tuned = add_adapters(quantize_model(base, plan_obj, quant, dtype=dtype_t, inplace=True, device=device),
@@ -330,14 +360,21 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
         state = None
         if saved is not None:
             checkpoints = _checkpoints(out)
-            if checkpoints:
-                state = _load_checkpoint(tuned, checkpoints[-1])
-                say("resuming from %s (step %d of %d)", checkpoints[-1], state.step, config.steps)
+            # a run started from a search's kept run, interrupted before its first checkpoint, starts there again
+            start = checkpoints[-1] if checkpoints else (saved.get("initialised_from") or {}).get("path")
+            if start:
+                state = load_checkpoint(tuned, start)
+                say("resuming from %s (step %d of %d)", start, state.step, config.steps)
             else:
                 say("no checkpoint was written before the interruption: starting again from step 0")
             run.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                    "from_step": 0 if state is None else state.step,
                                    "versions": package_versions()})
+        elif init_from is not None:
+            state = load_checkpoint(tuned, init_from)
+            run["initialised_from"] = {"path": str(init_from), "step": state.step}
+            say("continuing the search's run of this plan from step %d of %d (%s): those steps are not trained "
+                "again", state.step, config.steps, init_from)
         run["training_estimate"] = estimate.to_dict()
         atomic_write_json(out / RUN_FILE, run)
 
