@@ -12,8 +12,8 @@ frontier benchmark's searches chose), each plan gets:
                    cosine decay, compute dtype), all K along one 48-step run: what a search that continues its
                    plans' fine-tunes, and the winner's into the final one, would see (`FineTuneFitness.trajectory`)
     final          test loss after the frontier benchmark's final fine-tune (the real `train` stage in a child
-                   process: 100 steps of 4×128 tokens at the training defaults), seed 0; seeds 0-2 on a few plans
-                   for the seed spread
+                   process: 100 steps of 4×128 tokens at the training defaults), seed 0; seeds 0-2 on the plans
+                   named in `seed_plans`, for the seed spread
 
 and these predictors of the final loss, each evaluated leave-one-out (a plan's prediction never saw its own
 final loss):
@@ -59,10 +59,11 @@ from benchmarks.common import RESULTS, environment, markdown_table, write_result
 
 FULL = {"steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "short_steps": (4, 8, 12, 24, 48),
         "eval_blocks": 16, "kl_blocks": 16, "profile_tokens": 4096, "greedy": 4, "random": 9, "mixed": 8,
-        "seed_plans": 3, "seeds": 3}
+        "seed_plans": ("search-4bit", "greedy-0.70", "random-5", "random-8", "uniform4-r16"), "seeds": 3}
+# SMOKE: a few uniform settings (most fit a tiny model's budget)
 SMOKE = {"steps": 4, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "short_steps": (1, 2, 3), "eval_blocks": 2,
-         "kl_blocks": 2, "profile_tokens": 256, "greedy": 2, "random": 2, "mixed": 1, "seed_plans": 1, "seeds": 2,
-         "uniform": {"bits": (3, 4), "ranks": (4, 16)}}  # a few uniform settings: most fit a tiny model's budget
+         "kl_blocks": 2, "profile_tokens": 256, "greedy": 2, "random": 2, "mixed": 1, "seed_plans": ("greedy-0.70",),
+         "seeds": 2, "uniform": {"bits": (3, 4), "ranks": (4, 16)}}
 #: Plans the first frontier benchmark's searches chose for SmolLM2 (benchmarks/results/frontier.json at 822f055;
 #: per layer bits/rank), studied as the search-found plans: the 3-bit, 3.5-bit and 4-bit budgets' choices and the
 #: bits-only ablation's. All fit the 4-bit budget.
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
                 continue
             print(f"fidelity: plan {i + 1}/{len(plans)} {name} ({plan.describe()})", flush=True)
             row = measure(bench, name, plan, settings, kl_blocks,
-                          seeds=settings["seeds"] if i < settings["seed_plans"] else 1)
+                          seeds=settings["seeds"] if name in settings["seed_plans"] else 1)
             from qradaptor.io import atomic_write_json
 
             atomic_write_json(row_path, row)

@@ -111,3 +111,36 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
             run(None, budget="4bit", out=out)
         assert "another `qradaptor run`" in e.value.cause and "process 4242 on elsewhere" in e.value.cause
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing else was written
+
+
+def test_the_fine_tune_continues_the_searchs_run_of_the_chosen_plan(tiny_dir, tmp_path, caplog):
+    """`run` searches on the first steps of the fine-tune's schedule, in its dtype, and the fine-tune continues
+    the chosen plan's kept run: it trains only the steps the search did not, and ends where a fine-tune of the
+    plan from step 0 ends. A kept run of another schedule (here: another warm-up) is not continued."""
+    import logging
+
+    from qradaptor.commands import train_plan
+
+    data = tmp_path / "words.txt"
+    data.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(120)))
+    model, _ = load_model(str(tiny_dir))
+    budget = predict(ModelShapes.from_model(model), Plan.uniform(4, 4, 16), get_backend("hqq")).total_bytes
+    kw = dict(data=str(data), budget=budget, trials=4, steps=6, profile_tokens=128, seq_len=32,
+              search_settings=TINY_SEARCH, train_settings={"eval_blocks": 2}, progress=False)
+    run(str(tiny_dir), out=tmp_path / "run", **kw)
+    pareto = json.loads((tmp_path / "run" / "search" / "pareto.json").read_text())
+    assert pareto["settings"]["dtype"] == "bfloat16" and pareto["settings"]["full"]["schedule_steps"] == 6
+    record = json.loads((tmp_path / "run" / "train" / "run.json").read_text())
+    assert record["initialised_from"]["step"] == pareto["kept_step"] == 4  # the chosen plan was promoted
+    metrics = json.loads((tmp_path / "run" / "train" / "metrics.json").read_text())
+    assert len(metrics["train_losses"]) == 6
+    # the same plan from step 0, trained by `train` alone
+    scratch = train_plan(tmp_path / "scratch", plan=tmp_path / "run" / "search" / "plan.json", model=str(tiny_dir),
+                         data=str(data), steps=6, seq_len=32, eval_blocks=2, progress=False)
+    assert scratch.validation["loss"] == metrics["validation"]["loss"]
+    assert scratch.train.losses == metrics["train_losses"]
+
+    with caplog.at_level(logging.WARNING, logger="qradaptor"):
+        run(str(tiny_dir), out=tmp_path / "other", **{**kw, "train_settings": {"eval_blocks": 2, "warmup_steps": 2}})
+    assert "not continuing the search's run" in caplog.text and "warmup_steps" in caplog.text
+    assert "initialised_from" not in json.loads((tmp_path / "other" / "train" / "run.json").read_text())

@@ -153,7 +153,10 @@ ALL = ["profile", "search", "train", "metrics", "export"]
     ("budget", ["search", "train", "metrics", "export"]),
     ("alpha", ["search", "train", "metrics", "export"]),
     ("trials", ["search", "train", "metrics", "export"]),
+    # the search's default fidelities (8 and 24 steps) are longer than 4 or 7 steps, so they are not the
+    # fine-tune's first steps and its steps do not change the search; with 12 steps the cheap one is
     ("steps", ["train", "metrics", "export"]),
+    ("steps of searched fine-tunes", ["search", "train", "metrics", "export"]),
     ("data contents", ALL),
     ("data path", ALL),
     ("model", ALL),
@@ -173,6 +176,8 @@ def test_a_changed_setting_redoes_its_stage_and_every_later_one(setup, tmp_path,
         changed = {"trials": 5}
     elif change == "steps":
         changed = {"steps": 7}
+    elif change == "steps of searched fine-tunes":
+        changed = {"steps": 12}  # the default fidelities (8 and 24 steps): the cheap one is the first 8 of 12
     elif change == "data contents":  # same path, other contents
         words_file(tmp_path / "words.txt", shift=5)
         changed = {}
@@ -185,7 +190,7 @@ def test_a_changed_setting_redoes_its_stage_and_every_later_one(setup, tmp_path,
     if "search" in redone:
         assert dict(calls)["search"] == {"resumed": False}  # the old study was deleted, not resumed
         assert (tmp_path / "run" / "search" / "study.db").read_text() != old_study or change in (
-            "data contents", "data path", "model")
+            "data contents", "data path", "model", "steps of searched fine-tunes")
     if "train" in redone:
         assert dict(calls)["train"] == {"resume": False, "steps": changed.get("steps", 4), "existed": False}
     record = json.loads((tmp_path / "run" / pipeline.STAGES_FILE).read_text())

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -480,3 +481,73 @@ def test_a_prefix_run_is_the_train_stages_run(tiny, words, tmp_path, dtype):
                      batch_size=4, lr=3e-4, seed=0, dtype=dtype, eval_every=0, eval_blocks=16, checkpoint_every=6,
                      progress=False)
     assert along[6] == run.validation["loss"]
+
+
+def test_a_longer_prefix_continues_the_kept_run(tiny, words, tmp_path):
+    """With ``runs``, each plan's prefix run is kept; a longer fidelity of the same schedule continues it, spends
+    only the steps it adds, and measures exactly what a run from step 0 measures. A kept run of another schedule,
+    or a damaged one, is not continued (the plan is fine-tuned from step 0 instead)."""
+    from qradaptor.models import load_model
+    from qradaptor.search import FineTuneFitness, run_name
+    from qradaptor.search.config import Fidelity
+
+    d, model, _ = tiny
+    tokenizer = load_model(str(d))[1]
+    plan = Plan([LayerChoice(4, 8), LayerChoice(3, 4), LayerChoice(8, 16), LayerChoice(4, 4)])
+    other = Plan.uniform(4, 4, 8)
+    config = SearchConfig(budget_bytes=1, seq_len=32)
+    fresh = FineTuneFitness(model, tokenizer, data=words, config=config)
+    cheap = Fidelity("cheap", steps=2, eval_blocks=4, schedule_steps=6)
+    full = Fidelity("full", steps=5, eval_blocks=8, schedule_steps=6)
+    expected = fresh(plan, full)[0]
+
+    fitness = FineTuneFitness(model, tokenizer, data=words, config=config, runs=tmp_path / "runs")
+    assert fitness.kept_step(plan) == 0
+    assert fitness(plan, cheap) == (fresh(plan, cheap)[0], 2)
+    assert fitness.kept_step(plan) == 2 and fitness.kept_run(plan) == tmp_path / "runs" / run_name(plan)
+    loss, spent = fitness(plan, full)
+    assert (loss, spent) == (expected, 3)  # exactly the run from step 0, three steps trained
+    assert fitness.kept_step(plan) == 5
+    # asked for less than is kept: measured from step 0, the longer run stays
+    assert fitness(plan, cheap)[1] == 2 and fitness.kept_step(plan) == 5
+
+    # another schedule's run of the plan is not a beginning of this one
+    longer = Fidelity("full", steps=5, eval_blocks=8, schedule_steps=8)
+    assert fitness(plan, longer)[1] == 5 and fitness.kept_step(plan) == 5
+    snapshot = json.loads((fitness.kept_run(plan) / "snapshot.json").read_text())
+    assert snapshot["train_config"]["steps"] == 8
+
+    # a damaged adapter file: warned about, deleted, and the plan fine-tuned from step 0
+    fitness(other, cheap)
+    (fitness.kept_run(other) / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert fitness(other, full) == (fresh(other, full)[0], 5)
+    assert fitness.kept_step(other) == 5
+
+    fitness.prune([other])
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_name(other)]
+
+
+def test_the_search_keeps_only_the_chosen_plans_run(tiny, words, tmp_path):
+    """A search on prefix fidelities continues each promoted plan's cheap run (its full fidelity spends only the
+    steps it adds), keeps no run but the chosen plan's, and records it in pareto.json for the final fine-tune."""
+    from qradaptor.search import kept_run
+
+    d, model, prior = tiny
+    fidelities = {"cheap": {"name": "cheap", "steps": 1, "eval_blocks": 2, "schedule_steps": 4},
+                  "full": {"name": "full", "steps": 3, "eval_blocks": 4, "schedule_steps": 4}}
+    result = search(str(d), data=words, budget=budget_of(model, 4), out=tmp_path / "s", trials=4, population=2,
+                    promote=1, refine=1, warm_start=2, seq_len=32, sensitivity=None, progress=False, **fidelities)
+    runs = list((tmp_path / "s" / "runs").iterdir())
+    assert result.kept_run is not None and [p.name for p in runs] == [Path(result.kept_run).name]
+    assert result.kept_step == (3 if result.chosen.fidelity == "full" else 1)
+    assert kept_run(tmp_path / "s") == (Path(result.kept_run), result.kept_step)
+    pareto = json.loads((tmp_path / "s" / "pareto.json").read_text())
+    assert pareto["kept_run"] == f"runs/{runs[0].name}"
+    # promoted plans continued their cheap runs: their full fidelity cost 2 steps, not 3
+    import optuna
+
+    store = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    refine = optuna.load_study(study_name="qradaptor:refine", storage=store)
+    promoted = [t for t in refine.trials if t.user_attrs.get("source") != "refine"]
+    assert promoted and all(t.user_attrs["fine_tune_steps"] == 2 for t in promoted)
+    assert "continues it" in (tmp_path / "s" / "search-summary.txt").read_text()

@@ -240,14 +240,17 @@ def load_train_state(directory: str | Path) -> TrainState:
                             damaged) from None
 
 
-def save_checkpoint(model, directory: str | Path, state: TrainState) -> Path:
-    """Write the adapter of ``model`` (as PEFT saves it) and ``state`` into ``directory``, atomically."""
+def save_checkpoint(model, directory: str | Path, state: TrainState, *, extra: dict[str, dict] | None = None) -> Path:
+    """Write the adapter of ``model`` (as PEFT saves it) and ``state`` into ``directory``, atomically; ``extra``:
+    JSON files (name → object) written with them, so they are never out of step with the checkpoint."""
     from .io import AtomicDirectory
 
     directory = Path(directory)
     with AtomicDirectory(directory) as tmp:
         model.save_pretrained(tmp)
         save_train_state(state, tmp)
+        for name, obj in (extra or {}).items():
+            atomic_write_json(tmp / name, obj)
     return directory
 
 

@@ -3,8 +3,10 @@ the run directory.
 
     DIR/stages.json                the run's settings and one record per stage: its input fingerprint, status
     DIR/profile/sensitivity.json   stage 1
-    DIR/search/plan.json           stages 2-3 (+ pareto.json, pareto.png, study.db)
-    DIR/train/                     the full fine-tune (resumed from its last checkpoint if interrupted)
+    DIR/search/plan.json           stages 2-3 (+ pareto.json, pareto.png, study.db, and runs/: the chosen plan's
+                                   fine-tune as the search left it, on the final fine-tune's schedule)
+    DIR/train/                     the full fine-tune, continuing the search's run of the plan (resumed from its
+                                   last checkpoint if interrupted)
     DIR/metrics.json               held-out (test split) loss and perplexity after training, and "before": the
                                    same quantized base with its adapters off
     DIR/model/                     the export (stock transformers + peft, or qradaptor.load)
@@ -21,9 +23,11 @@ Each stage records a fingerprint of its inputs in ``stages.json`` before it star
   with other settings), and every stage downstream of a stage that runs again is redone too.
 
 What each fingerprint covers: profile — model, data, profile settings; search — the profile, budget, alpha,
-trials, search settings, model, data; train — the plan (the search), steps, training settings, budget, model,
-data; metrics and export — the training. Model identity is `models.model_fingerprint` (the weights), data
-identity is `data.data_fingerprint` of the train, validation and test splits (the contents, not the path).
+trials, search settings, model, data, and the final fine-tune's steps, batch size, learning rate and dtype (its
+fidelities are that fine-tune's first steps, see `prefix_fidelities`); train — the plan (the search), steps,
+training settings, budget, model, data; metrics and export — the training. Model identity is
+`models.model_fingerprint` (the weights), data identity is `data.data_fingerprint` of the train, validation and
+test splits (the contents, not the path).
 
 The tool only deletes what it wrote: ``stages.json`` marks a directory as made by ``run``, a non-empty
 ``--out`` without it is refused, and a stage's output is deleted only while ``stages.json`` holds that stage's
@@ -307,8 +311,11 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     """What ``qradaptor run`` does. Returns the metrics written to ``out/metrics.json``. ``profile_tokens``:
     calibration tokens of the profile (None: 4096, or all the training split has if fewer).
 
-    The model is loaded once: the profile and the search read it (and quantize copies), the fine-tune then
-    quantizes it in place, and the test loss and the export are taken from the trained model in memory.
+    The model is loaded once, in the fine-tune's dtype (``train_settings["dtype"]``, default bfloat16): the
+    profile and the search read it (and quantize copies), the fine-tune then quantizes it in place, and the test
+    loss and the export are taken from the trained model in memory. The search's fidelities are the first steps
+    of the fine-tune's schedule (`prefix_fidelities`), and the fine-tune continues the chosen plan's run from
+    where the search left it: the result is that of a fine-tune from step 0, with fewer steps trained.
     ``model``: a spec, or a `LoadedModel` (its spec is what the run records); either is used up. ``device``
     (``auto``, ``cpu``, ``cuda``): where every stage computes; the dense model stays in host memory and each plan
     is quantized on the device. Not part of any stage's fingerprint: a run continues on another device."""
@@ -322,10 +329,20 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     from .search import search
     from .train import train_plan
 
+    from ..rundir import RunConfig
+    from ..search import kept_run
+    from .search import prefix_fidelities
+    from .train import _DTYPES, KeptRunMismatch
+
     out = Path(out)
     device = resolve_device(device)
     stages = _Stages(out)  # refuses a directory that `run` did not make, before any work
-    base = load_base(model)  # float32: the search's fine-tunes compute in it
+    train_defaults = {**RunConfig().to_dict(), **{k: v for k, v in (train_settings or {}).items() if v is not None}}
+    dtype = train_defaults["dtype"]
+    if dtype not in _DTYPES:
+        raise ArtifactError(f"unknown dtype {dtype!r}", f"use one of {sorted(_DTYPES)}")
+    # in the fine-tune's dtype: the search's fine-tunes are then the final one's first steps, exactly
+    base = load_base(model, dtype=_DTYPES[dtype])
     model = base.spec
     model_fp = model_fingerprint(base.model)
     data_fp = _data_fingerprint(data, seq_len)
@@ -350,15 +367,19 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
         stages.finish("profile")
 
     plan = out / "search" / "plan.json"
-    if stages.begin("search", {**same, "budget": budget, "alpha": alpha, "trials": trials,
-                               "settings": search_settings or {}},
+    # the search measures plans on the first steps of the final fine-tune's schedule, and keeps the chosen
+    # plan's run for the fine-tune to continue
+    searched = prefix_fidelities(search_settings or {}, steps=steps, batch_size=train_defaults["batch_size"],
+                                 lr=train_defaults["lr"])
+    if stages.begin("search", {**same, "budget": budget, "alpha": alpha, "trials": trials, "settings": searched,
+                               "dtype": dtype},
                     lambda: _plan_ok(out / "search")) == "keep":
         log.info("run: search done, using %s", plan)
     else:
         log.info("run: stage 2-3/5, budgeted search")
         search(base, data=data, budget=budget, out=out / "search", alpha=alpha, trials=trials,
-               sensitivity=str(sensitivity), progress=progress, seq_len=seq_len, device=device,
-               **(search_settings or {}))
+               sensitivity=str(sensitivity), progress=progress, seq_len=seq_len, device=device, dtype=dtype,
+               **searched)
         stages.finish("search")
 
     train_dir = out / "train"
@@ -376,11 +397,20 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
             log.info("run: stage 4/5, fine-tune of the chosen plan%s", " (resuming)" if status else "")
             # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit);
             # the fine-tune quantizes the loaded model in place (base is used up)
+            # a new fine-tune continues the search's run of the plan (its first steps are not trained twice)
+            kept = None if status else kept_run(out / "search")
             with _as_run_stage():
-                result = train_plan(train_dir, plan=plan, model=base, data=data, steps=None if status else steps,
-                                    seq_len=None if status else seq_len, resume=bool(status), progress=progress,
-                                    budget=train_budget,
-                                    **{"device": str(device), **({} if status else (train_settings or {}))})
+                try:
+                    result = train_plan(train_dir, plan=plan, model=base, data=data,
+                                        steps=None if status else steps, seq_len=None if status else seq_len,
+                                        resume=bool(status), progress=progress, budget=train_budget,
+                                        init_from=kept[0] if kept else None,
+                                        **{"device": str(device), **({} if status else (train_settings or {}))})
+                except KeptRunMismatch as e:  # refused before anything was written: train from step 0
+                    log.warning("run: not continuing the search's run (%s); training from step 0", e.cause)
+                    result = train_plan(train_dir, plan=plan, model=base, data=data, steps=steps, seq_len=seq_len,
+                                        progress=progress, budget=train_budget,
+                                        **{"device": str(device), **(train_settings or {})})
             trained = TrainedModel(result.model, base.tokenizer, Plan.load(plan), read_run(train_dir))
         stages.finish("train")
 

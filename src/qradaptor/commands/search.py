@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from ..backends import get_backend
@@ -12,7 +13,7 @@ from ..device import resolve_device
 from ..memory import ModelShapes, parse_budget, parse_training_budget
 from ..models import LoadedModel, load_base
 from ..profile import Sensitivity
-from ..search import (CONFIG_ATTR, FORMAT, FineTuneFitness, Fitness, Search, SearchConfig, SearchError, SearchResult,
+from ..search import (CONFIG_ATTR, FORMAT, RUNS_DIR, FineTuneFitness, Fitness, Search, SearchConfig, SearchError, SearchResult,
                       check_search_dir, check_searchable, locked_search_dir, open_storage, redact,
                       search_data_fingerprint, training_fixed_bytes, write_outputs)
 
@@ -38,17 +39,39 @@ def _load_or_profile(sensitivity: str | None, out: Path, model, tokenizer, data,
     return profile_model(model, tokenizer, settings, out=out, progress=progress, device=device)
 
 
+def prefix_fidelities(settings: dict, *, steps: int, batch_size: int, lr: float) -> dict:
+    """``settings`` with fidelities that measure each plan on the first steps of a ``steps``-step fine-tune
+    (batches of ``batch_size``, peak ``lr``: the final fine-tune's schedule), so that a promoted plan continues its
+    cheap run and the final fine-tune continues the chosen plan's. What a fidelity's own dict gives wins; one
+    longer than ``steps`` stays a fine-tune of its own."""
+    out = dict(settings)
+    for key in ("cheap", "full"):
+        given = dict(settings.get(key) or {})
+        fidelity = {**asdict(SearchConfig.__dataclass_fields__[key].default_factory()), **given}
+        if "schedule_steps" not in given and fidelity["steps"] <= steps:
+            fidelity.update(schedule_steps=steps, batch_size=given.get("batch_size", batch_size),
+                            lr=given.get("lr", lr))
+        out[key] = fidelity
+    return out
+
+
 def search(model: str | LoadedModel | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
            alpha: float = 0.5, trials: int = 24, storage: str | None = None, study: str | None = None,
            sensitivity: str | None = None, progress: bool = True, fitness: Fitness | None = None,
-           device: str | None = None, **settings) -> SearchResult:
+           device: str | None = None, dtype: str = "float32", **settings) -> SearchResult:
     """What ``qradaptor search`` does; returns the result and writes ``out/{pareto.json,plan.json,pareto.png}``.
-    ``model``: a spec, or a `LoadedModel` (converted to float32 in place if it is not; left unquantized, and
-    where it was). ``device`` (``auto``, ``cpu``, ``cuda``): where each plan is quantized and fine-tuned."""
+    ``model``: a spec, or a `LoadedModel` (converted to ``dtype`` in place if it is not; left unquantized, and
+    where it was). ``device`` (``auto``, ``cpu``, ``cuda``): where each plan is quantized and fine-tuned.
+    ``dtype``: what the plans' fine-tunes compute in (``float32`` or ``bfloat16``); a kept run (fidelities with
+    ``schedule_steps``, see `prefix_fidelities`) continues only into a fine-tune of the same dtype."""
+    import torch
+
     out = Path(out)
     device = resolve_device(device)
+    if dtype not in ("float32", "bfloat16"):
+        raise SearchError(f"unknown dtype {dtype!r}", "use float32 or bfloat16")
     check_search_dir(out)
-    loaded = load_base(model)
+    loaded = load_base(model, dtype=getattr(torch, dtype))
     base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
     shapes = ModelShapes.from_model(base)
     backend = get_backend(settings.get("backend", "hqq"))
@@ -67,9 +90,11 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
     study = study or "qradaptor"
     with locked_search_dir(out, storage_url, study):
         prior = _load_or_profile(sensitivity, out, base, tokenizer, data, progress, config, device)
-        fitness = fitness or FineTuneFitness(base, tokenizer, data=data, config=config, device=device)
+        fitness = fitness or FineTuneFitness(base, tokenizer, data=data, config=config, device=device,
+                                             runs=out / RUNS_DIR)
         runner = Search(model=base, sensitivity=prior, config=config, storage=storage_url, study_name=study,
-                        fitness=fitness, run_config={"model": model, "data": data, "data_fingerprint": data_fp},
+                        fitness=fitness, run_config={"model": model, "data": data, "data_fingerprint": data_fp,
+                                                     "dtype": dtype},
                         progress=progress)
         result = runner.run()
         write_outputs(result, out, shapes, runner.backend)
@@ -93,7 +118,10 @@ def worker(*, storage: str, study: str, progress: bool = True, device: str | Non
     config_dict = summaries[study].user_attrs.get(CONFIG_ATTR)
     if not config_dict or config_dict.get("format") != FORMAT:
         raise SearchError(f"study {study!r} was not created by qradaptor search", "pass a study made by `qradaptor search`")
-    loaded = load_base(config_dict.get("model"))
+    import torch
+
+    # in the dtype the search's fine-tunes compute in (studies from before it was recorded: float32)
+    loaded = load_base(config_dict.get("model"), dtype=getattr(torch, config_dict.get("dtype") or "float32"))
     base, tokenizer = loaded.model, loaded.tokenizer
     config = SearchConfig.from_dict({k: v for k, v in config_dict.items()
                                      if k in SearchConfig.__dataclass_fields__})
@@ -103,7 +131,8 @@ def worker(*, storage: str, study: str, progress: bool = True, device: str | Non
     data_fp = search_data_fingerprint(data, config) if config_dict.get("data_fingerprint") else None
     fitness = FineTuneFitness(base, tokenizer, data=data, config=config, device=device)
     runner = Search(model=base, sensitivity=prior, config=config, storage=store, study_name=study, fitness=fitness,
-                    run_config={"model": config_dict.get("model"), "data": data, "data_fingerprint": data_fp},
+                    run_config={"model": config_dict.get("model"), "data": data, "data_fingerprint": data_fp,
+                                "dtype": config_dict.get("dtype")},
                     progress=progress, seed_offset=1 + int.from_bytes(os.urandom(4), "little"))
     runner.explore(warm_start=False)
     return len(runner.study.trials)

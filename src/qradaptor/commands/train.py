@@ -167,6 +167,10 @@ def _read_snapshot(directory: str | Path) -> tuple[Path, dict]:
     return directory, info
 
 
+class KeptRunMismatch(ArtifactError):
+    """An --init-from run that is the beginning of another fine-tune (`qradaptor run` then trains from step 0)."""
+
+
 def _check_snapshot(directory: Path, info: dict, this_run: dict) -> None:
     """Refuse to continue a kept run that is not the beginning of this one, naming what differs."""
     differ = [k for k, v in this_run.items() if k != "train_config" and info.get(k) != v]
@@ -176,7 +180,7 @@ def _check_snapshot(directory: Path, info: dict, this_run: dict) -> None:
     differ += [f"{k} ({kept.get(k)!r} there, {v!r} here)" for k, v in this_run["train_config"].items()
                if k not in same and kept.get(k) != v]
     if differ:
-        raise ArtifactError(f"the run kept in {directory} is the beginning of another fine-tune: "
+        raise KeptRunMismatch(f"the run kept in {directory} is the beginning of another fine-tune: "
                             f"{', '.join(differ)} differ",
                             f"train with that run's settings ({directory / 'snapshot.json'}) or without --init-from")
 

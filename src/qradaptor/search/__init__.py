@@ -8,6 +8,9 @@
    memory). Identical repaired plans are evaluated once. The repair happens in the sampler (``sampler.py``),
    so a trial's parameters are the plan that was scored and NSGA-II breeds only from evaluated plans.
 3. Promotion: the cheap front's best plans (by the preference ``alpha``) get the *expensive* fidelity.
+   Fidelities with ``schedule_steps`` measure a plan on the first steps of the final fine-tune's schedule:
+   each plan's run is kept (``OUT/runs``, only for the plans that would be promoted), a promoted plan continues
+   its cheap run instead of starting over, and the chosen plan's run is where ``train --init-from`` continues.
 4. Refinement: a Gaussian process over plan encodings proposes, by expected improvement of the
    alpha-scalarised objective, among one-edit neighbours of the expensive front; a few iterations.
 
@@ -39,14 +42,14 @@ from __future__ import annotations
 
 from .config import (CONFIG_ATTR, DEFAULT_BITS, DEFAULT_RANKS, FORMAT, MARKER, SEARCH_FILES, Fidelity, SearchConfig,
                      SearchError)
-from .fitness import FineTuneFitness, Fitness
+from .fitness import RUNS_DIR, FineTuneFitness, Fitness, run_name
 from .loop import Search
 from .planner import Planner, PriorCost, check_searchable, plan_from_key, plan_key, training_fixed_bytes
-from .report import Evaluated, SearchResult, pareto_front, plot_pareto, summary, write_outputs
+from .report import Evaluated, SearchResult, kept_run, pareto_front, plot_pareto, summary, write_outputs
 from .storage import check_search_dir, locked_search_dir, open_storage, redact, search_data_fingerprint
 
 __all__ = ["CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evaluated", "FORMAT", "Fidelity",
-           "FineTuneFitness", "Fitness", "MARKER", "Planner", "PriorCost", "SEARCH_FILES", "Search", "SearchConfig",
+           "FineTuneFitness", "Fitness", "MARKER", "Planner", "PriorCost", "RUNS_DIR", "SEARCH_FILES", "Search", "SearchConfig",
            "SearchError", "SearchResult", "open_storage", "pareto_front", "plan_from_key", "plan_key", "plot_pareto",
            "redact", "search_data_fingerprint", "summary", "training_fixed_bytes", "write_outputs",
-           "check_search_dir", "check_searchable", "locked_search_dir"]
+           "check_search_dir", "check_searchable", "kept_run", "locked_search_dir", "run_name"]

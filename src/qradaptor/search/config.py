@@ -15,7 +15,7 @@ FORMAT = "qradaptor-search-1"
 #: search's duration so that a second search on the same --out is refused instead of overwriting the first.
 MARKER = ".qradaptor-search"
 #: What a search writes into its --out (a directory that holds study.db but no marker is an older search's).
-SEARCH_FILES = ("study.db", "pareto.json", "plan.json", "pareto.png", "search-summary.txt")
+SEARCH_FILES = ("study.db", "pareto.json", "plan.json", "pareto.png", "search-summary.txt", "runs")
 
 
 class SearchError(QRAdaptorError):

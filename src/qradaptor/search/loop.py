@@ -206,7 +206,9 @@ class Search:
         try:
             self.study.optimize(self.objective, n_trials=None, gc_after_trial=False,
                                 callbacks=[optuna.study.MaxTrialsCallback(self.config.trials, states=(TrialState.COMPLETE,)),
-                                           lambda study, trial: bar.update(1, self._best(study))])
+                                           lambda study, trial: bar.update(1, self._best(study)),
+                                           # keep only the runs of plans that would be promoted now
+                                           lambda study, trial: self._prune_runs([p.plan for p in self.to_promote()])])
         finally:
             bar.close()
 
@@ -309,8 +311,11 @@ class Search:
         self.refine_study.tell(trial, [loss, memory])
         return loss
 
-    def promote(self) -> None:
+    def to_promote(self) -> list[Evaluated]:
+        """The cheap-fidelity points that `promote` evaluates at the expensive fidelity (as things stand)."""
         cheap = [p for p in self.points() if p.fidelity == "cheap"]
+        if not cheap:
+            return []
         front = sorted(pareto_front(cheap), key=lambda p: self.scalarize(p.loss, p.memory_bytes, cheap))
         # Always include uniform baselines that were evaluated, so the report can compare at full fidelity.
         chosen = front[: self.config.promote]
@@ -320,6 +325,18 @@ class Search:
         more = [p for p in front if p not in chosen]
         while self.config.refine and len(chosen) < 2 and more:
             chosen.append(more.pop(0))
+        return chosen
+
+    def _prune_runs(self, keep: list[Plan]) -> None:
+        """Delete the kept prefix runs (`FineTuneFitness`) of every plan but ``keep``'s: disk, not correctness."""
+        prune = getattr(self.fitness, "prune", None)
+        if prune is not None:
+            prune(keep)
+
+    def promote(self) -> None:
+        chosen = self.to_promote()
+        # the runs of the plans promoted now are continued; the rest would never be
+        self._prune_runs([p.plan for p in chosen] + [p.plan for p in self.points() if p.fidelity == "full"])
         bar = _progress(len(chosen), 0, "search: promote", self.progress)
         for p in chosen:
             self._record(p.plan, self.config.full, "promotion" if not p.source.startswith("uniform") else p.source)
@@ -399,8 +416,11 @@ class Search:
         points = self.points()
         full = [p for p in points if p.fidelity == "full"] or [p for p in points if p.fidelity == "cheap"]
         chosen = min(full, key=lambda p: (self.scalarize(p.loss, p.memory_bytes, full), p.memory_bytes))
+        self._prune_runs([chosen.plan])  # the final fine-tune continues the chosen plan's run; no other is needed
+        kept = getattr(self.fitness, "kept_step", lambda plan: 0)(chosen.plan)
         return SearchResult(chosen, points, self.config.budget_bytes, self.fine_tune_steps(),
-                            time.perf_counter() - start, self.run_config)
+                            time.perf_counter() - start, self.run_config,
+                            kept_run=str(self.fitness.kept_run(chosen.plan)) if kept else None, kept_step=kept)
 
 
 class _progress:

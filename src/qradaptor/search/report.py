@@ -39,6 +39,10 @@ class SearchResult:
     fine_tune_steps: int
     seconds: float
     config: dict
+    # the chosen plan's fine-tune as the search left it (`FineTuneFitness(runs=...)`), and its step: the final
+    # fine-tune continues it (``qradaptor train --init-from``), so those steps are not spent twice
+    kept_run: str | None = None
+    kept_step: int = 0
 
     def front(self, fidelity: str) -> list[Evaluated]:
         return pareto_front([p for p in self.points if p.fidelity == fidelity])
@@ -63,6 +67,8 @@ def write_outputs(result: SearchResult, out: Path, shapes: ModelShapes, backend:
         "chosen": result.chosen.to_dict(),
         "points": [{**p.to_dict(), "on_front": (plan_key(p.plan), p.fidelity) in on_front} for p in result.points],
         "fine_tune_steps": result.fine_tune_steps,
+        # the chosen plan's kept run (relative to this directory) and its step: `train --init-from` continues it
+        "kept_run": _relative(result.kept_run, out), "kept_step": result.kept_step,
         "seconds": result.seconds,
         "settings": {k: v for k, v in result.config.items() if k != "sensitivity"},
     })
@@ -72,6 +78,34 @@ def write_outputs(result: SearchResult, out: Path, shapes: ModelShapes, backend:
         plot_pareto(result, out / "pareto.png", shapes, backend)
     except Exception as e:  # never lose the search over a plot
         log.warning("search: could not draw pareto.png (%s)", e)
+
+
+def _relative(path: str | None, out: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(out.resolve()))
+    except ValueError:  # kept elsewhere
+        return str(Path(path).resolve())
+
+
+def kept_run(search_dir: str | Path) -> tuple[Path, int] | None:
+    """The chosen plan's kept run that a search in ``search_dir`` recorded in pareto.json, and its step; None
+    when it kept none (or it is gone)."""
+    import json
+
+    search_dir = Path(search_dir)
+    try:
+        info = json.loads((search_dir / "pareto.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    path, step = info.get("kept_run"), info.get("kept_step")
+    if not isinstance(path, str) or not path or not isinstance(step, int) or step < 1:
+        return None
+    path = search_dir / path
+    return (path, step) if path.is_dir() else None
 
 
 def summary(result: SearchResult) -> str:
@@ -85,6 +119,9 @@ def summary(result: SearchResult) -> str:
         f"  memory {format_bytes(c.memory_bytes)} ({c.avg_bits:.2f} avg bits incl. scales/zeros, adapters counted), "
         f"held-out loss {c.loss:.4f} ({c.fidelity} fidelity, from {c.source})",
     ]
+    if result.kept_run:
+        lines.append(f"  its fine-tune is kept at step {result.kept_step} in {result.kept_run}: "
+                     f"`qradaptor train --init-from {result.kept_run}` continues it instead of starting over")
     for p in result.points:
         if p.fidelity == "full" and p.source.startswith("uniform"):
             lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}")
