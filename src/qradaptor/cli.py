@@ -139,7 +139,10 @@ def cmd_demo(args) -> int:
           f"{s['eval_blocks']}×256 tokens\n")
     print(result.table())
     print(f"\nmemory counts quantized weights with their scales and zeros, LoRA adapters (fp32) and every unquantized "
-          f"tensor. Small demo settings: a {s['trials']}-trial search with 3-step fine-tunes; finished in {s['seconds']:.0f} s.")
+          f"tensor. Small demo settings: a {s['trials']}-trial search with 3-step fine-tunes"
+          + (f" (the first steps of the final fine-tune, which for the found plan continued the search's run from "
+             f"step {s['continued_from_step']})" if s.get("continued_from_step") else "")
+          + f"; finished in {s['seconds']:.0f} s.")
     print(f"artifacts: {s['out']}/search/pareto.png, {s['out']}/model/ (export: stock transformers + peft, or "
           f"qradaptor.load), {s['out']}/demo.json")
     return 0
