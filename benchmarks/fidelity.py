@@ -264,22 +264,14 @@ def measure(bench, name: str, plan, settings: dict, kl_blocks, *, seeds: int) ->
 
 def prefix_fitness(bench):
     """The fitness that measures prefixes: the model loaded in the final fine-tune's compute dtype (as `train`
-    loads it), the search fitness's data."""
-    if not hasattr(bench, "prefix_fitness"):
-        import torch
-
-        from qradaptor.models import load_model
-        from qradaptor.search import FineTuneFitness
-
-        model, _ = load_model(bench.model, dtype=getattr(torch, _train_dtype()))
-        bench.prefix_fitness = FineTuneFitness(model, bench.tokenizer, data=bench.data, config=bench.fitness.config)
-    return bench.prefix_fitness
+    loads it), the search fitness's data (`Bench.prefix_fitness`, which the frontier's searches use too)."""
+    return bench.prefix_fitness()
 
 
 def _train_dtype() -> str:
-    from qradaptor.rundir import RunConfig
+    from benchmarks.frontier import train_dtype
 
-    return RunConfig().dtype
+    return train_dtype()
 
 
 def done_rows(work: Path, settings: dict) -> list[dict]:

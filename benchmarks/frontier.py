@@ -69,6 +69,13 @@ SMOKE = {
 # ---------------------------------------------------------------------------------------- the final fine-tune
 
 
+def train_dtype() -> str:
+    """What `qradaptor train` computes in by default (the finals of quantized plans and the searches use it)."""
+    from qradaptor.rundir import RunConfig
+
+    return RunConfig().dtype
+
+
 def final_run(spec_path: str) -> None:
     """Child process: the real ``qradaptor train`` stage on one plan, then the test-split loss of the trained
     model. Writes ``final.json`` next to the run."""
@@ -82,11 +89,17 @@ def final_run(spec_path: str) -> None:
     run_dir = Path(spec["run_dir"])
     if run_dir.exists():  # an interrupted earlier attempt: start over so its seconds are whole
         shutil.rmtree(run_dir)
+    from qradaptor.commands.train import KeptRunMismatch
+
     start = time.perf_counter()
-    result = train_plan(run_dir, plan=spec["plan"], model=spec["model"], data=spec["data"], steps=spec["steps"],
-                        seq_len=spec["seq_len"], batch_size=spec["batch_size"], lr=spec["lr"], seed=spec["seed"],
-                        dtype=spec["dtype"], eval_every=0, eval_blocks=16, checkpoint_every=spec["steps"],
-                        progress=False)
+    settings = dict(plan=spec["plan"], model=spec["model"], data=spec["data"], steps=spec["steps"],
+                    seq_len=spec["seq_len"], batch_size=spec["batch_size"], lr=spec["lr"], seed=spec["seed"],
+                    dtype=spec["dtype"], eval_every=0, eval_blocks=16, checkpoint_every=spec["steps"], progress=False)
+    try:  # a search's run of the plan (its first steps), continued: the result is that of a run from step 0
+        result = train_plan(run_dir, init_from=spec.get("init_from"), **settings)
+    except KeptRunMismatch as e:
+        print(f"frontier: not continuing {spec['init_from']} ({e.cause}); training from step 0", flush=True)
+        result = train_plan(run_dir, **settings)
     seconds = time.perf_counter() - start
     _, tokenizer = load_model(spec["model"])
     test = load_blocks(spec["data"], tokenizer, "test", seq_len=spec["seq_len"])
@@ -100,14 +113,17 @@ def final_run(spec_path: str) -> None:
         "final_train_loss": result.train.final_loss, "validation_loss": (result.validation or {}).get("loss")})
 
 
-def run_final(store: Path, label: str, plan, settings: dict, model, data, *, seed: int, dtype: str = "float32") -> dict:
+def run_final(store: Path, label: str, plan, settings: dict, model, data, *, seed: int, dtype: str = "float32",
+              init_from: str | None = None) -> dict:
     """Train ``plan`` in a child process (the real training stage), or return the kept result of the same fine-tune.
 
     Finished fine-tunes are kept in ``store`` under a key of everything that decides their result (plan, model, data,
     steps, batch shape, learning rate, seed, dtype), so the uniform grid, the frontier and the fidelity study share
     each one instead of training it again, and a change of settings can never return another run's result. The key
     does not cover the code: after a change to training that changes its results, start a fresh store (delete
-    benchmarks/work/finals). Returns the child's result, plus ``run_dir`` (the training run's directory)."""
+    benchmarks/work/finals). ``init_from``: a search's kept run of the plan to continue (not part of the key: the
+    result is exactly that of a run from step 0; ``train_seconds`` then counts only the steps trained here).
+    Returns the child's result, plus ``run_dir`` (the training run's directory)."""
     from qradaptor.io import atomic_write_json
 
     spec = {"plan": plan.to_dict(), "model": model, "data": data, "steps": settings["steps"],
@@ -118,7 +134,8 @@ def run_final(store: Path, label: str, plan, settings: dict, model, data, *, see
     if not result_path.is_file():
         where.mkdir(parents=True, exist_ok=True)
         spec_path = atomic_write_json(where / "spec.json", {**spec, "run_dir": str(where / "train"),
-                                                            "result": str(result_path), "label": label})
+                                                            "result": str(result_path), "label": label,
+                                                            "init_from": init_from})
         print(f"frontier: {label}: final fine-tune ({plan.describe()})", flush=True)
         child(label, "--final-run", spec_path)
     return {**json.loads(result_path.read_text()), "run_dir": str(where / "train")}
@@ -128,7 +145,7 @@ def final_key(spec: dict) -> str:
     """The store key of a final fine-tune: a hash of its settings (``spec`` without paths or labels)."""
     import hashlib
 
-    kept = {k: v for k, v in spec.items() if k not in ("run_dir", "result", "label")}
+    kept = {k: v for k, v in spec.items() if k not in ("run_dir", "result", "label", "init_from")}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -240,17 +257,55 @@ class Bench:
 
         self.search_settings = dict(self.settings["search"])
         self.trials, self.alpha = self.search_settings.pop("trials"), self.search_settings.pop("alpha")
+        # float32, fine-tunes of their own schedule: the fidelity study's loss@K signals and KL measurements
         self.fitness = FineTuneFitness(self.base, self.tokenizer, data=self.data,
                                        config=SearchConfig(budget_bytes=1, seq_len=self.settings["seq_len"], seed=0))
+        self._prefix_fitness = None
+
+    def prefix_fitness(self):
+        """The fitness in the final fine-tune's dtype (the model loaded as `train` loads it): the searches' (as
+        `qradaptor run` searches: on the first steps of the final fine-tune's schedule, each search keeping its
+        plans' runs in its own directory) and the fidelity study's prefix signals."""
+        if self._prefix_fitness is None:
+            import torch
+
+            from qradaptor.models import load_model
+            from qradaptor.search import FineTuneFitness
+
+            model, _ = load_model(self.model, dtype=getattr(torch, train_dtype()))
+            self._prefix_fitness = FineTuneFitness(model, self.tokenizer, data=self.data, config=self.fitness.config)
+        return self._prefix_fitness
+
+    def search_profile(self) -> Path:
+        """The sensitivity profile of the model in the final fine-tune's dtype, which the searches read (a profile
+        is of one model's weights, their dtype included), made once."""
+        from qradaptor.profile import RESULT_FILE, ProfileSettings, profile_model
+
+        path = self.work / f"profile-{train_dtype()}" / RESULT_FILE
+        if not path.is_file():
+            profile_model(self.prefix_fitness().model, self.tokenizer,
+                          ProfileSettings(tokens=self.settings["profile_tokens"], seq_len=self.settings["seq_len"],
+                                          dtype="bfloat16", data=self.data),
+                          out=path.parent, force=True, progress=not self.smoke)
+        return path
 
     def search(self, name: str, budget: str, **extra):
-        """Run (or resume, or reload when finished) the search ``name`` in ``work/name/search``."""
+        """Run (or resume, or reload when finished) the search ``name`` in ``work/name/search``, as `qradaptor run`
+        searches: in the final fine-tune's dtype, on the first steps of its schedule, keeping the chosen plan's
+        run for the final fine-tune to continue (``result.kept_run``)."""
         from qradaptor.commands import search
+        from qradaptor.commands.search import prefix_fidelities
+        from qradaptor.search import RUNS_DIR
 
-        return search(self.model, data=self.data, budget=budget, out=self.work / name / "search", alpha=self.alpha,
-                      sensitivity=str(self.profile_path), progress=not self.smoke, fitness=self.fitness,
-                      **{"trials": self.trials, "seq_len": self.settings["seq_len"], "seed": 0,
-                         **self.search_settings, **extra})
+        out = self.work / name / "search"
+        fitness = self.prefix_fitness()
+        fitness.runs = out / RUNS_DIR
+        settings = prefix_fidelities({"trials": self.trials, "seq_len": self.settings["seq_len"], "seed": 0,
+                                      **self.search_settings, **extra}, steps=self.settings["steps"],
+                                     batch_size=self.settings["batch_size"], lr=self.settings["lr"])
+        return search(self.model, data=self.data, budget=budget, out=out, alpha=self.alpha,
+                      sensitivity=str(self.search_profile()), progress=not self.smoke, fitness=fitness,
+                      dtype=train_dtype(), **settings)
 
     def search_cost(self, name: str, result) -> dict:
         """Fine-tune steps and seconds of a search, from its storage (a resumed search counts every session)."""
@@ -261,13 +316,15 @@ class Bench:
             loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{self.work / name / 'search' / 'study.db'}")
             seconds += sum((t.datetime_complete - t.datetime_start).total_seconds() for t in loaded.trials
                            if t.datetime_complete and t.datetime_start)
-        return {"search_steps": result.fine_tune_steps, "search_seconds": seconds,
-                "search_evaluations": len(result.points)}
+        # the final fine-tune continues the chosen plan's search run: those steps are not spent twice
+        return {"search_steps": result.fine_tune_steps, "search_steps_reused": result.kept_step,
+                "search_seconds": seconds, "search_evaluations": len(result.points)}
 
     def random_settings(self, steps: int) -> dict:
-        """Random search settings that spend about ``steps`` fine-tune steps (cheap trials, then promotion)."""
+        """Random search settings that spend about ``steps`` fine-tune steps (cheap trials, then promotion, which
+        continues the cheap runs)."""
         cheap, full = self.search_settings["cheap"]["steps"], self.search_settings["full"]["steps"]
-        trials = max(1, round((steps - self.search_settings["promote"] * full) / cheap))
+        trials = max(1, round((steps - self.search_settings["promote"] * (full - cheap)) / cheap))
         return {"trials": trials, "refine": 0, "sampler": "random"}
 
 
@@ -344,7 +401,9 @@ def targets(methods: list[dict], final_steps: int) -> dict:
             "better_beyond_spread": best is not None and best["loss"] - m["loss"] > spread}
     q4 = by.get("qradaptor-4bit")
     recovered = (ref["loss"] - q4["loss"]) / gap if q4 and gap > 0 else None
-    costs = {m["name"]: m["search_steps"] / final_steps for m in methods if m["name"].startswith("qradaptor")}
+    # counting only the steps the final fine-tune does not reuse (it continues the chosen plan's search run)
+    costs = {m["name"]: (m["search_steps"] - m.get("search_steps_reused", 0)) / final_steps for m in methods
+             if m["name"].startswith("qradaptor")}
     beyond = sum(b["better_beyond_spread"] for b in budgets.values())
     return {
         "budgets": budgets,
@@ -355,7 +414,6 @@ def targets(methods: list[dict], final_steps: int) -> dict:
         "gap_reference_minus_lora16": gap,
         "gap_recovered_at_4bit": recovered,
         "gap_recovered_at_least_half": bool(recovered is not None and recovered >= 0.5),
-        # no final fine-tune reuses the search's steps yet: every step counts
         "search_cost_in_final_fine_tunes": costs,
         "search_cost_at_most_half": all(c <= 0.5 for c in costs.values()),
     }
@@ -434,7 +492,10 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
                      f"{m['loss']:.4f}" + (f" ± {m['loss_spread'] / 2:.4f}" if m.get("loss_spread") else ""),
                      f"{m['perplexity']:.2f}", f"{m['loss'] - ref['loss']:+.4f}", f"{100 * recovered:.0f}%",
                      f"{fits['name']} {m['loss'] - fits['loss']:+.4f}" if fits else "—",
-                     m["search_steps"], f"{m['search_steps'] / settings['steps']:.2f}", f"{m['search_seconds']:.0f}",
+                     f"{m['search_steps']}" + (f" ({m['search_steps_reused']} reused)"
+                                               if m.get("search_steps_reused") else ""),
+                     f"{(m['search_steps'] - m.get('search_steps_reused', 0)) / settings['steps']:.2f}",
+                     f"{m['search_seconds']:.0f}",
                      f"{m['train_seconds']:.0f}", f"{m['peak_rss_bytes'] / 2**20:.0f}",
                      f"{m['rss_before_training_bytes'] / 2**20:.0f}", f"{m['training_estimate_bytes'] / 2**20:.0f}",
                      m["plan"].replace("|", "/")])
@@ -452,8 +513,11 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
           f"the max–min spread). Memory is measured on the trained model (weights, quantization metadata and LoRA "
           f"adapters). avg bits counts scales and zeros (uniform 4-bit = 5.0); code bits is the plan's mean bit-width. "
           f"Gap recovered = ({REFERENCE} − method) / ({REFERENCE} − lora16). vs best uniform: the best uniform setting "
-          f"that fits the method's budget, and the loss difference. Search cost is fine-tune steps spent by the "
-          f"search and its multiple of one final fine-tune ({settings['steps']} steps); the sensitivity profile is "
+          f"that fits the method's budget, and the loss difference. Search steps are the fine-tune steps the "
+          f"search spent (searches run as `qradaptor run` runs them: on the first steps of the final fine-tune's "
+          f"schedule, in its dtype; a promoted plan continues its cheap run), of which the final fine-tune reuses "
+          f"the chosen plan's run (it continues it); × final is the steps it does not reuse, as a multiple of one "
+          f"final fine-tune ({settings['steps']} steps); the sensitivity profile is "
           f"shared by the searches and `greedy` and took {settings['profile_seconds']:.0f} s. Peak RSS: the process's "
           f"high-water mark during {settings['rss_steps']} training steps of the plan in a fresh process, reset once the "
           f"model is built (so loading and quantizing do not count; steps after the first allocate nothing new); "
@@ -477,7 +541,7 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
            f"{g['budgets_better_beyond_seed_spread']} — {yn(g['better_beyond_seed_spread_at_two_or_more_budgets'])}.\n"
            f"- Gap between {REFERENCE} and lora16 recovered at the 4-bit budget: "
            f"{100 * (g['gap_recovered_at_4bit'] or 0):.0f}% (target ≥ 50%): {yn(g['gap_recovered_at_least_half'])}.\n"
-           f"- Search cost ≤ 0.5× the final fine-tune (no search step is reused by it yet, so every step counts): "
+           f"- Search cost ≤ 0.5× the final fine-tune (the steps it does not reuse): "
            + ", ".join(f"{k} {v:.2f}×" for k, v in g["search_cost_in_final_fine_tunes"].items())
            + f" — {yn(g['search_cost_at_most_half'])}.\n")
     return md
@@ -513,11 +577,16 @@ def main() -> None:
 
     def searched(name: str, budget: str, **extra) -> tuple[Plan, dict]:
         result = bench.search(name, budget, **extra)
-        # the search's own full-fidelity losses, to compare its ranking with the final fine-tune's
-        uniform4 = [p.loss for p in result.points if p.fidelity == "full" and p.source.startswith("uniform-4")]
+        kept_runs[name] = result.kept_run
+        # the search's own full-fidelity losses (its chosen plan's, and the best uniform setting's that it
+        # promoted), to compare its ranking with the final fine-tune's
+        uniform = [p for p in result.points if p.fidelity == "full" and p.source.startswith("uniform-")]
         return result.chosen.plan, {**bench.search_cost(name, result), "search_loss": result.chosen.loss,
-                                    "search_uniform4_loss": uniform4[0] if uniform4 else None,
+                                    "search_uniform": uniform[0].source if uniform else None,
+                                    "search_uniform_loss": uniform[0].loss if uniform else None,
                                     "budget_bytes": result.budget_bytes}
+
+    kept_runs: dict[str, str | None] = {}  # method → its search's run of the chosen plan, which its final continues
 
     # Every method: its plan and the search that found it (none for the fixed baselines).
     none = {"search_steps": 0, "search_seconds": 0.0, "search_evaluations": 0}
@@ -543,7 +612,8 @@ def main() -> None:
     kl_blocks = load_blocks(data, tokenizer, "test", seq_len=settings["seq_len"], max_blocks=settings["kl_blocks"])
     rows = []
     for name, plan, cost, dtype in plans:
-        final = run_final(bench.finals, name, plan, settings, model, data, seed=0, dtype=dtype)
+        final = run_final(bench.finals, name, plan, settings, model, data, seed=0, dtype=dtype,
+                          init_from=kept_runs.get(name))
         run = json.loads((Path(final.pop("run_dir")) / "run.json").read_text())
         final["training_estimate_bytes"] = run["training_estimate"]["peak_bytes"]  # what `train` predicted
         final.update(measure_rss(bench.work, name, plan, settings, model, data, dtype=dtype))
@@ -561,7 +631,7 @@ def main() -> None:
     # until every setting on it has them all)
     plan_of = {name: plan for name, plan, _, _ in plans}
     while True:
-        todo = [r for r in front([r for r in rows if is_uniform(r["name"])]) if len(r["seeds"]) < settings["seeds"]]
+        todo = [r for r in best_uniform_front(rows) if len(r["seeds"]) < settings["seeds"]]
         if not todo:
             break
         for r in todo:

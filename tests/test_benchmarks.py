@@ -48,6 +48,13 @@ def test_frontier_benchmark_smoke(tmp_path):
     assert by["lora16"]["kl_before"] < by["uniform3-r16"]["kl_before"]
     assert {c["rank"] for c in by["qradaptor-4bit-r16"]["plan_layers"]} == {16}
     assert by["random"]["search_steps"] <= by["qradaptor-4bit"]["search_steps"] + result["settings"]["search"]["cheap"]["steps"]
+    # the searches run on the final fine-tune's first steps and its final continues the chosen plan's run: the
+    # search cost counts only the steps the final does not reuse
+    ours = by["qradaptor-4bit"]
+    assert ours["search_steps_reused"] in (result["settings"]["search"]["cheap"]["steps"],
+                                           result["settings"]["search"]["full"]["steps"])
+    assert result["targets"]["search_cost_in_final_fine_tunes"]["qradaptor-4bit"] == pytest.approx(
+        (ours["search_steps"] - ours["search_steps_reused"]) / result["settings"]["steps"])
     # the best-uniform front: every setting on it ran every seed, its loss is their mean; the others ran one
     front = result["best_uniform_front"]
     assert front and set(front) <= set(grid)
