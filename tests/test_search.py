@@ -349,17 +349,29 @@ def test_study_opens_in_optuna_dashboard(tiny, words, tmp_path):
         proc.wait(timeout=30)
 
 
-def test_refinement_runs_where_no_uniform_4bit_plan_fits(tiny, words, tmp_path):
-    """Below the 4-bit budget there is no uniform-4 baseline to promote; with --promote 1 the surrogate
-    would have one point, so one more front plan is promoted and the Bayesian stage still runs."""
+def test_the_uniform_settings_that_fit_start_the_search_and_are_promoted(tiny, words, tmp_path):
+    """The warm start holds the uniform settings a user would pick in the budget (the two largest bit-widths that
+    fit at some rank, each at the largest rank that fits); all of them are re-evaluated at the expensive
+    fidelity, where the choice is made, besides the promoted front plan; refinement still runs."""
     d, model, prior = tiny
     prior.save(tmp_path)
     budget = budget_of(model, 3)
+    planner = planner_for(model, prior, budget)
+    config = planner.config
     result = search(str(d), data=words, budget=budget, out=tmp_path, trials=8, population=4, promote=1, refine=1,
                     progress=False, fitness=fast_fitness, seq_len=32)
+    cheap = [p for p in result.points if p.fidelity == "cheap" and p.source.startswith("uniform-")]
+    fitting = {b: [r for r in config.ranks if planner.memory(Plan.uniform(4, b, r)) <= budget] for b in config.bits}
+    widths = sorted((b for b in config.bits if fitting[b]), reverse=True)[:2]
+    assert sorted((p.plan.layers[0].bits, p.plan.layers[0].rank) for p in cheap) == \
+        sorted((b, max(fitting[b])) for b in widths)
+    assert all(len(set(p.plan.layers)) == 1 and p.memory_bytes <= budget for p in cheap)
     full = [p for p in result.points if p.fidelity == "full"]
-    assert not any(p.source.startswith("uniform-4") for p in result.points)
-    assert sum(p.source == "promotion" for p in full) == 2
+    promoted = [p for p in full if p.source != "refine"]
+    # every uniform setting, not only the best after the cheap fine-tune, and the front's best plan
+    assert {plan_key(p.plan) for p in cheap} <= {plan_key(p.plan) for p in promoted}
+    assert sum(p.source == "promotion" for p in promoted) <= 1 and len(promoted) == len(cheap) + sum(
+        p.source == "promotion" for p in promoted)
     assert sum(p.source == "refine" for p in full) == 1
     assert all(p.memory_bytes <= budget for p in result.points)
 

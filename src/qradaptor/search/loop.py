@@ -14,7 +14,7 @@ import numpy as np
 
 from ..backends import get_backend
 from ..memory import ModelShapes, format_bytes, predict
-from ..plan import DEFAULT_RANK, LayerChoice, Plan
+from ..plan import LayerChoice, Plan
 from ..profile import Sensitivity
 from .config import CONFIG_ATTR, FORMAT, Fidelity, SearchConfig, SearchError
 from .fitness import Fitness
@@ -169,13 +169,24 @@ class Search:
 
     # ---------------------------------------------------------------- stages
 
+    def uniform_plans(self) -> list[tuple[Plan, str]]:
+        """The uniform settings a user would pick by hand in this budget: for each of the two largest bit-widths
+        that fit at some rank, every layer at that width with the largest rank that fits (fewer bits with larger
+        adapters lose far more: on SmolLM2 uniform 3-bit r16 ends far behind uniform 4-bit r16 after the same
+        fine-tune, benchmarks/results/frontier.md). The search must beat the best of them, so they are its first
+        trials, and all of them are promoted."""
+        plans = []
+        for b in sorted(self.config.bits, reverse=True):
+            fits = [r for r in self.config.ranks
+                    if self.planner.memory(self.planner.plan([LayerChoice(b, r)] * self.L)) <= self.config.budget_bytes]
+            if fits:
+                plans.append((self.planner.plan([LayerChoice(b, max(fits))] * self.L), f"uniform-{b}bit-r{max(fits)}"))
+            if len(plans) == 2:
+                break
+        return plans
+
     def warm_start_plans(self) -> list[tuple[Plan, str]]:
-        plans, budget = [], self.config.budget_bytes
-        for b in self.config.bits:  # uniform plans at the default rank that fit
-            rank = DEFAULT_RANK if DEFAULT_RANK in self.config.ranks else self.config.ranks[-1]
-            uniform = self.planner.plan([LayerChoice(b, rank)] * self.L)
-            if self.planner.memory(uniform) <= budget:
-                plans.append((uniform, f"uniform-{b}bit"))
+        plans, budget = self.uniform_plans(), self.config.budget_bytes
         floor = self.planner.memory(self.planner.plan([LayerChoice(self.config.bits[0], self.config.ranks[0])] * self.L))
         n = self.config.warm_start
         for i in range(n):
@@ -317,11 +328,13 @@ class Search:
         if not cheap:
             return []
         front = sorted(pareto_front(cheap), key=lambda p: self.scalarize(p.loss, p.memory_bytes, cheap))
-        # Always include uniform baselines that were evaluated, so the report can compare at full fidelity.
         chosen = front[: self.config.promote]
-        chosen += [p for p in cheap if p.source.startswith("uniform-4") and p not in chosen]
-        # The refinement's surrogate needs two full-fidelity points: where that leaves fewer (no uniform 4-bit
-        # plan fits, or it is itself the promoted plan), promote more of the front rather than skip refinement.
+        # The warm start's uniform settings too: the plans to beat are compared at the fidelity the choice is made
+        # at. All of them, not the best after the cheap fine-tune: that one mis-ranks rank-4 adapters (in the demo,
+        # uniform 5-bit r4 ahead of 4-bit r16 after 3 steps, behind after 10 and after the final 20).
+        chosen += [p for p in cheap if p.source.startswith("uniform-") and p not in chosen]
+        # The refinement's surrogate needs two full-fidelity points: where that leaves fewer (a uniform setting is
+        # itself the promoted plan), promote more of the front rather than skip refinement.
         more = [p for p in front if p not in chosen]
         while self.config.refine and len(chosen) < 2 and more:
             chosen.append(more.pop(0))
