@@ -324,15 +324,11 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     from ..models import load_base, model_fingerprint
     from ..plan import Plan
     from ..profile import ProfileSettings, profile_model
-    from ..rundir import read_run
-    from .export import export, export_manifest
-    from .search import search
-    from .train import train_plan
-
-    from ..rundir import RunConfig
+    from ..rundir import RunConfig, read_run
     from ..search import kept_run
-    from .search import prefix_fidelities
-    from .train import _DTYPES, KeptRunMismatch
+    from .export import export, export_manifest
+    from .search import prefix_fidelities, search
+    from .train import _DTYPES, KeptRunMismatch, train_plan
 
     out = Path(out)
     device = resolve_device(device)
@@ -396,8 +392,8 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
         if status != "finished":
             log.info("run: stage 4/5, fine-tune of the chosen plan%s", " (resuming)" if status else "")
             # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit);
-            # the fine-tune quantizes the loaded model in place (base is used up)
-            # a new fine-tune continues the search's run of the plan (its first steps are not trained twice)
+            # the fine-tune quantizes the loaded model in place (base is used up); a new one continues the
+            # search's run of the plan (its first steps are not trained twice)
             kept = None if status else kept_run(out / "search")
             with _as_run_stage():
                 try:

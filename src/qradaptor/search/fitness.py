@@ -136,14 +136,18 @@ class FineTuneFitness:
         info = self._read_snapshot(self.kept_run(plan)) if self.runs is not None else None
         return int(info["step"]) if info else 0
 
-    def prune(self, keep: "set[str] | list[Plan]") -> None:
+    def prune(self, keep: list[Plan]) -> None:
         """Delete every kept run but those of the plans in ``keep`` (half-written ones included)."""
         if self.runs is None or not self.runs.is_dir():
             return
         names = {run_name(p) for p in keep}
         for path in self.runs.iterdir():
-            if path.name not in names:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.name in names:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def _schedule(self, fidelity: Fidelity):
         from ..train import TrainConfig
