@@ -563,3 +563,46 @@ def test_the_search_keeps_only_the_chosen_plans_run(tiny, words, tmp_path):
     promoted = [t for t in refine.trials if t.user_attrs.get("source") != "refine"]
     assert promoted and all(t.user_attrs["fine_tune_steps"] == 2 for t in promoted)
     assert "continues it" in (tmp_path / "s" / "search-summary.txt").read_text()
+
+
+class KeepingFitness:
+    """`fast_fitness` with FineTuneFitness's run-keeping interface: a plan's run exists from its evaluation until a
+    prune leaves it out, and a longer fidelity reports only the steps it adds to a run still kept."""
+
+    def __init__(self):
+        self.kept: dict[str, int] = {}  # plan key → the step its run is at
+
+    def __call__(self, plan, fidelity):
+        loss, steps = fast_fitness(plan, fidelity)
+        start = self.kept.get(plan_key(plan), 0)
+        self.kept[plan_key(plan)] = steps
+        return loss, steps - start
+
+    def prune(self, keep):
+        names = {plan_key(p) for p in keep}
+        self.kept = {k: v for k, v in self.kept.items() if k in names}
+
+    def kept_run(self, plan):
+        return f"runs/{plan_key(plan)}"
+
+    def kept_step(self, plan):
+        return self.kept.get(plan_key(plan), 0)
+
+
+def test_no_run_that_promotion_continues_is_pruned_before(tiny, words, tmp_path):
+    """Exploration prunes kept runs after every trial; the order of the cheap front shifts as points arrive, so it
+    must keep the whole front (and the uniform settings), not only the plans that would be promoted so far: every
+    promoted plan continues its cheap run. Afterwards only the chosen plan's run is left."""
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    fitness = KeepingFitness()
+    result = search(str(d), data=words, budget=budget_of(model, 4), out=tmp_path, trials=10, population=4,
+                    promote=2, refine=1, progress=False, fitness=fitness, seq_len=32)
+    import optuna
+
+    refine = optuna.load_study(study_name="qradaptor:refine", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    promoted = [t for t in refine.trials if t.user_attrs["source"] != "refine"]
+    assert len(promoted) >= 3
+    cheap, full = SearchConfig(budget_bytes=1).cheap.steps, SearchConfig(budget_bytes=1).full.steps
+    assert all(t.user_attrs["fine_tune_steps"] == full - cheap for t in promoted)
+    assert list(fitness.kept) == [plan_key(result.chosen.plan)] and result.kept_step == full

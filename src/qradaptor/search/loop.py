@@ -218,8 +218,7 @@ class Search:
             self.study.optimize(self.objective, n_trials=None, gc_after_trial=False,
                                 callbacks=[optuna.study.MaxTrialsCallback(self.config.trials, states=(TrialState.COMPLETE,)),
                                            lambda study, trial: bar.update(1, self._best(study)),
-                                           # keep only the runs of plans that would be promoted now
-                                           lambda study, trial: self._prune_runs([p.plan for p in self.to_promote()])])
+                                           lambda study, trial: self._prune_runs(self._may_be_promoted())])
         finally:
             bar.close()
 
@@ -339,6 +338,13 @@ class Search:
         while self.config.refine and len(chosen) < 2 and more:
             chosen.append(more.pop(0))
         return chosen
+
+    def _may_be_promoted(self) -> list[Plan]:
+        """Plans whose kept runs promotion may still continue: the cheap front (a dominated plan stays dominated,
+        while the order along the front shifts as points arrive, so the front's best few so far is not enough)
+        and the uniform settings."""
+        cheap = [p for p in self.points() if p.fidelity == "cheap"]
+        return [p.plan for p in pareto_front(cheap) + [p for p in cheap if p.source.startswith("uniform-")]]
 
     def _prune_runs(self, keep: list[Plan]) -> None:
         """Delete the kept prefix runs (`FineTuneFitness`) of every plan but ``keep``'s: disk, not correctness."""
