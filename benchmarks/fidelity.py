@@ -229,7 +229,7 @@ def cached(path: Path, compute):
 
 
 def measure(bench, name: str, plan, settings: dict, kl_blocks, *, seeds: int) -> dict:
-    from benchmarks.frontier import kl_to_full, run_final
+    from benchmarks.frontier import kl_to_full, run_final, train_dtype
     from qradaptor.search import Fidelity
 
     d = bench.work / "plans" / plan_id(plan)
@@ -246,32 +246,20 @@ def measure(bench, name: str, plan, settings: dict, kl_blocks, *, seeds: int) ->
     ks = list(settings["short_steps"])
     prefix = Fidelity("prefix", steps=max(ks), eval_blocks=settings["eval_blocks"], batch_size=settings["batch_size"],
                       lr=settings["lr"], schedule_steps=settings["steps"])
-    along = cached(d / "prefix.json", lambda: {str(k): v for k, v in prefix_fitness(bench).trajectory(plan, prefix,
+    along = cached(d / "prefix.json", lambda: {str(k): v for k, v in bench.prefix_fitness().trajectory(plan, prefix,
                                                                                                        ks).items()})
     row.update({f"prefix@{k}": along[str(k)] for k in ks})
     finals = []
     for seed in range(seeds):
         # the real training stage in a child process, with the training defaults (dtype, checkpointing)
         result = run_final(bench.finals, f"{name} seed {seed}", plan, settings, bench.model, bench.data, seed=seed,
-                           dtype=_train_dtype())
+                           dtype=train_dtype())
         finals.append(result["loss"])
         row.setdefault("train_seconds", result["train_seconds"])
     row["final"], row["final_seeds"] = finals[0], finals
     row["log2_rank"] = sum(math.log2(c.rank) for c in plan.layers) / len(plan.layers)
     row["code_bits"] = sum(c.bits for c in plan.layers) / len(plan.layers)
     return row
-
-
-def prefix_fitness(bench):
-    """The fitness that measures prefixes: the model loaded in the final fine-tune's compute dtype (as `train`
-    loads it), the search fitness's data (`Bench.prefix_fitness`, which the frontier's searches use too)."""
-    return bench.prefix_fitness()
-
-
-def _train_dtype() -> str:
-    from benchmarks.frontier import train_dtype
-
-    return train_dtype()
 
 
 def done_rows(work: Path, settings: dict) -> list[dict]:
