@@ -287,3 +287,25 @@ def test_search_profiles_with_its_own_block_length(capsys, tiny_dir, tmp_path, w
     assert code == 0, err
     settings = json.loads((workdir / "s" / "sensitivity.json").read_text())["settings"]
     assert settings["seq_len"] == 32 and settings["backend"] == "hqq"
+
+
+def test_a_search_on_the_final_schedule_keeps_the_run_that_train_continues(capsys, tiny_dir, tmp_path, workdir):
+    """`search --final-steps N` measures plans on the first steps of `train --steps N`'s schedule and keeps the
+    chosen plan's run; `train --init-from` continues it, and refuses (naming the field) a fine-tune of another dtype."""
+    data = words_file(tmp_path / "d.txt", n_lines=60)
+    code, out, err = run(capsys, "search", "--model", str(tiny_dir), "--data", data, "--budget", "4bit",
+                         "--trials", "2", "--population", "2", "--promote", "1", "--refine", "0", "--seq-len", "32",
+                         "--final-steps", "24", "--dtype", "bfloat16", "--out", str(workdir / "s"), "-q")
+    assert code == 0, err
+    pareto = json.loads((workdir / "s" / "pareto.json").read_text())
+    assert pareto["settings"]["dtype"] == "bfloat16" and pareto["kept_step"] >= 1, pareto
+    kept = str(workdir / "s" / pareto["kept_run"])
+    assert f"--init-from {kept}" in out
+    common = ["train", "--model", str(tiny_dir), "--data", data, "--plan", str(workdir / "s" / "plan.json"),
+              "--steps", "24", "--seq-len", "32", "--eval-blocks", "0", "--init-from", kept, "-q"]
+    code, _, err = run(capsys, *common, "--dtype", "float32", "--out", str(workdir / "t32"))
+    assert code == 2 and "dtype" in err and "Traceback" not in err, err
+    code, _, err = run(capsys, *common, "--out", str(workdir / "t"))
+    assert code == 0, err
+    record = json.loads((workdir / "t" / "run.json").read_text())
+    assert record["initialised_from"]["step"] == pareto["kept_step"]

@@ -539,22 +539,30 @@ def test_a_longer_prefix_continues_the_kept_run(tiny, words, tmp_path):
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_name(other)]
 
 
-def test_the_search_keeps_only_the_chosen_plans_run(tiny, words, tmp_path):
+def test_the_search_keeps_only_the_chosen_plans_and_the_uniform_settings_runs(tiny, words, tmp_path):
     """A search on prefix fidelities continues each promoted plan's cheap run (its full fidelity spends only the
-    steps it adds), keeps no run but the chosen plan's, and records it in pareto.json for the final fine-tune."""
-    from qradaptor.search import kept_run
+    steps it adds), keeps no run but the chosen plan's and the uniform settings' (the baselines), and records them
+    in pareto.json for the final fine-tune."""
+    from qradaptor.search import kept_run, run_name
 
     d, model, prior = tiny
     fidelities = {"cheap": {"name": "cheap", "steps": 1, "eval_blocks": 2, "schedule_steps": 4},
                   "full": {"name": "full", "steps": 3, "eval_blocks": 4, "schedule_steps": 4}}
     result = search(str(d), data=words, budget=budget_of(model, 4), out=tmp_path / "s", trials=4, population=2,
                     promote=1, refine=1, warm_start=2, seq_len=32, sensitivity=None, progress=False, **fidelities)
-    runs = list((tmp_path / "s" / "runs").iterdir())
-    assert result.kept_run is not None and [p.name for p in runs] == [Path(result.kept_run).name]
+    uniform = {p.source: p.plan for p in result.points if p.source.startswith("uniform-") and p.fidelity == "full"}
+    assert len(uniform) == 2  # 4-bit and the next width down, both promoted
+    runs = {p.name for p in (tmp_path / "s" / "runs").iterdir()}
+    assert result.kept_run is not None
+    assert runs == {Path(result.kept_run).name} | {run_name(plan) for plan in uniform.values()}
     assert result.kept_step == (3 if result.chosen.fidelity == "full" else 1)
     assert kept_run(tmp_path / "s") == (Path(result.kept_run), result.kept_step)
+    for source, plan in uniform.items():  # every uniform setting's run, at the full fidelity's step
+        assert kept_run(tmp_path / "s", uniform=source) == (tmp_path / "s" / "runs" / run_name(plan), 3)
+    assert kept_run(tmp_path / "s", uniform="uniform-9bit-r4") is None
     pareto = json.loads((tmp_path / "s" / "pareto.json").read_text())
-    assert pareto["kept_run"] == f"runs/{runs[0].name}"
+    assert pareto["kept_run"] == f"runs/{Path(result.kept_run).name}"
+    assert set(pareto["uniform_runs"]) == set(uniform)
     # promoted plans continued their cheap runs: their full fidelity cost 2 steps, not 3
     import optuna
 
@@ -592,7 +600,7 @@ class KeepingFitness:
 def test_no_run_that_promotion_continues_is_pruned_before(tiny, words, tmp_path):
     """Exploration prunes kept runs after every trial; the order of the cheap front shifts as points arrive, so it
     must keep the whole front (and the uniform settings), not only the plans that would be promoted so far: every
-    promoted plan continues its cheap run. Afterwards only the chosen plan's run is left."""
+    promoted plan continues its cheap run. Afterwards only the chosen plan's and the uniform settings' runs are left."""
     d, model, prior = tiny
     prior.save(tmp_path)
     fitness = KeepingFitness()
@@ -605,4 +613,6 @@ def test_no_run_that_promotion_continues_is_pruned_before(tiny, words, tmp_path)
     assert len(promoted) >= 3
     cheap, full = SearchConfig(budget_bytes=1).cheap.steps, SearchConfig(budget_bytes=1).full.steps
     assert all(t.user_attrs["fine_tune_steps"] == full - cheap for t in promoted)
-    assert list(fitness.kept) == [plan_key(result.chosen.plan)] and result.kept_step == full
+    uniform = {plan_key(p.plan) for p in result.points if p.source.startswith("uniform-")}
+    assert set(fitness.kept) == {plan_key(result.chosen.plan)} | uniform and result.kept_step == full
+    assert set(result.uniform_runs) == {p.source for p in result.points if p.source.startswith("uniform-")}

@@ -134,14 +134,19 @@ def cmd_demo(args) -> int:
 
     result = run_demo(out=args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
     s = result.settings
-    print(f"\nqradaptor demo: SmolLM2-135M-Instruct, budget 4bit (HQQ, group size 64; the shipped weights were already "
-          f"4-bit at group size 32), {s['steps']} LoRA steps of 4×256 tokens for each plan; test-split loss on "
-          f"{s['eval_blocks']}×256 tokens\n")
+    cheap, full = s["search"]["cheap"]["steps"], s["search"]["full"]["steps"]
+    print(f"\nqradaptor demo: SmolLM2-135M-Instruct, budget {s['budget']} (HQQ, group size 64; the shipped weights "
+          f"were already 4-bit at group size 32), {s['steps']} LoRA steps of 4×{s['seq_len']} tokens for each plan; "
+          f"test-split loss on {s['eval_blocks']}×{s['seq_len']} tokens; compared with the best uniform setting the "
+          f"search measured in the budget\n")
     print(result.table())
+    continued = [f"{name} from step {s[key]}" for name, key in (("the found plan", "continued_from_step"),
+                                                                ("the uniform setting", "baseline_continued_from_step"))
+                 if s.get(key)]
     print(f"\nmemory counts quantized weights with their scales and zeros, LoRA adapters (fp32) and every unquantized "
-          f"tensor. Small demo settings: a {s['trials']}-trial search with 3-step fine-tunes"
-          + (f" (the first steps of the final fine-tune, which for the found plan continued the search's run from "
-             f"step {s['continued_from_step']})" if s.get("continued_from_step") else "")
+          f"tensor. Small demo settings: a {s['trials']}-trial search measuring plans on the first {cheap} steps of "
+          f"the final fine-tune, then {full} for the promoted ones"
+          + (f"; the final fine-tunes continued the search's runs ({', '.join(continued)})" if continued else "")
           + f"; finished in {s['seconds']:.0f} s.")
     print(f"artifacts: {s['out']}/search/pareto.png, {s['out']}/model/ (export: stock transformers + peft, or "
           f"qradaptor.load), {s['out']}/demo.json")
@@ -184,9 +189,20 @@ def cmd_search(args) -> int:
         settings["bits"] = args.bits
     if args.ranks:
         settings["ranks"] = args.ranks
+    if args.final_steps:  # measure plans on the first steps of `train --steps N`'s schedule (its batch size and lr)
+        from .commands import prefix_fidelities
+        from .rundir import RunConfig
+
+        settings = prefix_fidelities(settings, steps=args.final_steps, batch_size=RunConfig.batch_size,
+                                     lr=RunConfig.lr)
+        if not settings["full"].get("schedule_steps"):
+            logging.getLogger("qradaptor").warning(
+                "search: the full fidelity's %d steps are more than --final-steps %d: plans chosen there are "
+                "fine-tunes of their own, not the beginning of the final one", settings["full"]["steps"],
+                args.final_steps)
     result = search(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
                     storage=args.storage, study=args.study, sensitivity=args.sensitivity, progress=not args.quiet,
-                    device=args.device, **settings)
+                    device=args.device, dtype=args.dtype, **settings)
     print(summary(result), end="")
     print(f"wrote {args.out}/plan.json, pareto.json, pareto.png")
     return 0
@@ -325,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per training/evaluation block (default 256)")
     p.add_argument("--sensitivity", default=None, help="sensitivity.json (default: OUT/sensitivity.json, profiled if missing)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="what the plans' fine-tunes compute in (default float32; `train` defaults to bfloat16)")
+    p.add_argument("--final-steps", type=_positive_int, default=None, metavar="N",
+                   help="measure plans on the first steps of an N-step fine-tune (train's default batch size and lr) "
+                        "and keep the chosen plan's run, which `train --steps N --dtype D --init-from` continues")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in OUT); PostgreSQL for workers")
     p.add_argument("--study", default=None, help="study name (default qradaptor)")
     p.add_argument("--out", required=True, help="directory for plan.json, pareto.json, pareto.png and the study")
@@ -390,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", parents=[common],
-                       help="`run` on the embedded default at a 4-bit budget with small settings, vs uniform 4-bit")
+                       help="`run` on the embedded default with small settings, vs the best uniform setting in its budget")
     p.add_argument("--steps", type=_positive_int, default=20, help="LoRA training steps per plan (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); rerunning continues it")

@@ -14,7 +14,7 @@ import this package; ``cli.py`` calls only this package.
     export    `export`           a finished run → a directory stock transformers + peft load
     generate  `generate`         continue a prompt with an export or a finished run
     run       `run`              all stages in one run directory, each redone only when its inputs changed
-    demo      `run_demo`         `run` on the embedded default against uniform 4-bit
+    demo      `run_demo`         `run` on the embedded default against the best uniform setting
 """
 
 from ..memory import format_bytes
@@ -27,8 +27,8 @@ from .generate import generate
 from .memory import plan_memory
 from .profile import profile
 from .run import run
-from .search import search, worker
+from .search import prefix_fidelities, search, worker
 from .train import RunResult, train_plan
 
 __all__ = ["RESULT_FILE", "RunResult", "evaluate_model", "export", "format_bytes", "generate", "plan_memory",
-           "profile", "run", "run_demo", "search", "summary", "train_plan", "worker"]
+           "prefix_fidelities", "profile", "run", "run_demo", "search", "summary", "train_plan", "worker"]

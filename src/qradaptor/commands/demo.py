@@ -1,13 +1,14 @@
 """The demo: ``qradaptor run`` on the embedded default (SmolLM2-135M-Instruct + CPython's pydoc topics) at a
-4-bit budget with small settings, plus uniform 4-bit QLoRA trained for the same number of steps, compared in
-one table. Small settings: a short profile, a handful of search trials with very short fine-tunes (the first
-steps of the final fine-tune's schedule, which the found plan's fine-tune then continues), a short final
-fine-tune; it shows the whole pipeline in about seven minutes on a 2-core CPU, not what a full search finds.
+budget where the frontier benchmark shows the search beating every uniform setting that fits, with small
+settings; plus the best uniform setting in that budget trained for the same steps, compared in one table. Small
+settings: a short profile, a handful of search trials with very short fine-tunes (the first steps of the final
+fine-tune's schedule, which both final fine-tunes then continue), a short final fine-tune; it shows the whole
+pipeline in a few minutes on a 2-core CPU, not what a full search finds.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,10 +16,18 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ArtifactError
 from ..io import atomic_write_json
+from ..plan import Plan
 
 log = logging.getLogger("qradaptor")
 
+#: The demo's budget and small settings. At this budget the frontier benchmark's search beats the best uniform
+#: setting that fits (benchmarks/results/frontier.md).
+DEMO_BUDGET = "3.5bit"
+DEMO_TRIALS = 6
+DEMO_PROFILE_TOKENS = 512
+DEMO_SEQ_LEN = 128  # as the frontier benchmark trains (batches of 4×128 tokens)
 DEMO_SEARCH = {"population": 4, "promote": 1, "refine": 1, "warm_start": 2,
                "cheap": {"name": "cheap", "steps": 3, "eval_blocks": 4},
                "full": {"name": "full", "steps": 10, "eval_blocks": 8}}
@@ -48,63 +57,86 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def run_demo(*, out: str | Path = "runs/demo", steps: int = 20, eval_blocks: int = 16, seed: int = 0,
-             progress: bool = True) -> DemoResult:
-    """Run the pipeline on the default model at a 4-bit budget and train uniform 4-bit alongside."""
+def best_uniform(search_dir: Path) -> tuple[str, Plan]:
+    """The uniform setting a user would pick in the search's budget: of those the search measured at its full
+    fidelity (the two largest bit-widths that fit, each with the largest rank that fits), the one with the lower
+    loss there. Its source name (``uniform-4bit-r16``) and plan."""
+    info = json.loads((search_dir / "pareto.json").read_text(encoding="utf-8"))
+    uniform = [p for p in info["points"] if p["source"].startswith("uniform-") and p["fidelity"] == "full"]
+    if not uniform:
+        raise ArtifactError(f"the search in {search_dir} measured no uniform setting at its full fidelity",
+                            "give the demo a budget that fits uniform 3-bit weights with rank-4 adapters or more")
+    best = min(uniform, key=lambda p: p["loss"])
+    return best["source"], Plan.from_dict(best["plan"])
+
+
+def run_demo(*, out: str | Path = "runs/demo", budget: str = DEMO_BUDGET, steps: int = 20, eval_blocks: int = 32,
+             seed: int = 0, progress: bool = True) -> DemoResult:
+    """Run the pipeline on the default model at ``budget`` and train the best uniform setting that fits alongside."""
     from ..backends import get_backend
     from ..export import open_run
     from ..memory import ModelShapes, predict
-    from ..models import LoadedModel, load_base, load_config
-    from .run import held_out_metrics, read_metrics, run
-    from ..plan import Plan
+    from ..models import load_base, load_config
     from ..rundir import read_run
-    from .train import train_plan
+    from ..search import kept_run, plan_key
+    from .run import held_out_metrics, read_metrics, run
+    from .train import KeptRunMismatch, train_plan
 
     start = time.perf_counter()
     out = Path(out)
     train_settings = {"eval_blocks": 8, "seed": seed}
-    baseline_metrics = out / "baseline-metrics.json"
-    loaded = load_base(None)
-    # The run uses its model up (its fine-tune quantizes it in place): the baseline, when it still has to be
-    # trained or measured, gets a copy made here instead of a second load.
-    spare = None
-    if read_metrics(baseline_metrics) is None:
-        # in the baseline's training dtype (bfloat16, the default) at once: half the memory of a float32 copy
-        spare = load_base(LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.spec), dtype=torch.bfloat16)
-    metrics = run(loaded, budget="4bit", out=out, trials=6, steps=steps, profile_tokens=1024, eval_blocks=eval_blocks,
-                  search_settings={**DEMO_SEARCH, "seed": seed}, train_settings=train_settings, progress=progress)
+    metrics = run(None, budget=budget, out=out, trials=DEMO_TRIALS, steps=steps, profile_tokens=DEMO_PROFILE_TOKENS,
+                  seq_len=DEMO_SEQ_LEN, eval_blocks=eval_blocks, search_settings={**DEMO_SEARCH, "seed": seed},
+                  train_settings=train_settings, progress=progress)
 
     shapes = ModelShapes.from_config(load_config(None))
-    # priced in the dtype the runs trained in (scales and zeros are stored in it)
-    backend = get_backend("hqq", compute_dtype=getattr(torch, read_run(out / "train")["config"]["dtype"]))
+    dtype = getattr(torch, read_run(out / "train")["config"]["dtype"])
+    backend = get_backend("hqq", compute_dtype=dtype)  # priced in the dtype the runs trained in (scales, zeros)
     found = Plan.load(out / "search" / "plan.json")
-    uniform = Plan.uniform(shapes.num_layers, 4, 16)
-    baseline_dir = out / "baseline-uniform4"
-    base = read_metrics(baseline_metrics)
+    source, uniform = best_uniform(out / "search")
+    baseline_dir, baseline_metrics = out / f"baseline-{source}", out / f"baseline-{source}-metrics.json"
+    base = metrics if plan_key(uniform) == plan_key(found) else read_metrics(baseline_metrics)
     if base is None:
+        # the run used its model up (its fine-tune quantized it in place): the baseline loads its own
+        spare = load_base(None, dtype=dtype)
         status = (read_run(baseline_dir) or {}).get("status")
         if status == "finished":
-            tuned = open_run(baseline_dir, spare)
-            model, tokenizer = tuned.model, tuned.tokenizer
+            model = open_run(baseline_dir, spare).model
         else:
-            uniform.save(out / "uniform4-plan.json")
-            log.info("demo: uniform 4-bit baseline, same steps")
-            model = train_plan(baseline_dir, plan=out / "uniform4-plan.json", model=spare,
-                               steps=None if status else steps, resume=bool(status), progress=progress,
-                               **({} if status else train_settings)).model
-            tokenizer = spare.tokenizer
+            uniform.save(out / f"{source}-plan.json")
+            log.info("demo: the best uniform setting, %s, for the same steps", source)
+            # it continues the search's run of this setting, as the found plan's fine-tune continues its own
+            kept = None if status else kept_run(out / "search", uniform=source)
+            common = dict(plan=out / f"{source}-plan.json", model=spare, progress=progress)
+            fresh = {"steps": steps, "seq_len": DEMO_SEQ_LEN, **train_settings}  # a resumed run keeps its own
+            try:
+                model = train_plan(baseline_dir, resume=bool(status), init_from=kept[0] if kept else None, **common,
+                                   **({} if status else fresh)).model
+            except KeptRunMismatch as e:  # refused before anything was written: train from step 0
+                log.warning("demo: not continuing the search's run of %s (%s); training from step 0", source, e.cause)
+                model = train_plan(baseline_dir, **common, **fresh).model
         # measured as `run` measures the found plan: test loss trained, and adapters off
-        base = held_out_metrics(model, tokenizer, data=None, seq_len=256, max_blocks=eval_blocks, progress=progress)
+        base = held_out_metrics(model, spare.tokenizer, data=None, seq_len=DEMO_SEQ_LEN, max_blocks=eval_blocks,
+                                progress=progress)
         atomic_write_json(baseline_metrics, base)
 
     rows = []
-    for name, plan, m in (("found plan", found, metrics), ("uniform 4-bit", uniform, base)):
+    for name, plan, m in (("found plan", found, metrics), (_label(source), uniform, base)):
         report = predict(shapes, plan, backend)
         rows.append(DemoRow(name, plan.describe(), report.total_bytes, report.avg_bits, m["test_loss_before"],
                             m["test_loss_after"]))
-    # the found plan's fine-tune continued the search's run of it from this step (0: from scratch)
-    continued = (read_run(out / "train").get("initialised_from") or {}).get("step", 0)
-    settings = {"steps": steps, "eval_blocks": eval_blocks, "search": DEMO_SEARCH, "trials": 6,
-                "continued_from_step": continued, "seconds": round(time.perf_counter() - start, 1), "out": str(out)}
+    # the step each fine-tune continued the search's run of its plan from (0: from scratch)
+    continued, continued_baseline = (((read_run(d) or {}).get("initialised_from") or {}).get("step", 0)
+                                     for d in (out / "train", baseline_dir))
+    settings = {"budget": budget, "steps": steps, "seq_len": DEMO_SEQ_LEN, "eval_blocks": eval_blocks,
+                "search": DEMO_SEARCH, "trials": DEMO_TRIALS, "profile_tokens": DEMO_PROFILE_TOKENS, "baseline": source,
+                "continued_from_step": continued, "baseline_continued_from_step": continued_baseline,
+                "seconds": round(time.perf_counter() - start, 1), "out": str(out)}
     atomic_write_json(out / "demo.json", {"rows": [r.__dict__ for r in rows], "settings": settings})
     return DemoResult(rows, settings)
+
+
+def _label(source: str) -> str:
+    """``uniform-4bit-r16`` → ``uniform 4b r16``: the table's name for a uniform setting."""
+    bits, rank = source.removeprefix("uniform-").split("-")
+    return f"uniform {bits.removesuffix('bit')}b {rank}"

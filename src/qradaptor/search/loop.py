@@ -435,11 +435,20 @@ class Search:
         points = self.points()
         full = [p for p in points if p.fidelity == "full"] or [p for p in points if p.fidelity == "cheap"]
         chosen = min(full, key=lambda p: (self.scalarize(p.loss, p.memory_bytes, full), p.memory_bytes))
-        self._prune_runs([chosen.plan])  # the final fine-tune continues the chosen plan's run; no other is needed
-        kept = getattr(self.fitness, "kept_step", lambda plan: 0)(chosen.plan)
+        # The final fine-tune continues the chosen plan's run. The uniform settings' runs are kept too: they are
+        # the baselines a user compares the plan with, and `train --init-from` continues them the same way.
+        uniform = {p.source: p.plan for p in points if p.source.startswith("uniform-") and p.fidelity == "full"}
+        self._prune_runs([chosen.plan, *uniform.values()])
+        kept = self._kept(chosen.plan)
         return SearchResult(chosen, points, self.config.budget_bytes, self.fine_tune_steps(),
                             time.perf_counter() - start, self.run_config,
-                            kept_run=str(self.fitness.kept_run(chosen.plan)) if kept else None, kept_step=kept)
+                            kept_run=kept[0] if kept else None, kept_step=kept[1] if kept else 0,
+                            uniform_runs={s: k for s, plan in uniform.items() if (k := self._kept(plan))})
+
+    def _kept(self, plan: Plan) -> tuple[str, int] | None:
+        """``plan``'s kept run and the step it is at, when the fitness keeps one."""
+        step = getattr(self.fitness, "kept_step", lambda plan: 0)(plan)
+        return (str(self.fitness.kept_run(plan)), step) if step else None
 
 
 class _progress:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backends import QuantBackend
@@ -43,6 +43,8 @@ class SearchResult:
     # fine-tune continues it (``qradaptor train --init-from``), so those steps are not spent twice
     kept_run: str | None = None
     kept_step: int = 0
+    # the same for the uniform settings the search measured at the full fidelity (their source → run, step)
+    uniform_runs: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def front(self, fidelity: str) -> list[Evaluated]:
         return pareto_front([p for p in self.points if p.fidelity == fidelity])
@@ -69,6 +71,8 @@ def write_outputs(result: SearchResult, out: Path, shapes: ModelShapes, backend:
         "fine_tune_steps": result.fine_tune_steps,
         # the chosen plan's kept run (relative to this directory) and its step: `train --init-from` continues it
         "kept_run": _relative(result.kept_run, out), "kept_step": result.kept_step,
+        "uniform_runs": {source: {"kept_run": _relative(path, out), "kept_step": step}
+                         for source, (path, step) in result.uniform_runs.items()},
         "seconds": result.seconds,
         "settings": {k: v for k, v in result.config.items() if k != "sensitivity"},
     })
@@ -89,9 +93,10 @@ def _relative(path: str | None, out: Path) -> str | None:
         return str(Path(path).resolve())
 
 
-def kept_run(search_dir: str | Path) -> tuple[Path, int] | None:
-    """The chosen plan's kept run that a search in ``search_dir`` recorded in pareto.json, and its step; None
-    when it kept none (or it is gone)."""
+def kept_run(search_dir: str | Path, uniform: str | None = None) -> tuple[Path, int] | None:
+    """The chosen plan's kept run that a search in ``search_dir`` recorded in pareto.json, and its step (with
+    ``uniform``, a point's source such as ``uniform-4bit-r16``: that uniform setting's run); None when it kept none
+    (or it is gone)."""
     import json
 
     search_dir = Path(search_dir)
@@ -101,6 +106,10 @@ def kept_run(search_dir: str | Path) -> tuple[Path, int] | None:
         return None
     if not isinstance(info, dict):
         return None
+    if uniform is not None:
+        info = (info.get("uniform_runs") or {}).get(uniform)
+        if not isinstance(info, dict):
+            return None
     path, step = info.get("kept_run"), info.get("kept_step")
     if not isinstance(path, str) or not path or not isinstance(step, int) or step < 1:
         return None
@@ -124,7 +133,9 @@ def summary(result: SearchResult) -> str:
                      f"`qradaptor train --init-from {result.kept_run}` continues it instead of starting over")
     for p in result.points:
         if p.fidelity == "full" and p.source.startswith("uniform"):
-            lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}")
+            kept = result.uniform_runs.get(p.source)
+            lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}"
+                         + (f"; its run is kept at step {kept[1]} in {kept[0]}" if kept else ""))
     return "\n".join(lines) + "\n"
 
 
