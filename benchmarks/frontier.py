@@ -380,6 +380,16 @@ def best_uniform_within(methods: list[dict], budget_bytes: int) -> dict | None:
     return min(fits, key=lambda m: m["loss"]) if fits else None
 
 
+def seeded(rows: list[dict], seeds_for: str) -> list[dict]:
+    """The uniform settings that get every seed: the best-uniform front (``front``), or only the best uniform setting
+    within each budget that a search ran at (``budgets``), on the current seed means."""
+    if seeds_for == "front":
+        return best_uniform_front(rows)
+    best = [best_uniform_within(rows, r["budget_bytes"]) for r in rows
+            if r["name"].startswith("qradaptor-") and r["name"] != "qradaptor-4bit-r16"]
+    return list({id(r): r for r in best if r is not None}.values())
+
+
 def targets(methods: list[dict], final_steps: int) -> dict:
     """Issue 16's targets: at every budget, qradaptor's final loss against the best uniform setting that fits it
     (better by more than that setting's seed spread at two or more budgets), the share of the gap between uniform
@@ -509,8 +519,11 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
           f"{settings['dtype']} (the training default), checkpointing on; `lora16` is the bf16 base (weights and "
           f"compute). The uniform family: every setting bits {{{', '.join(map(str, grid['bits']))}}} × ranks "
           f"{{{', '.join(map(str, grid['ranks']))}}}, `uniform{{bits}}-r{{rank}}`; ◆ marks the best-uniform front (at "
-          f"its memory no uniform setting is better), whose settings are the mean of {settings['seeds']} seeds (± half "
-          f"the max–min spread). Memory is measured on the trained model (weights, quantization metadata and LoRA "
+          f"its memory no uniform setting is better); "
+          + (f"its settings are the mean of {settings['seeds']} seeds" if settings.get("seeds_for", "front") == "front"
+             else f"the best uniform setting within each budget is the mean of {settings['seeds']} seeds, every other "
+                  f"row one seed (seed 0)")
+          + f" (± half the max–min spread). Memory is measured on the trained model (weights, quantization metadata and LoRA "
           f"adapters). avg bits counts scales and zeros (uniform 4-bit = 5.0); code bits is the plan's mean bit-width. "
           f"Gap recovered = ({REFERENCE} − method) / ({REFERENCE} − lora16). vs best uniform: the best uniform setting "
           f"that fits the method's budget, and the loss difference. Search steps are the fine-tune steps the "
@@ -555,6 +568,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
     parser.add_argument("--work", default=None, help="resumable working directory (default: benchmarks/work/frontier; "
                                                      "with --smoke a temp dir)")
+    parser.add_argument("--seeds-for", choices=("front", "budgets"), default="front",
+                        help="which uniform settings get every seed: the whole best-uniform front (default), or only "
+                             "the best uniform setting within each budget (the targets' comparison; a shorter run)")
     parser.add_argument("--final-run", default=None, help=argparse.SUPPRESS)  # child processes
     parser.add_argument("--rss-run", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -563,6 +579,9 @@ def main() -> None:
     if args.rss_run:
         return rss_run(args.rss_run)
 
+    import torch
+
+    from qradaptor.backends import get_backend
     from qradaptor.data import load_blocks
     from qradaptor.memory import parse_budget
     from qradaptor.plan import Plan
@@ -581,10 +600,17 @@ def main() -> None:
         # the search's own full-fidelity losses (its chosen plan's, and the best uniform setting's that it
         # promoted), to compare its ranking with the final fine-tune's
         uniform = [p for p in result.points if p.fidelity == "full" and p.source.startswith("uniform-")]
+        # The budget as the trained models are measured: in the fine-tunes' dtype (scales, zeros and unquantized
+        # tensors in bf16). The search prices plans with float32 metadata; that adds the same bytes to every plan
+        # without 16-bit layers, so the plans within the budget are the same either way.
+        trained = getattr(torch, settings["dtype"])
         return result.chosen.plan, {**bench.search_cost(name, result), "search_loss": result.chosen.loss,
                                     "search_uniform": uniform[0].source if uniform else None,
                                     "search_uniform_loss": uniform[0].loss if uniform else None,
-                                    "budget_bytes": result.budget_bytes}
+                                    "budget_bytes": parse_budget(budget, bench.shapes,
+                                                                 get_backend("hqq", compute_dtype=trained),
+                                                                 base_dtype=trained),
+                                    "search_budget_bytes": result.budget_bytes}
 
     kept_runs: dict[str, str | None] = {}  # method → its search's run of the chosen plan, which its final continues
 
@@ -630,8 +656,9 @@ def main() -> None:
     # More seeds for the uniform settings on the best-uniform front (the front is taken again on the seed means,
     # until every setting on it has them all)
     plan_of = {name: plan for name, plan, _, _ in plans}
+    settings["seeds_for"] = args.seeds_for
     while True:
-        todo = [r for r in best_uniform_front(rows) if len(r["seeds"]) < settings["seeds"]]
+        todo = [r for r in seeded(rows, args.seeds_for) if len(r["seeds"]) < settings["seeds"]]
         if not todo:
             break
         for r in todo:

@@ -144,7 +144,8 @@ def cmd_demo(args) -> int:
                                                                 ("the uniform setting", "baseline_continued_from_step"))
                  if s.get(key)]
     print(f"\nmemory counts quantized weights with their scales and zeros, LoRA adapters (fp32) and every unquantized "
-          f"tensor. Small demo settings: a {s['trials']}-trial search measuring plans on the first {cheap} steps of "
+          f"tensor. Small demo settings: a {s['trials']}-trial search for the lowest loss within the budget (--alpha "
+          f"{s['alpha']:g}), measuring plans on the first {cheap} steps of "
           f"the final fine-tune, then {full} for the promoted ones"
           + (f"; the final fine-tunes continued the search's runs ({', '.join(continued)})" if continued else "")
           + f"; finished in {s['seconds']:.0f} s.")
