@@ -88,9 +88,9 @@ def run_demo(*, out: str | Path = "runs/demo", budget: str = DEMO_BUDGET, steps:
     start = time.perf_counter()
     out = Path(out)
     train_settings = {"eval_blocks": 8, "seed": seed}
-    metrics = run(None, budget=budget, out=out, alpha=DEMO_ALPHA, trials=DEMO_TRIALS, steps=steps, profile_tokens=DEMO_PROFILE_TOKENS,
-                  seq_len=DEMO_SEQ_LEN, eval_blocks=eval_blocks, search_settings={**DEMO_SEARCH, "seed": seed},
-                  train_settings=train_settings, progress=progress)
+    metrics = run(None, budget=budget, out=out, alpha=DEMO_ALPHA, trials=DEMO_TRIALS, steps=steps,
+                  profile_tokens=DEMO_PROFILE_TOKENS, seq_len=DEMO_SEQ_LEN, eval_blocks=eval_blocks,
+                  search_settings={**DEMO_SEARCH, "seed": seed}, train_settings=train_settings, progress=progress)
 
     shapes = ModelShapes.from_config(load_config(None))
     dtype = getattr(torch, read_run(out / "train")["config"]["dtype"])
@@ -132,7 +132,8 @@ def run_demo(*, out: str | Path = "runs/demo", budget: str = DEMO_BUDGET, steps:
     continued, continued_baseline = (((read_run(d) or {}).get("initialised_from") or {}).get("step", 0)
                                      for d in (out / "train", baseline_dir))
     settings = {"budget": budget, "steps": steps, "seq_len": DEMO_SEQ_LEN, "eval_blocks": eval_blocks,
-                "search": DEMO_SEARCH, "trials": DEMO_TRIALS, "alpha": DEMO_ALPHA, "profile_tokens": DEMO_PROFILE_TOKENS, "baseline": source,
+                "search": DEMO_SEARCH, "trials": DEMO_TRIALS, "alpha": DEMO_ALPHA,
+                "profile_tokens": DEMO_PROFILE_TOKENS, "baseline": source,
                 "continued_from_step": continued, "baseline_continued_from_step": continued_baseline,
                 "seconds": round(time.perf_counter() - start, 1), "out": str(out)}
     atomic_write_json(out / "demo.json", {"rows": [r.__dict__ for r in rows], "settings": settings})
