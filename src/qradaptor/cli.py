@@ -190,20 +190,9 @@ def cmd_search(args) -> int:
         settings["bits"] = args.bits
     if args.ranks:
         settings["ranks"] = args.ranks
-    if args.final_steps:  # measure plans on the first steps of `train --steps N`'s schedule (its batch size and lr)
-        from .commands import prefix_fidelities
-        from .rundir import RunConfig
-
-        settings = prefix_fidelities(settings, steps=args.final_steps, batch_size=RunConfig.batch_size,
-                                     lr=RunConfig.lr)
-        if not settings["full"].get("schedule_steps"):
-            logging.getLogger("qradaptor").warning(
-                "search: the full fidelity's %d steps are more than --final-steps %d: plans chosen there are "
-                "fine-tunes of their own, not the beginning of the final one", settings["full"]["steps"],
-                args.final_steps)
     result = search(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
                     storage=args.storage, study=args.study, sensitivity=args.sensitivity, progress=not args.quiet,
-                    device=args.device, dtype=args.dtype, **settings)
+                    device=args.device, dtype=args.dtype, final_steps=args.final_steps, **settings)
     print(summary(result), end="")
     print(f"wrote {args.out}/plan.json, pareto.json, pareto.png")
     return 0

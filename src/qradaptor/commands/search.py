@@ -58,13 +58,25 @@ def prefix_fidelities(settings: dict, *, steps: int, batch_size: int, lr: float)
 def search(model: str | LoadedModel | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
            alpha: float = 0.5, trials: int = 24, storage: str | None = None, study: str | None = None,
            sensitivity: str | None = None, progress: bool = True, fitness: Fitness | None = None,
-           device: str | None = None, dtype: str = "float32", **settings) -> SearchResult:
+           device: str | None = None, dtype: str = "float32", final_steps: int | None = None,
+           **settings) -> SearchResult:
     """What ``qradaptor search`` does; returns the result and writes ``out/{pareto.json,plan.json,pareto.png}``.
     ``model``: a spec, or a `LoadedModel` (converted to ``dtype`` in place if it is not; left unquantized, and
     where it was). ``device`` (``auto``, ``cpu``, ``cuda``): where each plan is quantized and fine-tuned.
     ``dtype``: what the plans' fine-tunes compute in (``float32`` or ``bfloat16``); a kept run (fidelities with
-    ``schedule_steps``, see `prefix_fidelities`) continues only into a fine-tune of the same dtype."""
+    ``schedule_steps``, see `prefix_fidelities`) continues only into a fine-tune of the same dtype.
+    ``final_steps``: measure plans on the first steps of a ``final_steps``-step `train` at its default batch size
+    and learning rate (`prefix_fidelities`), keeping the runs that ``train --init-from`` continues."""
     import torch
+
+    if final_steps:
+        from ..rundir import RunConfig
+
+        settings = prefix_fidelities(settings, steps=final_steps, batch_size=RunConfig.batch_size, lr=RunConfig.lr)
+        if not settings["full"].get("schedule_steps"):
+            log.warning("search: the full fidelity's %d steps are more than the final fine-tune's %d: plans chosen "
+                        "there are fine-tunes of their own, not the beginning of the final one",
+                        settings["full"]["steps"], final_steps)
 
     out = Path(out)
     device = resolve_device(device)
