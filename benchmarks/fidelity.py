@@ -32,7 +32,8 @@ choose by: the best Spearman over the better half among the signals a search can
     .venv/bin/python benchmarks/fidelity.py --smoke    # a tiny random model, about a minute: keeps it working
     .venv/bin/python benchmarks/fidelity.py --report   # write the results from what is done so far
 
-Resumable: every measurement is kept under --work (default benchmarks/work/fidelity) as soon as it is made;
+Resumable: every measurement is kept under --work (default benchmarks/work/fidelity) as soon as it is made, and the
+rows of benchmarks/results/fidelity.json are put back there when missing (a fresh clone goes on from the results);
 plans are visited in a fixed shuffled order, those with no layer below 3 bits (the ones a search must tell
 apart) before the rest, so a partial run covers every kind of contender. Results:
 benchmarks/results/fidelity.{json,md} (with --smoke, in the work directory).
@@ -262,6 +263,23 @@ def measure(bench, name: str, plan, settings: dict, kl_blocks, *, seeds: int) ->
     return row
 
 
+def restore_rows(work: Path, results: Path) -> int:
+    """Put the rows of the committed results (``results``/fidelity.json) back into ``work`` where they are missing:
+    a fresh clone resumes the study where the last run's results left it instead of measuring those plans again."""
+    from qradaptor.io import atomic_write_json
+
+    path = results / "fidelity.json"
+    if not path.is_file():
+        return 0
+    restored = 0
+    for row in json.loads(path.read_text())["plans"]:
+        target = work / "rows" / f"{row['id']}.json"
+        if not target.is_file():
+            atomic_write_json(target, row)
+            restored += 1
+    return restored
+
+
 def done_rows(work: Path, settings: dict) -> list[dict]:
     """Rows of the plans whose every measurement is done (for --report while a run is under way)."""
     rows = [json.loads(path.read_text()) for path in sorted((work / "rows").glob("*.json"))]
@@ -344,6 +362,8 @@ def main(argv=None) -> int:
     work = args.work or Path(__file__).resolve().parent / "work" / ("fidelity-smoke" if args.smoke else "fidelity")
     bench = Bench(str(work), smoke=args.smoke)
     plans = candidate_plans(bench, settings)
+    if not args.smoke and (restored := restore_rows(work, RESULTS)):
+        print(f"fidelity: {restored} plans' rows restored from {RESULTS / 'fidelity.json'}", flush=True)
     if not args.report:
         kl_blocks = load_blocks(bench.data, bench.tokenizer, "test", seq_len=settings["seq_len"],
                                 max_blocks=settings["kl_blocks"])

@@ -105,40 +105,73 @@ def final_run(spec_path: str) -> None:
     test = load_blocks(spec["data"], tokenizer, "test", seq_len=spec["seq_len"])
     evaluated = evaluate_loss(result.model, test, progress=False)
     trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
+    estimate = json.loads((run_dir / "run.json").read_text())["training_estimate"]["peak_bytes"]
     atomic_write_json(Path(spec["result"]), {
         "loss": evaluated.loss, "perplexity": evaluated.perplexity, "test_tokens": evaluated.tokens,
         "train_seconds": seconds, "train_loop_seconds": result.train.seconds, "trainable_params": trainable,
         "memory_bytes": result.metrics["memory"]["measured_bytes"],
         "predicted_bytes": result.metrics["memory"]["predicted_bytes"], "avg_bits": result.metrics["memory"]["avg_bits"],
-        "final_train_loss": result.train.final_loss, "validation_loss": (result.validation or {}).get("loss")})
+        "final_train_loss": result.train.final_loss, "validation_loss": (result.validation or {}).get("loss"),
+        "training_estimate_bytes": estimate})  # what `train` predicted its peak to be
 
 
 def run_final(store: Path, label: str, plan, settings: dict, model, data, *, seed: int, dtype: str = "float32",
               init_from: str | None = None) -> dict:
     """Train ``plan`` in a child process (the real training stage), or return the kept result of the same fine-tune.
 
-    Finished fine-tunes are kept in ``store`` under a key of everything that decides their result (plan, model, data,
-    steps, batch shape, learning rate, seed, dtype), so the uniform grid, the frontier and the fidelity study share
-    each one instead of training it again, and a change of settings can never return another run's result. The key
-    does not cover the code: after a change to training that changes its results, start a fresh store (delete
-    benchmarks/work/finals). ``init_from``: a search's kept run of the plan to continue (not part of the key: the
-    result is exactly that of a run from step 0; ``train_seconds`` then counts only the steps trained here).
-    Returns the child's result, plus ``run_dir`` (the training run's directory)."""
+    Finished fine-tunes are kept under a key of everything that decides their result (plan, model, data, steps,
+    batch shape, learning rate, seed, dtype), so the uniform grid, the frontier and the fidelity study share each
+    one instead of training it again, and a change of settings can never return another run's result. Two places
+    keep them: ``store`` (benchmarks/work/finals: the training runs themselves) and its ledger (for the shared store,
+    benchmarks/results/finals.json, committed with the results: the results alone, so that a fresh clone resumes a
+    benchmark without training again what an earlier session measured). The key does not cover the code: after a
+    change to training that changes its results, start afresh (delete the store and the ledger). ``init_from``: a
+    search's kept run of the plan to continue (not part of the key: the result is exactly that of a run from step 0;
+    ``train_seconds`` then counts only the steps trained here). Returns the child's result, plus ``run_dir`` (the
+    training run's directory; None for a result from the ledger, whose run is not on this machine)."""
     from qradaptor.io import atomic_write_json
 
     spec = {"plan": plan.to_dict(), "model": model, "data": data, "steps": settings["steps"],
             "seq_len": settings["seq_len"], "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": seed,
             "dtype": dtype}
-    where = store / final_key(spec)
+    key, ledger = final_key(spec), ledger_path(store)
+    where = store / key
     result_path = where / "final.json"
-    if not result_path.is_file():
-        where.mkdir(parents=True, exist_ok=True)
-        spec_path = atomic_write_json(where / "spec.json", {**spec, "run_dir": str(where / "train"),
-                                                            "result": str(result_path), "label": label,
-                                                            "init_from": init_from})
-        print(f"frontier: {label}: final fine-tune ({plan.describe()})", flush=True)
-        child(label, "--final-run", spec_path)
-    return {**json.loads(result_path.read_text()), "run_dir": str(where / "train")}
+    if result_path.is_file():
+        return {**json.loads(result_path.read_text()), "run_dir": str(where / "train")}
+    kept = read_ledger(ledger).get(key)
+    if kept is not None:
+        return {**kept["result"], "run_dir": None}
+    where.mkdir(parents=True, exist_ok=True)
+    spec_path = atomic_write_json(where / "spec.json", {**spec, "run_dir": str(where / "train"),
+                                                        "result": str(result_path), "label": label,
+                                                        "init_from": init_from})
+    print(f"frontier: {label}: final fine-tune ({plan.describe()})", flush=True)
+    child(label, "--final-run", spec_path)
+    result = json.loads(result_path.read_text())
+    add_to_ledger(ledger, key, {"label": label, "plan": plan.describe(),
+                                **{k: v for k, v in spec.items() if k != "plan"}, "result": result})
+    return {**result, "run_dir": str(where / "train")}
+
+
+def ledger_path(store: Path) -> Path:
+    """Where the results of ``store``'s fine-tunes are listed: the shared store's in benchmarks/results (committed),
+    any other's (a smoke run's) beside it."""
+    return RESULTS / "finals.json" if store == FINALS else store.parent / f"{store.name}-ledger.json"
+
+
+def read_ledger(path: Path) -> dict:
+    return json.loads(path.read_text())["finals"] if path.is_file() else {}
+
+
+def add_to_ledger(path: Path, key: str, entry: dict) -> None:
+    """Add one fine-tune's result (the benchmarks that share the store run one at a time: no lock)."""
+    from qradaptor.io import atomic_write_json
+
+    finals = read_ledger(path)
+    finals[key] = entry
+    atomic_write_json(path, {"about": "results of the benchmarks' final fine-tunes, by the key of their settings "
+                                      "(benchmarks/frontier.py run_final)", "finals": dict(sorted(finals.items()))})
 
 
 def final_key(spec: dict) -> str:
@@ -640,8 +673,7 @@ def main() -> None:
     for name, plan, cost, dtype in plans:
         final = run_final(bench.finals, name, plan, settings, model, data, seed=0, dtype=dtype,
                           init_from=kept_runs.get(name))
-        run = json.loads((Path(final.pop("run_dir")) / "run.json").read_text())
-        final["training_estimate_bytes"] = run["training_estimate"]["peak_bytes"]  # what `train` predicted
+        final.pop("run_dir")
         final.update(measure_rss(bench.work, name, plan, settings, model, data, dtype=dtype))
         # KL before training in fp32 for every method, as the fidelity study and the search's fitness measure it
         kl_path = bench.work / name / "kl-fp32.json"
