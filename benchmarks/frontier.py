@@ -8,7 +8,8 @@ data, steps, seed and evaluation.
                         is the baseline; its settings run seeds 0, 1, 2. uniform4-r16 (QLoRA's) is the memory reference.
     greedy              bits and ranks from the sensitivity profile alone (greedy fill), 4-bit budget, no search
     random              random search (plans repaired into the 4-bit budget), as many fine-tune steps as ours
-    qradaptor-<B>       the pipeline's search at budgets 3bit, 3.5bit, 4bit, 5bit
+    qradaptor-<B>       the pipeline's search at budgets 3bit, 3.5bit, 4bit, 5bit; its plan runs seeds 0, 1, 2 (seed 0
+                        continues the search's run of it, seeds 1 and 2 train it from step 0)
     qradaptor-4bit-r16  ablation: the same search over bits only, every adapter at rank 16
 
 Per method: weight memory (measured, adapters included), average bits, trainable parameters, KL to the
@@ -414,19 +415,20 @@ def best_uniform_within(methods: list[dict], budget_bytes: int) -> dict | None:
 
 
 def seeded(rows: list[dict], seeds_for: str) -> list[dict]:
-    """The uniform settings that get every seed: the best-uniform front (``front``), or only the best uniform setting
-    within each budget that a search ran at (``budgets``), on the current seed means."""
+    """The rows that get every seed: the searches' plans at the budgets and the uniform settings they are compared
+    with, either the whole best-uniform front (``front``) or only the best uniform setting within each budget
+    (``budgets``), on the current seed means."""
+    ours = [r for r in rows if r["name"].startswith("qradaptor-") and r["name"] != "qradaptor-4bit-r16"]
     if seeds_for == "front":
-        return best_uniform_front(rows)
-    best = [best_uniform_within(rows, r["budget_bytes"]) for r in rows
-            if r["name"].startswith("qradaptor-") and r["name"] != "qradaptor-4bit-r16"]
-    return list({id(r): r for r in best if r is not None}.values())
+        return ours + best_uniform_front(rows)
+    best = [best_uniform_within(rows, r["budget_bytes"]) for r in ours]
+    return ours + list({id(r): r for r in best if r is not None}.values())
 
 
 def targets(methods: list[dict], final_steps: int) -> dict:
     """Issue 16's targets: at every budget, qradaptor's final loss against the best uniform setting that fits it
-    (better by more than that setting's seed spread at two or more budgets), the share of the gap between uniform
-    4-bit (rank 16) and 16-bit LoRA recovered at the 4-bit budget, and the search's cost."""
+    (seed means; better by more than the larger seed spread of the two at two or more budgets), the share of the gap
+    between uniform 4-bit (rank 16) and 16-bit LoRA recovered at the 4-bit budget, and the search's cost."""
     by = {m["name"]: m for m in methods}
     ref, ceiling = by[REFERENCE], by["lora16"]
     gap = ref["loss"] - ceiling["loss"]
@@ -435,10 +437,11 @@ def targets(methods: list[dict], final_steps: int) -> dict:
         if not m["name"].startswith("qradaptor-") or m["name"] == "qradaptor-4bit-r16":
             continue
         best = best_uniform_within(methods, m["budget_bytes"])
-        spread = (best or {}).get("loss_spread") or 0.0
+        best_spread, own_spread = (best or {}).get("loss_spread") or 0.0, m.get("loss_spread") or 0.0
+        spread = max(best_spread, own_spread)  # the larger of the two seed spreads (max − min over each side's seeds)
         budgets[m["name"].removeprefix("qradaptor-")] = {
             "budget_bytes": m["budget_bytes"], "loss": m["loss"], "best_uniform": best and best["name"],
-            "best_uniform_loss": best and best["loss"], "best_uniform_spread": spread,
+            "best_uniform_loss": best and best["loss"], "best_uniform_spread": best_spread, "loss_spread": own_spread,
             "delta": best and m["loss"] - best["loss"],
             "no_worse": best is None or m["loss"] <= best["loss"],
             "better_beyond_spread": best is not None and best["loss"] - m["loss"] > spread}
@@ -553,9 +556,10 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
           f"compute). The uniform family: every setting bits {{{', '.join(map(str, grid['bits']))}}} × ranks "
           f"{{{', '.join(map(str, grid['ranks']))}}}, `uniform{{bits}}-r{{rank}}`; ◆ marks the best-uniform front (at "
           f"its memory no uniform setting is better); "
-          + (f"its settings are the mean of {settings['seeds']} seeds" if settings.get("seeds_for", "front") == "front"
-             else f"the best uniform setting within each budget is the mean of {settings['seeds']} seeds, every other "
-                  f"row one seed (seed 0)")
+          + (f"its settings and the searches' plans at the budgets are the mean of {settings['seeds']} seeds"
+             if settings.get("seeds_for", "front") == "front"
+             else f"the searches' plans at the budgets and the best uniform setting within each are the mean of "
+                  f"{settings['seeds']} seeds, every other row one seed (seed 0)")
           + f" (± half the max–min spread). Memory is measured on the trained model (weights, quantization metadata and LoRA "
           f"adapters). avg bits counts scales and zeros (uniform 4-bit = 5.0); code bits is the plan's mean bit-width. "
           f"Gap recovered = ({REFERENCE} − method) / ({REFERENCE} − lora16). vs best uniform: the best uniform setting "
@@ -581,9 +585,10 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
             md += f"- {budget} budget: no uniform setting fits.\n"
             continue
         md += (f"- {budget} budget: qradaptor {b['loss']:.4f} vs the best uniform setting that fits, {b['best_uniform']} "
-               f"{b['best_uniform_loss']:.4f} (seed spread {b['best_uniform_spread']:.4f}): {b['delta']:+.4f} — no worse: "
-               f"{yn(b['no_worse'])}; better by more than the seed spread: {'yes' if b['better_beyond_spread'] else 'no'}.\n")
-    md += (f"- Better than the best uniform setting by more than its seed spread at two or more budgets: "
+               f"{b['best_uniform_loss']:.4f} (seed spreads: qradaptor {b.get('loss_spread', 0.0):.4f}, uniform "
+               f"{b['best_uniform_spread']:.4f}): {b['delta']:+.4f} — no worse: {yn(b['no_worse'])}; better by more "
+               f"than the larger seed spread: {'yes' if b['better_beyond_spread'] else 'no'}.\n")
+    md += (f"- Better than the best uniform setting by more than the larger seed spread at two or more budgets: "
            f"{g['budgets_better_beyond_seed_spread']} — {yn(g['better_beyond_seed_spread_at_two_or_more_budgets'])}.\n"
            f"- Gap between {REFERENCE} and lora16 recovered at the 4-bit budget: "
            f"{100 * (g['gap_recovered_at_4bit'] or 0):.0f}% (target ≥ 50%): {yn(g['gap_recovered_at_least_half'])}.\n"
@@ -602,8 +607,9 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="resumable working directory (default: benchmarks/work/frontier; "
                                                      "with --smoke a temp dir)")
     parser.add_argument("--seeds-for", choices=("front", "budgets"), default="front",
-                        help="which uniform settings get every seed: the whole best-uniform front (default), or only "
-                             "the best uniform setting within each budget (the targets' comparison; a shorter run)")
+                        help="which uniform settings get every seed (as the searches' plans do): the whole "
+                             "best-uniform front (default), or only the best uniform setting within each budget "
+                             "(the targets' comparison; a shorter run)")
     parser.add_argument("--final-run", default=None, help=argparse.SUPPRESS)  # child processes
     parser.add_argument("--rss-run", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -612,14 +618,11 @@ def main() -> None:
     if args.rss_run:
         return rss_run(args.rss_run)
 
-    import torch
-
-    from qradaptor.backends import get_backend
     from qradaptor.data import load_blocks
     from qradaptor.memory import parse_budget
     from qradaptor.plan import Plan
     from qradaptor.rundir import RunConfig
-    from qradaptor.search import Planner, PriorCost, SearchConfig
+    from qradaptor.search import Planner, PriorCost, SearchConfig, measured_uniform
 
     settings = dict(SMOKE if args.smoke else FULL)
     start = time.perf_counter()
@@ -632,18 +635,13 @@ def main() -> None:
         kept_runs[name] = result.kept_run
         # the search's own full-fidelity losses (its chosen plan's, and the best uniform setting's that it
         # promoted), to compare its ranking with the final fine-tune's
-        uniform = [p for p in result.points if p.fidelity == "full" and p.source.startswith("uniform-")]
-        # The budget as the trained models are measured: in the fine-tunes' dtype (scales, zeros and unquantized
-        # tensors in bf16). The search prices plans with float32 metadata; that adds the same bytes to every plan
-        # without 16-bit layers, so the plans within the budget are the same either way.
-        trained = getattr(torch, settings["dtype"])
+        uniform = min(measured_uniform(result.points), key=lambda p: p.loss, default=None)
+        # the budget as the search priced it: in the fine-tunes' dtype (bf16 scales, zeros and unquantized
+        # tensors), as the trained models are measured
         return result.chosen.plan, {**bench.search_cost(name, result), "search_loss": result.chosen.loss,
-                                    "search_uniform": uniform[0].source if uniform else None,
-                                    "search_uniform_loss": uniform[0].loss if uniform else None,
-                                    "budget_bytes": parse_budget(budget, bench.shapes,
-                                                                 get_backend("hqq", compute_dtype=trained),
-                                                                 base_dtype=trained),
-                                    "search_budget_bytes": result.budget_bytes}
+                                    "search_uniform": uniform.source if uniform else None,
+                                    "search_uniform_loss": uniform.loss if uniform else None,
+                                    "budget_bytes": result.budget_bytes}
 
     kept_runs: dict[str, str | None] = {}  # method → its search's run of the chosen plan, which its final continues
 
@@ -685,8 +683,8 @@ def main() -> None:
                      "dtype": dtype, **json.loads(kl_path.read_text()), **final, **cost, "seeds": [final["loss"]]})
         print(f"frontier: {name}: test loss {final['loss']:.4f}, {final['memory_bytes'] / 2**20:.1f} MiB", flush=True)
 
-    # More seeds for the uniform settings on the best-uniform front (the front is taken again on the seed means,
-    # until every setting on it has them all)
+    # More seeds for the searches' plans and the uniform settings on the best-uniform front (the front is taken
+    # again on the seed means, until every setting on it has them all)
     plan_of = {name: plan for name, plan, _, _ in plans}
     settings["seeds_for"] = args.seeds_for
     while True:

@@ -34,7 +34,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
-from qradaptor.backends import get_backend  # noqa: E402
 from qradaptor.models import load_model, model_fingerprint  # noqa: E402
 from qradaptor.plan import LayerChoice, Plan  # noqa: E402
 from qradaptor.profile import (ProfileSettings, additivity, calibration_blocks, plot_heatmap,  # noqa: E402

@@ -309,3 +309,7 @@ def test_a_search_on_the_final_schedule_keeps_the_run_that_train_continues(capsy
     assert code == 0, err
     record = json.loads((workdir / "t" / "run.json").read_text())
     assert record["initialised_from"]["step"] == pareto["kept_step"]
+    # the search priced the plan as the bf16 fine-tune stores it (bf16 scales and zeros): the bytes it chose under
+    # the budget are the trained model's
+    memory = json.loads((workdir / "t" / "metrics.json").read_text())["memory"]
+    assert pareto["chosen"]["memory_bytes"] == memory["predicted_bytes"] == memory["measured_bytes"], (pareto, memory)

@@ -472,6 +472,9 @@ def test_a_study_made_before_prefix_fidelities_still_resumes():
     assert _config_fingerprint(old) == _config_fingerprint(config)
     other = {**config, "cheap": {**config["cheap"], "schedule_steps": 100}}
     assert _config_fingerprint(other) != _config_fingerprint(config)
+    # the dtype of the fine-tunes (and of the plans' pricing): a study from before it was recorded searched in float32
+    assert _config_fingerprint({**config, "dtype": "float32"}) == _config_fingerprint(config)
+    assert _config_fingerprint({**config, "dtype": "bfloat16"}) != _config_fingerprint(config)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

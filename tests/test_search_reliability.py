@@ -5,7 +5,6 @@ SQLite storage in tmp_path."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess

@@ -30,4 +30,12 @@ def get_backend(name: str = DEFAULT_BACKEND, **kwargs) -> QuantBackend:
     raise BackendError(f"unknown quantizer backend {name!r}", f"choose one of {list(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "QuantBackend", "QuantCache", "QuantizedLinear", "get_backend", "is_quantized"]
+def backend_for(model, name: str = DEFAULT_BACKEND) -> QuantBackend:
+    """The backend that quantizes ``model``'s layers as `train` does: computing, and keeping scales, zeros and
+    unquantized tensors, in the model's dtype. Pricing plans with it prices them as they will be stored."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return get_backend(name, **({"compute_dtype": dtype} if dtype is not None else {}))
+
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "QuantBackend", "QuantCache", "QuantizedLinear", "backend_for", "get_backend",
+           "is_quantized"]

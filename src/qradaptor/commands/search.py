@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from ..backends import get_backend
+from ..backends import backend_for
 from ..device import resolve_device
 from ..memory import ModelShapes, parse_budget, parse_training_budget
 from ..models import LoadedModel, load_base
@@ -86,7 +86,7 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
     loaded = load_base(model, dtype=getattr(torch, dtype))
     base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
     shapes = ModelShapes.from_model(base)
-    backend = get_backend(settings.get("backend", "hqq"))
+    backend = backend_for(base, settings.get("backend", "hqq"))  # priced in the dtype the plans train in
     train_budget = parse_training_budget(budget)
     if train_budget is None:
         budget_bytes = parse_budget(budget, shapes, backend, group_size=settings.get("group_size", 64))
@@ -105,8 +105,7 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
         fitness = fitness or FineTuneFitness(base, tokenizer, data=data, config=config, device=device,
                                              runs=out / RUNS_DIR)
         runner = Search(model=base, sensitivity=prior, config=config, storage=storage_url, study_name=study,
-                        fitness=fitness, run_config={"model": model, "data": data, "data_fingerprint": data_fp,
-                                                     "dtype": dtype},
+                        fitness=fitness, run_config={"model": model, "data": data, "data_fingerprint": data_fp},
                         progress=progress)
         result = runner.run()
         write_outputs(result, out, shapes, runner.backend)
@@ -143,8 +142,7 @@ def worker(*, storage: str, study: str, progress: bool = True, device: str | Non
     data_fp = search_data_fingerprint(data, config) if config_dict.get("data_fingerprint") else None
     fitness = FineTuneFitness(base, tokenizer, data=data, config=config, device=device)
     runner = Search(model=base, sensitivity=prior, config=config, storage=store, study_name=study, fitness=fitness,
-                    run_config={"model": config_dict.get("model"), "data": data, "data_fingerprint": data_fp,
-                                "dtype": config_dict.get("dtype")},
+                    run_config={"model": config_dict.get("model"), "data": data, "data_fingerprint": data_fp},
                     progress=progress, seed_offset=1 + int.from_bytes(os.urandom(4), "little"))
     runner.explore(warm_start=False)
     return len(runner.study.trials)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ..backends import QuantCache, get_backend
+from ..backends import QuantCache, backend_for
 from ..errors import ArtifactError
 from ..plan import Plan
 from .config import Fidelity, SearchConfig
@@ -49,8 +49,8 @@ class FineTuneFitness:
         self.model, self.data, self.config, self.progress, self.device = model, data, config, progress, device
         self.runs = Path(runs) if runs is not None else None
         # quantized layers compute (and keep scales and zeros) in the model's dtype, as `train` quantizes them
-        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        self.cache = QuantCache(get_backend(config.backend, **({"compute_dtype": self.dtype} if self.dtype else {})))
+        self.cache = QuantCache(backend_for(model, config.backend))
+        self.dtype = self.cache.backend.compute_dtype
         self.train_blocks = load_blocks(data, tokenizer, "train", seq_len=config.seq_len, seed=config.seed)
         self.eval_blocks = load_blocks(data, tokenizer, "validation", seq_len=config.seq_len, seed=config.seed)
         self._fingerprints: dict | None = None

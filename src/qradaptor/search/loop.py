@@ -12,14 +12,14 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..backends import get_backend
+from ..backends import backend_for
 from ..memory import ModelShapes, format_bytes, predict
 from ..plan import LayerChoice, Plan
 from ..profile import Sensitivity
 from .config import CONFIG_ATTR, FORMAT, Fidelity, SearchConfig, SearchError
 from .fitness import Fitness
 from .planner import Planner, PriorCost, plan_from_key, plan_key
-from .report import Evaluated, SearchResult, pareto_front
+from .report import Evaluated, SearchResult, measured_uniform, pareto_front
 from .sampler import repairing_sampler
 from .storage import (_config_fingerprint, _dead_here, _fail, _heartbeat, _whoami, grace_seconds, open_storage,
                       trial_id)
@@ -42,7 +42,8 @@ class Search:
                 f"the sensitivity profile was made for another model (fingerprint {sensitivity.model_fingerprint[:12]}…, "
                 f"this model is {self.model_fp[:12]}…)",
                 "profile this model (qradaptor profile --model M --out DIR) or point --sensitivity at its profile")
-        self.backend = get_backend(config.backend)
+        # plans priced as the fitness stores them: in the model's dtype (bf16 scales and zeros for a bf16 search)
+        self.backend = backend_for(model, config.backend)
         for b in config.bits:
             if b < 16:
                 self.backend.check_bits(b)
@@ -51,6 +52,7 @@ class Search:
         self.L = self.shapes.num_layers
         self.storage = open_storage(storage) if isinstance(storage, str) else storage
         self.run_config = {**(run_config or {}), **config.to_dict(), "model_fingerprint": self.model_fp,
+                           "dtype": str(self.backend.compute_dtype).removeprefix("torch."),
                            "sensitivity": sensitivity.to_dict(), "format": FORMAT}
         self.study = self._open_study(study_name, "explore", ["minimize", "minimize"])
         self.refine_study = self._open_study(study_name + ":refine", "refine", ["minimize", "minimize"])
@@ -437,7 +439,7 @@ class Search:
         chosen = min(full, key=lambda p: (self.scalarize(p.loss, p.memory_bytes, full), p.memory_bytes))
         # The final fine-tune continues the chosen plan's run. The uniform settings' runs are kept too: they are
         # the baselines a user compares the plan with, and `train --init-from` continues them the same way.
-        uniform = {p.source: p.plan for p in points if p.source.startswith("uniform-") and p.fidelity == "full"}
+        uniform = {p.source: p.plan for p in measured_uniform(points)}
         self._prune_runs([chosen.plan, *uniform.values()])
         kept = self._kept(chosen.plan)
         return SearchResult(chosen, points, self.config.budget_bytes, self.fine_tune_steps(),

@@ -50,6 +50,11 @@ class SearchResult:
         return pareto_front([p for p in self.points if p.fidelity == fidelity])
 
 
+def measured_uniform(points: list[Evaluated]) -> list[Evaluated]:
+    """The uniform settings measured at the full fidelity: the baselines the search's choice is compared with."""
+    return [p for p in points if p.fidelity == "full" and p.source.startswith("uniform-")]
+
+
 def pareto_front(points: list[Evaluated]) -> list[Evaluated]:
     """Non-dominated points in (loss, memory), sorted by memory."""
     front = []
@@ -131,11 +136,10 @@ def summary(result: SearchResult) -> str:
     if result.kept_run:
         lines.append(f"  its fine-tune is kept at step {result.kept_step} in {result.kept_run}: "
                      f"`qradaptor train --init-from {result.kept_run}` continues it instead of starting over")
-    for p in result.points:
-        if p.fidelity == "full" and p.source.startswith("uniform"):
-            kept = result.uniform_runs.get(p.source)
-            lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}"
-                         + (f"; its run is kept at step {kept[1]} in {kept[0]}" if kept else ""))
+    for p in measured_uniform(result.points):
+        kept = result.uniform_runs.get(p.source)
+        lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}"
+                     + (f"; its run is kept at step {kept[1]} in {kept[0]}" if kept else ""))
     return "\n".join(lines) + "\n"
 
 

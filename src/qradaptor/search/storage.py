@@ -50,8 +50,9 @@ def _config_fingerprint(config: dict) -> dict:
     """What must match for a study to be continued: model, budget, space, settings (not trial counts)."""
     keep = ("model_fingerprint", "budget_bytes", "bits", "ranks", "group_size", "backend", "seq_len", "cheap",
             "full", "seed", "data", "alpha", "rank_value", "sampler", "budget_on", "train_batch_size",
-            "data_fingerprint")
+            "data_fingerprint", "dtype")
     out = {k: config.get(k) for k in keep}
+    out["dtype"] = out["dtype"] or "float32"  # a study from before it was recorded searched in float32
     for k in ("cheap", "full"):  # with the defaults of fields added since (a study made before has none)
         if isinstance(out[k], dict):
             out[k] = asdict(Fidelity(**out[k]))
