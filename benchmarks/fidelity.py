@@ -29,7 +29,7 @@ by: prefix@K at its full fidelity's K (benchmarks/frontier.py's searches, as `qr
 steps of the final fine-tune's schedule), with the target Spearman ≥ 0.8; `best` names the signal with the best
 Spearman over the better half.
 
-    .venv/bin/python benchmarks/fidelity.py            # SmolLM2: ~8 min per plan on 2 cores (resumable)
+    .venv/bin/python benchmarks/fidelity.py            # SmolLM2: ~10 min per plan on 2 cores (resumable)
     .venv/bin/python benchmarks/fidelity.py --smoke    # a tiny random model, about a minute: keeps it working
     .venv/bin/python benchmarks/fidelity.py --report   # write the results from what is done so far
 

@@ -414,11 +414,16 @@ def best_uniform_within(methods: list[dict], budget_bytes: int) -> dict | None:
     return min(fits, key=lambda m: m["loss"]) if fits else None
 
 
+def budget_searches(rows: list[dict]) -> list[dict]:
+    """The searches' rows at the budgets (`qradaptor-3bit` … `-5bit`): what the targets compare; not the ablation."""
+    return [r for r in rows if r["name"].startswith("qradaptor-") and r["name"] != "qradaptor-4bit-r16"]
+
+
 def seeded(rows: list[dict], seeds_for: str) -> list[dict]:
     """The rows that get every seed: the searches' plans at the budgets and the uniform settings they are compared
     with, either the whole best-uniform front (``front``) or only the best uniform setting within each budget
     (``budgets``), on the current seed means."""
-    ours = [r for r in rows if r["name"].startswith("qradaptor-") and r["name"] != "qradaptor-4bit-r16"]
+    ours = budget_searches(rows)
     if seeds_for == "front":
         return ours + best_uniform_front(rows)
     best = [best_uniform_within(rows, r["budget_bytes"]) for r in ours]
@@ -433,9 +438,7 @@ def targets(methods: list[dict], final_steps: int) -> dict:
     ref, ceiling = by[REFERENCE], by["lora16"]
     gap = ref["loss"] - ceiling["loss"]
     budgets = {}
-    for m in methods:
-        if not m["name"].startswith("qradaptor-") or m["name"] == "qradaptor-4bit-r16":
-            continue
+    for m in budget_searches(methods):
         best = best_uniform_within(methods, m["budget_bytes"])
         best_spread, own_spread = (best or {}).get("loss_spread") or 0.0, m.get("loss_spread") or 0.0
         spread = max(best_spread, own_spread)  # the larger of the two seed spreads (max − min over each side's seeds)
