@@ -153,7 +153,7 @@ ALL = ["profile", "search", "train", "metrics", "export"]
     ("budget", ["search", "train", "metrics", "export"]),
     ("alpha", ["search", "train", "metrics", "export"]),
     ("trials", ["search", "train", "metrics", "export"]),
-    # the search's default fidelities (8 and 24 steps) are longer than 4 or 7 steps, so they are not the
+    # the search's default fidelities (8 and 16 steps) are longer than 4 or 7 steps, so they are not the
     # fine-tune's first steps and its steps do not change the search; with 12 steps the cheap one is
     ("steps", ["train", "metrics", "export"]),
     ("steps of searched fine-tunes", ["search", "train", "metrics", "export"]),
@@ -177,7 +177,7 @@ def test_a_changed_setting_redoes_its_stage_and_every_later_one(setup, tmp_path,
     elif change == "steps":
         changed = {"steps": 7}
     elif change == "steps of searched fine-tunes":
-        changed = {"steps": 12}  # the default fidelities (8 and 24 steps): the cheap one is the first 8 of 12
+        changed = {"steps": 12}  # the default fidelities (8 and 16 steps): the cheap one is the first 8 of 12
     elif change == "data contents":  # same path, other contents
         words_file(tmp_path / "words.txt", shift=5)
         changed = {}

@@ -319,12 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "the predicted training peak (train:1.5GiB)")
     budgeted.add_argument("--alpha", type=float, default=0.5,
                           help="preference: 1 = only quality, 0 = only memory (default 0.5)")
-    budgeted.add_argument("--trials", type=_positive_int, default=24, help="search exploration trials, cheap fidelity (default 24)")
+    budgeted.add_argument("--trials", type=_positive_int, default=8, help="search exploration trials, cheap fidelity (default 8)")
 
     p = sub.add_parser("search", parents=[common, budgeted, on_device], help="find a per-layer plan within a memory budget (stages 2-3)")
-    p.add_argument("--population", type=_positive_int, default=8, help="NSGA-II population (default 8)")
-    p.add_argument("--promote", type=_count, default=3, help="front plans re-evaluated at full fidelity (default 3)")
-    p.add_argument("--refine", type=_count, default=3, help="Bayesian refinement iterations (default 3)")
+    p.add_argument("--population", type=_positive_int, default=4, help="NSGA-II population (default 4)")
+    p.add_argument("--promote", type=_count, default=1, help="front plans re-evaluated at full fidelity, besides the warm start's uniform settings and prior fill (default 1)")
+    p.add_argument("--refine", type=_count, default=1, help="Bayesian refinement iterations (default 1)")
     p.add_argument("--bits", type=_int_list, default=None, help="bit-widths to choose from (default 2,3,4,5,6,8)")
     p.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks to choose from (default 4,8,16,32)")
     p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")

@@ -304,7 +304,7 @@ def _one_run_per_directory(run_fn):
 
 @_one_run_per_directory
 def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, budget: str | int, out: str | Path,
-        alpha: float = 0.5, trials: int = 24, steps: int = 200, profile_tokens: int | None = None,
+        alpha: float = 0.5, trials: int = 8, steps: int = 200, profile_tokens: int | None = None,
         profile_dtype: str = "bfloat16", seq_len: int = 256, eval_blocks: int | None = None,
         search_settings: dict | None = None, train_settings: dict | None = None, progress: bool = True,
         device: str | None = None) -> dict:

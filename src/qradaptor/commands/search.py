@@ -56,7 +56,7 @@ def prefix_fidelities(settings: dict, *, steps: int, batch_size: int, lr: float)
 
 
 def search(model: str | LoadedModel | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
-           alpha: float = 0.5, trials: int = 24, storage: str | None = None, study: str | None = None,
+           alpha: float = 0.5, trials: int = 8, storage: str | None = None, study: str | None = None,
            sensitivity: str | None = None, progress: bool = True, fitness: Fitness | None = None,
            device: str | None = None, dtype: str = "float32", final_steps: int | None = None,
            **settings) -> SearchResult:

@@ -43,13 +43,16 @@ class SearchConfig:
     bits: tuple[int, ...] = DEFAULT_BITS
     ranks: tuple[int, ...] = DEFAULT_RANKS
     alpha: float = 0.5  # 1: only quality matters; 0: only memory
-    trials: int = 24  # exploration trials (warm start included), cheap fidelity
-    population: int = 8
-    promote: int = 3  # cheap-front plans re-evaluated at the expensive fidelity
-    refine: int = 3  # Bayesian refinement iterations, expensive fidelity
-    warm_start: int = 4  # prior-greedy plans at fractions of the budget
+    # The defaults are the frontier benchmark's search, which costs under half the final fine-tune in steps
+    # (benchmarks/results/frontier.md): within `run`'s 200 steps, 8 trials on the first 8 steps, the front's best
+    # plan and the warm start's anchors continued to 16, one refinement plan of 16.
+    trials: int = 8  # exploration trials (warm start included), cheap fidelity
+    population: int = 4
+    promote: int = 1  # cheap-front plans re-evaluated at the expensive fidelity, besides the warm start's anchors
+    refine: int = 1  # Bayesian refinement iterations, expensive fidelity
+    warm_start: int = 2  # prior-greedy plans at fractions of the budget (70% to 100%)
     cheap: Fidelity = field(default_factory=lambda: Fidelity("cheap", steps=8, eval_blocks=8))
-    full: Fidelity = field(default_factory=lambda: Fidelity("full", steps=24, eval_blocks=16))
+    full: Fidelity = field(default_factory=lambda: Fidelity("full", steps=16, eval_blocks=16))
     seq_len: int = 256
     group_size: int = 64
     backend: str = "hqq"
@@ -77,7 +80,7 @@ class SearchConfig:
         if self.sampler not in ("nsga2", "random"):
             raise SearchError(f"unknown sampler {self.sampler!r}", "use nsga2 or random")
         if self.trials < 1 or self.population < 2:
-            raise SearchError("the search needs at least 1 trial and a population of 2", "e.g. --trials 24 --population 8")
+            raise SearchError("the search needs at least 1 trial and a population of 2", "e.g. --trials 8 --population 4")
 
     def to_dict(self) -> dict:
         d = asdict(self)
