@@ -631,3 +631,25 @@ def test_no_run_that_promotion_continues_is_pruned_before(tiny, words, tmp_path)
     uniform = {plan_key(p.plan) for p in result.points if p.source.startswith("uniform-")}
     assert set(fitness.kept) == {plan_key(result.chosen.plan)} | uniform and result.kept_step == full
     assert set(result.uniform_runs) == {p.source for p in result.points if p.source.startswith("uniform-")}
+
+
+def test_the_warm_start_is_nsga2s_first_generation_and_the_next_trials_its_children(tiny, words, tmp_path):
+    """The warm start's plans are enqueued (all params fixed), so Optuna never asks the sampler about them: unless
+    they are numbered into NSGA-II's generations, its first generation is the random trials after them, and at the
+    default 8 trials with a population of 4 it never breeds. Numbered, the first `population` trials (the warm
+    start) are generation 0 and the next ones generation 1, bred from them: their genes come from the warm start's
+    plans at the same layer, but for mutations and repair into the budget."""
+    import optuna
+
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    result = search(str(d), data=words, budget=budget_of(model, 4), out=tmp_path, trials=8, population=4, promote=1,
+                    refine=1, progress=False, fitness=fast_fitness, seq_len=32)
+    study = optuna.load_study(study_name="qradaptor", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    numbering = optuna.samplers.NSGAIISampler(population_size=4)
+    first, second = numbering.get_population(study, 0), numbering.get_population(study, 1)
+    assert [t.number for t in first] == [0, 1, 2, 3] and [t.number for t in second] == [4, 5, 6, 7]
+    warm = [p for p in result.points if p.fidelity == "cheap" and p.source != "nsga2"]
+    assert {p.trial for p in warm} == {0, 1, 2, 3}
+    inherited = [t.params[k] in {p.params[k] for p in first} for t in second for k in t.params]
+    assert sum(inherited) >= 0.8 * len(inherited), inherited  # 29 of 32 here; random children: 9

@@ -9,7 +9,8 @@ suggestion, and telling a FAILed suggestion plus ``add_trial`` of the repaired p
 trial from NSGA-II (its populations are the trials the sampler itself numbered into generations). Repairing
 in ``sample_relative`` keeps one trial per evaluation, whose parameters are the plan that was scored.
 
-Only Optuna's public sampler interface is used (``BaseSampler`` and the wrapped sampler's public methods):
+Only Optuna's public sampler interface is used (``BaseSampler`` and the wrapped sampler's public methods,
+``BaseGASampler.get_trial_generation`` among them):
 the wrapped sampler proposes (its children for the whole space; what it leaves out, the first generation's
 and mutated parameters, comes from its ``sample_independent`` in the order the objective suggests them, as
 without the wrapper), then ``repair`` maps the whole parameter set into the budget.
@@ -59,6 +60,14 @@ def repairing_sampler(inner, space: dict, repair: Callable[[dict[str, Any]], dic
         def before_trial(self, study, trial) -> None:
             if on_new_trial is not None:
                 on_new_trial(study, trial)
+            # Number every trial into NSGA-II's generations here: an enqueued trial (the warm start) has all its
+            # params fixed, so Optuna never calls sample_relative for it and NSGA-II would leave it out of its
+            # populations. Then the first generation was the random trials after the warm start, and the children
+            # bred from them came after the default 8 trials: NSGA-II never bred at all, least of all from the
+            # warm start's plans. Numbered, the warm start is the first generation and the next trials its children.
+            generation = getattr(self.inner, "get_trial_generation", None)
+            if generation is not None:
+                generation(study, trial)
             self.inner.before_trial(study, trial)
 
         def after_trial(self, study, trial, state, values: Sequence[float] | None) -> None:
