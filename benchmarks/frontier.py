@@ -56,7 +56,7 @@ FULL = {  # SmolLM2 settings, chosen so the whole benchmark fits in about 1.5 h 
     "rss_steps": 5, "grid": {"bits": (3, 4, 5, 6, 8), "ranks": (4, 8, 16, 32)},
     # 8 trials × 4 steps, the front's best plan and the warm start's 3 anchors promoted (+4 steps each, fewer where
     # they coincide), 1 refinement × 8, the chosen plan's 8 reused: at most 48 steps not reused, ≤ 0.5× the final
-    # fine-tune (measured: 44, results/frontier.md). The fidelity study ranks on
+    # fine-tune (measured: 44–48, results/frontier.md). The fidelity study ranks on
     # prefix@8 as well as on prefix@12 (Spearman 0.988, 0.965 over the better half), so the full fidelity is 8.
     "search": {"trials": 8, "population": 4, "promote": 1, "refine": 1, "warm_start": 2, "alpha": 1.0,
                "cheap": {"name": "cheap", "steps": 4, "eval_blocks": 8},
