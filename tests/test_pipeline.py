@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qradaptor.backends import get_backend
 from qradaptor.memory import ModelShapes, predict
 from qradaptor.models import load_model
 from qradaptor.commands.run import run
 from qradaptor.plan import Plan
+from qradaptor.rundir import read_run
 
 TINY_SEARCH = {"population": 4, "promote": 1, "refine": 1, "warm_start": 2,
                "cheap": {"name": "cheap", "steps": 2, "eval_blocks": 2},
@@ -49,7 +51,9 @@ def test_run_produces_every_stage_and_a_rerun_skips_them(tiny_dir, tmp_path, mon
         assert (out / path).is_file(), path
     assert first["test_loss_after"] < first["test_loss_before"]
     plan = Plan.load(out / "search" / "plan.json")
-    assert predict(ModelShapes.from_model(model), plan, get_backend("hqq")).total_bytes <= budget
+    # priced as the run stores it: in the dtype it trained in (bf16 scales and zeros by default)
+    dtype = getattr(torch, read_run(out / "train")["config"]["dtype"])
+    assert predict(ModelShapes.from_model(model), plan, get_backend("hqq", compute_dtype=dtype)).total_bytes <= budget
 
     stamps = {p: (out / p).stat().st_mtime_ns for p in ("profile/sensitivity.json", "search/pareto.json",
                                                          "train/run.json", "metrics.json")}
