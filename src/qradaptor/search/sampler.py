@@ -60,11 +60,9 @@ def repairing_sampler(inner, space: dict, repair: Callable[[dict[str, Any]], dic
         def before_trial(self, study, trial) -> None:
             if on_new_trial is not None:
                 on_new_trial(study, trial)
-            # Number every trial into NSGA-II's generations here: an enqueued trial (the warm start) has all its
-            # params fixed, so Optuna never calls sample_relative for it and NSGA-II would leave it out of its
-            # populations. Then the first generation was the random trials after the warm start, and the children
-            # bred from them came after the default 8 trials: NSGA-II never bred at all, least of all from the
-            # warm start's plans. Numbered, the warm start is the first generation and the next trials its children.
+            # Number every trial into NSGA-II's generations here: Optuna never calls sample_relative for an enqueued
+            # trial (all its params fixed), so NSGA-II would leave the warm start out of its populations and breed
+            # only from the random trials after it. Numbered, the warm start is the first generation.
             generation = getattr(self.inner, "get_trial_generation", None)
             if generation is not None:
                 generation(study, trial)
