@@ -75,10 +75,11 @@ SMOKE = {
 
 
 def train_dtype() -> str:
-    """What `qradaptor train` computes in by default (the finals of quantized plans and the searches use it)."""
-    from qradaptor.rundir import RunConfig
+    """What `qradaptor train` computes in by default on this CPU (the finals of quantized plans and the searches
+    use it)."""
+    from qradaptor.precision import default_dtype
 
-    return RunConfig().dtype
+    return default_dtype("cpu").dtype
 
 
 def final_run(spec_path: str) -> None:
@@ -628,7 +629,6 @@ def main() -> None:
     from qradaptor.data import load_blocks
     from qradaptor.memory import parse_budget
     from qradaptor.plan import Plan
-    from qradaptor.rundir import RunConfig
     from qradaptor.search import Planner, PriorCost, SearchConfig, measured_uniform
 
     settings = dict(SMOKE if args.smoke else FULL)
@@ -656,7 +656,7 @@ def main() -> None:
     none = {"search_steps": 0, "search_seconds": 0.0, "search_evaluations": 0}
     plans: list[tuple[str, Plan, dict, str]] = [("lora16", Plan.uniform(L, 16, 16), none, "bfloat16")]
     # quantized plans train as `qradaptor train` does by default (its compute dtype, checkpointing on)
-    dtype = settings["dtype"] = RunConfig().dtype
+    dtype = settings["dtype"] = train_dtype()
     # the uniform family: every setting a user could pick by hand
     plans += [(uniform_name(b, r), Plan.uniform(L, b, r), none, dtype)
               for b in settings["grid"]["bits"] for r in settings["grid"]["ranks"]]

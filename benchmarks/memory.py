@@ -384,9 +384,10 @@ def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
 
 
 def _default_dtype_name() -> str:
-    from qradaptor.rundir import RunConfig
+    """What `qradaptor train` computes in by default on this CPU."""
+    from qradaptor.precision import default_dtype
 
-    return RunConfig().dtype
+    return default_dtype("cpu").dtype
 
 
 def main(argv=None) -> int:

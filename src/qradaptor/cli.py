@@ -11,7 +11,10 @@ import warnings
 
 from .errors import QRAdaptorError
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")  # precision.DTYPE_CHOICES, without importing torch to parse arguments
+#: What every --dtype says about its default (one default across commands: precision.default_dtype).
+_DTYPE_AUTO = ("auto (default): bfloat16 where this machine computes it fast (a GPU with bf16, a CPU with AVX512-BF16 "
+               "or AMX), float32 elsewhere")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,16 +63,10 @@ def _text(text: str) -> str:
     return text
 
 
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def cmd_memory(args) -> int:
     from .commands import plan_memory
 
-    report = plan_memory(args.model, args.plan, backend=args.backend, dtype=_dtype(args.dtype), measure=args.measure,
+    report = plan_memory(args.model, args.plan, backend=args.backend, dtype=args.dtype, measure=args.measure,
                          budget=args.budget, batch_size=args.batch_size, seq_len=args.seq_len,
                          checkpointing=args.gradient_checkpointing)
     if args.json:
@@ -158,7 +155,8 @@ def cmd_run(args) -> int:
     from .commands import run
 
     result = run(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
-                 steps=args.steps, seq_len=args.seq_len, progress=not args.quiet, device=args.device)
+                 steps=args.steps, seq_len=args.seq_len, progress=not args.quiet, device=args.device,
+                 train_settings={"dtype": args.dtype})
     print(f"test loss {result['test_loss_before']:.4f} before, {result['test_loss_after']:.4f} after training "
           f"({result['test_tokens']} tokens); plan {result['plan']}; model {result['model']}/")
     return 0
@@ -266,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--plan", required=True, help="plan file (.json or .yaml)")
     p.add_argument("--backend", default="hqq", help="quantizer backend: hqq (default), hqq-native or reference")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
-                   help="base and metadata dtype, as train computes (default bfloat16)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="dtype of the base, scales and zeros, as train computes: " + _DTYPE_AUTO)
     p.add_argument("--measure", action="store_true", help="also build the model and count the bytes it holds")
     p.add_argument("--budget", default=None,
                    help="also check the plan against a budget: on the stored model (4bit, 3.5bit, 350MB, 1.2GiB, "
@@ -303,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
     p.add_argument("--group-size", type=_positive_int, default=64, help="weights per quantization group (default 64)")
     p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per calibration block (default 256)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="decoder layers' compute dtype during the probes (bfloat16 is faster; the LM head stays fp32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="decoder layers' compute dtype during the probes (the LM head stays fp32): " + _DTYPE_AUTO)
     p.add_argument("--out", required=True, help="directory for sensitivity.json and sensitivity.png")
     p.add_argument("--force", action="store_true", help="replace a profile of a different model in --out")
     p.add_argument("--no-cache", action="store_true", help="recompute even if an identical profile is cached")
@@ -320,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     budgeted.add_argument("--alpha", type=float, default=0.5,
                           help="preference: 1 = only quality, 0 = only memory (default 0.5)")
     budgeted.add_argument("--trials", type=_positive_int, default=8, help="search exploration trials, cheap fidelity (default 8)")
+    budgeted.add_argument("--dtype", default="auto", choices=DTYPES,
+                          help="what the plans' fine-tunes compute in and are priced in: " + _DTYPE_AUTO)
 
     p = sub.add_parser("search", parents=[common, budgeted, on_device], help="find a per-layer plan within a memory budget (stages 2-3)")
     p.add_argument("--population", type=_positive_int, default=4, help="NSGA-II population (default 4)")
@@ -331,8 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per training/evaluation block (default 256)")
     p.add_argument("--sensitivity", default=None, help="sensitivity.json (default: OUT/sensitivity.json, profiled if missing)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="what the plans' fine-tunes compute in (default float32; `train` defaults to bfloat16)")
     p.add_argument("--final-steps", type=_positive_int, default=None, metavar="N",
                    help="measure plans on the first steps of an N-step fine-tune (train's default batch size and lr) "
                         "and keep the chosen plan's run, which `train --steps N --dtype D --init-from` continues")
@@ -361,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of adapter init and data order (default 0)")
     p.add_argument("--backend", default=None, help="quantizer backend: hqq (default), hqq-native or reference")
     p.add_argument("--dtype", default=None, choices=DTYPES,
-                   help="compute, base and metadata dtype (default bfloat16: see benchmarks/results/dtype.md)")
+                   help="compute, base and metadata dtype: " + _DTYPE_AUTO)
     p.add_argument("--eval-every", type=_count, default=None, help="validation every N steps (default: 5 times a run; 0: never)")
     p.add_argument("--eval-blocks", type=_count, default=None, help="validation blocks (default 16; 0: no validation)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="checkpoint every N steps (default: 10 per run)")

@@ -47,9 +47,10 @@ class RunConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     backend: str = "hqq"
-    # bf16 compute: 1.9x faster per step than fp32 on this CPU, loss within the fp32 seeds' spread
-    # (benchmarks/results/dtype.md), and half the activation memory.
-    dtype: str = "bfloat16"
+    # "auto": bf16 where the device computes it fast (1.9x faster per step than fp32 on a CPU with AVX512-BF16, loss
+    # within the fp32 seeds' spread, benchmarks/results/dtype.md; half the activation memory), fp32 elsewhere
+    # (precision.default_dtype). run.json records the resolved dtype.
+    dtype: str = "auto"
     eval_every: int | None = None  # None: 5 validations over the run; 0: none
     eval_blocks: int = 16  # validation blocks (0: no validation)
     checkpoint_every: int | None = None  # None: 10 checkpoints over the run

@@ -9,15 +9,18 @@ from ..errors import BudgetError
 from ..memory import (ModelShapes, check_budget, fitting_batch, measured_bytes, parse_budget, parse_training_budget,
                       predict, training_memory)
 from ..plan import Plan
+from ..precision import DTYPES, resolve_dtype
 
 
-def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", dtype: torch.dtype = torch.bfloat16,
+def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", dtype: str | torch.dtype = "auto",
                 measure: bool = False, budget: str | int | None = None, batch_size: int = 4, seq_len: int = 256,
                 checkpointing: bool = True) -> dict:
     """What ``qradaptor memory`` prints: the plan's predicted bytes from the model's config alone, and the
     predicted peak memory of training it on batches of ``batch_size × seq_len`` tokens (key ``training``);
     with ``measure``, the bytes the built model (quantized base + adapters) really holds; with ``budget``
-    (on the stored model, or ``train:SIZE`` on the training peak), the budget in bytes and whether it fits."""
+    (on the stored model, or ``train:SIZE`` on the training peak), the budget in bytes and whether it fits.
+    ``dtype``: of the base, scales and zeros (``auto``: the dtype `train` and `search` compute in on this machine,
+    `precision.default_dtype`), so a plan is priced here as they price it."""
     from ..backends import get_backend
     from ..models import load_config, load_model
 
@@ -25,13 +28,16 @@ def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", 
     for key, value in (("batch size", batch_size), ("sequence length", seq_len)):
         if value < 1:
             raise BudgetError(f"the {key} must be at least 1, got {value}", f"pass a positive {key}")
+    dtype_name = resolve_dtype(dtype)
+    dtype = DTYPES[dtype_name]
     quant = get_backend(backend, compute_dtype=dtype)
     config = load_config(model)
     shapes = ModelShapes.from_config(config)
     report = predict(shapes, plan, quant)
     training = training_memory(shapes, plan, quant, config, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                                checkpointing=checkpointing)
-    out = {**report.to_dict(), "plan": plan.describe(), "backend": quant.name, "training": training.to_dict()}
+    out = {**report.to_dict(), "plan": plan.describe(), "backend": quant.name, "dtype": dtype_name,
+           "training": training.to_dict()}
     if budget is not None:
         train_budget = parse_training_budget(budget)
         if train_budget is not None:

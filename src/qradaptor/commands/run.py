@@ -49,6 +49,7 @@ from ..evaluate import evaluate_loss
 from ..io import LockHeld, atomic_write_json, exclusive_lock
 from ..device import resolve_device
 from ..models import LoadedModel
+from ..precision import DTYPE_CHOICES, DTYPES, resolve_dtype
 
 log = logging.getLogger("qradaptor")
 
@@ -305,14 +306,15 @@ def _one_run_per_directory(run_fn):
 @_one_run_per_directory
 def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, budget: str | int, out: str | Path,
         alpha: float = 0.5, trials: int = 8, steps: int = 200, profile_tokens: int | None = None,
-        profile_dtype: str = "bfloat16", seq_len: int = 256, eval_blocks: int | None = None,
+        profile_dtype: str = "auto", seq_len: int = 256, eval_blocks: int | None = None,
         search_settings: dict | None = None, train_settings: dict | None = None, progress: bool = True,
         device: str | None = None) -> dict:
     """What ``qradaptor run`` does. Returns the metrics written to ``out/metrics.json``. ``profile_tokens``:
     calibration tokens of the profile (None: 4096, or all the training split has if fewer).
 
-    The model is loaded once, in the fine-tune's dtype (``train_settings["dtype"]``, default bfloat16): the
-    profile and the search read it (and quantize copies), the fine-tune then quantizes it in place, and the test
+    The model is loaded once, in the fine-tune's dtype (``train_settings["dtype"]``; ``auto``, the default: the
+    dtype this device computes fast, `precision.default_dtype`, or the one a rerun's search recorded): the
+    profile (``profile_dtype``; ``auto``: the fine-tune's) and the search read it (and quantize copies), the fine-tune then quantizes it in place, and the test
     loss and the export are taken from the trained model in memory. The search's fidelities are the first steps
     of the fine-tune's schedule (`prefix_fidelities`), and the fine-tune continues the chosen plan's run from
     where the search left it: the result is that of a fine-tune from step 0, with fewer steps trained.
@@ -328,17 +330,24 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     from ..search import kept_run
     from .export import export, export_manifest
     from .search import prefix_fidelities, search
-    from .train import _DTYPES, KeptRunMismatch, train_plan
+    from .train import KeptRunMismatch, train_plan
 
     out = Path(out)
     device = resolve_device(device)
     stages = _Stages(out)  # refuses a directory that `run` did not make, before any work
-    train_defaults = {**RunConfig().to_dict(), **{k: v for k, v in (train_settings or {}).items() if v is not None}}
+    # "auto" is no setting of its own: the fine-tune computes in the dtype resolved here
+    train_settings = {k: v for k, v in (train_settings or {}).items()
+                      if v is not None and (k, v) != ("dtype", "auto")}
+    train_defaults = {**RunConfig().to_dict(), **train_settings}
     dtype = train_defaults["dtype"]
-    if dtype not in _DTYPES:
-        raise ArtifactError(f"unknown dtype {dtype!r}", f"use one of {sorted(_DTYPES)}")
+    if dtype == "auto":  # a rerun goes on in the dtype its search used; a new run in this device's fast dtype
+        dtype = ((stages.records.get("search") or {}).get("inputs") or {}).get("dtype") or resolve_dtype(dtype, device)
+    if dtype not in DTYPES:
+        raise ArtifactError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPE_CHOICES)}")
+    profile_dtype = dtype if profile_dtype == "auto" else resolve_dtype(profile_dtype)
+    log.info("run: computing in %s on %s", dtype, device)
     # in the fine-tune's dtype: the search's fine-tunes are then the final one's first steps, exactly
-    base = load_base(model, dtype=_DTYPES[dtype])
+    base = load_base(model, dtype=DTYPES[dtype])
     model = base.spec
     model_fp = model_fingerprint(base.model)
     data_fp = _data_fingerprint(data, seq_len)
@@ -347,7 +356,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
         "model": _resolved(model), "model_fingerprint": model_fp, "data": _resolved(data), "data_fingerprint": data_fp,
         "budget": budget, "alpha": alpha, "trials": trials, "steps": steps, "profile_tokens": profile_tokens,
         "profile_dtype": profile_dtype, "seq_len": seq_len, "eval_blocks": eval_blocks,
-        "search_settings": search_settings or {}, "train_settings": train_settings or {}})
+        "search_settings": search_settings or {}, "train_settings": train_settings, "dtype": dtype})
     stages.save()
     same = {"model": model_fp, "data": data_fp, "seq_len": seq_len}
 
@@ -381,7 +390,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     train_dir = out / "train"
     trained: TrainedModel | None = None
     how = stages.begin("train", {**same, "model_path": _resolved(model), "steps": steps, "budget": train_budget,
-                                 "settings": train_settings or {}},
+                                 "settings": train_settings},
                        lambda: _train_status(train_dir) == "finished")
     if how == "keep":
         log.info("run: training done, using %s", train_dir)
@@ -401,12 +410,13 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
                                         steps=None if status else steps, seq_len=None if status else seq_len,
                                         resume=bool(status), progress=progress, budget=train_budget,
                                         init_from=kept[0] if kept else None,
-                                        **{"device": str(device), **({} if status else (train_settings or {}))})
+                                        **{"device": str(device),
+                                           **({} if status else {**train_settings, "dtype": dtype})})
                 except KeptRunMismatch as e:  # refused before anything was written: train from step 0
                     log.warning("run: not continuing the search's run (%s); training from step 0", e.cause)
                     result = train_plan(train_dir, plan=plan, model=base, data=data, steps=steps, seq_len=seq_len,
                                         progress=progress, budget=train_budget,
-                                        **{"device": str(device), **(train_settings or {})})
+                                        **{"device": str(device), **train_settings, "dtype": dtype})
             trained = TrainedModel(result.model, base.tokenizer, Plan.load(plan), read_run(train_dir))
         stages.finish("train")
 

@@ -12,9 +12,10 @@ from ..backends import backend_for
 from ..device import resolve_device
 from ..memory import ModelShapes, parse_budget, parse_training_budget
 from ..models import LoadedModel, load_base
+from ..precision import DTYPE_CHOICES, DTYPES, resolve_dtype
 from ..profile import Sensitivity
 from ..search import (CONFIG_ATTR, FORMAT, RUNS_DIR, FineTuneFitness, Fitness, Search, SearchConfig, SearchError, SearchResult,
-                      check_search_dir, check_searchable, locked_search_dir, open_storage, redact,
+                      check_search_dir, check_searchable, locked_search_dir, open_storage, recorded_dtype, redact,
                       search_data_fingerprint, training_fixed_bytes, write_outputs)
 
 log = logging.getLogger("qradaptor")
@@ -58,17 +59,17 @@ def prefix_fidelities(settings: dict, *, steps: int, batch_size: int, lr: float)
 def search(model: str | LoadedModel | None = None, *, data: str | None = None, budget: str | int, out: str | Path,
            alpha: float = 0.5, trials: int = 8, storage: str | None = None, study: str | None = None,
            sensitivity: str | None = None, progress: bool = True, fitness: Fitness | None = None,
-           device: str | None = None, dtype: str = "float32", final_steps: int | None = None,
+           device: str | None = None, dtype: str = "auto", final_steps: int | None = None,
            **settings) -> SearchResult:
     """What ``qradaptor search`` does; returns the result and writes ``out/{pareto.json,plan.json,pareto.png}``.
     ``model``: a spec, or a `LoadedModel` (converted to ``dtype`` in place if it is not; left unquantized, and
     where it was). ``device`` (``auto``, ``cpu``, ``cuda``): where each plan is quantized and fine-tuned.
-    ``dtype``: what the plans' fine-tunes compute in (``float32`` or ``bfloat16``); a kept run (fidelities with
-    ``schedule_steps``, see `prefix_fidelities`) continues only into a fine-tune of the same dtype.
+    ``dtype``: what the plans' fine-tunes compute in and are priced in (``float32``, ``bfloat16``, or ``auto``: the
+    one `train` computes in on this device, `precision.default_dtype`; a study begun before keeps the dtype it
+    recorded); a kept run (fidelities with ``schedule_steps``, see `prefix_fidelities`) continues only into a
+    fine-tune of the same dtype.
     ``final_steps``: measure plans on the first steps of a ``final_steps``-step `train` at its default batch size
     and learning rate (`prefix_fidelities`), keeping the runs that ``train --init-from`` continues."""
-    import torch
-
     if final_steps:
         from ..rundir import RunConfig
 
@@ -80,10 +81,16 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
 
     out = Path(out)
     device = resolve_device(device)
-    if dtype not in ("float32", "bfloat16"):
-        raise SearchError(f"unknown dtype {dtype!r}", "use float32 or bfloat16")
+    if dtype not in DTYPE_CHOICES:
+        raise SearchError(f"unknown dtype {dtype!r}", f"use {', '.join(DTYPE_CHOICES)}")
     check_search_dir(out)
-    loaded = load_base(model, dtype=getattr(torch, dtype))
+    storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    study = study or "qradaptor"
+    if storage:  # reach the server before anything is written locally
+        open_storage(storage_url)
+    if dtype == "auto":  # a study begun before goes on in the dtype it recorded; a new one in this device's
+        dtype = recorded_dtype(storage_url, study) or resolve_dtype(dtype, device)
+    loaded = load_base(model, dtype=DTYPES[dtype])
     base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
     shapes = ModelShapes.from_model(base)
     backend = backend_for(base, settings.get("backend", "hqq"))  # priced in the dtype the plans train in
@@ -96,10 +103,6 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
         config.training_fixed_bytes = training_fixed_bytes(shapes, backend, base.config, config)
     check_searchable(config, shapes, backend)
     data_fp = search_data_fingerprint(data, config)
-    storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    if storage:  # reach the server before anything is written locally
-        open_storage(storage_url)
-    study = study or "qradaptor"
     with locked_search_dir(out, storage_url, study):
         prior = _load_or_profile(sensitivity, out, base, tokenizer, data, progress, config, device)
         fitness = fitness or FineTuneFitness(base, tokenizer, data=data, config=config, device=device,
@@ -129,10 +132,8 @@ def worker(*, storage: str, study: str, progress: bool = True, device: str | Non
     config_dict = summaries[study].user_attrs.get(CONFIG_ATTR)
     if not config_dict or config_dict.get("format") != FORMAT:
         raise SearchError(f"study {study!r} was not created by qradaptor search", "pass a study made by `qradaptor search`")
-    import torch
-
     # in the dtype the search's fine-tunes compute in (studies from before it was recorded: float32)
-    loaded = load_base(config_dict.get("model"), dtype=getattr(torch, config_dict.get("dtype") or "float32"))
+    loaded = load_base(config_dict.get("model"), dtype=DTYPES[config_dict.get("dtype") or "float32"])
     base, tokenizer = loaded.model, loaded.tokenizer
     config = SearchConfig.from_dict({k: v for k, v in config_dict.items()
                                      if k in SearchConfig.__dataclass_fields__})

@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..device import PeakMemory, resolve_device
 from ..errors import ArtifactError, TrainingError
+from ..precision import DTYPE_CHOICES, DTYPES, default_dtype
 from ..evaluate import evaluate_loss
 from ..memory import release_free_memory
 from ..io import AtomicDirectory, atomic_write_json, check_output_dir
@@ -73,7 +72,7 @@ def _resolve(given: dict, saved: dict | None) -> RunConfig:
     else:
         changed = []
         for key, value in given.items():
-            if value is None or key in _RESUME_MAY_CHANGE:
+            if value is None or key in _RESUME_MAY_CHANGE or (key, value) == ("dtype", "auto"):
                 continue
             if key == "steps" and saved.get("epochs") is not None and value == saved.get("steps"):
                 continue  # the same number of steps, written as --steps this time
@@ -100,8 +99,8 @@ def _resolve(given: dict, saved: dict | None) -> RunConfig:
         raise ArtifactError(f"steps must be at least 1, got {config.steps}", "pass --steps 1 or more")
     if config.epochs is not None and not config.epochs > 0:
         raise ArtifactError(f"epochs must be positive, got {config.epochs}", "pass e.g. --epochs 1")
-    if config.dtype not in _DTYPES:
-        raise ArtifactError(f"unknown dtype {config.dtype!r}", f"use one of {sorted(_DTYPES)}")
+    if config.dtype not in DTYPE_CHOICES:
+        raise ArtifactError(f"unknown dtype {config.dtype!r}", f"use one of {', '.join(DTYPE_CHOICES)}")
     _check_numbers(config)
     return config
 
@@ -132,7 +131,6 @@ def _check_numbers(config: RunConfig) -> None:
             finite(name, low)
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Settings a resume may change: they do not change what is computed.
 _RESUME_MAY_CHANGE = frozenset({"checkpoint_every", "gradient_checkpointing", "device"})
 
@@ -282,8 +280,11 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
                                 "resume with the run's own plan (or omit --plan), or start a new run elsewhere")
 
     # Everything that can fail on the user's input is checked before anything is written.
-    dtype_t = _DTYPES[config.dtype]
     device = resolve_device(config.device)
+    dtype_choice = default_dtype(device) if config.dtype == "auto" else None
+    if dtype_choice is not None:  # recorded resolved: a resume (on any machine) computes in the same dtype
+        config.dtype = dtype_choice.dtype
+    dtype_t = DTYPES[config.dtype]
     loaded = load_base(loaded or config.model, dtype=dtype_t)
     base, tokenizer = loaded.model, loaded.tokenizer
     plan_obj.check_model(base, source="the plan")
@@ -342,12 +343,15 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
         if saved is None:
             run = {"format": RUN_FORMAT, "status": "running", "config": config.to_dict(), "plan": plan_obj.to_dict(),
                    "seed": config.seed, "model_fingerprint": fingerprint, "data_fingerprint": data_fp,
-                   "versions": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": []}
+                   "versions": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": [],
+                   "dtype_choice": (dtype_choice.to_dict() if dtype_choice is not None
+                                    else {"dtype": config.dtype, "reason": "given", "device": str(device)})}
             plan_obj.save(out / PLAN_FILE)
         else:
             run = saved
         say("plan %s on %s: %s predicted (%.2f avg bits, adapters included)", plan_obj.describe(),
                  config.model, format_bytes(memory.total_bytes), memory.avg_bits)
+        say("computing in %s on %s (%s)", config.dtype, device, (run.get("dtype_choice") or {}).get("reason", "as the run recorded"))
         say("predicted training peak: %s (runtime %s, model %s, LoRA gradients %s, AdamW state %s, activations "
             "%s, loss %s, freed memory the heap keeps %s%s) for batches of %d×%d tokens, gradient checkpointing %s",
             format_bytes(estimate.peak_bytes), format_bytes(estimate.runtime_bytes),

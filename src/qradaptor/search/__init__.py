@@ -46,10 +46,11 @@ from .fitness import RUNS_DIR, FineTuneFitness, Fitness, run_name
 from .loop import Search
 from .planner import Planner, PriorCost, check_searchable, plan_from_key, plan_key, training_fixed_bytes
 from .report import Evaluated, SearchResult, kept_run, measured_uniform, pareto_front, plot_pareto, summary, write_outputs
-from .storage import check_search_dir, locked_search_dir, open_storage, redact, search_data_fingerprint
+from .storage import (check_search_dir, locked_search_dir, open_storage, recorded_dtype, redact,
+                      search_data_fingerprint)
 
 __all__ = ["CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evaluated", "FORMAT", "Fidelity",
            "FineTuneFitness", "Fitness", "MARKER", "Planner", "PriorCost", "RUNS_DIR", "SEARCH_FILES", "Search", "SearchConfig",
            "SearchError", "SearchResult", "measured_uniform", "open_storage", "pareto_front", "plan_from_key", "plan_key", "plot_pareto",
-           "redact", "search_data_fingerprint", "summary", "training_fixed_bytes", "write_outputs",
+           "recorded_dtype", "redact", "search_data_fingerprint", "summary", "training_fixed_bytes", "write_outputs",
            "check_search_dir", "check_searchable", "kept_run", "locked_search_dir", "run_name"]

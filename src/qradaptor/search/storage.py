@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..io import LockHeld, exclusive_lock
-from .config import MARKER, SEARCH_FILES, Fidelity, SearchConfig, SearchError
+from .config import CONFIG_ATTR, MARKER, SEARCH_FILES, Fidelity, SearchConfig, SearchError
 
 log = logging.getLogger("qradaptor")
 
@@ -37,6 +37,21 @@ def open_storage(url: str):
         raise SearchError(f"cannot open the study storage {redact(url)}: {str(e).splitlines()[0][:300]}",
                           "check the URL, that the database server is running and reachable, and the driver "
                           "(PostgreSQL needs `pip install psycopg2-binary`)") from None
+
+
+def recorded_dtype(url: str, study: str) -> str | None:
+    """The dtype the fine-tunes of ``study`` in the storage at ``url`` compute in (float32 for a study from before
+    it was recorded), or None where there is no such study (a SQLite file not yet made is not created)."""
+    import optuna
+
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        summaries = optuna.get_all_study_summaries(open_storage(url))
+    except Exception:  # noqa: BLE001 - an unreadable storage is reported when the search opens it
+        return None
+    config = next((s.user_attrs.get(CONFIG_ATTR) for s in summaries if s.study_name == study), None)
+    return (config.get("dtype") or "float32") if isinstance(config, dict) else None
 
 
 def redact(url: str) -> str:
