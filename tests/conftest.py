@@ -12,6 +12,9 @@ os.environ["HF_HOME"] = os.path.join(_SESSION_TMP, "hf")
 os.environ.setdefault("QRADAPTOR_CACHE", os.path.join(_SESSION_TMP, "cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The default dtype ("auto") depends on the CPU (qradaptor.precision): tests compute alike on every machine, in
+# float32 unless they ask for bfloat16; test_precision.py tests the choice itself with this unset.
+os.environ.setdefault("QRADAPTOR_DTYPE", "float32")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

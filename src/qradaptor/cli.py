@@ -74,7 +74,7 @@ def cmd_memory(args) -> int:
         return 0
     from .commands import format_bytes
 
-    print(f"plan:            {report['plan']}")
+    print(f"plan:            {report['plan']}, priced in {report['dtype']} (base, scales and zeros)")
     print(f"predicted:       {format_bytes(report['predicted_bytes'])} ({report['predicted_bytes']} bytes)")
     if "measured_bytes" in report:
         diff = report["measured_bytes"] / report["predicted_bytes"] - 1

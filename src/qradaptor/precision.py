@@ -13,6 +13,9 @@ takes, ran 40–200× slower than in float32 and a training step ~22× slower. S
   per machine (well under a second where bf16 is fast, a few seconds where it is not) and is cached by CPU,
   PyTorch version, thread count and ``ONEDNN_MAX_CPU_ISA`` under the qradaptor cache directory.
 
+``QRADAPTOR_DTYPE=float32|bfloat16`` in the environment is what ``auto`` means on this machine, whatever the device
+says (for a machine the rules above misjudge, and for tests that must compute alike on every CPU).
+
 The resolved dtype, never ``auto``, is what run records, study records and fingerprints hold, so a run resumed on
 another machine keeps computing in the dtype it started in.
 """
@@ -36,6 +39,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: What ``--dtype`` accepts: ``auto`` (the device's fast dtype) or a dtype by name.
 DTYPE_CHOICES = ("auto", *DTYPES)
 PROBE_FILE = "dtype-probe.json"
+ENV = "QRADAPTOR_DTYPE"
 #: bf16 is chosen by the probe when its products take at most this share of fp32's time (bf16 also halves memory)
 _PROBE_RATIO = 1.0
 
@@ -71,6 +75,14 @@ def default_dtype(device: torch.device | str | None = None) -> DtypeChoice:
     from .device import resolve_device
 
     device = resolve_device(device)
+    pinned = os.environ.get(ENV)
+    if pinned:
+        if pinned not in DTYPES:
+            from .errors import QRAdaptorError
+
+            raise QRAdaptorError(f"{ENV}={pinned!r} is not a dtype",
+                                 f"set {ENV} to {' or '.join(DTYPES)}, or unset it to let the machine decide")
+        return DtypeChoice(pinned, f"{ENV}={pinned} in the environment", str(device))
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return DtypeChoice("bfloat16", "this GPU computes in bfloat16", str(device))
