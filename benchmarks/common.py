@@ -26,10 +26,40 @@ def environment() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        **cpu(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "packages": versions,
     }
+
+
+def cpu() -> dict:
+    """The CPU timings depend on: its model, PyTorch's kernel level (``AVX2``, ``AVX512``), whether it has native
+    bf16 matmuls, oneDNN's cap if one is set, and the dtype ``--dtype auto`` chose on it."""
+    import torch
+
+    from qradaptor.precision import cpu_bf16_capability, default_dtype
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    native, _ = cpu_bf16_capability()
+    choice = default_dtype("cpu")
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native,
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "auto_dtype": choice.dtype,
+            "auto_dtype_reason": choice.reason}
+
+
+def describe_cpu(env: dict) -> str:
+    """One line for a results table's header: which CPU, at which kernel level, with or without native bf16."""
+    bf16 = {True: "native bf16 matmuls", False: "no native bf16 matmuls", None: "bf16 speed measured"}[
+        env.get("native_bf16")]
+    cap = f", oneDNN capped at {env['onednn_max_cpu_isa']}" if env.get("onednn_max_cpu_isa") else ""
+    return (f"{env.get('cpu', '?')}, {env.get('cpus', '?')} cores, PyTorch {env.get('cpu_capability', '?')} kernels, "
+            f"{bf16}{cap}; `--dtype auto` → {env.get('auto_dtype', '?')}")
 
 
 def write_results(name: str, payload: dict, markdown: str, directory: Path = RESULTS) -> tuple[Path, Path]:

@@ -210,7 +210,7 @@ STOCK_PROGRAM = textwrap.dedent('''
 
     out = sys.argv[1]
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")  # the README's program: the export's dtype
     model = PeftModel.from_pretrained(model, f"{out}/adapter").eval()
     ids = tokenizer(sys.argv[2], return_tensors="pt")["input_ids"]
     ranks = {n: m.lora_A["default"].weight.shape[0] for n, m in model.named_modules() if hasattr(m, "lora_A")}
@@ -257,7 +257,7 @@ def test_stock_transformers_and_peft_reproduce_qradaptor_load(trained, tmp_path)
     model = qradaptor.load(trained["out"])
     with torch.no_grad():
         ours = model(input_ids=got["ids"]).logits
-    assert (ours - got["logits"]).abs().max().item() < 1e-3
+    assert ours.dtype == got["logits"].dtype == torch.float32 and torch.equal(ours, got["logits"])  # an fp32 export
     # rank_pattern's regex-escaped full names survive the stock load: every module has its layer's rank
     for name, rank in ranks.items():
         layer = int(name.split("layers.")[1].split(".")[0])
@@ -409,26 +409,39 @@ def test_smollm2_two_step_finetune_export_and_stock_reload(smollm2_dir, tmp_path
     assert measured_bytes(model) == predicted.total_bytes
 
 
-def test_default_bf16_run_trains_exports_and_loads(trained, tmp_path):
-    """The default compute dtype (bf16) end to end: train, export, load; the stock-loaded fp32 model's
-    logits agree with qradaptor.load's bf16 ones to bf16 precision."""
+def test_a_bf16_run_trains_exports_and_loads_and_stock_code_matches_it_in_either_dtype(trained, tmp_path):
+    """bf16 end to end: train, export, load. Loaded in the export's own dtype, stock transformers + peft compute
+    exactly `qradaptor.load`'s logits; loaded in float32 (both of them: widening bf16 is exact), they agree to
+    fp32 precision."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     import qradaptor
 
     args = [a for a in train_argv(trained, tmp_path / "r") if a not in ("--dtype", "float32")]
-    assert main(args) == 0
+    assert main([*args, "--dtype", "bfloat16"]) == 0
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert run["config"]["dtype"] == "bfloat16" and run["status"] == "finished"
     assert main(["export", str(tmp_path / "r"), "--to", str(tmp_path / "o"), "-q"]) == 0
-    model = qradaptor.load(tmp_path / "o")
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+
+    def stock(dtype):
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=dtype)
+        return PeftModel.from_pretrained(base, str(tmp_path / "o" / "adapter")).eval()(input_ids=ids).logits
+
     with torch.no_grad():
-        ours = model(input_ids=ids).logits.float()
-        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32)
-        theirs = PeftModel.from_pretrained(stock, str(tmp_path / "o" / "adapter")).eval()(input_ids=ids).logits
-    assert float((ours - theirs).abs().max()) < 5e-2 * float(theirs.abs().max())
+        ours = qradaptor.load(tmp_path / "o")(input_ids=ids).logits
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, stock(torch.bfloat16))
+        ours32 = qradaptor.load(tmp_path / "o", dtype="float32")(input_ids=ids).logits
+        theirs32 = stock(torch.float32)
+        assert ours32.dtype == torch.float32 and float((ours32 - theirs32).abs().max()) < 1e-3
+        # the run directory loads the same way, in its dtype and converted
+        assert torch.equal(qradaptor.load(tmp_path / "r")(input_ids=ids).logits, ours)
+        assert float((qradaptor.load(tmp_path / "r", dtype=torch.float32)(input_ids=ids).logits - ours32).abs().max()) < 1e-5
+        # bf16 precision is what separates the two dtypes
+        assert float((ours.float() - theirs32).abs().max()) > 0
+    with pytest.raises(qradaptor.QRAdaptorError, match="cannot load in dtype"):
+        qradaptor.load(tmp_path / "o", dtype="int8")
 
 
 @pytest.mark.parametrize("what", ["adapter", "base"])

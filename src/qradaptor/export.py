@@ -109,16 +109,19 @@ class TrainedModel:
         return RunConfig.from_dict(self.run["config"])
 
 
-def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None, *, device=None) -> TrainedModel:
+def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None, *, device=None,
+             dtype: torch.dtype | str | None = None) -> TrainedModel:
     """The finished training run in ``run_dir``, its base quantized per its plan and its adapter loaded (eval
     mode). ``base``: the run's model already loaded (it must have the run's weights); it is converted and
     quantized in place, so it is used up. Without it the model is loaded from the run's spec. ``device``:
-    where the model is quantized and lives (default: auto)."""
-    from .backends import get_backend
-    from .models import load_base, model_fingerprint
+    where the model is quantized and lives (default: auto). ``dtype``: of the base, scales and zeros (default:
+    the run's; another converts the trained model's, exactly where it widens: see `load`)."""
+    from .backends import get_backend, is_quantized
+    from .models import convert_weights, load_base, model_fingerprint
     from .quantize import quantize_model
     from .rundir import ADAPTER_DIR
 
+    target = dtype
     run_dir = Path(run_dir)
     run = finished_run(run_dir)
     config = RunConfig.from_dict(run["config"])
@@ -131,22 +134,41 @@ def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None, *, dev
                             "restore the original model at that path, or retrain")
     quantized = quantize_model(loaded.model, plan, get_backend(config.backend, compute_dtype=dtype), inplace=True,
                                device=resolve_device(device))
+    target = _target_dtype(target, dtype)
+    if target != dtype:  # each quantized layer rebuilt from its state, as a load of an export in that dtype does
+        convert_weights(quantized, target)
+        quant = get_backend(config.backend, compute_dtype=target)
+        for name, module in list(quantized.named_modules()):
+            if is_quantized(module):
+                parent, _, child = name.rpartition(".")
+                setattr(quantized.get_submodule(parent), child, quant.from_state(module.state(), name))
     tuned = load_adapter(quantized, run_dir / ADAPTER_DIR)
     tuned.eval()
     return TrainedModel(tuned, loaded.tokenizer, plan, run)
 
 
 # ---------------------------------------------------------------------------------------------- load
-def load_artifact(path: str | os.PathLike, *, device=None):
+def _target_dtype(asked: torch.dtype | str | None, own: torch.dtype) -> torch.dtype:
+    """The dtype a load builds the model in: ``asked`` (a torch dtype or its name), or the artifact's ``own``."""
+    if asked is None:
+        return own
+    if isinstance(asked, str) and asked in DTYPES:
+        return DTYPES[asked]
+    if asked in DTYPES.values():
+        return asked
+    raise ArtifactError(f"cannot load in dtype {asked!r}", f"use one of {', '.join(DTYPES)} (or None: the artifact's)")
+
+
+def load_artifact(path: str | os.PathLike, *, device=None, dtype: torch.dtype | str | None = None):
     """``(model, tokenizer)`` from an exported directory (packed mixed-precision base + adapter) or a finished
     training run directory. The model is a ``PeftModel`` in eval mode whose quantized layers hold the packed
     codes, so `qradaptor.memory.measured_bytes` of it equals the memory model's prediction. ``device``: where it
-    is built (``auto``: a CUDA GPU when PyTorch sees one, else the CPU)."""
-    model, tokenizer, _ = open_artifact(path, device=device)
+    is built (``auto``: a CUDA GPU when PyTorch sees one, else the CPU). ``dtype``: see `load`."""
+    model, tokenizer, _ = open_artifact(path, device=device, dtype=dtype)
     return model, tokenizer
 
 
-def open_artifact(path: str | os.PathLike, *, device=None):
+def open_artifact(path: str | os.PathLike, *, device=None, dtype: torch.dtype | str | None = None):
     """``(model, tokenizer, plan)``: `load_artifact`'s model and tokenizer, and the artifact's `Plan`."""
     path = Path(path)
     kind = artifact_kind(path) if path.is_dir() else None
@@ -158,18 +180,22 @@ def open_artifact(path: str | os.PathLike, *, device=None):
                             "pass the directory written by `qradaptor export` (or `qradaptor train --out`)")
     device = resolve_device(device)
     if kind == "run":
-        trained = open_run(path, device=device)
+        trained = open_run(path, device=device, dtype=dtype)
         return trained.model, trained.tokenizer, trained.plan
-    return _load_export(path, device)
+    return _load_export(path, device, dtype)
 
 
-def load(path: str | os.PathLike, *, device=None):
+def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | str | None = None):
     """The trained model in ``path`` (see `load_artifact`, which also returns the tokenizer), on ``device``
-    (``auto``: a CUDA GPU when PyTorch sees one, else the CPU)."""
-    return load_artifact(path, device=device)[0]
+    (``auto``: a CUDA GPU when PyTorch sees one, else the CPU). ``dtype`` (``torch.float32``, ``torch.bfloat16`` or
+    their names): of the base weights, scales and zeros, and so of the computation (default: the export's own, in
+    which the model is exactly the trained one); the LoRA adapters stay float32. A bf16 export loaded in float32
+    holds the same numbers (widening is exact) and computes them at fp32 precision, as a stock transformers + peft
+    program loading it in float32 does."""
+    return load_artifact(path, device=device, dtype=dtype)[0]
 
 
-def _load_export(path: Path, device: torch.device):
+def _load_export(path: Path, device: torch.device, asked: torch.dtype | str | None = None):
     from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -214,14 +240,15 @@ def _load_export(path: Path, device: torch.device):
     dtype = DTYPES.get(meta.get("compute_dtype"))
     if dtype is None:
         raise ArtifactError(f"{packed} names an unknown compute dtype {meta.get('compute_dtype')!r}", fix)
+    target = _target_dtype(asked, dtype)
     try:
-        quant = get_backend(meta.get("backend"), compute_dtype=dtype)
+        quant = get_backend(meta.get("backend"), compute_dtype=target)
     except QRAdaptorError as e:
         raise ArtifactError(f"{packed}: {e.cause}", fix) from None
     plan = Plan.load(path / "plan.json")
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=target, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         pickled = " (only pickled .bin weights, which qradaptor does not load)" if any(path.glob("*.bin")) else ""
         raise ArtifactError(f"the export's base weights, {path}/model.safetensors, are missing or unreadable{pickled}: "

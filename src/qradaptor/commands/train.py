@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..device import PeakMemory, resolve_device
 from ..errors import ArtifactError, TrainingError
-from ..precision import DTYPE_CHOICES, DTYPES, default_dtype
+from ..precision import DTYPE_CHOICES, DTYPES, DtypeChoice, default_dtype
 from ..evaluate import evaluate_loss
 from ..memory import release_free_memory
 from ..io import AtomicDirectory, atomic_write_json, check_output_dir
@@ -225,7 +225,7 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
     ``init_from``: a search's kept prefix run of this plan (`FineTuneFitness.trajectory(keep=...)`), which a new
     run continues instead of starting over: its steps are not trained twice, and the result is exactly that of
     a run from step 0. It must be the beginning of this very run (plan, model, data, schedule, dtype), else the
-    run is refused, naming what differs.
+    run is refused, naming what differs; with ``dtype="auto"`` (the default) the run takes the kept run's dtype.
     """
     from ..backends import get_backend
     from ..data import data_fingerprint, load_blocks
@@ -281,7 +281,11 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
 
     # Everything that can fail on the user's input is checked before anything is written.
     device = resolve_device(config.device)
-    dtype_choice = default_dtype(device) if config.dtype == "auto" else None
+    if config.dtype == "auto" and init_from is not None and snapshot.get("dtype") in DTYPES:
+        dtype_choice = DtypeChoice(snapshot["dtype"], f"the dtype of the search's run it continues ({init_from})",
+                                   str(device))
+    else:
+        dtype_choice = default_dtype(device) if config.dtype == "auto" else None
     if dtype_choice is not None:  # recorded resolved: a resume (on any machine) computes in the same dtype
         config.dtype = dtype_choice.dtype
     dtype_t = DTYPES[config.dtype]
