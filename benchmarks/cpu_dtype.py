@@ -41,6 +41,9 @@ from benchmarks.common import RESULTS, child_result, describe_cpu, environment, 
 MODES = {"native": {}, "fp32-only": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
 VARIANTS = ("float32", "bfloat16", "auto", "bf16-fp32-products")
 STEPS = 3
+#: Runs of the cases that compute alike (float32 and auto where auto is float32, bfloat16 and auto where it is
+#: bfloat16): one process's step time varies by ~10% from run to run, as much as what is compared.
+REPEATS = 3
 MIB = 2**20
 
 
@@ -106,12 +109,23 @@ def run_variant(spec: dict) -> dict:
     return {**result, **spec, **extra}
 
 
+def _median(runs: list[dict]) -> dict:
+    """A case's median run by step time, with every run's step time under ``runs`` when it ran more than once."""
+    ordered = sorted(runs, key=lambda r: r["step_time"])
+    result = dict(ordered[len(ordered) // 2])
+    if len(runs) > 1:
+        result["runs"] = [{k: r[k] for k in ("step_time", "step_seconds", "training_memory")} for r in runs]
+    return result
+
+
 def report(results: list[dict], env: dict, smoke: bool) -> tuple[dict, str]:
     rows, by = [], {(r["mode"], r["variant"]): r for r in results}
     for r in results:
         fp32 = by[(r["mode"], "float32")]["step_time"]
         r["vs_float32"] = r["step_time"] / fp32
-        rows.append([r["mode"], r["variant"], r["dtype"], f"{r['step_time']:.2f}", f"{r['vs_float32']:.2f}",
+        spread = (f" ({min(x['step_time'] for x in r['runs']):.2f}–{max(x['step_time'] for x in r['runs']):.2f})"
+                  if "runs" in r else "")
+        rows.append([r["mode"], r["variant"], r["dtype"], f"{r['step_time']:.2f}{spread}", f"{r['vs_float32']:.2f}",
                      f"{r['training_memory'] / MIB:.0f}",
                      f"{r['decide_seconds']:.2f}" if "decide_seconds" in r else ""])
     targets = {
@@ -125,7 +139,9 @@ def report(results: list[dict], env: dict, smoke: bool) -> tuple[dict, str]:
         f"CPU: {describe_cpu(env)}. `benchmarks/cpu_dtype.py`: each case in a fresh process, "
         f"{'a tiny random model' if smoke else 'SmolLM2-135M'}, uniform 4-bit (`hqq`, group 64) + LoRA r16, batches of "
         f"4×{results[0]['seq_len']} tokens, gradient checkpointing on, {STEPS} steps; step time = mean of the steps "
-        "after the first. `fp32-only`: the same CPU with `ONEDNN_MAX_CPU_ISA=AVX2`, where bf16 matmuls take "
+        "after the first; a case with a range ran "
+        f"{len(next(r['runs'] for r in results if 'runs' in r))} times in fresh processes, alternating with the others of its mode: the median run, and the range. "
+        "`fp32-only`: the same CPU with `ONEDNN_MAX_CPU_ISA=AVX2`, where bf16 matmuls take "
         "PyTorch's fallback, as on a CPU without native bf16 (AVX2 only). `auto`: the default, `--dtype auto`; "
         "decide s: its one-off cost with an empty probe cache. `bf16-fp32-products`: bf16 storage and activations, "
         "every product computed in fp32 and cast back. Training memory: the training phase's peak RSS − RSS after "
@@ -155,16 +171,25 @@ def main(argv=None) -> int:
     work = args.work or Path(__file__).resolve().parent / "work" / ("cpu_dtype-smoke" if args.smoke else "cpu_dtype")
     results = []
     for mode, env in MODES.items():
+        runs, repeated = {}, set(VARIANTS)
+        for i in range(2 if args.smoke else REPEATS):  # the repeated cases alternate, so a slow spell of the machine hits both
+            for variant in VARIANTS:
+                if variant not in repeated:
+                    continue
+                spec = {"mode": mode, "variant": variant, "model": "tiny" if args.smoke else "smollm2",
+                        "seq_len": 32 if args.smoke else 128}
+                path = work / (f"{mode}-{variant}" + (f"-run{i + 1}" if i else "") + ".json")
+                if not path.is_file():
+                    print(f"cpu_dtype: {mode} / {variant}" + (f" (run {i + 1})" if i else ""), flush=True)
+                child_env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1", **env}
+                child_env.pop("QRADAPTOR_DTYPE", None)  # auto decides by the CPU here, whatever the caller pinned
+                runs.setdefault(variant, []).append(child_result(
+                    path, [str(Path(__file__).resolve()), "--case", json.dumps(spec)],
+                    f"cpu_dtype: {mode} / {variant}", env=child_env))
+            # repeated: auto and the dtype it computes in, and float32 (the issue's yardstick)
+            repeated = {"auto", "float32", runs["auto"][0]["dtype"]}
         for variant in VARIANTS:
-            spec = {"mode": mode, "variant": variant, "model": "tiny" if args.smoke else "smollm2",
-                    "seq_len": 32 if args.smoke else 128}
-            path = work / f"{mode}-{variant}.json"
-            if not path.is_file():
-                print(f"cpu_dtype: {mode} / {variant}", flush=True)
-            child_env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1", **env}
-            child_env.pop("QRADAPTOR_DTYPE", None)  # auto decides by the CPU here, whatever the caller pinned
-            results.append(child_result(path, [str(Path(__file__).resolve()), "--case", json.dumps(spec)],
-                                        f"cpu_dtype: {mode} / {variant}", env=child_env))
+            results.append(_median(runs[variant]))
     payload, md = report(results, environment(), args.smoke)
     where = work if args.smoke else RESULTS
     write_results("cpu_dtype", payload, md, where)

@@ -122,6 +122,25 @@ def test_dtype_benchmark_smoke(tmp_path):
     assert not (ROOT / "benchmarks" / "results" / "dtype-smoke.json").exists()
 
 
+def test_cpu_dtype_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_dtype.py"), "--smoke", "--work",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "cpu_dtype.json").read_text())
+    cases = {(c["mode"], c["variant"]): c for c in result["cases"]}
+    assert set(cases) == {(m, v) for m in ("native", "fp32-only") for v in
+                          ("float32", "bfloat16", "auto", "bf16-fp32-products")}
+    # the mode reached the child: oneDNN capped at AVX2 there, so auto measured the CPU and chose float32
+    assert cases[("fp32-only", "auto")]["dtype"] == "float32"
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in cases[("fp32-only", "auto")]["reason"]
+    assert cases[("fp32-only", "bf16-fp32-products")]["products_upcast"] > 0  # forward and backward products
+    for c in result["cases"]:
+        assert c["step_time"] > 0 and len(c["step_seconds"]) == 3 and c["training_memory"] > 0
+    assert len(cases[("fp32-only", "float32")]["runs"]) == 2 and "runs" not in cases[("fp32-only", "bfloat16")]
+    assert result["environment"]["cpu_capability"] and result["environment"]["auto_dtype"] in ("float32", "bfloat16")
+    assert not (ROOT / "benchmarks" / "results" / "cpu_dtype-smoke.json").exists()
+
+
 def test_gpu_check_smoke_on_the_cpu(tmp_path):
     """The GPU check's every case on a tiny model on the CPU: the script works where no GPU is."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--device", "cpu", "--work", str(tmp_path)]

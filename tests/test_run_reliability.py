@@ -8,6 +8,7 @@ tested in seconds; one test runs every stage for real with a changed budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import shutil
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from qradaptor.cli import main
+from qradaptor.rundir import RunConfig
 
 pipeline = importlib.import_module("qradaptor.commands.run")  # the attribute `run` of commands is the function
 search_command = importlib.import_module("qradaptor.commands.search")
@@ -53,6 +55,7 @@ def assert_user_error(code, err, needle):
 # ---------------------------------------------------------------------------------------------- run, faked stages
 class Calls(list):
     fail: dict
+    kwargs: dict  # stage → the keyword arguments of its last call
 
 
 @pytest.fixture
@@ -68,6 +71,7 @@ def fakes(monkeypatch):
         return real_profile(*args, **kwargs)
 
     def search(model, *, out, budget, alpha, trials, **kwargs):
+        calls.kwargs["search"] = kwargs
         out.mkdir(parents=True, exist_ok=True)
         resumed = (out / "study.db").is_file()  # a fresh search must not find an old study
         calls.append(("search", {"resumed": resumed}))
@@ -78,6 +82,7 @@ def fakes(monkeypatch):
         (out / "pareto.json").write_text(json.dumps({"budget": budget}))
 
     def train_plan(out, *, plan, model, data, steps, resume, **kwargs):
+        calls.kwargs["train"] = kwargs
         calls.append(("train", {"resume": resume, "steps": steps, "existed": out.exists()}))
         out.mkdir(parents=True, exist_ok=True)
         run = {"status": "running", "config": {"model": model.spec, "steps": steps},
@@ -115,6 +120,7 @@ def fakes(monkeypatch):
     monkeypatch.setattr(export_module, "open_run", open_run)
     monkeypatch.setattr(export_command, "export", export)
     calls.fail = calls_fail  # a stage name → interrupt that stage's next call (after it wrote its first files)
+    calls.kwargs = {}
     return calls
 
 
@@ -198,6 +204,45 @@ def test_a_changed_setting_redoes_its_stage_and_every_later_one(setup, tmp_path,
     for key, value in changed.items():
         assert record["settings"][key] == value
     assert do_run(settings, calls, **changed)[1] == []  # and now that is what is kept
+
+
+AFTER_SEARCH = ["search", "train", "metrics", "export"]
+AFTER_TRAIN = ["train", "metrics", "export"]
+
+
+@pytest.mark.parametrize("flag, value, redone", [
+    # the search measures plans on the first steps of the final fine-tune's schedule (12 steps here): its batch
+    # size and learning rate are the search's too; the search also takes run's seed and backend
+    ("--batch-size", "2", AFTER_SEARCH), ("--lr", "0.001", AFTER_SEARCH), ("--seed", "3", AFTER_SEARCH),
+    ("--backend", "reference", AFTER_SEARCH), ("--grad-accum", "2", AFTER_TRAIN),
+    ("--warmup-steps", "2", AFTER_TRAIN), ("--eval-every", "3", AFTER_TRAIN), ("--eval-blocks", "2", AFTER_TRAIN),
+    ("--checkpoint-every", "2", AFTER_TRAIN), ("--max-train-blocks", "8", AFTER_TRAIN),
+    ("--no-gradient-checkpointing", None, AFTER_TRAIN),
+    ("--population", "3", AFTER_SEARCH), ("--promote", "2", AFTER_SEARCH), ("--refine", "0", AFTER_SEARCH),
+    ("--bits", "3,4,8", AFTER_SEARCH), ("--ranks", "8,16", AFTER_SEARCH),
+    ("--dtype", "bfloat16", ALL),  # the profile runs in the run's dtype (float32 in the tests)
+    ("--profile-tokens", "96", ALL),
+])
+def test_run_takes_each_setting_of_train_and_search_and_a_change_redoes_what_it_affects(setup, capsys, tmp_path,
+                                                                                      flag, value, redone):
+    settings, calls = setup
+    argv = ["run", "--model", settings["model"], "--data", settings["data"], "--budget", "4bit", "--out",
+            settings["out"], "--trials", "3", "--steps", "12", "--seq-len", "32", "--profile-tokens", "64", "-q"]
+    assert cli(capsys, *argv)[0] == 0
+    calls.clear()
+    assert cli(capsys, *argv)[0] == 0 and calls == []  # the same command again: everything kept
+    changed = [*argv, flag] + ([] if value is None else [value])
+    code, _, err = cli(capsys, *changed)
+    assert code == 0, err
+    assert list(dict.fromkeys(stage for stage, _ in calls)) == redone
+    name = flag.removeprefix("--no-").removeprefix("--").replace("-", "_")
+    if name in {f.name for f in dataclasses.fields(RunConfig) if "help" in f.metadata}:  # what the fine-tune got
+        expected = False if value is None else (value if name in ("backend", "dtype") else float(value))
+        assert calls.kwargs["train"][name] == expected, calls.kwargs["train"]
+    if "search" in redone and name in ("population", "promote", "refine", "seed", "backend"):
+        assert str(calls.kwargs["search"][name]) == value, calls.kwargs["search"]
+    calls.clear()
+    assert cli(capsys, *changed)[0] == 0 and calls == []  # and now that is what is kept
 
 
 def test_an_interrupted_search_continues_its_study(setup, tmp_path):

@@ -63,6 +63,67 @@ def _text(text: str) -> str:
     return text
 
 
+_KINDS = {"positive_int": _positive_int, "count": _count, "int": int, "positive_float": _positive_float, "text": _text}
+
+
+def _training_settings(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """The training settings of `RunConfig` (the fields that carry help) as flags, default None (not given: the
+    run's default, or on --resume the run's own): `train` and `run` take them from this one table."""
+    from dataclasses import fields
+
+    from .rundir import RunConfig
+
+    length = None
+    for f in fields(RunConfig):
+        if "help" not in f.metadata or f.name in skip:
+            continue
+        kind, text = f.metadata["kind"], f.metadata["help"]
+        if f.default is not None and "default" not in text:
+            shown = ("on" if f.default else "off") if kind == "bool" else f"{f.default:g}" if kind.endswith(
+                "float") else f.default
+            text += f" (default {shown})"
+        target = parser
+        if f.name in ("steps", "epochs"):  # one or the other sets the length of the run
+            length = length or parser.add_mutually_exclusive_group()
+            target = length
+        flag = "--" + f.name.replace("_", "-")
+        if kind == "bool":
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif kind == "dtype":
+            target.add_argument(flag, default=None, choices=DTYPES, help=text)
+        else:
+            target.add_argument(flag, type=_KINDS[kind], default=None, help=text)
+
+
+def _given_training_settings(args, *, skip: tuple[str, ...] = ()) -> dict:
+    """The training settings the command line gave (those it did not are left out)."""
+    from dataclasses import fields
+
+    from .rundir import RunConfig
+
+    return {f.name: getattr(args, f.name) for f in fields(RunConfig)
+            if "help" in f.metadata and f.name not in skip and getattr(args, f.name, None) is not None}
+
+
+#: What `run` defines itself rather than from train's table (its final fine-tune's length, one block size for all
+#: stages), and the training settings its search takes too.
+_RUN_OWN = ("steps", "epochs", "seq_len")
+_SEARCHED = ("population", "promote", "refine", "bits", "ranks", "backend", "seed")
+
+
+def _given_search_settings(args) -> dict:
+    return {k: getattr(args, k) for k in ("population", "promote", "refine", "bits", "ranks")
+            if getattr(args, k, None) is not None}
+
+
+def _setting_help(name: str) -> str:
+    from dataclasses import fields
+
+    from .rundir import RunConfig
+
+    return next(f.metadata["help"] for f in fields(RunConfig) if f.name == name)
+
+
 def cmd_memory(args) -> int:
     from .commands import plan_memory
 
@@ -154,9 +215,12 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     from .commands import run
 
+    training = _given_training_settings(args, skip=_RUN_OWN)
+    # the search fine-tunes with the final fine-tune's backend and seed
+    searching = {k: v for k, v in {**_given_search_settings(args), **training}.items() if k in _SEARCHED}
     result = run(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
-                 steps=args.steps, seq_len=args.seq_len, progress=not args.quiet, device=args.device,
-                 train_settings={"dtype": args.dtype})
+                 steps=args.steps, seq_len=args.seq_len, profile_tokens=args.profile_tokens, progress=not args.quiet,
+                 device=args.device, search_settings=searching, train_settings=training)
     print(f"test loss {result['test_loss_before']:.4f} before, {result['test_loss_after']:.4f} after training "
           f"({result['test_tokens']} tokens); plan {result['plan']}; model {result['model']}/")
     return 0
@@ -182,12 +246,7 @@ def cmd_profile(args) -> int:
 def cmd_search(args) -> int:
     from .commands import search, summary
 
-    settings = {"population": args.population, "promote": args.promote, "refine": args.refine,
-                "backend": args.backend, "seed": args.seed, "seq_len": args.seq_len}
-    if args.bits:
-        settings["bits"] = args.bits
-    if args.ranks:
-        settings["ranks"] = args.ranks
+    settings = {**_given_search_settings(args), "backend": args.backend, "seed": args.seed, "seq_len": args.seq_len}
     result = search(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
                     storage=args.storage, study=args.study, sensitivity=args.sensitivity, progress=not args.quiet,
                     device=args.device, dtype=args.dtype, final_steps=args.final_steps, **settings)
@@ -207,13 +266,9 @@ def cmd_worker(args) -> int:
 def cmd_train(args) -> int:
     from .commands import format_bytes, train_plan
 
-    r = train_plan(args.out, plan=args.plan, model=args.model, data=args.data, steps=args.steps, epochs=args.epochs,
-                   batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
-                   warmup_steps=args.warmup_steps, seed=args.seed, backend=args.backend, dtype=args.dtype,
-                   eval_every=args.eval_every, eval_blocks=args.eval_blocks, checkpoint_every=args.checkpoint_every,
-                   max_train_blocks=args.max_train_blocks, gradient_checkpointing=args.gradient_checkpointing,
-                   budget=args.budget, resume=args.resume, progress=not args.quiet, device=args.device,
-                   init_from=args.init_from)
+    r = train_plan(args.out, plan=args.plan, model=args.model, data=args.data, budget=args.budget, resume=args.resume,
+                   progress=not args.quiet, device=args.device, init_from=args.init_from,
+                   **_given_training_settings(args))
     resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""
     print(f"trained {r.config.steps} steps{resumed}: final training loss {r.train.final_loss:.4f}", end="")
     if r.validation:
@@ -318,19 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
     budgeted.add_argument("--alpha", type=float, default=0.5,
                           help="preference: 1 = only quality, 0 = only memory (default 0.5)")
     budgeted.add_argument("--trials", type=_positive_int, default=8, help="search exploration trials, cheap fidelity (default 8)")
-    budgeted.add_argument("--dtype", default="auto", choices=DTYPES,
-                          help="what the plans' fine-tunes compute in and are priced in: " + _DTYPE_AUTO)
+    # the exploration's size, default None (not given: SearchConfig's defaults, which the help names)
+    budgeted.add_argument("--population", type=_positive_int, default=None, help="NSGA-II population (default 4)")
+    budgeted.add_argument("--promote", type=_count, default=None,
+                          help="front plans re-evaluated at full fidelity, besides the warm start's uniform settings "
+                               "and prior fill (default 1)")
+    budgeted.add_argument("--refine", type=_count, default=None, help="Bayesian refinement iterations (default 1)")
+    budgeted.add_argument("--bits", type=_int_list, default=None, help="bit-widths to choose from (default 2,3,4,5,6,8)")
+    budgeted.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks to choose from (default 4,8,16,32)")
 
     p = sub.add_parser("search", parents=[common, budgeted, on_device], help="find a per-layer plan within a memory budget (stages 2-3)")
-    p.add_argument("--population", type=_positive_int, default=4, help="NSGA-II population (default 4)")
-    p.add_argument("--promote", type=_count, default=1, help="front plans re-evaluated at full fidelity, besides the warm start's uniform settings and prior fill (default 1)")
-    p.add_argument("--refine", type=_count, default=1, help="Bayesian refinement iterations (default 1)")
-    p.add_argument("--bits", type=_int_list, default=None, help="bit-widths to choose from (default 2,3,4,5,6,8)")
-    p.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks to choose from (default 4,8,16,32)")
     p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per training/evaluation block (default 256)")
     p.add_argument("--sensitivity", default=None, help="sensitivity.json (default: OUT/sensitivity.json, profiled if missing)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help=_setting_help("dtype") + "; the plans' fine-tunes compute in it and are priced in it")
     p.add_argument("--final-steps", type=_positive_int, default=None, metavar="N",
                    help="measure plans on the first steps of an N-step fine-tune (train's default batch size and lr) "
                         "and keep the chosen plan's run, which `train --steps N --dtype D --init-from` continues")
@@ -348,25 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--plan", default=None, help="plan file (.json or .yaml); with --resume, the run's own by default")
     p.add_argument("--data", default=None, help="JSONL/JSON/TXT file or HF dataset name (default: CPython's pydoc topics)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=_positive_float, default=None, help="passes over the training split (default 1)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="blocks per micro-batch (default 4)")
-    p.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per block (default 256)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 3e-4)")
-    p.add_argument("--warmup-steps", type=_count, default=None, help="linear warm-up steps (default 5)")
-    p.add_argument("--seed", type=int, default=None, help="seed of adapter init and data order (default 0)")
-    p.add_argument("--backend", default=None, help="quantizer backend: hqq (default), hqq-native or reference")
-    p.add_argument("--dtype", default=None, choices=DTYPES,
-                   help="compute, base and metadata dtype: " + _DTYPE_AUTO)
-    p.add_argument("--eval-every", type=_count, default=None, help="validation every N steps (default: 5 times a run; 0: never)")
-    p.add_argument("--eval-blocks", type=_count, default=None, help="validation blocks (default 16; 0: no validation)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="checkpoint every N steps (default: 10 per run)")
-    p.add_argument("--max-train-blocks", type=_positive_int, default=None, help="use at most this many training blocks")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute each decoder layer's activations in backward instead of keeping them "
-                        "(default on: see the README's training memory)")
+    _training_settings(p)
     p.add_argument("--budget", default=None,
                    help="refuse to start when the predicted training peak exceeds train:SIZE (e.g. train:1.5GiB), "
                         "or the plan exceeds a budget on the stored model (4bit, 350MB, ...)")
@@ -395,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=200, help="steps of the final fine-tune (default 200)")
     p.add_argument("--seq-len", type=_positive_int, default=256,
                    help="tokens per block in every stage (default 256)")
+    p.add_argument("--profile-tokens", type=_positive_int, default=None,
+                   help="calibration tokens of the sensitivity profile (default 4096, or all the training split has)")
+    _training_settings(p, skip=_RUN_OWN)  # --seed and --backend also go to the search
     p.add_argument("--out", required=True, help="run directory; rerun the same command to continue after a crash")
     p.set_defaults(func=cmd_run)
 

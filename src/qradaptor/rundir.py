@@ -7,7 +7,7 @@ what a run holds without importing the training code.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ArtifactError
@@ -29,33 +29,45 @@ CHECKPOINTS_DIR = "checkpoints"
 RUN_FORMAT = 1
 
 
+def setting(default, help: str, kind: str):
+    """A `RunConfig` field that is also a command-line setting of `train` and `run`: its help text and the kind of
+    value it takes (``positive_int``, ``count`` (0 or more), ``int``, ``positive_float``, ``text``, ``dtype``,
+    ``bool``). The CLI makes its flags from these, so both commands say the same words (as PEFT's configs carry
+    their own help)."""
+    return field(default=default, metadata={"help": help, "kind": kind})
+
+
 @dataclass
 class RunConfig:
     """Every setting of a training run, resolved (written to run.json; a resume must match it)."""
 
     model: str = "smollm2-135m"
     data: str = "pydoc-topics"
-    steps: int | None = None  # optimizer steps; resolved from ``epochs`` when that is given
-    epochs: float | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    lr: float = 3e-4
-    warmup_steps: int = 5
+    # optimizer steps; resolved from ``epochs`` when that is given
+    steps: int | None = setting(None, "optimizer steps", "positive_int")
+    epochs: float | None = setting(None, "passes over the training split (default 1)", "positive_float")
+    batch_size: int = setting(4, "blocks per micro-batch", "positive_int")
+    grad_accum: int = setting(1, "micro-batches per optimizer step", "positive_int")
+    seq_len: int = setting(256, "tokens per block", "positive_int")
+    lr: float = setting(3e-4, "peak learning rate", "positive_float")
+    warmup_steps: int = setting(5, "linear warm-up steps", "count")
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    seed: int = 0
-    backend: str = "hqq"
+    seed: int = setting(0, "seed of adapter init and data order", "int")
+    backend: str = setting("hqq", "quantizer backend: hqq, hqq-native or reference", "text")
     # "auto": bf16 where the device computes it fast (1.9x faster per step than fp32 on a CPU with AVX512-BF16, loss
     # within the fp32 seeds' spread, benchmarks/results/dtype.md; half the activation memory), fp32 elsewhere
     # (precision.default_dtype). run.json records the resolved dtype.
-    dtype: str = "auto"
-    eval_every: int | None = None  # None: 5 validations over the run; 0: none
-    eval_blocks: int = 16  # validation blocks (0: no validation)
-    checkpoint_every: int | None = None  # None: 10 checkpoints over the run
-    max_train_blocks: int | None = None
-    gradient_checkpointing: bool = True
+    dtype: str = setting("auto", "compute, base and metadata dtype: auto (bfloat16 where this machine computes it "
+                         "fast: a GPU with bf16, a CPU with AVX512-BF16 or AMX; float32 elsewhere), float32 or "
+                         "bfloat16", "dtype")
+    eval_every: int | None = setting(None, "validation every N steps (default: 5 times a run; 0: never)", "count")
+    eval_blocks: int = setting(16, "validation blocks, 0 for none", "count")
+    checkpoint_every: int | None = setting(None, "checkpoint every N steps (default: 10 per run)", "positive_int")
+    max_train_blocks: int | None = setting(None, "use at most this many training blocks", "positive_int")
+    gradient_checkpointing: bool = setting(True, "recompute each decoder layer's activations in backward instead of "
+                                           "keeping them (see the README's training memory)", "bool")
     device: str = "auto"  # auto: a CUDA GPU when PyTorch sees one, else the CPU (qradaptor.device)
 
     def to_dict(self) -> dict:
