@@ -36,7 +36,8 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     _here = pathlib.Path(__file__).resolve().parent
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
 
-from benchmarks.common import RESULTS, child_result, describe_cpu, environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import (RESULTS, child_result, describe_cpu, environment, markdown_table,  # noqa: E402
+                               write_results)
 
 MODES = {"native": {}, "fp32-only": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
 VARIANTS = ("float32", "bfloat16", "auto", "bf16-fp32-products")
@@ -140,7 +141,8 @@ def report(results: list[dict], env: dict, smoke: bool) -> tuple[dict, str]:
         f"{'a tiny random model' if smoke else 'SmolLM2-135M'}, uniform 4-bit (`hqq`, group 64) + LoRA r16, batches of "
         f"4×{results[0]['seq_len']} tokens, gradient checkpointing on, {STEPS} steps; step time = mean of the steps "
         "after the first; a case with a range ran "
-        f"{len(next(r['runs'] for r in results if 'runs' in r))} times in fresh processes, alternating with the others of its mode: the median run, and the range. "
+        f"{len(next(r['runs'] for r in results if 'runs' in r))} times in fresh processes, alternating with the "
+        "others of its mode: the median run, and the range. "
         "`fp32-only`: the same CPU with `ONEDNN_MAX_CPU_ISA=AVX2`, where bf16 matmuls take "
         "PyTorch's fallback, as on a CPU without native bf16 (AVX2 only). `auto`: the default, `--dtype auto`; "
         "decide s: its one-off cost with an empty probe cache. `bf16-fp32-products`: bf16 storage and activations, "
@@ -149,7 +151,8 @@ def report(results: list[dict], env: dict, smoke: bool) -> tuple[dict, str]:
         markdown_table(["mode", "variant", "computes in", "step s", "× float32", "training memory MiB",
                         "decide s"], rows),
         f"What `auto` chose: {autos}.", "",
-        f"- fp32-only mode: the default's step is {targets['fp32_only_auto_vs_float32']:.2f}× float32's (target ≤ 1.1); "
+        f"- fp32-only mode: the default's step is {targets['fp32_only_auto_vs_float32']:.2f}× float32's "
+        "(target ≤ 1.1); "
         f"bf16 storage with fp32 products {targets['fp32_only_products_vs_float32']:.2f}× "
         f"({by[('fp32-only', 'bf16-fp32-products')]['products_upcast']} products upcast); bfloat16 itself "
         f"{by[('fp32-only', 'bfloat16')]['vs_float32']:.1f}×.",
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
     results = []
     for mode, env in MODES.items():
         runs, repeated = {}, set(VARIANTS)
-        for i in range(2 if args.smoke else REPEATS):  # the repeated cases alternate, so a slow spell of the machine hits both
+        # the repeated cases alternate, so a slow spell of the machine hits them alike
+        for i in range(2 if args.smoke else REPEATS):
             for variant in VARIANTS:
                 if variant not in repeated:
                     continue

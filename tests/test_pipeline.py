@@ -12,6 +12,7 @@ from qradaptor.memory import ModelShapes, predict
 from qradaptor.models import load_model
 from qradaptor.commands.run import run
 from qradaptor.plan import Plan
+from qradaptor.precision import default_dtype
 from qradaptor.rundir import read_run
 
 TINY_SEARCH = {"population": 4, "promote": 1, "refine": 1, "warm_start": 2,
@@ -133,8 +134,10 @@ def test_the_fine_tune_continues_the_searchs_run_of_the_chosen_plan(tiny_dir, tm
               search_settings=TINY_SEARCH, train_settings={"eval_blocks": 2}, progress=False)
     run(str(tiny_dir), out=tmp_path / "run", **kw)
     pareto = json.loads((tmp_path / "run" / "search" / "pareto.json").read_text())
-    assert pareto["settings"]["dtype"] == "bfloat16" and pareto["settings"]["full"]["schedule_steps"] == 6
     record = json.loads((tmp_path / "run" / "train" / "run.json").read_text())
+    # the search's fine-tunes compute in the final one's dtype (the machine's default: float32 in the tests)
+    assert pareto["settings"]["dtype"] == record["config"]["dtype"] == default_dtype().dtype
+    assert pareto["settings"]["full"]["schedule_steps"] == 6
     assert record["initialised_from"]["step"] == pareto["kept_step"] == 4  # the chosen plan was promoted
     metrics = json.loads((tmp_path / "run" / "train" / "metrics.json").read_text())
     assert len(metrics["train_losses"]) == 6

@@ -411,8 +411,9 @@ def test_smollm2_two_step_finetune_export_and_stock_reload(smollm2_dir, tmp_path
 
 def test_a_bf16_run_trains_exports_and_loads_and_stock_code_matches_it_in_either_dtype(trained, tmp_path):
     """bf16 end to end: train, export, load. Loaded in the export's own dtype, stock transformers + peft compute
-    exactly `qradaptor.load`'s logits; loaded in float32 (both of them: widening bf16 is exact), they agree to
-    fp32 precision."""
+    exactly `qradaptor.load`'s logits. Loaded in float32 by both, they differ by the bf16 rounding of the
+    dequantized weights (the stock model's weights are the bf16 product (q − z)·s; qradaptor's fp32 layers form it
+    in fp32), less than when only one side computes in bf16."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -434,12 +435,13 @@ def test_a_bf16_run_trains_exports_and_loads_and_stock_code_matches_it_in_either
         assert ours.dtype == torch.bfloat16 and torch.equal(ours, stock(torch.bfloat16))
         ours32 = qradaptor.load(tmp_path / "o", dtype="float32")(input_ids=ids).logits
         theirs32 = stock(torch.float32)
-        assert ours32.dtype == torch.float32 and float((ours32 - theirs32).abs().max()) < 1e-3
+        both32 = float((ours32 - theirs32).abs().max())
+        assert ours32.dtype == torch.float32 and both32 < 1e-2 * float(theirs32.abs().max())
+        assert both32 < float((ours.float() - theirs32).abs().max())  # closer than bf16 against fp32
         # the run directory loads the same way, in its dtype and converted
         assert torch.equal(qradaptor.load(tmp_path / "r")(input_ids=ids).logits, ours)
-        assert float((qradaptor.load(tmp_path / "r", dtype=torch.float32)(input_ids=ids).logits - ours32).abs().max()) < 1e-5
-        # bf16 precision is what separates the two dtypes
-        assert float((ours.float() - theirs32).abs().max()) > 0
+        run32 = qradaptor.load(tmp_path / "r", dtype=torch.float32)(input_ids=ids).logits
+        assert float((run32 - ours32).abs().max()) < 1e-5
     with pytest.raises(qradaptor.QRAdaptorError, match="cannot load in dtype"):
         qradaptor.load(tmp_path / "o", dtype="int8")
 

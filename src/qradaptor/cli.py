@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="front plans re-evaluated at full fidelity, besides the warm start's uniform settings "
                                "and prior fill (default 1)")
     budgeted.add_argument("--refine", type=_count, default=None, help="Bayesian refinement iterations (default 1)")
-    budgeted.add_argument("--bits", type=_int_list, default=None, help="bit-widths to choose from (default 2,3,4,5,6,8)")
+    budgeted.add_argument("--bits", type=_int_list, default=None,
+                          help="bit-widths to choose from (default 2,3,4,5,6,8)")
     budgeted.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks to choose from (default 4,8,16,32)")
 
     p = sub.add_parser("search", parents=[common, budgeted, on_device], help="find a per-layer plan within a memory budget (stages 2-3)")

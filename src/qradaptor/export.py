@@ -115,7 +115,7 @@ def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None, *, dev
     mode). ``base``: the run's model already loaded (it must have the run's weights); it is converted and
     quantized in place, so it is used up. Without it the model is loaded from the run's spec. ``device``:
     where the model is quantized and lives (default: auto). ``dtype``: of the base, scales and zeros (default:
-    the run's; another converts the trained model's, exactly where it widens: see `load`)."""
+    the run's; another converts the trained model's: see `load`)."""
     from .backends import get_backend, is_quantized
     from .models import convert_weights, load_base, model_fingerprint
     from .quantize import quantize_model
@@ -189,9 +189,9 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | str | Non
     """The trained model in ``path`` (see `load_artifact`, which also returns the tokenizer), on ``device``
     (``auto``: a CUDA GPU when PyTorch sees one, else the CPU). ``dtype`` (``torch.float32``, ``torch.bfloat16`` or
     their names): of the base weights, scales and zeros, and so of the computation (default: the export's own, in
-    which the model is exactly the trained one); the LoRA adapters stay float32. A bf16 export loaded in float32
-    holds the same numbers (widening is exact) and computes them at fp32 precision, as a stock transformers + peft
-    program loading it in float32 does."""
+    which the model is exactly the trained one, as stock transformers + peft load it with ``dtype="auto"``); the
+    LoRA adapters stay float32. A bf16 export loaded in float32 widens its scales and zeros exactly and forms the
+    weights (q − z)·s in fp32, so it differs from the bf16-trained model by the rounding of those products."""
     return load_artifact(path, device=device, dtype=dtype)[0]
 
 

@@ -314,9 +314,9 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
 
     The model is loaded once, in the fine-tune's dtype (``train_settings["dtype"]``; ``auto``, the default: the
     dtype this device computes fast, `precision.default_dtype`, or the one a rerun's search recorded): the
-    profile (``profile_dtype``; ``auto``: the fine-tune's) and the search read it (and quantize copies), the fine-tune then quantizes it in place, and the test
-    loss and the export are taken from the trained model in memory. The search's fidelities are the first steps
-    of the fine-tune's schedule (`prefix_fidelities`), and the fine-tune continues the chosen plan's run from
+    profile (``profile_dtype``; ``auto``: the fine-tune's) and the search read it (and quantize copies), the
+    fine-tune then quantizes it in place, and the test loss and the export are taken from the trained model in
+    memory. The search's fidelities are the first steps of the fine-tune's schedule (`prefix_fidelities`), and the fine-tune continues the chosen plan's run from
     where the search left it: the result is that of a fine-tune from step 0, with fewer steps trained.
     ``model``: a spec, or a `LoadedModel` (its spec is what the run records); either is used up. ``device``
     (``auto``, ``cpu``, ``cuda``): where every stage computes; the dense model stays in host memory and each plan

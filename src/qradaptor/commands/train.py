@@ -206,6 +206,276 @@ def _check_budget(budget, memory, estimate, shapes, plan, quant, model_config, c
                           "search a plan within the budget (qradaptor search --budget ...) or give a larger one")
 
 
+def _check_run_dir(out: Path, saved: dict | None, resume: bool) -> None:
+    """A new run needs an empty --out; a resume needs an unfinished run there."""
+    if resume:
+        if saved is None:
+            raise ArtifactError(f"nothing to resume: {out} holds no training run ({RUN_FILE} is missing)",
+                                "drop --resume to start a new run there, or pass the --out of the interrupted run")
+        if saved.get("status") == "finished":
+            raise ArtifactError(f"the run in {out} has already finished",
+                                f"export it (qradaptor export {out} --to OUT) or train into another --out directory")
+    elif saved is not None:
+        raise ArtifactError(f"{out} already holds a training run",
+                            "pass --resume to continue it, or choose another --out directory")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ArtifactError(f"{out} exists and is not empty", "choose a new or empty --out directory")
+
+
+def _plan_to_train(plan, saved: dict | None, out: Path):
+    """The plan given, or the saved one on resume; a different plan on resume is a changed setting."""
+    from ..plan import Plan
+
+    if plan is None:
+        if saved is None:
+            raise ArtifactError("no plan given", "pass --plan PLAN.json (one {bits, rank} per decoder layer)")
+        return Plan.from_dict(saved["plan"], source=str(out / PLAN_FILE))
+    plan_obj = plan if isinstance(plan, Plan) else (Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(plan))
+    if saved is not None and plan_obj.to_dict() != saved["plan"]:
+        raise ArtifactError(f"cannot resume with changed settings: the plan differs from {out / PLAN_FILE} "
+                            f"({Plan.from_dict(saved['plan']).describe()} → {plan_obj.describe()})",
+                            "resume with the run's own plan (or omit --plan), or start a new run elsewhere")
+    return plan_obj
+
+
+@dataclass
+class _Prepared:
+    """A fine-tune ready to start, built before anything is written: the quantized model with its adapters, its
+    data, what it will hold, and where its dtype came from."""
+
+    config: RunConfig
+    plan: object  # Plan
+    model: object  # the PeftModel to train
+    train_blocks: object
+    eval_blocks: object | None
+    memory: object  # MemoryReport of the plan
+    estimate: object  # TrainingMemory
+    backend: str
+    device: object  # torch.device
+    model_fingerprint: str
+    data_fingerprint: str
+    dtype_choice: dict
+
+
+def _choose_dtype(config: RunConfig, device, init_from, snapshot: dict | None) -> dict:
+    """Resolve ``auto`` (a run continuing a search's kept run takes that run's dtype) and say why."""
+    if config.dtype != "auto":
+        return {"dtype": config.dtype, "reason": "given", "device": str(device)}
+    if init_from is not None and snapshot.get("dtype") in DTYPES:
+        choice = DtypeChoice(snapshot["dtype"], f"the dtype of the search's run it continues ({init_from})",
+                             str(device))
+    else:
+        choice = default_dtype(device)
+    config.dtype = choice.dtype  # recorded resolved: a resume (on any machine) computes in the same dtype
+    return choice.to_dict()
+
+
+def _prepare(config: RunConfig, plan, loaded: LoadedModel | None, saved: dict | None, *, budget, init_from,
+             snapshot: dict | None) -> _Prepared:
+    """Load, check and quantize everything the fine-tune needs; whatever the user's input gets wrong is refused
+    here, before the run directory is touched."""
+    from ..backends import get_backend
+    from ..data import data_fingerprint, load_blocks
+    from ..memory import ModelShapes, predict, training_memory
+    from ..models import model_fingerprint
+    from ..quantize import add_adapters, quantize_model
+
+    device = resolve_device(config.device)
+    dtype_choice = _choose_dtype(config, device, init_from, snapshot)
+    dtype = DTYPES[config.dtype]
+    loaded = load_base(loaded or config.model, dtype=dtype)
+    base, tokenizer = loaded.model, loaded.tokenizer
+    plan.check_model(base, source="the plan")
+    quant = get_backend(config.backend, compute_dtype=dtype)
+    fingerprint = model_fingerprint(base)
+    if saved is not None and saved.get("model_fingerprint") != fingerprint:
+        raise ArtifactError(f"cannot resume: the weights of {config.model} changed since the run started "
+                            "(model fingerprint differs)", "resume with the same model, or start a new run")
+    train_blocks = load_blocks(config.data, tokenizer, "train", seq_len=config.seq_len,
+                               max_blocks=config.max_train_blocks)
+    eval_blocks = (load_blocks(config.data, tokenizer, "validation", seq_len=config.seq_len,
+                               max_blocks=config.eval_blocks) if config.eval_blocks else None)
+    data_fp = data_fingerprint(config.data, "train", config.seq_len, max_blocks=config.max_train_blocks)
+    if saved is not None and saved.get("data_fingerprint") != data_fp:
+        raise ArtifactError(f"cannot resume: the training data {config.data} changed since the run started",
+                            "resume with the same data, or start a new run")
+    if config.steps is None:
+        config.steps = max(1, math.ceil(config.epochs * len(train_blocks) / (config.batch_size * config.grad_accum)))
+    if config.eval_every is None:
+        config.eval_every = max(1, math.ceil(config.steps / 5)) if config.eval_blocks else 0
+    if config.checkpoint_every is None:
+        config.checkpoint_every = max(1, math.ceil(config.steps / 10))
+    shapes = ModelShapes.from_model(base)
+    memory = predict(shapes, plan, quant)
+    estimate = training_memory(shapes, plan, quant, base.config, batch_size=config.batch_size,
+                               seq_len=config.seq_len, dtype=dtype, checkpointing=config.gradient_checkpointing,
+                               device=device)
+    if budget is not None:
+        _check_budget(budget, memory, estimate, shapes, plan, quant, base.config, config, dtype)
+    if init_from is not None:
+        _check_snapshot(init_from, snapshot, {
+            "plan": plan.to_dict(), "model_fingerprint": fingerprint, "dtype": config.dtype,
+            "backend": config.backend, "seq_len": config.seq_len, "data_fingerprint": data_fp,
+            "train_config": _loop_config(config).to_dict()})
+    # In place: each dense linear moves to the device, is quantized there and is freed as its quantized version
+    # replaces it (bits and shapes are checked first).
+    tuned = add_adapters(quantize_model(base, plan, quant, dtype=dtype, inplace=True, device=device), plan,
+                         seed=config.seed)
+    return _Prepared(config, plan, tuned, train_blocks, eval_blocks, memory, estimate, quant.name, device,
+                     fingerprint, data_fp, dtype_choice)
+
+
+def _log_plan(say, job: _Prepared, reason: str) -> None:
+    from ..memory import format_bytes
+
+    config, estimate = job.config, job.estimate
+    say("plan %s on %s: %s predicted (%.2f avg bits, adapters included)", job.plan.describe(), config.model,
+        format_bytes(job.memory.total_bytes), job.memory.avg_bits)
+    say("computing in %s on %s (%s)", config.dtype, job.device, reason)
+    say("predicted training peak: %s (runtime %s, model %s, LoRA gradients %s, AdamW state %s, activations "
+        "%s, loss %s, freed memory the heap keeps %s%s) for batches of %d×%d tokens, gradient checkpointing %s",
+        format_bytes(estimate.peak_bytes), format_bytes(estimate.runtime_bytes),
+        format_bytes(estimate.weights_bytes), format_bytes(estimate.gradient_bytes),
+        format_bytes(estimate.optimizer_bytes), format_bytes(estimate.activation_bytes),
+        format_bytes(estimate.loss_bytes), format_bytes(estimate.allocator_bytes),
+        f" with {estimate.allocator} allocation" if estimate.allocator else "", config.batch_size,
+        config.seq_len, "on" if config.gradient_checkpointing else "off")
+    if estimate.allocator == "glibc":
+        say("PyTorch allocates with glibc's defaults in this process (THP_MEM_ALLOC_ENABLE=0, or PyTorch "
+            "allocated before qradaptor was imported), whose heap keeps more freed memory while training; "
+            "import qradaptor before making tensors, or set THP_MEM_ALLOC_ENABLE=1, for its huge-page path")
+
+
+def _start(out: Path, job: _Prepared, saved: dict | None, init_from: Path | None,
+           say) -> tuple[dict, TrainState | None]:
+    """The run's record (new, or the saved one on resume) and the state training starts from: the last checkpoint
+    on resume, the search's kept run with ``init_from``, else None (step 0)."""
+    config = job.config
+    if saved is None:
+        run = {"format": RUN_FORMAT, "status": "running", "config": config.to_dict(), "plan": job.plan.to_dict(),
+               "seed": config.seed, "model_fingerprint": job.model_fingerprint,
+               "data_fingerprint": job.data_fingerprint, "versions": package_versions(),
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": [], "dtype_choice": job.dtype_choice}
+        job.plan.save(out / PLAN_FILE)
+    else:
+        run = saved
+    _log_plan(say, job, (run.get("dtype_choice") or {}).get("reason", "as the run recorded"))
+    state = None
+    if saved is not None:
+        checkpoints = _checkpoints(out)
+        # a run started from a search's kept run, interrupted before its first checkpoint, starts there again
+        start = checkpoints[-1] if checkpoints else (saved.get("initialised_from") or {}).get("path")
+        if start:
+            state = load_checkpoint(job.model, start)
+            say("resuming from %s (step %d of %d)", start, state.step, config.steps)
+        else:
+            say("no checkpoint was written before the interruption: starting again from step 0")
+        run.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                              "from_step": 0 if state is None else state.step,
+                                              "versions": package_versions()})
+    elif init_from is not None:
+        state = load_checkpoint(job.model, init_from)
+        run["initialised_from"] = {"path": str(init_from), "step": state.step}
+        say("continuing the search's run of this plan from step %d of %d (%s): those steps are not trained "
+            "again", state.step, config.steps, init_from)
+    run["training_estimate"] = job.estimate.to_dict()
+    atomic_write_json(out / RUN_FILE, run)
+    return run, state
+
+
+def _finish(out: Path, job: _Prepared, result: TrainResult, training_peak: dict, run: dict, progress: bool,
+            say) -> tuple[dict | None, dict]:
+    """After the last step: the final validation, the adapter, metrics.json and the finished record."""
+    from ..memory import measured_bytes
+
+    validation = None
+    if job.eval_blocks is not None:
+        validation = evaluate_loss(job.model, job.eval_blocks, progress=progress, desc="validation").to_dict()
+    with AtomicDirectory(out / ADAPTER_DIR) as tmp:
+        job.model.save_pretrained(tmp)
+    metrics = {
+        "steps": job.config.steps, "train_losses": result.losses, "final_train_loss": result.final_loss,
+        "evals": [list(e) for e in result.evals], "validation": validation,
+        "memory": {**job.memory.to_dict(), "measured_bytes": measured_bytes(job.model), "backend": job.backend,
+                   "plan": job.plan.describe()},
+        "training_estimate": job.estimate.to_dict(), "training_peak": training_peak,
+        "seconds_this_session": result.seconds,
+    }
+    atomic_write_json(out / METRICS_FILE, metrics)
+    run["status"] = "finished"
+    run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_json(out / RUN_FILE, run)
+    if validation:
+        say("final validation loss %.4f (perplexity %.2f) over %d tokens", validation["loss"],
+            validation["perplexity"], validation["tokens"])
+    return validation, metrics
+
+
+def _fine_tune(out: Path, job: _Prepared, saved: dict | None, init_from: Path | None, progress: bool) -> RunResult:
+    """Write the run directory and train, checkpointing as it goes; a run that fails before its first checkpoint
+    leaves the directory as it was."""
+    from ..memory import format_bytes
+
+    config, tuned = job.config, job.model
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        logfile = open(out / LOG_FILE, "a", encoding="utf-8")
+    except OSError as e:
+        raise ArtifactError(f"cannot write the run directory {out}: {e.strerror or e}",
+                            "pass an --out directory you can write to") from None
+
+    def say(fmt: str, *args) -> None:
+        """Log (shown unless --quiet) and always append to the run's train.log."""
+        log.info(fmt, *args)
+        logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {fmt % args}\n")
+        logfile.flush()
+
+    def on_step(step: int, result: TrainResult, snapshot) -> None:
+        if result.evals and result.evals[-1][0] == step:
+            logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: validation loss "
+                          f"{result.evals[-1][1]:.4f}\n")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            where = _save_checkpoint(tuned, out, step, snapshot())
+            logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: loss {result.losses[-1]:.4f}, "
+                          f"checkpoint {where.name}\n")
+            logfile.flush()
+
+    try:
+        run, state = _start(out, job, saved, init_from, say)
+        say("training %d steps of %d×%d tokens (seed %d) → %s", config.steps,
+            config.batch_size * config.grad_accum, config.seq_len, config.seed, out)
+        release_free_memory()  # what building the model freed does not count towards the training peak
+        peak = PeakMemory(job.device).start()
+        result = train(tuned, job.train_blocks, _loop_config(config), eval_blocks=job.eval_blocks,
+                       progress=progress, resume=state, on_step=on_step)
+        training_peak = {"measured_bytes": peak.bytes(), "what": peak.describe(), "device": str(job.device),
+                         "predicted_bytes": job.estimate.peak_bytes}
+        if training_peak["measured_bytes"] is not None:
+            say("training peak: %s measured (%s), %s predicted", format_bytes(training_peak["measured_bytes"]),
+                training_peak["what"], format_bytes(training_peak["predicted_bytes"]))
+        if result.evals:
+            log.info("validation loss by step: %s", ", ".join(f"{s}: {v:.4f}" for s, v in result.evals))
+        validation, metrics = _finish(out, job, result, training_peak, run, progress, say)
+        return RunResult(out=out, config=config, train=result, validation=validation, metrics=metrics,
+                         resumed_from=0 if state is None else state.step, model=tuned)
+    except Exception as e:
+        logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {e}\n")
+        kept = _checkpoints(out)
+        if saved is None and not kept:
+            # Nothing worth resuming: leave the directory as it was, so the same --out can be used again.
+            logfile.close()
+            _remove_new_run(out, created)
+        if isinstance(e, TrainingError):
+            where = (f"; the last good checkpoint, {kept[-1].name}, is kept in {out / CHECKPOINTS_DIR}" if kept
+                     else "; nothing was kept")
+            raise TrainingError(e.cause + where, e.fix.replace("train again", "train again into a new --out")
+                                if kept else e.fix) from None
+        raise
+    finally:
+        logfile.close()
+
+
 def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = None, data: str | None = None,
                budget: str | int | None = None, resume: bool = False, progress: bool = True,
                init_from: str | Path | None = None, **settings) -> RunResult:
@@ -227,13 +497,6 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
     a run from step 0. It must be the beginning of this very run (plan, model, data, schedule, dtype), else the
     run is refused, naming what differs; with ``dtype="auto"`` (the default) the run takes the kept run's dtype.
     """
-    from ..backends import get_backend
-    from ..data import data_fingerprint, load_blocks
-    from ..memory import ModelShapes, format_bytes, measured_bytes, predict, training_memory
-    from ..models import model_fingerprint
-    from ..plan import Plan
-    from ..quantize import add_adapters, quantize_model
-
     known = set(RunConfig.__dataclass_fields__) - {"model", "data"}
     if set(settings) - known:
         raise TypeError(f"train_plan() got unexpected settings {sorted(set(settings) - known)}; settings are "
@@ -241,216 +504,22 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
     loaded = model if isinstance(model, LoadedModel) else None
     model = loaded.spec if loaded is not None else model
     out = check_output_dir(out, ArtifactError)
+    snapshot = None
     if init_from is not None:
         if resume:
             raise ArtifactError("--init-from starts a new run from a search's kept run; a resumed run continues from "
                                 "its own checkpoints", "drop --init-from when resuming")
         init_from, snapshot = _read_snapshot(init_from)
     saved = read_run(out)
-    if resume:
-        if saved is None:
-            raise ArtifactError(f"nothing to resume: {out} holds no training run ({RUN_FILE} is missing)",
-                                "drop --resume to start a new run there, or pass the --out of the interrupted run")
-        if saved.get("status") == "finished":
-            raise ArtifactError(f"the run in {out} has already finished",
-                                f"export it (qradaptor export {out} --to OUT) or train into another --out directory")
-    elif saved is not None:
-        raise ArtifactError(f"{out} already holds a training run",
-                            "pass --resume to continue it, or choose another --out directory")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ArtifactError(f"{out} exists and is not empty", "choose a new or empty --out directory")
-
+    _check_run_dir(out, saved, resume)
     if budget is not None:
         from ..memory import parse_training_budget
 
         parse_training_budget(budget)  # a malformed train:SIZE fails before the model and the data load
     config = _resolve({**settings, "model": model, "data": data}, None if saved is None else saved["config"])
-
-    # Plan: given, or the saved one on resume; a different plan on resume is a changed setting.
-    if plan is None:
-        if saved is None:
-            raise ArtifactError("no plan given", "pass --plan PLAN.json (one {bits, rank} per decoder layer)")
-        plan_obj = Plan.from_dict(saved["plan"], source=str(out / PLAN_FILE))
-    else:
-        plan_obj = plan if isinstance(plan, Plan) else (
-            Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(plan))
-        if saved is not None and plan_obj.to_dict() != saved["plan"]:
-            raise ArtifactError(f"cannot resume with changed settings: the plan differs from {out / PLAN_FILE} "
-                                f"({Plan.from_dict(saved['plan']).describe()} → {plan_obj.describe()})",
-                                "resume with the run's own plan (or omit --plan), or start a new run elsewhere")
-
-    # Everything that can fail on the user's input is checked before anything is written.
-    device = resolve_device(config.device)
-    if config.dtype == "auto" and init_from is not None and snapshot.get("dtype") in DTYPES:
-        dtype_choice = DtypeChoice(snapshot["dtype"], f"the dtype of the search's run it continues ({init_from})",
-                                   str(device))
-    else:
-        dtype_choice = default_dtype(device) if config.dtype == "auto" else None
-    if dtype_choice is not None:  # recorded resolved: a resume (on any machine) computes in the same dtype
-        config.dtype = dtype_choice.dtype
-    dtype_t = DTYPES[config.dtype]
-    loaded = load_base(loaded or config.model, dtype=dtype_t)
-    base, tokenizer = loaded.model, loaded.tokenizer
-    plan_obj.check_model(base, source="the plan")
-    quant = get_backend(config.backend, compute_dtype=dtype_t)
-    fingerprint = model_fingerprint(base)
-    if saved is not None and saved.get("model_fingerprint") != fingerprint:
-        raise ArtifactError(f"cannot resume: the weights of {config.model} changed since the run started "
-                            "(model fingerprint differs)", "resume with the same model, or start a new run")
-    train_blocks = load_blocks(config.data, tokenizer, "train", seq_len=config.seq_len,
-                               max_blocks=config.max_train_blocks)
-    eval_blocks_ = (load_blocks(config.data, tokenizer, "validation", seq_len=config.seq_len,
-                                max_blocks=config.eval_blocks) if config.eval_blocks else None)
-    data_fp = data_fingerprint(config.data, "train", config.seq_len, max_blocks=config.max_train_blocks)
-    if saved is not None and saved.get("data_fingerprint") != data_fp:
-        raise ArtifactError(f"cannot resume: the training data {config.data} changed since the run started",
-                            "resume with the same data, or start a new run")
-    if config.steps is None:
-        config.steps = max(1, math.ceil(config.epochs * len(train_blocks) / (config.batch_size * config.grad_accum)))
-    if config.eval_every is None:
-        config.eval_every = max(1, math.ceil(config.steps / 5)) if config.eval_blocks else 0
-    if config.checkpoint_every is None:
-        config.checkpoint_every = max(1, math.ceil(config.steps / 10))
-    shapes = ModelShapes.from_model(base)
-    memory = predict(shapes, plan_obj, quant)
-    estimate = training_memory(shapes, plan_obj, quant, base.config, batch_size=config.batch_size,
-                               seq_len=config.seq_len, dtype=dtype_t, checkpointing=config.gradient_checkpointing,
-                               device=device)
-    if budget is not None:
-        _check_budget(budget, memory, estimate, shapes, plan_obj, quant, base.config, config, dtype_t)
-    if init_from is not None:
-        _check_snapshot(init_from, snapshot, {
-            "plan": plan_obj.to_dict(), "model_fingerprint": fingerprint, "dtype": config.dtype,
-            "backend": config.backend, "seq_len": config.seq_len, "data_fingerprint": data_fp,
-            "train_config": _loop_config(config).to_dict()})
-    # In place: each dense linear moves to the device, is quantized there and is freed as its quantized version
-    # replaces it (bits and shapes are checked first).
-    tuned = add_adapters(quantize_model(base, plan_obj, quant, dtype=dtype_t, inplace=True, device=device),
-                         plan_obj, seed=config.seed)
-    del base
-
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        logfile = open(out / LOG_FILE, "a", encoding="utf-8")
-    except OSError as e:
-        raise ArtifactError(f"cannot write the run directory {out}: {e.strerror or e}",
-                            "pass an --out directory you can write to") from None
-
-    def say(fmt: str, *args) -> None:
-        """Log (shown unless --quiet) and always append to the run's train.log."""
-        log.info(fmt, *args)
-        logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {fmt % args}\n")
-        logfile.flush()
-
-    try:
-        if saved is None:
-            run = {"format": RUN_FORMAT, "status": "running", "config": config.to_dict(), "plan": plan_obj.to_dict(),
-                   "seed": config.seed, "model_fingerprint": fingerprint, "data_fingerprint": data_fp,
-                   "versions": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": [],
-                   "dtype_choice": (dtype_choice.to_dict() if dtype_choice is not None
-                                    else {"dtype": config.dtype, "reason": "given", "device": str(device)})}
-            plan_obj.save(out / PLAN_FILE)
-        else:
-            run = saved
-        say("plan %s on %s: %s predicted (%.2f avg bits, adapters included)", plan_obj.describe(),
-                 config.model, format_bytes(memory.total_bytes), memory.avg_bits)
-        say("computing in %s on %s (%s)", config.dtype, device, (run.get("dtype_choice") or {}).get("reason", "as the run recorded"))
-        say("predicted training peak: %s (runtime %s, model %s, LoRA gradients %s, AdamW state %s, activations "
-            "%s, loss %s, freed memory the heap keeps %s%s) for batches of %d×%d tokens, gradient checkpointing %s",
-            format_bytes(estimate.peak_bytes), format_bytes(estimate.runtime_bytes),
-            format_bytes(estimate.weights_bytes), format_bytes(estimate.gradient_bytes),
-            format_bytes(estimate.optimizer_bytes), format_bytes(estimate.activation_bytes),
-            format_bytes(estimate.loss_bytes), format_bytes(estimate.allocator_bytes),
-            f" with {estimate.allocator} allocation" if estimate.allocator else "", config.batch_size,
-            config.seq_len, "on" if config.gradient_checkpointing else "off")
-        if estimate.allocator == "glibc":
-            say("PyTorch allocates with glibc's defaults in this process (THP_MEM_ALLOC_ENABLE=0, or PyTorch "
-                "allocated before qradaptor was imported), whose heap keeps more freed memory while training; "
-                "import qradaptor before making tensors, or set THP_MEM_ALLOC_ENABLE=1, for its huge-page path")
-
-        state = None
-        if saved is not None:
-            checkpoints = _checkpoints(out)
-            # a run started from a search's kept run, interrupted before its first checkpoint, starts there again
-            start = checkpoints[-1] if checkpoints else (saved.get("initialised_from") or {}).get("path")
-            if start:
-                state = load_checkpoint(tuned, start)
-                say("resuming from %s (step %d of %d)", start, state.step, config.steps)
-            else:
-                say("no checkpoint was written before the interruption: starting again from step 0")
-            run.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                   "from_step": 0 if state is None else state.step,
-                                   "versions": package_versions()})
-        elif init_from is not None:
-            state = load_checkpoint(tuned, init_from)
-            run["initialised_from"] = {"path": str(init_from), "step": state.step}
-            say("continuing the search's run of this plan from step %d of %d (%s): those steps are not trained "
-                "again", state.step, config.steps, init_from)
-        run["training_estimate"] = estimate.to_dict()
-        atomic_write_json(out / RUN_FILE, run)
-
-        def on_step(step: int, result: TrainResult, snapshot) -> None:
-            if result.evals and result.evals[-1][0] == step:
-                logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: validation loss "
-                              f"{result.evals[-1][1]:.4f}\n")
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                where = _save_checkpoint(tuned, out, step, snapshot())
-                logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: loss {result.losses[-1]:.4f}, "
-                              f"checkpoint {where.name}\n")
-                logfile.flush()
-
-        say("training %d steps of %d×%d tokens (seed %d) → %s", config.steps,
-                 config.batch_size * config.grad_accum, config.seq_len, config.seed, out)
-        release_free_memory()  # what building the model freed does not count towards the training peak
-        peak = PeakMemory(device).start()
-        result = train(tuned, train_blocks, _loop_config(config), eval_blocks=eval_blocks_, progress=progress,
-                       resume=state, on_step=on_step)
-        training_peak = {"measured_bytes": peak.bytes(), "what": peak.describe(), "device": str(device),
-                         "predicted_bytes": estimate.peak_bytes}
-        if training_peak["measured_bytes"] is not None:
-            say("training peak: %s measured (%s), %s predicted", format_bytes(training_peak["measured_bytes"]),
-                training_peak["what"], format_bytes(training_peak["predicted_bytes"]))
-        if result.evals:
-            log.info("validation loss by step: %s", ", ".join(f"{s}: {v:.4f}" for s, v in result.evals))
-
-        validation = None
-        if eval_blocks_ is not None:
-            validation = evaluate_loss(tuned, eval_blocks_, progress=progress, desc="validation").to_dict()
-        with AtomicDirectory(out / ADAPTER_DIR) as tmp:
-            tuned.save_pretrained(tmp)
-        metrics = {
-            "steps": config.steps, "train_losses": result.losses, "final_train_loss": result.final_loss,
-            "evals": [list(e) for e in result.evals], "validation": validation,
-            "memory": {**memory.to_dict(), "measured_bytes": measured_bytes(tuned), "backend": quant.name,
-                       "plan": plan_obj.describe()},
-            "training_estimate": estimate.to_dict(), "training_peak": training_peak,
-            "seconds_this_session": result.seconds,
-        }
-        atomic_write_json(out / METRICS_FILE, metrics)
-        run["status"] = "finished"
-        run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        atomic_write_json(out / RUN_FILE, run)
-        if validation:
-            say("final validation loss %.4f (perplexity %.2f) over %d tokens", validation["loss"],
-                     validation["perplexity"], validation["tokens"])
-        return RunResult(out=out, config=config, train=result, validation=validation, metrics=metrics,
-                         resumed_from=0 if state is None else state.step, model=tuned)
-    except Exception as e:
-        logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {e}\n")
-        kept = _checkpoints(out)
-        if saved is None and not kept:
-            # Nothing worth resuming: leave the directory as it was, so the same --out can be used again.
-            logfile.close()
-            _remove_new_run(out, created)
-        if isinstance(e, TrainingError):
-            where = (f"; the last good checkpoint, {kept[-1].name}, is kept in {out / CHECKPOINTS_DIR}" if kept
-                     else "; nothing was kept")
-            raise TrainingError(e.cause + where, e.fix.replace("train again", "train again into a new --out")
-                                if kept else e.fix) from None
-        raise
-    finally:
-        logfile.close()
+    plan_obj = _plan_to_train(plan, saved, out)
+    job = _prepare(config, plan_obj, loaded, saved, budget=budget, init_from=init_from, snapshot=snapshot)
+    return _fine_tune(out, job, saved, init_from, progress)
 
 
 def _remove_new_run(out: Path, created: bool) -> None:
