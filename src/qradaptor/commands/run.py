@@ -37,6 +37,7 @@ record (a ``search/`` the user put there without one is refused, not deleted).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -316,21 +317,15 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     dtype this device computes fast, `precision.default_dtype`, or the one a rerun's search recorded): the
     profile (``profile_dtype``; ``auto``: the fine-tune's) and the search read it (and quantize copies), the
     fine-tune then quantizes it in place, and the test loss and the export are taken from the trained model in
-    memory. The search's fidelities are the first steps of the fine-tune's schedule (`prefix_fidelities`), and the fine-tune continues the chosen plan's run from
-    where the search left it: the result is that of a fine-tune from step 0, with fewer steps trained.
+    memory. The search's fidelities are the first steps of the fine-tune's schedule (`prefix_fidelities`), and
+    the fine-tune continues the chosen plan's run from where the search left it: the result is that of a fine-tune
+    from step 0, with fewer steps trained.
     ``model``: a spec, or a `LoadedModel` (its spec is what the run records); either is used up. ``device``
     (``auto``, ``cpu``, ``cuda``): where every stage computes; the dense model stays in host memory and each plan
     is quantized on the device. Not part of any stage's fingerprint: a run continues on another device."""
-    from ..export import EXPORT_FILE, PACKED_DIR, TrainedModel, open_run
     from ..memory import parse_training_budget
     from ..models import load_base, model_fingerprint
-    from ..plan import Plan
-    from ..profile import ProfileSettings, profile_model
-    from ..rundir import RunConfig, read_run
-    from ..search import kept_run
-    from .export import export, export_manifest
-    from .search import prefix_fidelities, search
-    from .train import KeptRunMismatch, train_plan
+    from ..rundir import RunConfig
 
     out = Path(out)
     device = resolve_device(device)
@@ -348,105 +343,144 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     log.info("run: computing in %s on %s", dtype, device)
     # in the fine-tune's dtype: the search's fine-tunes are then the final one's first steps, exactly
     base = load_base(model, dtype=DTYPES[dtype])
-    model = base.spec
-    model_fp = model_fingerprint(base.model)
-    data_fp = _data_fingerprint(data, seq_len)
-    train_budget = budget if parse_training_budget(budget) is not None else None
+    model_fp, data_fp = model_fingerprint(base.model), _data_fingerprint(data, seq_len)
     stages.settings = _jsonable({
-        "model": _resolved(model), "model_fingerprint": model_fp, "data": _resolved(data), "data_fingerprint": data_fp,
-        "budget": budget, "alpha": alpha, "trials": trials, "steps": steps, "profile_tokens": profile_tokens,
-        "profile_dtype": profile_dtype, "seq_len": seq_len, "eval_blocks": eval_blocks,
-        "search_settings": search_settings or {}, "train_settings": train_settings, "dtype": dtype})
+        "model": _resolved(base.spec), "model_fingerprint": model_fp, "data": _resolved(data),
+        "data_fingerprint": data_fp, "budget": budget, "alpha": alpha, "trials": trials, "steps": steps,
+        "profile_tokens": profile_tokens, "profile_dtype": profile_dtype, "seq_len": seq_len,
+        "eval_blocks": eval_blocks, "search_settings": search_settings or {}, "train_settings": train_settings,
+        "dtype": dtype})
     stages.save()
-    same = {"model": model_fp, "data": data_fp, "seq_len": seq_len}
-
-    sensitivity = out / "profile" / "sensitivity.json"
-    if stages.begin("profile", {**same, "tokens": profile_tokens, "dtype": profile_dtype},
-                    lambda: _profile_ok(sensitivity, model_fp)) == "keep":
-        log.info("run: profile done, using %s", sensitivity)
-    else:
-        log.info("run: stage 1/5, sensitivity profile")
-        profile_model(base.model, base.tokenizer, ProfileSettings(tokens=profile_tokens, seq_len=seq_len,
-                                                                  dtype=profile_dtype, data=data),
-                      out=out / "profile", force=True, progress=progress, device=device)
-        stages.finish("profile")
-
-    plan = out / "search" / "plan.json"
+    job = _Run(out, stages, base, data, seq_len, device, dtype, progress,
+               same={"model": model_fp, "data": data_fp, "seq_len": seq_len})
+    sensitivity = job.profile(tokens=profile_tokens, dtype=profile_dtype)
     # the search measures plans on the first steps of the final fine-tune's schedule, and keeps the chosen
     # plan's run for the fine-tune to continue
-    searched = prefix_fidelities(search_settings or {}, steps=steps, batch_size=train_defaults["batch_size"],
-                                 lr=train_defaults["lr"])
-    if stages.begin("search", {**same, "budget": budget, "alpha": alpha, "trials": trials, "settings": searched,
-                               "dtype": dtype},
-                    lambda: _plan_ok(out / "search")) == "keep":
-        log.info("run: search done, using %s", plan)
-    else:
-        log.info("run: stage 2-3/5, budgeted search")
-        search(base, data=data, budget=budget, out=out / "search", alpha=alpha, trials=trials,
-               sensitivity=str(sensitivity), progress=progress, seq_len=seq_len, device=device, dtype=dtype,
-               **searched)
-        stages.finish("search")
+    plan = job.search(sensitivity, budget=budget, alpha=alpha, trials=trials, settings=search_settings or {},
+                      steps=steps, batch_size=train_defaults["batch_size"], lr=train_defaults["lr"])
+    # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit)
+    job.train(plan, steps=steps, budget=budget if parse_training_budget(budget) is not None else None,
+              settings=train_settings)
+    metrics = job.held_out(eval_blocks)
+    return {**metrics, "plan": str(plan), "model": str(out / "model"), "memory": job.export()}
 
-    train_dir = out / "train"
-    trained: TrainedModel | None = None
-    how = stages.begin("train", {**same, "model_path": _resolved(model), "steps": steps, "budget": train_budget,
-                                 "settings": train_settings},
-                       lambda: _train_status(train_dir) == "finished")
-    if how == "keep":
-        log.info("run: training done, using %s", train_dir)
-    else:
+
+@dataclasses.dataclass
+class _Run:
+    """One `run`'s stages over its loaded model: each begins with its record in ``stages.json`` (kept, continued or
+    redone: see the module docstring) and finishes by marking it."""
+
+    out: Path
+    stages: _Stages
+    base: LoadedModel  # used up by the fine-tune, which quantizes it in place
+    data: str | None
+    seq_len: int
+    device: object
+    dtype: str
+    progress: bool
+    same: dict  # what every stage's fingerprint holds: model, data, block length
+    trained: object = None  # the TrainedModel, once the fine-tune made it or it was rebuilt from its run
+
+    def profile(self, *, tokens: int | None, dtype: str) -> Path:
+        from ..profile import ProfileSettings, profile_model
+
+        sensitivity = self.out / "profile" / "sensitivity.json"
+        if self.stages.begin("profile", {**self.same, "tokens": tokens, "dtype": dtype},
+                             lambda: _profile_ok(sensitivity, self.same["model"])) == "keep":
+            log.info("run: profile done, using %s", sensitivity)
+            return sensitivity
+        log.info("run: stage 1/5, sensitivity profile")
+        profile_model(self.base.model, self.base.tokenizer, ProfileSettings(
+            tokens=tokens, seq_len=self.seq_len, dtype=dtype, data=self.data), out=self.out / "profile", force=True,
+            progress=self.progress, device=self.device)
+        self.stages.finish("profile")
+        return sensitivity
+
+    def search(self, sensitivity: Path, *, budget, alpha: float, trials: int, settings: dict, steps: int,
+               batch_size: int, lr: float) -> Path:
+        from .search import prefix_fidelities, search
+
+        plan = self.out / "search" / "plan.json"
+        searched = prefix_fidelities(settings, steps=steps, batch_size=batch_size, lr=lr)
+        if self.stages.begin("search", {**self.same, "budget": budget, "alpha": alpha, "trials": trials,
+                                        "settings": searched, "dtype": self.dtype},
+                             lambda: _plan_ok(self.out / "search")) == "keep":
+            log.info("run: search done, using %s", plan)
+            return plan
+        log.info("run: stage 2-3/5, budgeted search")
+        search(self.base, data=self.data, budget=budget, out=self.out / "search", alpha=alpha, trials=trials,
+               sensitivity=str(sensitivity), progress=self.progress, seq_len=self.seq_len, device=self.device,
+               dtype=self.dtype, **searched)
+        self.stages.finish("search")
+        return plan
+
+    def train(self, plan: Path, *, steps: int, budget, settings: dict) -> None:
+        from ..export import TrainedModel
+        from ..plan import Plan
+        from ..rundir import read_run
+        from ..search import kept_run
+        from .train import KeptRunMismatch, train_plan
+
+        train_dir = self.out / "train"
+        how = self.stages.begin("train", {**self.same, "model_path": _resolved(self.base.spec), "steps": steps,
+                                          "budget": budget, "settings": settings},
+                                lambda: _train_status(train_dir) == "finished")
+        if how == "keep":
+            log.info("run: training done, using %s", train_dir)
+            return
         status = _train_status(train_dir) if how == "continue" else None
         if status is None and train_dir.exists():
             shutil.rmtree(train_dir)  # ours, but holds no run it could resume (it died before run.json)
         if status != "finished":
             log.info("run: stage 4/5, fine-tune of the chosen plan%s", " (resuming)" if status else "")
-            # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit);
-            # the fine-tune quantizes the loaded model in place (base is used up); a new one continues the
-            # search's run of the plan (its first steps are not trained twice)
-            kept = None if status else kept_run(out / "search")
+            common = dict(plan=plan, model=self.base, data=self.data, progress=self.progress, budget=budget,
+                          device=str(self.device))
+            fresh = {"steps": steps, "seq_len": self.seq_len, **settings, "dtype": self.dtype}
+            kept = None if status else kept_run(self.out / "search")  # its first steps are not trained twice
             with _as_run_stage():
                 try:
-                    result = train_plan(train_dir, plan=plan, model=base, data=data,
-                                        steps=None if status else steps, seq_len=None if status else seq_len,
-                                        resume=bool(status), progress=progress, budget=train_budget,
+                    result = train_plan(train_dir, **common, resume=bool(status),
                                         init_from=kept[0] if kept else None,
-                                        **{"device": str(device),
-                                           **({} if status else {**train_settings, "dtype": dtype})})
+                                        **({"steps": None, "seq_len": None} if status else fresh))
                 except KeptRunMismatch as e:  # refused before anything was written: train from step 0
                     log.warning("run: not continuing the search's run (%s); training from step 0", e.cause)
-                    result = train_plan(train_dir, plan=plan, model=base, data=data, steps=steps, seq_len=seq_len,
-                                        progress=progress, budget=train_budget,
-                                        **{"device": str(device), **train_settings, "dtype": dtype})
-            trained = TrainedModel(result.model, base.tokenizer, Plan.load(plan), read_run(train_dir))
-        stages.finish("train")
+                    result = train_plan(train_dir, **common, **fresh)
+            self.trained = TrainedModel(result.model, self.base.tokenizer, Plan.load(plan), read_run(train_dir))
+        self.stages.finish("train")
 
-    def trained_model() -> TrainedModel:
+    def trained_model(self):
         """The trained model: in memory from the fine-tune, else the finished run built on the loaded base."""
-        nonlocal trained
-        if trained is None:
+        from ..export import open_run
+
+        if self.trained is None:
             with _as_run_stage():
-                trained = open_run(train_dir, base, device=device)
-        return trained
+                self.trained = open_run(self.out / "train", self.base, device=self.device)
+        return self.trained
 
-    metrics_path = out / "metrics.json"
-    if stages.begin("metrics", {**same, "eval_blocks": eval_blocks, "before": "adapters off"},
-                    lambda: read_metrics(metrics_path) is not None) == "keep":
-        metrics = read_metrics(metrics_path)
-    else:
+    def held_out(self, eval_blocks: int | None) -> dict:
+        path = self.out / "metrics.json"
+        if self.stages.begin("metrics", {**self.same, "eval_blocks": eval_blocks, "before": "adapters off"},
+                             lambda: read_metrics(path) is not None) == "keep":
+            return read_metrics(path)
         log.info("run: evaluating on the test split")
-        tuned = trained_model()
-        metrics = held_out_metrics(tuned.model, tuned.tokenizer, data=data, seq_len=seq_len,
-                                   max_blocks=eval_blocks, progress=progress)
-        atomic_write_json(metrics_path, metrics)
-        stages.finish("metrics")
+        tuned = self.trained_model()
+        metrics = held_out_metrics(tuned.model, tuned.tokenizer, data=self.data, seq_len=self.seq_len,
+                                   max_blocks=eval_blocks, progress=self.progress)
+        atomic_write_json(path, metrics)
+        self.stages.finish("metrics")
+        return metrics
 
-    model_dir = out / "model"
-    if stages.begin("export", {}, lambda: export_manifest(model_dir) is not None) == "keep":
-        log.info("run: export done, %s", model_dir)
-        memory = (_read_json(model_dir / PACKED_DIR / EXPORT_FILE) or {}).get("memory")
-    else:
+    def export(self) -> dict | None:
+        """The export's memory record (kept, or written now)."""
+        from ..export import EXPORT_FILE, PACKED_DIR
+        from .export import export, export_manifest
+
+        model_dir = self.out / "model"
+        if self.stages.begin("export", {}, lambda: export_manifest(model_dir) is not None) == "keep":
+            log.info("run: export done, %s", model_dir)
+            return (_read_json(model_dir / PACKED_DIR / EXPORT_FILE) or {}).get("memory")
         log.info("run: stage 5/5, export")
         with _as_run_stage():
-            memory = export(train_dir, model_dir, trained=trained_model())["memory"]
-        stages.finish("export")
-    return {**metrics, "plan": str(plan), "model": str(model_dir), "memory": memory}
+            memory = export(self.out / "train", model_dir, trained=self.trained_model())["memory"]
+        self.stages.finish("export")
+        return memory
