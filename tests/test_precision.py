@@ -200,3 +200,16 @@ def test_a_resumed_run_keeps_the_dtype_it_recorded_on_another_cpu(cpu, tiny_dir,
     assert json.loads((out / "run.json").read_text())["config"]["dtype"] == "bfloat16"
     assert main([*args[:-3], "--out", str(tmp_path / "other"), "--plan", str(plan), "-q"]) == 0
     assert json.loads((tmp_path / "other" / "run.json").read_text())["config"]["dtype"] == "float32"
+
+
+def test_a_continued_study_keeps_the_dtype_it_recorded(tiny_dir, words, tmp_path):
+    """A search begun in bf16 and continued where `auto` means float32 (the tests' pin) goes on in bf16, instead of
+    being refused as a study of another search."""
+    kw = dict(data=words, budget="4bit", out=tmp_path / "s", population=4, promote=1, refine=0, progress=False,
+              fitness=_fast_fitness, seq_len=32)
+    search(str(tiny_dir), trials=4, dtype="bfloat16", **kw)
+    assert default_dtype("cpu").dtype == "float32"
+    result = search(str(tiny_dir), trials=6, **kw)  # dtype auto, two more trials
+    pareto = json.loads((tmp_path / "s" / "pareto.json").read_text())
+    assert pareto["settings"]["dtype"] == "bfloat16"
+    assert sum(p["fidelity"] == "cheap" for p in pareto["points"]) == 6 and result.chosen is not None

@@ -66,16 +66,21 @@ def _text(text: str) -> str:
 _KINDS = {"positive_int": _positive_int, "count": _count, "int": int, "positive_float": _positive_float, "text": _text}
 
 
-def _training_settings(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
-    """The training settings of `RunConfig` (the fields that carry help) as flags, default None (not given: the
-    run's default, or on --resume the run's own): `train` and `run` take them from this one table."""
+def _settings_table() -> list:
+    """The fields of `RunConfig` that are command-line settings: those that carry their help."""
     from dataclasses import fields
 
     from .rundir import RunConfig
 
+    return [f for f in fields(RunConfig) if "help" in f.metadata]
+
+
+def _training_settings(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """The training settings as flags, default None (not given: the run's default, or on --resume the run's own):
+    `train` and `run` take them from this one table."""
     length = None
-    for f in fields(RunConfig):
-        if "help" not in f.metadata or f.name in skip:
+    for f in _settings_table():
+        if f.name in skip:
             continue
         kind, text = f.metadata["kind"], f.metadata["help"]
         if f.default is not None and "default" not in text:
@@ -97,31 +102,24 @@ def _training_settings(parser: argparse.ArgumentParser, *, skip: tuple[str, ...]
 
 def _given_training_settings(args, *, skip: tuple[str, ...] = ()) -> dict:
     """The training settings the command line gave (those it did not are left out)."""
-    from dataclasses import fields
-
-    from .rundir import RunConfig
-
-    return {f.name: getattr(args, f.name) for f in fields(RunConfig)
-            if "help" in f.metadata and f.name not in skip and getattr(args, f.name, None) is not None}
+    return {f.name: getattr(args, f.name) for f in _settings_table()
+            if f.name not in skip and getattr(args, f.name, None) is not None}
 
 
 #: What `run` defines itself rather than from train's table (its final fine-tune's length, one block size for all
 #: stages), and the training settings its search takes too.
 _RUN_OWN = ("steps", "epochs", "seq_len")
-_SEARCHED = ("population", "promote", "refine", "bits", "ranks", "backend", "seed")
+#: The exploration's flags (`search` and `run`), and what `run` passes to its search.
+_EXPLORATION = ("population", "promote", "refine", "bits", "ranks")
+_SEARCHED = (*_EXPLORATION, "backend", "seed")
 
 
 def _given_search_settings(args) -> dict:
-    return {k: getattr(args, k) for k in ("population", "promote", "refine", "bits", "ranks")
-            if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in _EXPLORATION if getattr(args, k, None) is not None}
 
 
 def _setting_help(name: str) -> str:
-    from dataclasses import fields
-
-    from .rundir import RunConfig
-
-    return next(f.metadata["help"] for f in fields(RunConfig) if f.name == name)
+    return next(f.metadata["help"] for f in _settings_table() if f.name == name)
 
 
 def cmd_memory(args) -> int:
