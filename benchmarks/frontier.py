@@ -47,7 +47,8 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     _here = pathlib.Path(__file__).resolve().parent
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
 
-from benchmarks.common import RESULTS, environment, markdown_table, vm_bytes, write_results  # noqa: E402
+from benchmarks.common import (RESULTS, describe_cpu, environment, markdown_table, vm_bytes,  # noqa: E402
+                               write_results)
 
 BUDGETS = ("3bit", "3.5bit", "4bit", "5bit")
 FINALS = Path(__file__).resolve().parent / "work" / "finals"  # see run_final
@@ -714,6 +715,7 @@ def main() -> None:
                "methods": methods, "best_uniform_front": [r["name"] for r in best_uniform_front(methods)],
                "targets": goals, "seconds": time.perf_counter() - start, "environment": environment()}
     md = report(methods, settings, goals, args.smoke)
+    md += f"\nCPU: {describe_cpu(payload['environment'])}.\n"
     compute = settings["profile_seconds"] + sum(r["search_seconds"] + r["train_seconds"]
                                                 + sum(r.get("seed_train_seconds", [])) for r in rows)
     payload["compute_seconds"] = compute

@@ -41,7 +41,8 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     _here = pathlib.Path(__file__).resolve().parent
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
 
-from benchmarks.common import RESULTS, child_result, markdown_table, vm_bytes, write_results  # noqa: E402
+from benchmarks.common import (RESULTS, child_result, describe_cpu, environment, markdown_table,  # noqa: E402
+                               vm_bytes, write_results)
 
 REPEATS = 3  # runs of the headline pair (see cases)
 
@@ -357,8 +358,9 @@ def report(results: list[dict], smoke: bool) -> tuple[dict, str]:
             "bf16_vs_fp32_step_time_uniform4": ratio(s.format("bfloat16"), s.format("float32"), "step_time"),
             "worst_prediction_error": worst,
         }
-    payload = {"cases": results, "targets": targets}
-    md = ["# Training memory", "",
+    env = environment()
+    payload = {"cases": results, "targets": targets, "environment": env}
+    md = ["# Training memory", "", f"CPU: {describe_cpu(env)}.", "",
           "Each case in a fresh process (`benchmarks/memory.py`): peak RSS of the whole process, peak of the training "
           "phase (high-water mark reset once the model is built), RSS right after the imports (torch, transformers, "
           "peft, qradaptor), training memory = training peak − RSS after imports, the training-memory model's "
