@@ -12,7 +12,7 @@ steps after the first; training memory = the training phase's peak RSS − RSS a
     bf16-fp32-products    the alternative: bf16 weights, scales and activations, every matrix product (linears,
                           matmuls, forward and backward) computed in fp32 and cast back to bf16
 
-    .venv/bin/python benchmarks/cpu_dtype.py            # about 15 min on 2 cores (the bf16 fallback is slow)
+    .venv/bin/python benchmarks/cpu_dtype.py            # about 25 min on 2 cores (the bf16 fallback is slow)
     .venv/bin/python benchmarks/cpu_dtype.py --smoke    # a tiny random model, seconds: keeps the script working
 
 Resumable (per-case results under --work, default benchmarks/work/cpu_dtype). Run it on a quiet machine.
