@@ -6,7 +6,7 @@ dtype (1.9× per training step on a CPU with AVX512-BF16, benchmarks/results/dty
 bf16 matmul is a slow fallback: on an AVX2-only CPU ``grad @ W``, the product every backward through a frozen weight
 takes, ran 40–200× slower than in float32 and a training step ~22× slower. So ``auto`` decides per device:
 
-- CUDA: bfloat16 when the GPU supports it (``torch.cuda.is_bf16_supported``), else float32;
+- CUDA: bfloat16 when the GPU has it natively (compute capability 8.0+; older ones emulate it), else float32;
 - CPU with AVX512-BF16 or AMX: bfloat16; an x86 CPU without AVX-512 (AVX2 only): float32;
 - anything else (AVX-512 without BF16, where oneDNN emulates it; ARM; ``ONEDNN_MAX_CPU_ISA`` capping what oneDNN
   uses): a micro-benchmark of the two products a training step is made of, in both dtypes, decides. It runs once
@@ -84,9 +84,10 @@ def default_dtype(device: torch.device | str | None = None) -> DtypeChoice:
                                  f"set {ENV} to {' or '.join(DTYPES)}, or unset it to let the machine decide")
         return DtypeChoice(pinned, f"{ENV}={pinned} in the environment", str(device))
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        # native bf16 only (compute capability 8.0+): older GPUs emulate it, which is what auto avoids
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return DtypeChoice("bfloat16", "this GPU computes in bfloat16", str(device))
-        return DtypeChoice("float32", "this GPU has no bfloat16 support", str(device))
+        return DtypeChoice("float32", "this GPU has no native bfloat16", str(device))
     fast, why = cpu_bf16_capability()
     if fast is None:
         probe = probe_cpu()
