@@ -118,30 +118,28 @@ def open_run(run_dir: str | os.PathLike, base: LoadedModel | None = None, *, dev
     the run's; another converts the trained model's: see `load`)."""
     from .backends import get_backend, is_quantized
     from .models import convert_weights, load_base, model_fingerprint
-    from .quantize import quantize_model
+    from .quantize import quantize_model, set_child
     from .rundir import ADAPTER_DIR
 
-    target = dtype
     run_dir = Path(run_dir)
     run = finished_run(run_dir)
     config = RunConfig.from_dict(run["config"])
-    dtype = DTYPES[config.dtype]
+    own = DTYPES[config.dtype]  # what the run trained in: quantized in it, the model is exactly the trained one
     plan = Plan.from_dict(run["plan"], source=str(run_dir / "run.json"))
-    loaded = load_base(base or config.model, dtype=dtype)
+    loaded = load_base(base or config.model, dtype=own)
     if model_fingerprint(loaded.model) != run.get("model_fingerprint"):
         raise ArtifactError(f"the base model {config.model} is not the one {run_dir} was trained on "
                             "(its weights changed: the model fingerprint differs)",
                             "restore the original model at that path, or retrain")
-    quantized = quantize_model(loaded.model, plan, get_backend(config.backend, compute_dtype=dtype), inplace=True,
+    quantized = quantize_model(loaded.model, plan, get_backend(config.backend, compute_dtype=own), inplace=True,
                                device=resolve_device(device))
-    target = _target_dtype(target, dtype)
-    if target != dtype:  # each quantized layer rebuilt from its state, as a load of an export in that dtype does
+    target = _target_dtype(dtype, own)
+    if target != own:  # each quantized layer rebuilt from its state, as a load of an export in that dtype does
         convert_weights(quantized, target)
         quant = get_backend(config.backend, compute_dtype=target)
         for name, module in list(quantized.named_modules()):
             if is_quantized(module):
-                parent, _, child = name.rpartition(".")
-                setattr(quantized.get_submodule(parent), child, quant.from_state(module.state(), name))
+                set_child(quantized, name, quant.from_state(module.state(), name))
     tuned = load_adapter(quantized, run_dir / ADAPTER_DIR)
     tuned.eval()
     return TrainedModel(tuned, loaded.tokenizer, plan, run)
@@ -203,7 +201,7 @@ def _load_export(path: Path, device: torch.device, asked: torch.dtype | str | No
     from .errors import QRAdaptorError
     from .models import _quiet_transformers
     from .plan import UNQUANTIZED_BITS
-    from .quantize import decoder_layers, layer_linears
+    from .quantize import decoder_layers, layer_linears, set_child
 
     packed = path / PACKED_DIR / PACKED_FILE
     for needed in (packed, path / "config.json", path / "adapter" / "adapter_config.json", path / "plan.json"):
@@ -287,8 +285,7 @@ def _load_export(path: Path, device: torch.device, asked: torch.dtype | str | No
         if stored_bits != bits or modules[name].get("bits") != bits:
             raise ArtifactError(f"{packed}: module {name} is stored at {stored_bits} bits, but plan.json gives its "
                                 f"layer {bits}", fix)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
+        set_child(model, name, module)
     model.to(device)  # the rest: embeddings, norms, 16-bit layers
     model.requires_grad_(False)
     tuned = load_adapter(model, path / "adapter")

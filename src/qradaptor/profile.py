@@ -43,6 +43,8 @@ from .io import atomic_write_json, read_text
 from .device import model_device
 from .models import cache_dir, model_fingerprint
 from .architecture import decoder_layers, layer_linears
+from .precision import DTYPES
+from .quantize import set_child
 
 log = logging.getLogger("qradaptor")
 
@@ -81,8 +83,8 @@ class ProfileSettings:
             raise ProfileError(f"cannot profile bits {[b for b in self.bits if not 2 <= b <= 8]}: the profile probes "
                                "quantized bit-widths, 2 to 8 (16, unquantized, has no quantization error)",
                                "pass --bits from 2..8, e.g. --bits 2,3,4")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ProfileError(f"unknown dtype {self.dtype!r}", "use float32 or bfloat16")
+        if self.dtype not in DTYPES:
+            raise ProfileError(f"unknown dtype {self.dtype!r}", f"use {' or '.join(DTYPES)}")
         for name in ("seq_len", "group_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ProfileError(f"{name} must be at least 1, got {getattr(self, name)}",
@@ -97,7 +99,7 @@ class ProfileSettings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+        return DTYPES[self.dtype]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -319,9 +321,7 @@ def quantized_layer(layer: nn.Module, layer_name: str, bits: int, group_size: in
     memo = {id(lin): None for _, lin in linears}  # do not copy the weights about to be replaced
     q = copy.deepcopy(layer, memo)
     for name, lin in linears:
-        parent_name, _, child = name.rpartition(".")
-        setattr(q.get_submodule(parent_name) if parent_name else q, child,
-                cache.get(f"{layer_name}.{name}", lin, bits, group_size))
+        set_child(q, name, cache.get(f"{layer_name}.{name}", lin, bits, group_size))
     return q
 
 

@@ -31,7 +31,8 @@ def _own_storage(model: nn.Module) -> None:
                     t.data = t.data.clone()
 
 
-def _set_child(layer: nn.Module, name: str, module: nn.Module | None) -> None:
+def set_child(layer: nn.Module, name: str, module: nn.Module | None) -> None:
+    """Put ``module`` in ``layer`` at the dotted ``name`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     setattr(layer.get_submodule(parent_name) if parent_name else layer, child, module)
 
@@ -82,7 +83,7 @@ def quantize_model(
         out = model
         layers = decoder_layers(out)
         for index, name, _, _ in targets:
-            _set_child(layers[index][1], name, None)
+            set_child(layers[index][1], name, None)
     else:
         out = copy.deepcopy(model, memo={id(linear): None for _, _, linear, _ in targets})
     convert_weights(out, dtype)  # as a load in ``dtype``: the rotary tables stay float32
@@ -97,7 +98,7 @@ def quantize_model(
             if source_linear.weight.device != device:  # in place the source moves (and is freed below); else a copy
                 source_linear = (source_linear if inplace else copy.deepcopy(source_linear)).to(device)
             q = backend.quantize(source_linear, bits, plan.group_size)
-        _set_child(layer, name, q)
+        set_child(layer, name, q)
         del source_linear  # in place, the last reference: that weight is freed now
     out.to(device)  # what was not quantized: embeddings, norms, 16-bit layers
     if inplace:

@@ -86,10 +86,9 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
     check_search_dir(out)
     storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study = study or "qradaptor"
-    if storage:  # reach the server before anything is written locally
-        open_storage(storage_url)
+    reached = open_storage(storage_url) if storage else None  # reach the server before anything is written locally
     if dtype == "auto":  # a study begun before goes on in the dtype it recorded; a new one in this device's
-        dtype = recorded_dtype(storage_url, study) or resolve_dtype(dtype, device)
+        dtype = recorded_dtype(reached or storage_url, study) or resolve_dtype(dtype, device)
     loaded = load_base(model, dtype=DTYPES[dtype])
     base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
     shapes = ModelShapes.from_model(base)

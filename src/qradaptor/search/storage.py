@@ -39,15 +39,17 @@ def open_storage(url: str):
                           "(PostgreSQL needs `pip install psycopg2-binary`)") from None
 
 
-def recorded_dtype(url: str, study: str) -> str | None:
-    """The dtype the fine-tunes of ``study`` in the storage at ``url`` compute in (float32 for a study from before
-    it was recorded), or None where there is no such study (a SQLite file not yet made is not created)."""
+def recorded_dtype(storage, study: str) -> str | None:
+    """The dtype the fine-tunes of ``study`` compute in (float32 for a study from before it was recorded), or None
+    where there is no such study. ``storage``: an opened storage, or its URL (a SQLite file not yet made is not
+    created)."""
     import optuna
 
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+    if isinstance(storage, str) and storage.startswith("sqlite:///") and not Path(
+            storage.removeprefix("sqlite:///")).is_file():
         return None
     try:
-        summaries = optuna.get_all_study_summaries(open_storage(url))
+        summaries = optuna.get_all_study_summaries(open_storage(storage) if isinstance(storage, str) else storage)
     except Exception:  # noqa: BLE001 - an unreadable storage is reported when the search opens it
         return None
     config = next((s.user_attrs.get(CONFIG_ATTR) for s in summaries if s.study_name == study), None)
