@@ -297,6 +297,23 @@ def test_sensitivity_of_another_model_is_refused(tiny, words, tmp_path, tiny_mod
                seq_len=32)
 
 
+def test_a_profile_made_by_the_profile_command_serves_a_search_in_its_dtype(tiny, words, tmp_path):
+    """`profile` then `search --sensitivity`, both in the machine's default dtype (bf16 where it is fast): the
+    profile is of the model in that dtype, so the search finds it; in another dtype the error says which."""
+    from qradaptor.commands import profile
+
+    d, model, _ = tiny
+    prior = profile(str(d), data=words, out=tmp_path / "p", tokens=128, seq_len=32, bits=(2, 4), dtype="bfloat16",
+                    use_cache=False, progress=False)
+    assert prior.settings["model_dtype"] == "bfloat16"
+    kw = dict(data=words, budget=budget_of(model, 4), sensitivity=str(tmp_path / "p" / "sensitivity.json"), trials=2,
+              population=2, promote=0, refine=0, progress=False, fitness=fast_fitness, seq_len=32)
+    result = search(str(d), out=tmp_path / "s", dtype="bfloat16", **kw)
+    assert result.chosen.memory_bytes <= budget_of(model, 4)
+    with pytest.raises(SearchError, match="measured on the model in bfloat16 and this search computes in float32"):
+        search(str(d), out=tmp_path / "s32", dtype="float32", **kw)
+
+
 # --- pieces ----------------------------------------------------------------------------------------------
 
 

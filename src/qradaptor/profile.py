@@ -45,6 +45,7 @@ from .models import cache_dir, model_fingerprint
 from .architecture import decoder_layers, layer_linears
 from .precision import DTYPES
 from .quantize import set_child
+from .threads import rebalance
 
 log = logging.getLogger("qradaptor")
 
@@ -420,6 +421,13 @@ def _load_partial(out: Path, key: str) -> dict:
     return obj.get("probes", {})
 
 
+def weights_dtype(model: nn.Module) -> str:
+    """The dtype of a model's floating-point weights by name (``float32``, ``bfloat16``): a model's fingerprint covers
+    its weights as loaded, so the same checkpoint loaded in another dtype is another model to a profile."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
 def profile_model(
     model: nn.Module,
     tokenizer,
@@ -493,6 +501,7 @@ def _profile(model, settings, blocks, device, backend, cache, out, key, model_fp
         log.info("profile: resuming, %d of %d probes already done", len(probes), len(probes) + len(todo))
     bar = tqdm(todo, desc="profile", unit="probe", disable=not progress)
     for l, b in bar:
+        rebalance()
         name, layer = layers[l]
         qlayer = quantized_layer(layer, name, b, settings.group_size, cache)
         kl = mean_kl(runner, l, qlayer)
@@ -520,7 +529,8 @@ def _profile(model, settings, blocks, device, backend, cache, out, key, model_fp
         kl=[{b: probes[f"{l}:{b}"]["kl"] for b in settings.bits} for l in range(len(layers))],
         weight_error=[{**{b: probes[f"{l}:{b}"]["weight_error"] for b in settings.bits},
                        **({8: weight_error_8[l]} if weight_error_8[l] is not None else {})} for l in range(len(layers))],
-        kl_uniform=kl_uniform, settings={**settings.to_dict(), "calibration_tokens": int(blocks.input_ids.numel())},
+        kl_uniform=kl_uniform, settings={**settings.to_dict(), "calibration_tokens": int(blocks.input_ids.numel()),
+                                         "model_dtype": weights_dtype(model)},
         reference_storage=REFERENCE_STORAGE,
         seconds=time.perf_counter() - start_time,
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..device import resolve_device
 from ..io import check_output_dir
-from ..precision import resolve_dtype
+from ..precision import DTYPES, resolve_dtype
 from ..models import load_model
 from ..profile import ProfileError, ProfileSettings, Sensitivity, profile_model
 
@@ -22,6 +22,8 @@ def profile(model: str | None = None, *, data: str | None = None, out: str | Pat
     settings = ProfileSettings(bits=tuple(bits), tokens=tokens, seq_len=seq_len, group_size=group_size,
                                backend=backend, dtype=resolve_dtype(dtype, device), data=data)
     check_output_dir(out, ProfileError)
-    base, tokenizer = load_model(model)
+    # in the dtype the probes compute in, as `search` and `train` load it: the profile is of that model (its
+    # fingerprint), and a search in the same dtype finds it
+    base, tokenizer = load_model(model, dtype=DTYPES[settings.dtype])
     return profile_model(base, tokenizer, settings, out=out, force=force, use_cache=use_cache, progress=progress,
                          device=device)

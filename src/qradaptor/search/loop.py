@@ -48,6 +48,14 @@ class Search:
         self.seed_offset = seed_offset  # workers sample with their own stream (the seed alone would repeat plans)
         self.model_fp = model_fingerprint(model)
         if sensitivity.model_fingerprint != self.model_fp:
+            from ..profile import weights_dtype
+
+            profiled, searched = sensitivity.settings.get("model_dtype"), weights_dtype(model)
+            if profiled and profiled != searched:
+                raise SearchError(
+                    f"the sensitivity profile was measured on the model in {profiled} and this search computes in "
+                    f"{searched} (a profile is of the model's weights as loaded)",
+                    f"profile with --dtype {searched}, or search with --dtype {profiled}")
             raise SearchError(
                 f"the sensitivity profile was made for another model (fingerprint {sensitivity.model_fingerprint[:12]}…, "
                 f"this model is {self.model_fp[:12]}…)",
