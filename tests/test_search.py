@@ -4,6 +4,7 @@ determinism, resume after a killed process, and bad input."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -315,6 +316,20 @@ def test_a_profile_made_by_the_profile_command_serves_a_search_in_its_dtype(tiny
 
 
 # --- pieces ----------------------------------------------------------------------------------------------
+
+
+def test_the_prior_prices_bit_widths_beyond_those_profiled(tiny):
+    """A profile of 4 bits only (profile --bits 4) still orders every bit-width a search may choose: fewer bits
+    cost more, none divides by zero."""
+    import dataclasses
+
+    _, _, prior = tiny
+    only4 = dataclasses.replace(prior, bits=[4], kl=[{4: k[4]} for k in prior.kl])
+    cost = PriorCost(only4, SearchConfig(budget_bytes=1))
+    for layer in range(len(prior.kl)):
+        row = [cost.bits_cost(layer, b) for b in (2, 3, 4, 5, 6, 8)]
+        assert all(math.isfinite(c) for c in row)
+        assert row == sorted(row, reverse=True) and row[0] > row[2] > row[-1] == 0.0, row
 
 
 def test_gaussian_process_interpolates_and_ei_prefers_promising_points():

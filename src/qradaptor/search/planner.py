@@ -34,12 +34,14 @@ class PriorCost:
         table = self.kl[layer]
         if bits in table:
             return table[bits]
-        # Unprofiled bit-width: interpolate log-KL linearly in bits between the nearest profiled ones (8 → 0).
-        known = sorted(table)
-        lo = max((b for b in known if b < bits), default=known[0])
-        hi = min((b for b in known if b > bits), default=None)
+        # Unprofiled bit-width: interpolate log-KL linearly in bits between the nearest profiled ones; beyond them,
+        # ~4x less KL per extra bit (3.3-4.5x: benchmarks/results/backends.md), 4x more per bit fewer.
+        lo = max((b for b in table if b < bits), default=None)
+        hi = min((b for b in table if b > bits), default=None)
         if hi is None:
-            return table[lo] * 4.0 ** -(bits - lo)  # ~4x less KL per extra bit (3.3-4.5x: benchmarks/results/backends.md)
+            return table[lo] * 4.0 ** -(bits - lo)
+        if lo is None:
+            return table[hi] * 4.0 ** (hi - bits)
         t = (bits - lo) / (hi - lo)
         return math.exp((1 - t) * math.log(table[lo]) + t * math.log(max(table[hi], 1e-12)))
 
