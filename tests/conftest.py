@@ -12,6 +12,8 @@ os.environ["HF_HOME"] = os.path.join(_SESSION_TMP, "hf")
 os.environ.setdefault("QRADAPTOR_CACHE", os.path.join(_SESSION_TMP, "cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# processes started by the tests share the cores among themselves (qradaptor.threads), not with the user's runs
+os.environ["QRADAPTOR_RUNTIME_DIR"] = os.path.join(_SESSION_TMP, "processes")
 # The default dtype ("auto") depends on the CPU (qradaptor.precision): tests compute alike on every machine, in
 # float32 unless they ask for bfloat16; test_precision.py tests the choice itself with this unset.
 os.environ.setdefault("QRADAPTOR_DTYPE", "float32")

@@ -88,8 +88,9 @@ def test_the_cli_calls_only_the_command_layer_and_no_stage_imports_it():
     graph = import_graph()
     layer = {m for m in graph if m == "qradaptor.commands" or m.startswith("qradaptor.commands.")}
     assert "qradaptor.commands" in graph["qradaptor.cli"]
-    # besides the commands: the errors it prints, and the table of training settings its flags are made from
-    assert graph["qradaptor.cli"] - layer == {"qradaptor.errors", "qradaptor.rundir"}
+    # besides the commands: the errors it prints, the table of training settings its flags are made from, and the
+    # process's share of the cores (--threads), which the CLI sets for every command before the command runs
+    assert graph["qradaptor.cli"] - layer == {"qradaptor.errors", "qradaptor.rundir", "qradaptor.threads"}
     assert {"qradaptor.commands.train", "qradaptor.commands.run", "qradaptor.commands.demo"} <= layer
     # the package's __init__ re-exports the commands; every other module is a stage or a helper below them
     importers = {m: sorted(graph[m] & layer) for m in graph if m not in layer | {"qradaptor", "qradaptor.cli"}}

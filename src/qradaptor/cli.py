@@ -9,6 +9,7 @@ import math
 import sys
 import warnings
 
+from . import threads
 from .errors import QRAdaptorError
 
 DTYPES = ("auto", "float32", "bfloat16")  # precision.DTYPE_CHOICES, without importing torch to parse arguments
@@ -300,6 +301,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _threads(text: str):
+    try:
+        return threads.parse_threads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_threads, default=None, metavar="{auto,all,N}",
+                        help="CPU compute threads: auto (default, or $QRADAPTOR_THREADS: this process's share of the "
+                             "cores among the qradaptor processes running on the machine, re-counted as they come "
+                             "and go), all (every core, whatever else runs) or a number")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qradaptor",
@@ -311,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     on_device.add_argument("--device", default=None, metavar="{auto,cpu,cuda}",
                            help="where the model computes: auto (default: a CUDA GPU when PyTorch sees one, else the "
                                 "CPU), cpu or cuda (cuda:N for GPU N)")
+    _threads_flag(on_device)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("memory", parents=[common], help="bytes a plan takes on a model (predicted from shapes; --measure builds it)")
@@ -445,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=20, help="LoRA training steps per plan (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); rerunning continues it")
+    _threads_flag(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -481,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("search", "worker", "run", "demo"):
         _quiet_optuna(args.quiet)
     try:
+        if hasattr(args, "threads"):
+            threads.share_cores(args.threads if args.threads is not None else threads.default_threads())
         return args.func(args)
     except QRAdaptorError as e:
         print(f"qradaptor: error: {e.cause}", file=sys.stderr)

@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from .errors import LMEvalError
+from .threads import rebalance
 
 
 @dataclass
@@ -85,6 +86,7 @@ def evaluate_loss(model, blocks, *, batch_size: int = 8, progress: bool = True, 
     total, count = 0.0, 0
     starts = range(0, len(blocks), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        rebalance()
         nll, n = token_nll(model, blocks.input_ids[start : start + batch_size], blocks.labels[start : start + batch_size])
         total += float(nll)
         count += n

@@ -17,6 +17,7 @@ from .backends import QuantBackend, QuantCache, get_backend
 from .device import model_device
 from .models import convert_weights
 from .plan import UNQUANTIZED_BITS, Plan, lora_config
+from .threads import rebalance
 
 
 def _own_storage(model: nn.Module) -> None:
@@ -91,6 +92,7 @@ def quantize_model(
     targets.reverse()
     while targets:
         index, name, source_linear, bits = targets.pop()
+        rebalance()  # the share of the cores, while a process that started beside this one loads its model
         layer_name, layer = out_layers[index]
         if cache is not None:
             q = cache.get(f"{layer_name}.{name}", source_linear, bits, plan.group_size, device=device)

@@ -17,6 +17,7 @@ from .errors import ArtifactError, TrainingError, first_line
 from .evaluate import evaluate_loss, token_nll
 from .io import atomic_save_safetensors, atomic_write_json, read_text
 from .memory import release_free_memory
+from .threads import rebalance
 
 
 @dataclass
@@ -137,6 +138,7 @@ def train(model, train_blocks, config: TrainConfig | None = None, *, eval_blocks
         bar = tqdm(range(first, last), desc=desc, disable=not progress, unit="step", total=last,
                    initial=first)
         for step in bar:
+            rebalance()  # this process's share of the cores, when other qradaptor processes came or went
             step_nll, step_tokens = 0.0, 0
             micro = batches[step * config.grad_accum : (step + 1) * config.grad_accum]
             tokens = [int((train_blocks.labels[idx][:, 1:] != -100).sum()) for idx in micro]
