@@ -14,8 +14,9 @@ Modes: ``alone`` (one process), ``all`` (two identical processes started togethe
 (two together, each its share). Per process: wall time from start to exit, and its ratio to the same workload
 alone (target: ≤ 2.2 with the default).
 
-    .venv/bin/python benchmarks/contention.py            # about 25 min on 2 cores; nothing else may run meanwhile
-    .venv/bin/python benchmarks/contention.py --smoke    # a tiny random model, a minute: keeps the script working
+    .venv/bin/python benchmarks/contention.py            # 66 min on 2 cores (the every-core pairs are slow);
+                                                         # nothing else may run meanwhile
+    .venv/bin/python benchmarks/contention.py --smoke    # a tiny random model, 3 min (--only profile: 30 s)
 
 Resumable (per-case results under --work, default benchmarks/work/contention). Writes
 benchmarks/results/contention.{json,md}.
@@ -136,10 +137,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny random model: checks the script, not the machine")
     parser.add_argument("--work", type=Path, default=None, help="work directory (default benchmarks/work/contention)")
+    parser.add_argument("--only", choices=tuple(FULL), default=None, help="measure one workload (results not written)")
     args = parser.parse_args(argv)
     work = args.work or Path(__file__).resolve().parent / "work" / ("contention-smoke" if args.smoke else "contention")
     work.mkdir(parents=True, exist_ok=True)
     workloads = SMOKE if args.smoke else FULL
+    measured = [args.only] if args.only else list(workloads)
     common: list[str] = ["-q"]
     if args.smoke:
         from benchmarks.search import smoke_model
@@ -156,7 +159,8 @@ def main(argv=None) -> int:
         subprocess.run(qradaptor([*workloads["profile"], *common, "--out", str(sensitivity.parent)]), check=True,
                        env={**os.environ, "TQDM_DISABLE": "1"})
     results = []
-    for workload, command in workloads.items():
+    for workload in measured:
+        command = workloads[workload]
         command = [a.replace("{sensitivity}", str(sensitivity)) for a in command]
         for mode in MODES:
             path = work / "cases" / f"{workload}-{mode}.json"
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
             results.append(json.loads(path.read_text()))
             print(f"{workload}, {mode}: {', '.join(f'{s:.1f} s' for s in results[-1]['seconds'])}", flush=True)
     payload, md = report(results, environment(), args.smoke)
-    where = work if args.smoke else RESULTS
+    where = work if args.smoke or args.only else RESULTS
     write_results("contention-smoke" if args.smoke else "contention", payload, md, where)
     print(md)
     return 0

@@ -219,3 +219,16 @@ def test_final_fine_tunes_are_kept_by_what_decides_their_result():
     for field, other in [("plan", {"layers": [{"bits": 5, "rank": 4}]}), ("steps", 50), ("seed", 1),
                          ("dtype", "float32"), ("lr", 1e-4), ("model", "other"), ("batch_size", 8)]:
         assert final_key({**spec, field: other}) != key, field
+
+
+def test_contention_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "contention.py"), "--smoke", "--only", "profile",
+                           "--work", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "contention-smoke.json").read_text())
+    cases = {c["mode"]: c for c in result["cases"]}
+    assert set(cases) == {"alone", "all", "auto"}
+    assert [len(cases[m]["seconds"]) for m in ("alone", "all", "auto")] == [1, 2, 2]
+    assert all(s > 0 for c in cases.values() for s in c["seconds"])
+    assert result["targets"]["worst_ratio_auto"] > 0 and "| profile |" in (tmp_path / "contention-smoke.md").read_text()
+    assert not (ROOT / "benchmarks" / "results" / "contention-smoke.json").exists()

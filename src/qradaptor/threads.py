@@ -2,8 +2,8 @@
 
 PyTorch gives every process as many compute threads as the machine has cores. Two such processes do not split
 the cores between them: their threads wait for each other's (spinning, then sleeping) and each process runs far
-slower than alone — on 2 cores, 2.4–6× per process, where one thread each costs 1.2–1.7×
-(benchmarks/results/contention.md). With ``auto`` (the CLI's default), each qradaptor process registers in a
+slower than alone — on 2 cores, 4.1–9.8× per process for profile, search and run, where sharing the cores
+costs 1.2–1.6× (benchmarks/results/contention.md). With ``auto`` (the CLI's default), each qradaptor process registers in a
 per-user directory of this machine and computes with its share of the cores: the cores divided among the live
 registered processes, re-counted at the points where a stage may change it (between training steps, profile
 probes and evaluation batches, at most once a second), so a process takes the cores back when the others end.
