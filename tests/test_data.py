@@ -332,3 +332,42 @@ def test_slow_tokenizer_fallback_gives_same_masks(tok):
     recs = [{"instruction": "Name a colour.", "output": "Blue."},
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
     assert tokenize_records(recs, Slow()) == tokenize_records(recs, tok)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer checks
+def test_a_tokenizer_that_makes_no_tokens_is_named(tmp_path):
+    """A tokenizer whose vocabulary does not fit its class (here a BPE with no pieces for the text and no unknown
+    token, as Qwen2's class over a word-level vocabulary) turns the data into nothing: refused before packing."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    empty = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={"<eos>": 0, "§": 1}, merges=[])),
+                                    eos_token="<eos>")
+    with pytest.raises(DataError, match=r"the tokenizer \w+ \(no path\) turns split 'train' of .* into no tokens") as e:
+        load_blocks(None, empty, "train", seq_len=32)
+    assert "tokenizer the model was trained with" in e.value.fix
+
+
+def test_a_tokenizer_that_makes_mostly_unknown_tokens_is_named(tiny_model):
+    from conftest import tiny_tokenizer
+
+    # the tiny word-level vocabulary (w0..w125) knows no word of the default English text
+    with pytest.raises(DataError, match=r"turns 100% of split 'validation' of .* into its unknown token '<unk>'") as e:
+        load_blocks(None, tiny_tokenizer(), "validation", seq_len=32, model=tiny_model)
+    assert "the model is" in e.value.fix
+
+
+def test_ids_beyond_the_models_embedding_are_refused(tmp_path):
+    from conftest import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    words = tmp_path / "w.txt"
+    words.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 120}" for j in range(40)) for i in range(40)))
+    with pytest.raises(DataError, match=r"produces id \d+ for split 'train' .* embeds only 64 tokens \(ids 0..63\)"):
+        load_blocks(str(words), tiny_tokenizer(), "train", seq_len=32, model=small)
+    # the same data with a model whose embedding holds every id is fine
+    big = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1))
+    assert len(load_blocks(str(words), tiny_tokenizer(), "train", seq_len=32, model=big)) > 0

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,6 +267,42 @@ def test_stock_transformers_and_peft_reproduce_qradaptor_load(trained, tmp_path)
     # the trained adapter is really there: without it the logits differ
     with model.disable_adapter(), torch.no_grad():
         assert (model(input_ids=got["ids"]).logits - ours).abs().max().item() > 1e-4
+
+
+AUTO_PEFT_PROGRAM = textwrap.dedent('''
+    import sys
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import save_file
+
+    model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto").eval()
+    ids = torch.arange(2, 40)[None]
+    with torch.no_grad():
+        save_file({"logits": model(input_ids=ids).logits.contiguous()}, sys.argv[2])
+''')
+
+
+def test_peft_auto_classes_load_the_exports_own_base(trained, tmp_path):
+    """The adapter names the export as its base: PEFT's auto class loads the dequantized base beside it, not the
+    unquantized model the run was trained from (here an absolute path that still exists), from any directory."""
+    import qradaptor
+
+    config = json.loads((trained["out"] / "adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == trained["out"].resolve()
+    result = tmp_path / "auto.safetensors"
+    proc = subprocess.run([sys.executable, "-c", AUTO_PEFT_PROGRAM, str(trained["out"] / "adapter"), str(result)],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from safetensors.torch import load_file
+
+    ids = torch.arange(2, 40)[None]
+    with torch.no_grad():
+        ours = qradaptor.load(trained["out"])(input_ids=ids).logits
+    assert torch.equal(load_file(result)["logits"], ours)
+    # the run's own adapter still names the model it was trained from
+    run_config = json.loads((trained["run"] / "adapter" / "adapter_config.json").read_text())
+    assert run_config["base_model_name_or_path"] != config["base_model_name_or_path"]
 
 
 def test_reloaded_export_holds_the_predicted_bytes(trained):

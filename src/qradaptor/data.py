@@ -374,6 +374,42 @@ def tokenize_records(records: list[dict], tokenizer) -> list[tuple[list[int], li
     return out
 
 
+#: a tokenizer that turns at least this share of the data into its unknown token is not the data's tokenizer
+UNKNOWN_SHARE = 0.5
+
+
+def check_tokens(examples: list[tuple[list[int], list[int]]], tokenizer, what: str, model=None) -> None:
+    """Refuse data the tokenizer cannot represent, before any work: no tokens at all (a tokenizer of another
+    kind than its vocabulary, e.g. a byte-level class over a word-level vocabulary), mostly unknown tokens, or
+    ids beyond ``model``'s embedding rows (a tokenizer that is not the model's)."""
+    specials = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    content = [t for ids, _ in examples for t in ids if t not in specials]
+    name = f"{type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '') or 'no path'})"
+    model_name = None
+    if model is not None:
+        config = getattr(model, "config", None)
+        model_name = getattr(config, "_name_or_path", "") or type(model).__name__
+    if not content:
+        raise DataError(f"the tokenizer {name} turns {what} into no tokens",
+                        "use the tokenizer the model was trained with (a tokenizer.json/tokenizer_config.json "
+                        "beside the weights whose class matches its vocabulary)" +
+                        (f"; the model is {model_name}" if model_name else ""))
+    unk = tokenizer.unk_token_id
+    if unk is not None:
+        share = sum(t == unk for t in content) / len(content)
+        if share >= UNKNOWN_SHARE:
+            raise DataError(f"the tokenizer {name} turns {share:.0%} of {what} into its unknown token "
+                            f"{tokenizer.unk_token!r}", "use the model's own tokenizer, or data in a language and "
+                            "script its vocabulary covers" + (f"; the model is {model_name}" if model_name else ""))
+    if model is not None:
+        rows = model.get_input_embeddings().num_embeddings
+        top = max(max(ids) for ids, _ in examples if ids)
+        if top >= rows:
+            raise DataError(f"the tokenizer {name} produces id {top} for {what}, but the model {model_name} "
+                            f"embeds only {rows} tokens (ids 0..{rows - 1})",
+                            "use the model's own tokenizer (this one is of another model or a larger vocabulary)")
+
+
 # --------------------------------------------------------------------------------------------- packing
 
 
@@ -416,14 +452,16 @@ def pack(examples, seq_len: int, eos_token_id: int) -> TokenBlocks:
 
 
 def load_blocks(source: str | os.PathLike | None, tokenizer, split: str = "train", *, seq_len: int = 256,
-                max_blocks: int | None = None, seed: int = 0) -> TokenBlocks:
-    """``load_records`` → ``tokenize_records`` → ``pack``, then the first ``max_blocks`` blocks."""
+                max_blocks: int | None = None, seed: int = 0, model=None) -> TokenBlocks:
+    """``load_records`` → ``tokenize_records`` → `check_tokens` (against ``model``'s embedding when given) →
+    ``pack``, then the first ``max_blocks`` blocks."""
     if max_blocks is not None and max_blocks < 1:
         raise DataError(f"max_blocks must be at least 1, got {max_blocks}", "pass a positive number or None")
     records = load_records(source, split, seed=seed)
     name = DEFAULT_DATA if source is None else str(source)
-    blocks = _pack(tokenize_records(records, tokenizer), seq_len, tokenizer.eos_token_id,
-                   f"split {split!r} of {name}")
+    examples = tokenize_records(records, tokenizer)
+    check_tokens(examples, tokenizer, f"split {split!r} of {name}", model)
+    blocks = _pack(examples, seq_len, tokenizer.eos_token_id, f"split {split!r} of {name}")
     return blocks if max_blocks is None else blocks.subset(max_blocks)
 
 

@@ -367,9 +367,10 @@ def model_kl(model: nn.Module, runner: SuffixRunner) -> float:
 # ---------------------------------------------------------------------------------------- the profile
 
 
-def calibration_blocks(tokenizer, settings: ProfileSettings) -> TokenBlocks:
-    """``settings.tokens`` worth of blocks from the training split, spread over it (seeded)."""
-    blocks = load_blocks(settings.data, tokenizer, "train", seq_len=settings.seq_len, seed=settings.seed)
+def calibration_blocks(tokenizer, settings: ProfileSettings, model=None) -> TokenBlocks:
+    """``settings.tokens`` worth of blocks from the training split, spread over it (seeded); ``model``: whose
+    embedding the ids must fit."""
+    blocks = load_blocks(settings.data, tokenizer, "train", seq_len=settings.seq_len, seed=settings.seed, model=model)
     need = settings.num_blocks
     if settings.tokens is None and len(blocks) < need:
         log.warning("profile: the training split has %d blocks of %d tokens, fewer than the default %d tokens; "
@@ -459,7 +460,7 @@ def profile_model(
     if out is not None:
         _check_out_dir(out, model_fp, force)
     if blocks is None:
-        blocks = calibration_blocks(tokenizer, settings)
+        blocks = calibration_blocks(tokenizer, settings, model)
         data_fp = data_fingerprint(settings.data, "train", settings.seq_len, seed=settings.seed)
     else:
         data_fp = hashlib.sha256(blocks.input_ids.numpy().tobytes()).hexdigest()

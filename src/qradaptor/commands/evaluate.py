@@ -40,7 +40,7 @@ def evaluate_model(model: str | None = None, *, data: str | None = None, split: 
         base, tokenizer, plan = open_artifact(model, device=device)
     else:
         base, tokenizer = load_model(model)
-    blocks = load_blocks(data, tokenizer, split, seq_len=seq_len, max_blocks=max_blocks)
+    blocks = load_blocks(data, tokenizer, split, seq_len=seq_len, max_blocks=max_blocks, model=base)
     if plan is not None and kind is None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         base = quantize_model(base, plan, backend, inplace=True, device=device)

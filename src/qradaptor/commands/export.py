@@ -133,6 +133,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
             base.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             shutil.copytree(run_dir / ADAPTER_DIR, tmp / "adapter")
+            _name_base(tmp / "adapter" / "adapter_config.json", out)
             plan.save(tmp / "plan.json")
             atomic_save_safetensors(tmp / PACKED_DIR / PACKED_FILE, packed, metadata=metadata)
             atomic_write_text(tmp / "README.md", model_card(info, out.name))
@@ -148,6 +149,16 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
     log.info("exported %s → %s (%s)", run_dir, out, plan.describe())
     return {"out": str(out), "memory": memory, "metrics": info["metrics"],
             "merged": str(out / MERGED_DIR) if merge else None}
+
+
+def _name_base(adapter_config: Path, out: Path) -> None:
+    """The adapter's base is the export's dequantized model (``out``, where the directory is renamed to), not the
+    model the run was trained from: PEFT's auto classes (``AutoPeftModelForCausalLM.from_pretrained(OUT/adapter)``)
+    load the base it names, and the path typed at `train` would give them the unquantized model, or nothing where
+    that path does not exist. Absolute, because PEFT resolves it from the current directory."""
+    config = json.loads(adapter_config.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = str(out.resolve())
+    atomic_write_json(adapter_config, config)
 
 
 def _write_merged(dense_base, tokenizer, adapter_dir: Path, target: Path) -> None:

@@ -275,7 +275,7 @@ def held_out_metrics(model, tokenizer, *, data: str | None, seq_len: int, max_bl
     (``test_loss_before``: what the plan's quantization alone gives, the adapters being untrained)."""
     from ..data import load_blocks
 
-    blocks = load_blocks(data, tokenizer, "test", seq_len=seq_len, max_blocks=max_blocks)
+    blocks = load_blocks(data, tokenizer, "test", seq_len=seq_len, max_blocks=max_blocks, model=model)
     after = evaluate_loss(model, blocks, progress=progress, desc="test, trained")
     with model.disable_adapter():
         before = evaluate_loss(model, blocks, progress=progress, desc="test, untrained")

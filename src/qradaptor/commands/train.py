@@ -292,9 +292,9 @@ def _prepare(config: RunConfig, plan, loaded: LoadedModel | None, saved: dict | 
         raise ArtifactError(f"cannot resume: the weights of {config.model} changed since the run started "
                             "(model fingerprint differs)", "resume with the same model, or start a new run")
     train_blocks = load_blocks(config.data, tokenizer, "train", seq_len=config.seq_len,
-                               max_blocks=config.max_train_blocks)
+                               max_blocks=config.max_train_blocks, model=base)
     eval_blocks = (load_blocks(config.data, tokenizer, "validation", seq_len=config.seq_len,
-                               max_blocks=config.eval_blocks) if config.eval_blocks else None)
+                               max_blocks=config.eval_blocks, model=base) if config.eval_blocks else None)
     data_fp = data_fingerprint(config.data, "train", config.seq_len, max_blocks=config.max_train_blocks)
     if saved is not None and saved.get("data_fingerprint") != data_fp:
         raise ArtifactError(f"cannot resume: the training data {config.data} changed since the run started",

@@ -51,8 +51,9 @@ class FineTuneFitness:
         # quantized layers compute (and keep scales and zeros) in the model's dtype, as `train` quantizes them
         self.cache = QuantCache(backend_for(model, config.backend))
         self.dtype = self.cache.backend.compute_dtype
-        self.train_blocks = load_blocks(data, tokenizer, "train", seq_len=config.seq_len, seed=config.seed)
-        self.eval_blocks = load_blocks(data, tokenizer, "validation", seq_len=config.seq_len, seed=config.seed)
+        self.train_blocks = load_blocks(data, tokenizer, "train", seq_len=config.seq_len, seed=config.seed, model=model)
+        self.eval_blocks = load_blocks(data, tokenizer, "validation", seq_len=config.seq_len, seed=config.seed,
+                                       model=model)
         self._fingerprints: dict | None = None
 
     def __call__(self, plan: Plan, fidelity: Fidelity) -> tuple[float, int]:
