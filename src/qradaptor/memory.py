@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .architecture import resolve_targets
 from .backends import QuantBackend, is_quantized
 from .device import cpu_allocator
 from .errors import BudgetError
@@ -127,18 +128,24 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 ADAPTER_STATE_BYTES = 12
 
 
+def _targets(layer: list, target_modules: tuple[str, ...]) -> tuple[str, ...]:
+    """The modules a plan's targets adapt in a layer of these linear shapes (`architecture.resolve_targets`)."""
+    return resolve_targets(target_modules, [s.name.rsplit(".", 1)[-1] for s in layer])
+
+
 def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, group_size: int,
                 target_modules: tuple[str, ...], base_bytes: int) -> tuple[int, int]:
     """One decoder layer (its linears' shapes) under ``choice``: the bytes of its weights (packed, or dense at
     ``base_bytes`` per value when unquantized) and the number of LoRA parameters its target modules get.
     The one place a layer is priced: `predict` sums it, the search memoises it."""
     weights = params = 0
+    targets = _targets(layer, target_modules)
     for s in layer:
         if choice.bits == UNQUANTIZED_BITS:
             weights += s.numel * base_bytes
         else:
             weights += backend.weight_bytes(s.out_features, s.in_features, choice.bits, group_size)
-        if s.name.rsplit(".", 1)[-1] in target_modules:
+        if s.name.rsplit(".", 1)[-1] in targets:
             params += choice.rank * (s.in_features + s.out_features)
     return weights, params
 
@@ -161,17 +168,16 @@ def predict(
         )
     base = _dtype_bytes(base_dtype or backend.compute_dtype)
     adapter = _dtype_bytes(adapter_dtype)
-    quantized = lora_params = bias_numel = 0
+    quantized = lora_params = 0
     per_layer = []
     for choice, layer in zip(plan.layers, shapes.layers):
         weights, params = layer_bytes(layer, choice, backend, group_size=plan.group_size,
                                       target_modules=plan.target_modules, base_bytes=base)
-        bias_numel += sum(s.out_features for s in layer if s.has_bias)
         lora_params += params
         quantized += weights
         per_layer.append(weights)
     lora = lora_params * adapter
-    other = (shapes.other_numel + bias_numel) * base + shapes.other_fixed_bytes
+    other = shapes.other_numel * base + shapes.other_fixed_bytes  # the linears' biases are in it
     n = shapes.quantizable_numel
     code_bits = sum(c.bits * sum(s.numel for s in layer) for c, layer in zip(plan.layers, shapes.layers)) / n
     return MemoryReport(
@@ -477,8 +483,9 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
     report = predict(shapes, plan, backend, base_dtype=dtype)
     tokens = batch_size * seq_len
     a = _dtype_bytes(dtype)
-    layer_costs = [_layer_activation_values(config, tokens, c.rank * len(plan.target_modules), dtype)
-                   for c in plan.layers]
+    adapted = [sum(s.name.rsplit(".", 1)[-1] in _targets(layer, plan.target_modules) for s in layer)
+               for layer in shapes.layers]  # the adapters whose rank-r activations a layer keeps
+    layer_costs = [_layer_activation_values(config, tokens, c.rank * n, dtype) for c, n in zip(plan.layers, adapted)]
     embeddings = tokens * config.hidden_size * a
     every_layer = embeddings + sum(k for k, _ in layer_costs) + max(t for _, t in layer_costs)
     if checkpointing:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-from .architecture import DEFAULT_TARGET_MODULES, decoder_layers
+from .architecture import DEFAULT_TARGET_MODULES, decoder_layers, linear_names, resolve_targets
 from .errors import PlanError
 from .io import atomic_write_text, read_text
 
@@ -170,13 +170,17 @@ class Plan:
                 f"{source} has {len(self.layers)} layers but the model has {n} decoder layers",
                 "make a plan for this model (one {bits, rank} per decoder layer)",
             )
-        present = {name.rsplit(".", 1)[-1] for name, _ in decoder_layers(model)[0][1].named_modules()}
-        missing = [t for t in self.target_modules if t not in present]
+        linears = linear_names(decoder_layers(model)[0][1])
+        missing = [t for t in self.targets_in(linears) if t not in linears]
         if missing:
             raise PlanError(
-                f"{source}: target modules {missing} do not exist in this model's decoder layers",
-                f"choose target_modules among {sorted(p for p in present if p)}",
+                f"{source}: target modules {missing} are not linear modules of this model's decoder layers",
+                f"choose target_modules among {list(linears)} (or leave them out: every linear of the layer)",
             )
+
+    def targets_in(self, linears: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        """The modules this plan adapts in a layer whose linears are named ``linears`` (`resolve_targets`)."""
+        return resolve_targets(self.target_modules, linears)
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -213,6 +217,7 @@ def lora_config(plan: Plan, model, **overrides: Any):
     from peft import LoraConfig
 
     plan.check_model(model)
+    targets = plan.targets_in(linear_names(decoder_layers(model)[0][1]))
     ranks = plan.ranks
     default_r = max(set(ranks), key=lambda r: (ranks.count(r), r))
     rank_pattern: dict[str, int] = {}
@@ -221,7 +226,7 @@ def lora_config(plan: Plan, model, **overrides: Any):
         if choice.rank == default_r:
             continue
         for name, _ in layer.named_modules():
-            if name.rsplit(".", 1)[-1] in plan.target_modules:
+            if name.rsplit(".", 1)[-1] in targets:
                 key = re.escape(f"{layer_name}.{name}")
                 rank_pattern[key] = choice.rank
                 alpha_pattern[key] = plan.alpha_ratio * choice.rank
@@ -229,7 +234,7 @@ def lora_config(plan: Plan, model, **overrides: Any):
         r=default_r,
         lora_alpha=plan.alpha_ratio * default_r,
         lora_dropout=plan.dropout,
-        target_modules=list(plan.target_modules),
+        target_modules=list(targets),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         bias="none",
