@@ -79,11 +79,12 @@ def test_the_registry_keeps_live_processes_and_drops_ended_ones(registry):
     reused = {"pid": os.getpid(), "started": "1", "threads": None}
     (directory / "reused.json").write_text(json.dumps(reused))
     (directory / "partial.json").write_text("{")  # being written: skipped, not deleted
+    (directory / "odd.json").write_text(json.dumps({"pid": "1", "threads": -2}))  # not ours: skipped, not deleted
 
     assert [p.pid for p in live_processes(directory)] == [child.pid]
     assert not (directory / f"{ended.pid}.json").exists()
     assert not (directory / "reused.json").exists()
-    assert (directory / "partial.json").exists()
+    assert (directory / "partial.json").exists() and (directory / "odd.json").exists()
     child.kill()
     child.wait()
     assert live_processes(directory) == []

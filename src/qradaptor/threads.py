@@ -92,7 +92,7 @@ def _started(pid: int) -> str | None:
 
 
 def _alive(entry: dict) -> bool:
-    pid = int(entry.get("pid", -1))
+    pid = entry["pid"]
     if pid <= 0:
         return False
     try:
@@ -117,6 +117,12 @@ class Process:
         return {"pid": self.pid, "started": self.started, "threads": self.threads}
 
 
+def _well_formed(entry) -> bool:
+    return (isinstance(entry, dict) and type(entry.get("pid")) is int
+            and (entry.get("started") is None or (isinstance(entry["started"], str) and entry["started"].isdigit()))
+            and (entry.get("threads") is None or (type(entry["threads"]) is int and entry["threads"] > 0)))
+
+
 def live_processes(directory: Path | None = None) -> list[Process]:
     """The registered processes still running, oldest first (entries of ended ones are removed)."""
     directory = directory or registry_dir()
@@ -130,8 +136,8 @@ def live_processes(directory: Path | None = None) -> list[Process]:
             entry = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # being written, or not ours: skipped, never deleted
-        if not isinstance(entry, dict):
-            continue
+        if not _well_formed(entry):
+            continue  # not ours: skipped, never deleted
         if _alive(entry):
             found.append(Process(int(entry["pid"]), entry.get("started"), entry.get("threads")))
         else:
