@@ -483,8 +483,10 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
     report = predict(shapes, plan, backend, base_dtype=dtype)
     tokens = batch_size * seq_len
     a = _dtype_bytes(dtype)
-    adapted = [sum(s.name.rsplit(".", 1)[-1] in _targets(layer, plan.target_modules) for s in layer)
-               for layer in shapes.layers]  # the adapters whose rank-r activations a layer keeps
+    adapted = []  # per layer, the adapters whose rank-r activations it keeps
+    for layer in shapes.layers:
+        targets = _targets(layer, plan.target_modules)
+        adapted.append(sum(s.name.rsplit(".", 1)[-1] in targets for s in layer))
     layer_costs = [_layer_activation_values(config, tokens, c.rank * n, dtype) for c, n in zip(plan.layers, adapted)]
     embeddings = tokens * config.hidden_size * a
     every_layer = embeddings + sum(k for k, _ in layer_costs) + max(t for _, t in layer_costs)
