@@ -193,7 +193,7 @@ def candidate_plans(bench, settings: dict) -> list[tuple[str, object]]:
     if not bench.smoke:
         from qradaptor.search.planner import plan_from_key
 
-        plans += [(name, plan_from_key(key, config.group_size)) for name, key in SEARCH_FOUND.items()
+        plans += [(name, plan_from_key(key, config)) for name, key in SEARCH_FOUND.items()
                   if len(key.split(",")) == L]
     seen, unique = set(), []
     for name, plan in plans:  # a greedy or repaired plan can coincide with another

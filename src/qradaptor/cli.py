@@ -27,6 +27,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names such as q_proj,v_proj, got {text!r}")
+    return names
+
+
+def _target_modules_flag(parser: argparse.ArgumentParser, default: str = "q,k,v,o,gate,up,down_proj where the "
+                         "model has them, else every linear of the layer") -> None:
+    parser.add_argument("--target-modules", type=_name_list, default=None, metavar="NAMES",
+                        help=f"linears of each decoder layer that get adapters, e.g. q_proj,v_proj (default: {default})")
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     """A comma-separated list of whole numbers, as --bits and --ranks take (e.g. 2,3,4)."""
     items = [item.strip() for item in text.split(",")]
@@ -111,7 +124,7 @@ def _given_training_settings(args, *, skip: tuple[str, ...] = ()) -> dict:
 #: stages), and the training settings its search takes too.
 _RUN_OWN = ("steps", "epochs", "seq_len")
 #: The exploration's flags (`search` and `run`), and what `run` passes to its search.
-_EXPLORATION = ("population", "promote", "refine", "bits", "ranks")
+_EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "target_modules")
 _SEARCHED = (*_EXPLORATION, "backend", "seed")
 
 
@@ -267,6 +280,7 @@ def cmd_train(args) -> int:
 
     r = train_plan(args.out, plan=args.plan, model=args.model, data=args.data, budget=args.budget, resume=args.resume,
                    progress=not args.quiet, device=args.device, init_from=args.init_from,
+                   target_modules=args.target_modules,
                    **_given_training_settings(args))
     resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""
     print(f"trained {r.config.steps} steps{resumed}: final training loss {r.train.final_loss:.4f}", end="")
@@ -396,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     budgeted.add_argument("--bits", type=_int_list, default=None,
                           help="bit-widths to choose from (default 2,3,4,5,6,8)")
     budgeted.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks to choose from (default 4,8,16,32)")
+    _target_modules_flag(budgeted)
 
     p = sub.add_parser("search", parents=[common, budgeted, on_device], help="find a per-layer plan within a memory budget (stages 2-3)")
     p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
@@ -421,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--plan", default=None, help="plan file (.json or .yaml); with --resume, the run's own by default")
     p.add_argument("--data", default=None, help="JSONL/JSON/TXT file or HF dataset name (default: CPython's pydoc topics)")
+    _target_modules_flag(p, "the plan's target_modules")
     _training_settings(p)
     p.add_argument("--budget", default=None,
                    help="refuse to start when the predicted training peak exceeds train:SIZE (e.g. train:1.5GiB), "

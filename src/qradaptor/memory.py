@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .architecture import resolve_targets
+from .architecture import DEFAULT_TARGET_MODULES, resolve_targets
 from .backends import QuantBackend, is_quantized
 from .device import cpu_allocator
 from .errors import BudgetError
@@ -222,8 +222,9 @@ _BUDGET_RE = re.compile(r"^\s*(?P<num>\d+(\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s
 
 
 def uniform_bytes(shapes: ModelShapes, backend: QuantBackend, bits: float, *, rank: int = DEFAULT_RANK,
-                  group_size: int = 64, base_dtype: torch.dtype | None = None) -> int:
-    """Memory of every decoder layer at ``bits`` with ``rank`` adapters.
+                  group_size: int = 64, base_dtype: torch.dtype | None = None,
+                  target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> int:
+    """Memory of every decoder layer at ``bits`` with ``rank`` adapters on ``target_modules``.
 
     For a bit-width the backend stores this is the real uniform plan; between two stored bit-widths
     (``3.5``) it is the linear interpolation of their uniform plans.
@@ -236,7 +237,7 @@ def uniform_bytes(shapes: ModelShapes, backend: QuantBackend, bits: float, *, ra
         )
 
     def at(b: int) -> int:
-        plan = Plan.uniform(shapes.num_layers, b, rank, group_size=group_size)
+        plan = Plan.uniform(shapes.num_layers, b, rank, group_size=group_size, target_modules=target_modules)
         return predict(shapes, plan, backend, base_dtype=base_dtype).total_bytes
 
     if bits in supported:
@@ -248,8 +249,8 @@ def uniform_bytes(shapes: ModelShapes, backend: QuantBackend, bits: float, *, ra
 
 
 def parse_budget(text: str | int, shapes: ModelShapes, backend: QuantBackend, *, group_size: int = 64,
-                 base_dtype: torch.dtype | None = None) -> int:
-    """Budget in bytes from ``4bit`` / ``3.5bit`` (memory of uniform bits at the default rank),
+                 base_dtype: torch.dtype | None = None, target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> int:
+    """Budget in bytes from ``4bit`` / ``3.5bit`` (memory of uniform bits at the default rank on ``target_modules``),
     ``350MB`` / ``1.2GiB`` / ``123456789`` (bytes), or ``0.3x`` (fraction of the 16-bit model)."""
     if isinstance(text, int):
         return text
@@ -264,7 +265,8 @@ def parse_budget(text: str | int, shapes: ModelShapes, backend: QuantBackend, *,
         )
     value, unit = float(m["num"]), m["unit"]
     if unit == "bit":
-        return uniform_bytes(shapes, backend, value, group_size=group_size, base_dtype=base_dtype)
+        return uniform_bytes(shapes, backend, value, group_size=group_size, base_dtype=base_dtype,
+                             target_modules=target_modules)
     if unit == "x":
         if not 0 < value <= 1:
             raise BudgetError(f"a fraction budget must be in (0, 1], got {text!r}", "e.g. 0.3x")
@@ -276,15 +278,18 @@ def parse_budget(text: str | int, shapes: ModelShapes, backend: QuantBackend, *,
 
 
 def cheapest_plan(shapes: ModelShapes, backend: QuantBackend, *, bits_choices=None, rank_choices=(4, 8, 16, 32),
-                  group_size: int = 64) -> Plan:
+                  group_size: int = 64, target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> Plan:
     bits = min(bits_choices or backend.supported_bits)
-    return Plan.uniform(shapes.num_layers, bits, min(rank_choices), group_size=group_size)
+    return Plan.uniform(shapes.num_layers, bits, min(rank_choices), group_size=group_size,
+                        target_modules=target_modules)
 
 
 def check_budget(budget_bytes: int, shapes: ModelShapes, backend: QuantBackend, *, bits_choices=None,
-                 rank_choices=(4, 8, 16, 32), group_size: int = 64, base_dtype: torch.dtype | None = None) -> None:
+                 rank_choices=(4, 8, 16, 32), group_size: int = 64, base_dtype: torch.dtype | None = None,
+                 target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> None:
     """Refuse a budget no plan in the search space can meet, naming the cheapest feasible memory."""
-    plan = cheapest_plan(shapes, backend, bits_choices=bits_choices, rank_choices=rank_choices, group_size=group_size)
+    plan = cheapest_plan(shapes, backend, bits_choices=bits_choices, rank_choices=rank_choices, group_size=group_size,
+                         target_modules=target_modules)
     floor = predict(shapes, plan, backend, base_dtype=base_dtype).total_bytes
     if budget_bytes < floor:
         raise BudgetError(

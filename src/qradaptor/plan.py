@@ -175,8 +175,17 @@ class Plan:
         if missing:
             raise PlanError(
                 f"{source}: target modules {missing} are not linear modules of this model's decoder layers",
-                f"choose target_modules among {list(linears)} (or leave them out: every linear of the layer)",
+                f"choose target modules among {list(linears)} (--target-modules on the command line, "
+                "target_modules in a plan file), or leave them out: every linear of the layer",
             )
+
+    @staticmethod
+    def check_targets(model, target_modules: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        """``target_modules`` as a tuple, refused (before any work) unless every one is a linear module of the
+        model's decoder layers."""
+        targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+        Plan.uniform(len(decoder_layers(model)), 4, target_modules=targets).check_model(model, source="--target-modules")
+        return targets
 
     def targets_in(self, linears: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         """The modules this plan adapts in a layer whose linears are named ``linears`` (`resolve_targets`)."""

@@ -46,8 +46,9 @@ def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", 
                                 seq_len=seq_len, dtype=dtype, checkpointing=checkpointing)
             out["fitting_batch"] = None if fit is None else {"batch_size": fit[0], "checkpointing": fit[1]}
         else:
-            budget_bytes = parse_budget(budget, shapes, quant, group_size=plan.group_size)
-            check_budget(budget_bytes, shapes, quant, group_size=plan.group_size)
+            budget_bytes = parse_budget(budget, shapes, quant, group_size=plan.group_size,
+                                        target_modules=plan.target_modules)
+            check_budget(budget_bytes, shapes, quant, group_size=plan.group_size, target_modules=plan.target_modules)
             out.update(budget_bytes=budget_bytes, budget_on="stored model", fits=report.total_bytes <= budget_bytes)
     if measure:
         from ..quantize import prepare_model

@@ -325,6 +325,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     is quantized on the device. Not part of any stage's fingerprint: a run continues on another device."""
     from ..memory import parse_training_budget
     from ..models import load_base, model_fingerprint
+    from ..plan import Plan
     from ..rundir import RunConfig
 
     out = Path(out)
@@ -343,6 +344,9 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     log.info("run: computing in %s on %s", dtype, device)
     # in the fine-tune's dtype: the search's fine-tunes are then the final one's first steps, exactly
     base = load_base(model, dtype=DTYPES[dtype])
+    if "target_modules" in (search_settings or {}):  # refused before the profile, naming the model's linears
+        search_settings = {**search_settings,
+                           "target_modules": list(Plan.check_targets(base.model, search_settings["target_modules"]))}
     model_fp, data_fp = model_fingerprint(base.model), _data_fingerprint(data, seq_len)
     stages.settings = _jsonable({
         "model": _resolved(base.spec), "model_fingerprint": model_fp, "data": _resolved(data),

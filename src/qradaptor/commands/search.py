@@ -8,10 +8,12 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from ..architecture import DEFAULT_TARGET_MODULES
 from ..backends import backend_for
 from ..device import resolve_device
 from ..memory import ModelShapes, parse_budget, parse_training_budget
 from ..models import LoadedModel, load_base
+from ..plan import Plan
 from ..precision import DTYPE_CHOICES, DTYPES, resolve_dtype
 from ..profile import Sensitivity
 from ..search import (CONFIG_ATTR, FORMAT, RUNS_DIR, FineTuneFitness, Fitness, Search, SearchConfig, SearchError, SearchResult,
@@ -91,11 +93,14 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
         dtype = recorded_dtype(reached or storage_url, study) or resolve_dtype(dtype, device)
     loaded = load_base(model, dtype=DTYPES[dtype])
     base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
+    if "target_modules" in settings:  # refused before any work, naming the model's linears
+        settings["target_modules"] = Plan.check_targets(base, settings["target_modules"])
     shapes = ModelShapes.from_model(base)
     backend = backend_for(base, settings.get("backend", "hqq"))  # priced in the dtype the plans train in
     train_budget = parse_training_budget(budget)
     if train_budget is None:
-        budget_bytes = parse_budget(budget, shapes, backend, group_size=settings.get("group_size", 64))
+        budget_bytes = parse_budget(budget, shapes, backend, group_size=settings.get("group_size", 64),
+                                    target_modules=tuple(settings.get("target_modules") or DEFAULT_TARGET_MODULES))
         config = SearchConfig(budget_bytes=budget_bytes, alpha=alpha, trials=trials, **settings)
     else:
         config = SearchConfig(budget_bytes=train_budget, alpha=alpha, trials=trials, budget_on="training", **settings)

@@ -8,6 +8,7 @@ uninterrupted one. The training loop itself (`qradaptor.train.train`) takes a mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import shutil
@@ -200,7 +201,8 @@ def _check_budget(budget, memory, estimate, shapes, plan, quant, model_config, c
         check_training_budget(estimate, train_budget, shapes, plan, quant, model_config, dtype=dtype,
                               grad_accum=config.grad_accum)
         return
-    stored = parse_budget(budget, shapes, quant, group_size=plan.group_size, base_dtype=dtype)
+    stored = parse_budget(budget, shapes, quant, group_size=plan.group_size, base_dtype=dtype,
+                          target_modules=plan.target_modules)
     if memory.total_bytes > stored:
         raise BudgetError(f"the plan takes {format_bytes(memory.total_bytes)}, over the budget {format_bytes(stored)}",
                           "search a plan within the budget (qradaptor search --budget ...) or give a larger one")
@@ -222,19 +224,28 @@ def _check_run_dir(out: Path, saved: dict | None, resume: bool) -> None:
         raise ArtifactError(f"{out} exists and is not empty", "choose a new or empty --out directory")
 
 
-def _plan_to_train(plan, saved: dict | None, out: Path):
-    """The plan given, or the saved one on resume; a different plan on resume is a changed setting."""
+def _plan_to_train(plan, saved: dict | None, out: Path, target_modules=None):
+    """The plan given, or the saved one on resume, with ``target_modules`` in place of its own where given; a
+    different plan (or targets) on resume is a changed setting."""
     from ..plan import Plan
 
     if plan is None:
         if saved is None:
             raise ArtifactError("no plan given", "pass --plan PLAN.json (one {bits, rank} per decoder layer)")
-        return Plan.from_dict(saved["plan"], source=str(out / PLAN_FILE))
-    plan_obj = plan if isinstance(plan, Plan) else (Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(plan))
+        plan_obj = Plan.from_dict(saved["plan"], source=str(out / PLAN_FILE))
+    else:
+        plan_obj = plan if isinstance(plan, Plan) else (Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(plan))
+    if target_modules is not None:
+        targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+        plan_obj = dataclasses.replace(plan_obj, target_modules=targets)
     if saved is not None and plan_obj.to_dict() != saved["plan"]:
-        raise ArtifactError(f"cannot resume with changed settings: the plan differs from {out / PLAN_FILE} "
-                            f"({Plan.from_dict(saved['plan']).describe()} → {plan_obj.describe()})",
-                            "resume with the run's own plan (or omit --plan), or start a new run elsewhere")
+        before = Plan.from_dict(saved["plan"])
+        what = (f"target modules {list(before.target_modules)} → {list(plan_obj.target_modules)}"
+                if before.layers == plan_obj.layers and before.target_modules != plan_obj.target_modules
+                else f"{before.describe()} → {plan_obj.describe()}")
+        raise ArtifactError(f"cannot resume with changed settings: the plan differs from {out / PLAN_FILE} ({what})",
+                            "resume with the run's own plan (or omit --plan and --target-modules), or start a new "
+                            "run elsewhere")
     return plan_obj
 
 
@@ -478,7 +489,8 @@ def _fine_tune(out: Path, job: _Prepared, saved: dict | None, init_from: Path | 
 
 def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = None, data: str | None = None,
                budget: str | int | None = None, resume: bool = False, progress: bool = True,
-               init_from: str | Path | None = None, **settings) -> RunResult:
+               init_from: str | Path | None = None, target_modules: tuple[str, ...] | None = None,
+               **settings) -> RunResult:
     """What ``qradaptor train`` runs: the full fine-tune of ``plan`` on the quantized base, into ``out``.
 
     ``settings`` are `RunConfig` fields (``steps``, ``epochs``, ``batch_size``, ``lr``, ``dtype``, ...). Those
@@ -496,6 +508,8 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
     run continues instead of starting over: its steps are not trained twice, and the result is exactly that of
     a run from step 0. It must be the beginning of this very run (plan, model, data, schedule, dtype), else the
     run is refused, naming what differs; with ``dtype="auto"`` (the default) the run takes the kept run's dtype.
+
+    ``target_modules``: the linears of each decoder layer that get adapters, in place of the plan's own.
     """
     known = set(RunConfig.__dataclass_fields__) - {"model", "data"}
     if set(settings) - known:
@@ -517,7 +531,7 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
 
         parse_training_budget(budget)  # a malformed train:SIZE fails before the model and the data load
     config = _resolve({**settings, "model": model, "data": data}, None if saved is None else saved["config"])
-    plan_obj = _plan_to_train(plan, saved, out)
+    plan_obj = _plan_to_train(plan, saved, out, target_modules)
     job = _prepare(config, plan_obj, loaded, saved, budget=budget, init_from=init_from, snapshot=snapshot)
     return _fine_tune(out, job, saved, init_from, progress)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..architecture import DEFAULT_TARGET_MODULES
 from ..errors import QRAdaptorError
 from ..plan import DEFAULT_BIT_LADDER
 
@@ -55,6 +56,8 @@ class SearchConfig:
     full: Fidelity = field(default_factory=lambda: Fidelity("full", steps=16, eval_blocks=16))
     seq_len: int = 256
     group_size: int = 64
+    # the linears of each decoder layer that get adapters (every plan's `Plan.target_modules`)
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     backend: str = "hqq"
     rank_value: float = 1 / 3
     gradient_checkpointing: bool = True  # in the search's fine-tunes (see TrainConfig)
@@ -69,6 +72,7 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         self.bits, self.ranks = tuple(sorted(self.bits)), tuple(sorted(self.ranks))
+        self.target_modules = tuple(self.target_modules)
         for key in ("cheap", "full"):
             value = getattr(self, key)
             if isinstance(value, dict):
@@ -84,9 +88,11 @@ class SearchConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["bits"], d["ranks"] = list(self.bits), list(self.ranks)
+        d["bits"], d["ranks"], d["target_modules"] = list(self.bits), list(self.ranks), list(self.target_modules)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
-        return cls(**{**d, "bits": tuple(d["bits"]), "ranks": tuple(d["ranks"])})
+        # a study from before target modules were a setting adapted the default ones
+        return cls(**{**d, "bits": tuple(d["bits"]), "ranks": tuple(d["ranks"]),
+                      "target_modules": tuple(d.get("target_modules") or DEFAULT_TARGET_MODULES)})

@@ -439,7 +439,7 @@ class Search:
         out = []
         for study in (self.study, self.refine_study):
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                out.append(Evaluated(plan_from_key(t.user_attrs["plan_key"], self.config.group_size),
+                out.append(Evaluated(plan_from_key(t.user_attrs["plan_key"], self.config),
                                      int(t.user_attrs["memory_bytes"]), float(t.user_attrs["avg_bits"]), t.values[0],
                                      t.user_attrs["fidelity"], t.user_attrs.get("source", ""), t.number))
         return out

@@ -61,7 +61,7 @@ class Planner:
         self.shapes, self.backend, self.cost, self.config = shapes, backend, cost, config
         self._layer_bytes: dict[tuple[int, int, int], int] = {}
         # every plan the planner makes has these settings (target modules, group size): price them as predict does
-        self.template = Plan.uniform(shapes.num_layers, config.bits[0], config.ranks[0], group_size=config.group_size)
+        self.template = config_plan(config, shapes.num_layers, config.bits[0], config.ranks[0])
         report = predict(shapes, self.template, backend)
         self.fixed_bytes = report.other_bytes + config.training_fixed_bytes
         # bytes per trainable parameter: the adapter (fp32, as predict prices it), plus its gradient and AdamW's
@@ -148,14 +148,21 @@ def plan_key(plan: Plan) -> str:
     return ",".join(f"{c.bits}/{c.rank}" for c in plan.layers)
 
 
-def plan_from_key(key: str, group_size: int) -> Plan:
-    return Plan([LayerChoice(*map(int, item.split("/"))) for item in key.split(",")], group_size=group_size)
+def plan_from_key(key: str, config: SearchConfig) -> Plan:
+    """The plan a trial's ``plan_key`` names, with the search's settings."""
+    return Plan([LayerChoice(*map(int, item.split("/"))) for item in key.split(",")], group_size=config.group_size,
+                target_modules=config.target_modules)
+
+
+def config_plan(config: SearchConfig, num_layers: int, bits: int, rank: int) -> Plan:
+    """The uniform plan at ``bits`` and ``rank`` with the search's settings (group size, target modules)."""
+    return Plan.uniform(num_layers, bits, rank, group_size=config.group_size, target_modules=config.target_modules)
 
 
 def training_fixed_bytes(shapes: ModelShapes, backend: QuantBackend, model_config, config: SearchConfig) -> int:
     """The part of the predicted training peak that no plan's bits change: runtime, activations, loss (at the
     largest rank, so the bound holds for every plan), i.e. the peak minus the stored model and adapter state."""
-    plan = Plan.uniform(shapes.num_layers, config.bits[-1], config.ranks[-1], group_size=config.group_size)
+    plan = config_plan(config, shapes.num_layers, config.bits[-1], config.ranks[-1])
     peak = training_memory(shapes, plan, backend, model_config, batch_size=config.train_batch_size,
                            seq_len=config.seq_len, checkpointing=config.gradient_checkpointing)
     return peak.peak_bytes - peak.weights_bytes - peak.gradient_bytes - peak.optimizer_bytes
@@ -176,7 +183,7 @@ def check_searchable(config: SearchConfig, shapes: ModelShapes, backend: QuantBa
             + (", or train with a smaller batch" if config.budget_on == "training" else ""))
     ceiling = planner.memory(planner.plan([LayerChoice(16, config.ranks[-1])] * shapes.num_layers))
     if config.budget_bytes >= ceiling:
-        suggestion = predict(shapes, Plan.uniform(shapes.num_layers, 4, DEFAULT_RANK), backend).total_bytes
+        suggestion = predict(shapes, config_plan(config, shapes.num_layers, 4, DEFAULT_RANK), backend).total_bytes
         raise SearchError(
             f"the {what} {format_bytes(config.budget_bytes)} is at least the whole model unquantized with "
             f"rank-{config.ranks[-1]} adapters ({format_bytes(ceiling)}): there is nothing to search",

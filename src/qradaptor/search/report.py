@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..architecture import DEFAULT_TARGET_MODULES
 from ..backends import QuantBackend
 from ..io import atomic_write_json, atomic_write_text
 from ..memory import ADAPTER_STATE_BYTES, ModelShapes, format_bytes, predict
@@ -160,8 +161,9 @@ def plot_pareto(result: SearchResult, path: Path, shapes: ModelShapes, backend: 
     training = result.config.get("budget_on") == "training"
     for b in backend.supported_bits:
         if b in result.config.get("bits", []):
-            report = predict(shapes, Plan.uniform(shapes.num_layers, b, DEFAULT_RANK,
-                                                  group_size=result.config["group_size"]), backend)
+            report = predict(shapes, Plan.uniform(
+                shapes.num_layers, b, DEFAULT_RANK, group_size=result.config["group_size"],
+                target_modules=result.config.get("target_modules") or DEFAULT_TARGET_MODULES), backend)
             m = report.total_bytes + (ADAPTER_STATE_BYTES * report.trainable_params
                                       + result.config.get("training_fixed_bytes", 0) if training else 0)
             ax.axvline(m / mib, color="grey", ls=":", lw=0.8)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from ..architecture import DEFAULT_TARGET_MODULES
 from ..io import LockHeld, exclusive_lock
 from .config import CONFIG_ATTR, MARKER, SEARCH_FILES, Fidelity, SearchConfig, SearchError
 
@@ -67,9 +68,10 @@ def _config_fingerprint(config: dict) -> dict:
     """What must match for a study to be continued: model, budget, space, settings (not trial counts)."""
     keep = ("model_fingerprint", "budget_bytes", "bits", "ranks", "group_size", "backend", "seq_len", "cheap",
             "full", "seed", "data", "alpha", "rank_value", "sampler", "budget_on", "train_batch_size",
-            "data_fingerprint", "dtype")
+            "data_fingerprint", "dtype", "target_modules")
     out = {k: config.get(k) for k in keep}
     out["dtype"] = out["dtype"] or "float32"  # a study from before it was recorded searched in float32
+    out["target_modules"] = list(out["target_modules"] or DEFAULT_TARGET_MODULES)  # ... and adapted the default
     for k in ("cheap", "full"):  # with the defaults of fields added since (a study made before has none)
         if isinstance(out[k], dict):
             out[k] = asdict(Fidelity(**out[k]))
