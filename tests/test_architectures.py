@@ -26,6 +26,13 @@ ARCHITECTURES = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", {}, LLAMA_LINEARS),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}, LLAMA_LINEARS),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+    # decoder stack `gpt_neox`, final norm `final_layer_norm`, fused query_key_value, biases everywhere
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"vocab_size": 320, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}, LLAMA_LINEARS),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2},
+                {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {},
+                 {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
 }
 
 
@@ -58,7 +65,7 @@ def test_run_export_stock_reload_and_generate(arch, tmp_path, capsys):
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**{**COMMON, **extra})
     getattr(transformers, model_class)(config).save_pretrained(tmp_path / "model")
-    (byte_level_tokenizer() if arch == "qwen2" else tiny_tokenizer()).save_pretrained(tmp_path / "model")
+    (byte_level_tokenizer() if arch.startswith("qwen2") else tiny_tokenizer()).save_pretrained(tmp_path / "model")
     words = tmp_path / "words.txt"
     words.write_text(words_text())
     out = tmp_path / "run"

@@ -217,7 +217,36 @@ def test_unsupported_architecture(tmp_path):
         tmp_path
     )
     tiny_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="GPT2LMHeadModel.*model.model.layers"):
+    # its blocks are found (transformer.h, config.num_hidden_layers of them), but they hold Conv1D, not nn.Linear
+    with pytest.raises(ModelLoadError, match=r"GPT2LMHeadModel.*no nn.Linear to quantize.*Conv1D") as e:
+        load_model(str(tmp_path))
+    assert "GPT-NeoX" in e.value.fix
+
+
+def test_refusals_name_what_is_missing(tiny_model):
+    from torch import nn
+
+    from qradaptor.architecture import check_supported
+
+    tiny_model.model.norm = nn.Identity()  # not a module with a known final-norm name any more
+    del tiny_model.model.norm
+    with pytest.raises(ModelLoadError, match="no final norm named any of"):
+        check_supported(tiny_model, "m")
+    tiny_model.model.norm = nn.LayerNorm(64)
+    tiny_model.model.blocks = tiny_model.model.layers  # neither named `layers` nor of num_hidden_layers blocks
+    del tiny_model.model.layers
+    tiny_model.config.num_hidden_layers = 7
+    with pytest.raises(ModelLoadError, match="no list of decoder layers.*num_hidden_layers = 7"):
+        check_supported(tiny_model, "m")
+
+
+def test_encoder_decoder_refused(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+                               ).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="decoder-only causal LM"):
         load_model(str(tmp_path))
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
+from .architecture import backbone
 from .errors import LMEvalError
 from .threads import rebalance
 
@@ -56,12 +57,12 @@ def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
     input_ids, labels = input_ids.to(device), labels.to(device)
     head = base.get_output_embeddings()
     target = labels[:, 1:]
-    if head is None or not hasattr(base, "model") or any(getattr(base.config, k, None) for k in _LOGIT_TRANSFORMS):
+    if head is None or any(getattr(base.config, k, None) for k in _LOGIT_TRANSFORMS):
         logits = model(input_ids=input_ids).logits[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
                               reduction="sum")
         return nll, int((target != -100).sum())
-    hidden = base.model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    hidden = backbone(base)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     keep = target != -100
     hidden, target = hidden[keep], target[keep]  # only labelled positions reach the head
     count = int(target.numel())

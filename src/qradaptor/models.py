@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError
 
+from .architecture import check_supported
 from .errors import ModelLoadError, first_line
 from .io import AtomicDirectory
 
@@ -306,13 +307,7 @@ def load_model(
     loader = {"dir": _load_dir, "gguf": _load_gguf, "hub": _load_hub}[kind]
     model, tokenizer = loader(where, dtype)
 
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if getattr(model.config, "is_encoder_decoder", False) or not isinstance(layers, torch.nn.ModuleList):
-        raise ModelLoadError(
-            f"{name} is a {type(model).__name__}, which qradaptor does not support: it needs a decoder-only "
-            "causal LM whose decoder layers are model.model.layers",
-            fix="use a Llama-style model (Llama, Mistral, Qwen2, Gemma, Phi-3, SmolLM, ...)",
-        )
+    check_supported(model, name)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.cpu().eval(), tokenizer

@@ -42,7 +42,7 @@ from .errors import DataError, QRAdaptorError
 from .io import atomic_write_json, read_text
 from .device import model_device
 from .models import cache_dir, model_fingerprint
-from .architecture import decoder_layers, layer_linears
+from .architecture import backbone, decoder_layers, final_norm, layer_linears
 from .precision import DTYPES
 from .quantize import set_child
 from .threads import rebalance
@@ -234,8 +234,8 @@ class Head:
     """The final norm and LM head, applied in fp32 whatever the decoder's dtype."""
 
     def __init__(self, model: nn.Module):
-        self.norm = model.model.norm
-        lm_head = model.lm_head
+        self.norm = final_norm(model)
+        lm_head = model.get_output_embeddings()
         self.weight = lm_head.weight.detach().float()
         self.bias = None if lm_head.bias is None else lm_head.bias.detach().float()
 
@@ -284,7 +284,7 @@ class SuffixRunner:
         try:
             with torch.no_grad():
                 for ids in self.batches:
-                    last = model.model(input_ids=ids, use_cache=False).last_hidden_state  # normed
+                    last = backbone(model)(input_ids=ids, use_cache=False).last_hidden_state  # normed
                     for part, value in zip(
                         (self.reference.neg_entropy, self.reference.mean_embedding, self.reference.mean_bias),
                         self.head.reference(last.float()),
@@ -358,7 +358,7 @@ def model_kl(model: nn.Module, runner: SuffixRunner) -> float:
     total, positions = 0.0, 0
     with torch.no_grad():
         for b, ids in enumerate(runner.batches):
-            last = model.model(input_ids=ids, use_cache=False).last_hidden_state  # already normed
+            last = backbone(model)(input_ids=ids, use_cache=False).last_hidden_state  # already normed
             total += float(runner.head.kl_sum(last.float(), runner.reference, b))
             positions += ids.numel()
     return total / positions
