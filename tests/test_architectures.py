@@ -29,6 +29,8 @@ ARCHITECTURES = {
     # decoder stack `gpt_neox`, final norm `final_layer_norm`, fused query_key_value, biases everywhere
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"vocab_size": 320, "num_experts": 4, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}, LLAMA_LINEARS),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32}, {"q_proj", "k_proj", "v_proj", "o_proj"}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2},
                 {"q_proj", "k_proj", "v_proj", "o_proj"}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {},
@@ -75,15 +77,96 @@ def test_run_export_stock_reload_and_generate(arch, tmp_path, capsys):
     export = out / "model"
 
     ours = qradaptor.load(export)
-    stock = AutoPeftModelForCausalLM.from_pretrained(export / "adapter", dtype="auto").eval()
+    moe = {"experts_implementation": "eager"} if "moe" in arch or arch == "mixtral" else {}
+    # transformers' own per-expert loop, which computes the routed experts as qradaptor's does
+    stock = AutoPeftModelForCausalLM.from_pretrained(export / "adapter", dtype="auto", **moe).eval()
     adapted = {n.rsplit(".", 1)[-1] for n, m in stock.named_modules() if hasattr(m, "lora_A")}
     assert adapted == linears  # every linear of the decoder layers, fused ones included
     ids = torch.arange(2, 30)[None]
     with torch.no_grad():
         assert torch.equal(stock(input_ids=ids).logits, ours(input_ids=ids).logits)
+    if moe:  # the routed experts are quantized (their linears replaced by the backend's modules) ...
+        experts = [m for n, m in ours.named_modules() if n.endswith("experts.down_proj")]
+        assert experts and all(qradaptor.backends.is_quantized(m) for m in experts[0].children())
+        # ... and transformers' default (grouped) experts kernel agrees up to its summation order
+        default = AutoPeftModelForCausalLM.from_pretrained(export / "adapter", dtype="auto").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(default(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=1e-5)
     plan = Plan.load(export / "plan.json")
     predicted = predict(ModelShapes.from_config(ours.config), plan, qradaptor.get_backend("hqq"))
     assert measured_bytes(ours) == predicted.total_bytes
     capsys.readouterr()
     assert main(["generate", str(export), "--prompt", "w1 w2 w3", "--max-new-tokens", "3", "-q"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def tiny_moe(arch: str = "qwen2_moe"):
+    import transformers
+
+    config_class, model_class, extra, _ = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**{**COMMON, **extra}))
+
+
+def test_split_experts_compute_what_transformers_computes_and_train_through_quantized_experts():
+    import copy
+
+    from qradaptor.architecture import ExpertLinears, split_experts
+    from qradaptor.backends import get_backend
+    from qradaptor.memory import ModelShapes
+    from qradaptor.plan import Plan
+    from qradaptor.quantize import prepare_model
+
+    model = tiny_moe().eval()
+    model.config._experts_implementation = "eager"
+    ids = torch.arange(2, 40)[None]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    fused_shapes = ModelShapes.from_model(model)
+    split = copy.deepcopy(model)
+    assert split_experts(split) == 4 and split_experts(split) == 0  # two projections × two layers; once
+    holder = split.model.layers[0].mlp.experts.down_proj
+    assert isinstance(holder, ExpertLinears) and len(holder) == 4
+    first, second = (holder._modules[e].weight for e in ("0", "1"))
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()  # views: nothing copied
+    with torch.no_grad():
+        assert torch.equal(split(input_ids=ids).logits, expected)
+    # priced the same whether split or not; the routed experts are half of this tiny model's decoder weights
+    def by_name(shapes):
+        return [sorted(layer, key=lambda s: s.name) for layer in shapes.layers], shapes.other_numel
+
+    assert by_name(ModelShapes.from_model(split)) == by_name(fused_shapes) and fused_shapes.expert_numel > 0
+    assert fused_shapes.unquantized_numel == 2 * 4 * 64  # the routers only
+
+    tuned = prepare_model(split, Plan.uniform(2, 3, 4), get_backend("hqq"))
+    tuned.train()
+    loss = tuned(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in tuned.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert not any("experts" in n for n, p in tuned.named_parameters() if p.requires_grad)  # no expert adapters
+
+
+def test_experts_that_cannot_be_split_are_said_once_and_counted(tmp_path, caplog, capsys):
+    """GPT-OSS keeps its experts transposed with biases: not split, so not quantized, and every command says so."""
+    import logging
+
+    import transformers
+    from conftest import tiny_tokenizer
+
+    from qradaptor.models import load_model
+    from qradaptor.plan import Plan
+
+    config = transformers.GptOssConfig(**{**COMMON, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2})
+    torch.manual_seed(0)
+    transformers.GptOssForCausalLM(config).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    with caplog.at_level(logging.WARNING, logger="qradaptor"):
+        load_model(tmp_path / "m")
+    said = [r.getMessage() for r in caplog.records if "not in linear modules" in r.getMessage()]
+    assert len(said) == 1 and "GptOssExperts" in said[0], caplog.text
+    Plan.uniform(2, 4, 8).save(tmp_path / "plan.json")
+    capsys.readouterr()
+    assert main(["memory", "--model", str(tmp_path / "m"), "--plan", str(tmp_path / "plan.json"), "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "not quantized:" in out and "+0.000%" in out, out  # said, and priced at its real size

@@ -224,9 +224,13 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_refusals_name_what_is_missing(tiny_model):
+    import copy
+
     from torch import nn
 
     from qradaptor.architecture import check_supported
+
+    tiny_model.config = copy.deepcopy(tiny_model.config)  # the fixture's config is shared by the session
 
     tiny_model.model.norm = nn.Identity()  # not a module with a known final-norm name any more
     del tiny_model.model.norm

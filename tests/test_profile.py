@@ -76,7 +76,13 @@ def test_compact_reference_gives_the_exact_kl_with_a_head_bias():
     the full distributions, and the reference holds 1 + hidden numbers per token, not a vocabulary."""
     torch.manual_seed(0)
     hidden, vocab = 16, 300
-    model = torch.nn.Module()
+    class CausalLM(torch.nn.Module):  # what Head reads of a transformers model: its stack's norm, its head
+        base_model = property(lambda self: self.model)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    model = CausalLM()
     model.model = torch.nn.Module()
     model.model.norm = torch.nn.Identity()
     model.lm_head = torch.nn.Linear(hidden, vocab, bias=True)

@@ -11,6 +11,8 @@ fused ``qkv_proj`` and ``gate_up_proj``, ...): `resolve_targets`.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelLoadError
@@ -85,21 +87,145 @@ def check_supported(model: nn.Module, name: str) -> None:
 
 
 def layer_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The plain linears of one decoder layer (names relative to the layer)."""
+    """The plain linears of one decoder layer (names relative to the layer), routed experts' included
+    (``mlp.experts.down_proj.3``: see `ExpertLinears`)."""
     return [(n, m) for n, m in layer.named_modules() if type(m) is nn.Linear]
+
+
+def expert_holders(layer: nn.Module) -> list[str]:
+    """Names (relative to the layer) of the layer's `ExpertLinears`: ``mlp.experts.gate_up_proj``, ..."""
+    return [n for n, m in layer.named_modules() if isinstance(m, ExpertLinears)]
 
 
 def linear_names(layer: nn.Module) -> tuple[str, ...]:
     """The short names (``q_proj``, ``qkv_proj``, ...) of a decoder layer's linears, plain or quantized, in order;
-    a PEFT wrapper's own modules (``lora_A``, ``base_layer``) are not counted as names of their own."""
+    a PEFT wrapper's own modules (``lora_A``, ``base_layer``) and the routed experts' per-expert linears are not
+    counted as names of their own (experts get no adapters)."""
     from .backends.base import is_quantized
 
+    holders = set(expert_holders(layer))
     names = []
     for name, module in layer.named_modules():
         if "lora_" in name or not (type(module) is nn.Linear or is_quantized(module)):
             continue
+        if name.rpartition(".")[0] in holders:
+            continue
         names.append(name.removesuffix(".base_layer").rsplit(".", 1)[-1])
     return tuple(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------------------------- routed experts
+#: What transformers names an experts module's 3-D weights (experts × out × in).
+EXPERT_WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
+#: The experts implementation (transformers' ``config._experts_implementation``) of a model whose experts are split.
+EXPERTS_IMPLEMENTATION = "qradaptor"
+
+
+class ExpertLinears(nn.Module):
+    """One projection of a layer's routed experts (transformers keeps it as a 3-D ``experts × out × in``
+    parameter) as one ``nn.Linear`` per expert, named by its index, so that a plan quantizes each expert's matrix
+    like any linear of the layer (same backend, the layer's bits) and the memory model prices it so. Each linear's
+    weight is a view of the 3-D tensor: splitting copies nothing."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        for e in range(weight.shape[0]):
+            linear = nn.Linear(weight.shape[2], weight.shape[1], bias=False, device="meta")
+            linear.weight = nn.Parameter(weight[e], requires_grad=False)
+            self.add_module(str(e), linear)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def weight(self, e) -> torch.Tensor:
+        """Expert ``e``'s dense ``(out, in)`` weight (dequantized if quantized)."""
+        from .backends.base import is_quantized
+
+        module = self._modules[str(int(e))]
+        return module.dequantize() if is_quantized(module) else module.weight
+
+    __getitem__ = weight  # transformers' eager experts forward reads ``self.down_proj[expert_idx]``
+
+    def linear(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through expert ``e``: a quantized weight is dequantized and not kept for backward."""
+        from .backends.base import dequant_linear, is_quantized
+
+        module = self._modules[str(e)]
+        return dequant_linear(x, module, None) if is_quantized(module) else F.linear(x, module.weight)
+
+    def fused(self) -> torch.Tensor:
+        """The 3-D ``experts × out × in`` weight, as transformers stores it."""
+        return torch.stack([self.weight(e) for e in range(len(self))])
+
+
+def expert_weights(module: nn.Module) -> list[str]:
+    """The names of ``module``'s 3-D expert weights when it is a transformers experts module that `split_experts`
+    can split (its weights ``out × in`` per expert, no biases, no norm after the experts), else []."""
+    if getattr(module, "is_transposed", None) is not False or getattr(module, "has_bias", None) is not False \
+            or getattr(module, "has_post_expert_norm", False) or not hasattr(module, "num_experts"):
+        return []
+    return [n for n in EXPERT_WEIGHT_NAMES
+            if isinstance(module._parameters.get(n), torch.Tensor) and module._parameters[n].dim() == 3]
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' eager experts loop over split experts (`ExpertLinears.linear`): each routed token through
+    its experts, a quantized expert's weight dequantized on the fly and never kept for backward."""
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():  # index num_experts: a token routed to no local expert (expert parallelism)
+        routed = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        hit = [e for e in (routed.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist() if e < self.num_experts]
+    for e in hit:
+        position, token = torch.where(routed[e])
+        x = hidden_states[token]
+        if getattr(self, "has_gate", True):
+            h = self._apply_gate(self.gate_up_proj.linear(e, x))
+        else:
+            h = self.act_fn(self.up_proj.linear(e, x))
+        out = self.down_proj.linear(e, h) * top_k_weights[token, position, None]
+        final.index_add_(0, token, out.to(final.dtype))
+    return final
+
+
+def split_experts(model: nn.Module) -> int:
+    """Split every routed-experts module of the decoder layers into `ExpertLinears` (in place; computed by
+    `experts_forward`), so they are quantized, priced and exported like the layer's other linears. Returns how
+    many modules it split (0: the model has none, or they are split already)."""
+    split = 0
+    for _, layer in decoder_layers(model):
+        for _, module in list(layer.named_modules()):
+            for name in expert_weights(module):
+                weight = module._parameters.pop(name)
+                module.add_module(name, ExpertLinears(weight.detach()))
+                split += 1
+    if split or any(expert_holders(layer) for _, layer in decoder_layers(model)[:1]):
+        from transformers.integrations.moe import ExpertsInterface
+
+        ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
+        model.config._experts_implementation = EXPERTS_IMPLEMENTATION
+    return split
+
+
+def unquantized_matrices(model: nn.Module) -> tuple[int, int, list[str]]:
+    """What a plan cannot quantize inside the decoder layers: the number of weights in ≥ 2-D tensors that are
+    not a linear's or a splittable experts module's (an experts module `split_experts` cannot split, a router),
+    the number of weights in all ≥ 2-D tensors of the decoder layers, and the kinds of modules that hold the
+    former. Tensors shared between layers are counted once per layer (none of the supported models has any)."""
+    linear, other, kinds = set(), 0, set()
+    total = 0
+    for _, layer in decoder_layers(model):
+        linear |= {id(m.weight) for _, m in layer_linears(layer)}
+        linear |= {id(m._parameters[k]) for m in layer.modules() for k in expert_weights(m)}  # not split yet
+        for module in layer.modules():
+            for t in module.parameters(recurse=False):
+                if t.dim() < 2:
+                    continue
+                total += t.numel()
+                if id(t) not in linear:
+                    other += t.numel()
+                    kinds.add(type(module).__name__)
+    return other, total, sorted(kinds)
 
 
 def resolve_targets(targets: tuple[str, ...], present: tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -157,6 +157,12 @@ def cmd_memory(args) -> int:
     print(f"avg bits:        {report['avg_bits']:.3f} per decoder-linear weight, scales and zeros included "
           f"({report['code_bits']:.3f} code bits)")
     print(f"trainable:       {report['trainable_params']:,} LoRA parameters")
+    if report["expert_weights"]:
+        print(f"routed experts:  {report['expert_weights'] / report['decoder_weights']:.1%} of the decoder weights, "
+              "quantized at their layer's bits, no adapters")
+    if report["unquantized_weights"] > 0.01 * report["decoder_weights"]:
+        print(f"not quantized:   {report['unquantized_weights'] / report['decoder_weights']:.1%} of the decoder "
+              "weights are not in linear modules: at the base dtype, in everything else")
     t = report["training"]
     print(f"training peak:   {format_bytes(t['peak_bytes'])} predicted for batches of {t['batch_size']}×{t['seq_len']} "
           f"tokens, gradient checkpointing {'on' if t['checkpointing'] else 'off'}")

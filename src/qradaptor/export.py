@@ -63,7 +63,17 @@ def load_adapter(model, adapter_dir: Path):
                 f"'{adapter_dir}/adapter_model.safetensors')\"")
         raise ArtifactError(f"{adapter_dir} has no adapter_model.safetensors",
                             "export the training run again (qradaptor export RUN --to OUT)")
-    return PeftModel.from_pretrained(model, adapter_dir)
+    from .architecture import decoder_layers, expert_holders
+
+    # routed experts split into per-expert linears get no adapters, as in training (`plan.lora_config`)
+    holders = sorted({h for _, layer in decoder_layers(model) for h in expert_holders(layer)})
+    if not holders:
+        return PeftModel.from_pretrained(model, adapter_dir)
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    config.exclude_modules = holders
+    return PeftModel.from_pretrained(model, adapter_dir, config=config)
 
 
 # ---------------------------------------------------------------------------------------------- kinds
@@ -201,6 +211,7 @@ def _load_export(path: Path, device: torch.device, asked: torch.dtype | str | No
     from .errors import QRAdaptorError
     from .models import _quiet_transformers
     from .plan import UNQUANTIZED_BITS
+    from .architecture import split_experts
     from .quantize import decoder_layers, layer_linears, set_child
 
     packed = path / PACKED_DIR / PACKED_FILE
@@ -252,6 +263,7 @@ def _load_export(path: Path, device: torch.device, asked: torch.dtype | str | No
         raise ArtifactError(f"the export's base weights, {path}/model.safetensors, are missing or unreadable{pickled}: "
                             f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}",
                             "export the training run again (qradaptor export RUN --to OUT)") from None
+    split_experts(model)  # as the run quantized them: one linear per routed expert
     plan.check_model(model, source=str(path / "plan.json"))
     # What the plan quantizes in this model: exactly these modules must be in the packed file.
     expected: dict[str, tuple[torch.nn.Linear, int]] = {}

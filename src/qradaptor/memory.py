@@ -30,6 +30,7 @@ class LinearShape:
     out_features: int
     in_features: int
     has_bias: bool
+    expert: bool = False  # one routed expert's matrix (`architecture.ExpertLinears`): quantized, never adapted
 
     @property
     def numel(self) -> int:
@@ -46,18 +47,32 @@ class ModelShapes:
     # which a load in any dtype leaves float32), at their own dtype
     other_fixed_bytes: int = 0
     name: str = ""
+    # weights of the decoder layers' ≥ 2-D tensors that no plan quantizes (in other_numel): routers, experts
+    # modules `architecture.split_experts` cannot split
+    unquantized_numel: int = 0
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelShapes":
-        from .architecture import decoder_layers, layer_linears
+        """The shapes of ``model``'s decoder linears, routed experts included whether they are split already
+        (`architecture.split_experts`) or still 3-D tensors (priced as the split model's per-expert linears)."""
+        from .architecture import decoder_layers, expert_holders, expert_weights, layer_linears, unquantized_matrices
 
         layers, linear_weights = [], set()
         for _, layer in decoder_layers(model):
             shapes = []
+            holders = set(expert_holders(layer))
             for name, lin in layer_linears(layer):
-                shapes.append(LinearShape(name, lin.out_features, lin.in_features, lin.bias is not None))
+                shapes.append(LinearShape(name, lin.out_features, lin.in_features, lin.bias is not None,
+                                          expert=name.rpartition(".")[0] in holders))
                 linear_weights.add(id(lin.weight))
+            for name, module in layer.named_modules():
+                for key in expert_weights(module):
+                    weight = module._parameters[key]
+                    shapes += [LinearShape(f"{name}.{key}.{e}", weight.shape[1], weight.shape[2], False, expert=True)
+                               for e in range(weight.shape[0])]
+                    linear_weights.add(id(weight))
             layers.append(shapes)
+        unquantized = unquantized_matrices(model)[0]
         tables = {id(t) for m in model.modules() for k, t in m._buffers.items()
                   if t is not None and k in m._non_persistent_buffers_set}
         other, fixed, seen = 0, 0, set()
@@ -69,7 +84,7 @@ class ModelShapes:
                 other += t.numel()
             else:
                 fixed += t.numel() * t.element_size()
-        return cls(layers, other, fixed, getattr(getattr(model, "config", None), "_name_or_path", ""))
+        return cls(layers, other, fixed, getattr(getattr(model, "config", None), "_name_or_path", ""), unquantized)
 
     @classmethod
     def from_config(cls, config) -> "ModelShapes":
@@ -83,6 +98,11 @@ class ModelShapes:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def expert_numel(self) -> int:
+        """Weights of the routed experts' linears (quantized like the others, never adapted)."""
+        return sum(s.numel for layer in self.layers for s in layer if s.expert)
 
     @property
     def quantizable_numel(self) -> int:
@@ -128,9 +148,12 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 ADAPTER_STATE_BYTES = 12
 
 
-def _targets(layer: list, target_modules: tuple[str, ...]) -> tuple[str, ...]:
-    """The modules a plan's targets adapt in a layer of these linear shapes (`architecture.resolve_targets`)."""
-    return resolve_targets(target_modules, [s.name.rsplit(".", 1)[-1] for s in layer])
+def _adapted(layer: list, target_modules: tuple[str, ...]) -> list:
+    """The linear shapes of a layer that a plan's targets adapt (`architecture.resolve_targets`; routed experts
+    never)."""
+    linears = [s for s in layer if not s.expert]
+    targets = resolve_targets(target_modules, [s.name.rsplit(".", 1)[-1] for s in linears])
+    return [s for s in linears if s.name.rsplit(".", 1)[-1] in targets]
 
 
 def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, group_size: int,
@@ -138,15 +161,13 @@ def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, grou
     """One decoder layer (its linears' shapes) under ``choice``: the bytes of its weights (packed, or dense at
     ``base_bytes`` per value when unquantized) and the number of LoRA parameters its target modules get.
     The one place a layer is priced: `predict` sums it, the search memoises it."""
-    weights = params = 0
-    targets = _targets(layer, target_modules)
+    weights = 0
     for s in layer:
         if choice.bits == UNQUANTIZED_BITS:
             weights += s.numel * base_bytes
         else:
             weights += backend.weight_bytes(s.out_features, s.in_features, choice.bits, group_size)
-        if s.name.rsplit(".", 1)[-1] in targets:
-            params += choice.rank * (s.in_features + s.out_features)
+    params = sum(choice.rank * (s.in_features + s.out_features) for s in _adapted(layer, target_modules))
     return weights, params
 
 
@@ -490,8 +511,7 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
     a = _dtype_bytes(dtype)
     adapted = []  # per layer, the adapters whose rank-r activations it keeps
     for layer in shapes.layers:
-        targets = _targets(layer, plan.target_modules)
-        adapted.append(sum(s.name.rsplit(".", 1)[-1] in targets for s in layer))
+        adapted.append(len(_adapted(layer, plan.target_modules)))
     layer_costs = [_layer_activation_values(config, tokens, c.rank * n, dtype) for c, n in zip(plan.layers, adapted)]
     embeddings = tokens * config.hidden_size * a
     every_layer = embeddings + sum(k for k, _ in layer_costs) + max(t for _, t in layer_costs)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError
 
-from .architecture import check_supported
+from .architecture import check_supported, split_experts, unquantized_matrices
 from .errors import ModelLoadError, first_line
 from .io import AtomicDirectory
 
@@ -308,6 +308,12 @@ def load_model(
     model, tokenizer = loader(where, dtype)
 
     check_supported(model, name)
+    split_experts(model)  # routed experts as one linear per expert, which the plans quantize (no copy)
+    unquantized, total, kinds = unquantized_matrices(model)
+    if unquantized > 0.01 * total:
+        _log.warning("%s: %.1f%% of the decoder layers' weights (in %s) are not in linear modules: no plan quantizes "
+                    "them; they stay at the base dtype and the memory figures count them so", name,
+                    100 * unquantized / total, ", ".join(kinds))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.cpu().eval(), tokenizer

@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from .architecture import decoder_layers, layer_linears
+from .architecture import EXPERTS_IMPLEMENTATION, ExpertLinears, decoder_layers, layer_linears, split_experts
 from .backends import QuantBackend, QuantCache, get_backend
 from .device import model_device
 from .models import convert_weights
@@ -61,6 +61,7 @@ def quantize_model(
     lives; each linear is moved there on its own and quantized there, so the device never holds the whole
     full-precision model.
     """
+    split_experts(model)  # routed experts as per-expert linears (in place, no copy): quantized like the others
     plan.check_model(model)
     if cache is not None:
         backend = cache.backend
@@ -134,6 +135,8 @@ def dequantized_model(model: nn.Module, dtype: torch.dtype, device: torch.device
     source = model.get_base_model() if hasattr(model, "get_base_model") else model
     with torch.device("meta"):  # the skeleton only: every tensor is set below
         dense = type(source)(copy.deepcopy(source.config))
+    if getattr(dense.config, "_experts_implementation", None) == EXPERTS_IMPLEMENTATION:
+        dense.config._experts_implementation = "eager"  # its experts are 3-D tensors again (transformers' own loop)
     copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (source, copy): ties stay tied
 
     def copied(t: torch.Tensor, parameter: bool) -> torch.Tensor:
@@ -147,7 +150,10 @@ def dequantized_model(model: nn.Module, dtype: torch.dtype, device: torch.device
             src = source.get_submodule(name) if name else source
             src = getattr(src, "base_layer", src)  # PEFT's LoRA wrapper: the layer it wraps
             for key, value in list(module._parameters.items()):
-                if value is not None:
+                if isinstance(getattr(src, key, None), ExpertLinears):  # split routed experts: 3-D again
+                    module._parameters[key] = nn.Parameter(getattr(src, key).fused().to(device, dtype),
+                                                           requires_grad=False)
+                elif value is not None:
                     module._parameters[key] = (
                         nn.Parameter(src.dequantize().to(device, dtype), requires_grad=False)
                         if is_quantized(src) and key == "weight" else copied(getattr(src, key), True))

@@ -158,6 +158,8 @@ def _name_base(adapter_config: Path, out: Path) -> None:
     that path does not exist. Absolute, because PEFT resolves it from the current directory."""
     config = json.loads(adapter_config.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = str(out.resolve())
+    if config.get("exclude_modules"):  # split routed experts (no adapters): 3-D tensors again in the export's base
+        config["exclude_modules"] = None
     atomic_write_json(adapter_config, config)
 
 

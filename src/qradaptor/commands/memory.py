@@ -37,7 +37,9 @@ def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", 
     training = training_memory(shapes, plan, quant, config, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                                checkpointing=checkpointing)
     out = {**report.to_dict(), "plan": plan.describe(), "backend": quant.name, "dtype": dtype_name,
-           "training": training.to_dict()}
+           "training": training.to_dict(), "expert_weights": shapes.expert_numel,
+           "unquantized_weights": shapes.unquantized_numel, "decoder_weights": shapes.quantizable_numel
+           + shapes.unquantized_numel}
     if budget is not None:
         train_budget = parse_training_budget(budget)
         if train_budget is not None:
