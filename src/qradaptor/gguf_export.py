@@ -1,0 +1,273 @@
+"""GGUF export, for llama.cpp and what is built on it (Ollama, LM Studio): a trained run's quantized base as
+``model.gguf`` and its LoRA adapter as ``adapter.gguf``.
+
+HQQ's asymmetric code ``w = (q − z)·s`` (groups along the input dimension) is GGUF's ``Q4_1``/``Q5_1`` block form
+``w = d·q + m`` with ``d = s`` and ``m = −z·s`` (fp16 block constants, 32 weights a block): a group of 64 is two
+blocks with the same constants. So a 2- to 4-bit linear is written as ``Q4_1`` and a 5-bit one as ``Q5_1`` with its
+own codes, exact up to the fp16 rounding of ``d`` and ``m``; 6- to 8-bit linears have no such type and are
+requantized to ``Q8_0`` (symmetric, 8 bits: the error is ``Q8_0``'s own). A linear whose groups do not fall into
+whole blocks is requantized to ``Q8_0`` too. Unquantized weights keep the base dtype (``F32`` or ``BF16``), norms
+are ``F32``. llama.cpp's Llama graph expects the query and key rows in Meta's interleaved-rotary order, which the
+Hugging Face layout permutes (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``): the export permutes them back
+(codes, constants and the adapters' ``lora_b`` rows alike).
+
+The adapter is llama.cpp's LoRA format (``blk.N.attn_q.weight.lora_a``/``lora_b``). llama.cpp scales every
+adapter pair by ``alpha / rank`` with one ``alpha`` for the file, which cannot express per-module scales in
+general; the export writes ``alpha = 0`` (llama.cpp then applies no ``alpha / rank`` factor) and folds each
+module's own PEFT scale into its ``lora_b``.
+
+The metadata (hyperparameters, tokenizer, chat template) is copied from the GGUF file the base was loaded from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ArtifactError
+
+#: GGUF architectures written, by the source GGUF's ``general.architecture``; llama's q/k rows are permuted.
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+#: What llama.cpp's Modelfile for Ollama holds (paths relative to it).
+MODELFILE = "FROM ./model.gguf\nADAPTER ./adapter.gguf\n"
+BLOCK = 32  # weights per Q4_1 / Q5_1 / Q8_0 block
+
+
+@dataclass
+class GGUFReport:
+    """What an export wrote: tensors per GGUF type, and per type the relative squared error of the written
+    decoder-linear weights against the weights qradaptor computes with (sum over tensors of ‖Δ‖² / ‖W‖²)."""
+
+    types: dict[str, int] = field(default_factory=dict)
+    squares: dict[str, list[float]] = field(default_factory=dict)  # type -> [Σ‖Δ‖², Σ‖W‖²]
+    model_bytes: int = 0
+    adapter_bytes: int = 0
+
+    def add(self, kind: str, written: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> None:
+        self.types[kind] = self.types.get(kind, 0) + 1
+        if written is not None:
+            sums = self.squares.setdefault(kind, [0.0, 0.0])
+            sums[0] += float((written - weight).double().pow(2).sum())
+            sums[1] += float(weight.double().pow(2).sum())
+
+    def to_dict(self) -> dict:
+        error = {k: (e / n if n else 0.0) for k, (e, n) in self.squares.items()}
+        return {"types": dict(sorted(self.types.items())), "relative_error": error,
+                "model_bytes": self.model_bytes, "adapter_bytes": self.adapter_bytes}
+
+
+def source_gguf(spec: str | None) -> Path | None:
+    """The GGUF file a run's base model came from (the embedded default's, or a ``.gguf`` spec), else None."""
+    from .models import DEFAULT_MODEL, _default_gguf_path
+
+    if spec is None or str(spec).strip().lower() == DEFAULT_MODEL:
+        return _default_gguf_path()
+    path = Path(str(spec)).expanduser()
+    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
+
+
+def _source_reader(spec: str | None):
+    import gguf
+
+    path = source_gguf(spec)
+    if path is None:
+        raise ArtifactError(
+            f"the GGUF export copies llama.cpp's metadata (tokenizer, hyperparameters) from the GGUF file the base "
+            f"was loaded from, and this run's base ({spec}) is a transformers directory or hub id",
+            "train from the model's .gguf file (qradaptor train --model MODEL.gguf), or export without --gguf")
+    try:
+        return gguf.GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read the base's GGUF file {path}: {e}", "restore the file, or export without --gguf")
+
+
+def check_exportable(spec: str | None):
+    """The source GGUF's reader and architecture, or one clear refusal (before anything is written)."""
+    reader = _source_reader(spec)
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch not in ARCHITECTURES:
+        raise ArtifactError(f"the GGUF export writes {', '.join(ARCHITECTURES)} models; this base is {arch!r}",
+                            "export without --gguf (the transformers + PEFT export loads anywhere)")
+    return reader, arch
+
+
+def _permutation(rows: int, heads: int) -> torch.Tensor:
+    """Row order llama.cpp's Llama graph wants for a q or k projection of ``heads`` heads (HF → Meta layout)."""
+    return torch.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(rows)
+
+
+def _block_bytes(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[np.ndarray, str]:
+    """Q4_1 (codes < 16) or Q5_1 (codes < 32) blocks of ``codes`` ``(rows, in)`` with per-block ``d``, ``m``
+    ``(rows, in / 32)``: uint8 ``(rows, bytes per row)``."""
+    rows = codes.shape[0]
+    q = codes.reshape(-1, BLOCK).numpy().astype(np.uint8)
+    d16 = d.reshape(-1, 1).numpy().astype(np.float16).view(np.uint8)
+    m16 = m.reshape(-1, 1).numpy().astype(np.float16).view(np.uint8)
+    low = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    if bits <= 4:
+        blocks, kind = np.concatenate([d16, m16, low], axis=1), "Q4_1"
+    else:
+        high = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")
+        blocks, kind = np.concatenate([d16, m16, high, low], axis=1), "Q5_1"
+    return np.ascontiguousarray(blocks.reshape(rows, -1)), kind
+
+
+def _quantized_tensor(module, perm: torch.Tensor | None) -> tuple[np.ndarray, str, torch.Tensor]:
+    """A quantized linear's weight as GGUF bytes, its GGUF type, and the weight qradaptor computes with (fp32,
+    rows in the written order)."""
+    import gguf
+
+    weight = module.dequantize().float()
+    rows, cols = weight.shape
+    exact = (hasattr(module, "codes") and module.bits <= 5 and module.group_size % BLOCK == 0
+             and cols % module.group_size == 0)
+    if perm is not None:
+        weight = weight[perm]
+    if not exact:
+        data = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        return data, "Q8_0", weight
+    per_group = module.group_size // BLOCK  # blocks per group, which share its constants
+    codes = module.codes()
+    scale = module.scale.float().reshape(rows, -1)
+    zero = module.zero.float().reshape(rows, -1)
+    if perm is not None:
+        codes, scale, zero = codes[perm], scale[perm], zero[perm]
+    d = scale.repeat_interleave(per_group, dim=1)
+    m = (-zero * scale).repeat_interleave(per_group, dim=1)
+    data, kind = _block_bytes(codes, d, m, module.bits)
+    return data, kind, weight
+
+
+def _dense_tensor(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """An unquantized tensor as written: norms and biases (1-D) and fp32 weights as F32; bf16 weights as BF16
+    bytes (what they are stored as, which llama.cpp computes with)."""
+    t = t.detach().cpu()
+    if t.dim() < 2 or t.dtype == torch.float32:
+        return t.float().contiguous().numpy(), "F32"
+    return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy(), "BF16"
+
+
+def _dequantized(data: np.ndarray, kind: str) -> np.ndarray:
+    import gguf
+
+    return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
+
+
+def _copy_metadata(reader, writer, skip=("general.file_type", "general.quantization_version", "general.alignment")) -> None:
+    """Every key of the source GGUF (tokenizer, hyperparameters, chat template), but the file-type keys."""
+    import gguf
+
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name in skip or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+
+
+def _name_map(arch: str, layers: int):
+    import gguf
+
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), layers)
+
+
+def _gguf_name(tmap, key: str) -> str:
+    name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ArtifactError(f"the GGUF export does not know where llama.cpp expects the tensor {key}",
+                            "export without --gguf (this architecture's tensors are not all mapped yet)")
+    return name
+
+
+def write_gguf(trained, out: str | os.PathLike, spec: str | None) -> GGUFReport:
+    """``out/model.gguf``, ``out/adapter.gguf`` and ``out/Modelfile`` for a trained run (`export.TrainedModel`)
+    whose base was loaded from the GGUF file of ``spec``. Refuses an architecture llama.cpp's converters would
+    lay out differently, before writing anything."""
+    import gguf
+
+    from .backends import is_quantized
+
+    reader, arch = check_exportable(spec)
+    base = trained.model.get_base_model()
+    config = base.config
+    layers = config.num_hidden_layers
+    tmap = _name_map(arch, layers)
+    heads = {"q_proj": config.num_attention_heads,
+             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+
+    def permutation(key: str, rows: int) -> torch.Tensor | None:
+        leaf = key.rsplit(".", 2)[-2] if key.endswith((".weight", ".bias")) else key.rsplit(".", 1)[-1]
+        return _permutation(rows, heads[leaf]) if arch == "llama" and leaf in heads else None
+
+    report = GGUFReport()
+    out = Path(out)
+    writer = gguf.GGUFWriter(out / "model.gguf", arch)
+    _copy_metadata(reader, writer)
+    quantized = {n.removesuffix(".base_layer"): m for n, m in base.named_modules() if is_quantized(m)}
+    tied = getattr(config, "tie_word_embeddings", False)
+    with torch.no_grad():
+        for key, tensor in base.state_dict().items():
+            if ".lora_" in key:
+                continue
+            key = key.replace(".base_layer.", ".")
+            owner, _, leaf = key.rpartition(".")
+            if tied and key == "lm_head.weight":
+                continue  # llama.cpp uses token_embd for the output when there is no output tensor
+            if owner in quantized and leaf in ("scale", "zero"):
+                continue  # inside the packed weight's blocks
+            if owner in quantized and leaf == "packed":
+                perm = permutation(owner + ".weight", quantized[owner].out_features)
+                data, kind, weight = _quantized_tensor(quantized[owner], perm)
+                report.add(kind, torch.from_numpy(_dequantized(data, kind)), weight)
+                writer.add_tensor(_gguf_name(tmap, owner + ".weight"), data,
+                                  raw_dtype=gguf.GGMLQuantizationType[kind])
+                continue
+            perm = permutation(key, tensor.shape[0])
+            data, kind = _dense_tensor(tensor[perm] if perm is not None else tensor)
+            report.add(kind)
+            writer.add_tensor(_gguf_name(tmap, key), data,
+                              raw_dtype=None if kind == "F32" else gguf.GGMLQuantizationType[kind])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if report.types.get("Q4_1") else gguf.LlamaFileType.ALL_F32)
+    _finish(writer)
+    report.model_bytes = (out / "model.gguf").stat().st_size
+    report.adapter_bytes = write_adapter(trained.model, out / "adapter.gguf", arch, tmap, permutation)
+    (out / "Modelfile").write_text(MODELFILE, encoding="utf-8")
+    return report
+
+
+def write_adapter(peft_model, path: Path, arch: str, tmap, permutation) -> int:
+    """The LoRA adapters of ``peft_model`` in llama.cpp's adapter format at ``path``; returns its size."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", 0.0)  # no alpha / rank factor: each lora_b carries its own scale
+    prefix = "base_model.model."
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+                continue
+            key = name.removeprefix(prefix)
+            a = module.lora_A["default"].weight.float()
+            b = module.lora_B["default"].weight.float() * module.scaling["default"]
+            perm = permutation(key + ".weight", b.shape[0])
+            if perm is not None:
+                b = b[perm]
+            target = _gguf_name(tmap, key + ".weight")  # blk.N.attn_q.weight
+            # numpy (r, in) and (out, r): GGUF's ne = [in, r] and [r, out], as llama.cpp checks them
+            writer.add_tensor(f"{target}.lora_a", a.cpu().contiguous().numpy())
+            writer.add_tensor(f"{target}.lora_b", b.cpu().contiguous().numpy())
+    _finish(writer)
+    return path.stat().st_size
+
+
+def _finish(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -1,0 +1,134 @@
+"""GGUF export (issue #30), checked by llama.cpp itself (llama-cpp-python, built from its pinned release):
+HQQ codes written as Q4_1/Q5_1 blocks that dequantize to the weights qradaptor computes with (up to fp16
+constants), a trained SmolLM2 run exported and run in llama.cpp with its adapter, logits compared with
+`qradaptor.load`'s."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qradaptor.cli import main
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_hqq_codes_are_gguf_blocks(bits):
+    import gguf
+
+    from qradaptor.backends import get_backend
+    from qradaptor.gguf_export import _quantized_tensor
+
+    torch.manual_seed(bits)
+    linear = torch.nn.Linear(128, 48, bias=False)
+    module = get_backend("hqq").quantize(linear, bits, 64)
+    perm = torch.randperm(48)
+    data, kind, weight = _quantized_tensor(module, perm)
+    assert kind == ("Q4_1" if bits <= 4 else "Q5_1")
+    assert data.shape == (48, 128 // 32 * (20 if bits <= 4 else 24))
+    assert torch.equal(weight, module.dequantize()[perm])
+    written = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
+    # the same codes; only the constants are rounded to fp16 (d = s, m = -z·s)
+    scale = module.scale.float().reshape(48, -1)[perm].repeat_interleave(64, dim=1)
+    zero = module.zero.float().reshape(48, -1)[perm].repeat_interleave(64, dim=1)
+    codes = module.codes()[perm].float()
+    d, m = scale.half().float(), (-zero * scale).half().float()
+    assert np.array_equal(written, (d * codes + m).numpy())
+    assert float((torch.from_numpy(written) - weight).abs().max()) < 2e-3 * float(weight.abs().max())
+
+
+def test_eight_bits_and_odd_groups_are_requantized_to_q8_0():
+    from qradaptor.backends import get_backend
+    from qradaptor.gguf_export import _quantized_tensor
+
+    linear = torch.nn.Linear(64, 16, bias=False)
+    for bits, group in ((8, 64), (4, 16)):
+        data, kind, _ = _quantized_tensor(get_backend("hqq").quantize(linear, bits, group), None)
+        assert kind == "Q8_0" and data.shape == (16, 64 // 32 * 34)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A 2-step fine-tune of the real SmolLM2-135M with every kind of layer (2- to 8-bit, 16-bit), exported
+    with --gguf."""
+    from qradaptor.plan import Plan
+
+    tmp = tmp_path_factory.mktemp("gguf")
+    bits = [2, 3, 4, 5, 6, 8, 16]
+    Plan.uniform(30, 4, 8).save(tmp / "plan.json")
+    plan = json.loads((tmp / "plan.json").read_text())
+    plan["layers"] = [{"bits": bits[i % len(bits)], "rank": (4, 8)[i % 2]} for i in range(30)]
+    (tmp / "plan.json").write_text(json.dumps(plan))
+    run, out = tmp / "run", tmp / "export"
+    assert main(["train", "--plan", str(tmp / "plan.json"), "--steps", "2", "--seq-len", "32", "--batch-size", "1",
+                 "--lr", "3e-3", "--eval-blocks", "1", "--out", str(run), "-q"]) == 0
+    assert main(["export", str(run), "--to", str(out), "--gguf", "-q"]) == 0
+    return out
+
+
+def test_export_writes_model_adapter_and_modelfile(exported):
+    import gguf
+
+    assert (exported / "Modelfile").read_text() == "FROM ./model.gguf\nADAPTER ./adapter.gguf\n"
+    info = json.loads((exported / "qradaptor" / "export.json").read_text())["gguf"]
+    assert {"Q4_1", "Q5_1", "Q8_0", "F32"} <= set(info["types"])
+    assert info["relative_error"]["Q4_1"] < 1e-5 and info["relative_error"]["Q5_1"] < 1e-5  # fp16 constants only
+    model = gguf.GGUFReader(exported / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in model.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.3.ffn_down.weight"] == "Q5_1"
+    assert types["blk.5.attn_v.weight"] == "Q8_0" and types["blk.6.attn_k.weight"] == "F32"  # 8 and 16 bits
+    assert "output.weight" not in types  # tied embeddings: llama.cpp uses token_embd
+    adapter = gguf.GGUFReader(exported / "adapter.gguf")
+    assert adapter.fields["adapter.lora.alpha"].contents() == 0.0
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in adapter.tensors}
+    assert shapes["blk.1.attn_q.weight.lora_a"] == (576, 8) and shapes["blk.0.ffn_down.weight.lora_b"] == (4, 576)
+
+
+def test_llama_cpp_runs_the_export_as_qradaptor_does(exported):
+    import qradaptor
+    from qradaptor.llamacpp import LlamaCpp
+
+    from transformers import AutoTokenizer
+
+    model = qradaptor.load(exported)
+
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    ids = tokenizer("The for statement is used to iterate over the elements of a sequence", return_tensors="pt")
+    ids = ids.input_ids[0, :24]
+    with torch.no_grad():
+        ours = torch.log_softmax(model(input_ids=ids[None]).logits[0].float(), -1)
+        with model.disable_adapter():
+            ours_base = torch.log_softmax(model(input_ids=ids[None]).logits[0].float(), -1)
+
+    def kl(p_log, q_log):  # mean per-position KL(p ‖ q)
+        return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
+
+    with LlamaCpp(exported / "model.gguf", exported / "adapter.gguf", n_ctx=64) as llm:
+        theirs = torch.log_softmax(torch.from_numpy(llm.logits(ids.tolist())), -1)
+    with LlamaCpp(exported / "model.gguf", n_ctx=64) as llm:
+        theirs_base = torch.log_softmax(torch.from_numpy(llm.logits(ids.tolist())), -1)
+    # llama.cpp quantizes activations to 8 bits for its Q4_1/Q5_1/Q8_0 matmuls: close, not equal
+    assert kl(ours, theirs) < 2e-3 and kl(ours_base, theirs_base) < 2e-3, (kl(ours, theirs), kl(ours_base, theirs_base))
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
+    # the adapter matters, in both: the fine-tune moved the model further than llama.cpp's rounding
+    assert kl(theirs, theirs_base) > 5 * kl(ours, theirs)
+    assert abs(kl(theirs, theirs_base) - kl(ours, ours_base)) < 0.25 * kl(ours, ours_base)
+
+
+def test_gguf_export_refuses_a_base_without_its_gguf(tmp_path, tiny_dir, capsys):
+    from qradaptor.plan import Plan
+
+    Plan.uniform(4, 4, 8).save(tmp_path / "plan.json")
+    words = tmp_path / "w.txt"
+    words.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(60)))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_dir), "--plan", str(tmp_path / "plan.json"), "--data", str(words),
+                 "--steps", "1", "--seq-len", "32", "--batch-size", "1", "--eval-blocks", "1", "--out", str(run),
+                 "-q"]) == 0
+    capsys.readouterr()
+    rc = main(["export", str(run), "--to", str(tmp_path / "out"), "--gguf", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "transformers directory" in err and "--gguf" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()  # nothing half-written
