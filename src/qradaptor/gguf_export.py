@@ -30,8 +30,8 @@ import torch
 
 from .errors import ArtifactError
 
-#: GGUF architectures written, by the source GGUF's ``general.architecture``; llama's q/k rows are permuted.
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+#: GGUF architectures written (the source GGUF's ``general.architecture``); llama's q/k rows are permuted.
+ARCHITECTURES = ("llama",)  # Qwen2/Qwen3 (no q/k permutation) are next: not yet checked in llama.cpp
 #: What llama.cpp's Modelfile for Ollama holds (paths relative to it).
 MODELFILE = "FROM ./model.gguf\nADAPTER ./adapter.gguf\n"
 BLOCK = 32  # weights per Q4_1 / Q5_1 / Q8_0 block
@@ -132,8 +132,9 @@ def _quantized_tensor(module, perm: torch.Tensor | None) -> tuple[np.ndarray, st
         return data, "Q8_0", weight
     per_group = module.group_size // BLOCK  # blocks per group, which share its constants
     codes = module.codes()
-    scale = module.scale.float().reshape(rows, -1)
-    zero = module.zero.float().reshape(rows, -1)
+    # copies: a loaded module's buffers can be inference tensors, whose views are refused outside inference mode
+    scale = module.scale.float().clone().reshape(rows, -1)
+    zero = module.zero.float().clone().reshape(rows, -1)
     if perm is not None:
         codes, scale, zero = codes[perm], scale[perm], zero[perm]
     d = scale.repeat_interleave(per_group, dim=1)
