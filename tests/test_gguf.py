@@ -49,10 +49,10 @@ def test_eight_bits_and_odd_groups_are_requantized_to_q8_0():
         assert kind == "Q8_0" and data.shape == (16, 64 // 32 * 34)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A 2-step fine-tune of the real SmolLM2-135M with every kind of layer (2- to 8-bit, 16-bit), exported
-    with --gguf."""
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def exported(request, tmp_path_factory):
+    """A 2-step fine-tune of the real SmolLM2-135M in each dtype with every kind of layer (3- to 8-bit, 16-bit),
+    exported with --gguf."""
     from qradaptor.plan import Plan
 
     tmp = tmp_path_factory.mktemp("gguf")
@@ -63,7 +63,8 @@ def exported(tmp_path_factory):
         plan["layers"][layer]["rank"] = 4
     (tmp / "plan.json").write_text(json.dumps(plan))
     run, out = tmp / "run", tmp / "export"
-    assert main(["train", "--plan", str(tmp / "plan.json"), "--steps", "2", "--seq-len", "32", "--batch-size", "1",
+    assert main(["train", "--plan", str(tmp / "plan.json"), "--dtype", request.param, "--steps", "2", "--seq-len", "32",
+                 "--batch-size", "1",
                  "--lr", "1e-2", "--eval-blocks", "1", "--out", str(run), "-q"]) == 0
     assert main(["export", str(run), "--to", str(out), "--gguf", "-q"]) == 0
     return out
@@ -80,7 +81,9 @@ def test_export_writes_model_adapter_and_modelfile(exported):
     types = {t.name: t.tensor_type.name for t in model.tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.1.attn_q.weight"] == "Q4_1"  # 3 and 4 bits
     assert types["blk.3.ffn_down.weight"] == "Q5_1"
-    assert types["blk.5.attn_v.weight"] == "Q8_0" and types["blk.6.attn_k.weight"] == "F32"  # 8 and 16 bits
+    dense = "F32" if info["dtype"] == "float32" else "BF16"  # 16-bit layers keep the run's dtype
+    assert types["blk.5.attn_v.weight"] == "Q8_0" and types["blk.6.attn_k.weight"] == dense  # 8 and 16 bits
+    assert types["blk.6.attn_norm.weight"] == "F32"
     assert "output.weight" not in types  # tied embeddings: llama.cpp uses token_embd
     adapter = gguf.GGUFReader(exported / "adapter.gguf")
     assert adapter.fields["adapter.lora.alpha"].contents() == 0.0
@@ -100,7 +103,7 @@ def test_llama_cpp_runs_the_export_as_qradaptor_does(exported):
     text = ("The for statement is used to iterate over the elements of a sequence (such as a string, tuple or list) "
             "or other iterable object. The starred target list is assigned each item in turn.")
     ids = tokenizer(text, return_tensors="pt").input_ids[0, :48]
-    with torch.no_grad():
+    with torch.no_grad():  # in the run's dtype, as llama.cpp computes with the BF16 weights it was given
         ours = torch.log_softmax(model(input_ids=ids[None]).logits[0].float(), -1)
         with model.disable_adapter():
             ours_base = torch.log_softmax(model(input_ids=ids[None]).logits[0].float(), -1)

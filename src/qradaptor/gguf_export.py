@@ -46,6 +46,7 @@ class GGUFReport:
     squares: dict[str, list[float]] = field(default_factory=dict)  # type -> [Σ‖Δ‖², Σ‖W‖²]
     model_bytes: int = 0
     adapter_bytes: int = 0
+    dtype: str = ""  # of the unquantized weights (the run's)
 
     def add(self, kind: str, written: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> None:
         self.types[kind] = self.types.get(kind, 0) + 1
@@ -57,7 +58,7 @@ class GGUFReport:
     def to_dict(self) -> dict:
         error = {k: (e / n if n else 0.0) for k, (e, n) in self.squares.items()}
         return {"types": dict(sorted(self.types.items())), "relative_error": error,
-                "model_bytes": self.model_bytes, "adapter_bytes": self.adapter_bytes}
+                "model_bytes": self.model_bytes, "adapter_bytes": self.adapter_bytes, "dtype": self.dtype}
 
 
 def source_gguf(spec: str | None) -> Path | None:
@@ -201,10 +202,11 @@ def write_gguf(trained, out: str | os.PathLike, spec: str | None) -> GGUFReport:
              "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
 
     def permutation(key: str, rows: int) -> torch.Tensor | None:
-        leaf = key.rsplit(".", 2)[-2] if key.endswith((".weight", ".bias")) else key.rsplit(".", 1)[-1]
-        return _permutation(rows, heads[leaf]) if arch == "llama" and leaf in heads else None
+        """The row order of the tensor ``key`` (``...q_proj.weight``) in llama.cpp, where it is not the HF one."""
+        module = key.rsplit(".", 2)[-2]
+        return _permutation(rows, heads[module]) if arch == "llama" and module in heads else None
 
-    report = GGUFReport()
+    report = GGUFReport(dtype=str(base.get_input_embeddings().weight.dtype).removeprefix("torch."))
     out = Path(out)
     writer = gguf.GGUFWriter(out / "model.gguf", arch)
     _copy_metadata(reader, writer)
