@@ -313,9 +313,9 @@ def cmd_export(args) -> int:
     if result["gguf"]:
         g = result["gguf"]
         kinds = ", ".join(f"{n} {k}" for k, n in g["types"].items())
-        errors = ", ".join(f"{k} {e:.1e}" for k, e in g["relative_error"].items())
+        errors = ", ".join(f"{k} {e:.1e}" for k, e in g["relative_error"].items()) or "none quantized"
         print(f"GGUF for llama.cpp / Ollama: {args.to}/model.gguf ({format_bytes(g['model_bytes'])}; tensors: {kinds}; "
-              f"relative error of the written decoder weights: {errors}) + adapter.gguf "
+              f"relative squared error of the written decoder weights: {errors}) + adapter.gguf "
               f"({format_bytes(g['adapter_bytes'])}) + Modelfile (ollama create NAME -f {args.to}/Modelfile)")
     return 0
 
