@@ -14,6 +14,7 @@ from qradaptor.memory import ModelShapes, parse_budget, predict
 from qradaptor.plan import DEFAULT_TARGET_MODULES, Plan
 from qradaptor.search import SearchConfig
 from qradaptor.search.storage import _config_fingerprint
+from test_search_reliability import assert_clean_error as assert_refused
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -26,14 +27,6 @@ def tiny(tmp_path_factory):
     words = tmp_path_factory.mktemp("data") / "words.txt"
     words.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(120)))
     return d, model, prior, str(words)
-
-
-def assert_refused(rc, err, *needles):
-    lines = err.strip().splitlines()
-    assert rc == 2 and "Traceback" not in err, err[-3000:]
-    assert len(lines) == 2 and lines[0].startswith("qradaptor: error: ") and lines[1].startswith("  fix: "), err
-    for needle in needles:
-        assert needle in err, err
 
 
 def test_search_plans_and_prices_the_given_targets(tiny, tmp_path, capsys):
