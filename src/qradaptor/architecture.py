@@ -3,8 +3,9 @@ linears each holds, and which of them get LoRA adapters by default.
 
 Every supported model is a decoder-only causal LM whose decoder layers form a ModuleList under its decoder stack
 (``model.layers`` in Llama, Mistral, Qwen2, Gemma, Phi-3, SmolLM, ...; ``gpt_neox.layers`` in GPT-NeoX), followed
-by a final norm and the LM head (`check_supported` refuses anything else, naming what is missing). Everything inside a decoder layer that is a plain
-``nn.Linear`` is quantized by a plan; embeddings, norms and ``lm_head`` are not. The default adapter targets are
+by a final norm and the LM head (`check_supported` refuses anything else, naming what is missing). Everything
+inside a decoder layer that is a plain ``nn.Linear`` is quantized by a plan, routed experts included once
+`split_experts` has made them linears; embeddings, norms and ``lm_head`` are not. The default adapter targets are
 Llama's seven projections where the model names them so, and every linear of the layer where it does not (Phi-3's
 fused ``qkv_proj`` and ``gate_up_proj``, ...): `resolve_targets`.
 """
