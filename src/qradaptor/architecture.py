@@ -98,6 +98,12 @@ def expert_holders(layer: nn.Module) -> list[str]:
     return [n for n, m in layer.named_modules() if isinstance(m, ExpertLinears)]
 
 
+def model_expert_holders(model: nn.Module) -> list[str]:
+    """The `ExpertLinears` names of every decoder layer of ``model``, relative to the layer, sorted: what PEFT must
+    exclude so that routed experts get no adapters (their names end like the targets: ``mlp.experts.down_proj``)."""
+    return sorted({h for _, layer in decoder_layers(model) for h in expert_holders(layer)})
+
+
 def linear_names(layer: nn.Module) -> tuple[str, ...]:
     """The short names (``q_proj``, ``qkv_proj``, ...) of a decoder layer's linears, plain or quantized, in order;
     a PEFT wrapper's own modules (``lora_A``, ``base_layer``) and the routed experts' per-expert linears are not
@@ -193,14 +199,14 @@ def split_experts(model: nn.Module) -> int:
     """Split every routed-experts module of the decoder layers into `ExpertLinears` (in place; computed by
     `experts_forward`), so they are quantized, priced and exported like the layer's other linears. Returns how
     many modules it split (0: the model has none, or they are split already)."""
-    split = 0
-    for _, layer in decoder_layers(model):
+    split, layers = 0, decoder_layers(model)
+    for _, layer in layers:
         for _, module in list(layer.named_modules()):
             for name in expert_weights(module):
                 weight = module._parameters.pop(name)
                 module.add_module(name, ExpertLinears(weight.detach()))
                 split += 1
-    if split or any(expert_holders(layer) for _, layer in decoder_layers(model)[:1]):
+    if split or any(expert_holders(layer) for _, layer in layers):  # split now, or before (a copy)
         from transformers.integrations.moe import ExpertsInterface
 
         ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)

@@ -63,10 +63,10 @@ def load_adapter(model, adapter_dir: Path):
                 f"'{adapter_dir}/adapter_model.safetensors')\"")
         raise ArtifactError(f"{adapter_dir} has no adapter_model.safetensors",
                             "export the training run again (qradaptor export RUN --to OUT)")
-    from .architecture import decoder_layers, expert_holders
+    from .architecture import model_expert_holders
 
     # routed experts split into per-expert linears get no adapters, as in training (`plan.lora_config`)
-    holders = sorted({h for _, layer in decoder_layers(model) for h in expert_holders(layer)})
+    holders = model_expert_holders(model)
     if not holders:
         return PeftModel.from_pretrained(model, adapter_dir)
     from peft import PeftConfig

@@ -159,7 +159,8 @@ def _dequantized(data: np.ndarray, kind: str) -> np.ndarray:
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
 
 
-def _copy_metadata(reader, writer, skip=("general.file_type", "general.quantization_version", "general.alignment")) -> None:
+def _copy_metadata(reader, writer,
+                   skip=("general.file_type", "general.quantization_version", "general.alignment")) -> None:
     """Every key of the source GGUF (tokenizer, hyperparameters, chat template), but the file-type keys."""
     import gguf
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-from .architecture import DEFAULT_TARGET_MODULES, decoder_layers, expert_holders, linear_names, resolve_targets
+from .architecture import DEFAULT_TARGET_MODULES, decoder_layers, linear_names, model_expert_holders, resolve_targets
 from .errors import PlanError
 from .io import atomic_write_text, read_text
 
@@ -239,8 +239,7 @@ def lora_config(plan: Plan, model, **overrides: Any):
                 key = re.escape(f"{layer_name}.{name}")
                 rank_pattern[key] = choice.rank
                 alpha_pattern[key] = plan.alpha_ratio * choice.rank
-    # routed experts get no adapters: their holders' names end like the targets (``mlp.experts.down_proj``)
-    holders = sorted({h for _, layer in decoder_layers(model) for h in expert_holders(layer)})
+    holders = model_expert_holders(model)  # routed experts get no adapters
     if holders:
         overrides = {"exclude_modules": holders, **overrides}
     kwargs = dict(
