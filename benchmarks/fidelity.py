@@ -59,11 +59,11 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
 
 from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
 
-FULL = {"steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "short_steps": (4, 8, 12, 24, 48),
+FULL = {"adapter_init": "activation", "steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "short_steps": (4, 8, 12, 24, 48),
         "eval_blocks": 16, "kl_blocks": 16, "profile_tokens": 4096, "greedy": 4, "random": 9, "mixed": 8,
         "seed_plans": ("search-4bit", "greedy-0.70", "random-5", "random-8", "uniform4-r16"), "seeds": 3}
 # SMOKE: a few uniform settings (most fit a tiny model's budget)
-SMOKE = {"steps": 4, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "short_steps": (1, 2, 3), "eval_blocks": 2,
+SMOKE = {"adapter_init": "activation", "steps": 4, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "short_steps": (1, 2, 3), "eval_blocks": 2,
          "kl_blocks": 2, "profile_tokens": 256, "greedy": 2, "random": 2, "mixed": 1, "seed_plans": ("greedy-0.70",),
          "seeds": 2, "uniform": {"bits": (3, 4), "ranks": (4, 16)}}
 #: Plans the first frontier benchmark's searches chose for SmolLM2 (benchmarks/results/frontier.json at 822f055;

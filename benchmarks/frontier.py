@@ -53,6 +53,7 @@ from benchmarks.common import (RESULTS, describe_cpu, environment, markdown_tabl
 BUDGETS = ("3bit", "3.5bit", "4bit", "5bit")
 FINALS = Path(__file__).resolve().parent / "work" / "finals"  # see run_final
 FULL = {  # SmolLM2 settings, chosen so the whole benchmark fits in about 1.5 h on 2 cores
+    "adapter_init": "activation",  # `train`'s default (results before it had this key: "zero")
     "steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "seeds": 3, "kl_blocks": 16, "profile_tokens": 4096,
     "rss_steps": 5, "grid": {"bits": (3, 4, 5, 6, 8), "ranks": (4, 8, 16, 32)},
     # 8 trials × 4 steps, the front's best plan and the warm start's 3 anchors promoted (+4 steps each, fewer where
@@ -64,6 +65,7 @@ FULL = {  # SmolLM2 settings, chosen so the whole benchmark fits in about 1.5 h 
                "full": {"name": "full", "steps": 8, "eval_blocks": 16}},
 }
 SMOKE = {
+    "adapter_init": "activation",
     "steps": 4, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "seeds": 2, "kl_blocks": 4, "profile_tokens": 256,
     "rss_steps": 2, "grid": {"bits": (3, 4, 8), "ranks": (4, 16)},
     "search": {"trials": 4, "population": 2, "promote": 1, "refine": 1, "warm_start": 2, "alpha": 1.0,
@@ -101,7 +103,8 @@ def final_run(spec_path: str) -> None:
     start = time.perf_counter()
     settings = dict(plan=spec["plan"], model=spec["model"], data=spec["data"], steps=spec["steps"],
                     seq_len=spec["seq_len"], batch_size=spec["batch_size"], lr=spec["lr"], seed=spec["seed"],
-                    dtype=spec["dtype"], eval_every=0, eval_blocks=16, checkpoint_every=spec["steps"], progress=False)
+                    dtype=spec["dtype"], eval_every=0, eval_blocks=16, checkpoint_every=spec["steps"], progress=False,
+                    adapter_init=spec.get("adapter_init", "zero"))
     try:  # a search's run of the plan (its first steps), continued: the result is that of a run from step 0
         result = train_plan(run_dir, init_from=spec.get("init_from"), **settings)
     except KeptRunMismatch as e:
@@ -141,6 +144,8 @@ def run_final(store: Path, label: str, plan, settings: dict, model, data, *, see
     spec = {"plan": plan.to_dict(), "model": model, "data": data, "steps": settings["steps"],
             "seq_len": settings["seq_len"], "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": seed,
             "dtype": dtype}
+    if settings.get("adapter_init", "zero") != "zero":  # the ledger's earlier keys (all zero starts) stay valid
+        spec["adapter_init"] = settings["adapter_init"]
     key, ledger = final_key(spec), ledger_path(store)
     where = store / key
     result_path = where / "final.json"
@@ -299,7 +304,8 @@ class Bench:
         self.trials, self.alpha = self.search_settings.pop("trials"), self.search_settings.pop("alpha")
         # float32, fine-tunes of their own schedule: the fidelity study's loss@K signals and KL measurements
         self.fitness = FineTuneFitness(self.base, self.tokenizer, data=self.data,
-                                       config=SearchConfig(budget_bytes=1, seq_len=self.settings["seq_len"], seed=0))
+                                       config=SearchConfig(budget_bytes=1, seq_len=self.settings["seq_len"], seed=0,
+                                                           adapter_init=self.settings["adapter_init"]))
         self._prefix_fitness = None
 
     def prefix_fitness(self):
@@ -341,7 +347,7 @@ class Bench:
         fitness = self.prefix_fitness()
         fitness.runs = out / RUNS_DIR
         settings = prefix_fidelities({"trials": self.trials, "seq_len": self.settings["seq_len"], "seed": 0,
-                                      **self.search_settings, **extra}, steps=self.settings["steps"],
+                                      "adapter_init": self.settings["adapter_init"], **self.search_settings, **extra}, steps=self.settings["steps"],
                                      batch_size=self.settings["batch_size"], lr=self.settings["lr"])
         return search(self.model, data=self.data, budget=budget, out=out, alpha=self.alpha,
                       sensitivity=str(self.search_profile()), progress=not self.smoke, fitness=fitness,
@@ -558,7 +564,8 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
     grid = settings["grid"]
     md = (f"# Quality vs memory on {title}\n\n"
           f"Every method: {settings['steps']} LoRA steps of {settings['batch_size']}×{settings['seq_len']} tokens "
-          f"(lr {settings['lr']}, seed 0) on the default data's training split, held-out loss on the whole test split "
+          f"(lr {settings['lr']}, seed 0, adapters started `{settings.get('adapter_init', 'zero')}`: "
+          f"qradaptor.adapter_init) on the default data's training split, held-out loss on the whole test split "
           f"({methods[0]['test_tokens']} tokens). HQQ group size 64; the shipped SmolLM2 weights were already "
           f"4-bit at group size 32 (GGUF Q4_1), dequantized to fp32 before anything here. Quantized runs compute in "
           f"{settings['dtype']} (the training default), checkpointing on; `lora16` is the bf16 base (weights and "

@@ -217,8 +217,23 @@ def test_final_fine_tunes_are_kept_by_what_decides_their_result():
     key = final_key(spec)
     assert final_key({**spec, "run_dir": "/a", "result": "/a/final.json", "label": "uniform4-r16"}) == key
     for field, other in [("plan", {"layers": [{"bits": 5, "rank": 4}]}), ("steps", 50), ("seed", 1),
-                         ("dtype", "float32"), ("lr", 1e-4), ("model", "other"), ("batch_size", 8)]:
+                         ("dtype", "float32"), ("lr", 1e-4), ("model", "other"), ("batch_size", 8),
+                         ("adapter_init", "activation")]:
         assert final_key({**spec, field: other}) != key, field
+
+
+def test_adapter_init_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_init.py"), "--smoke", "--work",
+                           str(tmp_path), "--plans", "uniform4-r16", "--seeds", "2"],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "adapter_init-smoke.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["zero", "svd", "loftq", "activation"]
+    assert len(rows["zero"]["seeds"]) == len(rows["activation"]["seeds"]) == 2 and len(rows["svd"]["seeds"]) == 1
+    # every start that fits the quantization error is closer to the full model at step 0 than B = 0
+    assert all(rows[m]["kl_before"] < rows["zero"]["kl_before"] for m in ("svd", "loftq", "activation"))
+    assert not (ROOT / "benchmarks" / "results" / "adapter_init-smoke.json").exists()
 
 
 def test_contention_benchmark_smoke(tmp_path):

@@ -491,7 +491,9 @@ def test_prefix_fidelity_is_where_the_longer_fine_tune_passes(tiny, words):
 
     d, model, _ = tiny
     plan = Plan([LayerChoice(4, 8), LayerChoice(3, 4), LayerChoice(8, 16), LayerChoice(4, 4)])
-    fitness = FineTuneFitness(model, load_model(str(d))[1], data=words, config=SearchConfig(budget_bytes=1, seq_len=32))
+    # zero-started adapters, as `prepare_model` below gives them (the start's own continuation: test_adapter_init)
+    fitness = FineTuneFitness(model, load_model(str(d))[1], data=words,
+                              config=SearchConfig(budget_bytes=1, seq_len=32, adapter_init="zero"))
     prefix = Fidelity("prefix", steps=2, eval_blocks=4, schedule_steps=6)
     along = fitness.trajectory(plan, prefix, [2, 4, 6])
     assert sorted(along) == [2, 4, 6] and len(set(along.values())) == 3

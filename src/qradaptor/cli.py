@@ -11,6 +11,7 @@ import warnings
 
 from . import threads
 from .errors import QRAdaptorError
+from .rundir import ADAPTER_INITS
 
 DTYPES = ("auto", "float32", "bfloat16")  # precision.DTYPE_CHOICES, without importing torch to parse arguments
 #: What every --dtype says about its default (one default across commands: precision.default_dtype).
@@ -110,6 +111,8 @@ def _training_settings(parser: argparse.ArgumentParser, *, skip: tuple[str, ...]
             target.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kind == "dtype":
             target.add_argument(flag, default=None, choices=DTYPES, help=text)
+        elif f.metadata.get("choices"):
+            target.add_argument(flag, default=None, choices=f.metadata["choices"], help=text)
         else:
             target.add_argument(flag, type=_KINDS[kind], default=None, help=text)
 
@@ -124,8 +127,8 @@ def _given_training_settings(args, *, skip: tuple[str, ...] = ()) -> dict:
 #: stages), and the training settings its search takes too.
 _RUN_OWN = ("steps", "epochs", "seq_len")
 #: The exploration's flags (`search` and `run`), and what `run` passes to its search.
-_EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "target_modules")
-_SEARCHED = (*_EXPLORATION, "backend", "seed")
+_EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "target_modules", "dora")
+_SEARCHED = (*_EXPLORATION, "backend", "seed", "adapter_init")
 
 
 def _given_search_settings(args) -> dict:
@@ -264,7 +267,8 @@ def cmd_profile(args) -> int:
 def cmd_search(args) -> int:
     from .commands import search, summary
 
-    settings = {**_given_search_settings(args), "backend": args.backend, "seed": args.seed, "seq_len": args.seq_len}
+    settings = {**_given_search_settings(args), "backend": args.backend, "seed": args.seed, "seq_len": args.seq_len,
+                "adapter_init": args.adapter_init}
     result = search(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
                     storage=args.storage, study=args.study, sensitivity=args.sensitivity, progress=not args.quiet,
                     device=args.device, dtype=args.dtype, final_steps=args.final_steps, **settings)
@@ -286,7 +290,7 @@ def cmd_train(args) -> int:
 
     r = train_plan(args.out, plan=args.plan, model=args.model, data=args.data, budget=args.budget, resume=args.resume,
                    progress=not args.quiet, device=args.device, init_from=args.init_from,
-                   target_modules=args.target_modules,
+                   target_modules=args.target_modules, dora=args.dora,
                    **_given_training_settings(args))
     resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""
     print(f"trained {r.config.steps} steps{resumed}: final training loss {r.train.final_loss:.4f}", end="")
@@ -424,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="bit-widths to choose from (default 2,3,4,5,6,8)")
     budgeted.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks to choose from (default 4,8,16,32)")
     _target_modules_flag(budgeted)
+    budgeted.add_argument("--dora", action="store_true", default=None,
+                          help="DoRA adapters in every plan (QDoRA: a trained magnitude per output row besides the "
+                               "LoRA pair; budgets in bits are priced with them)")
 
     p = sub.add_parser("search", parents=[common, budgeted, on_device], help="find a per-layer plan within a memory budget (stages 2-3)")
     p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
@@ -432,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", default=None, help="sensitivity.json (default: OUT/sensitivity.json, profiled if missing)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help=_setting_help("dtype") + "; the plans' fine-tunes compute in it and are priced in it")
+    p.add_argument("--adapter-init", default="activation", choices=ADAPTER_INITS,
+                   help=_setting_help("adapter_init") + "; the plans' fine-tunes start so (default activation)")
     p.add_argument("--final-steps", type=_positive_int, default=None, metavar="N",
                    help="measure plans on the first steps of an N-step fine-tune (train's default batch size and lr) "
                         "and keep the chosen plan's run, which `train --steps N --dtype D --init-from` continues")
@@ -450,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="plan file (.json or .yaml); with --resume, the run's own by default")
     p.add_argument("--data", default=None, help="JSONL/JSON/TXT file or HF dataset name (default: CPython's pydoc topics)")
     _target_modules_flag(p, "the plan's target_modules")
+    p.add_argument("--dora", action=argparse.BooleanOptionalAction, default=None,
+                   help="DoRA adapters (QDoRA on the quantized base: a trained magnitude per output row besides the "
+                        "LoRA pair), or --no-dora for plain LoRA (default: the plan's `dora`, false)")
     _training_settings(p)
     p.add_argument("--budget", default=None,
                    help="refuse to start when the predicted training peak exceeds train:SIZE (e.g. train:1.5GiB), "

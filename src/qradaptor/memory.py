@@ -157,9 +157,10 @@ def _adapted(layer: list, target_modules: tuple[str, ...]) -> list:
 
 
 def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, group_size: int,
-                target_modules: tuple[str, ...], base_bytes: int) -> tuple[int, int]:
+                target_modules: tuple[str, ...], base_bytes: int, dora: bool = False) -> tuple[int, int]:
     """One decoder layer (its linears' shapes) under ``choice``: the bytes of its weights (packed, or dense at
-    ``base_bytes`` per value when unquantized) and the number of LoRA parameters its target modules get.
+    ``base_bytes`` per value when unquantized) and the number of LoRA parameters its target modules get (with
+    ``dora``, each adapted module's magnitude vector too: one per output row).
     The one place a layer is priced: `predict` sums it, the search memoises it."""
     weights = 0
     for s in layer:
@@ -167,7 +168,8 @@ def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, grou
             weights += s.numel * base_bytes
         else:
             weights += backend.weight_bytes(s.out_features, s.in_features, choice.bits, group_size)
-    params = sum(choice.rank * (s.in_features + s.out_features) for s in _adapted(layer, target_modules))
+    params = sum(choice.rank * (s.in_features + s.out_features) + (s.out_features if dora else 0)
+                 for s in _adapted(layer, target_modules))
     return weights, params
 
 
@@ -193,7 +195,7 @@ def predict(
     per_layer = []
     for choice, layer in zip(plan.layers, shapes.layers):
         weights, params = layer_bytes(layer, choice, backend, group_size=plan.group_size,
-                                      target_modules=plan.target_modules, base_bytes=base)
+                                      target_modules=plan.target_modules, base_bytes=base, dora=plan.dora)
         lora_params += params
         quantized += weights
         per_layer.append(weights)
@@ -244,8 +246,9 @@ _BUDGET_RE = re.compile(r"^\s*(?P<num>\d+(\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s
 
 def uniform_bytes(shapes: ModelShapes, backend: QuantBackend, bits: float, *, rank: int = DEFAULT_RANK,
                   group_size: int = 64, base_dtype: torch.dtype | None = None,
-                  target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> int:
-    """Memory of every decoder layer at ``bits`` with ``rank`` adapters on ``target_modules``.
+                  target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES, dora: bool = False) -> int:
+    """Memory of every decoder layer at ``bits`` with ``rank`` adapters (DoRA ones with ``dora``) on
+    ``target_modules``.
 
     For a bit-width the backend stores this is the real uniform plan; between two stored bit-widths
     (``3.5``) it is the linear interpolation of their uniform plans.
@@ -258,7 +261,8 @@ def uniform_bytes(shapes: ModelShapes, backend: QuantBackend, bits: float, *, ra
         )
 
     def at(b: int) -> int:
-        plan = Plan.uniform(shapes.num_layers, b, rank, group_size=group_size, target_modules=target_modules)
+        plan = Plan.uniform(shapes.num_layers, b, rank, group_size=group_size, target_modules=target_modules,
+                            dora=dora)
         return predict(shapes, plan, backend, base_dtype=base_dtype).total_bytes
 
     if bits in supported:
@@ -270,8 +274,10 @@ def uniform_bytes(shapes: ModelShapes, backend: QuantBackend, bits: float, *, ra
 
 
 def parse_budget(text: str | int, shapes: ModelShapes, backend: QuantBackend, *, group_size: int = 64,
-                 base_dtype: torch.dtype | None = None, target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> int:
-    """Budget in bytes from ``4bit`` / ``3.5bit`` (memory of uniform bits at the default rank on ``target_modules``),
+                 base_dtype: torch.dtype | None = None, target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES,
+                 dora: bool = False) -> int:
+    """Budget in bytes from ``4bit`` / ``3.5bit`` (memory of uniform bits at the default rank on ``target_modules``,
+    DoRA adapters with ``dora``),
     ``350MB`` / ``1.2GiB`` / ``123456789`` (bytes), or ``0.3x`` (fraction of the 16-bit model)."""
     if isinstance(text, int):
         return text
@@ -287,7 +293,7 @@ def parse_budget(text: str | int, shapes: ModelShapes, backend: QuantBackend, *,
     value, unit = float(m["num"]), m["unit"]
     if unit == "bit":
         return uniform_bytes(shapes, backend, value, group_size=group_size, base_dtype=base_dtype,
-                             target_modules=target_modules)
+                             target_modules=target_modules, dora=dora)
     if unit == "x":
         if not 0 < value <= 1:
             raise BudgetError(f"a fraction budget must be in (0, 1], got {text!r}", "e.g. 0.3x")
@@ -457,21 +463,24 @@ class TrainingMemory:
         return {**asdict(self), "live_peak_bytes": self.live_peak_bytes, "peak_bytes": self.peak_bytes}
 
 
-def _layer_activation_values(config, tokens: int, ranks_by_module: int, dtype: torch.dtype) -> tuple[int, int]:
+def _layer_activation_values(config, tokens: int, ranks_by_module: int, dtype: torch.dtype,
+                             dora_outputs: int = 0) -> tuple[int, int]:
     """Bytes one Llama-style decoder layer with LoRA on its linears keeps for backward, and the bytes of the
     gradients alive while that layer's backward runs, for ``tokens`` tokens.
 
     Kept (per token): both RMSNorms' fp32 inputs (2h·4), their outputs (2h), the query, key and value after RoPE
     (h + 2kv), the attention output and o_proj's input (2h), the MLP's gate, SiLU, up and product (4i), and
     every LoRA A output (Σr·4, fp32 adapters). With a 16-bit compute dtype PEFT's casts to the fp32 adapters keep
-    another 2h + i fp32 values (counted with saved-tensor hooks). Frozen linears keep no weight.
+    another 2h + i fp32 values (counted with saved-tensor hooks). Frozen linears keep no weight. DoRA keeps, per
+    adapted module, its base output and its fp32 LoRA output for the magnitude's gradient (``dora_outputs``: the
+    adapted modules' output features summed).
     """
     a = _dtype_bytes(dtype)
     h, i = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     kv_dim = kv * (getattr(config, "head_dim", None) or h // heads)
-    kept = 2 * h * 4 + (2 * h + h + 2 * kv_dim + 2 * h + 4 * i) * a + ranks_by_module * 4
+    kept = 2 * h * 4 + (2 * h + h + 2 * kv_dim + 2 * h + 4 * i) * a + ranks_by_module * 4 + dora_outputs * (a + 4)
     if a < 4:
         kept += (2 * h + i) * 4
     # Backward of one layer: the gradient of the residual stream and of the widest intermediate, in fp32.
@@ -509,10 +518,10 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
     report = predict(shapes, plan, backend, base_dtype=dtype)
     tokens = batch_size * seq_len
     a = _dtype_bytes(dtype)
-    adapted = []  # per layer, the adapters whose rank-r activations it keeps
-    for layer in shapes.layers:
-        adapted.append(len(_adapted(layer, plan.target_modules)))
-    layer_costs = [_layer_activation_values(config, tokens, c.rank * n, dtype) for c, n in zip(plan.layers, adapted)]
+    adapted = [_adapted(layer, plan.target_modules) for layer in shapes.layers]  # per layer, its adapted linears
+    layer_costs = [_layer_activation_values(config, tokens, c.rank * len(n), dtype,
+                                            sum(s.out_features for s in n) if plan.dora else 0)
+                   for c, n in zip(plan.layers, adapted)]
     embeddings = tokens * config.hidden_size * a
     every_layer = embeddings + sum(k for k, _ in layer_costs) + max(t for _, t in layer_costs)
     if checkpointing:

@@ -52,6 +52,8 @@ class Plan:
       inside a decoder layer is quantized at the layer's bits. Embeddings, norms and ``lm_head`` are never
       quantized.
     - ``dropout``: LoRA dropout.
+    - ``dora``: DoRA adapters (PEFT's ``use_dora``): each adapted module also trains a magnitude per output row,
+      ``out_features`` more parameters (QDoRA on a quantized base).
     """
 
     layers: list[LayerChoice]
@@ -59,6 +61,7 @@ class Plan:
     alpha_ratio: float = 2.0
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     dropout: float = 0.0
+    dora: bool = False
 
     def __post_init__(self) -> None:
         self.layers = [c if isinstance(c, LayerChoice) else LayerChoice(**c) for c in self.layers]
@@ -128,6 +131,8 @@ class Plan:
         d = asdict(self)
         d["layers"] = [{"bits": c.bits, "rank": c.rank} for c in self.layers]
         d["target_modules"] = list(self.target_modules)
+        if not self.dora:  # written only when on: a plan's file and digest stay those of earlier versions
+            del d["dora"]
         return d
 
     def save(self, path: str | Path) -> Path:
@@ -161,6 +166,8 @@ class Plan:
             raise PlanError("target_modules is empty", f"the default is {list(DEFAULT_TARGET_MODULES)}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise PlanError(f"dropout must be in [0, 1), got {self.dropout!r}", "the default is 0.0")
+        if not isinstance(self.dora, bool):
+            raise PlanError(f"dora must be true or false, got {self.dora!r}", "the default is false (plain LoRA)")
 
     def check_model(self, model, *, source: str = "plan") -> None:
         """Checks against a model: one entry per decoder layer, target modules present."""
@@ -205,7 +212,7 @@ class Plan:
         return [c.rank for c in self.layers]
 
     def describe(self) -> str:
-        """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30``."""
+        """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30`` (``| DoRA`` after it for DoRA adapters)."""
 
         def runs(values: Iterable[int], unit: str) -> str:
             counts: dict[int, int] = {}
@@ -213,7 +220,7 @@ class Plan:
                 counts[v] = counts.get(v, 0) + 1
             return " ".join(f"{unit}{v}×{n}" if unit == "r" else f"{v}b×{n}" for v, n in sorted(counts.items()))
 
-        return f"{runs(self.bits, 'b')} | {runs(self.ranks, 'r')}"
+        return f"{runs(self.bits, 'b')} | {runs(self.ranks, 'r')}" + (" | DoRA" if self.dora else "")
 
 
 def lora_config(plan: Plan, model, **overrides: Any):
@@ -251,6 +258,7 @@ def lora_config(plan: Plan, model, **overrides: Any):
         alpha_pattern=alpha_pattern,
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=plan.dora,
     )
     kwargs.update(overrides)
     return LoraConfig(**kwargs)

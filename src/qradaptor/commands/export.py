@@ -100,6 +100,10 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
     if gguf:
         from ..gguf_export import check_exportable
 
+        if (run.get("plan") or {}).get("dora"):
+            raise ArtifactError("llama.cpp applies LoRA adapters only, and this run trained DoRA adapters (a magnitude "
+                                "per output row that a LoRA pair cannot hold)",
+                                "export without --gguf (transformers + PEFT load DoRA), or train with --no-dora")
         check_exportable(run["config"].get("model"))  # before the slow part: refused, nothing written
 
     trained = trained or open_run(run_dir)

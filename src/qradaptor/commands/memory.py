@@ -49,7 +49,7 @@ def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", 
             out["fitting_batch"] = None if fit is None else {"batch_size": fit[0], "checkpointing": fit[1]}
         else:
             budget_bytes = parse_budget(budget, shapes, quant, group_size=plan.group_size,
-                                        target_modules=plan.target_modules)
+                                        target_modules=plan.target_modules, dora=plan.dora)
             check_budget(budget_bytes, shapes, quant, group_size=plan.group_size, target_modules=plan.target_modules)
             out.update(budget_bytes=budget_bytes, budget_on="stored model", fits=report.total_bytes <= budget_bytes)
     if measure:

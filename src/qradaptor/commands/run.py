@@ -272,7 +272,7 @@ def _train_status(train_dir: Path) -> str | None:
 def held_out_metrics(model, tokenizer, *, data: str | None, seq_len: int, max_blocks: int | None,
                  progress: bool = True) -> dict:
     """Test-split loss of a trained PEFT ``model``, and of the same quantized base with its adapters off
-    (``test_loss_before``: what the plan's quantization alone gives, the adapters being untrained)."""
+    (``test_loss_before``: what the plan's quantization alone gives)."""
     from ..data import load_blocks
 
     blocks = load_blocks(data, tokenizer, "test", seq_len=seq_len, max_blocks=max_blocks, model=model)
@@ -344,7 +344,9 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     log.info("run: computing in %s on %s", dtype, device)
     # in the fine-tune's dtype: the search's fine-tunes are then the final one's first steps, exactly
     base = load_base(model, dtype=DTYPES[dtype])
-    if "target_modules" in (search_settings or {}):  # refused before the profile, naming the model's linears
+    # the search's fine-tunes start their adapters as the final one does (its beginning is one of them)
+    search_settings = {**(search_settings or {}), "adapter_init": train_defaults["adapter_init"]}
+    if "target_modules" in search_settings:  # refused before the profile, naming the model's linears
         search_settings = {**search_settings,
                            "target_modules": list(Plan.check_targets(base.model, search_settings["target_modules"]))}
     model_fp, data_fp = model_fingerprint(base.model), _data_fingerprint(data, seq_len)

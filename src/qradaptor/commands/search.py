@@ -100,7 +100,8 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
     train_budget = parse_training_budget(budget)
     if train_budget is None:
         budget_bytes = parse_budget(budget, shapes, backend, group_size=settings.get("group_size", 64),
-                                    target_modules=tuple(settings.get("target_modules") or DEFAULT_TARGET_MODULES))
+                                    target_modules=tuple(settings.get("target_modules") or DEFAULT_TARGET_MODULES),
+                                    dora=bool(settings.get("dora")))
         config = SearchConfig(budget_bytes=budget_bytes, alpha=alpha, trials=trials, **settings)
     else:
         config = SearchConfig(budget_bytes=train_budget, alpha=alpha, trials=trials, budget_on="training", **settings)

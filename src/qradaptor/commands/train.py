@@ -23,7 +23,7 @@ from ..evaluate import evaluate_loss
 from ..memory import release_free_memory
 from ..io import AtomicDirectory, atomic_write_json, check_output_dir
 from ..models import LoadedModel, load_base
-from ..rundir import (ADAPTER_DIR, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, PLAN_FILE, RUN_FILE, RUN_FORMAT,
+from ..rundir import (ADAPTER_DIR, ADAPTER_INITS, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, PLAN_FILE, RUN_FILE, RUN_FORMAT,
                       RunConfig, package_versions, read_run)
 from ..train import (STATE_JSON, TrainConfig, TrainResult, TrainState, load_checkpoint, save_checkpoint,
                      train)
@@ -102,6 +102,9 @@ def _resolve(given: dict, saved: dict | None) -> RunConfig:
         raise ArtifactError(f"epochs must be positive, got {config.epochs}", "pass e.g. --epochs 1")
     if config.dtype not in DTYPE_CHOICES:
         raise ArtifactError(f"unknown dtype {config.dtype!r}", f"use one of {', '.join(DTYPE_CHOICES)}")
+    if config.adapter_init not in ADAPTER_INITS:
+        raise ArtifactError(f"unknown adapter start {config.adapter_init!r}",
+                            f"use --adapter-init {' or '.join(ADAPTER_INITS)}")
     _check_numbers(config)
     return config
 
@@ -172,7 +175,9 @@ class KeptRunMismatch(ArtifactError):
 
 def _check_snapshot(directory: Path, info: dict, this_run: dict) -> None:
     """Refuse to continue a kept run that is not the beginning of this one, naming what differs."""
-    differ = [k for k, v in this_run.items() if k != "train_config" and info.get(k) != v]
+    from ..search.fitness import SNAPSHOT_DEFAULTS
+
+    differ = [k for k, v in this_run.items() if k != "train_config" and info.get(k, SNAPSHOT_DEFAULTS.get(k)) != v]
     kept = info.get("train_config") or {}
     # what is computed does not depend on these: evaluation and activation checkpointing
     same = ("eval_every", "gradient_checkpointing")
@@ -202,7 +207,7 @@ def _check_budget(budget, memory, estimate, shapes, plan, quant, model_config, c
                               grad_accum=config.grad_accum)
         return
     stored = parse_budget(budget, shapes, quant, group_size=plan.group_size, base_dtype=dtype,
-                          target_modules=plan.target_modules)
+                          target_modules=plan.target_modules, dora=plan.dora)
     if memory.total_bytes > stored:
         raise BudgetError(f"the plan takes {format_bytes(memory.total_bytes)}, over the budget {format_bytes(stored)}",
                           "search a plan within the budget (qradaptor search --budget ...) or give a larger one")
@@ -224,9 +229,9 @@ def _check_run_dir(out: Path, saved: dict | None, resume: bool) -> None:
         raise ArtifactError(f"{out} exists and is not empty", "choose a new or empty --out directory")
 
 
-def _plan_to_train(plan, saved: dict | None, out: Path, target_modules=None):
-    """The plan given, or the saved one on resume, with ``target_modules`` in place of its own where given; a
-    different plan (or targets) on resume is a changed setting."""
+def _plan_to_train(plan, saved: dict | None, out: Path, target_modules=None, dora: bool | None = None):
+    """The plan given, or the saved one on resume, with ``target_modules`` and ``dora`` in place of its own where
+    given; a different plan (or targets) on resume is a changed setting."""
     from ..plan import Plan
 
     if plan is None:
@@ -238,10 +243,13 @@ def _plan_to_train(plan, saved: dict | None, out: Path, target_modules=None):
     if target_modules is not None:
         targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
         plan_obj = dataclasses.replace(plan_obj, target_modules=targets)
+    if dora is not None:
+        plan_obj = dataclasses.replace(plan_obj, dora=dora)
     if saved is not None and plan_obj.to_dict() != saved["plan"]:
         before = Plan.from_dict(saved["plan"])
         what = (f"target modules {list(before.target_modules)} → {list(plan_obj.target_modules)}"
                 if before.layers == plan_obj.layers and before.target_modules != plan_obj.target_modules
+                else f"dora {before.dora} → {plan_obj.dora}" if before.dora != plan_obj.dora
                 else f"{before.describe()} → {plan_obj.describe()}")
         raise ArtifactError(f"cannot resume with changed settings: the plan differs from {out / PLAN_FILE} ({what})",
                             "resume with the run's own plan (or omit --plan and --target-modules), or start a new "
@@ -266,6 +274,7 @@ class _Prepared:
     model_fingerprint: str
     data_fingerprint: str
     dtype_choice: dict
+    adapter_start: dict | None = None  # how the adapters were fitted (None: PEFT's zero start, or a resumed run)
 
 
 def _choose_dtype(config: RunConfig, device, init_from, snapshot: dict | None) -> dict:
@@ -282,7 +291,7 @@ def _choose_dtype(config: RunConfig, device, init_from, snapshot: dict | None) -
 
 
 def _prepare(config: RunConfig, plan, loaded: LoadedModel | None, saved: dict | None, *, budget, init_from,
-             snapshot: dict | None) -> _Prepared:
+             snapshot: dict | None, fresh: bool) -> _Prepared:
     """Load, check and quantize everything the fine-tune needs; whatever the user's input gets wrong is refused
     here, before the run directory is touched."""
     from ..backends import get_backend
@@ -327,13 +336,39 @@ def _prepare(config: RunConfig, plan, loaded: LoadedModel | None, saved: dict | 
         _check_snapshot(init_from, snapshot, {
             "plan": plan.to_dict(), "model_fingerprint": fingerprint, "dtype": config.dtype,
             "backend": config.backend, "seq_len": config.seq_len, "data_fingerprint": data_fp,
+            "adapter_init": config.adapter_init,
             "train_config": _loop_config(config).to_dict()})
+    # The adapter start is fitted on the dense model, before quantizing it in place uses it up; ``fresh``: the run
+    # starts at step 0 (a resumed or continued run loads its adapters).
+    factors, start, cache = {}, None, None
+    if config.adapter_init != "zero" and fresh:
+        factors, start, cache = _fit_start(config, base, plan, quant, train_blocks)
     # In place: each dense linear moves to the device, is quantized there and is freed as its quantized version
     # replaces it (bits and shapes are checked first).
-    tuned = add_adapters(quantize_model(base, plan, quant, dtype=dtype, inplace=True, device=device), plan,
-                         seed=config.seed)
+    tuned = add_adapters(quantize_model(base, plan, quant, cache=cache, dtype=dtype, inplace=True, device=device),
+                         plan, seed=config.seed)
+    if factors:
+        from ..adapter_init import apply_start
+
+        apply_start(tuned, factors)
     return _Prepared(config, plan, tuned, train_blocks, eval_blocks, memory, estimate, quant.name, device,
-                     fingerprint, data_fp, dtype_choice)
+                     fingerprint, data_fp, dtype_choice, start)
+
+
+def _fit_start(config: RunConfig, base, plan, quant, train_blocks):
+    """The adapters' start (`qradaptor.adapter_init`) fitted on the dense ``base``, what to record of it, and the
+    quantization cache it filled (the codes it fitted against: quantizing the model then reuses them)."""
+    from ..adapter_init import AdapterStart, calibration_subset
+    from ..backends import QuantCache
+
+    began = time.perf_counter()
+    cache = QuantCache(quant)
+    calibration = calibration_subset(train_blocks)
+    factors = AdapterStart(base, config.adapter_init, cache, blocks=calibration,
+                           max_rank=max(plan.ranks)).factors(plan)
+    start = {"method": config.adapter_init, "modules": len(factors), "seconds": round(time.perf_counter() - began, 2),
+             "calibration_tokens": int(calibration.input_ids.numel()) if config.adapter_init == "activation" else 0}
+    return factors, start, cache
 
 
 def _log_plan(say, job: _Prepared, reason: str) -> None:
@@ -389,6 +424,12 @@ def _start(out: Path, job: _Prepared, saved: dict | None, init_from: Path | None
         run["initialised_from"] = {"path": str(init_from), "step": state.step}
         say("continuing the search's run of this plan from step %d of %d (%s): those steps are not trained "
             "again", state.step, config.steps, init_from)
+    if job.adapter_start:
+        start = job.adapter_start
+        say("adapters start fitted to the quantization error (%s, %d modules%s) in %.1f s", start["method"],
+            start["modules"], f", {start['calibration_tokens']} calibration tokens" if start["calibration_tokens"]
+            else "", start["seconds"])
+        run["adapter_start"] = start
     run["training_estimate"] = job.estimate.to_dict()
     atomic_write_json(out / RUN_FILE, run)
     return run, state
@@ -490,7 +531,7 @@ def _fine_tune(out: Path, job: _Prepared, saved: dict | None, init_from: Path | 
 def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = None, data: str | None = None,
                budget: str | int | None = None, resume: bool = False, progress: bool = True,
                init_from: str | Path | None = None, target_modules: tuple[str, ...] | None = None,
-               **settings) -> RunResult:
+               dora: bool | None = None, **settings) -> RunResult:
     """What ``qradaptor train`` runs: the full fine-tune of ``plan`` on the quantized base, into ``out``.
 
     ``settings`` are `RunConfig` fields (``steps``, ``epochs``, ``batch_size``, ``lr``, ``dtype``, ...). Those
@@ -509,7 +550,8 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
     a run from step 0. It must be the beginning of this very run (plan, model, data, schedule, dtype), else the
     run is refused, naming what differs; with ``dtype="auto"`` (the default) the run takes the kept run's dtype.
 
-    ``target_modules``: the linears of each decoder layer that get adapters, in place of the plan's own.
+    ``target_modules``: the linears of each decoder layer that get adapters, in place of the plan's own; ``dora``:
+    DoRA adapters (True) or plain LoRA (False) in place of the plan's ``dora``.
     """
     known = set(RunConfig.__dataclass_fields__) - {"model", "data"}
     if set(settings) - known:
@@ -531,8 +573,11 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
 
         parse_training_budget(budget)  # a malformed train:SIZE fails before the model and the data load
     config = _resolve({**settings, "model": model, "data": data}, None if saved is None else saved["config"])
-    plan_obj = _plan_to_train(plan, saved, out, target_modules)
-    job = _prepare(config, plan_obj, loaded, saved, budget=budget, init_from=init_from, snapshot=snapshot)
+    plan_obj = _plan_to_train(plan, saved, out, target_modules, dora)
+    # a new run (or one interrupted before its first checkpoint) starts its adapters; the others load theirs
+    fresh = init_from is None and not (saved is not None and (_checkpoints(out) or saved.get("initialised_from")))
+    job = _prepare(config, plan_obj, loaded, saved, budget=budget, init_from=init_from, snapshot=snapshot,
+                   fresh=fresh)
     return _fine_tune(out, job, saved, init_from, progress)
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from ..architecture import DEFAULT_TARGET_MODULES
 from ..errors import QRAdaptorError
 from ..plan import DEFAULT_BIT_LADDER
+from ..rundir import ADAPTER_INITS
 
 DEFAULT_BITS = DEFAULT_BIT_LADDER  # (2, 3, 4, 5, 6, 8): exact packing makes 5 and 6 bits worth their bytes
 DEFAULT_RANKS = (4, 8, 16, 32)
@@ -58,9 +59,11 @@ class SearchConfig:
     group_size: int = 64
     # the linears of each decoder layer that get adapters (every plan's `Plan.target_modules`)
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    dora: bool = False  # DoRA adapters in every plan (`Plan.dora`)
     backend: str = "hqq"
     rank_value: float = 1 / 3
     gradient_checkpointing: bool = True  # in the search's fine-tunes (see TrainConfig)
+    adapter_init: str = "activation"  # how the search's fine-tunes start their adapters (RunConfig.adapter_init)
     # "stored": the budget is on the stored model (predict); "training": on the predicted training peak, i.e.
     # stored bytes + adapter gradients and AdamW state (12 bytes per trainable parameter) + training_fixed_bytes
     # (runtime, activations at the largest rank, loss: memory.training_memory for train_batch_size × seq_len).
@@ -81,10 +84,17 @@ class SearchConfig:
             raise SearchError(f"--alpha must be between 0 and 1, got {self.alpha}", "0.5 weighs quality and memory equally")
         if self.budget_on not in ("stored", "training"):
             raise SearchError(f"unknown budget kind {self.budget_on!r}", "use stored or training")
+        if self.adapter_init not in ADAPTER_INITS:
+            raise SearchError(f"unknown adapter start {self.adapter_init!r}",
+                              f"use --adapter-init {' or '.join(ADAPTER_INITS)}")
         if self.sampler not in ("nsga2", "random"):
             raise SearchError(f"unknown sampler {self.sampler!r}", "use nsga2 or random")
         if self.trials < 1 or self.population < 2:
             raise SearchError("the search needs at least 1 trial and a population of 2", "e.g. --trials 8 --population 4")
+
+    def plan_settings(self) -> dict:
+        """What every plan of this search shares besides its layers (the `Plan` fields)."""
+        return {"group_size": self.group_size, "target_modules": self.target_modules, "dora": self.dora}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -94,5 +104,6 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
         # a study from before target modules were a setting adapted the default ones
-        return cls(**{**d, "bits": tuple(d["bits"]), "ranks": tuple(d["ranks"]),
+        # and started its adapters at zero
+        return cls(**{"adapter_init": "zero", **d, "bits": tuple(d["bits"]), "ranks": tuple(d["ranks"]),
                       "target_modules": tuple(d.get("target_modules") or DEFAULT_TARGET_MODULES)})

@@ -19,6 +19,8 @@ log = logging.getLogger("qradaptor")
 #: Written beside a kept prefix run (FineTuneFitness.trajectory(keep=...)): what it is the beginning of.
 SNAPSHOT_FILE = "snapshot.json"
 SNAPSHOT_FORMAT = "qradaptor-snapshot-1"
+#: What a snapshot written before a setting existed meant by it (those runs all started their adapters at zero).
+SNAPSHOT_DEFAULTS = {"adapter_init": "zero"}
 #: Where a search keeps its plans' prefix runs, under its --out: ``runs/<run_name(plan)>``.
 RUNS_DIR = "runs"
 
@@ -55,6 +57,7 @@ class FineTuneFitness:
         self.eval_blocks = load_blocks(data, tokenizer, "validation", seq_len=config.seq_len, seed=config.seed,
                                        model=model)
         self._fingerprints: dict | None = None
+        self._start = None  # the adapter starts (AdapterStart), fitted as plans need them
 
     def __call__(self, plan: Plan, fidelity: Fidelity) -> tuple[float, int]:
         if fidelity.schedule_steps:
@@ -124,6 +127,7 @@ class FineTuneFitness:
             self._fingerprints = {
                 "model_fingerprint": model_fingerprint(self.model), "dtype": str(self.dtype).removeprefix("torch."),
                 "backend": self.config.backend, "seq_len": self.config.seq_len,
+                "adapter_init": self.config.adapter_init,
                 "data_fingerprint": data_fingerprint(self.data, "train", self.config.seq_len, seed=self.config.seed)}
         return {"format": SNAPSHOT_FORMAT, "step": step, "train_config": config.to_dict(), "plan": plan.to_dict(),
                 **self._fingerprints}
@@ -175,14 +179,22 @@ class FineTuneFitness:
         if info is None:
             return 0
         expected = self.snapshot(plan, self._schedule(fidelity), info["step"])
-        if any(info.get(k) != v for k, v in expected.items()):
+        if any(info.get(k, SNAPSHOT_DEFAULTS.get(k)) != v for k, v in expected.items()):
             return 0
         return info["step"] if info["step"] <= fidelity.steps else -1
 
     def _prepare(self, plan: Plan):
+        from ..adapter_init import AdapterStart, apply_start, calibration_subset
         from ..quantize import prepare_model
 
-        return prepare_model(self.model, plan, cache=self.cache, seed=self.config.seed, device=self.device)
+        model = prepare_model(self.model, plan, cache=self.cache, seed=self.config.seed, device=self.device)
+        if self.config.adapter_init != "zero":
+            if self._start is None:  # fitted once per (module, bits) at the largest rank, shared by every plan
+                self._start = AdapterStart(self.model, self.config.adapter_init, self.cache,
+                                           blocks=calibration_subset(self.train_blocks),
+                                           max_rank=max(self.config.ranks))
+            apply_start(model, self._start.factors(plan))
+        return model
 
     def _eval_blocks(self, fidelity: Fidelity):
         return self.eval_blocks.subset(min(fidelity.eval_blocks, len(self.eval_blocks)))

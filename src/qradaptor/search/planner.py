@@ -75,7 +75,7 @@ class Planner:
             weights, params = layer_bytes(self.shapes.layers[layer], choice, self.backend,
                                           group_size=self.template.group_size,
                                           target_modules=self.template.target_modules,
-                                          base_bytes=self.backend.metadata_bytes)
+                                          base_bytes=self.backend.metadata_bytes, dora=self.template.dora)
             self._layer_bytes[key] = weights + params * self.param_bytes
         return self._layer_bytes[key]
 
@@ -83,7 +83,7 @@ class Planner:
         return self.fixed_bytes + sum(self.layer_bytes(l, c) for l, c in enumerate(plan.layers))
 
     def plan(self, choices: list[LayerChoice]) -> Plan:
-        return Plan(list(choices), group_size=self.template.group_size, target_modules=self.template.target_modules)
+        return Plan(list(choices), **self.config.plan_settings())
 
     def _moves(self, choices: list[LayerChoice], direction: int):
         """One-rung moves (down: -1, up: +1) with their (Δcost, Δbytes)."""
@@ -150,13 +150,12 @@ def plan_key(plan: Plan) -> str:
 
 def plan_from_key(key: str, config: SearchConfig) -> Plan:
     """The plan a trial's ``plan_key`` names, with the search's settings."""
-    return Plan([LayerChoice(*map(int, item.split("/"))) for item in key.split(",")], group_size=config.group_size,
-                target_modules=config.target_modules)
+    return Plan([LayerChoice(*map(int, item.split("/"))) for item in key.split(",")], **config.plan_settings())
 
 
 def config_plan(config: SearchConfig, num_layers: int, bits: int, rank: int) -> Plan:
-    """The uniform plan at ``bits`` and ``rank`` with the search's settings (group size, target modules)."""
-    return Plan.uniform(num_layers, bits, rank, group_size=config.group_size, target_modules=config.target_modules)
+    """The uniform plan at ``bits`` and ``rank`` with the search's settings (group size, target modules, DoRA)."""
+    return Plan.uniform(num_layers, bits, rank, **config.plan_settings())
 
 
 def training_fixed_bytes(shapes: ModelShapes, backend: QuantBackend, model_config, config: SearchConfig) -> int:

@@ -163,7 +163,8 @@ def plot_pareto(result: SearchResult, path: Path, shapes: ModelShapes, backend: 
         if b in result.config.get("bits", []):
             report = predict(shapes, Plan.uniform(
                 shapes.num_layers, b, DEFAULT_RANK, group_size=result.config["group_size"],
-                target_modules=result.config.get("target_modules") or DEFAULT_TARGET_MODULES), backend)
+                target_modules=result.config.get("target_modules") or DEFAULT_TARGET_MODULES,
+                dora=bool(result.config.get("dora"))), backend)
             m = report.total_bytes + (ADAPTER_STATE_BYTES * report.trainable_params
                                       + result.config.get("training_fixed_bytes", 0) if training else 0)
             ax.axvline(m / mib, color="grey", ls=":", lw=0.8)

@@ -1,0 +1,232 @@
+"""Quantization-aware adapter starts compared (issue #29 item 3), on SmolLM2-135M-Instruct with the default data.
+
+For each plan and each start (qradaptor.adapter_init: ``zero`` = PEFT's B = 0, ``svd`` = rank-r SVD of the
+quantization error (LoftQ, one iteration), ``loftq`` = LoftQ's alternation (5 iterations; new codes, same bytes),
+``activation`` = the fit weighted by the calibration inputs' second moment): the start's seconds, the KL to the
+full model and the test loss at step 0, then the test loss after the frontier's fine-tune (100 steps of 4×128,
+lr 3e-4, the training dtype of this CPU, checkpointing on), seeds as asked. The same recipe as
+benchmarks/frontier.py's finals, so its ``zero`` rows reproduce the frontier's figures.
+
+    .venv/bin/python benchmarks/adapter_init.py                 # SmolLM2, ~4 min per case on 2 cores, resumable
+    .venv/bin/python benchmarks/adapter_init.py --smoke         # tiny random model, seconds: keeps the script working
+
+Each case's result is kept in --work (default benchmarks/work/adapter_init); rerunning skips finished cases.
+Writes benchmarks/results/adapter_init.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (profile.py would shadow the stdlib's)
+    import pathlib
+
+    _here = pathlib.Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
+
+from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
+
+METHODS = ("zero", "svd", "loftq", "activation")
+FULL = {"steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "kl_blocks": 16, "calibration_tokens": 4096,
+        "loftq_iterations": 5}
+SMOKE = {"steps": 3, "seq_len": 32, "batch_size": 2, "lr": 3e-4, "kl_blocks": 2, "calibration_tokens": 128,
+         "loftq_iterations": 2}
+
+
+def frontier_plan(name: str):
+    """A plan the committed frontier chose (its ``plan_layers``), or None when the frontier has no such method."""
+    from qradaptor.plan import Plan
+
+    path = RESULTS / "frontier.json"
+    if not path.is_file():
+        return None
+    row = next((m for m in json.loads(path.read_text())["methods"] if m["name"] == name), None)
+    return None if row is None else Plan.from_dict({"layers": row["plan_layers"]})
+
+
+def from_ledger(plan, seed: int, settings: dict) -> dict | None:
+    """The frontier's final fine-tune of ``plan`` with the zero start (its finals ledger, committed): the same recipe
+    as a ``zero`` case here (seed 0 reproduces it exactly), so its seeds are not trained again."""
+    from benchmarks.frontier import FINALS, final_key, ledger_path, read_ledger
+
+    spec = {"plan": plan.to_dict(), "model": None, "data": None, "steps": settings["steps"],
+            "seq_len": settings["seq_len"], "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": seed,
+            "dtype": settings["dtype"]}
+    kept = read_ledger(ledger_path(FINALS)).get(final_key(spec))
+    return None if kept is None else {"loss": kept["result"]["loss"], "train_seconds": kept["result"]["train_seconds"],
+                                      "from_frontier": True}
+
+
+def kl_to(reference, model, blocks) -> float:
+    """Mean per-token KL(reference ‖ model) on ``blocks``."""
+    import torch
+
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(blocks), 4):
+            ids = blocks.input_ids[i : i + 4]
+            p = torch.log_softmax(reference(input_ids=ids).logits.float(), -1)
+            q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+            total += float((p.exp() * (p - q)).sum())
+            tokens += ids.numel()
+    return total / tokens
+
+
+def run_case(base, plan, method: str, seed: int, settings: dict, data: dict, cache) -> dict:
+    """Quantize ``plan``, start its adapters with ``method``, measure, fine-tune, measure again."""
+    from qradaptor.adapter_init import AdapterStart, apply_start, calibration_subset, loftq_start
+    from qradaptor.evaluate import evaluate_loss
+    from qradaptor.quantize import add_adapters, quantize_model, set_child
+    from qradaptor.train import TrainConfig, train
+
+    start = time.perf_counter()
+    quantized = quantize_model(base, plan, cache=cache)
+    quantize_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    if method == "loftq":
+        fitted = loftq_start(base, plan, cache.backend, iterations=settings["loftq_iterations"])
+        for name, (module, _) in fitted.items():
+            set_child(quantized, name, module)
+        factors = {name: fit for name, (_, fit) in fitted.items()}
+    else:
+        starter = AdapterStart(base, method, cache, blocks=calibration_subset(data["train"],
+                                                                               settings["calibration_tokens"]),
+                               max_rank=max(plan.ranks))
+        factors = starter.factors(plan)
+    model = add_adapters(quantized, plan, seed=seed)
+    apply_start(model, factors)
+    start_seconds = time.perf_counter() - start
+    model.eval()
+    kl0 = kl_to(base, model, data["kl"])
+    loss0 = evaluate_loss(model, data["test"], progress=False).loss
+    config = TrainConfig(steps=settings["steps"], batch_size=settings["batch_size"], lr=settings["lr"], seed=seed)
+    result = train(model, data["train"], config, progress=False)
+    loss = evaluate_loss(model, data["test"], progress=False).loss
+    return {"start_seconds": start_seconds, "quantize_seconds": quantize_seconds, "kl_before": kl0,
+            "loss_before": loss0, "loss": loss, "train_seconds": result.seconds, "final_train_loss": result.final_loss}
+
+
+def same_seeds(losses: list[float] | None, n: int) -> float:
+    """The mean of the first ``n`` seeds' losses (a row's difference is taken over the seeds it ran)."""
+    return sum(losses[:n]) / n if losses and len(losses) >= n else float("nan")
+
+
+def report(rows: list[dict], settings: dict, reference: dict) -> str:
+    headers = ["plan", "start", "seeds", "start s", "KL step 0", "test loss step 0", "test loss", "Δ vs zero (same seeds)",
+               "gap recovered", "train s"]
+    zero = {r["plan"]: r["seeds"] for r in rows if r["method"] == "zero"}
+    gap = reference.get("uniform4-r16", float("nan")) - reference.get("lora16", float("nan"))
+    body = []
+    for r in rows:
+        recovered = (reference.get("uniform4-r16", float("nan")) - r["loss"]) / gap if gap == gap else float("nan")
+        spread = f" ± {r['spread'] / 2:.4f}" if len(r["seeds"]) > 1 else ""
+        body.append([r["plan"], r["method"], len(r["seeds"]), f"{r['start_seconds']:.1f}", f"{r['kl_before']:.4f}",
+                     f"{r['loss_before']:.4f}", f"{r['loss']:.4f}{spread}",
+                     f"{r['loss'] - same_seeds(zero.get(r['plan']), len(r['seeds'])):+.4f}", f"{recovered:.0%}",
+                     f"{r['train_seconds']:.0f}"])
+    md = ("# Adapter starts at the 4-bit budget\n\nSmolLM2-135M-Instruct, default data; each plan quantized by HQQ "
+          f"(group 64), adapters started as named, then {settings['steps']} LoRA steps of {settings['batch_size']}×"
+          f"{settings['seq_len']} tokens (lr {settings['lr']}, {settings['dtype']}, checkpointing), test loss on the "
+          f"whole test split; start s: attaching the adapters and fitting them (seeds 1 and 2 of the zero start: the frontier's finals ledger, the same recipe, whose seed 0 "
+          f"this benchmark reproduces exactly). KL at step 0: to the full model ({settings['dtype']}), {settings['kl_blocks']} test "
+          f"blocks. activation: {settings['calibration_tokens']} calibration tokens from the training split; loftq: "
+          f"{settings['loftq_iterations']} alternations (it rewrites the codes). Gap recovered: from uniform4-r16 "
+          f"with the zero start to lora16, as frontier.json measured them (means of 3 seeds: "
+          f"{reference.get('uniform4-r16', float('nan')):.4f} → {reference.get('lora16', float('nan')):.4f}). "
+          "Loss ± half the seeds' max–min spread.\n\n")
+    return md + markdown_table(headers, body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the starts in --seeded (default 3)")
+    parser.add_argument("--seeded", default="zero,activation",
+                        help="the starts that get every seed (the others run seed 0)")
+    parser.add_argument("--plans", default="uniform4-r16,qradaptor-4bit,uniform4-r16-dora",
+                        help="uniform4-r16, uniform4-r16-dora (QDoRA) and/or frontier methods whose plans to use "
+                             "(comma-separated)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--plan-seeds", default="uniform4-r16-dora=1",
+                        help="seeds for particular plans, as PLAN=N,... (default: QDoRA's one seed)")
+    parser.add_argument("--compare-on", default="uniform4-r16",
+                        help="the plans every start in --methods runs on; the others run only the starts in --seeded")
+    args = parser.parse_args()
+
+    import torch
+
+    from qradaptor.backends import QuantCache, get_backend
+    from qradaptor.data import load_blocks
+    from qradaptor.models import load_model
+    from qradaptor.plan import Plan
+    from qradaptor.precision import default_dtype
+
+    settings = dict(SMOKE if args.smoke else FULL)
+    work = Path(args.work or (tempfile.mkdtemp(prefix="qradaptor-init-") if args.smoke
+                              else Path(__file__).resolve().parent / "work" / "adapter_init"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_spec = data_spec = None
+    if args.smoke:
+        from benchmarks.search import smoke_model
+
+        model_spec, data_spec = smoke_model(work)
+    settings["dtype"] = dtype = "float32" if args.smoke else default_dtype("cpu").dtype
+    base, tokenizer = load_model(model_spec, dtype=getattr(torch, dtype))
+    data = {"train": load_blocks(data_spec, tokenizer, "train", seq_len=settings["seq_len"], model=base),
+            "test": load_blocks(data_spec, tokenizer, "test", seq_len=settings["seq_len"], model=base)}
+    data["kl"] = data["test"].subset(settings["kl_blocks"])
+    cache = QuantCache(get_backend("hqq", compute_dtype=getattr(torch, dtype)))
+    num_layers = len(base.model.layers)
+    plans = {}
+    for name in args.plans.split(","):
+        if name in ("uniform4-r16", "uniform4-r16-dora") or args.smoke:  # the latter: QDoRA (DoRA on 4-bit HQQ)
+            plan = Plan.uniform(num_layers, 4, 16, dora=name.endswith("-dora"))
+        else:
+            plan = frontier_plan(name)
+        if plan is None:
+            sys.exit(f"adapter_init: no plan named {name} in results/frontier.json")
+        plans[name] = plan
+    rows = []
+    for plan_name, plan in plans.items():
+        for method in args.methods.split(","):
+            if plan_name not in args.compare_on.split(",") and method not in args.seeded.split(","):
+                continue
+            runs = []
+            seeds = dict(item.split("=") for item in args.plan_seeds.split(",") if item).get(plan_name, args.seeds)
+            for seed in range(int(seeds) if method in args.seeded.split(",") else 1):
+                path = work / f"{plan_name}-{method}-s{seed}.json"
+                kept = from_ledger(plan, seed, settings) if method == "zero" and seed and not args.smoke else None
+                if kept is not None:
+                    runs.append(kept)
+                    continue
+                if not path.is_file():
+                    print(f"adapter_init: {plan_name} {method} seed {seed}", flush=True)
+                    result = run_case(base, plan, method, seed, settings, data, cache)
+                    path.write_text(json.dumps(result))
+                runs.append(json.loads(path.read_text()))
+            losses = [r["loss"] for r in runs]
+            row = {"plan": plan_name, "method": method, "seeds": losses, "loss": sum(losses) / len(losses),
+                   "spread": max(losses) - min(losses), **{k: v for k, v in runs[0].items() if k != "loss"},
+                   "seeds_from_frontier": sum(1 for r in runs if r.get("from_frontier"))}
+            rows.append(row)
+            print(f"adapter_init: {plan_name} {method}: step 0 {row['loss_before']:.4f}, after {row['loss']:.4f}",
+                  flush=True)
+    frontier = json.loads((RESULTS / "frontier.json").read_text()) if (RESULTS / "frontier.json").is_file() else {}
+    reference = {m["name"]: m["loss"] for m in frontier.get("methods", [])}
+    if "uniform4-r16" not in reference:  # no committed frontier (the smoke run): this table's own zero row
+        reference["uniform4-r16"] = next((r["loss"] for r in rows if r["method"] == "zero"), float("nan"))
+    payload = {"settings": settings, "rows": rows, "reference": reference, "environment": environment()}
+    md = report(rows, settings, reference) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
+    write_results("adapter_init-smoke" if args.smoke else "adapter_init", payload, md,
+                  directory=work if args.smoke else RESULTS)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Quantization-aware adapter starts (qradaptor.adapter_init): the fits are the optimal low-rank corrections they
+claim to be, they bring quantized weight + adapter closer to the full model at step 0 without touching the stored
+codes, and `train`, `search` and `run` use, record and fingerprint the setting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qradaptor.adapter_init import (AdapterStart, Factors, adapted_linears, apply_start, calibration_subset,
+                                    loftq_start, low_rank_fit)
+from qradaptor.backends import QuantCache, get_backend
+from qradaptor.commands import train_plan
+from qradaptor.data import TokenBlocks
+from qradaptor.errors import ArtifactError
+from qradaptor.plan import LayerChoice, Plan
+from qradaptor.quantize import add_adapters, quantize_model
+from qradaptor.rundir import RUN_FILE
+
+PLAN = Plan([LayerChoice(4, 8), LayerChoice(3, 4), LayerChoice(16, 8), LayerChoice(2, 8)])
+
+
+def _blocks(n=4, seq=32, seed=0):
+    ids = torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+    return TokenBlocks(ids, ids.clone())
+
+
+def _weighted(M, gram):
+    return float(torch.trace(M @ gram @ M.T))
+
+
+def test_the_unweighted_fit_is_the_truncated_svd_split_evenly():
+    torch.manual_seed(0)
+    E = torch.randn(24, 16)
+    fit = low_rank_fit(E, 5)
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    assert torch.allclose(fit.B @ fit.A, (U[:, :5] * S[:5]) @ Vh[:5], atol=1e-5)
+    # singular values split evenly: both factors have the same column / row norms
+    assert torch.allclose(fit.A.norm(dim=1), fit.B.norm(dim=0), atol=1e-5)
+    # a truncation is the best fit of that rank too
+    assert torch.allclose(fit.truncated(2).B @ fit.truncated(2).A, low_rank_fit(E, 2).B @ low_rank_fit(E, 2).A,
+                          atol=1e-5)
+
+
+def test_the_activation_fit_beats_the_svd_on_the_inputs_and_loses_in_weight_space():
+    torch.manual_seed(0)
+    E = torch.randn(32, 16)
+    X = torch.randn(500, 16) * torch.linspace(0.05, 5.0, 16)  # a few large input channels, as in LLMs
+    gram = X.T @ X / len(X)
+    weighted, plain = low_rank_fit(E, 4, gram), low_rank_fit(E, 4)
+    residual = lambda f: E - f.B @ f.A  # noqa: E731
+    assert _weighted(residual(weighted), gram) < 0.8 * _weighted(residual(plain), gram)
+    assert residual(weighted).norm() > residual(plain).norm()
+    # optimal on the inputs: no random rank-4 perturbation of it does better
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        other = Factors(weighted.A + 0.01 * torch.randn(weighted.A.shape, generator=g),
+                        weighted.B + 0.01 * torch.randn(weighted.B.shape, generator=g))
+        assert _weighted(residual(other), gram) >= _weighted(residual(weighted), gram) * (1 - 1e-6)
+    # with inputs that use every direction alike it is the plain SVD (up to the damping)
+    iso = low_rank_fit(E, 4, torch.eye(16))
+    assert torch.allclose(iso.B @ iso.A, plain.B @ plain.A, atol=1e-4)
+
+
+def _kl(reference, model, ids):
+    with torch.no_grad():
+        p = torch.log_softmax(reference(input_ids=ids).logits.float(), -1)
+        q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("method", ["svd", "activation"])
+def test_a_start_brings_the_quantized_model_closer_to_the_full_one_and_keeps_the_codes(tiny_model, method):
+    cache = QuantCache(get_backend("hqq"))
+    calibration, held_out = _blocks(), _blocks(seed=1)
+    plain = add_adapters(quantize_model(tiny_model, PLAN, cache=cache), PLAN)
+    started = add_adapters(quantize_model(tiny_model, PLAN, cache=cache), PLAN)
+    factors = AdapterStart(tiny_model, method, cache, blocks=calibration, max_rank=8).factors(PLAN)
+    # every adapted linear of the quantized layers, none of the 16-bit layer's
+    assert set(factors) == {name for name, *_ in adapted_linears(tiny_model, PLAN)}
+    assert len(factors) == 3 * 7 and not any(".layers.2." in n for n in factors)
+    assert apply_start(started, factors) == len(factors)
+    # the stored codes are those of the plain quantization: the start changes adapters only
+    for (name, a), (_, b) in zip(plain.named_buffers(), started.named_buffers()):
+        assert torch.equal(a, b), name
+    ids = held_out.input_ids
+    assert _kl(tiny_model, started, ids) < 0.7 * _kl(tiny_model, plain, ids)
+    # each adapter's update is the fit: scaling · B A == the fitted delta, at the plan's rank
+    module = started.get_base_model().model.layers[1].self_attn.q_proj
+    delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+    fit = factors["model.layers.1.self_attn.q_proj"]
+    assert fit.rank == 4 and torch.allclose(delta, fit.B @ fit.A, atol=1e-5)
+    # the 16-bit layer keeps PEFT's start (B = 0)
+    assert not started.get_base_model().model.layers[2].self_attn.q_proj.lora_B["default"].weight.any()
+
+
+def test_fits_are_kept_per_module_and_bits_and_shared_by_plans(tiny_model):
+    cache = QuantCache(get_backend("hqq"))
+    start = AdapterStart(tiny_model, "activation", cache, blocks=_blocks(), max_rank=8)
+    first = start.factors(PLAN)
+    fitted = len(start._fits)
+    again = start.factors(Plan([LayerChoice(4, 4), LayerChoice(3, 8), LayerChoice(16, 8), LayerChoice(2, 2)]))
+    assert len(start._fits) == fitted  # same (module, bits): nothing fitted anew, ranks are truncations
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(again[name].A, first[name].A[:4])
+    start.factors(Plan.uniform(4, 5, 8))
+    assert len(start._fits) == fitted + 4 * 7
+    with pytest.raises(ValueError, match="above the largest rank fitted"):
+        start.factors(Plan.uniform(4, 4, 16))
+    assert AdapterStart(tiny_model, "zero", cache).factors(PLAN) == {}
+
+
+def test_loftq_rewrites_the_codes_and_fits_the_weight_at_least_as_well(tiny_model):
+    backend = get_backend("hqq")
+    plan = Plan.uniform(4, 3, 8)
+    fitted = loftq_start(tiny_model, plan, backend, iterations=3)
+    one = loftq_start(tiny_model, plan, backend, iterations=1)
+    name = "model.layers.0.mlp.up_proj"
+    W = tiny_model.model.layers[0].mlp.up_proj.weight.detach()
+    error = lambda m, f: float((W - m.dequantize() - f.B @ f.A).norm())  # noqa: E731
+    assert error(*fitted[name]) <= error(*one[name]) * 1.001
+    assert not torch.equal(fitted[name][0].packed, one[name][0].packed)
+    assert fitted[name][0].held_bytes() == one[name][0].held_bytes()
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+FAST = dict(seq_len=32, batch_size=2, eval_blocks=0, warmup_steps=0, dtype="float32", progress=False, lr=1e-3)
+
+
+@pytest.fixture
+def inputs(tmp_path, tiny_dir):
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 120}" for j in range(30)) for i in range(40)))
+    return {"model": str(tiny_dir), "data": str(data), "plan": {"layers": [{"bits": 2, "rank": 8}] * 4}}
+
+
+def test_train_starts_the_adapters_records_it_and_resumes_without_refitting(inputs, tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("qradaptor.train")  # `qradaptor.train` the attribute is the loop function
+
+    zero = train_plan(tmp_path / "zero", steps=4, adapter_init="zero", **inputs, **FAST)
+    fitted = train_plan(tmp_path / "fit", steps=4, adapter_init="activation", **inputs, **FAST)
+    # step 0 is the quantized model with the adapters the library's start fits (its first training loss is the
+    # loss of that model on the first batch), not PEFT's
+    from qradaptor.data import load_blocks
+    from qradaptor.evaluate import token_nll
+    from qradaptor.models import load_model
+    from qradaptor.train import batch_order
+
+    base, tokenizer = load_model(inputs["model"], dtype=torch.float32)
+    blocks = load_blocks(inputs["data"], tokenizer, "train", seq_len=32, model=base)
+    plan, cache = Plan.from_dict(inputs["plan"]), QuantCache(get_backend("hqq"))
+    factors = AdapterStart(base, "activation", cache, blocks=calibration_subset(blocks), max_rank=8).factors(plan)
+    model = add_adapters(quantize_model(base, plan, cache=cache), plan)
+    apply_start(model, factors)
+    idx = batch_order(len(blocks), 2, 1, 0)[0]
+    with torch.no_grad():
+        nll, _ = token_nll(model, blocks.input_ids[idx], blocks.labels[idx])
+    tokens = int((blocks.labels[idx][:, 1:] != -100).sum())
+    assert fitted.train.losses[0] == pytest.approx(float(nll) / tokens, rel=1e-5)
+    assert fitted.train.losses[0] != pytest.approx(zero.train.losses[0], rel=1e-4)
+    run = json.loads((tmp_path / "fit" / RUN_FILE).read_text())
+    assert run["config"]["adapter_init"] == "activation"
+    start = run["adapter_start"]
+    assert start["method"] == "activation" and start["modules"] == 4 * 7
+    assert 0 < start["calibration_tokens"] <= 4096 and start["calibration_tokens"] % 32 == 0
+    # interrupted (Ctrl-C) in step 3, resumed: the losses of the uninterrupted run, the adapters not fitted again
+    real = train_module.token_nll
+    calls = {"n": 0}
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "token_nll", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_plan(tmp_path / "cut", steps=4, adapter_init="activation", checkpoint_every=1, **inputs, **FAST)
+    monkeypatch.setattr(train_module, "token_nll", real)
+    resumed = train_plan(tmp_path / "cut", resume=True, progress=False)
+    assert resumed.resumed_from == 2 and resumed.train.losses == pytest.approx(fitted.train.losses, rel=1e-6)
+    log = (tmp_path / "cut" / "train.log").read_text()
+    assert log.count("adapters start fitted") == 1 and log.index("adapters start fitted") < log.index("resuming")
+
+
+def test_a_search_run_continues_into_train_only_with_the_same_start(inputs, tmp_path):
+    from qradaptor.commands.train import KeptRunMismatch
+    from qradaptor.models import load_model
+    from qradaptor.search import FineTuneFitness, SearchConfig
+    from qradaptor.search.config import Fidelity
+
+    model, tokenizer = load_model(inputs["model"])
+    config = SearchConfig(budget_bytes=1, seq_len=32, ranks=(8,), adapter_init="activation")
+    fitness = FineTuneFitness(model, tokenizer, data=inputs["data"], config=config)
+    plan = Plan.from_dict(inputs["plan"])
+    kept = tmp_path / "kept"
+    fitness.trajectory(plan, Fidelity("prefix", steps=2, eval_blocks=4, batch_size=2, schedule_steps=4), [2], keep=kept)
+    assert json.loads((kept / "snapshot.json").read_text())["adapter_init"] == "activation"
+    common = {**inputs, **FAST, "steps": 4, "lr": 3e-4, "warmup_steps": 5}
+    whole = train_plan(tmp_path / "whole", adapter_init="activation", **common)
+    continued = train_plan(tmp_path / "continued", adapter_init="activation", init_from=kept, **common)
+    assert continued.resumed_from == 2 and continued.train.losses == pytest.approx(whole.train.losses, rel=1e-6)
+    with pytest.raises(KeptRunMismatch, match="adapter_init"):
+        train_plan(tmp_path / "other", adapter_init="zero", init_from=kept, **common)
+
+
+def test_an_unknown_start_is_refused_before_anything_is_written(inputs, tmp_path, capsys):
+    from qradaptor.cli import main
+
+    with pytest.raises(ArtifactError, match="unknown adapter start 'pissa'") as e:
+        train_plan(tmp_path / "run", steps=1, adapter_init="pissa", **inputs, **FAST)
+    assert "--adapter-init activation or svd or zero" in e.value.fix
+    assert not (tmp_path / "run").exists()
+    assert main(["train", "--out", str(tmp_path / "run"), "--adapter-init", "pissa"]) == 2
+    assert "invalid choice: 'pissa'" in capsys.readouterr().err
