@@ -62,23 +62,9 @@ def from_ledger(plan, seed: int, settings: dict) -> dict | None:
                                       "from_frontier": True}
 
 
-def kl_to(reference, model, blocks) -> float:
-    """Mean per-token KL(reference ‖ model) on ``blocks``."""
-    import torch
-
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(blocks), 4):
-            ids = blocks.input_ids[i : i + 4]
-            p = torch.log_softmax(reference(input_ids=ids).logits.float(), -1)
-            q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
-            total += float((p.exp() * (p - q)).sum())
-            tokens += ids.numel()
-    return total / tokens
-
-
 def run_case(base, plan, method: str, seed: int, settings: dict, data: dict, cache) -> dict:
     """Quantize ``plan``, start its adapters with ``method``, measure, fine-tune, measure again."""
+    from benchmarks.frontier import kl_to
     from qradaptor.adapter_init import AdapterStart, apply_start, calibration_subset, loftq_start
     from qradaptor.evaluate import evaluate_loss
     from qradaptor.quantize import add_adapters, quantize_model, set_child

@@ -378,18 +378,22 @@ class Bench:
 
 
 def kl_to_full(base, plan, blocks, cache, dtype) -> float:
-    """Mean per-token KL(full ‖ quantized) on ``blocks`` before any training (adapters start at zero)."""
-    import torch
-
+    """Mean per-token KL(full ‖ quantized) on ``blocks`` of the plan's quantized base alone (no adapters)."""
     from qradaptor.quantize import quantize_model
 
-    quantized = quantize_model(base, plan, cache=cache, dtype=dtype)
+    return kl_to(base, quantize_model(base, plan, cache=cache, dtype=dtype), blocks)
+
+
+def kl_to(reference, model, blocks) -> float:
+    """Mean per-token KL(reference ‖ model) on ``blocks``."""
+    import torch
+
     total, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(blocks), 4):
             ids = blocks.input_ids[i : i + 4]
-            p = torch.log_softmax(base(input_ids=ids).logits.float(), -1)
-            q = torch.log_softmax(quantized(input_ids=ids).logits.float(), -1)
+            p = torch.log_softmax(reference(input_ids=ids).logits.float(), -1)
+            q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
             total += float((p.exp() * (p - q)).sum())
             tokens += ids.numel()
     return total / tokens
