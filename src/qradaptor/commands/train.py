@@ -252,8 +252,8 @@ def _plan_to_train(plan, saved: dict | None, out: Path, target_modules=None, dor
                 else f"dora {before.dora} → {plan_obj.dora}" if before.dora != plan_obj.dora
                 else f"{before.describe()} → {plan_obj.describe()}")
         raise ArtifactError(f"cannot resume with changed settings: the plan differs from {out / PLAN_FILE} ({what})",
-                            "resume with the run's own plan (or omit --plan and --target-modules), or start a new "
-                            "run elsewhere")
+                            "resume with the run's own plan (or omit --plan, --target-modules and --dora), or start "
+                            "a new run elsewhere")
     return plan_obj
 
 
