@@ -141,11 +141,7 @@ def run_final(store: Path, label: str, plan, settings: dict, model, data, *, see
     training run's directory; None for a result from the ledger, whose run is not on this machine)."""
     from qradaptor.io import atomic_write_json
 
-    spec = {"plan": plan.to_dict(), "model": model, "data": data, "steps": settings["steps"],
-            "seq_len": settings["seq_len"], "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": seed,
-            "dtype": dtype}
-    if settings.get("adapter_init", "zero") != "zero":  # the ledger's earlier keys (all zero starts) stay valid
-        spec["adapter_init"] = settings["adapter_init"]
+    spec = final_spec(plan, settings, model, data, seed=seed, dtype=dtype)
     key, ledger = final_key(spec), ledger_path(store)
     where = store / key
     result_path = where / "final.json"
@@ -164,6 +160,16 @@ def run_final(store: Path, label: str, plan, settings: dict, model, data, *, see
     add_to_ledger(ledger, key, {"label": label, "plan": plan.describe(),
                                 **{k: v for k, v in spec.items() if k != "plan"}, "result": result})
     return {**result, "run_dir": str(where / "train")}
+
+
+def final_spec(plan, settings: dict, model, data, *, seed: int, dtype: str) -> dict:
+    """Everything that decides a final fine-tune's result (what `final_key` hashes)."""
+    spec = {"plan": plan.to_dict(), "model": model, "data": data, "steps": settings["steps"],
+            "seq_len": settings["seq_len"], "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": seed,
+            "dtype": dtype}
+    if settings.get("adapter_init", "zero") != "zero":  # the ledger's earlier keys (all zero starts) stay valid
+        spec["adapter_init"] = settings["adapter_init"]
+    return spec
 
 
 def ledger_path(store: Path) -> Path:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architecture import backbone, decoder_layers, layer_linears
+from .architecture import backbone, decoder_layers, layer_linears, linear_names
 from .backends import QuantBackend, QuantCache
 from .plan import UNQUANTIZED_BITS, Plan
 from .rundir import ADAPTER_INITS as INIT_METHODS  # what `--adapter-init` takes; ``loftq`` (it rewrites the codes)
@@ -77,8 +77,6 @@ def low_rank_fit(error: torch.Tensor, rank: int, gram: torch.Tensor | None = Non
 def adapted_linears(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear, int, int]]:
     """``(full name, linear, bits, rank)`` of every linear of ``model`` (unquantized) that ``plan`` quantizes and
     gives an adapter: the ones a start has something to fit for (a 16-bit layer's adapters start at zero)."""
-    from .architecture import linear_names
-
     layers = decoder_layers(model)
     targets = set(plan.targets_in(linear_names(layers[0][1])))
     found = []
