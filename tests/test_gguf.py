@@ -142,3 +142,73 @@ def test_gguf_export_refuses_a_base_without_its_gguf(tmp_path, tiny_dir, capsys)
     err = capsys.readouterr().err
     assert rc == 2 and "transformers directory" in err and "--gguf" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_gguf_sizes_are_predicted_exactly(exported):
+    """`predict_gguf` (what `memory` shows and a gguf: budget bounds) prices the files the export wrote, to the
+    byte, from the plan and the model's config alone (a model on the meta device): headers with the tokenizer,
+    every tensor in its type, padding."""
+    from qradaptor.backends import get_backend
+    from qradaptor.gguf_export import predict_gguf
+    from qradaptor.memory import meta_model
+    from qradaptor.models import load_config
+    from qradaptor.plan import Plan
+
+    info = json.loads((exported / "qradaptor" / "export.json").read_text())
+    plan, dtype = Plan.from_dict(info["plan"]), getattr(torch, info["config"]["dtype"])
+    size = predict_gguf(meta_model(load_config(None)), plan, get_backend("hqq", compute_dtype=dtype), spec=None,
+                        dtype=dtype)
+    assert size.model_bytes == (exported / "model.gguf").stat().st_size
+    assert size.adapter_bytes == (exported / "adapter.gguf").stat().st_size
+    written = info["gguf"]["types"]
+    assert all(written[kind] >= n for kind, n in size.types.items()) and sum(size.types.values()) == 210
+
+
+def test_gguf_budget_prices_plans_as_the_export_writes_them(capsys, tmp_path):
+    """The search's planner prices a gguf: budget's plans as `predict_gguf` does, and `memory` checks one."""
+    from qradaptor.backends import get_backend
+    from qradaptor.gguf_export import distinct_bits, predict_gguf
+    from qradaptor.memory import ModelShapes, meta_model, parse_gguf_budget
+    from qradaptor.models import load_config
+    from qradaptor.plan import LayerChoice, Plan
+    from qradaptor.errors import BudgetError
+    from qradaptor.search import Planner, SearchConfig, check_searchable
+
+    meta, backend = meta_model(load_config(None)), get_backend("hqq", compute_dtype=torch.bfloat16)
+    shapes = ModelShapes.from_model(meta)
+    fixed = predict_gguf(meta, Plan.uniform(30, 4, 4), backend, spec=None, dtype=torch.bfloat16).fixed_bytes
+    config = SearchConfig(budget_bytes=parse_gguf_budget("gguf:120MB"), budget_on="gguf", gguf_fixed_bytes=fixed)
+    planner = Planner(shapes, backend, None, config)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        picks = torch.randint(0, 4, (30, 2), generator=generator).tolist()
+        plan = planner.plan([LayerChoice((2, 4, 5, 8)[b], (4, 8, 16, 32)[r]) for b, r in picks])
+        assert planner.memory(plan) == predict_gguf(meta, plan, backend, spec=None, dtype=torch.bfloat16).total_bytes
+    # 2 and 3 bits are written as Q4_1 (4 bits' bytes), 6 bits as Q8_0 (8 bits'): a gguf: budget searches 4, 5, 8
+    assert distinct_bits(config.bits, shapes, group_size=64, has_codes=True) == (4, 5, 8)
+    assert distinct_bits(config.bits, shapes, group_size=16, has_codes=True) == (8,)  # all Q8_0: groups < a block
+    with pytest.raises(BudgetError, match="GGUF budget .* below the cheapest possible plan"):
+        check_searchable(config, shapes, backend)  # 120 MB: below uniform 4-bit r4 in BF16 (~130 MB)
+    config.budget_bytes = parse_gguf_budget("gguf:140MB")
+    check_searchable(config, shapes, backend)
+
+    Plan.uniform(30, 4, 16).save(tmp_path / "plan.json")
+    assert main(["memory", "--plan", str(tmp_path / "plan.json"), "--dtype", "bfloat16", "--budget", "gguf:130MB"]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF files:" in out and "Q4_1 ×210" in out and "on the GGUF files: the plan does NOT fit" in out, out
+    assert main(["memory", "--plan", str(tmp_path / "plan.json"), "--budget", "gguf:12XB"]) == 2
+    assert "gguf:SIZE" in capsys.readouterr().err
+
+
+def test_gguf_budget_refuses_a_base_the_export_cannot_write(capsys, tmp_path, tiny_dir):
+    from qradaptor.plan import Plan
+
+    Plan.uniform(4, 4, 8).save(tmp_path / "plan.json")
+    assert main(["memory", "--model", str(tiny_dir), "--plan", str(tmp_path / "plan.json")]) == 0
+    assert "GGUF files:      not available" in capsys.readouterr().out
+    rc = main(["memory", "--model", str(tiny_dir), "--plan", str(tmp_path / "plan.json"), "--budget", "gguf:1MB"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "gguf: budget" in err and "4bit" in err and "Traceback" not in err, err
+    rc = main(["search", "--model", str(tiny_dir), "--budget", "gguf:1MB", "--out", str(tmp_path / "s"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "gguf: budget" in err and "Traceback" not in err, err

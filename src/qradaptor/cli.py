@@ -160,6 +160,15 @@ def cmd_memory(args) -> int:
     print(f"avg bits:        {report['avg_bits']:.3f} per decoder-linear weight, scales and zeros included "
           f"({report['code_bits']:.3f} code bits)")
     print(f"trainable:       {report['trainable_params']:,} LoRA parameters")
+    g = report["gguf"]
+    if g is not None:
+        types = ", ".join(f"{kind} ×{n}" for kind, n in g["types"].items())
+        print(f"GGUF files:      {format_bytes(g['total_bytes'])} ({g['total_bytes']} bytes, "
+              f"{g['total_bytes'] / report['predicted_bytes']:.3f}× the stored bytes): model.gguf "
+              f"{format_bytes(g['model_bytes'])} + adapter.gguf {format_bytes(g['adapter_bytes'])}, "
+              f"as `export --gguf` writes them; decoder linears {types}")
+    else:
+        print(f"GGUF files:      not available ({report['gguf_unavailable']})")
     if report["expert_weights"]:
         print(f"routed experts:  {report['expert_weights'] / report['decoder_weights']:.1%} of the decoder weights, "
               "quantized at their layer's bits, no adapters")
@@ -174,7 +183,8 @@ def cmd_memory(args) -> int:
           f"{format_bytes(t['activation_bytes'])}, loss {format_bytes(t['loss_bytes'])}, freed memory the heap "
           f"keeps {format_bytes(t['allocator_bytes'])}" + (f" ({t['allocator']} allocation)" if t["allocator"] else ""))
     if "budget_bytes" in report:
-        used = t["peak_bytes"] if report["budget_on"] == "training peak" else report["predicted_bytes"]
+        used = {"training peak": t["peak_bytes"], "GGUF files": (g or {}).get("total_bytes")}.get(
+            report["budget_on"], report["predicted_bytes"])
         margin = report["budget_bytes"] - used
         verdict = "fits" if report["fits"] else "does NOT fit"
         print(f"budget:          {format_bytes(report['budget_bytes'])} on the {report['budget_on']}: the plan {verdict} "
@@ -369,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true", help="also build the model and count the bytes it holds")
     p.add_argument("--budget", default=None,
                    help="also check the plan against a budget: on the stored model (4bit, 3.5bit, 350MB, 1.2GiB, "
-                        "123456789, 0.3x) or on the training peak (train:1.5GiB)")
+                        "123456789, 0.3x), on the training peak (train:1.5GiB) or on the GGUF files (gguf:120MB)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="blocks per micro-batch of the training peak (default 4)")
     p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per block of the training peak (default 256)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
@@ -413,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     budgeted.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M)")
     budgeted.add_argument("--data", default=None, help="fine-tuning data (default: CPython's pydoc topics)")
     budgeted.add_argument("--budget", required=True,
-                          help="memory budget on the stored model (4bit, 3.5bit, 350MB, 1.2GiB, 123456789, 0.3x) or on "
-                               "the predicted training peak (train:1.5GiB)")
+                          help="memory budget on the stored model (4bit, 3.5bit, 350MB, 1.2GiB, 123456789, 0.3x), on "
+                               "the predicted training peak (train:1.5GiB), or on the files `export --gguf` writes "
+                               "for llama.cpp (gguf:120MB)")
     budgeted.add_argument("--alpha", type=float, default=0.5,
                           help="preference: 1 = only quality, 0 = only memory (default 0.5)")
     budgeted.add_argument("--trials", type=_positive_int, default=8, help="search exploration trials, cheap fidelity (default 8)")
@@ -465,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     _training_settings(p)
     p.add_argument("--budget", default=None,
                    help="refuse to start when the predicted training peak exceeds train:SIZE (e.g. train:1.5GiB), "
-                        "or the plan exceeds a budget on the stored model (4bit, 350MB, ...)")
+                        "or the plan exceeds a budget on the stored model (4bit, 350MB, ...) or on its GGUF files "
+                        "(gguf:120MB)")
     p.add_argument("--out", required=True, help="run directory (run.json, checkpoints/, adapter/, metrics.json)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
     p.add_argument("--init-from", default=None, metavar="DIR",

@@ -21,7 +21,9 @@ The metadata (hyperparameters, tokenizer, chat template) is copied from the GGUF
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +119,24 @@ def _block_bytes(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: in
     return np.ascontiguousarray(blocks.reshape(rows, -1)), kind
 
 
+def linear_type(bits: int, group_size: int, in_features: int, *, has_codes: bool, dense: str) -> str:
+    """The GGUF type a decoder linear of ``bits`` (group ``group_size``) is written in: its own codes as ``Q4_1``
+    (2–4 bits) or ``Q5_1`` (5 bits) where its groups fall into whole 32-weight blocks and its module exposes them
+    (``has_codes``: HQQ's), else ``Q8_0``; ``dense`` (``F32``/``BF16``, the run's dtype) at 16 bits. The one rule
+    the export writes by and the GGUF sizes are priced by."""
+    from .plan import UNQUANTIZED_BITS
+
+    if bits == UNQUANTIZED_BITS:
+        return dense
+    exact = has_codes and bits <= 5 and group_size % BLOCK == 0 and in_features % group_size == 0
+    return ("Q4_1" if bits <= 4 else "Q5_1") if exact else "Q8_0"
+
+
+def exposes_codes(module_or_class) -> bool:
+    """Whether a backend's modules expose their integer codes (``codes()``) for the exact Q4_1/Q5_1 blocks."""
+    return callable(getattr(module_or_class, "codes", None))
+
+
 def _quantized_tensor(module, perm: torch.Tensor | None) -> tuple[np.ndarray, str, torch.Tensor]:
     """A quantized linear's weight as GGUF bytes, its GGUF type, and the weight qradaptor computes with (fp32,
     rows in the written order)."""
@@ -124,11 +144,10 @@ def _quantized_tensor(module, perm: torch.Tensor | None) -> tuple[np.ndarray, st
 
     weight = module.dequantize().float()
     rows, cols = weight.shape
-    exact = (hasattr(module, "codes") and module.bits <= 5 and module.group_size % BLOCK == 0
-             and cols % module.group_size == 0)
+    kind = linear_type(module.bits, module.group_size, cols, has_codes=exposes_codes(module), dense="F32")
     if perm is not None:
         weight = weight[perm]
-    if not exact:
+    if kind == "Q8_0":
         data = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
         return data, "Q8_0", weight
     per_group = module.group_size // BLOCK  # blocks per group, which share its constants
@@ -172,6 +191,12 @@ def _copy_metadata(reader, writer,
         writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
 
 
+def _add_file_type(writer, types) -> None:
+    import gguf
+
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if types.get("Q4_1") else gguf.LlamaFileType.ALL_F32)
+
+
 def _name_map(arch: str, layers: int):
     import gguf
 
@@ -209,7 +234,7 @@ def write_gguf(trained, out: str | os.PathLike, spec: str | None) -> GGUFReport:
 
     report = GGUFReport(dtype=str(base.get_input_embeddings().weight.dtype).removeprefix("torch."))
     out = Path(out)
-    writer = gguf.GGUFWriter(out / "model.gguf", arch)
+    writer = _writer(out / "model.gguf", arch)
     _copy_metadata(reader, writer)
     quantized = {n.removesuffix(".base_layer"): m for n, m in base.named_modules() if is_quantized(m)}
     tied = getattr(config, "tie_word_embeddings", False)
@@ -235,7 +260,7 @@ def write_gguf(trained, out: str | os.PathLike, spec: str | None) -> GGUFReport:
             report.add(kind)
             writer.add_tensor(_gguf_name(tmap, key), data,
                               raw_dtype=None if kind == "F32" else gguf.GGMLQuantizationType[kind])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if report.types.get("Q4_1") else gguf.LlamaFileType.ALL_F32)
+    _add_file_type(writer, report.types)
     _finish(writer)
     report.model_bytes = (out / "model.gguf").stat().st_size
     report.adapter_bytes = write_adapter(trained.model, out / "adapter.gguf", arch, tmap, permutation)
@@ -247,10 +272,7 @@ def write_adapter(peft_model, path: Path, arch: str, tmap, permutation) -> int:
     """The LoRA adapters of ``peft_model`` in llama.cpp's adapter format at ``path``; returns its size."""
     import gguf
 
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", 0.0)  # no alpha / rank factor: each lora_b carries its own scale
+    writer = _adapter_writer(path, arch)
     prefix = "base_model.model."
     with torch.no_grad():
         for name, module in peft_model.named_modules():
@@ -270,8 +292,190 @@ def write_adapter(peft_model, path: Path, arch: str, tmap, permutation) -> int:
     return path.stat().st_size
 
 
+def _adapter_writer(path: Path | None, arch: str):
+    writer = _writer(path, arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", 0.0)  # no alpha / rank factor: each lora_b carries its own scale
+    return writer
+
+
+@contextmanager
+def _quiet_writer():
+    """gguf's writer logs the files it opens at INFO level, which qradaptor's log would print."""
+    logger = logging.getLogger("gguf.gguf_writer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _writer(path, arch: str):
+    import gguf
+
+    with _quiet_writer():
+        return gguf.GGUFWriter(path, arch)
+
+
 def _finish(writer) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with _quiet_writer():
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+
+# ---------------------------------------------------------------------------------------- sizes
+#: GGUF's data alignment (``gguf.GGUF_DEFAULT_ALIGNMENT``): every tensor's data, and the header, are padded to it.
+ALIGNMENT = 32
+
+
+def _padded(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def tensor_bytes(kind: str, numel: int) -> int:
+    """Bytes of ``numel`` values in the GGUF type ``kind`` (rows are whole blocks: the types written here hold
+    rows whose length is a multiple of 32)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    return numel // block * size
+
+
+def dense_type(dtype_bytes: int) -> str:
+    """The GGUF type of unquantized 2-D weights in a run of ``dtype_bytes`` per value (`_dense_tensor`)."""
+    return "F32" if dtype_bytes == 4 else "BF16"
+
+
+def layer_gguf_bytes(layer: list, choice, *, group_size: int, target_modules: tuple[str, ...], dense: str,
+                     has_codes: bool) -> tuple[int, int]:
+    """What one decoder layer's linears (`memory.LinearShape`) take in ``model.gguf`` under ``choice`` (each in
+    its `linear_type`), and what their adapters take in ``adapter.gguf`` (``lora_a`` and ``lora_b`` in F32), both
+    with each tensor's padding. The one place a layer's GGUF bytes are priced: `predict_gguf` sums it, the
+    search's planner prices ``gguf:`` budgets with it."""
+    from .memory import _adapted
+
+    model = sum(_padded(tensor_bytes(linear_type(choice.bits, group_size, s.in_features, has_codes=has_codes,
+                                                 dense=dense), s.numel)) for s in layer)
+    adapter = sum(_padded(4 * choice.rank * s.in_features) + _padded(4 * s.out_features * choice.rank)
+                  for s in _adapted(layer, target_modules))
+    return model, adapter
+
+
+def distinct_bits(bits, shapes, *, group_size: int, has_codes: bool) -> tuple[int, ...]:
+    """The bit-widths of ``bits`` worth choosing when the GGUF files are what is paid for: those written in a type
+    no higher one of ``bits`` is written in, for some linear of ``shapes`` (2 and 3 bits take Q4_1's bytes, as 4
+    bits do, and 6 bits Q8_0's, as 8 bits do: the same bytes for less)."""
+    widths = {s.in_features for layer in shapes.layers for s in layer}
+    ordered = sorted(bits)
+
+    def kinds(b: int) -> set:
+        return {linear_type(b, group_size, w, has_codes=has_codes, dense="F32") for w in widths}
+
+    return tuple(b for i, b in enumerate(ordered) if i == len(ordered) - 1 or kinds(b) != kinds(ordered[i + 1]))
+
+
+@dataclass
+class GGUFSize:
+    """Bytes of the files `write_gguf` writes for a plan: ``model.gguf`` and ``adapter.gguf`` (their sum is what a
+    ``gguf:`` budget bounds); ``fixed_bytes``: the part no plan changes (both headers, with the tokenizer, and the
+    tensors outside the decoder linears); ``types``: decoder linears per GGUF type."""
+
+    model_bytes: int
+    adapter_bytes: int
+    fixed_bytes: int
+    types: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.model_bytes + self.adapter_bytes
+
+    def to_dict(self) -> dict:
+        return {"model_bytes": self.model_bytes, "adapter_bytes": self.adapter_bytes, "total_bytes": self.total_bytes,
+                "fixed_bytes": self.fixed_bytes, "types": dict(sorted(self.types.items()))}
+
+
+def predict_gguf(model, plan, backend, *, spec: str | None, dtype: torch.dtype) -> GGUFSize:
+    """The exact sizes of ``model.gguf`` and ``adapter.gguf`` that ``export --gguf`` writes for ``plan`` trained on
+    ``model`` (unquantized, possibly on the meta device: only its tensors' names and shapes are read) in ``dtype``
+    with ``backend``'s quantization; ``spec``: the model's spec, whose GGUF file gives the metadata. The headers are
+    laid out by gguf's own writer (tokenizer and all), each tensor priced by `linear_type` / `layer_gguf_bytes`.
+    Refuses, as the export does, a base without its GGUF file or of another architecture."""
+    import gguf
+
+    from .architecture import decoder_layers
+    from .memory import ModelShapes
+
+    reader, arch = check_exportable(spec)
+    config = model.config
+    tmap = _name_map(arch, config.num_hidden_layers)
+    dense = dense_type(torch.finfo(dtype).bits // 8)
+    has_codes = exposes_codes(backend.module_class)
+    shapes = ModelShapes.from_model(model)
+    linears = {f"{layer_name}.{s.name}.weight": (i, s)
+               for i, (layer_name, _) in enumerate(decoder_layers(model)) for s in shapes.layers[i]}
+    model_writer, adapter_writer = _writer(None, arch), _adapter_writer(None, arch)
+    _copy_metadata(reader, model_writer)
+    types: dict[str, int] = {}
+    others = 0  # padded bytes of the tensors outside the decoder linears
+    tied = getattr(config, "tie_word_embeddings", False)
+    for key, tensor in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue
+        name, shape = _gguf_name(tmap, key), list(tensor.shape)
+        if key in linears:
+            layer, s = linears[key]
+            kind = linear_type(plan.layers[layer].bits, plan.group_size, s.in_features, has_codes=has_codes,
+                               dense=dense)
+            types[kind] = types.get(kind, 0) + 1
+        else:
+            kind = "F32" if tensor.dim() < 2 else dense
+            others += _padded(tensor_bytes(kind, tensor.numel()))
+        model_writer.add_tensor_info(name, shape, np.float32, tensor_bytes(kind, tensor.numel()),
+                                     raw_dtype=gguf.GGMLQuantizationType[kind])
+    from .memory import _adapted
+
+    for i, (layer_name, _) in enumerate(decoder_layers(model)):
+        rank = plan.layers[i].rank
+        for s in _adapted(shapes.layers[i], plan.target_modules):
+            target = _gguf_name(tmap, f"{layer_name}.{s.name}.weight")
+            for suffix, shape in (("lora_a", [rank, s.in_features]), ("lora_b", [s.out_features, rank])):
+                adapter_writer.add_tensor_info(f"{target}.{suffix}", shape, np.float32, 4 * shape[0] * shape[1],
+                                               raw_dtype=gguf.GGMLQuantizationType.F32)
+    _add_file_type(model_writer, types)
+    headers = _header_bytes(model_writer), _header_bytes(adapter_writer)
+    layer_bytes = [layer_gguf_bytes(layer, choice, group_size=plan.group_size, target_modules=plan.target_modules,
+                                    dense=dense, has_codes=has_codes)
+                   for layer, choice in zip(shapes.layers, plan.layers)]
+    return GGUFSize(model_bytes=headers[0] + others + sum(m for m, _ in layer_bytes),
+                    adapter_bytes=headers[1] + sum(a for _, a in layer_bytes),
+                    fixed_bytes=sum(headers) + others, types=types)
+
+
+def gguf_budget_size(model, plan, backend, *, spec: str | None, dtype: torch.dtype) -> GGUFSize:
+    """`predict_gguf` where a ``gguf:`` budget needs it: a base the export would refuse is a budget error."""
+    from .errors import BudgetError
+
+    try:
+        return predict_gguf(model, plan, backend, spec=spec, dtype=dtype)
+    except ArtifactError as e:
+        raise BudgetError(f"a gguf: budget is on the files `export --gguf` writes, which cannot be written for this "
+                          f"model: {e.cause}", "give a budget on the stored model (4bit, 350MB), or load the base "
+                          "from its .gguf file") from None
+
+
+def _header_bytes(writer) -> int:
+    """Bytes before the first tensor's data in the file ``writer`` would write (its key-values and tensor infos,
+    padded), measured by writing them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="qradaptor-gguf-") as tmp, _quiet_writer():
+        writer.write_header_to_file(Path(tmp) / "header.gguf")
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        size = writer.fout[0].tell()
+        writer.close()
+    return _padded(size)

@@ -89,11 +89,7 @@ class ModelShapes:
     @classmethod
     def from_config(cls, config) -> "ModelShapes":
         """Shapes from a transformers config, building the model on the meta device (no memory, no weights)."""
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        return cls.from_model(model)
+        return cls.from_model(meta_model(config))
 
     @property
     def num_layers(self) -> int:
@@ -115,6 +111,14 @@ class ModelShapes:
     def bytes_16bit(self) -> int:
         """The whole model at 16 bits, no adapters: the reference of ``0.3x`` budgets."""
         return 2 * self.total_numel + self.other_fixed_bytes
+
+
+def meta_model(config) -> nn.Module:
+    """The model of a transformers config built on the meta device: names and shapes, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 @dataclass
@@ -351,22 +355,34 @@ _LIBC = None
 
 
 TRAINING_BUDGET_PREFIX = "train:"
+GGUF_BUDGET_PREFIX = "gguf:"
+
+
+def _prefixed_size(text, prefix: str, what: str) -> int | None:
+    """Bytes of a budget written ``PREFIX SIZE``, or None when ``text`` does not start with ``prefix``."""
+    if text is None or isinstance(text, int) or not str(text).strip().lower().startswith(prefix):
+        return None
+    rest = str(text).strip()[len(prefix):].strip().lower()
+    m = _BUDGET_RE.match(rest)
+    example = f"{prefix}1.5GiB, {prefix}1500MB or {prefix}1610612736 (bytes)"
+    if not m or m["unit"] not in ("", *_SIZE_UNITS):
+        raise BudgetError(f"cannot read the {what} budget {text!r}", f"write it as {prefix}SIZE, e.g. {example}")
+    value = int(float(m["num"]) * _SIZE_UNITS.get(m["unit"], 1))
+    if value <= 0:
+        raise BudgetError(f"a {what} budget must be positive, got {text!r}", f"e.g. {prefix}1.5GiB")
+    return value
 
 
 def parse_training_budget(text: str | int | None) -> int | None:
     """Bytes of a budget on the peak training memory (``train:1.5GiB``, ``train:1500MB``), or None when
     ``text`` is not one (a budget on the stored model: see `parse_budget`)."""
-    if text is None or isinstance(text, int) or not str(text).strip().lower().startswith(TRAINING_BUDGET_PREFIX):
-        return None
-    rest = str(text).strip()[len(TRAINING_BUDGET_PREFIX):].strip().lower()
-    m = _BUDGET_RE.match(rest)
-    if not m or m["unit"] not in ("", *_SIZE_UNITS):
-        raise BudgetError(f"cannot read the training-memory budget {text!r}",
-                          "write it as train:SIZE, e.g. train:1.5GiB, train:1500MB or train:1610612736 (bytes)")
-    value = int(float(m["num"]) * _SIZE_UNITS.get(m["unit"], 1))
-    if value <= 0:
-        raise BudgetError(f"a training-memory budget must be positive, got {text!r}", "e.g. train:1.5GiB")
-    return value
+    return _prefixed_size(text, TRAINING_BUDGET_PREFIX, "training-memory")
+
+
+def parse_gguf_budget(text: str | int | None) -> int | None:
+    """Bytes of a budget on the deployed files, ``model.gguf`` + ``adapter.gguf`` as ``export --gguf`` writes them
+    (``gguf:120MB``), or None when ``text`` is not one."""
+    return _prefixed_size(text, GGUF_BUDGET_PREFIX, "GGUF")
 
 
 def fitting_batch(shapes: ModelShapes, plan: Plan, backend: QuantBackend, config, *, budget_bytes: int,

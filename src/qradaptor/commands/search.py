@@ -11,7 +11,7 @@ from pathlib import Path
 from ..architecture import DEFAULT_TARGET_MODULES
 from ..backends import backend_for
 from ..device import resolve_device
-from ..memory import ModelShapes, parse_budget, parse_training_budget
+from ..memory import ModelShapes, parse_budget, parse_gguf_budget, parse_training_budget
 from ..models import LoadedModel, load_base
 from ..plan import Plan
 from ..precision import DTYPE_CHOICES, DTYPES, resolve_dtype
@@ -97,8 +97,18 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
         settings["target_modules"] = Plan.check_targets(base, settings["target_modules"])
     shapes = ModelShapes.from_model(base)
     backend = backend_for(base, settings.get("backend", "hqq"))  # priced in the dtype the plans train in
-    train_budget = parse_training_budget(budget)
-    if train_budget is None:
+    train_budget, gguf_budget = parse_training_budget(budget), parse_gguf_budget(budget)
+    if gguf_budget is not None:
+        from ..gguf_export import distinct_bits, exposes_codes, gguf_budget_size
+
+        if not settings.get("bits"):  # the default ladder, less the widths that cost what a higher one does
+            settings["bits"] = distinct_bits(SearchConfig.bits, shapes, group_size=settings.get("group_size", 64),
+                                             has_codes=exposes_codes(backend.module_class))
+        config = SearchConfig(budget_bytes=gguf_budget, alpha=alpha, trials=trials, budget_on="gguf", **settings)
+        template = Plan.uniform(shapes.num_layers, 4, config.ranks[0], **config.plan_settings())
+        config.gguf_fixed_bytes = gguf_budget_size(base, template, backend, spec=model,
+                                                   dtype=DTYPES[dtype]).fixed_bytes
+    elif train_budget is None:
         budget_bytes = parse_budget(budget, shapes, backend, group_size=settings.get("group_size", 64),
                                     target_modules=tuple(settings.get("target_modules") or DEFAULT_TARGET_MODULES),
                                     dora=bool(settings.get("dora")))

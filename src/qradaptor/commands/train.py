@@ -197,14 +197,27 @@ def _save_checkpoint(model, out: Path, step: int, state: TrainState) -> Path:
     return target
 
 
-def _check_budget(budget, memory, estimate, shapes, plan, quant, model_config, config: RunConfig, dtype) -> None:
+def _check_budget(budget, memory, estimate, shapes, plan, quant, base, config: RunConfig, dtype) -> None:
     from ..errors import BudgetError
-    from ..memory import check_training_budget, format_bytes, parse_budget, parse_training_budget
+    from ..memory import check_training_budget, format_bytes, parse_budget, parse_gguf_budget, parse_training_budget
 
     train_budget = parse_training_budget(budget)
     if train_budget is not None:
-        check_training_budget(estimate, train_budget, shapes, plan, quant, model_config, dtype=dtype,
+        check_training_budget(estimate, train_budget, shapes, plan, quant, base.config, dtype=dtype,
                               grad_accum=config.grad_accum)
+        return
+    gguf_budget = parse_gguf_budget(budget)
+    if gguf_budget is not None:
+        from ..gguf_export import gguf_budget_size
+
+        if plan.dora:
+            raise BudgetError("a gguf: budget is on the files llama.cpp runs, and llama.cpp has no DoRA adapters",
+                              "train with --no-dora, or give a budget on the stored model (4bit, 350MB)")
+        size = gguf_budget_size(base, plan, quant, spec=config.model, dtype=dtype).total_bytes
+        if size > gguf_budget:
+            raise BudgetError(f"the plan's GGUF files take {format_bytes(size)}, over the budget "
+                              f"{format_bytes(gguf_budget)}", "search a plan within it (qradaptor search --budget "
+                              f"gguf:...) or give a larger one")
         return
     stored = parse_budget(budget, shapes, quant, group_size=plan.group_size, base_dtype=dtype,
                           target_modules=plan.target_modules, dora=plan.dora)
@@ -331,7 +344,7 @@ def _prepare(config: RunConfig, plan, loaded: LoadedModel | None, saved: dict | 
                                seq_len=config.seq_len, dtype=dtype, checkpointing=config.gradient_checkpointing,
                                device=device)
     if budget is not None:
-        _check_budget(budget, memory, estimate, shapes, plan, quant, base.config, config, dtype)
+        _check_budget(budget, memory, estimate, shapes, plan, quant, base, config, dtype)
     if init_from is not None:
         _check_snapshot(init_from, snapshot, {
             "plan": plan.to_dict(), "model_fingerprint": fingerprint, "dtype": config.dtype,
@@ -569,9 +582,10 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
     saved = read_run(out)
     _check_run_dir(out, saved, resume)
     if budget is not None:
-        from ..memory import parse_training_budget
+        from ..memory import parse_gguf_budget, parse_training_budget
 
-        parse_training_budget(budget)  # a malformed train:SIZE fails before the model and the data load
+        # a malformed train:SIZE or gguf:SIZE fails before the model and the data load
+        parse_training_budget(budget), parse_gguf_budget(budget)
     config = _resolve({**settings, "model": model, "data": data}, None if saved is None else saved["config"])
     plan_obj = _plan_to_train(plan, saved, out, target_modules, dora)
     # a new run (or one interrupted before its first checkpoint) starts its adapters; the others load theirs

@@ -12,6 +12,9 @@ from ..rundir import ADAPTER_INITS
 DEFAULT_BITS = DEFAULT_BIT_LADDER  # (2, 3, 4, 5, 6, 8): exact packing makes 5 and 6 bits worth their bytes
 DEFAULT_RANKS = (4, 8, 16, 32)
 CONFIG_ATTR = "qradaptor_config"
+#: What a budget bounds: the stored model (`memory.predict`), the predicted training peak (``train:``), or the
+#: files llama.cpp runs (``gguf:``).
+BUDGET_KINDS = ("stored", "training", "gguf")
 FORMAT = "qradaptor-search-1"
 #: Written into every --out a search uses: marks the directory as the tool's, and is locked (flock) for the
 #: search's duration so that a second search on the same --out is refused instead of overwriting the first.
@@ -67,8 +70,11 @@ class SearchConfig:
     # "stored": the budget is on the stored model (predict); "training": on the predicted training peak, i.e.
     # stored bytes + adapter gradients and AdamW state (12 bytes per trainable parameter) + training_fixed_bytes
     # (runtime, activations at the largest rank, loss: memory.training_memory for train_batch_size × seq_len).
+    # "gguf": on the files `export --gguf` writes (gguf_export.layer_gguf_bytes per layer + gguf_fixed_bytes:
+    # both files' headers and the tensors outside the decoder linears, as gguf_export.predict_gguf prices them).
     budget_on: str = "stored"
     training_fixed_bytes: int = 0
+    gguf_fixed_bytes: int = 0
     train_batch_size: int = 4
     sampler: str = "nsga2"  # exploration sampler: "nsga2", or "random" (the baseline the benchmark compares to)
     seed: int = 0
@@ -82,8 +88,11 @@ class SearchConfig:
                 setattr(self, key, Fidelity(**value))
         if not 0 <= self.alpha <= 1:
             raise SearchError(f"--alpha must be between 0 and 1, got {self.alpha}", "0.5 weighs quality and memory equally")
-        if self.budget_on not in ("stored", "training"):
-            raise SearchError(f"unknown budget kind {self.budget_on!r}", "use stored or training")
+        if self.budget_on not in BUDGET_KINDS:
+            raise SearchError(f"unknown budget kind {self.budget_on!r}", f"use {', '.join(BUDGET_KINDS)}")
+        if self.budget_on == "gguf" and self.dora:
+            raise SearchError("a gguf: budget prices the files llama.cpp runs, and llama.cpp has no DoRA adapters",
+                              "drop --dora, or give a budget on the stored model (4bit, 350MB)")
         if self.adapter_init not in ADAPTER_INITS:
             raise SearchError(f"unknown adapter start {self.adapter_init!r}",
                               f"use --adapter-init {' or '.join(ADAPTER_INITS)}")

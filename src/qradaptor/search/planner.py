@@ -63,20 +63,30 @@ class Planner:
         # every plan the planner makes has these settings (target modules, group size): price them as predict does
         self.template = config_plan(config, shapes.num_layers, config.bits[0], config.ranks[0])
         report = predict(shapes, self.template, backend)
-        self.fixed_bytes = report.other_bytes + config.training_fixed_bytes
+        self.fixed_bytes = (config.gguf_fixed_bytes if config.budget_on == "gguf"
+                            else report.other_bytes + config.training_fixed_bytes)
         # bytes per trainable parameter: the adapter (fp32, as predict prices it), plus its gradient and AdamW's
         # moments when the budget is on the training peak
         self.param_bytes = 4 + (ADAPTER_STATE_BYTES if config.budget_on == "training" else 0)
 
     def layer_bytes(self, layer: int, choice: LayerChoice) -> int:
-        """`memory.layer_bytes`, memoised (the search prices the same layer choices thousands of times)."""
+        """`memory.layer_bytes` (or, for a ``gguf:`` budget, `gguf_export.layer_gguf_bytes`), memoised (the search
+        prices the same layer choices thousands of times)."""
         key = (layer, choice.bits, choice.rank)
         if key not in self._layer_bytes:
-            weights, params = layer_bytes(self.shapes.layers[layer], choice, self.backend,
-                                          group_size=self.template.group_size,
-                                          target_modules=self.template.target_modules,
-                                          base_bytes=self.backend.metadata_bytes, dora=self.template.dora)
-            self._layer_bytes[key] = weights + params * self.param_bytes
+            settings = dict(group_size=self.template.group_size, target_modules=self.template.target_modules)
+            if self.config.budget_on == "gguf":
+                from ..gguf_export import exposes_codes, dense_type, layer_gguf_bytes
+
+                model, adapter = layer_gguf_bytes(self.shapes.layers[layer], choice,
+                                                  dense=dense_type(self.backend.metadata_bytes),
+                                                  has_codes=exposes_codes(self.backend.module_class), **settings)
+                self._layer_bytes[key] = model + adapter
+            else:
+                weights, params = layer_bytes(self.shapes.layers[layer], choice, self.backend,
+                                              base_bytes=self.backend.metadata_bytes, dora=self.template.dora,
+                                              **settings)
+                self._layer_bytes[key] = weights + params * self.param_bytes
         return self._layer_bytes[key]
 
     def memory(self, plan: Plan) -> int:
@@ -117,8 +127,9 @@ class Planner:
         choices = [LayerChoice(self.config.bits[0], self.config.ranks[0])] * self.shapes.num_layers
         memory = self.memory(self.plan(choices))
         while True:
-            moves = [(-dc / db, l, n, db) for l, n, dc, db in self._moves(choices, +1)
-                     if db > 0 and memory + db <= budget and dc < 0]
+            # a step that costs no bytes (2 → 3 bits where both are written as the same GGUF type) comes first
+            moves = [(-dc / db if db > 0 else math.inf, l, n, db) for l, n, dc, db in self._moves(choices, +1)
+                     if db >= 0 and memory + db <= budget and dc < 0]
             if not moves:
                 return self.plan(choices)
             _, l, n, db = max(moves, key=lambda m: (m[0], -m[1], -m[2].bits, -m[2].rank))
@@ -171,7 +182,7 @@ def check_searchable(config: SearchConfig, shapes: ModelShapes, backend: QuantBa
     """Refuse a budget that no plan in the space meets, or one so large that there is nothing to choose."""
     planner = Planner(shapes, backend, None, config)
     floor = planner.memory(planner.plan([LayerChoice(config.bits[0], config.ranks[0])] * shapes.num_layers))
-    what = "training-memory budget" if config.budget_on == "training" else "budget"
+    what = {"training": "training-memory budget", "gguf": "GGUF budget"}.get(config.budget_on, "budget")
     if config.budget_bytes < floor:
         raise BudgetError(
             f"the {what} {format_bytes(config.budget_bytes)} is below the cheapest possible plan "

@@ -6,13 +6,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..architecture import DEFAULT_TARGET_MODULES
 from ..backends import QuantBackend
 from ..io import atomic_write_json, atomic_write_text
-from ..memory import ADAPTER_STATE_BYTES, ModelShapes, format_bytes, predict
-from ..plan import DEFAULT_RANK, Plan
-from .config import FORMAT
-from .planner import plan_key
+from ..memory import ModelShapes, format_bytes
+from ..plan import DEFAULT_RANK, LayerChoice, Plan
+from .config import FORMAT, SearchConfig
+from .planner import Planner, plan_key
 
 log = logging.getLogger("qradaptor")
 
@@ -123,9 +122,13 @@ def kept_run(search_dir: str | Path, uniform: str | None = None) -> tuple[Path, 
     return (path, step) if path.is_dir() else None
 
 
+#: How a summary names what the budget bounds (nothing for the stored model).
+BUDGET_ON = {"training": " on the predicted training peak", "gguf": " on the GGUF files (model.gguf + adapter.gguf)"}
+
+
 def summary(result: SearchResult) -> str:
     c = result.chosen
-    on = " on the predicted training peak" if result.config.get("budget_on") == "training" else ""
+    on = BUDGET_ON.get(result.config.get("budget_on"), "")
     lines = [
         f"budget {format_bytes(result.budget_bytes)}{on}; {len(result.points)} evaluations "
         f"({sum(p.fidelity == 'cheap' for p in result.points)} cheap, {sum(p.fidelity == 'full' for p in result.points)} full), "
@@ -158,20 +161,18 @@ def plot_pareto(result: SearchResult, path: Path, shapes: ModelShapes, backend: 
             front = pareto_front(pts)
             ax.step([p.memory_bytes / mib for p in front], [p.loss for p in front], where="post", color=colour, lw=1)
     ax.axvline(result.budget_bytes / mib, color="crimson", ls="--", lw=1, label="budget")
-    training = result.config.get("budget_on") == "training"
+    # the uniform settings at the default rank, priced as the search priced its plans (the same kind of budget)
+    config = SearchConfig.from_dict({k: v for k, v in result.config.items() if k in SearchConfig.__dataclass_fields__})
+    planner = Planner(shapes, backend, None, config)
     for b in backend.supported_bits:
-        if b in result.config.get("bits", []):
-            report = predict(shapes, Plan.uniform(
-                shapes.num_layers, b, DEFAULT_RANK, group_size=result.config["group_size"],
-                target_modules=result.config.get("target_modules") or DEFAULT_TARGET_MODULES,
-                dora=bool(result.config.get("dora"))), backend)
-            m = report.total_bytes + (ADAPTER_STATE_BYTES * report.trainable_params
-                                      + result.config.get("training_fixed_bytes", 0) if training else 0)
+        if b in config.bits:
+            m = planner.memory(planner.plan([LayerChoice(b, DEFAULT_RANK)] * shapes.num_layers))
             ax.axvline(m / mib, color="grey", ls=":", lw=0.8)
             ax.text(m / mib, ax.get_ylim()[1], f" {b}-bit", fontsize=7, color="grey", va="top")
     ax.scatter([result.chosen.memory_bytes / mib], [result.chosen.loss], marker="*", s=160, color="orange",
                zorder=5, label="chosen")
-    ax.set_xlabel("predicted training peak (MiB)" if training else "memory of quantized weights + adapters + rest (MiB)")
+    ax.set_xlabel({"training": "predicted training peak (MiB)", "gguf": "model.gguf + adapter.gguf (MiB)"}.get(
+        config.budget_on, "memory of quantized weights + adapters + rest (MiB)"))
     ax.set_ylabel("held-out loss after fine-tune")
     ax.legend(fontsize=8)
     fig.tight_layout()
