@@ -212,3 +212,32 @@ def test_gguf_budget_refuses_a_base_the_export_cannot_write(capsys, tmp_path, ti
     rc = main(["search", "--model", str(tiny_dir), "--budget", "gguf:1MB", "--out", str(tmp_path / "s"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "gguf: budget" in err and "Traceback" not in err, err
+    rc = main(["run", "--model", str(tiny_dir), "--budget", "gguf:1MB", "--out", str(tmp_path / "r"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "gguf: budget" in err and "Traceback" not in err, err
+    assert not (tmp_path / "r" / "profile").exists()  # refused before the profile
+
+
+def test_search_within_a_gguf_budget_on_smollm2(tmp_path):
+    """A search with a gguf: budget (tiny settings) on the real SmolLM2: it searches the bit-widths whose GGUF types
+    differ, every plan it measured is priced as its files would be written, within the budget."""
+    import torch
+
+    from qradaptor.backends import get_backend
+    from qradaptor.commands import profile, search
+    from qradaptor.gguf_export import predict_gguf
+    from qradaptor.memory import meta_model, parse_gguf_budget
+    from qradaptor.models import load_config
+
+    profile(None, out=tmp_path / "p", tokens=64, seq_len=32, dtype="float32", progress=False)
+    result = search(None, budget="gguf:190MB", out=tmp_path / "s", trials=2, population=2, promote=0, refine=0,
+                    warm_start=1, seq_len=32, dtype="float32", adapter_init="zero", progress=False,
+                    sensitivity=str(tmp_path / "p" / "sensitivity.json"),
+                    cheap={"name": "cheap", "steps": 1, "eval_blocks": 1, "batch_size": 1},
+                    full={"name": "full", "steps": 2, "eval_blocks": 1, "batch_size": 1})
+    assert result.config["budget_on"] == "gguf" and tuple(result.config["bits"]) == (4, 5, 8)
+    meta, backend = meta_model(load_config(None)), get_backend("hqq", compute_dtype=torch.float32)
+    for point in result.points:
+        size = predict_gguf(meta, point.plan, backend, spec=None, dtype=torch.float32).total_bytes
+        assert point.memory_bytes == size <= parse_gguf_budget("gguf:190MB")
+    assert "on the GGUF files" in (tmp_path / "s" / "search-summary.txt").read_text()

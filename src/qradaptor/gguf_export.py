@@ -455,16 +455,25 @@ def predict_gguf(model, plan, backend, *, spec: str | None, dtype: torch.dtype) 
                     fixed_bytes=sum(headers) + others, types=types)
 
 
-def gguf_budget_size(model, plan, backend, *, spec: str | None, dtype: torch.dtype) -> GGUFSize:
-    """`predict_gguf` where a ``gguf:`` budget needs it: a base the export would refuse is a budget error."""
+def check_gguf_budget(spec: str | None, *, dora: bool = False) -> None:
+    """Refuse a ``gguf:`` budget on files the export cannot write: a base it refuses, or DoRA adapters."""
     from .errors import BudgetError
 
+    if dora:
+        raise BudgetError("a gguf: budget is on the files llama.cpp runs, and llama.cpp has no DoRA adapters",
+                          "drop --dora, or give a budget on the stored model (4bit, 350MB)")
     try:
-        return predict_gguf(model, plan, backend, spec=spec, dtype=dtype)
+        check_exportable(spec)
     except ArtifactError as e:
         raise BudgetError(f"a gguf: budget is on the files `export --gguf` writes, which cannot be written for this "
                           f"model: {e.cause}", "give a budget on the stored model (4bit, 350MB), or load the base "
                           "from its .gguf file") from None
+
+
+def gguf_budget_size(model, plan, backend, *, spec: str | None, dtype: torch.dtype) -> GGUFSize:
+    """`predict_gguf` where a ``gguf:`` budget needs it (refused as `check_gguf_budget` refuses)."""
+    check_gguf_budget(spec, dora=plan.dora)
+    return predict_gguf(model, plan, backend, spec=spec, dtype=dtype)
 
 
 def _header_bytes(writer) -> int:

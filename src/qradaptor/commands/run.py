@@ -323,7 +323,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     ``model``: a spec, or a `LoadedModel` (its spec is what the run records); either is used up. ``device``
     (``auto``, ``cpu``, ``cuda``): where every stage computes; the dense model stays in host memory and each plan
     is quantized on the device. Not part of any stage's fingerprint: a run continues on another device."""
-    from ..memory import parse_training_budget
+    from ..memory import parse_gguf_budget, parse_training_budget
     from ..models import load_base, model_fingerprint
     from ..plan import Plan
     from ..rundir import RunConfig
@@ -349,6 +349,10 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     if "target_modules" in search_settings:  # refused before the profile, naming the model's linears
         search_settings = {**search_settings,
                            "target_modules": list(Plan.check_targets(base.model, search_settings["target_modules"]))}
+    if parse_gguf_budget(budget) is not None:  # a budget on files that cannot be written: refused before the profile
+        from ..gguf_export import check_gguf_budget
+
+        check_gguf_budget(base.spec, dora=bool(search_settings.get("dora")))
     model_fp, data_fp = model_fingerprint(base.model), _data_fingerprint(data, seq_len)
     stages.settings = _jsonable({
         "model": _resolved(base.spec), "model_fingerprint": model_fp, "data": _resolved(data),
@@ -368,7 +372,9 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     job.train(plan, steps=steps, budget=budget if parse_training_budget(budget) is not None else None,
               settings=train_settings)
     metrics = job.held_out(eval_blocks)
-    return {**metrics, "plan": str(plan), "model": str(out / "model"), "memory": job.export()}
+    # a budget on the GGUF files: the export writes them (what the budget was for)
+    return {**metrics, "plan": str(plan), "model": str(out / "model"),
+            "memory": job.export(gguf=parse_gguf_budget(budget) is not None)}
 
 
 @dataclasses.dataclass
@@ -476,17 +482,20 @@ class _Run:
         self.stages.finish("metrics")
         return metrics
 
-    def export(self) -> dict | None:
-        """The export's memory record (kept, or written now)."""
+    def export(self, gguf: bool = False) -> dict | None:
+        """The export's memory record (kept, or written now); with ``gguf`` llama.cpp's files too."""
         from ..export import EXPORT_FILE, PACKED_DIR
         from .export import export, export_manifest
 
         model_dir = self.out / "model"
-        if self.stages.begin("export", {}, lambda: export_manifest(model_dir) is not None) == "keep":
+        def written() -> bool:
+            return export_manifest(model_dir) is not None and (not gguf or (model_dir / "model.gguf").is_file())
+
+        if self.stages.begin("export", {"gguf": True} if gguf else {}, written) == "keep":
             log.info("run: export done, %s", model_dir)
             return (_read_json(model_dir / PACKED_DIR / EXPORT_FILE) or {}).get("memory")
         log.info("run: stage 5/5, export")
         with _as_run_stage():
-            memory = export(self.out / "train", model_dir, trained=self.trained_model())["memory"]
+            memory = export(self.out / "train", model_dir, gguf=gguf, trained=self.trained_model())["memory"]
         self.stages.finish("export")
         return memory

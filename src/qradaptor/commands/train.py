@@ -210,9 +210,6 @@ def _check_budget(budget, memory, estimate, shapes, plan, quant, base, config: R
     if gguf_budget is not None:
         from ..gguf_export import gguf_budget_size
 
-        if plan.dora:
-            raise BudgetError("a gguf: budget is on the files llama.cpp runs, and llama.cpp has no DoRA adapters",
-                              "train with --no-dora, or give a budget on the stored model (4bit, 350MB)")
         size = gguf_budget_size(base, plan, quant, spec=config.model, dtype=dtype).total_bytes
         if size > gguf_budget:
             raise BudgetError(f"the plan's GGUF files take {format_bytes(size)}, over the budget "
