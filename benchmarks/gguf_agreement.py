@@ -13,6 +13,7 @@ Usage: python benchmarks/gguf_agreement.py [--work DIR]   (results: benchmarks/r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -48,12 +49,16 @@ def fine_tune(work: Path, name: str, layers) -> Path:
     return case
 
 
-def export(case: Path, name: str = "export") -> Path:
+def export(case: Path, name: str = "export", merge: bool = True) -> Path:
     from qradaptor.cli import main
 
     out = case / name
-    if not (out / "adapter.gguf").is_file():
-        assert main(["export", str(case / "run"), "--to", str(out), "--gguf", "-q"]) == 0
+    if not (out / ("merged.gguf" if merge else "adapter.gguf")).is_file():
+        if out.exists():  # an export from before merged.gguf was measured
+            import shutil
+
+            shutil.rmtree(out)
+        assert main(["export", str(case / "run"), "--to", str(out), "--gguf", "-q"] + (["--merge"] if merge else [])) == 0
     return out
 
 
@@ -79,9 +84,13 @@ def compare(out: Path, blocks) -> dict:
     def nll(logp, ids):
         return float(F.nll_loss(logp[:-1], ids[1:], reduction="sum")), len(ids) - 1
 
+    merged = (out / "merged.gguf").is_file()
     rows = {"kl_adapter": [], "kl_base": [], "top1": [], "cosine": [], "ours_nll": [0.0, 0], "llama_nll": [0.0, 0]}
+    if merged:
+        rows.update(kl_merged=[], merged_nll=[0.0, 0])
     with LlamaCpp(out / "model.gguf", out / "adapter.gguf", n_ctx=SEQ) as tuned, \
-            LlamaCpp(out / "model.gguf", n_ctx=SEQ) as base:
+            LlamaCpp(out / "model.gguf", n_ctx=SEQ) as base, \
+            (LlamaCpp(out / "merged.gguf", n_ctx=SEQ) if merged else contextlib.nullcontext()) as one_file:
         for ids in blocks:
             o, ob = ours(ids, True), ours(ids, False)
             t = torch.log_softmax(torch.from_numpy(tuned.logits(ids.tolist())), -1)
@@ -90,13 +99,19 @@ def compare(out: Path, blocks) -> dict:
             rows["kl_base"].append(kl(ob, tb))
             rows["top1"].append(float((o.argmax(-1) == t.argmax(-1)).float().mean()))
             rows["cosine"].append(float(F.cosine_similarity((o - ob).flatten(), (t - tb).flatten(), dim=0)))
-            for key, logp in (("ours_nll", o), ("llama_nll", t)):
+            logps = [("ours_nll", o), ("llama_nll", t)]
+            if merged:
+                m = torch.log_softmax(torch.from_numpy(one_file.logits(ids.tolist())), -1)
+                rows["kl_merged"].append(kl(o, m))
+                logps.append(("merged_nll", m))
+            for key, logp in logps:
                 s, n = nll(logp, ids)
                 rows[key][0] += s
                 rows[key][1] += n
     mean = {k: sum(v) / len(v) for k, v in rows.items() if k.startswith(("kl", "top1", "cosine"))}
-    mean["ours_loss"] = rows["ours_nll"][0] / rows["ours_nll"][1]
-    mean["llama_loss"] = rows["llama_nll"][0] / rows["llama_nll"][1]
+    for key in ("ours", "llama", "merged"):
+        if f"{key}_nll" in rows:
+            mean[f"{key}_loss"] = rows[f"{key}_nll"][0] / rows[f"{key}_nll"][1]
     return mean
 
 
@@ -132,12 +147,13 @@ def main(argv=None) -> int:
     permutation = gguf_export._permutation
     gguf_export._permutation = lambda rows, heads: torch.arange(rows)
     try:
-        control = compare(export(case, "export-hf-order"), blocks)
+        control = compare(export(case, "export-hf-order", merge=False), blocks)
     finally:
         gguf_export._permutation = permutation
     env = environment()
     rows = [[c["plan"], f"{c['kl_adapter']:.4f}", f"{c['kl_base']:.4f}", f"{c['top1']:.3f}", f"{c['cosine']:.3f}",
              f"{c['ours_loss']:.4f}", f"{c['llama_loss']:.4f}", f"{c['llama_loss'] - c['ours_loss']:+.4f}",
+             f"{c['kl_merged']:.4f}", f"{c['merged_loss']:.4f}", f"{c['merged_loss'] - c['llama_loss']:+.4f}",
              ", ".join(f"{k} {e:.1e}" for k, e in c["gguf"]["relative_error"].items()) or "—",
              f"{(c['gguf']['model_bytes'] + c['gguf']['adapter_bytes']) / c['stored_bytes']:.3f}×"] for c in cases]
     md = (f"# GGUF export in llama.cpp vs qradaptor\n\nSmolLM2-135M, float32, {describe_cpu(env)}; llama.cpp through "
@@ -146,9 +162,12 @@ def main(argv=None) -> int:
           "with the adapter and without it; top-1: same most likely token; cosine: between the adapter's change to "
           "the log-probabilities in each; losses: held-out next-token loss (nats) in each; weight error: relative "
           "squared error of the written decoder weights per GGUF type; size: model.gguf + adapter.gguf over the "
-          "plan's predicted stored bytes (the embeddings are float32 in both).\n\n"
+          "plan's predicted stored bytes (the embeddings are float32 in both). Merged: `--merge --gguf`'s "
+          "merged.gguf (every adapter merged into its weight, requantized by HQQ in groups of 32 in the same GGUF "
+          "type, so the same size as model.gguf) in llama.cpp: KL(qradaptor ‖ it), its loss, and what the merge "
+          "costs against model.gguf + adapter.gguf in llama.cpp.\n\n"
           + markdown_table(["plan", "KL adapter", "KL base", "top-1", "cosine", "qradaptor loss", "llama.cpp loss",
-                            "Δ loss", "weight error", "size"], rows)
+                            "Δ loss", "merged KL", "merged loss", "merge cost", "weight error", "size"], rows)
           + f"\nControl, uniform 4-bit with the q/k rows left in the Hugging Face order: KL {control['kl_adapter']:.4f}, "
           f"top-1 {control['top1']:.3f}, llama.cpp loss {control['llama_loss']:.4f} vs {control['ours_loss']:.4f}.\n")
     write_results("gguf_agreement", {"cases": cases, "control": control, "environment": env,

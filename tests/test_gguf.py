@@ -66,7 +66,7 @@ def exported(request, tmp_path_factory):
     assert main(["train", "--plan", str(tmp / "plan.json"), "--dtype", request.param, "--steps", "2", "--seq-len", "32",
                  "--batch-size", "1",
                  "--lr", "1e-2", "--eval-blocks", "1", "--out", str(run), "-q"]) == 0
-    assert main(["export", str(run), "--to", str(out), "--gguf", "-q"]) == 0
+    assert main(["export", str(run), "--to", str(out), "--gguf", "--merge", "-q"]) == 0
     return out
 
 
@@ -77,6 +77,8 @@ def test_export_writes_model_adapter_and_modelfile(exported):
     info = json.loads((exported / "qradaptor" / "export.json").read_text())["gguf"]
     assert {"Q4_1", "Q5_1", "Q8_0", "F32"} <= set(info["types"])
     assert info["relative_error"]["Q4_1"] < 1e-5 and info["relative_error"]["Q5_1"] < 1e-5  # fp16 constants only
+    assert info["merged"]["types"] == info["types"]  # merged.gguf: every tensor in the type model.gguf has it
+    assert 1e-5 < info["merged"]["relative_error"]["Q4_1"] < 1e-2  # requantized (4 bits, groups of 32)
     model = gguf.GGUFReader(exported / "model.gguf")
     types = {t.name: t.tensor_type.name for t in model.tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.1.attn_q.weight"] == "Q4_1"  # 3 and 4 bits
@@ -115,6 +117,8 @@ def test_llama_cpp_runs_the_export_as_qradaptor_does(exported):
         theirs = torch.log_softmax(torch.from_numpy(llm.logits(ids.tolist())), -1)
     with LlamaCpp(exported / "model.gguf", n_ctx=64) as llm:
         theirs_base = torch.log_softmax(torch.from_numpy(llm.logits(ids.tolist())), -1)
+    with LlamaCpp(exported / "merged.gguf", n_ctx=64) as llm:
+        merged = torch.log_softmax(torch.from_numpy(llm.logits(ids.tolist())), -1)
     delta_ours, delta_theirs = (ours - ours_base).flatten(), (theirs - theirs_base).flatten()
     cosine = float(torch.nn.functional.cosine_similarity(delta_ours, delta_theirs, dim=0))
     # llama.cpp quantizes the activations to 8 bits for its Q4_1/Q5_1/Q8_0 matmuls: close, not equal. Measured on
@@ -125,6 +129,11 @@ def test_llama_cpp_runs_the_export_as_qradaptor_does(exported):
     # the adapter changes llama.cpp's logits as it changes qradaptor's (each module's scale right: measured 0.99)
     assert kl(ours, ours_base) > 5 * kl(ours, theirs)
     assert cosine > 0.95, cosine
+    # merged.gguf (--merge --gguf): the adapters merged and requantized in the same types, the size of model.gguf.
+    # Requantizing costs about a quantization's error (benchmarks/results/gguf_agreement.md), but the merged model
+    # is nearer the fine-tuned one than the base without its adapter is
+    assert (exported / "merged.gguf").stat().st_size == (exported / "model.gguf").stat().st_size
+    assert kl(ours, merged) < kl(ours, ours_base), (kl(ours, merged), kl(ours, ours_base))
 
 
 def test_gguf_export_refuses_a_base_without_its_gguf(tmp_path, tiny_dir, capsys):

@@ -331,6 +331,11 @@ def cmd_export(args) -> int:
         print(f"GGUF for llama.cpp / Ollama: {args.to}/model.gguf ({format_bytes(g['model_bytes'])}; tensors: {kinds}; "
               f"relative squared error of the written decoder weights: {errors}) + adapter.gguf "
               f"({format_bytes(g['adapter_bytes'])}) + Modelfile (ollama create NAME -f {args.to}/Modelfile)")
+        if g.get("merged"):
+            m = g["merged"]
+            errors = ", ".join(f"{k} {e:.1e}" for k, e in m["relative_error"].items()) or "none quantized"
+            print(f"  merged: {args.to}/merged.gguf ({format_bytes(m['model_bytes'])}; every adapter merged and "
+                  f"requantized in its layer's type; relative squared error against the merged weights: {errors})")
     return 0
 
 
@@ -488,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[common], help="write a trained run as a directory stock transformers + peft load")
     p.add_argument("run", help="the --out directory of `qradaptor train`")
     p.add_argument("--to", required=True, help="output directory (built under a temporary name, then renamed)")
-    p.add_argument("--merge", action="store_true", help="also write TO/merged/: the adapter folded into the dequantized base")
+    p.add_argument("--merge", action="store_true",
+                   help="also write TO/merged/: the adapter folded into the dequantized base; with --gguf also "
+                        "TO/merged.gguf, one llama.cpp file with the adapters merged and requantized")
     p.add_argument("--gguf", action="store_true",
                    help="also write TO/model.gguf (HQQ codes as Q4_1/Q5_1, 6-8 bits as Q8_0), TO/adapter.gguf and a "
                         "Modelfile, for llama.cpp and Ollama (bases loaded from a .gguf file)")

@@ -30,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backends import is_quantized
 from .errors import ArtifactError
 
 #: GGUF architectures written (the source GGUF's ``general.architecture``); llama's q/k rows are permuted.
 ARCHITECTURES = ("llama",)  # Qwen2/Qwen3 (no q/k permutation) are next: not yet checked in llama.cpp
 #: What llama.cpp's Modelfile for Ollama holds (paths relative to it).
 MODELFILE = "FROM ./model.gguf\nADAPTER ./adapter.gguf\n"
+MERGED_GGUF = "merged.gguf"  # the adapters merged into the base: one file (`write_gguf(merged=True)`)
 BLOCK = 32  # weights per Q4_1 / Q5_1 / Q8_0 block
 
 
@@ -49,6 +51,7 @@ class GGUFReport:
     model_bytes: int = 0
     adapter_bytes: int = 0
     dtype: str = ""  # of the unquantized weights (the run's)
+    merged: dict | None = None  # merged.gguf's report (its errors against the merged weights), where written
 
     def add(self, kind: str, written: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> None:
         self.types[kind] = self.types.get(kind, 0) + 1
@@ -59,8 +62,9 @@ class GGUFReport:
 
     def to_dict(self) -> dict:
         error = {k: (e / n if n else 0.0) for k, (e, n) in self.squares.items()}
-        return {"types": dict(sorted(self.types.items())), "relative_error": error,
-                "model_bytes": self.model_bytes, "adapter_bytes": self.adapter_bytes, "dtype": self.dtype}
+        out = {"types": dict(sorted(self.types.items())), "relative_error": error,
+               "model_bytes": self.model_bytes, "adapter_bytes": self.adapter_bytes, "dtype": self.dtype}
+        return {**out, "merged": self.merged} if self.merged is not None else out
 
 
 def source_gguf(spec: str | None) -> Path | None:
@@ -211,14 +215,11 @@ def _gguf_name(tmap, key: str) -> str:
     return name
 
 
-def write_gguf(trained, out: str | os.PathLike, spec: str | None) -> GGUFReport:
+def write_gguf(trained, out: str | os.PathLike, spec: str | None, *, merged: bool = False) -> GGUFReport:
     """``out/model.gguf``, ``out/adapter.gguf`` and ``out/Modelfile`` for a trained run (`export.TrainedModel`)
-    whose base was loaded from the GGUF file of ``spec``. Refuses an architecture llama.cpp's converters would
-    lay out differently, before writing anything."""
-    import gguf
-
-    from .backends import is_quantized
-
+    whose base was loaded from the GGUF file of ``spec``; with ``merged``, also ``out/merged.gguf``: one file
+    with every adapter merged into its weight (`_merged_tensor`), the size of ``model.gguf``. Refuses an
+    architecture llama.cpp's converters would lay out differently, before writing anything."""
     reader, arch = check_exportable(spec)
     base = trained.model.get_base_model()
     config = base.config
@@ -234,10 +235,29 @@ def write_gguf(trained, out: str | os.PathLike, spec: str | None) -> GGUFReport:
 
     report = GGUFReport(dtype=str(base.get_input_embeddings().weight.dtype).removeprefix("torch."))
     out = Path(out)
-    writer = _writer(out / "model.gguf", arch)
+    report.model_bytes = _write_model(out / "model.gguf", base, reader, arch, tmap, permutation, report)
+    report.adapter_bytes = write_adapter(trained.model, out / "adapter.gguf", arch, tmap, permutation)
+    (out / "Modelfile").write_text(MODELFILE, encoding="utf-8")
+    if merged:
+        merged_report = GGUFReport(dtype=report.dtype)
+        merged_report.model_bytes = _write_model(out / MERGED_GGUF, base, reader, arch, tmap, permutation,
+                                                 merged_report, adapters=_adapted_modules(trained.model))
+        report.merged = merged_report.to_dict()
+    return report
+
+
+def _write_model(path: Path, base, reader, arch: str, tmap, permutation, report: GGUFReport,
+                 adapters: dict | None = None) -> int:
+    """The base model ``base`` (quantized, adapters aside) as a GGUF file at ``path``; with ``adapters`` (module
+    name → PEFT LoRA layer), each adapted weight merged with its adapter and written in the same GGUF type
+    (`_merged_tensor`). Returns the file's size."""
+    import gguf
+
+    adapters = adapters or {}
+    writer = _writer(path, arch)
     _copy_metadata(reader, writer)
     quantized = {n.removesuffix(".base_layer"): m for n, m in base.named_modules() if is_quantized(m)}
-    tied = getattr(config, "tie_word_embeddings", False)
+    tied = getattr(base.config, "tie_word_embeddings", False)
     with torch.no_grad():
         for key, tensor in base.state_dict().items():
             if ".lora_" in key:
@@ -250,11 +270,16 @@ def write_gguf(trained, out: str | os.PathLike, spec: str | None) -> GGUFReport:
                 continue  # inside the packed weight's blocks
             if owner in quantized and leaf == "packed":
                 perm = permutation(owner + ".weight", quantized[owner].out_features)
-                data, kind, weight = _quantized_tensor(quantized[owner], perm)
+                if owner in adapters:
+                    data, kind, weight = _merged_tensor(quantized[owner], _lora_delta(adapters[owner]), perm)
+                else:
+                    data, kind, weight = _quantized_tensor(quantized[owner], perm)
                 report.add(kind, torch.from_numpy(_dequantized(data, kind)), weight)
                 writer.add_tensor(_gguf_name(tmap, owner + ".weight"), data,
                                   raw_dtype=gguf.GGMLQuantizationType[kind])
                 continue
+            if owner in adapters and leaf == "weight":  # a 16-bit layer: merged in its own dtype
+                tensor = (tensor.float() + _lora_delta(adapters[owner])).to(tensor.dtype)
             perm = permutation(key, tensor.shape[0])
             data, kind = _dense_tensor(tensor[perm] if perm is not None else tensor)
             report.add(kind)
@@ -262,10 +287,44 @@ def write_gguf(trained, out: str | os.PathLike, spec: str | None) -> GGUFReport:
                               raw_dtype=None if kind == "F32" else gguf.GGMLQuantizationType[kind])
     _add_file_type(writer, report.types)
     _finish(writer)
-    report.model_bytes = (out / "model.gguf").stat().st_size
-    report.adapter_bytes = write_adapter(trained.model, out / "adapter.gguf", arch, tmap, permutation)
-    (out / "Modelfile").write_text(MODELFILE, encoding="utf-8")
-    return report
+    return path.stat().st_size
+
+
+def _adapted_modules(peft_model) -> dict:
+    """Module name in the base model (``model.layers.0.self_attn.q_proj``) → its PEFT LoRA layer."""
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix): module for name, module in peft_model.named_modules()
+            if hasattr(module, "lora_A") and "default" in module.lora_A}
+
+
+def _lora_delta(layer) -> torch.Tensor:
+    """What a PEFT LoRA layer adds to its base weight: ``scale · B·A`` (fp32)."""
+    a = layer.lora_A["default"].weight.float()
+    b = layer.lora_B["default"].weight.float()
+    return (b * layer.scaling["default"]) @ a
+
+
+def _merged_tensor(module, delta: torch.Tensor, perm: torch.Tensor | None) -> tuple[np.ndarray, str, torch.Tensor]:
+    """A quantized linear's weight with its adapter merged, as GGUF bytes of the same type the unmerged weight is
+    written in (so the file is no larger): requantized by HQQ at 4 (``Q4_1``) or 5 (``Q5_1``) bits in groups of
+    one block, whatever the layer's own bits (``Q4_1`` holds 4-bit codes: fewer would only lose), or by ``Q8_0``.
+    Also returns the merged weight (fp32, rows in the written order)."""
+    import gguf
+
+    from .backends import get_backend
+
+    weight = module.dequantize().float() + delta
+    rows, cols = weight.shape
+    kind = linear_type(module.bits, module.group_size, cols, has_codes=exposes_codes(module), dense="F32")
+    if perm is not None:
+        weight = weight[perm]
+    if kind == "Q8_0":
+        return gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0), kind, weight
+    linear = torch.nn.Linear(cols, rows, bias=False)
+    linear.weight.data = weight
+    requantized = get_backend("hqq", compute_dtype=torch.float32).quantize(linear, 4 if kind == "Q4_1" else 5, BLOCK)
+    data, kind, _ = _quantized_tensor(requantized, None)
+    return data, kind, weight
 
 
 def write_adapter(peft_model, path: Path, arch: str, tmap, permutation) -> int:

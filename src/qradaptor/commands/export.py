@@ -152,7 +152,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
             if gguf:
                 from ..gguf_export import write_gguf
 
-                info["gguf"] = write_gguf(trained, tmp, config.model).to_dict()
+                info["gguf"] = write_gguf(trained, tmp, config.model, merged=merge).to_dict()
             # written last, listing everything (itself included): what a later export may replace
             info["files"] = sorted(_entries(tmp) | {f"{PACKED_DIR}/{EXPORT_FILE}"})
             atomic_write_json(tmp / PACKED_DIR / EXPORT_FILE, info)
