@@ -53,7 +53,7 @@ def byte_level_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, unk_token="<unk>", eos_token="<eos>")
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "mixtral+expert-adapters"])
 def test_run_export_stock_reload_and_generate(arch, tmp_path, capsys):
     import transformers
     from conftest import tiny_tokenizer
@@ -63,7 +63,10 @@ def test_run_export_stock_reload_and_generate(arch, tmp_path, capsys):
     from qradaptor.memory import ModelShapes, measured_bytes, predict
     from qradaptor.plan import Plan
 
+    arch, _, flag = arch.partition("+")
     config_class, model_class, extra, linears = ARCHITECTURES[arch]
+    if flag:  # the routed experts adapted too: PEFT's adapters on their 3-D tensors in the export
+        linears = linears | {"experts"}
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**{**COMMON, **extra})
     getattr(transformers, model_class)(config).save_pretrained(tmp_path / "model")
@@ -73,26 +76,31 @@ def test_run_export_stock_reload_and_generate(arch, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--model", str(tmp_path / "model"), "--data", str(words), "--budget", "4bit", "--steps", "4",
                  "--trials", "2", "--population", "2", "--promote", "0", "--refine", "0", "--seq-len", "32",
-                 "--profile-tokens", "256", "--eval-blocks", "2", "--out", str(out), "-q"]) == 0, capsys.readouterr().err
+                 "--profile-tokens", "256", "--eval-blocks", "2", "--out", str(out), "-q"]
+                + ([f"--{flag}"] if flag else [])) == 0, capsys.readouterr().err
     export = out / "model"
 
     ours = qradaptor.load(export)
     moe = {"experts_implementation": "eager"} if "moe" in arch or arch == "mixtral" else {}
     # transformers' own per-expert loop, which computes the routed experts as qradaptor's does
     stock = AutoPeftModelForCausalLM.from_pretrained(export / "adapter", dtype="auto", **moe).eval()
-    adapted = {n.rsplit(".", 1)[-1] for n, m in stock.named_modules() if hasattr(m, "lora_A")}
+    adapted = {n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n, m in stock.named_modules()
+               if hasattr(m, "lora_A")}
     assert adapted == linears  # every linear of the decoder layers, fused ones included
     ids = torch.arange(2, 30)[None]
-    with torch.no_grad():
-        assert torch.equal(stock(input_ids=ids).logits, ours(input_ids=ids).logits)
+    with torch.no_grad():  # PEFT adds an expert's B·A to its weight, qradaptor computes it beside: not bit-equal
+        torch.testing.assert_close(stock(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0,
+                                   atol=1e-5 if flag else 0)
     if moe:  # the routed experts are quantized (their linears replaced by the backend's modules) ...
         experts = [m for n, m in ours.named_modules() if n.endswith("experts.down_proj")]
-        assert experts and all(qradaptor.backends.is_quantized(m) for m in experts[0].children())
+        assert experts and all(qradaptor.backends.is_quantized(getattr(m, "base_layer", m))
+                                 for m in experts[0].children())
         # ... and transformers' default (grouped) experts kernel agrees up to its summation order
         default = AutoPeftModelForCausalLM.from_pretrained(export / "adapter", dtype="auto").eval()
         with torch.no_grad():
             torch.testing.assert_close(default(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=1e-5)
     plan = Plan.load(export / "plan.json")
+    assert plan.expert_adapters == bool(flag)
     predicted = predict(ModelShapes.from_config(ours.config), plan, qradaptor.get_backend("hqq"))
     assert measured_bytes(ours) == predicted.total_bytes
     capsys.readouterr()
@@ -170,3 +178,78 @@ def test_experts_that_cannot_be_split_are_said_once_and_counted(tmp_path, caplog
     assert main(["memory", "--model", str(tmp_path / "m"), "--plan", str(tmp_path / "plan.json"), "--measure"]) == 0
     out = capsys.readouterr().out
     assert "not quantized:" in out and "+0.000%" in out, out  # said, and priced at its real size
+
+
+def test_expert_adapters_train_price_export_and_reload_in_stock_peft(tmp_path, capsys):
+    """--expert-adapters: one adapter per routed expert at its layer's rank, priced exactly, trained, exported as
+    PEFT's adapters on the 3-D expert tensors (stock reload = qradaptor.load), merged alike; refused where wrong."""
+    import transformers
+    from peft import AutoPeftModelForCausalLM
+
+    import qradaptor
+    from qradaptor.memory import ModelShapes, measured_bytes, predict
+    from qradaptor.plan import Plan
+
+    tiny_moe().save_pretrained(tmp_path / "model")
+    byte_level_tokenizer().save_pretrained(tmp_path / "model")
+    words = tmp_path / "words.txt"
+    words.write_text(words_text())
+    plan = Plan.from_dict({"layers": [{"bits": 4, "rank": 8}, {"bits": 3, "rank": 4}]})
+    plan.save(tmp_path / "plan.json")
+    out, export = tmp_path / "run", tmp_path / "export"
+    assert main(["train", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan.json"), "--data",
+                 str(words), "--expert-adapters", "--steps", "3", "--seq-len", "32", "--lr", "1e-2", "--out", str(out),
+                 "-q"]) == 0, capsys.readouterr().err
+    trained = qradaptor.open_run(out)
+    assert trained.plan.expert_adapters and "expert adapters" in trained.plan.describe()
+    base = trained.model.get_base_model()
+    experts = base.model.layers[1].mlp.experts.down_proj
+    assert [experts._modules[str(e)].r["default"] for e in range(4)] == [4] * 4  # the layer's rank
+    assert all(experts._modules[str(e)].lora_A["default"].weight.shape == (4, 32) for e in range(4))
+    # trained: some expert's B moved off its zero start
+    assert any(experts._modules[str(e)].lora_B["default"].weight.abs().max() > 0 for e in range(4))
+    shapes = ModelShapes.from_config(trained.model.config)
+    report = predict(shapes, trained.plan, qradaptor.get_backend("hqq"))
+    trainable = sum(p.numel() for n, p in trained.model.named_parameters() if "lora_" in n)
+    without = predict(shapes, Plan.from_dict({**trained.plan.to_dict(), "expert_adapters": False}),
+                      qradaptor.get_backend("hqq"))
+    assert report.trainable_params == trainable > without.trainable_params
+    assert measured_bytes(trained.model) == report.total_bytes
+
+    assert main(["export", str(out), "--to", str(export), "--merge", "-q"]) == 0, capsys.readouterr().err
+    ours = qradaptor.load(export)
+    stock = AutoPeftModelForCausalLM.from_pretrained(export / "adapter", dtype="auto",
+                                                     experts_implementation="eager").eval()
+    assert any(type(m).__name__ == "ParamWrapper" for m in stock.modules())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(export, experts_implementation="eager").eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(export / "merged", experts_implementation="eager").eval()
+    ids = torch.arange(2, 30)[None]
+    with torch.no_grad():
+        got, want = stock(input_ids=ids).logits, ours(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+        # the expert adapters matter: without them (the run's adapters elsewhere kept) the logits move
+        for holder in ours.get_base_model().modules():
+            if type(holder).__name__ == "ExpertLinears":
+                for linear in holder.children():
+                    linear.lora_B["default"].weight.zero_()
+        assert (ours(input_ids=ids).logits - want).abs().max() > 1e-4
+        assert (plain(input_ids=ids).logits - want).abs().max() > 1e-4
+
+    capsys.readouterr()  # on a model without routed experts: refused before any work
+    llama = tmp_path / "llama"
+    config = transformers.LlamaConfig(**COMMON)
+    transformers.LlamaForCausalLM(config).save_pretrained(llama)
+    from conftest import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(llama)
+    assert main(["train", "--model", str(llama), "--plan", str(tmp_path / "plan.json"), "--data", str(words),
+                 "--expert-adapters", "--steps", "1", "--out", str(tmp_path / "dense"), "-q"]) != 0
+    assert "no routed experts" in capsys.readouterr().err
+    assert main(["run", "--model", str(llama), "--data", str(words), "--budget", "4bit", "--expert-adapters",
+                 "--out", str(tmp_path / "dense-run"), "-q"]) != 0
+    assert "--expert-adapters" in capsys.readouterr().err and not (tmp_path / "dense-run" / "sensitivity.json").exists()
+    from qradaptor.errors import PlanError
+
+    with pytest.raises(PlanError, match="DoRA adapters on routed experts"):
+        Plan.uniform(2, 4, 8, dora=True, expert_adapters=True)

@@ -145,20 +145,19 @@ class ExpertLinears(nn.Module):
         return len(self._modules)
 
     def weight(self, e) -> torch.Tensor:
-        """Expert ``e``'s dense ``(out, in)`` weight (dequantized if quantized)."""
+        """Expert ``e``'s dense ``(out, in)`` weight (dequantized if quantized; without its adapter, if any)."""
         from .backends.base import is_quantized
 
         module = self._modules[str(int(e))]
+        module = getattr(module, "base_layer", module)  # a PEFT wrapper (adapters on experts)
         return module.dequantize() if is_quantized(module) else module.weight
 
     __getitem__ = weight  # transformers' eager experts forward reads ``self.down_proj[expert_idx]``
 
     def linear(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """``x`` through expert ``e``: a quantized weight is dequantized and not kept for backward."""
-        from .backends.base import dequant_linear, is_quantized
-
-        module = self._modules[str(e)]
-        return dequant_linear(x, module, None) if is_quantized(module) else F.linear(x, module.weight)
+        """``x`` through expert ``e``, its adapter included when it has one: a quantized weight is dequantized
+        and not kept for backward (the quantized modules' own forward, `backends.base.dequant_linear`)."""
+        return self._modules[str(e)](x)
 
     def fused(self) -> torch.Tensor:
         """The 3-D ``experts × out × in`` weight, as transformers stores it."""

@@ -127,7 +127,7 @@ def _given_training_settings(args, *, skip: tuple[str, ...] = ()) -> dict:
 #: stages), and the training settings its search takes too.
 _RUN_OWN = ("steps", "epochs", "seq_len")
 #: The exploration's flags (`search` and `run`), and what `run` passes to its search.
-_EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "target_modules", "dora")
+_EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "target_modules", "dora", "expert_adapters")
 _SEARCHED = (*_EXPLORATION, "backend", "seed", "adapter_init")
 
 
@@ -300,7 +300,7 @@ def cmd_train(args) -> int:
 
     r = train_plan(args.out, plan=args.plan, model=args.model, data=args.data, budget=args.budget, resume=args.resume,
                    progress=not args.quiet, device=args.device, init_from=args.init_from,
-                   target_modules=args.target_modules, dora=args.dora,
+                   target_modules=args.target_modules, dora=args.dora, expert_adapters=args.expert_adapters,
                    **_given_training_settings(args))
     resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""
     print(f"trained {r.config.steps} steps{resumed}: final training loss {r.train.final_loss:.4f}", end="")
@@ -447,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     budgeted.add_argument("--dora", action="store_true", default=None,
                           help="DoRA adapters in every plan (QDoRA: a trained magnitude per output row besides the "
                                "LoRA pair; budgets in bits are priced with them)")
+    budgeted.add_argument("--expert-adapters", action="store_true", default=None,
+                          help="adapters on the routed experts of an MoE model too, one per expert at its layer's rank "
+                               "(default: none; budgets in bits are priced with them)")
 
     p = sub.add_parser("search", parents=[common, budgeted, on_device], help="find a per-layer plan within a memory budget (stages 2-3)")
     p.add_argument("--backend", default="hqq", help="quantizer backend (default hqq)")
@@ -478,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dora", action=argparse.BooleanOptionalAction, default=None,
                    help="DoRA adapters (QDoRA on the quantized base: a trained magnitude per output row besides the "
                         "LoRA pair), or --no-dora for plain LoRA (default: the plan's `dora`, false)")
+    p.add_argument("--expert-adapters", action=argparse.BooleanOptionalAction, default=None,
+                   help="adapters on an MoE model's routed experts too, one per expert at its layer's rank, or "
+                        "--no-expert-adapters (default: the plan's `expert_adapters`, false)")
     _training_settings(p)
     p.add_argument("--budget", default=None,
                    help="refuse to start when the predicted training peak exceeds train:SIZE (e.g. train:1.5GiB), "

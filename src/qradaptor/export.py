@@ -9,6 +9,9 @@ loading it back with qradaptor on its packed mixed-precision base (``qradaptor e
   checkpoint (its HQQ integration has no loader for pre-quantized weights, and ``HqqConfig`` keys its settings
   by module tag, not layer index), so this is what ``AutoModelForCausalLM.from_pretrained(OUT)`` reads.
 - ``adapter/``: the trained LoRA adapter as PEFT writes it (``PeftModel.from_pretrained(model, OUT/"adapter")``).
+  Adapters on routed experts (``Plan.expert_adapters``) are trained one per expert on the split experts, and are
+  written here as PEFT's ``target_parameters`` adapters on the base's 3-D expert tensors (`write_stock_adapter`);
+  ``qradaptor/adapter/`` then keeps them as trained, for `load`, which splits the experts again.
 - ``qradaptor/quantized.safetensors``: the packed base, each quantized module's backend tensors under
   ``<module name>.<tensor>``, with JSON metadata naming the backend, compute dtype, bits and group size per
   module. `load` uses it, so the reloaded model holds exactly the bytes the memory model predicts.
@@ -24,9 +27,12 @@ quantizes present, no other, each with the model's shape, the plan's bits and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +50,7 @@ PACKED_DIR = "qradaptor"
 PACKED_FILE = "quantized.safetensors"
 EXPORT_FILE = "export.json"
 MERGED_DIR = "merged"
+OWN_ADAPTER_DIR = "adapter"  # under PACKED_DIR: the adapter as trained, where `adapter/` is in another layout
 PACKED_FORMAT = "qradaptor-packed/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,6 +81,64 @@ def load_adapter(model, adapter_dir: Path):
     config = PeftConfig.from_pretrained(adapter_dir)
     config.exclude_modules = holders
     return PeftModel.from_pretrained(model, adapter_dir, config=config)
+
+
+@contextlib.contextmanager
+def quiet_pattern_warnings():
+    """PEFT warns that rank/alpha patterns of ``target_parameters`` adapters "were ignored": it checks them against
+    the targeted modules only, but applies them (the expert adapters' shapes follow them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        yield
+
+
+def write_stock_adapter(tuned, plan: Plan, dense_base, target: Path) -> None:
+    """Write ``tuned``'s adapter (a PeftModel on split experts with adapters on them) to ``target`` as stock PEFT
+    loads it on ``dense_base``, the same model with its routed experts 3-D tensors again: the other modules' adapters
+    as they are, and each expert projection's per-expert adapters as one ``target_parameters`` adapter (PEFT's
+    ``ParamWrapper``, which reshapes lora_A to experts × r × in and lora_B to out × r × experts: so A is the
+    experts' A stacked, B their B interleaved). ``dense_base`` is left as it was."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from .architecture import decoder_layers, expert_holders, linear_names
+
+    own, base = tuned.peft_config["default"], tuned.get_base_model()
+    ranks: dict[str, tuple[int, float]] = {}  # module (or expert projection) → its rank and alpha, as trained
+    holders = set()
+    for layer_name, layer in decoder_layers(base):
+        experts = set(expert_holders(layer))
+        for name, module in layer.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            holder = name.rpartition(".")[0]
+            if holder in experts:
+                holders.add(holder)
+                name = holder
+            ranks[f"{layer_name}.{name}"] = (module.r["default"], module.lora_alpha["default"])
+    differ = {re.escape(k): v for k, v in ranks.items() if v != (own.r, own.lora_alpha)}
+    config = LoraConfig(
+        r=own.r, lora_alpha=own.lora_alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=list(plan.targets_in(linear_names(decoder_layers(dense_base)[0][1]))),
+        target_parameters=sorted(holders), rank_pattern={k: r for k, (r, _) in differ.items()},
+        alpha_pattern={k: a for k, (_, a) in differ.items()})
+    with quiet_pattern_warnings():
+        stock = get_peft_model(dense_base, config)
+    wanted = get_peft_model_state_dict(stock)
+    set_peft_model_state_dict(stock, {k: v for k, v in get_peft_model_state_dict(tuned).items() if k in wanted})
+    with torch.no_grad():
+        for name, module in stock.get_base_model().named_modules():
+            if isinstance(module, ParamWrapper):
+                owner = re.sub(r"(\.base_layer)+$", "", name)  # nested: one wrapper per targeted tensor
+                holder = base.get_submodule(f"{owner}.{module.parameter_name}")
+                experts = [holder._modules[str(e)] for e in range(len(holder))]
+                module.lora_A["default"].weight.copy_(torch.cat([m.lora_A["default"].weight for m in experts]))
+                module.lora_B["default"].weight.copy_(
+                    torch.stack([m.lora_B["default"].weight for m in experts], dim=-1).flatten(1))
+    stock.save_pretrained(target, safe_serialization=True)
+    stock.unload()
 
 
 # ---------------------------------------------------------------------------------------------- kinds
@@ -215,7 +280,9 @@ def _load_export(path: Path, device: torch.device, asked: torch.dtype | str | No
     from .quantize import decoder_layers, layer_linears, set_child
 
     packed = path / PACKED_DIR / PACKED_FILE
-    for needed in (packed, path / "config.json", path / "adapter" / "adapter_config.json", path / "plan.json"):
+    adapter = path / PACKED_DIR / OWN_ADAPTER_DIR  # adapters on split experts, as trained
+    adapter = adapter if adapter.is_dir() else path / "adapter"
+    for needed in (packed, path / "config.json", adapter / "adapter_config.json", path / "plan.json"):
         if not needed.is_file():
             raise ArtifactError(f"the export in {path} is incomplete: {needed.relative_to(path)} is missing",
                                 "export the training run again (qradaptor export RUN --to OUT)")
@@ -300,7 +367,7 @@ def _load_export(path: Path, device: torch.device, asked: torch.dtype | str | No
         set_child(model, name, module)
     model.to(device)  # the rest: embeddings, norms, 16-bit layers
     model.requires_grad_(False)
-    tuned = load_adapter(model, path / "adapter")
+    tuned = load_adapter(model, adapter)
     tuned.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -30,7 +30,7 @@ class LinearShape:
     out_features: int
     in_features: int
     has_bias: bool
-    expert: bool = False  # one routed expert's matrix (`architecture.ExpertLinears`): quantized, never adapted
+    expert: bool = False  # one routed expert's matrix (`architecture.ExpertLinears`): adapted only with expert_adapters
 
     @property
     def numel(self) -> int:
@@ -97,7 +97,7 @@ class ModelShapes:
 
     @property
     def expert_numel(self) -> int:
-        """Weights of the routed experts' linears (quantized like the others, never adapted)."""
+        """Weights of the routed experts' linears (quantized like the others; adapted with ``expert_adapters``)."""
         return sum(s.numel for layer in self.layers for s in layer if s.expert)
 
     @property
@@ -152,19 +152,21 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 ADAPTER_STATE_BYTES = 12
 
 
-def _adapted(layer: list, target_modules: tuple[str, ...]) -> list:
-    """The linear shapes of a layer that a plan's targets adapt (`architecture.resolve_targets`; routed experts
-    never)."""
+def _adapted(layer: list, target_modules: tuple[str, ...], expert_adapters: bool = False) -> list:
+    """The linear shapes of a layer that a plan's targets adapt (`architecture.resolve_targets`), and its routed
+    experts' with ``expert_adapters`` (`Plan.expert_adapters`)."""
     linears = [s for s in layer if not s.expert]
     targets = resolve_targets(target_modules, [s.name.rsplit(".", 1)[-1] for s in linears])
-    return [s for s in linears if s.name.rsplit(".", 1)[-1] in targets]
+    return [s for s in layer if s.name.rsplit(".", 1)[-1] in targets and not s.expert or expert_adapters and s.expert]
 
 
 def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, group_size: int,
-                target_modules: tuple[str, ...], base_bytes: int, dora: bool = False) -> tuple[int, int]:
+                target_modules: tuple[str, ...], base_bytes: int, dora: bool = False,
+                expert_adapters: bool = False) -> tuple[int, int]:
     """One decoder layer (its linears' shapes) under ``choice``: the bytes of its weights (packed, or dense at
     ``base_bytes`` per value when unquantized) and the number of LoRA parameters its target modules get (with
-    ``dora``, each adapted module's magnitude vector too: one per output row).
+    ``dora``, each adapted module's magnitude vector too: one per output row; with ``expert_adapters``, every
+    routed expert's linears too).
     The one place a layer is priced: `predict` sums it, the search memoises it."""
     weights = 0
     for s in layer:
@@ -173,7 +175,7 @@ def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, grou
         else:
             weights += backend.weight_bytes(s.out_features, s.in_features, choice.bits, group_size)
     params = sum(choice.rank * (s.in_features + s.out_features) + (s.out_features if dora else 0)
-                 for s in _adapted(layer, target_modules))
+                 for s in _adapted(layer, target_modules, expert_adapters))
     return weights, params
 
 
@@ -199,7 +201,8 @@ def predict(
     per_layer = []
     for choice, layer in zip(plan.layers, shapes.layers):
         weights, params = layer_bytes(layer, choice, backend, group_size=plan.group_size,
-                                      target_modules=plan.target_modules, base_bytes=base, dora=plan.dora)
+                                      target_modules=plan.target_modules, base_bytes=base, dora=plan.dora,
+                                      expert_adapters=plan.expert_adapters)
         lora_params += params
         quantized += weights
         per_layer.append(weights)
@@ -250,9 +253,10 @@ _BUDGET_RE = re.compile(r"^\s*(?P<num>\d+(\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s
 
 def uniform_bytes(shapes: ModelShapes, backend: QuantBackend, bits: float, *, rank: int = DEFAULT_RANK,
                   group_size: int = 64, base_dtype: torch.dtype | None = None,
-                  target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES, dora: bool = False) -> int:
+                  target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES, dora: bool = False,
+                  expert_adapters: bool = False) -> int:
     """Memory of every decoder layer at ``bits`` with ``rank`` adapters (DoRA ones with ``dora``) on
-    ``target_modules``.
+    ``target_modules`` (and on the routed experts with ``expert_adapters``).
 
     For a bit-width the backend stores this is the real uniform plan; between two stored bit-widths
     (``3.5``) it is the linear interpolation of their uniform plans.
@@ -266,7 +270,7 @@ def uniform_bytes(shapes: ModelShapes, backend: QuantBackend, bits: float, *, ra
 
     def at(b: int) -> int:
         plan = Plan.uniform(shapes.num_layers, b, rank, group_size=group_size, target_modules=target_modules,
-                            dora=dora)
+                            dora=dora, expert_adapters=expert_adapters)
         return predict(shapes, plan, backend, base_dtype=base_dtype).total_bytes
 
     if bits in supported:
@@ -279,9 +283,9 @@ def uniform_bytes(shapes: ModelShapes, backend: QuantBackend, bits: float, *, ra
 
 def parse_budget(text: str | int, shapes: ModelShapes, backend: QuantBackend, *, group_size: int = 64,
                  base_dtype: torch.dtype | None = None, target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES,
-                 dora: bool = False) -> int:
+                 dora: bool = False, expert_adapters: bool = False) -> int:
     """Budget in bytes from ``4bit`` / ``3.5bit`` (memory of uniform bits at the default rank on ``target_modules``,
-    DoRA adapters with ``dora``),
+    DoRA adapters with ``dora``, the routed experts adapted too with ``expert_adapters``),
     ``350MB`` / ``1.2GiB`` / ``123456789`` (bytes), or ``0.3x`` (fraction of the 16-bit model)."""
     if isinstance(text, int):
         return text
@@ -297,7 +301,7 @@ def parse_budget(text: str | int, shapes: ModelShapes, backend: QuantBackend, *,
     value, unit = float(m["num"]), m["unit"]
     if unit == "bit":
         return uniform_bytes(shapes, backend, value, group_size=group_size, base_dtype=base_dtype,
-                             target_modules=target_modules, dora=dora)
+                             target_modules=target_modules, dora=dora, expert_adapters=expert_adapters)
     if unit == "x":
         if not 0 < value <= 1:
             raise BudgetError(f"a fraction budget must be in (0, 1], got {text!r}", "e.g. 0.3x")
@@ -504,6 +508,17 @@ def _layer_activation_values(config, tokens: int, ranks_by_module: int, dtype: t
     return kept * tokens, transient * tokens
 
 
+def _token_shares(linears: list, config) -> dict:
+    """Each linear → the share of a batch's tokens it computes: all of them, or for one of E routed experts of
+    which each token picks ``config.num_experts_per_tok`` (k), k/E on average."""
+    per_holder: dict[str, int] = {}
+    for s in linears:
+        if s.expert:
+            per_holder[s.name.rpartition(".")[0]] = per_holder.get(s.name.rpartition(".")[0], 0) + 1
+    k = getattr(config, "num_experts_per_tok", None) or 1
+    return {s: (min(1.0, k / per_holder[s.name.rpartition(".")[0]]) if s.expert else 1.0) for s in linears}
+
+
 def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | None, config, *, batch_size: int,
                     seq_len: int, dtype: torch.dtype | None = None, checkpointing: bool = True,
                     plain_peft: bool = False, device: torch.device | str = "cpu",
@@ -534,8 +549,10 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
     report = predict(shapes, plan, backend, base_dtype=dtype)
     tokens = batch_size * seq_len
     a = _dtype_bytes(dtype)
-    adapted = [_adapted(layer, plan.target_modules) for layer in shapes.layers]  # per layer, its adapted linears
-    layer_costs = [_layer_activation_values(config, tokens, c.rank * len(n), dtype,
+    # per layer, its adapted linears, each with the share of the tokens it sees: a routed expert's about k/E
+    adapted = [_token_shares(_adapted(layer, plan.target_modules, plan.expert_adapters), config)
+               for layer in shapes.layers]
+    layer_costs = [_layer_activation_values(config, tokens, round(c.rank * sum(n.values())), dtype,
                                             sum(s.out_features for s in n) if plan.dora else 0)
                    for c, n in zip(plan.layers, adapted)]
     embeddings = tokens * config.hidden_size * a

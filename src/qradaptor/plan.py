@@ -54,6 +54,9 @@ class Plan:
     - ``dropout``: LoRA dropout.
     - ``dora``: DoRA adapters (PEFT's ``use_dora``): each adapted module also trains a magnitude per output row,
       ``out_features`` more parameters (QDoRA on a quantized base).
+    - ``expert_adapters``: routed experts (MoE) get adapters too, one per expert and projection at the layer's
+      rank (their layer's ``target_modules`` do not apply to them). Off by default: an expert's adapter trains on
+      the ~k/E of the tokens routed to it and costs E× the parameters of one projection's adapter.
     """
 
     layers: list[LayerChoice]
@@ -62,6 +65,7 @@ class Plan:
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     dropout: float = 0.0
     dora: bool = False
+    expert_adapters: bool = False
 
     def __post_init__(self) -> None:
         self.layers = [c if isinstance(c, LayerChoice) else LayerChoice(**c) for c in self.layers]
@@ -131,8 +135,9 @@ class Plan:
         d = asdict(self)
         d["layers"] = [{"bits": c.bits, "rank": c.rank} for c in self.layers]
         d["target_modules"] = list(self.target_modules)
-        if not self.dora:  # written only when on: a plan's file and digest stay those of earlier versions
-            del d["dora"]
+        for key in ("dora", "expert_adapters"):  # written only when on: a plan's file and digest stay as before
+            if not d[key]:
+                del d[key]
         return d
 
     def save(self, path: str | Path) -> Path:
@@ -168,6 +173,13 @@ class Plan:
             raise PlanError(f"dropout must be in [0, 1), got {self.dropout!r}", "the default is 0.0")
         if not isinstance(self.dora, bool):
             raise PlanError(f"dora must be true or false, got {self.dora!r}", "the default is false (plain LoRA)")
+        if not isinstance(self.expert_adapters, bool):
+            raise PlanError(f"expert_adapters must be true or false, got {self.expert_adapters!r}",
+                            "the default is false (routed experts get no adapters)")
+        if self.expert_adapters and self.dora:
+            raise PlanError("DoRA adapters on routed experts are not supported: PEFT adapts 3-D expert tensors with "
+                            "LoRA only, so the export's adapter could not hold them",
+                            "drop dora (--no-dora) or expert_adapters (--no-expert-adapters)")
 
     def check_model(self, model, *, source: str = "plan") -> None:
         """Checks against a model: one entry per decoder layer, target modules present."""
@@ -177,6 +189,10 @@ class Plan:
                 f"{source} has {len(self.layers)} layers but the model has {n} decoder layers",
                 "make a plan for this model (one {bits, rank} per decoder layer)",
             )
+        if self.expert_adapters and not model_expert_holders(model):
+            raise PlanError(f"{source} gives routed experts adapters (expert_adapters), but this model has no routed "
+                            "experts that qradaptor splits into linears",
+                            "drop --expert-adapters (expert_adapters in a plan file) for this model")
         linears = linear_names(decoder_layers(model)[0][1])
         missing = [t for t in self.targets_in(linears) if t not in linears]
         if missing:
@@ -185,6 +201,18 @@ class Plan:
                 f"choose target modules among {list(linears)} (--target-modules on the command line, "
                 "target_modules in a plan file), or leave them out: every linear of the layer",
             )
+
+    @staticmethod
+    def check_settings(model, settings: dict) -> dict:
+        """A search's or run's plan ``settings`` checked against ``model`` before any work (target modules that
+        are its linears, expert adapters only where it has routed experts); ``target_modules`` as a list."""
+        settings = dict(settings)
+        if "target_modules" in settings:
+            settings["target_modules"] = list(Plan.check_targets(model, settings["target_modules"]))
+        if settings.get("expert_adapters"):
+            Plan.uniform(len(decoder_layers(model)), 4, expert_adapters=True).check_model(
+                model, source="--expert-adapters")
+        return settings
 
     @staticmethod
     def check_targets(model, target_modules: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -212,7 +240,8 @@ class Plan:
         return [c.rank for c in self.layers]
 
     def describe(self) -> str:
-        """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30`` (``| DoRA`` after it for DoRA adapters)."""
+        """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30`` (``| DoRA`` after it for DoRA adapters,
+        ``| expert adapters`` for adapters on routed experts)."""
 
         def runs(values: Iterable[int], unit: str) -> str:
             counts: dict[int, int] = {}
@@ -220,7 +249,8 @@ class Plan:
                 counts[v] = counts.get(v, 0) + 1
             return " ".join(f"{unit}{v}×{n}" if unit == "r" else f"{v}b×{n}" for v, n in sorted(counts.items()))
 
-        return f"{runs(self.bits, 'b')} | {runs(self.ranks, 'r')}" + (" | DoRA" if self.dora else "")
+        return (f"{runs(self.bits, 'b')} | {runs(self.ranks, 'r')}" + (" | DoRA" if self.dora else "")
+                + (" | expert adapters" if self.expert_adapters else ""))
 
 
 def lora_config(plan: Plan, model, **overrides: Any):
@@ -229,11 +259,17 @@ def lora_config(plan: Plan, model, **overrides: Any):
     ``rank_pattern``/``alpha_pattern`` keys are full module names, regex-escaped: PEFT matches a key as
     ``(.*\\.)?KEY$``, so an unescaped or partial key (``layers.1``) could select other layers
     (``layers.11``). The most common rank becomes the default ``r`` and only the others are listed.
+    Routed experts (`architecture.ExpertLinears`) are excluded, or with ``expert_adapters`` each expert's linear is
+    targeted by its name under the layer (``mlp.experts.down_proj.3``: PEFT matches a listed name as a suffix, and
+    the index alone would match any module so numbered, ``layers.3``). Not one regex: for models whose experts
+    transformers 5 re-laid out (Mixtral), PEFT rewrites a regex into the last parts of the names it matches.
     """
     from peft import LoraConfig
 
     plan.check_model(model)
     targets = plan.targets_in(linear_names(decoder_layers(model)[0][1]))
+    holders = model_expert_holders(model)
+    experts = holders if plan.expert_adapters else []
     ranks = plan.ranks
     default_r = max(set(ranks), key=lambda r: (ranks.count(r), r))
     rank_pattern: dict[str, int] = {}
@@ -242,18 +278,19 @@ def lora_config(plan: Plan, model, **overrides: Any):
         if choice.rank == default_r:
             continue
         for name, _ in layer.named_modules():
-            if name.rsplit(".", 1)[-1] in targets:
+            if name.rsplit(".", 1)[-1] in targets and name not in holders or name.rpartition(".")[0] in experts:
                 key = re.escape(f"{layer_name}.{name}")
                 rank_pattern[key] = choice.rank
                 alpha_pattern[key] = plan.alpha_ratio * choice.rank
-    holders = model_expert_holders(model)  # routed experts get no adapters
-    if holders:
+    first = decoder_layers(model)[0][1]
+    target_modules = [*targets, *(f"{h}.{e}" for h in experts for e in range(len(first.get_submodule(h))))]
+    if holders:  # the experts' containers end like the targets (``mlp.experts.down_proj``) but are no linears
         overrides = {"exclude_modules": holders, **overrides}
     kwargs = dict(
         r=default_r,
         lora_alpha=plan.alpha_ratio * default_r,
         lora_dropout=plan.dropout,
-        target_modules=list(targets),
+        target_modules=target_modules,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         bias="none",

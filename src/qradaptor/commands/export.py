@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError
-from ..export import (DTYPES, EXPORT_FILE, MERGED_DIR, PACKED_DIR, PACKED_FILE, PACKED_FORMAT, TrainedModel,
-                      finished_run, load_adapter, model_card, open_run)
+from ..export import (DTYPES, EXPORT_FILE, MERGED_DIR, OWN_ADAPTER_DIR, PACKED_DIR, PACKED_FILE, PACKED_FORMAT,
+                      TrainedModel, finished_run, load_adapter, model_card, open_run, quiet_pattern_warnings,
+                      write_stock_adapter)
 from ..io import AtomicDirectory, atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("qradaptor")
@@ -142,13 +143,17 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
         with AtomicDirectory(out) as tmp, _quiet_transformers():
             base.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            shutil.copytree(run_dir / ADAPTER_DIR, tmp / "adapter")
+            if plan.expert_adapters:  # per-expert adapters as PEFT's on the 3-D expert tensors; as trained for `load`
+                write_stock_adapter(tuned, plan, base, tmp / "adapter")
+                shutil.copytree(run_dir / ADAPTER_DIR, tmp / PACKED_DIR / OWN_ADAPTER_DIR)
+            else:
+                shutil.copytree(run_dir / ADAPTER_DIR, tmp / "adapter")
             _name_base(tmp / "adapter" / "adapter_config.json", out)
             plan.save(tmp / "plan.json")
             atomic_save_safetensors(tmp / PACKED_DIR / PACKED_FILE, packed, metadata=metadata)
             atomic_write_text(tmp / "README.md", model_card(info, out.name))
             if merge:
-                _write_merged(base, tokenizer, run_dir / ADAPTER_DIR, tmp / MERGED_DIR)
+                _write_merged(base, tokenizer, tmp / "adapter", tmp / MERGED_DIR)
             if gguf:
                 from ..gguf_export import write_gguf
 
@@ -179,6 +184,7 @@ def _name_base(adapter_config: Path, out: Path) -> None:
 
 def _write_merged(dense_base, tokenizer, adapter_dir: Path, target: Path) -> None:
     """The adapter folded into the dequantized base: a plain model that ``from_pretrained`` loads alone."""
-    merged = load_adapter(dense_base, adapter_dir).merge_and_unload()
+    with quiet_pattern_warnings():
+        merged = load_adapter(dense_base, adapter_dir).merge_and_unload()
     merged.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)

@@ -65,7 +65,8 @@ def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", 
             out["fitting_batch"] = None if fit is None else {"batch_size": fit[0], "checkpointing": fit[1]}
         else:
             budget_bytes = parse_budget(budget, shapes, quant, group_size=plan.group_size,
-                                        target_modules=plan.target_modules, dora=plan.dora)
+                                        target_modules=plan.target_modules, dora=plan.dora,
+                                        expert_adapters=plan.expert_adapters)
             check_budget(budget_bytes, shapes, quant, group_size=plan.group_size, target_modules=plan.target_modules)
             out.update(budget_bytes=budget_bytes, budget_on="stored model", fits=report.total_bytes <= budget_bytes)
     if measure:

@@ -346,9 +346,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     base = load_base(model, dtype=DTYPES[dtype])
     # the search's fine-tunes start their adapters as the final one does (its beginning is one of them)
     search_settings = {**(search_settings or {}), "adapter_init": train_defaults["adapter_init"]}
-    if "target_modules" in search_settings:  # refused before the profile, naming the model's linears
-        search_settings = {**search_settings,
-                           "target_modules": list(Plan.check_targets(base.model, search_settings["target_modules"]))}
+    search_settings = Plan.check_settings(base.model, search_settings)  # refused before the profile
     if parse_gguf_budget(budget) is not None:  # a budget on files that cannot be written: refused before the profile
         from ..gguf_export import check_gguf_budget
 

@@ -93,8 +93,7 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
         dtype = recorded_dtype(reached or storage_url, study) or resolve_dtype(dtype, device)
     loaded = load_base(model, dtype=DTYPES[dtype])
     base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
-    if "target_modules" in settings:  # refused before any work, naming the model's linears
-        settings["target_modules"] = Plan.check_targets(base, settings["target_modules"])
+    settings = Plan.check_settings(base, settings)  # refused before any work, naming the model's linears
     shapes = ModelShapes.from_model(base)
     backend = backend_for(base, settings.get("backend", "hqq"))  # priced in the dtype the plans train in
     train_budget, gguf_budget = parse_training_budget(budget), parse_gguf_budget(budget)
@@ -111,7 +110,8 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
     elif train_budget is None:
         budget_bytes = parse_budget(budget, shapes, backend, group_size=settings.get("group_size", 64),
                                     target_modules=tuple(settings.get("target_modules") or DEFAULT_TARGET_MODULES),
-                                    dora=bool(settings.get("dora")))
+                                    dora=bool(settings.get("dora")),
+                                    expert_adapters=bool(settings.get("expert_adapters")))
         config = SearchConfig(budget_bytes=budget_bytes, alpha=alpha, trials=trials, **settings)
     else:
         config = SearchConfig(budget_bytes=train_budget, alpha=alpha, trials=trials, budget_on="training", **settings)

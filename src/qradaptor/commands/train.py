@@ -217,7 +217,8 @@ def _check_budget(budget, memory, estimate, shapes, plan, quant, base, config: R
                               f"gguf:...) or give a larger one")
         return
     stored = parse_budget(budget, shapes, quant, group_size=plan.group_size, base_dtype=dtype,
-                          target_modules=plan.target_modules, dora=plan.dora)
+                          target_modules=plan.target_modules, dora=plan.dora,
+                          expert_adapters=plan.expert_adapters)
     if memory.total_bytes > stored:
         raise BudgetError(f"the plan takes {format_bytes(memory.total_bytes)}, over the budget {format_bytes(stored)}",
                           "search a plan within the budget (qradaptor search --budget ...) or give a larger one")
@@ -239,9 +240,10 @@ def _check_run_dir(out: Path, saved: dict | None, resume: bool) -> None:
         raise ArtifactError(f"{out} exists and is not empty", "choose a new or empty --out directory")
 
 
-def _plan_to_train(plan, saved: dict | None, out: Path, target_modules=None, dora: bool | None = None):
-    """The plan given, or the saved one on resume, with ``target_modules`` and ``dora`` in place of its own where
-    given; a different plan (or targets) on resume is a changed setting."""
+def _plan_to_train(plan, saved: dict | None, out: Path, target_modules=None, dora: bool | None = None,
+                   expert_adapters: bool | None = None):
+    """The plan given, or the saved one on resume, with ``target_modules``, ``dora`` and ``expert_adapters`` in
+    place of its own where given; a different plan (or targets) on resume is a changed setting."""
     from ..plan import Plan
 
     if plan is None:
@@ -255,14 +257,19 @@ def _plan_to_train(plan, saved: dict | None, out: Path, target_modules=None, dor
         plan_obj = dataclasses.replace(plan_obj, target_modules=targets)
     if dora is not None:
         plan_obj = dataclasses.replace(plan_obj, dora=dora)
+    if expert_adapters is not None:
+        plan_obj = dataclasses.replace(plan_obj, expert_adapters=expert_adapters)
     if saved is not None and plan_obj.to_dict() != saved["plan"]:
         before = Plan.from_dict(saved["plan"])
         what = (f"target modules {list(before.target_modules)} → {list(plan_obj.target_modules)}"
                 if before.layers == plan_obj.layers and before.target_modules != plan_obj.target_modules
                 else f"dora {before.dora} → {plan_obj.dora}" if before.dora != plan_obj.dora
+                else f"expert_adapters {before.expert_adapters} → {plan_obj.expert_adapters}"
+                if before.expert_adapters != plan_obj.expert_adapters
                 else f"{before.describe()} → {plan_obj.describe()}")
         raise ArtifactError(f"cannot resume with changed settings: the plan differs from {out / PLAN_FILE} ({what})",
-                            "resume with the run's own plan (or omit --plan, --target-modules and --dora), or start "
+                            "resume with the run's own plan (or omit --plan, --target-modules, --dora and "
+                            "--expert-adapters), or start "
                             "a new run elsewhere")
     return plan_obj
 
@@ -541,7 +548,7 @@ def _fine_tune(out: Path, job: _Prepared, saved: dict | None, init_from: Path | 
 def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = None, data: str | None = None,
                budget: str | int | None = None, resume: bool = False, progress: bool = True,
                init_from: str | Path | None = None, target_modules: tuple[str, ...] | None = None,
-               dora: bool | None = None, **settings) -> RunResult:
+               dora: bool | None = None, expert_adapters: bool | None = None, **settings) -> RunResult:
     """What ``qradaptor train`` runs: the full fine-tune of ``plan`` on the quantized base, into ``out``.
 
     ``settings`` are `RunConfig` fields (``steps``, ``epochs``, ``batch_size``, ``lr``, ``dtype``, ...). Those
@@ -561,7 +568,8 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
     run is refused, naming what differs; with ``dtype="auto"`` (the default) the run takes the kept run's dtype.
 
     ``target_modules``: the linears of each decoder layer that get adapters, in place of the plan's own; ``dora``:
-    DoRA adapters (True) or plain LoRA (False) in place of the plan's ``dora``.
+    DoRA adapters (True) or plain LoRA (False) in place of the plan's ``dora``; ``expert_adapters``: adapters on
+    the routed experts (True) or not (False) in place of the plan's own.
     """
     known = set(RunConfig.__dataclass_fields__) - {"model", "data"}
     if set(settings) - known:
@@ -584,7 +592,7 @@ def train_plan(out: str | Path, *, plan=None, model: str | LoadedModel | None = 
         # a malformed train:SIZE or gguf:SIZE fails before the model and the data load
         parse_training_budget(budget), parse_gguf_budget(budget)
     config = _resolve({**settings, "model": model, "data": data}, None if saved is None else saved["config"])
-    plan_obj = _plan_to_train(plan, saved, out, target_modules, dora)
+    plan_obj = _plan_to_train(plan, saved, out, target_modules, dora, expert_adapters)
     # a new run (or one interrupted before its first checkpoint) starts its adapters; the others load theirs
     fresh = init_from is None and not (saved is not None and (_checkpoints(out) or saved.get("initialised_from")))
     job = _prepare(config, plan_obj, loaded, saved, budget=budget, init_from=init_from, snapshot=snapshot,

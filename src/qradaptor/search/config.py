@@ -63,6 +63,7 @@ class SearchConfig:
     # the linears of each decoder layer that get adapters (every plan's `Plan.target_modules`)
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     dora: bool = False  # DoRA adapters in every plan (`Plan.dora`)
+    expert_adapters: bool = False  # adapters on routed experts in every plan (`Plan.expert_adapters`)
     backend: str = "hqq"
     rank_value: float = 1 / 3
     gradient_checkpointing: bool = True  # in the search's fine-tunes (see TrainConfig)
@@ -103,7 +104,8 @@ class SearchConfig:
 
     def plan_settings(self) -> dict:
         """What every plan of this search shares besides its layers (the `Plan` fields)."""
-        return {"group_size": self.group_size, "target_modules": self.target_modules, "dora": self.dora}
+        return {"group_size": self.group_size, "target_modules": self.target_modules, "dora": self.dora,
+                "expert_adapters": self.expert_adapters}
 
     def to_dict(self) -> dict:
         d = asdict(self)

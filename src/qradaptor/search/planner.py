@@ -85,7 +85,7 @@ class Planner:
             else:
                 weights, params = layer_bytes(self.shapes.layers[layer], choice, self.backend,
                                               base_bytes=self.backend.metadata_bytes, dora=self.template.dora,
-                                              **settings)
+                                              expert_adapters=self.template.expert_adapters, **settings)
                 self._layer_bytes[key] = weights + params * self.param_bytes
         return self._layer_bytes[key]
 
