@@ -215,6 +215,12 @@ def test_expert_adapters_train_price_export_and_reload_in_stock_peft(tmp_path, c
                       qradaptor.get_backend("hqq"))
     assert report.trainable_params == trainable > without.trainable_params
     assert measured_bytes(trained.model) == report.total_bytes
+    Plan.from_dict({**plan.to_dict(), "expert_adapters": True}).save(tmp_path / "experts.json")
+    capsys.readouterr()
+    assert main(["memory", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "experts.json"),
+                 "--measure"]) == 0
+    said = capsys.readouterr().out
+    assert "an adapter on every expert" in said and "+0.000%" in said, said
 
     assert main(["export", str(out), "--to", str(export), "--merge", "-q"]) == 0, capsys.readouterr().err
     ours = qradaptor.load(export)

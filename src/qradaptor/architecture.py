@@ -107,7 +107,7 @@ def model_expert_holders(model: nn.Module) -> list[str]:
 def linear_names(layer: nn.Module) -> tuple[str, ...]:
     """The short names (``q_proj``, ``qkv_proj``, ...) of a decoder layer's linears, plain or quantized, in order;
     a PEFT wrapper's own modules (``lora_A``, ``base_layer``) and the routed experts' per-expert linears are not
-    counted as names of their own (experts get no adapters)."""
+    counted as names of their own (target modules do not select experts: `Plan.expert_adapters` does)."""
     from .backends.base import is_quantized
 
     holders = set(expert_holders(layer))

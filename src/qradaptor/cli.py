@@ -171,7 +171,8 @@ def cmd_memory(args) -> int:
         print(f"GGUF files:      not available ({report['gguf_unavailable']})")
     if report["expert_weights"]:
         print(f"routed experts:  {report['expert_weights'] / report['decoder_weights']:.1%} of the decoder weights, "
-              "quantized at their layer's bits, no adapters")
+              "quantized at their layer's bits, " + ("an adapter on every expert at its layer's rank"
+                                                     if report["expert_adapters"] else "no adapters"))
     if report["unquantized_weights"] > 0.01 * report["decoder_weights"]:
         print(f"not quantized:   {report['unquantized_weights'] / report['decoder_weights']:.1%} of the decoder "
               "weights are not in linear modules: at the base dtype, in everything else")

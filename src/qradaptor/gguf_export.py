@@ -329,15 +329,9 @@ def _merged_tensor(module, delta: torch.Tensor, perm: torch.Tensor | None) -> tu
 
 def write_adapter(peft_model, path: Path, arch: str, tmap, permutation) -> int:
     """The LoRA adapters of ``peft_model`` in llama.cpp's adapter format at ``path``; returns its size."""
-    import gguf
-
     writer = _adapter_writer(path, arch)
-    prefix = "base_model.model."
     with torch.no_grad():
-        for name, module in peft_model.named_modules():
-            if not hasattr(module, "lora_A") or "default" not in module.lora_A:
-                continue
-            key = name.removeprefix(prefix)
+        for key, module in _adapted_modules(peft_model).items():
             a = module.lora_A["default"].weight.float()
             b = module.lora_B["default"].weight.float() * module.scaling["default"]
             perm = permutation(key + ".weight", b.shape[0])

@@ -42,6 +42,7 @@ def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", 
                                checkpointing=checkpointing)
     out = {**report.to_dict(), "plan": plan.describe(), "backend": quant.name, "dtype": dtype_name,
            "training": training.to_dict(), "expert_weights": shapes.expert_numel,
+           "expert_adapters": plan.expert_adapters,
            "unquantized_weights": shapes.unquantized_numel, "decoder_weights": shapes.quantizable_numel
            + shapes.unquantized_numel}
     try:  # what `export --gguf` would write for it, where it can be written
