@@ -259,3 +259,27 @@ def test_expert_adapters_train_price_export_and_reload_in_stock_peft(tmp_path, c
 
     with pytest.raises(PlanError, match="DoRA adapters on routed experts"):
         Plan.uniform(2, 4, 8, dora=True, expert_adapters=True)
+
+
+def test_expert_adapters_where_some_layers_are_dense():
+    """Qwen2-MoE's mlp_only_layers keeps layer 0 a dense MLP: the experts of the other layers get their adapters,
+    priced exactly."""
+    import transformers
+
+    from qradaptor.architecture import split_experts
+    from qradaptor.backends import get_backend
+    from qradaptor.memory import ModelShapes, predict
+    from qradaptor.plan import Plan
+    from qradaptor.quantize import prepare_model
+
+    extra = ARCHITECTURES["qwen2_moe"][2]
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**{**COMMON, **extra, "mlp_only_layers": [0]}))
+    shapes = ModelShapes.from_model(model)
+    split_experts(model)
+    plan = Plan.from_dict({"layers": [{"bits": 4, "rank": 8}, {"bits": 4, "rank": 4}], "expert_adapters": True})
+    tuned = prepare_model(model, plan, get_backend("hqq"))
+    adapted = [n for n, _ in tuned.named_modules() if n.endswith(".lora_A") and ".experts." in n]
+    assert len(adapted) == 2 * 4 and all(".layers.1." in n for n in adapted)  # two projections × four experts
+    trainable = sum(p.numel() for n, p in tuned.named_parameters() if "lora_" in n)
+    assert trainable == predict(shapes, plan, get_backend("hqq")).trainable_params

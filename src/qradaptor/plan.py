@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-from .architecture import DEFAULT_TARGET_MODULES, decoder_layers, linear_names, model_expert_holders, resolve_targets
+from .architecture import (DEFAULT_TARGET_MODULES, decoder_layers, expert_holders, linear_names, model_expert_holders,
+                           resolve_targets)
 from .errors import PlanError
 from .io import atomic_write_text, read_text
 
@@ -282,8 +283,10 @@ def lora_config(plan: Plan, model, **overrides: Any):
                 key = re.escape(f"{layer_name}.{name}")
                 rank_pattern[key] = choice.rank
                 alpha_pattern[key] = plan.alpha_ratio * choice.rank
-    first = decoder_layers(model)[0][1]
-    target_modules = [*targets, *(f"{h}.{e}" for h in experts for e in range(len(first.get_submodule(h))))]
+    # each layer's own experts (a model may keep some layers dense: Qwen2-MoE's mlp_only_layers)
+    expert_linears = sorted({f"{h}.{e}" for _, layer in decoder_layers(model) for h in expert_holders(layer)
+                             for e in range(len(layer.get_submodule(h)))}) if experts else []
+    target_modules = [*targets, *expert_linears]
     if holders:  # the experts' containers end like the targets (``mlp.experts.down_proj``) but are no linears
         overrides = {"exclude_modules": holders, **overrides}
     kwargs = dict(
