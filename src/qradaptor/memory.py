@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import dataclasses
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -157,7 +158,7 @@ def _adapted(layer: list, target_modules: tuple[str, ...], expert_adapters: bool
     experts' with ``expert_adapters`` (`Plan.expert_adapters`)."""
     linears = [s for s in layer if not s.expert]
     targets = resolve_targets(target_modules, [s.name.rsplit(".", 1)[-1] for s in linears])
-    return [s for s in layer if s.name.rsplit(".", 1)[-1] in targets and not s.expert or expert_adapters and s.expert]
+    return [s for s in layer if (expert_adapters if s.expert else s.name.rsplit(".", 1)[-1] in targets)]
 
 
 def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, group_size: int,
@@ -511,10 +512,7 @@ def _layer_activation_values(config, tokens: int, ranks_by_module: int, dtype: t
 def _token_shares(linears: list, config) -> dict:
     """Each linear → the share of a batch's tokens it computes: all of them, or for one of E routed experts of
     which each token picks ``config.num_experts_per_tok`` (k), k/E on average."""
-    per_holder: dict[str, int] = {}
-    for s in linears:
-        if s.expert:
-            per_holder[s.name.rpartition(".")[0]] = per_holder.get(s.name.rpartition(".")[0], 0) + 1
+    per_holder = Counter(s.name.rpartition(".")[0] for s in linears if s.expert)  # E, per expert projection
     k = getattr(config, "num_experts_per_tok", None) or 1
     return {s: (min(1.0, k / per_holder[s.name.rpartition(".")[0]]) if s.expert else 1.0) for s in linears}
 
