@@ -16,7 +16,9 @@ adapter pair by ``alpha / rank`` with one ``alpha`` for the file, which cannot e
 general; the export writes ``alpha = 0`` (llama.cpp then applies no ``alpha / rank`` factor) and folds each
 module's own PEFT scale into its ``lora_b``.
 
-The metadata (hyperparameters, tokenizer, chat template) is copied from the GGUF file the base was loaded from.
+The metadata (hyperparameters, tokenizer, chat template) is copied from the GGUF file the base was loaded from, or
+written from its transformers config and tokenizer (`gguf_metadata`). Architectures: Llama (q/k rows permuted) and
+Qwen2/Qwen3 (rows as they are; Qwen2's q/k/v biases and Qwen3's q/k norms as llama.cpp names them).
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ import torch
 from .backends import is_quantized
 from .errors import ArtifactError
 
-#: GGUF architectures written (the source GGUF's ``general.architecture``); llama's q/k rows are permuted.
-ARCHITECTURES = ("llama",)  # Qwen2/Qwen3 (no q/k permutation) are next: not yet checked in llama.cpp
 #: What llama.cpp's Modelfile for Ollama holds (paths relative to it).
 MODELFILE = "FROM ./model.gguf\nADAPTER ./adapter.gguf\n"
 MERGED_GGUF = "merged.gguf"  # the adapters merged into the base: one file (`write_gguf(merged=True)`)
@@ -77,29 +77,12 @@ def source_gguf(spec: str | None) -> Path | None:
     return path if path.is_file() and path.suffix.lower() == ".gguf" else None
 
 
-def _source_reader(spec: str | None):
-    import gguf
-
-    path = source_gguf(spec)
-    if path is None:
-        raise ArtifactError(
-            f"the GGUF export copies llama.cpp's metadata (tokenizer, hyperparameters) from the GGUF file the base "
-            f"was loaded from, and this run's base ({spec}) is a transformers directory or hub id",
-            "train from the model's .gguf file (qradaptor train --model MODEL.gguf), or export without --gguf")
-    try:
-        return gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read the base's GGUF file {path}: {e}", "restore the file, or export without --gguf")
-
-
 def check_exportable(spec: str | None):
-    """The source GGUF's reader and architecture, or one clear refusal (before anything is written)."""
-    reader = _source_reader(spec)
-    arch = str(reader.fields["general.architecture"].contents())
-    if arch not in ARCHITECTURES:
-        raise ArtifactError(f"the GGUF export writes {', '.join(ARCHITECTURES)} models; this base is {arch!r}",
-                            "export without --gguf (the transformers + PEFT export loads anywhere)")
-    return reader, arch
+    """The metadata the export writes for the base ``spec`` (`gguf_metadata.metadata_for`: ``arch`` and
+    ``write(writer)``), or one clear refusal, before anything is written."""
+    from .gguf_metadata import metadata_for
+
+    return metadata_for(spec)
 
 
 def _permutation(rows: int, heads: int) -> torch.Tensor:
@@ -182,19 +165,6 @@ def _dequantized(data: np.ndarray, kind: str) -> np.ndarray:
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
 
 
-def _copy_metadata(reader, writer,
-                   skip=("general.file_type", "general.quantization_version", "general.alignment")) -> None:
-    """Every key of the source GGUF (tokenizer, hyperparameters, chat template), but the file-type keys."""
-    import gguf
-
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name in skip or f.name == "general.architecture":
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
-
-
 def _add_file_type(writer, types) -> None:
     import gguf
 
@@ -217,10 +187,11 @@ def _gguf_name(tmap, key: str) -> str:
 
 def write_gguf(trained, out: str | os.PathLike, spec: str | None, *, merged: bool = False) -> GGUFReport:
     """``out/model.gguf``, ``out/adapter.gguf`` and ``out/Modelfile`` for a trained run (`export.TrainedModel`)
-    whose base was loaded from the GGUF file of ``spec``; with ``merged``, also ``out/merged.gguf``: one file
+    whose base was loaded from ``spec`` (a GGUF file, a transformers directory or hub id); with ``merged``, also ``out/merged.gguf``: one file
     with every adapter merged into its weight (`_merged_tensor`), the size of ``model.gguf``. Refuses an
     architecture llama.cpp's converters would lay out differently, before writing anything."""
-    reader, arch = check_exportable(spec)
+    source = check_exportable(spec)
+    arch = source.arch
     base = trained.model.get_base_model()
     config = base.config
     layers = config.num_hidden_layers
@@ -235,18 +206,18 @@ def write_gguf(trained, out: str | os.PathLike, spec: str | None, *, merged: boo
 
     report = GGUFReport(dtype=str(base.get_input_embeddings().weight.dtype).removeprefix("torch."))
     out = Path(out)
-    report.model_bytes = _write_model(out / "model.gguf", base, reader, arch, tmap, permutation, report)
+    report.model_bytes = _write_model(out / "model.gguf", base, source, tmap, permutation, report)
     report.adapter_bytes = write_adapter(trained.model, out / "adapter.gguf", arch, tmap, permutation)
     (out / "Modelfile").write_text(MODELFILE, encoding="utf-8")
     if merged:
         merged_report = GGUFReport(dtype=report.dtype)
-        merged_report.model_bytes = _write_model(out / MERGED_GGUF, base, reader, arch, tmap, permutation,
+        merged_report.model_bytes = _write_model(out / MERGED_GGUF, base, source, tmap, permutation,
                                                  merged_report, adapters=_adapted_modules(trained.model))
         report.merged = merged_report.to_dict()
     return report
 
 
-def _write_model(path: Path, base, reader, arch: str, tmap, permutation, report: GGUFReport,
+def _write_model(path: Path, base, source, tmap, permutation, report: GGUFReport,
                  adapters: dict | None = None) -> int:
     """The base model ``base`` (quantized, adapters aside) as a GGUF file at ``path``; with ``adapters`` (module
     name → PEFT LoRA layer), each adapted weight merged with its adapter and written in the same GGUF type
@@ -254,8 +225,8 @@ def _write_model(path: Path, base, reader, arch: str, tmap, permutation, report:
     import gguf
 
     adapters = adapters or {}
-    writer = _writer(path, arch)
-    _copy_metadata(reader, writer)
+    writer = _writer(path, source.arch)
+    source.write(writer)
     quantized = {n.removesuffix(".base_layer"): m for n, m in base.named_modules() if is_quantized(m)}
     tied = getattr(base.config, "tie_word_embeddings", False)
     with torch.no_grad():
@@ -462,7 +433,8 @@ def predict_gguf(model, plan, backend, *, spec: str | None, dtype: torch.dtype) 
     from .architecture import decoder_layers
     from .memory import ModelShapes
 
-    reader, arch = check_exportable(spec)
+    source = check_exportable(spec)
+    arch = source.arch
     config = model.config
     tmap = _name_map(arch, config.num_hidden_layers)
     dense = dense_type(torch.finfo(dtype).bits // 8)
@@ -471,7 +443,7 @@ def predict_gguf(model, plan, backend, *, spec: str | None, dtype: torch.dtype) 
     linears = {f"{layer_name}.{s.name}.weight": (i, s)
                for i, (layer_name, _) in enumerate(decoder_layers(model)) for s in shapes.layers[i]}
     model_writer, adapter_writer = _writer(None, arch), _adapter_writer(None, arch)
-    _copy_metadata(reader, model_writer)
+    source.write(model_writer)
     types: dict[str, int] = {}
     others = 0  # padded bytes of the tensors outside the decoder linears
     tied = getattr(config, "tie_word_embeddings", False)

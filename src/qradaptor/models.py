@@ -293,6 +293,23 @@ def load_config(spec: str | os.PathLike | None = None):
         ) from e
 
 
+def load_tokenizer(spec: str | os.PathLike | None = None):
+    """The model's tokenizer without its weights (a GGUF file's is built from its metadata)."""
+    from transformers import AutoTokenizer
+
+    kind, where = _resolve(spec)
+    try:
+        with _quiet_transformers():
+            if kind == "gguf":
+                return AutoTokenizer.from_pretrained(Path(where).parent, gguf_file=Path(where).name)
+            return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(
+            f"no usable tokenizer for model '{spec}': {first_line(e)}",
+            fix="save the model's tokenizer into its directory (tokenizer.save_pretrained(dir)), or pass a .gguf file",
+        ) from e
+
+
 def load_model(
     spec: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
