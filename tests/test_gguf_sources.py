@@ -59,9 +59,15 @@ def _tiny_base(tmp: Path, arch: str, smollm2_dir) -> Path:
         "llama": (LlamaConfig, LlamaForCausalLM, {}),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v with biases
         "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 48}),  # q/k norms; head_dim ≠ hidden / heads
+        # rope scaling that acts within the test's 48 positions (Llama 3's at an original context of 16)
+        "llama+llama3-rope": (LlamaConfig, LlamaForCausalLM, {"rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+        "llama+linear-rope": (LlamaConfig, LlamaForCausalLM, {"rope_parameters": {
+            "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
     }[arch]
     torch.manual_seed(0)
-    model = model_class(config_class(**common, **extra)).eval()
+    model = model_class(config_class(**{**common, **extra})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -85,9 +91,9 @@ def words(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama+llama3-rope", "llama+linear-rope"])
 def test_llama_cpp_runs_an_export_from_a_transformers_directory(arch, tmp_path, smollm2_dir, words):
-    """Llama, Qwen2 and Qwen3 bases from transformers directories: trained (4- and 5-bit layers, ranks 8 and 4),
+    """Llama (plain, Llama 3 and linear rope scaling), Qwen2 and Qwen3 bases from transformers directories: trained (4- and 5-bit layers, ranks 8 and 4),
     exported with --gguf, run in llama.cpp with and without the adapter: its next-token distributions match
     `qradaptor.load`'s, the adapter moves them the same way, and llama.cpp tokenizes text as the tokenizer does."""
     import gguf
@@ -121,6 +127,7 @@ def test_llama_cpp_runs_an_export_from_a_transformers_directory(arch, tmp_path, 
     names = {t.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
     assert ("blk.1.attn_k.bias" in names) == (arch == "qwen2")
     assert ("blk.1.attn_k_norm.weight" in names) == (arch == "qwen3")
+    assert ("rope_freqs.weight" in names) == (arch == "llama+llama3-rope")
 
     model = qradaptor.load(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -140,7 +147,8 @@ def test_llama_cpp_runs_an_export_from_a_transformers_directory(arch, tmp_path, 
     with LlamaCpp(out / "model.gguf", n_ctx=64) as llm:
         theirs_base = torch.log_softmax(torch.from_numpy(llm.logits(ids)), -1)
     # llama.cpp quantizes activations for its Q4_1/Q5_1 matmuls (test_gguf.py): close, not equal. Measured here:
-    # 0.002-0.005 nats per token (llama, qwen2, qwen3); the Llama export with q/k rows left unpermuted gives 8.9. The
+    # 0.002-0.005 nats per token (every case); the Llama export with q/k rows left unpermuted gives 8.9, the rope-scaled
+    # ones written without their scaling 5.4-5.5. The
     # distributions are far from uniform (entropy ~3.4 of 10.8 possible), so a tensor written wrongly shows
     entropy = float(-(ours.exp() * ours).sum(-1).mean())
     assert entropy < 0.5 * torch.log(torch.tensor(49152.0)), entropy
@@ -151,7 +159,7 @@ def test_llama_cpp_runs_an_export_from_a_transformers_directory(arch, tmp_path, 
 
 
 def test_bases_the_export_cannot_describe_are_refused(tmp_path, smollm2_dir, tiny_dir):
-    """Refused before anything is written, each naming the cause and the way out: another architecture, rope
+    """Refused before anything is written, each naming the cause and the way out: another architecture, YaRN rope
     scaling, a tokenizer that is not byte-level BPE (the tiny word-level one)."""
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
@@ -160,9 +168,10 @@ def test_bases_the_export_cannot_describe_are_refused(tmp_path, smollm2_dir, tin
 
     base = _tiny_base(tmp_path, "llama", smollm2_dir)
     config = json.loads((base / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                 "original_max_position_embeddings": 256}
     (base / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ArtifactError, match="'linear' rope scaling") as e:
+    with pytest.raises(ArtifactError, match="'yarn' rope scaling") as e:
         metadata_for(str(base))
     assert "convert_hf_to_gguf" in e.value.fix
 

@@ -256,6 +256,9 @@ def _write_model(path: Path, base, source, tmap, permutation, report: GGUFReport
             report.add(kind)
             writer.add_tensor(_gguf_name(tmap, key), data,
                               raw_dtype=None if kind == "F32" else gguf.GGMLQuantizationType[kind])
+    for name, data in source.tensors().items():
+        report.add("F32")
+        writer.add_tensor(name, data)
     _add_file_type(writer, report.types)
     _finish(writer)
     return path.stat().st_size
@@ -461,6 +464,9 @@ def predict_gguf(model, plan, backend, *, spec: str | None, dtype: torch.dtype) 
             others += _padded(tensor_bytes(kind, tensor.numel()))
         model_writer.add_tensor_info(name, shape, np.float32, tensor_bytes(kind, tensor.numel()),
                                      raw_dtype=gguf.GGMLQuantizationType[kind])
+    for name, data in source.tensors().items():
+        others += _padded(tensor_bytes("F32", data.size))
+        model_writer.add_tensor_info(name, list(data.shape), np.float32, data.nbytes)
     from .memory import _adapted
 
     for i, (layer_name, _) in enumerate(decoder_layers(model)):

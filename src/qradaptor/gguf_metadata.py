@@ -2,7 +2,7 @@
 the run's base came from: copied from the base's own GGUF file (`GGUFFileMetadata`), or, for a base loaded from a
 transformers directory or hub id, written from its config and tokenizer as llama.cpp's converter
 (``convert_hf_to_gguf.py``) writes them (`TransformersMetadata`). Both have ``arch`` (the GGUF architecture) and
-``write(writer)``; `metadata_for` picks one or refuses, before anything is written.
+``write(writer)`` (and ``tensors()``, what llama.cpp needs beside the model's own tensors); `metadata_for` picks one or refuses, before anything is written.
 
 The tokenizer: GPT-2-style byte-level BPE (Llama 3, SmolLM, Qwen2/Qwen3) is written as llama.cpp's ``gpt2`` model
 (tokens, token types, merges, special ids, chat template). llama.cpp splits text with a pre-tokenizer it picks by
@@ -44,6 +44,8 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 PRE_TOKENIZER_RULES = {"qwen2": ({"type": "NFC"}, {"type": "Sequence", "pretokenizers": [
     {"type": "Split", "pattern": {"Regex": _QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
     {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]})}
+#: transformers rope types written: plain rope, linear scaling (a GGUF key), Llama 3's (a tensor of divisors)
+ROPE_TYPES = ("default", "linear", "llama3")
 # llama.cpp's token types (gguf.TokenType): what each vocabulary entry is
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
@@ -77,11 +79,17 @@ class GGUFFileMetadata:
             sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
 
+    def tensors(self) -> dict:
+        """None beside the model's own: the base was loaded by transformers from this file, and what it kept of
+        it is what the export writes."""
+        return {}
+
 
 class TransformersMetadata:
     """Hyperparameters and tokenizer of a transformers base (``config``, ``tokenizer``), as llama.cpp's converter
-    writes them for its Llama and Qwen2/Qwen3 models. Refuses what it cannot write exactly: another architecture,
-    rope scaling, a sliding window, a tokenizer llama.cpp's converter does not recognise."""
+    writes them for its Llama and Qwen2/Qwen3 models (and Llama 3's rope divisors, `tensors`). Refuses what it
+    cannot write exactly: another architecture, YaRN and other rope scalings, a sliding window, a tokenizer
+    llama.cpp's converter does not recognise."""
 
     def __init__(self, config, tokenizer, name: str):
         self.config, self.tokenizer, self.name = config, tokenizer, name
@@ -91,11 +99,13 @@ class TransformersMetadata:
                                 f"this base is {config.model_type!r}",
                                 "export without --gguf (the transformers + PEFT export loads anywhere)")
         rope = dict(getattr(config, "rope_parameters", None) or {})
-        if rope.get("rope_type", "default") != "default":
-            raise ArtifactError(f"the GGUF export does not write rope scaling yet, and this base uses "
-                                f"{rope['rope_type']!r} rope scaling",
+        self.rope_type = rope.get("rope_type", "default")
+        if self.rope_type not in ROPE_TYPES or (self.rope_type == "llama3" and self.arch != "llama"):
+            raise ArtifactError(f"the GGUF export writes rope scaling of the kinds {', '.join(ROPE_TYPES)} (llama3 on "
+                                f"Llama); this {self.arch} base uses {self.rope_type!r} rope scaling",
                                 "convert the base with llama.cpp's convert_hf_to_gguf.py, train from that .gguf file "
                                 "(its metadata is copied as it is), or export without --gguf")
+        self.rope_factor = rope.get("factor")
         if getattr(config, "use_sliding_window", False):
             raise ArtifactError("this base uses sliding-window attention, which llama.cpp's "
                                 f"{self.arch} graph does not", "export without --gguf")
@@ -139,7 +149,26 @@ class TransformersMetadata:
         if arch == "llama":
             writer.add_vocab_size(c.vocab_size)
         writer.add_rope_dimension_count(head_dim)
+        if self.rope_type == "linear":
+            import gguf
+
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(self.rope_factor))
         self._write_tokenizer(writer)
+
+    def tensors(self) -> dict:
+        """Tensors llama.cpp needs beside the model's own (GGUF name → float32 array): Llama 3's rope scaling is a
+        per-frequency divisor, ``rope_freqs.weight``, computed here as transformers computes its frequencies."""
+        if self.rope_type != "llama3":
+            return {}
+        import torch
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        c = self.config
+        dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        plain = 1.0 / (float(self.rope_theta) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")
+        return {"rope_freqs.weight": (plain / scaled.double()).float().numpy()}
 
     def _write_tokenizer(self, writer) -> None:
         import gguf
@@ -166,8 +195,11 @@ class TransformersMetadata:
     def vocabulary(self) -> tuple[list[str], list[int]]:
         """Every id's token and llama.cpp token type, as its converter lists them (``get_vocab_base``)."""
         tok = self.tokenizer
-        size = max(self.config.vocab_size, len(tok))
+        size = self.config.vocab_size  # llama.cpp's vocabulary is the embedding's rows; ids past the tokenizer's pad
         by_id = {i: t for t, i in tok.get_vocab().items()}
+        if max(by_id) >= size:
+            raise ArtifactError(f"the base's tokenizer has ids up to {max(by_id)}, past its embedding's {size} rows",
+                                "export without --gguf, or resize the model's embeddings to its tokenizer")
         added, decoder = tok.get_added_vocab(), tok.added_tokens_decoder
         tokens, types = [], []
         for i in range(size):
