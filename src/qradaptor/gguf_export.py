@@ -67,16 +67,6 @@ class GGUFReport:
         return {**out, "merged": self.merged} if self.merged is not None else out
 
 
-def source_gguf(spec: str | None) -> Path | None:
-    """The GGUF file a run's base model came from (the embedded default's, or a ``.gguf`` spec), else None."""
-    from .models import DEFAULT_MODEL, _default_gguf_path
-
-    if spec is None or str(spec).strip().lower() == DEFAULT_MODEL:
-        return _default_gguf_path()
-    path = Path(str(spec)).expanduser()
-    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
-
-
 def check_exportable(spec: str | None):
     """The metadata the export writes for the base ``spec`` (`gguf_metadata.metadata_for`: ``arch`` and
     ``write(writer)``), or one clear refusal, before anything is written."""

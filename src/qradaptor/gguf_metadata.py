@@ -219,10 +219,19 @@ class TransformersMetadata:
         return tokens, types
 
 
+def source_gguf(spec: str | None) -> Path | None:
+    """The GGUF file a run's base model came from (the embedded default's, or a ``.gguf`` spec), else None."""
+    from .models import DEFAULT_MODEL, _default_gguf_path
+
+    if spec is None or str(spec).strip().lower() == DEFAULT_MODEL:
+        return _default_gguf_path()
+    path = Path(str(spec)).expanduser()
+    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
+
+
 def metadata_for(spec: str | None):
     """The metadata source of a run's base ``spec``, or one clear refusal: the base's own GGUF file where it was
     loaded from one (the embedded default, a ``.gguf`` path), else its transformers config and tokenizer."""
-    from .gguf_export import source_gguf
     from .models import load_config, load_tokenizer
 
     path = source_gguf(spec)
