@@ -177,9 +177,9 @@ def _gguf_name(tmap, key: str) -> str:
 
 def write_gguf(trained, out: str | os.PathLike, spec: str | None, *, merged: bool = False) -> GGUFReport:
     """``out/model.gguf``, ``out/adapter.gguf`` and ``out/Modelfile`` for a trained run (`export.TrainedModel`)
-    whose base was loaded from ``spec`` (a GGUF file, a transformers directory or hub id); with ``merged``, also ``out/merged.gguf``: one file
-    with every adapter merged into its weight (`_merged_tensor`), the size of ``model.gguf``. Refuses an
-    architecture llama.cpp's converters would lay out differently, before writing anything."""
+    whose base was loaded from ``spec`` (a GGUF file, a transformers directory or hub id); with ``merged``, also
+    ``out/merged.gguf``: one file with every adapter merged into its weight (`_merged_tensor`), the size of
+    ``model.gguf``. Refuses a base it cannot describe to llama.cpp (`gguf_metadata`), before writing anything."""
     source = check_exportable(spec)
     arch = source.arch
     base = trained.model.get_base_model()

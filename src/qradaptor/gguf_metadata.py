@@ -1,8 +1,9 @@
 """The metadata of an exported GGUF file (architecture, hyperparameters, tokenizer, chat template), from wherever
 the run's base came from: copied from the base's own GGUF file (`GGUFFileMetadata`), or, for a base loaded from a
 transformers directory or hub id, written from its config and tokenizer as llama.cpp's converter
-(``convert_hf_to_gguf.py``) writes them (`TransformersMetadata`). Both have ``arch`` (the GGUF architecture) and
-``write(writer)`` (and ``tensors()``, what llama.cpp needs beside the model's own tensors); `metadata_for` picks one or refuses, before anything is written.
+(``convert_hf_to_gguf.py``) writes them (`TransformersMetadata`). Both have ``arch`` (the GGUF architecture),
+``write(writer)`` and ``tensors()`` (what llama.cpp needs beside the model's own tensors); `metadata_for` picks one
+or refuses, before anything is written.
 
 The tokenizer: GPT-2-style byte-level BPE (Llama 3, SmolLM, Qwen2/Qwen3) is written as llama.cpp's ``gpt2`` model
 (tokens, token types, merges, special ids, chat template). llama.cpp splits text with a pre-tokenizer it picks by
