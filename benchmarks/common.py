@@ -73,7 +73,8 @@ def write_results(name: str, payload: dict, markdown: str, directory: Path = RES
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    # a cell's own bars (a plan's `describe`) escaped, or they would split it
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         cases.append({"budget": name, "budget_bytes": result.budget_bytes, "plan": plan.describe(),
                       "bits": dict(sorted(Counter(plan.bits).items())), "ranks": dict(sorted(Counter(plan.ranks).items())),
                       "stored_bytes": stored, "gguf_bytes": gguf, "search_loss": result.chosen.loss,
-                      "fidelity": result.chosen.fidelity, "seconds": result.seconds,
+                      "fidelity": result.chosen.fidelity,
                       "layers": [{"bits": c.bits, "rank": c.rank} for c in plan.layers]})
         print(cases[-1]["budget"], cases[-1]["plan"], stored, gguf, result.chosen.loss, flush=True)
 

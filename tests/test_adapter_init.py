@@ -15,7 +15,7 @@ from qradaptor.backends import QuantCache, get_backend
 from qradaptor.commands import train_plan
 from qradaptor.data import TokenBlocks
 from qradaptor.errors import ArtifactError
-from qradaptor.plan import LayerChoice, Plan
+from qradaptor.plan import LayerChoice, ModuleChoice, Plan
 from qradaptor.quantize import add_adapters, quantize_model
 from qradaptor.rundir import RUN_FILE
 
@@ -110,6 +110,24 @@ def test_fits_are_kept_per_module_and_bits_and_shared_by_plans(tiny_model):
     with pytest.raises(ValueError, match="above the largest rank fitted"):
         start.factors(Plan.uniform(4, 4, 16))
     assert AdapterStart(tiny_model, "zero", cache).factors(PLAN) == {}
+
+
+def test_modules_own_bits_and_ranks_are_what_the_start_fits(tiny_model):
+    """A module's own bits select the codes fitted against (16 bits: no start) and its own rank the truncation."""
+    plan = Plan([LayerChoice(4, 8, (ModuleChoice("k_proj", 16, 8), ModuleChoice("down_proj", 3, 2))),
+                 LayerChoice(16, 8, (ModuleChoice("q_proj", 4, 4),)), LayerChoice(3, 4), LayerChoice(2, 8)])
+    wanted = {name: (bits, rank) for name, _, bits, rank in adapted_linears(tiny_model, plan)}
+    assert "model.layers.0.self_attn.k_proj" not in wanted and wanted["model.layers.0.mlp.down_proj"] == (3, 2)
+    assert [n for n in wanted if ".layers.1." in n] == ["model.layers.1.self_attn.q_proj"]
+    assert wanted["model.layers.1.self_attn.q_proj"] == (4, 4) and len(wanted) == 6 + 1 + 7 + 7
+    cache = QuantCache(get_backend("hqq"))
+    factors = AdapterStart(tiny_model, "svd", cache, max_rank=8).factors(plan)
+    assert {n: f.rank for n, f in factors.items()} == {n: r for n, (_, r) in wanted.items()}
+    started = add_adapters(quantize_model(tiny_model, plan, cache=cache), plan)
+    assert apply_start(started, factors) == len(factors)
+    # the 3-bit down_proj's fit is against its own 3-bit codes: the same fit as a plan with 3-bit layer 0 gives
+    same = AdapterStart(tiny_model, "svd", cache, max_rank=8).factors(Plan([LayerChoice(3, 2)] * 4))
+    assert torch.equal(factors["model.layers.0.mlp.down_proj"].A, same["model.layers.0.mlp.down_proj"].A)
 
 
 def test_loftq_rewrites_the_codes_and_fits_the_weight_at_least_as_well(tiny_model):

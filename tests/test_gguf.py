@@ -51,8 +51,8 @@ def test_eight_bits_and_odd_groups_are_requantized_to_q8_0():
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def exported(request, tmp_path_factory):
-    """A 2-step fine-tune of the real SmolLM2-135M in each dtype with every kind of layer (3- to 8-bit, 16-bit),
-    exported with --gguf."""
+    """A 2-step fine-tune of the real SmolLM2-135M in each dtype with every kind of layer (3- to 8-bit, 16-bit)
+    and a layer whose modules have bits and ranks of their own, exported with --gguf."""
     from qradaptor.plan import Plan
 
     tmp = tmp_path_factory.mktemp("gguf")
@@ -61,6 +61,7 @@ def exported(request, tmp_path_factory):
         plan["layers"][layer]["bits"] = bits
     for layer in range(0, 30, 2):
         plan["layers"][layer]["rank"] = 4
+    plan["layers"][1]["modules"] = {"k_proj": {"bits": 8}, "down_proj": {"bits": 5, "rank": 12}}  # modules' own
     (tmp / "plan.json").write_text(json.dumps(plan))
     run, out = tmp / "run", tmp / "export"
     assert main(["train", "--plan", str(tmp / "plan.json"), "--dtype", request.param, "--steps", "2", "--seq-len", "32",
@@ -83,6 +84,7 @@ def test_export_writes_model_adapter_and_modelfile(exported):
     types = {t.name: t.tensor_type.name for t in model.tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.1.attn_q.weight"] == "Q4_1"  # 3 and 4 bits
     assert types["blk.3.ffn_down.weight"] == "Q5_1"
+    assert types["blk.1.attn_k.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == "Q5_1"  # modules' own bits
     dense = "F32" if info["dtype"] == "float32" else "BF16"  # 16-bit layers keep the run's dtype
     assert types["blk.5.attn_v.weight"] == "Q8_0" and types["blk.6.attn_k.weight"] == dense  # 8 and 16 bits
     assert types["blk.6.attn_norm.weight"] == "F32"
@@ -91,6 +93,7 @@ def test_export_writes_model_adapter_and_modelfile(exported):
     assert adapter.fields["adapter.lora.alpha"].contents() == 0.0
     shapes = {t.name: tuple(int(x) for x in t.shape) for t in adapter.tensors}
     assert shapes["blk.1.attn_q.weight.lora_a"] == (576, 8) and shapes["blk.0.ffn_down.weight.lora_b"] == (4, 576)
+    assert shapes["blk.1.ffn_down.weight.lora_a"] == (1536, 12)  # its own rank
 
 
 def test_llama_cpp_runs_the_export_as_qradaptor_does(exported):

@@ -6,20 +6,25 @@ import torch
 from qradaptor.backends import BACKENDS, get_backend
 from qradaptor.errors import BudgetError
 from qradaptor.memory import ModelShapes, check_budget, measured_bytes, parse_budget, predict, training_memory, uniform_bytes
-from qradaptor.plan import LayerChoice, Plan
+from qradaptor.plan import LayerChoice, ModuleChoice, Plan
 from qradaptor.quantize import prepare_model
 
 MIXED = [LayerChoice(2, 4), LayerChoice(3, 32), LayerChoice(8, 8), LayerChoice(16, 16)]
 MIXED_FINE = [LayerChoice(5, 4), LayerChoice(6, 32), LayerChoice(7, 8), LayerChoice(3, 16)]
+# linears with bits and ranks of their own (`ModuleChoice`), among them 16-bit ones in quantized layers and back
+PER_MODULE = [LayerChoice(4, 16, (ModuleChoice("k_proj", 8, 16), ModuleChoice("down_proj", 3, 32))),
+              LayerChoice(16, 8, (ModuleChoice("q_proj", 2, 4),)), LayerChoice(3, 4),
+              LayerChoice(8, 8, (ModuleChoice("up_proj", 16, 2), ModuleChoice("v_proj", 4, 8)))]
 
 
 def _storable(layers):
     """The backends that store every bit-width of ``layers`` (hqq-native has no 5, 6 or 7 bits)."""
-    return [name for name in BACKENDS if {c.bits for c in layers} - {16} <= set(get_backend(name).supported_bits)]
+    return [name for name in BACKENDS if set(Plan(layers).bit_widths) - {16} <= set(get_backend(name).supported_bits)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layers, name", [(layers, name) for layers in (MIXED, MIXED_FINE, [LayerChoice(4, 16)] * 4)
+@pytest.mark.parametrize("layers, name", [(layers, name) for layers in (MIXED, MIXED_FINE, PER_MODULE,
+                                                                           [LayerChoice(4, 16)] * 4)
                                           for name in _storable(layers)])
 def test_prediction_matches_measured_bytes(tiny_model, name, dtype, layers):
     backend = get_backend(name, compute_dtype=dtype)
@@ -134,10 +139,10 @@ def test_training_memory_model_counts_what_autograd_saves(tiny_config):
     from qradaptor.evaluate import token_nll
     from qradaptor.quantize import prepare_model
 
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, plan in ((torch.float32, Plan.uniform(4, 4, 8)), (torch.bfloat16, Plan.uniform(4, 4, 8)),
+                        (torch.float32, Plan(PER_MODULE))):
         torch.manual_seed(0)
         base = LlamaForCausalLM(tiny_config)
-        plan = Plan.uniform(4, 4, 8)
         model = prepare_model(base, plan, get_backend("hqq", compute_dtype=dtype), dtype=dtype)
         model.train()
         ids = torch.randint(0, tiny_config.vocab_size, (4, 64))

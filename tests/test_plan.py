@@ -3,10 +3,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qradaptor.errors import PlanError
-from qradaptor.plan import DEFAULT_TARGET_MODULES, LayerChoice, Plan, lora_config
+from qradaptor.plan import DEFAULT_TARGET_MODULES, LayerChoice, ModuleChoice, Plan, lora_config
 
 
 def test_minimal_hand_written_plan_gets_documented_defaults(tmp_path):
@@ -32,7 +33,14 @@ def test_round_trip_is_exact(tmp_path, suffix):
     [
         ({"layers": [{"bits": 9, "rank": 16}]}, "9-bit"),
         ({"layers": [{"bits": 4, "rank": 0}]}, "rank 0"),
-        ({"layers": [{"bits": 4}]}, "exactly 'bits' and 'rank'"),
+        ({"layers": [{"bits": 4}]}, "with 'bits' and 'rank'"),
+        ({"layers": [{"bits": 4, "rank": 8, "colour": 1}]}, "with 'bits' and 'rank'"),
+        ({"layers": [{"bits": 4, "rank": 8, "modules": {"k_proj": 8}}]}, "map module names"),
+        ({"layers": [{"bits": 4, "rank": 8, "modules": {"k_proj": {}}}]}, "map module names"),
+        ({"layers": [{"bits": 4, "rank": 8, "modules": {"k_proj": {"bits": 8, "group": 32}}}]}, "map module names"),
+        ({"layers": [{"bits": 4, "rank": 8, "modules": {"k_proj": {"bits": 9}}}]}, "k_proj asks for 9-bit"),
+        ({"layers": [{"bits": 4, "rank": 8, "modules": {"k_proj": {"rank": -1}}}]}, "k_proj has rank -1"),
+        ({"layers": [{"bits": 4, "rank": 8, "modules": {"k_proj": {"bits": True}}}]}, "non-integer"),
         ({"layers": []}, "non-empty"),
         ({"layer": []}, "'layers' list"),
         ({"layers": [{"bits": 4, "rank": 8}], "colour": 1}, "unknown plan keys"),
@@ -96,3 +104,85 @@ def test_rank_pattern_keys_are_anchored_layer_1_never_matches_layer_10():
 
 def test_describe_is_compact():
     assert Plan([LayerChoice(4, 16)] * 3 + [LayerChoice(8, 8)]).describe() == "4b×3 8b×1 | r8×1 r16×3"
+
+
+MODULE_PLAN = {"layers": [{"bits": 4, "rank": 16, "modules": {"k_proj": {"bits": 8}, "down_proj": {"bits": 3, "rank": 32}}},
+                          {"bits": 16, "rank": 8, "modules": {"q_proj": {"rank": 4}}},
+                          {"bits": 3, "rank": 4},
+                          {"bits": 8, "rank": 8, "modules": {"up_proj": {"bits": 16}}}]}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_modules_own_choices_round_trip_and_the_rest_is_the_layers(tmp_path, suffix):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(MODULE_PLAN))
+    plan = Plan.load(path)
+    first = plan.layers[0]
+    assert first.modules == (ModuleChoice("down_proj", 3, 32), ModuleChoice("k_proj", 8, 16))  # sorted, filled in
+    assert first.of("self_attn.k_proj") == LayerChoice(8, 16) and first.of("mlp.down_proj") == LayerChoice(3, 32)
+    assert first.of("self_attn.q_proj") == LayerChoice(4, 16)
+    assert first.bit_widths == (3, 4, 8) and plan.max_rank == 32 and plan.bit_widths == (3, 4, 8, 16)
+    again = Plan.load(plan.save(tmp_path / f"again{suffix}"))
+    assert again == plan and again.to_dict()["layers"] == MODULE_PLAN["layers"]  # only what differs is written
+    # a module given its layer's own choice is no choice of its own: the same plan, file and digest as without it
+    same = Plan([LayerChoice(4, 16, (ModuleChoice("k_proj", 4, 16),))])
+    assert same == Plan([LayerChoice(4, 16)]) and "modules" not in same.to_dict()["layers"][0]
+    assert hash(LayerChoice(4, 16, (("v_proj", 8, 16), ("k_proj", 8, 16)))) == hash(
+        LayerChoice(4, 16, (ModuleChoice("k_proj", 8, 16), ModuleChoice("v_proj", 8, 16))))
+    with pytest.raises(PlanError, match="'k_proj' twice"):
+        LayerChoice(4, 16, (ModuleChoice("k_proj", 8, 16), ModuleChoice("k_proj", 3, 16)))
+
+
+def test_modules_are_checked_against_the_model(tiny_model):
+    Plan.from_dict(MODULE_PLAN).check_model(tiny_model)
+    with pytest.raises(PlanError, match="no linear so named") as e:
+        Plan([LayerChoice(4, 8, (ModuleChoice("c_attn", 8, 8),))] * 4).check_model(tiny_model)
+    assert "q_proj" in e.value.fix
+    with pytest.raises(PlanError, match="gets no adapter") as e:
+        Plan([LayerChoice(4, 8, (ModuleChoice("k_proj", 8, 32),))] * 4, target_modules=("q_proj", "v_proj")
+             ).check_model(tiny_model)
+    assert "k_proj" in e.value.fix
+    # its bits alone may differ: it is still quantized
+    Plan([LayerChoice(4, 8, (ModuleChoice("k_proj", 8, 8),))] * 4, target_modules=("q_proj",)).check_model(tiny_model)
+
+
+def test_modules_get_their_own_ranks_and_bits_in_the_built_model(tiny_model):
+    from peft import get_peft_model
+
+    from qradaptor.backends import get_backend
+    from qradaptor.quantize import quantize_model
+
+    plan = Plan.from_dict(MODULE_PLAN)
+    quantized = quantize_model(tiny_model, plan, get_backend("hqq"))
+    model = get_peft_model(quantized, lora_config(plan, tiny_model))
+    layers = model.base_model.model.model.layers
+    for i, choice in enumerate(plan.layers):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj"):
+            module, own = layers[i].get_submodule(name), choice.of(name)
+            assert module.r["default"] == own.rank and module.lora_alpha["default"] == 2 * own.rank, (i, name)
+            base = module.base_layer
+            assert (getattr(base, "bits", 16) == own.bits) and (type(base) is torch.nn.Linear) == (own.bits == 16)
+
+
+def test_describe_names_the_modules_own_choices():
+    plan = Plan.from_dict(MODULE_PLAN)
+    assert plan.describe() == ("3b×1 4b×1 8b×1 16b×1 | r4×1 r8×2 r16×1 | down_proj 3b r32×1, k_proj 8b×1, q_proj r4×1, "
+                               "up_proj 16b×1")
+    many = Plan([LayerChoice(4, 8, tuple(ModuleChoice(n, b, 8) for n, b in (("a", 2), ("b", 3), ("c", 5), ("d", 6),
+                                                                            ("e", 8))))] * 2)
+    assert many.describe().endswith("| a 2b×2, b 3b×2, c 5b×2, d 6b×2, +1 more")
+
+
+def test_memory_refuses_a_plan_naming_a_module_the_model_lacks(tmp_path, tiny_dir, capsys):
+    from qradaptor.cli import main
+
+    plan = {"layers": [{"bits": 4, "rank": 8, "modules": {"c_attn": {"bits": 8}}}] * 4}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert main(["memory", "--model", str(tiny_dir), "--plan", str(tmp_path / "plan.json")]) == 2
+    err = capsys.readouterr().err
+    assert "'c_attn'" in err and "q_proj" in err and "Traceback" not in err, err
+    plan["layers"] = [{"bits": 4, "rank": 8, "modules": {"k_proj": {"bits": 8}}}] * 4
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert main(["memory", "--model", str(tiny_dir), "--plan", str(tmp_path / "plan.json")]) == 0
+    assert "k_proj 8b×4" in capsys.readouterr().out

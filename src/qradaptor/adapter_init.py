@@ -81,11 +81,10 @@ def adapted_linears(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear, 
     targets = set(plan.targets_in(linear_names(layers[0][1])))
     found = []
     for (layer_name, layer), choice in zip(layers, plan.layers):
-        if choice.bits == UNQUANTIZED_BITS:
-            continue
         for name, linear in layer_linears(layer):
-            if name.rsplit(".", 1)[-1] in targets:
-                found.append((f"{layer_name}.{name}", linear, choice.bits, choice.rank))
+            own = choice.of(name)
+            if own.bits != UNQUANTIZED_BITS and name.rsplit(".", 1)[-1] in targets:
+                found.append((f"{layer_name}.{name}", linear, own.bits, own.rank))
     return found
 
 
@@ -118,8 +117,8 @@ class AdapterStart:
         out: 16-bit layers, and every module with the ``zero`` start)."""
         if self.method == "zero":
             return {}
-        if max(plan.ranks) > self.max_rank:
-            raise ValueError(f"plan rank {max(plan.ranks)} is above the largest rank fitted ({self.max_rank})")
+        if plan.max_rank > self.max_rank:
+            raise ValueError(f"plan rank {plan.max_rank} is above the largest rank fitted ({self.max_rank})")
         wanted = adapted_linears(self.model, plan)
         missing = {name: (linear, bits) for name, linear, bits, _ in wanted
                    if (name, bits, plan.group_size) not in self._fits}

@@ -335,9 +335,9 @@ def _load_export(path: Path, device: torch.device, asked: torch.dtype | str | No
     # What the plan quantizes in this model: exactly these modules must be in the packed file.
     expected: dict[str, tuple[torch.nn.Linear, int]] = {}
     for index, (layer_name, layer) in enumerate(decoder_layers(model)):
-        if plan.layers[index].bits != UNQUANTIZED_BITS:
-            for sub, linear in layer_linears(layer):
-                expected[f"{layer_name}.{sub}"] = (linear, plan.layers[index].bits)
+        for sub, linear in layer_linears(layer):
+            if (bits := plan.layers[index].of(sub).bits) != UNQUANTIZED_BITS:
+                expected[f"{layer_name}.{sub}"] = (linear, bits)
     unknown, missing = sorted(set(states) - set(expected)), sorted(set(expected) - set(states))
     if unknown or missing:
         what = [f"modules the plan does not quantize in this model ({', '.join(unknown[:3])})"] if unknown else []

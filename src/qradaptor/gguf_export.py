@@ -375,9 +375,10 @@ def layer_gguf_bytes(layer: list, choice, *, group_size: int, target_modules: tu
     search's planner prices ``gguf:`` budgets with it."""
     from .memory import _adapted
 
-    model = sum(_padded(tensor_bytes(linear_type(choice.bits, group_size, s.in_features, has_codes=has_codes,
-                                                 dense=dense), s.numel)) for s in layer)
-    adapter = sum(_padded(4 * choice.rank * s.in_features) + _padded(4 * s.out_features * choice.rank)
+    model = sum(_padded(tensor_bytes(linear_type(choice.of(s.name).bits, group_size, s.in_features,
+                                                 has_codes=has_codes, dense=dense), s.numel)) for s in layer)
+    adapter = sum(_padded(4 * choice.of(s.name).rank * s.in_features) + _padded(4 * s.out_features
+                                                                                * choice.of(s.name).rank)
                   for s in _adapted(layer, target_modules))
     return model, adapter
 
@@ -446,8 +447,8 @@ def predict_gguf(model, plan, backend, *, spec: str | None, dtype: torch.dtype) 
         name, shape = _gguf_name(tmap, key), list(tensor.shape)
         if key in linears:
             layer, s = linears[key]
-            kind = linear_type(plan.layers[layer].bits, plan.group_size, s.in_features, has_codes=has_codes,
-                               dense=dense)
+            kind = linear_type(plan.layers[layer].of(s.name).bits, plan.group_size, s.in_features,
+                               has_codes=has_codes, dense=dense)
             types[kind] = types.get(kind, 0) + 1
         else:
             kind = "F32" if tensor.dim() < 2 else dense
@@ -460,8 +461,8 @@ def predict_gguf(model, plan, backend, *, spec: str | None, dtype: torch.dtype) 
     from .memory import _adapted
 
     for i, (layer_name, _) in enumerate(decoder_layers(model)):
-        rank = plan.layers[i].rank
         for s in _adapted(shapes.layers[i], plan.target_modules):
+            rank = plan.layers[i].of(s.name).rank
             target = _gguf_name(tmap, f"{layer_name}.{s.name}.weight")
             for suffix, shape in (("lora_a", [rank, s.in_features]), ("lora_b", [s.out_features, rank])):
                 adapter_writer.add_tensor_info(f"{target}.{suffix}", shape, np.float32, 4 * shape[0] * shape[1],

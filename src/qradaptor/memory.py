@@ -164,18 +164,19 @@ def _adapted(layer: list, target_modules: tuple[str, ...], expert_adapters: bool
 def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, group_size: int,
                 target_modules: tuple[str, ...], base_bytes: int, dora: bool = False,
                 expert_adapters: bool = False) -> tuple[int, int]:
-    """One decoder layer (its linears' shapes) under ``choice``: the bytes of its weights (packed, or dense at
-    ``base_bytes`` per value when unquantized) and the number of LoRA parameters its target modules get (with
-    ``dora``, each adapted module's magnitude vector too: one per output row; with ``expert_adapters``, every
-    routed expert's linears too).
+    """One decoder layer (its linears' shapes) under ``choice``, each linear at its own bits and rank
+    (`LayerChoice.of`): the bytes of its weights (packed, or dense at ``base_bytes`` per value when unquantized)
+    and the number of LoRA parameters its target modules get (with ``dora``, each adapted module's magnitude vector
+    too: one per output row; with ``expert_adapters``, every routed expert's linears too).
     The one place a layer is priced: `predict` sums it, the search memoises it."""
     weights = 0
     for s in layer:
-        if choice.bits == UNQUANTIZED_BITS:
+        bits = choice.of(s.name).bits
+        if bits == UNQUANTIZED_BITS:
             weights += s.numel * base_bytes
         else:
-            weights += backend.weight_bytes(s.out_features, s.in_features, choice.bits, group_size)
-    params = sum(choice.rank * (s.in_features + s.out_features) + (s.out_features if dora else 0)
+            weights += backend.weight_bytes(s.out_features, s.in_features, bits, group_size)
+    params = sum(choice.of(s.name).rank * (s.in_features + s.out_features) + (s.out_features if dora else 0)
                  for s in _adapted(layer, target_modules, expert_adapters))
     return weights, params
 
@@ -210,7 +211,7 @@ def predict(
     lora = lora_params * adapter
     other = shapes.other_numel * base + shapes.other_fixed_bytes  # the linears' biases are in it
     n = shapes.quantizable_numel
-    code_bits = sum(c.bits * sum(s.numel for s in layer) for c, layer in zip(plan.layers, shapes.layers)) / n
+    code_bits = sum(c.of(s.name).bits * s.numel for c, layer in zip(plan.layers, shapes.layers) for s in layer) / n
     return MemoryReport(
         total_bytes=quantized + lora + other,
         quantized_bytes=quantized,
@@ -540,7 +541,7 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
         allocator = cpu_allocator()
     dtype = dtype or (backend.compute_dtype if backend is not None else torch.float32)
     if backend is None:
-        plan = dataclasses.replace(plan, layers=[LayerChoice(UNQUANTIZED_BITS, c.rank) for c in plan.layers])
+        plan = dataclasses.replace(plan, layers=[c.unquantized() for c in plan.layers])
         from .backends import get_backend
 
         backend = get_backend("reference", compute_dtype=dtype)  # only consulted for 16-bit layers' dtype
@@ -550,7 +551,8 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
     # per layer, its adapted linears, each with the share of the tokens it sees: a routed expert's about k/E
     adapted = [_token_shares(_adapted(layer, plan.target_modules, plan.expert_adapters), config)
                for layer in shapes.layers]
-    layer_costs = [_layer_activation_values(config, tokens, round(c.rank * sum(n.values())), dtype,
+    layer_costs = [_layer_activation_values(config, tokens, round(sum(c.of(s.name).rank * share
+                                                                      for s, share in n.items())), dtype,
                                             sum(s.out_features for s in n) if plan.dora else 0)
                    for c, n in zip(plan.layers, adapted)]
     embeddings = tokens * config.hidden_size * a

@@ -7,7 +7,11 @@ hand::
     {"layers": [{"bits": 4, "rank": 16}, {"bits": 8, "rank": 8}, ...]}
 
 Bits are the stored bit-width of every quantized linear in that layer; ``16`` keeps the layer's linears
-unquantized (at the base dtype). Applying a plan to a model (``qradaptor.quantize``) gives the quantized
+unquantized (at the base dtype). A layer may give some of its linears their own bits or rank (`ModuleChoice`),
+named as ``target_modules`` names them; what a module does not name is the layer's::
+
+    {"bits": 4, "rank": 16, "modules": {"k_proj": {"bits": 8}, "down_proj": {"bits": 3, "rank": 32}}}
+ Applying a plan to a model (``qradaptor.quantize``) gives the quantized
 base; ``lora_config`` gives the PEFT ``LoraConfig`` whose per-module ranks follow the plan.
 """
 
@@ -37,21 +41,76 @@ DEFAULT_GROUP_SIZE = 64
 
 
 @dataclass(frozen=True)
-class LayerChoice:
+class ModuleChoice:
+    """The bits and rank of one linear of a decoder layer, where they differ from its layer's (`LayerChoice`).
+    ``name``: the linear's short name, as ``target_modules`` spells it (``k_proj``); routed experts always take
+    their layer's choice."""
+
+    name: str
     bits: int
     rank: int
 
 
+@dataclass(frozen=True)
+class LayerChoice:
+    """One decoder layer's bits and rank, and ``modules``: its linears whose own differ (sorted by name, none equal
+    to the layer's, so that equal choices compare and hash equal: the search memoises on them)."""
+
+    bits: int
+    rank: int
+    modules: tuple[ModuleChoice, ...] = ()
+
+    def __post_init__(self) -> None:
+        modules = [m if isinstance(m, ModuleChoice) else ModuleChoice(*m) for m in self.modules]
+        names = [m.name for m in modules]
+        if len(set(names)) != len(names):
+            raise PlanError(f"a layer names module {sorted(n for n in names if names.count(n) > 1)[0]!r} twice",
+                            "give each module of a layer at most one entry")
+        object.__setattr__(self, "modules", tuple(sorted((m for m in modules if (m.bits, m.rank) != (self.bits,
+                                                                                                     self.rank)),
+                                                         key=lambda m: m.name)))
+
+    def of(self, name: str) -> "LayerChoice":
+        """The bits and rank of the layer's linear ``name`` (its name in the layer or its short name): its own
+        `ModuleChoice`, or the layer's."""
+        short = name.rsplit(".", 1)[-1]
+        for m in self.modules:
+            if m.name == short:
+                return LayerChoice(m.bits, m.rank)
+        return LayerChoice(self.bits, self.rank) if self.modules else self
+
+    @property
+    def bit_widths(self) -> tuple[int, ...]:
+        """Every bit-width the layer's linears are stored at, sorted."""
+        return tuple(sorted({self.bits, *(m.bits for m in self.modules)}))
+
+    @property
+    def max_rank(self) -> int:
+        return max([self.rank, *(m.rank for m in self.modules)])
+
+    def unquantized(self) -> "LayerChoice":
+        """The same ranks, every linear at 16 bits."""
+        return LayerChoice(UNQUANTIZED_BITS, self.rank,
+                           tuple(ModuleChoice(m.name, UNQUANTIZED_BITS, m.rank) for m in self.modules))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"bits": self.bits, "rank": self.rank}
+        if self.modules:  # written only when some module differs: a per-layer plan's file and digest stay as before
+            d["modules"] = {m.name: {k: v for k, v in (("bits", m.bits), ("rank", m.rank)) if v != d[k]}
+                            for m in self.modules}
+        return d
+
+
 @dataclass
 class Plan:
-    """Per-layer bits and ranks and the shared settings.
+    """Per-layer bits and ranks (and per-module ones where a layer gives them) and the shared settings.
 
     - ``group_size``: weights per quantization group (one scale and one zero each).
     - ``alpha_ratio``: LoRA alpha = ``alpha_ratio * rank`` for every module (keeps the update scale fixed
       across ranks).
     - ``target_modules``: the linears inside each decoder layer that get a LoRA adapter; every linear
-      inside a decoder layer is quantized at the layer's bits. Embeddings, norms and ``lm_head`` are never
-      quantized.
+      inside a decoder layer is quantized at the layer's bits (or its own, `ModuleChoice`). Embeddings, norms and
+      ``lm_head`` are never quantized.
     - ``dropout``: LoRA dropout.
     - ``dora``: DoRA adapters (PEFT's ``use_dora``): each adapted module also trains a magnitude per output row,
       ``out_features`` more parameters (QDoRA on a quantized base).
@@ -69,7 +128,7 @@ class Plan:
     expert_adapters: bool = False
 
     def __post_init__(self) -> None:
-        self.layers = [c if isinstance(c, LayerChoice) else LayerChoice(**c) for c in self.layers]
+        self.layers = [c if isinstance(c, LayerChoice) else _parse_layer(i, c) for i, c in enumerate(self.layers)]
         self.target_modules = tuple(self.target_modules)
         self.check()
 
@@ -92,21 +151,9 @@ class Plan:
         layers = obj["layers"]
         if not isinstance(layers, list) or not layers:
             raise PlanError(f"{source}: 'layers' must be a non-empty list", "give one {bits, rank} per decoder layer")
-        parsed = []
-        for i, entry in enumerate(layers):
-            if not isinstance(entry, dict) or set(entry) != {"bits", "rank"}:
-                raise PlanError(
-                    f"{source}: layer {i} is {entry!r}; each layer must be an object with exactly 'bits' and 'rank'",
-                    'write e.g. {"bits": 4, "rank": 16}',
-                )
-            bits, rank = entry["bits"], entry["rank"]
-            if not (isinstance(bits, int) and not isinstance(bits, bool)) or not (
-                isinstance(rank, int) and not isinstance(rank, bool)
-            ):
-                raise PlanError(f"{source}: layer {i} has non-integer bits or rank: {entry!r}", "use integers")
-            parsed.append(LayerChoice(bits, rank))
         settings = {k: v for k, v in obj.items() if k != "layers"}
         try:
+            parsed = [_parse_layer(i, entry) for i, entry in enumerate(layers)]
             return cls(parsed, **settings)
         except PlanError as e:
             raise PlanError(f"{source}: {e.cause}", e.fix) from None
@@ -134,7 +181,7 @@ class Plan:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["layers"] = [{"bits": c.bits, "rank": c.rank} for c in self.layers]
+        d["layers"] = [c.to_dict() for c in self.layers]
         d["target_modules"] = list(self.target_modules)
         for key in ("dora", "expert_adapters"):  # written only when on: a plan's file and digest stay as before
             if not d[key]:
@@ -155,13 +202,18 @@ class Plan:
     def check(self) -> None:
         """Checks that need no model: known bit-widths, positive ranks, sane settings."""
         for i, c in enumerate(self.layers):
-            if c.bits not in KNOWN_BITS:
-                raise PlanError(
-                    f"layer {i} asks for {c.bits}-bit weights, which is not a known bit-width",
-                    f"use one of {list(KNOWN_BITS)} (16 = unquantized)",
-                )
-            if c.rank <= 0:
-                raise PlanError(f"layer {i} has rank {c.rank}; ranks must be positive", "use a rank such as 8 or 16")
+            for where, own in ((f"layer {i}", c), *((f"layer {i}'s {m.name}", m) for m in c.modules)):
+                if type(own.bits) is not int or type(own.rank) is not int:
+                    raise PlanError(f"{where} has non-integer bits or rank ({own.bits!r}, {own.rank!r})",
+                                    "use integers")
+                if own.bits not in KNOWN_BITS:
+                    raise PlanError(
+                        f"{where} asks for {own.bits}-bit weights, which is not a known bit-width",
+                        f"use one of {list(KNOWN_BITS)} (16 = unquantized)",
+                    )
+                if own.rank <= 0:
+                    raise PlanError(f"{where} has rank {own.rank}; ranks must be positive",
+                                    "use a rank such as 8 or 16")
         # bool is an int to Python, and JSON allows Infinity/NaN: neither is a sane setting
         if type(self.group_size) is not int or self.group_size <= 0:
             raise PlanError(f"group_size must be a positive integer, got {self.group_size!r}", "the default is 64")
@@ -195,13 +247,24 @@ class Plan:
                             "experts that qradaptor splits into linears",
                             "drop --expert-adapters (expert_adapters in a plan file) for this model")
         linears = linear_names(decoder_layers(model)[0][1])
-        missing = [t for t in self.targets_in(linears) if t not in linears]
+        targets = self.targets_in(linears)
+        missing = [t for t in targets if t not in linears]
         if missing:
             raise PlanError(
                 f"{source}: target modules {missing} are not linear modules of this model's decoder layers",
                 f"choose target modules among {list(linears)} (--target-modules on the command line, "
                 "target_modules in a plan file), or leave them out: every linear of the layer",
             )
+        for i, c in enumerate(self.layers):
+            for m in c.modules:
+                if m.name not in linears:
+                    raise PlanError(f"{source}: layer {i} gives module {m.name!r} its own bits or rank, but the "
+                                    "model's decoder layers have no linear so named",
+                                    f"name one of {list(linears)} in a layer's 'modules'")
+                if m.rank != c.rank and m.name not in targets:
+                    raise PlanError(f"{source}: layer {i} gives {m.name} rank {m.rank}, but {m.name} gets no "
+                                    f"adapter (target modules: {list(targets)})",
+                                    f"drop its rank, or add {m.name} to target_modules")
 
     @staticmethod
     def check_settings(model, settings: dict) -> dict:
@@ -240,9 +303,20 @@ class Plan:
     def ranks(self) -> list[int]:
         return [c.rank for c in self.layers]
 
+    @property
+    def max_rank(self) -> int:
+        """The largest rank any module is given."""
+        return max(c.max_rank for c in self.layers)
+
+    @property
+    def bit_widths(self) -> tuple[int, ...]:
+        """Every bit-width some linear is stored at (16: unquantized), sorted."""
+        return tuple(sorted({b for c in self.layers for b in c.bit_widths}))
+
     def describe(self) -> str:
-        """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30`` (``| DoRA`` after it for DoRA adapters,
-        ``| expert adapters`` for adapters on routed experts)."""
+        """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30`` (layers' own choices; ``| k_proj 8b×30`` after
+        them for modules' own, the four most common; ``| DoRA`` for DoRA adapters, ``| expert adapters`` for adapters
+        on routed experts)."""
 
         def runs(values: Iterable[int], unit: str) -> str:
             counts: dict[int, int] = {}
@@ -250,8 +324,16 @@ class Plan:
                 counts[v] = counts.get(v, 0) + 1
             return " ".join(f"{unit}{v}×{n}" if unit == "r" else f"{v}b×{n}" for v, n in sorted(counts.items()))
 
-        return (f"{runs(self.bits, 'b')} | {runs(self.ranks, 'r')}" + (" | DoRA" if self.dora else "")
-                + (" | expert adapters" if self.expert_adapters else ""))
+        own: dict[str, int] = {}
+        for c in self.layers:
+            for m in c.modules:
+                text = " ".join([m.name] + [f"{m.bits}b"] * (m.bits != c.bits) + [f"r{m.rank}"] * (m.rank != c.rank))
+                own[text] = own.get(text, 0) + 1
+        common = sorted(own.items(), key=lambda kv: (-kv[1], kv[0]))
+        modules = ", ".join(f"{text}×{n}" for text, n in common[:4]) + (f", +{len(common) - 4} more"
+                                                                         if len(common) > 4 else "")
+        return (f"{runs(self.bits, 'b')} | {runs(self.ranks, 'r')}" + (f" | {modules}" if modules else "")
+                + (" | DoRA" if self.dora else "") + (" | expert adapters" if self.expert_adapters else ""))
 
 
 def lora_config(plan: Plan, model, **overrides: Any):
@@ -271,18 +353,15 @@ def lora_config(plan: Plan, model, **overrides: Any):
     targets = plan.targets_in(linear_names(decoder_layers(model)[0][1]))
     holders = model_expert_holders(model)
     experts = holders if plan.expert_adapters else []
-    ranks = plan.ranks
-    default_r = max(set(ranks), key=lambda r: (ranks.count(r), r))
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
+    adapted = {}  # full name → rank, of every module that gets an adapter
     for (layer_name, layer), choice in zip(decoder_layers(model), plan.layers):
-        if choice.rank == default_r:
-            continue
         for name, _ in layer.named_modules():
             if name.rsplit(".", 1)[-1] in targets and name not in holders or name.rpartition(".")[0] in experts:
-                key = re.escape(f"{layer_name}.{name}")
-                rank_pattern[key] = choice.rank
-                alpha_pattern[key] = plan.alpha_ratio * choice.rank
+                adapted[f"{layer_name}.{name}"] = choice.of(name).rank
+    ranks = list(adapted.values()) or plan.ranks
+    default_r = max(set(ranks), key=lambda r: (ranks.count(r), r))
+    rank_pattern = {re.escape(name): r for name, r in adapted.items() if r != default_r}
+    alpha_pattern = {key: plan.alpha_ratio * r for key, r in rank_pattern.items()}
     # each layer's own experts (a model may keep some layers dense: Qwen2-MoE's mlp_only_layers)
     expert_linears = sorted({f"{h}.{e}" for _, layer in decoder_layers(model) for h in expert_holders(layer)
                              for e in range(len(layer.get_submodule(h)))}) if experts else []
@@ -302,3 +381,26 @@ def lora_config(plan: Plan, model, **overrides: Any):
     )
     kwargs.update(overrides)
     return LoraConfig(**kwargs)
+
+
+def _parse_layer(i: int, entry: Any) -> LayerChoice:
+    """Layer ``i`` of a plan file: ``{"bits", "rank"}`` and, optionally, ``"modules"``: short name → its own
+    ``{"bits"?, "rank"?}`` (what it leaves out is the layer's)."""
+    example = 'write e.g. {"bits": 4, "rank": 16} or {"bits": 4, "rank": 16, "modules": {"k_proj": {"bits": 8}}}'
+    if not isinstance(entry, dict) or not {"bits", "rank"} <= set(entry) <= {"bits", "rank", "modules"}:
+        raise PlanError(f"layer {i} is {entry!r}; each layer must be an object with 'bits' and 'rank' (and "
+                        "optionally 'modules')", example)
+    modules = entry.get("modules", {})
+    if not isinstance(modules, dict) or not all(
+            isinstance(own, dict) and own and set(own) <= {"bits", "rank"} for own in modules.values()):
+        raise PlanError(f"layer {i}'s modules are {modules!r}; they must map module names to their own "
+                        "{'bits'?, 'rank'?}", example)
+    if not all(_is_int(v) for v in (entry["bits"], entry["rank"], *(v for o in modules.values() for v in o.values()))):
+        raise PlanError(f"layer {i} has non-integer bits or rank: {entry!r}", "use integers")
+    return LayerChoice(entry["bits"], entry["rank"],
+                       tuple(ModuleChoice(name, own.get("bits", entry["bits"]), own.get("rank", entry["rank"]))
+                             for name, own in modules.items()))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -68,17 +68,17 @@ def quantize_model(
     backend = resolve_backend(backend, dtype or torch.float32)
     dtype = dtype or backend.compute_dtype
     device = torch.device(device) if device is not None else model_device(model)
-    for choice in plan.layers:
-        if choice.bits != UNQUANTIZED_BITS:
-            backend.check_bits(choice.bits)
+    for bits in plan.bit_widths:
+        if bits != UNQUANTIZED_BITS:
+            backend.check_bits(bits)
     # The linears to quantize are never copied or converted: the copy gets empty slots in their place (in
     # place, their slots are emptied), and each is quantized from the source and dropped in turn, so the
     # peak holds one full-precision model plus one linear, never two copies of the model.
     targets = []
     for index, (_, layer) in enumerate(decoder_layers(model)):
-        bits = plan.layers[index].bits
-        if bits != UNQUANTIZED_BITS:
-            for name, linear in layer_linears(layer):
+        for name, linear in layer_linears(layer):
+            bits = plan.layers[index].of(name).bits
+            if bits != UNQUANTIZED_BITS:
                 backend.check_shape(linear.out_features, linear.in_features, plan.group_size)
                 targets.append((index, name, linear, bits))
     if inplace:

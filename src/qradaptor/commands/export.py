@@ -122,7 +122,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, merge: bool = 
         for key, tensor in state.items():
             packed[f"{prefix}.{key}"] = tensor.detach().contiguous().clone()
         modules[prefix] = {"bits": module.bits, "group_size": module.group_size, "tensors": sorted(state)}
-    if not modules and any(c.bits != 16 for c in plan.layers):
+    if not modules and plan.bit_widths != (16,):
         raise RuntimeError("no quantized module found in the run's model")  # a bug, not a user error
 
     shapes = ModelShapes.from_model(base)

@@ -24,6 +24,7 @@ def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", 
     None with ``gguf_unavailable`` saying why not.
     ``dtype``: of the base, scales and zeros (``auto``: the dtype `train` and `search` compute in on this machine,
     `precision.default_dtype`), so a plan is priced here as they price it."""
+    from ..architecture import split_experts
     from ..backends import get_backend
     from ..models import load_config, load_model
 
@@ -36,6 +37,8 @@ def plan_memory(model: str | None, plan: "Plan | str", *, backend: str = "hqq", 
     quant = get_backend(backend, compute_dtype=dtype)
     config = load_config(model)
     meta = meta_model(config)
+    split_experts(meta)  # as training splits them (the shapes are the same either way)
+    plan.check_model(meta)  # its modules' names too: `predict` would price one the model lacks at its layer's
     shapes = ModelShapes.from_model(meta)
     report = predict(shapes, plan, quant)
     training = training_memory(shapes, plan, quant, config, batch_size=batch_size, seq_len=seq_len, dtype=dtype,

@@ -382,7 +382,7 @@ def _fit_start(config: RunConfig, base, plan, quant, train_blocks):
     cache = QuantCache(quant)
     calibration = calibration_subset(train_blocks)
     factors = AdapterStart(base, config.adapter_init, cache, blocks=calibration,
-                           max_rank=max(plan.ranks)).factors(plan)
+                           max_rank=plan.max_rank).factors(plan)
     start = {"method": config.adapter_init, "modules": len(factors), "seconds": round(time.perf_counter() - began, 2),
              "calibration_tokens": int(calibration.input_ids.numel()) if config.adapter_init == "activation" else 0}
     return factors, start, cache

@@ -59,7 +59,7 @@ class Planner:
 
     def __init__(self, shapes: ModelShapes, backend: QuantBackend, cost: PriorCost, config: SearchConfig):
         self.shapes, self.backend, self.cost, self.config = shapes, backend, cost, config
-        self._layer_bytes: dict[tuple[int, int, int], int] = {}
+        self._layer_bytes: dict[tuple[int, LayerChoice], int] = {}
         # every plan the planner makes has these settings (target modules, group size): price them as predict does
         self.template = config_plan(config, shapes.num_layers, config.bits[0], config.ranks[0])
         report = predict(shapes, self.template, backend)
@@ -72,7 +72,7 @@ class Planner:
     def layer_bytes(self, layer: int, choice: LayerChoice) -> int:
         """`memory.layer_bytes` (or, for a ``gguf:`` budget, `gguf_export.layer_gguf_bytes`), memoised (the search
         prices the same layer choices thousands of times)."""
-        key = (layer, choice.bits, choice.rank)
+        key = (layer, choice)
         if key not in self._layer_bytes:
             settings = dict(group_size=self.template.group_size, target_modules=self.template.target_modules)
             if self.config.budget_on == "gguf":
