@@ -247,3 +247,17 @@ def test_contention_benchmark_smoke(tmp_path):
     assert all(s > 0 for c in cases.values() for s in c["seconds"])
     assert result["targets"]["worst_ratio_auto"] > 0 and "| profile |" in (tmp_path / "contention-smoke.md").read_text()
     assert not (ROOT / "benchmarks" / "results" / "contention-smoke.json").exists()
+
+
+def test_module_profile_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "module_profile.py"), "--smoke", "--work",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "module_profile-smoke.json").read_text())
+    for bits in ("2", "4"):
+        agreement = result["agreement"][bits]
+        assert -1 <= agreement["spearman"] <= 1 and len(agreement["measured"]) == 2
+        assert set(agreement["measured"][0]) == set(agreement["estimated"][0]) == {
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert result["seconds"]["layers"] > 0 and result["seconds"]["with_modules"] > 0
+    assert not (ROOT / "benchmarks" / "results" / "module_profile-smoke.json").exists()

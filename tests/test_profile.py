@@ -160,6 +160,36 @@ def test_stability_and_additivity_on_a_tiny_model(graded_model):
     assert len(adds["measured"]) == 12 and all(m > 0 for m in adds["measured"])
 
 
+def test_per_module_estimates_rank_linears_as_their_own_probes_do(graded_model, tmp_path):
+    """Each linear's estimated KL (its share of its layer's, by the layer's output error) against the KL with that
+    linear alone quantized, measured as the layer's probe is: the graded model's scaled o_proj/down_proj and its
+    layers' scales must come out in the same order."""
+    s, data = settings(modules=True, module_tokens=2 * 32), blocks()
+    result = profile_model(graded_model, None, s, blocks=data, out=tmp_path, use_cache=False, progress=False)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert len(result.module_kl) == 6 and all(tuple(layer) == names for layer in result.module_kl)
+    assert all(row[2] > row[4] > 0 for layer in result.module_kl for row in layer.values())
+    assert Sensitivity.load(tmp_path / "sensitivity.json").module_kl == result.module_kl
+    agreement = profile_module.module_agreement(graded_model, result, s, data)
+    # measured 0.99 over all pairs, 0.90 within layers (on SmolLM2: benchmarks/results/module_profile.md)
+    assert agreement["spearman"] >= 0.85 and agreement["spearman_within_layers"] >= 0.7, agreement
+    # the profile of the layers is the same with or without the modules' estimates, and so is its cache key
+    plain = profile_model(graded_model, None, settings(), blocks=data, use_cache=False, progress=False)
+    assert plain.kl == result.kl and plain.module_kl == []
+    assert settings().to_dict() == settings(module_tokens=7).to_dict() != s.to_dict()
+
+
+def test_cli_profile_modules_names_the_most_sensitive_linears(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(" ".join(f"w{(i * 3 + j) % 100}" for j in range(40)) for i in range(60)))
+    assert main(["profile", "--model", str(tiny_dir), "--data", str(data), "--tokens", "64",
+                 "--seq-len", "32", "--bits", "2", "--modules", "--out", str(tmp_path / "p"), "-q"]) == 0
+    said = capsys.readouterr().out
+    assert "most sensitive linears at 2 bits (estimated): layer" in said, said
+    saved = json.loads((tmp_path / "p" / "sensitivity.json").read_text())
+    assert len(saved["module_kl"]) == 4 and saved["settings"]["modules"] is True
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 

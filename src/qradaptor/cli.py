@@ -264,12 +264,17 @@ def cmd_profile(args) -> int:
     bits = list(args.bits)
     result = profile(args.model, data=args.data, out=args.out, bits=bits, tokens=args.tokens, backend=args.backend,
                      dtype=args.dtype, group_size=args.group_size, seq_len=args.seq_len, force=args.force,
-                     use_cache=not args.no_cache, progress=not args.quiet, device=args.device)
+                     use_cache=not args.no_cache, progress=not args.quiet, device=args.device, modules=args.modules)
     how = "from the cache" if result.from_cache else f"in {result.seconds:.0f} s"
     print(f"profiled {result.layers} layers × bits {result.bits} {how} → {args.out}/{RESULT_FILE}")
     lowest = min(result.bits)
     top = result.ranking(lowest)[:5]
     print(f"most sensitive at {lowest} bits: " + ", ".join(f"layer {l} (KL {result.kl[l][lowest]:.4f})" for l in top))
+    if result.module_kl:
+        ranked = sorted(((row[lowest], l, m) for l, layer in enumerate(result.module_kl) for m, row in layer.items()),
+                        reverse=True)[:5]
+        print(f"most sensitive linears at {lowest} bits (estimated): "
+              + ", ".join(f"layer {l} {m} (KL {kl:.4f})" for kl, l, m in ranked))
     for b, kl in result.kl_uniform.items():
         print(f"whole model at {b} bits: KL {kl:.5f}")
     return 0
@@ -422,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for sensitivity.json and sensitivity.png")
     p.add_argument("--force", action="store_true", help="replace a profile of a different model in --out")
     p.add_argument("--no-cache", action="store_true", help="recompute even if an identical profile is cached")
+    p.add_argument("--modules", action="store_true",
+                   help="also estimate each linear's KL (q_proj, k_proj, ...): its share of its layer's, from the "
+                        "layer's output error with that linear alone quantized")
     p.set_defaults(func=cmd_profile)
 
     # What `search` and `run` share: the model, the data, the budget and the search's size and preference.

@@ -42,7 +42,7 @@ from .errors import DataError, QRAdaptorError
 from .io import atomic_write_json, read_text
 from .device import model_device
 from .models import cache_dir, model_fingerprint
-from .architecture import backbone, decoder_layers, final_norm, layer_linears
+from .architecture import backbone, decoder_layers, expert_holders, final_norm, layer_linears, linear_names
 from .precision import DTYPES
 from .quantize import set_child
 from .threads import rebalance
@@ -61,6 +61,8 @@ class ProfileError(QRAdaptorError):
 
 #: Calibration tokens by default: enough for stable per-layer KL on a small model (DESIGN §2).
 DEFAULT_TOKENS = 4096
+#: Tokens the per-module estimates run one layer on (`ProfileSettings.modules`).
+DEFAULT_MODULE_TOKENS = 1024
 
 
 @dataclass
@@ -75,6 +77,10 @@ class ProfileSettings:
     batch_size: int = 4
     data: str | None = None
     seed: int = 0
+    # per-module estimates too (`Sensitivity.module_kl`): each linear's share of its layer's KL, from the layer's
+    # output error with that linear alone quantized, on the first ``module_tokens`` calibration tokens
+    modules: bool = False
+    module_tokens: int = DEFAULT_MODULE_TOKENS
 
     def __post_init__(self) -> None:
         self.bits = tuple(sorted(set(int(b) for b in self.bits)))
@@ -90,6 +96,9 @@ class ProfileSettings:
             if getattr(self, name) < 1:
                 raise ProfileError(f"{name} must be at least 1, got {getattr(self, name)}",
                                    f"pass a positive --{name.replace('_', '-')} (default {getattr(ProfileSettings, name)})")
+        if self.modules and self.module_tokens < 1:
+            raise ProfileError(f"module_tokens must be at least 1, got {self.module_tokens}",
+                               f"the default is {DEFAULT_MODULE_TOKENS}")
         if self.tokens is not None and self.tokens < self.seq_len:
             raise ProfileError(f"--tokens {self.tokens} is less than one block of {self.seq_len} tokens",
                                f"use at least {self.seq_len} calibration tokens (a few thousand is better)")
@@ -106,13 +115,16 @@ class ProfileSettings:
         d = asdict(self)
         d["bits"] = list(self.bits)
         d["data"] = self.data or DEFAULT_DATA
+        if not self.modules:  # written only when on: the keys of per-layer profiles (and their caches) stay as before
+            del d["modules"], d["module_tokens"]
         return d
 
 
 @dataclass
 class Sensitivity:
     """The profile: ``kl[layer][bits]`` and ``weight_error[layer][bits]`` (bits as ints in memory,
-    strings in JSON)."""
+    strings in JSON); with ``ProfileSettings.modules``, ``module_kl[layer][name][bits]``: the estimated KL of each
+    linear (by short name) quantized alone (`module_shares`), empty otherwise."""
 
     model_fingerprint: str
     data_fingerprint: str
@@ -121,6 +133,7 @@ class Sensitivity:
     kl: list[dict[int, float]]
     weight_error: list[dict[int, float]]
     kl_uniform: dict[int, float] = field(default_factory=dict)  # whole model at each bit-width (8 included)
+    module_kl: list[dict[str, dict[int, float]]] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     reference_storage: str = ""
     seconds: float = 0.0
@@ -130,7 +143,7 @@ class Sensitivity:
         def keyed(rows):
             return [{str(b): v for b, v in sorted(r.items())} for r in rows]
 
-        return {
+        d = {
             "format": FORMAT,
             "model_fingerprint": self.model_fingerprint,
             "data_fingerprint": self.data_fingerprint,
@@ -143,6 +156,9 @@ class Sensitivity:
             "reference_storage": self.reference_storage,
             "seconds": self.seconds,
         }
+        if self.module_kl:
+            d["module_kl"] = [{name: keyed([row])[0] for name, row in layer.items()} for layer in self.module_kl]
+        return d
 
     @classmethod
     def from_dict(cls, obj: dict, *, source: str = RESULT_FILE) -> "Sensitivity":
@@ -158,6 +174,8 @@ class Sensitivity:
                 bits=[int(b) for b in obj["bits"]], layers=int(obj["layers"]), kl=unkeyed(obj["kl"]),
                 weight_error=unkeyed(obj["weight_error"]),
                 kl_uniform={int(b): float(v) for b, v in obj.get("kl_uniform", {}).items()},
+                module_kl=[{name: unkeyed([row])[0] for name, row in layer.items()}
+                           for layer in obj.get("module_kl", [])],
                 settings=obj.get("settings", {}), reference_storage=obj.get("reference_storage", ""),
                 seconds=float(obj.get("seconds", 0.0)),
             )
@@ -173,16 +191,20 @@ class Sensitivity:
         if self.layers < 1 or len(self.kl) != self.layers or len(self.weight_error) != self.layers:
             raise ProfileError(f"{source}: says {self.layers} layers but has {len(self.kl)} KL rows and "
                                f"{len(self.weight_error)} weight-error rows", fix)
-        for name, rows in (("KL", self.kl), ("weight error", self.weight_error)):
-            for layer, row in enumerate(rows):
-                if set(self.bits) - set(row):
-                    raise ProfileError(f"{source}: layer {layer} has {name} at bits {sorted(row)}, the profile's bits "
-                                       f"are {sorted(self.bits)}", fix)
-                for b, v in row.items():
-                    # KL is non-negative; a few ulps below zero is rounding, not a bad probe
-                    if not math.isfinite(v) or v < -1e-6:
-                        raise ProfileError(f"{source}: layer {layer} has {name} {v} at {b} bits; it must be a finite, "
-                                           "non-negative number", fix)
+        if self.module_kl and len(self.module_kl) != self.layers:
+            raise ProfileError(f"{source}: says {self.layers} layers but has {len(self.module_kl)} per-module rows", fix)
+        rows = [("KL", l, row) for l, row in enumerate(self.kl)]
+        rows += [("weight error", l, row) for l, row in enumerate(self.weight_error)]
+        rows += [(f"{m}'s KL", l, row) for l, layer in enumerate(self.module_kl) for m, row in layer.items()]
+        for name, layer, row in rows:
+            if set(self.bits) - set(row):
+                raise ProfileError(f"{source}: layer {layer} has {name} at bits {sorted(row)}, the profile's bits "
+                                   f"are {sorted(self.bits)}", fix)
+            for b, v in row.items():
+                # KL is non-negative; a few ulps below zero is rounding, not a bad probe
+                if not math.isfinite(v) or v < -1e-6:
+                    raise ProfileError(f"{source}: layer {layer} has {name} {v} at {b} bits; it must be a finite, "
+                                       "non-negative number", fix)
 
     def check_layers(self, num_layers: int, source: str = RESULT_FILE) -> None:
         """The profile covers exactly the model's ``num_layers`` decoder layers."""
@@ -316,9 +338,21 @@ class SuffixRunner:
         return self.head.hidden(hidden)
 
 
-def quantized_layer(layer: nn.Module, layer_name: str, bits: int, group_size: int, cache: QuantCache) -> nn.Module:
-    """A copy of ``layer`` with every linear quantized at ``bits`` (from the cache)."""
+    @torch.no_grad()
+    def layer_output(self, start: int, layer: nn.Module, batch: int) -> torch.Tensor:
+        """``layer`` run alone on the hidden states entering layer ``start`` (its output, before the next layer)."""
+        out = layer(self.inputs[start][batch], **self.kwargs[batch])
+        return out[0] if isinstance(out, tuple) else out
+
+
+def quantized_layer(layer: nn.Module, layer_name: str, bits: int, group_size: int, cache: QuantCache,
+                    only: str | None = None) -> nn.Module:
+    """A copy of ``layer`` with every linear quantized at ``bits`` (from the cache); with ``only``, just the
+    linears of that short name (``k_proj``: what a plan's `ModuleChoice` names), routed experts never."""
     linears = layer_linears(layer)
+    if only is not None:
+        experts = set(expert_holders(layer))
+        linears = [(n, lin) for n, lin in linears if n.rsplit(".", 1)[-1] == only and n.rpartition(".")[0] not in experts]
     memo = {id(lin): None for _, lin in linears}  # do not copy the weights about to be replaced
     q = copy.deepcopy(layer, memo)
     for name, lin in linears:
@@ -341,6 +375,29 @@ def layer_weight_error(layer: nn.Module, qlayer: nn.Module, backend: QuantBacken
     """Relative squared Frobenius error of a layer's quantized linears."""
     err, norm = weight_error_terms(layer, qlayer, backend)
     return err / norm
+
+
+def module_errors(runner: SuffixRunner, start: int, layer: nn.Module, layer_name: str, qlayer: nn.Module, bits: int,
+                  group_size: int, cache: QuantCache, batches: int) -> tuple[dict[str, float], float]:
+    """Squared error each linear of layer ``start`` (by short name) causes in the layer's output when quantized
+    alone at ``bits``, on the first ``batches`` calibration batches; and the error of ``qlayer`` (all of them
+    quantized) on the same tokens. One layer's forward each: a linear's share of the layer's error is what
+    `module_kl` splits the layer's measured KL by."""
+    reference = [runner.layer_output(start, layer, b) for b in range(batches)]
+
+    def error(replacement: nn.Module) -> float:
+        return sum(float((runner.layer_output(start, replacement, b).float() - reference[b].float()).pow(2).sum())
+                   for b in range(batches))
+
+    names = linear_names(layer)
+    return ({name: error(quantized_layer(layer, layer_name, bits, group_size, cache, only=name)) for name in names},
+            error(qlayer))
+
+
+def module_kl(kl: float, errors: dict[str, float], total: float) -> dict[str, float]:
+    """A layer's KL at some bit-width split among its linears as their output errors (`module_errors`) compare
+    with the whole layer's: each linear's estimated KL when quantized alone."""
+    return {name: kl * e / total if total > 0 else 0.0 for name, e in errors.items()}
 
 
 def mean_kl(runner: SuffixRunner, start: int, replacement: nn.Module) -> float:
@@ -501,12 +558,19 @@ def _profile(model, settings, blocks, device, backend, cache, out, key, model_fp
     if probes:
         log.info("profile: resuming, %d of %d probes already done", len(probes), len(probes) + len(todo))
     bar = tqdm(todo, desc="profile", unit="probe", disable=not progress)
+    # the per-module estimates run on the first module_tokens' worth of the calibration batches
+    module_batches = min(len(runner.batches), max(1, -(-settings.module_tokens // (settings.batch_size
+                                                                                  * settings.seq_len))))
     for l, b in bar:
         rebalance()
         name, layer = layers[l]
         qlayer = quantized_layer(layer, name, b, settings.group_size, cache)
         kl = mean_kl(runner, l, qlayer)
         probes[f"{l}:{b}"] = {"kl": kl, "weight_error": layer_weight_error(layer, qlayer, backend)}
+        if settings.modules:
+            errors, total = module_errors(runner, l, layer, name, qlayer, b, settings.group_size, cache,
+                                          module_batches)
+            probes[f"{l}:{b}"].update(module_errors=errors, output_error=total)
         bar.set_postfix(layer=l, bits=b, kl=f"{kl:.4f}")
         if out is not None:
             atomic_write_json(out / PARTIAL_FILE, {"key": key, "probes": probes})
@@ -530,7 +594,9 @@ def _profile(model, settings, blocks, device, backend, cache, out, key, model_fp
         kl=[{b: probes[f"{l}:{b}"]["kl"] for b in settings.bits} for l in range(len(layers))],
         weight_error=[{**{b: probes[f"{l}:{b}"]["weight_error"] for b in settings.bits},
                        **({8: weight_error_8[l]} if weight_error_8[l] is not None else {})} for l in range(len(layers))],
-        kl_uniform=kl_uniform, settings={**settings.to_dict(), "calibration_tokens": int(blocks.input_ids.numel()),
+        kl_uniform=kl_uniform,
+        module_kl=[_module_rows(probes, l, settings.bits) for l in range(len(layers))] if settings.modules else [],
+        settings={**settings.to_dict(), "calibration_tokens": int(blocks.input_ids.numel()),
                                          "model_dtype": weights_dtype(model)},
         reference_storage=REFERENCE_STORAGE,
         seconds=time.perf_counter() - start_time,
@@ -543,6 +609,13 @@ def _profile(model, settings, blocks, device, backend, cache, out, key, model_fp
     return result
 
 
+def _module_rows(probes: dict, layer: int, bits) -> dict[str, dict[int, float]]:
+    """Layer ``layer``'s `Sensitivity.module_kl` row from its probes: short name → bits → estimated KL."""
+    per_bits = {b: module_kl(probes[f"{layer}:{b}"]["kl"], probes[f"{layer}:{b}"]["module_errors"],
+                             probes[f"{layer}:{b}"]["output_error"]) for b in bits}
+    return {name: {b: per_bits[b][name] for b in bits} for name in per_bits[bits[0]]}
+
+
 def _write_outputs(result: Sensitivity, out: Path) -> None:
     result.save(out)
     try:
@@ -552,20 +625,30 @@ def _write_outputs(result: Sensitivity, out: Path) -> None:
 
 
 def plot_heatmap(result: Sensitivity, path: Path) -> Path:
-    """Layers × bits heatmap of the KL, log colour scale."""
+    """Layers × bits heatmap of the KL, log colour scale; beside it, with per-module estimates, layers × linears at
+    the lowest bit-width."""
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry to touch
 
     data = [[max(result.kl[l][b], 1e-8) for b in result.bits] for l in range(result.layers)]
-    fig = Figure(figsize=(1.2 + 0.9 * len(result.bits), 1.5 + 0.22 * result.layers))
-    ax = fig.subplots()
-    im = ax.imshow(data, aspect="auto", cmap="viridis", norm=LogNorm())
-    ax.set_xticks(range(len(result.bits)), [f"{b}-bit" for b in result.bits])
-    ax.set_yticks(range(result.layers), [str(l) for l in range(result.layers)], fontsize=7)
-    ax.set_ylabel("decoder layer")
-    ax.set_title("KL(full ‖ one layer quantized)", fontsize=9)
-    fig.colorbar(im, ax=ax, label="mean per-token KL (log scale)")
-    fig.tight_layout()
+    names = list(result.module_kl[0]) if result.module_kl else []
+    lowest = min(result.bits)
+    fig = Figure(figsize=(1.2 + 0.9 * len(result.bits) + (2.0 + 0.6 * len(names) if names else 0),
+                          1.5 + 0.22 * result.layers))
+    axes = fig.subplots(1, 2 if names else 1, squeeze=False)[0]
+    # one colour scale for layers and modules: a module's estimate is a share of its layer's KL
+    norm = LogNorm(vmin=min(min(r) for r in data) / (10 if names else 1), vmax=max(max(r) for r in data))
+    panels = [(axes[0], data, [f"{b}-bit" for b in result.bits], "KL(full ‖ one layer quantized)")]
+    if names:
+        modules = [[max(result.module_kl[l][m][lowest], 1e-8) for m in names] for l in range(result.layers)]
+        panels.append((axes[1], modules, names, f"one linear quantized at {lowest} bits (estimate)"))
+    for ax, values, labels, title in panels:
+        im = ax.imshow(values, aspect="auto", cmap="viridis", norm=norm)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=45 if ax is not axes[0] else 0)
+        ax.set_yticks(range(result.layers), [str(l) for l in range(result.layers)], fontsize=7)
+        ax.set_ylabel("decoder layer")
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=list(axes), label="mean per-token KL (log scale)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -618,3 +701,30 @@ def additivity(model: nn.Module, sensitivity: Sensitivity, settings: ProfileSett
         del mixed
     return {"plans": plans, "spearman": float(spearmanr(predicted, measured).statistic), "predicted": predicted,
             "measured": measured, "bits": layouts}
+
+
+def module_agreement(model: nn.Module, sensitivity: Sensitivity, settings: ProfileSettings, blocks: TokenBlocks, *,
+                     bits: int | None = None, progress: bool = False) -> dict:
+    """Does the per-module estimate (`Sensitivity.module_kl`) rank linears as their real KL does? For every linear
+    of every layer at ``bits`` (default: the lowest profiled), the KL with that linear alone quantized, measured as
+    a layer's probe is (the rest of the network run on all of ``blocks``): the Spearman correlation with the
+    estimate over all (layer, linear) pairs, and the mean of the per-layer ones (which linear of a layer to spare)."""
+    from scipy.stats import spearmanr
+
+    if not sensitivity.module_kl:
+        raise ProfileError("this profile has no per-module estimates", "profile with --modules")
+    b = min(sensitivity.bits) if bits is None else bits
+    backend = get_backend(settings.backend, compute_dtype=settings.torch_dtype)
+    work = model if next(model.parameters()).dtype == settings.torch_dtype else copy.deepcopy(model).to(settings.torch_dtype)
+    runner = SuffixRunner(work, blocks, settings.batch_size)
+    cache = QuantCache(backend)
+    layers = decoder_layers(work)
+    measured = [{m: mean_kl(runner, l, quantized_layer(layer, name, b, settings.group_size, cache, only=m))
+                 for m in sensitivity.module_kl[l]}
+                for l, (name, layer) in enumerate(tqdm(layers, desc="per-module probes", disable=not progress))]
+    estimated = [{m: row[b] for m, row in layer.items()} for layer in sensitivity.module_kl]
+    pairs = [(estimated[l][m], measured[l][m]) for l in range(len(layers)) for m in measured[l]]
+    within = [float(spearmanr(list(estimated[l].values()), [measured[l][m] for m in estimated[l]]).statistic)
+              for l in range(len(layers))]
+    return {"bits": b, "spearman": float(spearmanr(*zip(*pairs)).statistic),
+            "spearman_within_layers": sum(within) / len(within), "measured": measured, "estimated": estimated}
