@@ -373,13 +373,12 @@ def layer_gguf_bytes(layer: list, choice, *, group_size: int, target_modules: tu
     its `linear_type`), and what their adapters take in ``adapter.gguf`` (``lora_a`` and ``lora_b`` in F32), both
     with each tensor's padding. The one place a layer's GGUF bytes are priced: `predict_gguf` sums it, the
     search's planner prices ``gguf:`` budgets with it."""
-    from .memory import _adapted
+    from .memory import adapted_shapes
 
     model = sum(_padded(tensor_bytes(linear_type(choice.of(s.name).bits, group_size, s.in_features,
                                                  has_codes=has_codes, dense=dense), s.numel)) for s in layer)
-    adapter = sum(_padded(4 * choice.of(s.name).rank * s.in_features) + _padded(4 * s.out_features
-                                                                                * choice.of(s.name).rank)
-                  for s in _adapted(layer, target_modules))
+    adapted = [(s, choice.of(s.name).rank) for s in adapted_shapes(layer, target_modules)]
+    adapter = sum(_padded(4 * rank * s.in_features) + _padded(4 * s.out_features * rank) for s, rank in adapted)
     return model, adapter
 
 
@@ -458,10 +457,10 @@ def predict_gguf(model, plan, backend, *, spec: str | None, dtype: torch.dtype) 
     for name, data in source.tensors().items():
         others += _padded(tensor_bytes("F32", data.size))
         model_writer.add_tensor_info(name, list(data.shape), np.float32, data.nbytes)
-    from .memory import _adapted
+    from .memory import adapted_shapes
 
     for i, (layer_name, _) in enumerate(decoder_layers(model)):
-        for s in _adapted(shapes.layers[i], plan.target_modules):
+        for s in adapted_shapes(shapes.layers[i], plan.target_modules):
             rank = plan.layers[i].of(s.name).rank
             target = _gguf_name(tmap, f"{layer_name}.{s.name}.weight")
             for suffix, shape in (("lora_a", [rank, s.in_features]), ("lora_b", [s.out_features, rank])):

@@ -14,6 +14,7 @@ is refused with the way out (convert the base with llama.cpp, train from that ``
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from hashlib import sha256
@@ -172,14 +173,21 @@ class TransformersMetadata:
         return {"rope_freqs.weight": (plain / scaled.double()).float().numpy()}
 
     def _write_tokenizer(self, writer) -> None:
-        import gguf
-
-        tokens, types = self.vocabulary()
+        tokens, types, special = self._tokenizer_parts
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(self.pre)
         writer.add_add_space_prefix(False)  # byte-level BPE encodes spaces itself
         writer.add_token_list(tokens)
         writer.add_token_types(types)
+        special.add_to_gguf(writer, quiet=True)
+
+    @functools.cached_property
+    def _tokenizer_parts(self) -> tuple[list[str], list[int], object]:
+        """The vocabulary and gguf's ``SpecialVocab``, read once: an export writes the header up to three times
+        (model.gguf, merged.gguf, and `predict_gguf`'s sizes)."""
+        import gguf
+
+        tokens, types = self.vocabulary()
         # merges, special ids and the chat template: gguf's own reader of tokenizer files, on the tokenizer as saved
         with tempfile.TemporaryDirectory(prefix="qradaptor-tokenizer-") as tmp:
             self.tokenizer.save_pretrained(tmp)
@@ -191,7 +199,7 @@ class TransformersMetadata:
         special.add_special_token = {
             "bos": self.tokenizer.bos_token_id is not None and probe[:1] == [self.tokenizer.bos_token_id],
             "eos": self.tokenizer.eos_token_id is not None and probe[-1:] == [self.tokenizer.eos_token_id]}
-        special.add_to_gguf(writer, quiet=True)
+        return tokens, types, special
 
     def vocabulary(self) -> tuple[list[str], list[int]]:
         """Every id's token and llama.cpp token type, as its converter lists them (``get_vocab_base``)."""

@@ -153,7 +153,7 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 ADAPTER_STATE_BYTES = 12
 
 
-def _adapted(layer: list, target_modules: tuple[str, ...], expert_adapters: bool = False) -> list:
+def adapted_shapes(layer: list, target_modules: tuple[str, ...], expert_adapters: bool = False) -> list:
     """The linear shapes of a layer that a plan's targets adapt (`architecture.resolve_targets`), and its routed
     experts' with ``expert_adapters`` (`Plan.expert_adapters`)."""
     linears = [s for s in layer if not s.expert]
@@ -177,7 +177,7 @@ def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, grou
         else:
             weights += backend.weight_bytes(s.out_features, s.in_features, bits, group_size)
     params = sum(choice.of(s.name).rank * (s.in_features + s.out_features) + (s.out_features if dora else 0)
-                 for s in _adapted(layer, target_modules, expert_adapters))
+                 for s in adapted_shapes(layer, target_modules, expert_adapters))
     return weights, params
 
 
@@ -549,7 +549,7 @@ def training_memory(shapes: ModelShapes, plan: Plan, backend: QuantBackend | Non
     tokens = batch_size * seq_len
     a = _dtype_bytes(dtype)
     # per layer, its adapted linears, each with the share of the tokens it sees: a routed expert's about k/E
-    adapted = [_token_shares(_adapted(layer, plan.target_modules, plan.expert_adapters), config)
+    adapted = [_token_shares(adapted_shapes(layer, plan.target_modules, plan.expert_adapters), config)
                for layer in shapes.layers]
     layer_costs = [_layer_activation_values(config, tokens, round(sum(c.of(s.name).rank * share
                                                                       for s, share in n.items())), dtype,

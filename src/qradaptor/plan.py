@@ -11,8 +11,9 @@ unquantized (at the base dtype). A layer may give some of its linears their own 
 named as ``target_modules`` names them; what a module does not name is the layer's::
 
     {"bits": 4, "rank": 16, "modules": {"k_proj": {"bits": 8}, "down_proj": {"bits": 3, "rank": 32}}}
- Applying a plan to a model (``qradaptor.quantize``) gives the quantized
-base; ``lora_config`` gives the PEFT ``LoraConfig`` whose per-module ranks follow the plan.
+
+Applying a plan to a model (``qradaptor.quantize``) gives the quantized base; ``lora_config`` gives the PEFT
+``LoraConfig`` whose per-module ranks follow the plan.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ class ProfileSettings:
 class Sensitivity:
     """The profile: ``kl[layer][bits]`` and ``weight_error[layer][bits]`` (bits as ints in memory,
     strings in JSON); with ``ProfileSettings.modules``, ``module_kl[layer][name][bits]``: the estimated KL of each
-    linear (by short name) quantized alone (`module_shares`), empty otherwise."""
+    linear (by short name) quantized alone (`module_errors`, `module_kl`), empty otherwise."""
 
     model_fingerprint: str
     data_fingerprint: str
