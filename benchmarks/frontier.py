@@ -328,23 +328,27 @@ class Bench:
             self._prefix_fitness = FineTuneFitness(model, self.tokenizer, data=self.data, config=self.fitness.config)
         return self._prefix_fitness
 
-    def search_profile(self) -> Path:
+    def search_profile(self, *, modules: bool = False) -> Path:
         """The sensitivity profile of the model in the final fine-tune's dtype, which the searches read (a profile
-        is of one model's weights, their dtype included), made once."""
+        is of one model's weights, their dtype included), made once; with ``modules``, with per-linear estimates
+        (`ProfileSettings.modules`: what searches with finer genes read). Its seconds go to ``seconds.txt``."""
         from qradaptor.profile import RESULT_FILE, ProfileSettings, profile_model
 
-        path = self.work / f"profile-{train_dtype()}" / RESULT_FILE
+        path = self.work / (f"profile-{train_dtype()}" + ("-modules" if modules else "")) / RESULT_FILE
         if not path.is_file():
+            t = time.perf_counter()
             profile_model(self.prefix_fitness().model, self.tokenizer,
                           ProfileSettings(tokens=self.settings["profile_tokens"], seq_len=self.settings["seq_len"],
-                                          dtype="bfloat16", data=self.data),
+                                          dtype="bfloat16", data=self.data, modules=modules),
                           out=path.parent, force=True, progress=not self.smoke)
+            (path.parent / "seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
         return path
 
-    def search(self, name: str, budget: str, **extra):
+    def search(self, name: str, budget: str, *, sensitivity: Path | None = None, **extra):
         """Run (or resume, or reload when finished) the search ``name`` in ``work/name/search``, as `qradaptor run`
         searches: in the final fine-tune's dtype, on the first steps of its schedule, keeping the chosen plan's
-        run for the final fine-tune to continue (``result.kept_run``)."""
+        run for the final fine-tune to continue (``result.kept_run``). ``sensitivity``: the profile it reads
+        (default `search_profile`)."""
         from qradaptor.commands import search
         from qradaptor.commands.search import prefix_fidelities
         from qradaptor.search import RUNS_DIR
@@ -356,7 +360,7 @@ class Bench:
                                       "adapter_init": self.settings["adapter_init"], **self.search_settings, **extra}, steps=self.settings["steps"],
                                      batch_size=self.settings["batch_size"], lr=self.settings["lr"])
         return search(self.model, data=self.data, budget=budget, out=out, alpha=self.alpha,
-                      sensitivity=str(self.search_profile()), progress=not self.smoke, fitness=fitness,
+                      sensitivity=str(sensitivity or self.search_profile()), progress=not self.smoke, fitness=fitness,
                       dtype=train_dtype(), **settings)
 
     def search_cost(self, name: str, result) -> dict:
@@ -693,7 +697,13 @@ def main() -> None:
 
     kl_blocks = load_blocks(data, tokenizer, "test", seq_len=settings["seq_len"], max_blocks=settings["kl_blocks"])
     rows = []
-    for name, plan, cost, dtype in plans:
+    # The rows the targets compare train first (the budgets' plans with all their seeds, then the 4- and 5-bit
+    # uniform settings the budgets fall among), so an interrupted run has measured what matters most; the table
+    # keeps the order of ``plans``.
+    searched_budgets = {f"qradaptor-{budget}" for budget in BUDGETS}
+    first = sorted(range(len(plans)), key=lambda i: (plans[i][0] not in searched_budgets,
+                                                     not plans[i][0].startswith(("uniform4-", "uniform5-")), i))
+    for name, plan, cost, dtype in (plans[i] for i in first):
         final = run_final(bench.finals, name, plan, settings, model, data, seed=0, dtype=dtype,
                           init_from=kept_runs.get(name))
         final.pop("run_dir")
@@ -707,6 +717,11 @@ def main() -> None:
                      "code_bits": sum(c.bits for c in plan.layers) / L,  # decoder layers are equal in size
                      "dtype": dtype, **json.loads(kl_path.read_text()), **final, **cost, "seeds": [final["loss"]]})
         print(f"frontier: {name}: test loss {final['loss']:.4f}, {final['memory_bytes'] / 2**20:.1f} MiB", flush=True)
+        if name in searched_budgets:  # always seeded (see `seeded`): their other seeds now, as the loop below would
+            for seed in range(1, settings["seeds"]):
+                run_final(bench.finals, f"{name} seed {seed}", plan, settings, model, data, seed=seed, dtype=dtype)
+    order = {name: i for i, (name, *_) in enumerate(plans)}
+    rows.sort(key=lambda r: order[r["name"]])
 
     # More seeds for the searches' plans and the uniform settings on the best-uniform front (the front is taken
     # again on the seed means, until every setting on it has them all)

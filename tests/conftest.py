@@ -76,9 +76,10 @@ def tiny_dir(tmp_path, tiny_model):
     return out
 
 
-def tiny_profiled(tmp_path_factory):
+def tiny_profiled(tmp_path_factory, *, modules: bool = False):
     """A tiny random Llama saved with a tokenizer (no tied embeddings), the loaded model and its real
-    sensitivity profile on 4 random blocks of 32 tokens: what the search tests start from."""
+    sensitivity profile on 4 random blocks of 32 tokens (with ``modules``, per-linear estimates too): what the
+    search tests start from."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qradaptor.data import TokenBlocks
@@ -93,6 +94,6 @@ def tiny_profiled(tmp_path_factory):
     tiny_tokenizer().save_pretrained(d)
     model, tok = load_model(str(d))
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    prior = profile_model(model, tok, ProfileSettings(tokens=128, seq_len=32), blocks=TokenBlocks(ids, ids.clone()),
-                          use_cache=False, progress=False)
+    prior = profile_model(model, tok, ProfileSettings(tokens=128, seq_len=32, modules=modules, module_tokens=64),
+                          blocks=TokenBlocks(ids, ids.clone()), use_cache=False, progress=False)
     return d, model, prior

@@ -261,3 +261,22 @@ def test_module_profile_benchmark_smoke(tmp_path):
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert result["seconds"]["layers"] > 0 and result["seconds"]["with_modules"] > 0
     assert not (ROOT / "benchmarks" / "results" / "module_profile-smoke.json").exists()
+
+
+def test_genes_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "genes.py"), "--smoke", "--work", str(tmp_path)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "genes-smoke.json").read_text())
+    rows = result["rows"]
+    assert [(r["budget"], r["genes"]) for r in rows] == [("4bit", g) for g in ("layer", "groups", "module")]
+    for r in rows:
+        assert r["memory_bytes"] <= r["budget_bytes"] and len(r["seeds"]) == result["settings"]["seeds"]
+        assert r["loss"] == pytest.approx(sum(r["seeds"]) / len(r["seeds"])) and math.isfinite(r["loss"])
+        assert r["delta_vs_layer"] == pytest.approx(r["loss"] - rows[0]["loss"])
+    assert rows[0]["linears_with_their_own_choice"] == 0  # per-layer genes write per-layer plans
+    # the finer searches read a profile with per-linear estimates
+    [profile] = tmp_path.glob("profile-*-modules")
+    assert json.loads((profile / "sensitivity.json").read_text())["module_kl"]
+    assert (tmp_path / "genes-smoke.md").is_file()
+    assert not (ROOT / "benchmarks" / "results" / "genes-smoke.json").exists()

@@ -127,8 +127,11 @@ def _given_training_settings(args, *, skip: tuple[str, ...] = ()) -> dict:
 #: stages), and the training settings its search takes too.
 _RUN_OWN = ("steps", "epochs", "seq_len")
 #: The exploration's flags (`search` and `run`), and what `run` passes to its search.
-_EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "target_modules", "dora", "expert_adapters")
+_EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "genes", "target_modules", "dora",
+                "expert_adapters")
 _SEARCHED = (*_EXPLORATION, "backend", "seed", "adapter_init")
+#: `search.GENE_LAYOUTS`, spelled out: the CLI parses without importing torch (tests check they agree)
+GENE_LAYOUTS = ("layer", "groups", "module")
 
 
 def _given_search_settings(args) -> dict:
@@ -452,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     budgeted.add_argument("--bits", type=_int_list, default=None,
                           help="bit-widths to choose from (default 2,3,4,5,6,8)")
     budgeted.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks to choose from (default 4,8,16,32)")
+    budgeted.add_argument("--genes", default=None, choices=GENE_LAYOUTS,
+                          help="what each choice of bits and rank is for: each decoder layer (layer, the default), each "
+                               "block of a layer (groups: attention, MLP) or each linear (module); finer ones are "
+                               "priced by per-linear sensitivity (`run` profiles with --modules)")
     _target_modules_flag(budgeted)
     budgeted.add_argument("--dora", action="store_true", default=None,
                           help="DoRA adapters in every plan (QDoRA: a trained magnitude per output row besides the "

@@ -161,23 +161,33 @@ def adapted_shapes(layer: list, target_modules: tuple[str, ...], expert_adapters
     return [s for s in layer if (expert_adapters if s.expert else s.name.rsplit(".", 1)[-1] in targets)]
 
 
+def linear_bytes(shape: LinearShape, bits: int, rank: int, adapted: bool, backend: QuantBackend, *,
+                 group_size: int, base_bytes: int, dora: bool = False) -> tuple[int, int]:
+    """One linear at ``bits`` (packed, or dense at ``base_bytes`` per value when unquantized), with a rank-``rank``
+    adapter when ``adapted`` (and, with ``dora``, its magnitude vector: one per output row): its weight bytes and its
+    number of adapter parameters. A layer's price is the sum of its linears' (`layer_bytes`)."""
+    if bits == UNQUANTIZED_BITS:
+        weights = shape.numel * base_bytes
+    else:
+        weights = backend.weight_bytes(shape.out_features, shape.in_features, bits, group_size)
+    params = rank * (shape.in_features + shape.out_features) + (shape.out_features if dora else 0) if adapted else 0
+    return weights, params
+
+
 def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, group_size: int,
                 target_modules: tuple[str, ...], base_bytes: int, dora: bool = False,
                 expert_adapters: bool = False) -> tuple[int, int]:
     """One decoder layer (its linears' shapes) under ``choice``, each linear at its own bits and rank
-    (`LayerChoice.of`): the bytes of its weights (packed, or dense at ``base_bytes`` per value when unquantized)
-    and the number of LoRA parameters its target modules get (with ``dora``, each adapted module's magnitude vector
-    too: one per output row; with ``expert_adapters``, every routed expert's linears too).
+    (`LayerChoice.of`, `linear_bytes`): the bytes of its weights and the number of LoRA parameters its target
+    modules get (with ``expert_adapters``, every routed expert's linears too).
     The one place a layer is priced: `predict` sums it, the search memoises it."""
-    weights = 0
+    adapted = {s.name for s in adapted_shapes(layer, target_modules, expert_adapters)}
+    weights = params = 0
     for s in layer:
-        bits = choice.of(s.name).bits
-        if bits == UNQUANTIZED_BITS:
-            weights += s.numel * base_bytes
-        else:
-            weights += backend.weight_bytes(s.out_features, s.in_features, bits, group_size)
-    params = sum(choice.of(s.name).rank * (s.in_features + s.out_features) + (s.out_features if dora else 0)
-                 for s in adapted_shapes(layer, target_modules, expert_adapters))
+        own = choice.of(s.name)
+        w, p = linear_bytes(s, own.bits, own.rank, s.name in adapted, backend, group_size=group_size,
+                            base_bytes=base_bytes, dora=dora)
+        weights, params = weights + w, params + p
     return weights, params
 
 

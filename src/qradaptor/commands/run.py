@@ -361,7 +361,9 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     stages.save()
     job = _Run(out, stages, base, data, seq_len, device, dtype, progress,
                same={"model": model_fp, "data": data_fp, "seq_len": seq_len})
-    sensitivity = job.profile(tokens=profile_tokens, dtype=profile_dtype)
+    # genes finer than a layer are priced by each linear's own estimate (`PriorCost.unit_bits_cost`)
+    sensitivity = job.profile(tokens=profile_tokens, dtype=profile_dtype,
+                              modules=search_settings.get("genes", "layer") != "layer")
     # the search measures plans on the first steps of the final fine-tune's schedule, and keeps the chosen
     # plan's run for the fine-tune to continue
     plan = job.search(sensitivity, budget=budget, alpha=alpha, trials=trials, settings=search_settings or {},
@@ -391,17 +393,19 @@ class _Run:
     same: dict  # what every stage's fingerprint holds: model, data, block length
     trained: object = None  # the TrainedModel, once the fine-tune made it or it was rebuilt from its run
 
-    def profile(self, *, tokens: int | None, dtype: str) -> Path:
+    def profile(self, *, tokens: int | None, dtype: str, modules: bool = False) -> Path:
         from ..profile import ProfileSettings, profile_model
 
         sensitivity = self.out / "profile" / "sensitivity.json"
-        if self.stages.begin("profile", {**self.same, "tokens": tokens, "dtype": dtype},
+        given = {**self.same, "tokens": tokens, "dtype": dtype, **({"modules": True} if modules else {})}
+        if self.stages.begin("profile", given,
                              lambda: _profile_ok(sensitivity, self.same["model"])) == "keep":
             log.info("run: profile done, using %s", sensitivity)
             return sensitivity
         log.info("run: stage 1/5, sensitivity profile")
         profile_model(self.base.model, self.base.tokenizer, ProfileSettings(
-            tokens=tokens, seq_len=self.seq_len, dtype=dtype, data=self.data), out=self.out / "profile", force=True,
+            tokens=tokens, seq_len=self.seq_len, dtype=dtype, data=self.data, modules=modules), out=self.out / "profile",
+            force=True,
             progress=self.progress, device=self.device)
         self.stages.finish("profile")
         return sensitivity

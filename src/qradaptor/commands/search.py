@@ -33,12 +33,16 @@ def _load_or_profile(sensitivity: str | None, out: Path, model, tokenizer, data,
 
         prior = Sensitivity.load(path)
         prior.check_layers(len(decoder_layers(model)), source=str(path))
+        if config.genes != "layer" and not prior.module_kl:
+            log.warning("search: %s has no per-linear estimates: --genes %s prices each unit by its share of its "
+                        "layer's weights (profile with --modules for a better prior)", path, config.genes)
         return prior
     if sensitivity:
         raise SearchError(f"sensitivity file not found: {path}", "run `qradaptor profile` first or omit --sensitivity")
     log.info("search: no sensitivity profile in %s, profiling first", out)
     # the search's own blocks, backend and groups: data too short for 256-token blocks works with --seq-len
-    settings = ProfileSettings(data=data, seq_len=config.seq_len, backend=config.backend, group_size=config.group_size)
+    settings = ProfileSettings(data=data, seq_len=config.seq_len, backend=config.backend, group_size=config.group_size,
+                               modules=config.genes != "layer")
     return profile_model(model, tokenizer, settings, out=out, progress=progress, device=device)
 
 

@@ -2,7 +2,8 @@
 
 1. Warm start: uniform plans that fit, and plans filled greedily from the sensitivity prior at several
    fractions of the budget (sensitive layers get bits and ranks first).
-2. Exploration: NSGA-II over per-layer bits and ranks. Every suggested plan is repaired into the budget
+2. Exploration: NSGA-II over bits and ranks per unit of choice (``genes``: each decoder layer by default, or
+   each block of a layer, or each linear). Every suggested plan is repaired into the budget
    (deterministically: lower the bit-width or rank that costs least prior sensitivity per byte saved),
    so an infeasible plan never gets a fine-tune; objectives are (held-out loss after a *cheap* fine-tune,
    memory). Identical repaired plans are evaluated once. The repair happens in the sampler (``sampler.py``),
@@ -27,11 +28,12 @@ study ``NAME:coordinator``, so a second ``search`` is refused, naming the first;
 how more processes join. A trial left RUNNING is failed (and its plan retried) only when its process is
 known dead: at once on this machine, after the heartbeat grace period elsewhere.
 
-The prior's units: per-layer KL for bits; halving a layer's rank is charged ``rank_value`` times that
-layer's KL at 4 bits (on SmolLM2, halving every rank cost about a third of what 4-bit quantization costs
-in held-out loss; see DESIGN §6). It only orders repair and warm-start moves; fitness is measured.
+The prior's units: per-layer KL for bits (a unit's own estimate where the profile made per-linear ones); halving
+a layer's rank is charged ``rank_value`` times that layer's KL at 4 bits (on SmolLM2, halving every rank cost about
+a third of what 4-bit quantization costs in held-out loss; see DESIGN §6), a unit its share of it. It only orders
+repair and warm-start moves; fitness is measured.
 
-The package keeps one concern per module: ``config`` (settings), ``planner`` (prior cost, memory, repair),
+The package keeps one concern per module: ``config`` (settings), ``genes`` (plans as Optuna parameters), ``planner`` (prior cost, memory, repair),
 ``fitness`` (the fine-tune objective), ``storage`` (Optuna storage, locks, leases, stale trials), ``sampler``
 (the exploration's repairing sampler), ``loop`` (the stages), ``report`` (results and output files). The
 commands that resolve a model, data and budget and run a search (``qradaptor search``, ``qradaptor worker``) are
@@ -43,13 +45,14 @@ from __future__ import annotations
 from .config import (CONFIG_ATTR, DEFAULT_BITS, DEFAULT_RANKS, FORMAT, MARKER, SEARCH_FILES, Fidelity, SearchConfig,
                      SearchError)
 from .fitness import RUNS_DIR, FineTuneFitness, Fitness, run_name
+from .genes import GENE_LAYOUTS, Genes, plan_key
 from .loop import Search
-from .planner import Planner, PriorCost, check_searchable, plan_from_key, plan_key, training_fixed_bytes
+from .planner import Planner, PriorCost, check_searchable, plan_from_key, training_fixed_bytes
 from .report import Evaluated, SearchResult, kept_run, measured_uniform, pareto_front, plot_pareto, summary, write_outputs
 from .storage import (check_search_dir, locked_search_dir, open_storage, recorded_dtype, redact,
                       search_data_fingerprint)
 
-__all__ = ["CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evaluated", "FORMAT", "Fidelity",
+__all__ = ["CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evaluated", "FORMAT", "Fidelity", "GENE_LAYOUTS", "Genes",
            "FineTuneFitness", "Fitness", "MARKER", "Planner", "PriorCost", "RUNS_DIR", "SEARCH_FILES", "Search", "SearchConfig",
            "SearchError", "SearchResult", "measured_uniform", "open_storage", "pareto_front", "plan_from_key", "plan_key", "plot_pareto",
            "recorded_dtype", "redact", "search_data_fingerprint", "summary", "training_fixed_bytes", "write_outputs",

@@ -8,6 +8,7 @@ from ..architecture import DEFAULT_TARGET_MODULES
 from ..errors import QRAdaptorError
 from ..plan import DEFAULT_BIT_LADDER
 from ..rundir import ADAPTER_INITS
+from .genes import GENE_LAYOUTS
 
 DEFAULT_BITS = DEFAULT_BIT_LADDER  # (2, 3, 4, 5, 6, 8): exact packing makes 5 and 6 bits worth their bytes
 DEFAULT_RANKS = (4, 8, 16, 32)
@@ -78,6 +79,9 @@ class SearchConfig:
     gguf_fixed_bytes: int = 0
     train_batch_size: int = 4
     sampler: str = "nsga2"  # exploration sampler: "nsga2", or "random" (the baseline the benchmark compares to)
+    # the unit each bits and rank gene chooses for (genes.py): a decoder layer, a block of one (attention, MLP), or
+    # each linear
+    genes: str = "layer"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,6 +101,9 @@ class SearchConfig:
         if self.adapter_init not in ADAPTER_INITS:
             raise SearchError(f"unknown adapter start {self.adapter_init!r}",
                               f"use --adapter-init {' or '.join(ADAPTER_INITS)}")
+        if self.genes not in GENE_LAYOUTS:
+            raise SearchError(f"unknown gene layout {self.genes!r}",
+                              f"use --genes {', '.join(GENE_LAYOUTS)} (one choice per layer, per block, per linear)")
         if self.sampler not in ("nsga2", "random"):
             raise SearchError(f"unknown sampler {self.sampler!r}", "use nsga2 or random")
         if self.trials < 1 or self.population < 2:

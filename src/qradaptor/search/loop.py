@@ -18,7 +18,8 @@ from ..plan import LayerChoice, Plan
 from ..profile import Sensitivity
 from .config import CONFIG_ATTR, FORMAT, Fidelity, SearchConfig, SearchError
 from .fitness import Fitness
-from .planner import Planner, PriorCost, plan_from_key, plan_key
+from .genes import plan_key
+from .planner import Planner, PriorCost, plan_from_key
 from .report import Evaluated, SearchResult, measured_uniform, pareto_front
 from .sampler import repairing_sampler
 from .storage import (_config_fingerprint, _dead_here, _fail, _heartbeat, _whoami, grace_seconds, open_storage,
@@ -116,13 +117,11 @@ class Search:
     # ---------------------------------------------------------------- evaluation
 
     def _suggest(self, trial) -> Plan:
-        choices = [LayerChoice(trial.suggest_categorical(f"b{l}", list(self.config.bits)),
-                               trial.suggest_categorical(f"r{l}", list(self.config.ranks))) for l in range(self.L)]
-        return self.planner.plan(choices)
+        return self.plan_of({name: trial.suggest_categorical(name, d.choices) for name, d in self.space().items()})
 
-    @staticmethod
-    def params(plan: Plan) -> dict:
-        return {k: v for l, c in enumerate(plan.layers) for k, v in ((f"b{l}", c.bits), (f"r{l}", c.rank))}
+    def params(self, plan: Plan) -> dict:
+        """The Optuna parameters of ``plan`` (its gene values: `genes.Genes`)."""
+        return self.planner.genes.params(self.planner.genes.values(plan))
 
     def _known_loss(self, study, key: str, fidelity: str) -> float | None:
         from optuna.trial import TrialState
@@ -155,13 +154,10 @@ class Search:
 
     def space(self) -> dict:
         """The exploration's parameters (name → distribution), in the order ``_suggest`` asks for them."""
-        from optuna.distributions import CategoricalDistribution
-
-        bits, ranks = CategoricalDistribution(list(self.config.bits)), CategoricalDistribution(list(self.config.ranks))
-        return {k: v for l in range(self.L) for k, v in ((f"b{l}", bits), (f"r{l}", ranks))}
+        return self.planner.genes.space(self.config.bits, self.config.ranks)
 
     def plan_of(self, params: dict) -> Plan:
-        return self.planner.plan([LayerChoice(params[f"b{l}"], params[f"r{l}"]) for l in range(self.L)])
+        return self.planner.plan_of(self.planner.genes.values_of(params))
 
     def _repair_params(self, params: dict) -> dict:
         return self.params(self.planner.repair(self.plan_of(params), self.config.budget_bytes))
@@ -335,9 +331,8 @@ class Search:
         with warnings.catch_warnings():  # heartbeats matter for optimize(); these trials are told at once
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = self.refine_study.ask()
-        for l in range(self.L):  # the enqueued values
-            trial.suggest_categorical(f"b{l}", list(self.config.bits))
-            trial.suggest_categorical(f"r{l}", list(self.config.ranks))
+        for name, distribution in self.space().items():  # the enqueued values
+            trial.suggest_categorical(name, distribution.choices)
         loss, memory = self._evaluate(trial, plan, fidelity, source, self.refine_study)
         self.refine_study.tell(trial, [loss, memory])
         return loss

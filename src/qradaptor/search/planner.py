@@ -1,9 +1,10 @@
 """The prior cost of plans, and the planner: memory of plans (memory.layer_bytes, memoised), repair into the
 budget, greedy fill, one-edit neighbours, encodings, and the budget checks done before a search starts.
 
-The prior's units: per-layer KL for bits; halving a layer's rank is charged ``rank_value`` times that
-layer's KL at 4 bits (on SmolLM2, halving every rank cost about a third of what 4-bit quantization costs
-in held-out loss; see DESIGN §6). It only orders repair and warm-start moves; fitness is measured.
+The prior's units: per-layer KL for bits (per linear where the profile estimated it, for finer genes); halving a
+layer's rank is charged ``rank_value`` times that layer's KL at 4 bits (on SmolLM2, halving every rank cost about a
+third of what 4-bit quantization costs in held-out loss; see DESIGN §6), a unit of it its share of that. It only
+orders repair and warm-start moves; fitness is measured.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..memory import ADAPTER_STATE_BYTES, ModelShapes, format_bytes, layer_bytes
 from ..plan import DEFAULT_RANK, LayerChoice, Plan
 from ..profile import Sensitivity
 from .config import SearchConfig, SearchError
+from .genes import Genes, Unit, layers_from_key, plan_key
 
 
 class PriorCost:
@@ -25,41 +27,63 @@ class PriorCost:
 
     def __init__(self, sensitivity: Sensitivity, config: SearchConfig):
         self.kl = sensitivity.kl
+        self.module_kl = sensitivity.module_kl  # per linear, where the profile estimated it (--modules)
         self.config = config
         self.scale = [max(k.get(4, max(k.values())), 1e-9) for k in self.kl]  # a layer's importance
 
     def bits_cost(self, layer: int, bits: int) -> float:
-        if bits >= 8:
-            return 0.0
-        table = self.kl[layer]
-        if bits in table:
-            return table[bits]
-        # Unprofiled bit-width: interpolate log-KL linearly in bits between the nearest profiled ones; beyond them,
-        # ~4x less KL per extra bit (3.3-4.5x: benchmarks/results/backends.md), 4x more per bit fewer.
-        lo = max((b for b in table if b < bits), default=None)
-        hi = min((b for b in table if b > bits), default=None)
-        if hi is None:
-            return table[lo] * 4.0 ** -(bits - lo)
-        if lo is None:
-            return table[hi] * 4.0 ** (hi - bits)
-        t = (bits - lo) / (hi - lo)
-        return math.exp((1 - t) * math.log(table[lo]) + t * math.log(max(table[hi], 1e-12)))
+        """The layer's KL with all its linears at ``bits``."""
+        return _interpolated(self.kl[layer], bits)
+
+    def unit_bits_cost(self, unit: Unit, bits: int) -> float:
+        """A unit's KL at ``bits``: its linears' estimates (`Sensitivity.module_kl`) summed where the profile has
+        them all, else its layer's KL times its share of the layer's weights."""
+        rows = self.module_kl[unit.layer] if self.module_kl and not unit.whole_layer else {}
+        if unit.names and all(name in rows for name in unit.names) and unit.weight_share > 0 and \
+                len(unit.names) == len(unit.shapes):
+            return sum(_interpolated(rows[name], bits) for name in unit.names)
+        return self.bits_cost(unit.layer, bits) * unit.weight_share
 
     def rank_cost(self, layer: int, rank: int) -> float:
         top = max(self.config.ranks)
         return self.config.rank_value * self.scale[layer] * math.log2(top / rank)
 
-    def layer_cost(self, layer: int, choice: LayerChoice) -> float:
-        return self.bits_cost(layer, choice.bits) + self.rank_cost(layer, choice.rank)
+    def unit_cost(self, unit: Unit, value: tuple[int, int]) -> float:
+        """A unit's prior cost at ``value`` (bits, rank): its KL, and its share of its layer's rank cost."""
+        bits, rank = value
+        return self.unit_bits_cost(unit, bits) + (self.rank_cost(unit.layer, rank) * unit.adapter_share
+                                                  if unit.adapted else 0.0)
 
+
+def _interpolated(table: dict[int, float], bits: int) -> float:
+    """A KL table (bits → KL) at ``bits``: 0 from 8 bits up; for an unprofiled bit-width, log-KL interpolated
+    linearly in bits between the nearest profiled ones; beyond them, ~4x less KL per extra bit (3.3-4.5x:
+    benchmarks/results/backends.md), 4x more per bit fewer."""
+    if bits >= 8:
+        return 0.0
+    if bits in table:
+        return table[bits]
+    lo = max((b for b in table if b < bits), default=None)
+    hi = min((b for b in table if b > bits), default=None)
+    if hi is None:
+        return table[lo] * 4.0 ** -(bits - lo)
+    if lo is None:
+        return table[hi] * 4.0 ** (hi - bits)
+    t = (bits - lo) / (hi - lo)
+    return math.exp((1 - t) * math.log(max(table[lo], 1e-12)) + t * math.log(max(table[hi], 1e-12)))
 
 
 class Planner:
-    """Memory and prior cost of plans, repair into a budget, greedy fill from the cheapest plan."""
+    """Memory and prior cost of plans, repair into a budget, greedy fill from the cheapest plan. Its moves change
+    one unit of choice (`genes.Genes`: a layer, a block of one, or one linear) by one rung of bits or rank."""
 
     def __init__(self, shapes: ModelShapes, backend: QuantBackend, cost: PriorCost, config: SearchConfig):
         self.shapes, self.backend, self.cost, self.config = shapes, backend, cost, config
+        self.genes = Genes(config.genes, shapes, target_modules=config.target_modules,
+                           expert_adapters=config.expert_adapters)
         self._layer_bytes: dict[tuple[int, LayerChoice], int] = {}
+        self._unit_bytes: dict[tuple[int, tuple[int, int]], int] = {}
+        self._unit_cost: dict[tuple[int, tuple[int, int]], float] = {}
         # every plan the planner makes has these settings (target modules, group size): price them as predict does
         self.template = config_plan(config, shapes.num_layers, config.bits[0], config.ranks[0])
         report = predict(shapes, self.template, backend)
@@ -74,94 +98,117 @@ class Planner:
         prices the same layer choices thousands of times)."""
         key = (layer, choice)
         if key not in self._layer_bytes:
-            settings = dict(group_size=self.template.group_size, target_modules=self.template.target_modules)
-            if self.config.budget_on == "gguf":
-                from ..gguf_export import exposes_codes, dense_type, layer_gguf_bytes
-
-                model, adapter = layer_gguf_bytes(self.shapes.layers[layer], choice,
-                                                  dense=dense_type(self.backend.metadata_bytes),
-                                                  has_codes=exposes_codes(self.backend.module_class), **settings)
-                self._layer_bytes[key] = model + adapter
-            else:
-                weights, params = layer_bytes(self.shapes.layers[layer], choice, self.backend,
-                                              base_bytes=self.backend.metadata_bytes, dora=self.template.dora,
-                                              expert_adapters=self.template.expert_adapters, **settings)
-                self._layer_bytes[key] = weights + params * self.param_bytes
+            self._layer_bytes[key] = self._price(self.shapes.layers[layer], choice, self.template.target_modules)
         return self._layer_bytes[key]
+
+    def unit_bytes(self, index: int, value: tuple[int, int]) -> int:
+        """Unit ``index``'s linears at ``value`` (bits, rank), memoised: a layer's bytes are its units' sum (each
+        linear is priced alone: `memory.linear_bytes`)."""
+        key = (index, value)
+        if key not in self._unit_bytes:
+            unit = self.genes.units[index]
+            layer = self.shapes.layers[unit.layer]
+            # the unit's own adapted linears by name: what the whole layer's targets adapt among them
+            self._unit_bytes[key] = self._price([layer[i] for i in unit.shapes], LayerChoice(*value), unit.targets)
+        return self._unit_bytes[key]
+
+    def _price(self, shapes: list, choice: LayerChoice, target_modules: tuple[str, ...]) -> int:
+        settings = dict(group_size=self.template.group_size, target_modules=target_modules)
+        if self.config.budget_on == "gguf":
+            from ..gguf_export import dense_type, exposes_codes, layer_gguf_bytes
+
+            model, adapter = layer_gguf_bytes(shapes, choice, dense=dense_type(self.backend.metadata_bytes),
+                                              has_codes=exposes_codes(self.backend.module_class), **settings)
+            return model + adapter
+        weights, params = layer_bytes(shapes, choice, self.backend, base_bytes=self.backend.metadata_bytes,
+                                      dora=self.template.dora, expert_adapters=self.template.expert_adapters,
+                                      **settings)
+        return weights + params * self.param_bytes
 
     def memory(self, plan: Plan) -> int:
         return self.fixed_bytes + sum(self.layer_bytes(l, c) for l, c in enumerate(plan.layers))
 
+    def values_memory(self, values: list[tuple[int, int]]) -> int:
+        return self.fixed_bytes + sum(self.unit_bytes(i, v) for i, v in enumerate(values))
+
     def plan(self, choices: list[LayerChoice]) -> Plan:
         return Plan(list(choices), **self.config.plan_settings())
 
-    def _moves(self, choices: list[LayerChoice], direction: int):
-        """One-rung moves (down: -1, up: +1) with their (Δcost, Δbytes)."""
+    def plan_of(self, values: list[tuple[int, int]]) -> Plan:
+        return self.plan(self.genes.choices(values))
+
+    def _moves(self, values: list[tuple[int, int]], direction: int):
+        """One-rung moves of one unit's bits or rank (down: -1, up: +1), with their (Δcost, Δbytes)."""
         bits, ranks = self.config.bits, self.config.ranks
-        for l, c in enumerate(choices):
-            bi, ri = bits.index(c.bits), ranks.index(c.rank)
-            for new in ((bits[bi + direction], c.rank) if 0 <= bi + direction < len(bits) else None,
-                        (c.bits, ranks[ri + direction]) if 0 <= ri + direction < len(ranks) else None):
-                if new is None:
-                    continue
-                n = LayerChoice(*new)
-                yield l, n, self.cost.layer_cost(l, n) - self.cost.layer_cost(l, c), \
-                    self.layer_bytes(l, n) - self.layer_bytes(l, c)
+        for i, (unit, (b, r)) in enumerate(zip(self.genes.units, values)):
+            bi = bits.index(b)
+            options = [(bits[bi + direction], r)] if 0 <= bi + direction < len(bits) else []
+            if unit.adapted and 0 <= ranks.index(r) + direction < len(ranks):
+                options.append((b, ranks[ranks.index(r) + direction]))
+            for new in options:
+                yield i, new, self.unit_cost(i, new) - self.unit_cost(i, (b, r)), \
+                    self.unit_bytes(i, new) - self.unit_bytes(i, (b, r))
+
+    def unit_cost(self, index: int, value: tuple[int, int]) -> float:
+        """`PriorCost.unit_cost` of unit ``index``, memoised (a fill of per-linear genes asks it ~10⁶ times)."""
+        key = (index, value)
+        if key not in self._unit_cost:
+            self._unit_cost[key] = self.cost.unit_cost(self.genes.units[index], value)
+        return self._unit_cost[key]
 
     def repair(self, plan: Plan, budget: int) -> Plan:
-        """While over budget, take the one-rung step down that costs least prior per byte saved."""
-        choices = list(plan.layers)
-        memory = self.memory(plan)
+        """The plan as the genes write it (`Genes.values`), and, while over budget, the one-rung step down that
+        costs least prior per byte saved."""
+        values = self.genes.values(plan)
+        memory = self.values_memory(values)
         while memory > budget:
-            moves = [(dc / -db, l, n, db) for l, n, dc, db in self._moves(choices, -1) if db < 0]
+            moves = [(dc / -db, i, n, db) for i, n, dc, db in self._moves(values, -1) if db < 0]
             if not moves:
                 raise SearchError(f"no plan in the search space fits {format_bytes(budget)}",
                                   "raise the budget or allow fewer bits / smaller ranks")
-            _, l, n, db = min(moves, key=lambda m: (m[0], m[1], m[2].bits, m[2].rank))
-            choices[l] = n
+            _, i, n, db = min(moves, key=lambda m: (m[0], m[1], m[2]))
+            values[i] = n
             memory += db
-        return self.plan(choices)
+        return self.plan_of(values)
 
     def fill(self, budget: int) -> Plan:
         """From the cheapest plan, take the one-rung step up that buys most prior per byte, while it fits."""
-        choices = [LayerChoice(self.config.bits[0], self.config.ranks[0])] * self.shapes.num_layers
-        memory = self.memory(self.plan(choices))
+        values = [(self.config.bits[0], self.config.ranks[0])] * len(self.genes.units)
+        memory = self.values_memory(values)
         while True:
             # a step that costs no bytes (2 → 3 bits where both are written as the same GGUF type) comes first
-            moves = [(-dc / db if db > 0 else math.inf, l, n, db) for l, n, dc, db in self._moves(choices, +1)
+            moves = [(-dc / db if db > 0 else math.inf, i, n, db) for i, n, dc, db in self._moves(values, +1)
                      if db >= 0 and memory + db <= budget and dc < 0]
             if not moves:
-                return self.plan(choices)
-            _, l, n, db = max(moves, key=lambda m: (m[0], -m[1], -m[2].bits, -m[2].rank))
-            choices[l] = n
+                return self.plan_of(values)
+            _, i, n, db = max(moves, key=lambda m: (m[0], -m[1], -m[2][0], -m[2][1]))
+            values[i] = n
             memory += db
 
     def neighbours(self, plan: Plan, budget: int) -> list[Plan]:
-        """Plans one rung away in one layer's bits or rank, repaired into the budget."""
+        """Plans one rung away in one unit's bits or rank, repaired into the budget."""
         out, seen = [], {plan_key(plan)}
+        values = self.genes.values(plan)
         for direction in (-1, +1):
-            for l, n, _, _ in self._moves(list(plan.layers), direction):
-                choices = list(plan.layers)
-                choices[l] = n
-                candidate = self.repair(self.plan(choices), budget)
+            for i, n, _, _ in self._moves(values, direction):
+                changed = list(values)
+                changed[i] = n
+                candidate = self.repair(self.plan_of(changed), budget)
                 if plan_key(candidate) not in seen:
                     seen.add(plan_key(candidate))
                     out.append(candidate)
         return out
 
     def encode(self, plan: Plan) -> np.ndarray:
+        """The plan's gene values scaled to [0, 1] (the refinement's GP inputs)."""
         bits, ranks = self.config.bits, self.config.ranks
-        return np.array([v for c in plan.layers for v in (bits.index(c.bits) / max(1, len(bits) - 1),
-                                                          ranks.index(c.rank) / max(1, len(ranks) - 1))])
-
-
-def plan_key(plan: Plan) -> str:
-    return ",".join(f"{c.bits}/{c.rank}" for c in plan.layers)
+        return np.array([v for b, r in self.genes.values(plan)
+                         for v in (bits.index(b) / max(1, len(bits) - 1), ranks.index(r) / max(1, len(ranks) - 1))])
 
 
 def plan_from_key(key: str, config: SearchConfig) -> Plan:
     """The plan a trial's ``plan_key`` names, with the search's settings."""
-    return Plan([LayerChoice(*map(int, item.split("/"))) for item in key.split(",")], **config.plan_settings())
+    return Plan(layers_from_key(key), **config.plan_settings())
 
 
 def config_plan(config: SearchConfig, num_layers: int, bits: int, rank: int) -> Plan:

@@ -11,7 +11,8 @@ from ..io import atomic_write_json, atomic_write_text
 from ..memory import ModelShapes, format_bytes
 from ..plan import DEFAULT_RANK, LayerChoice, Plan
 from .config import FORMAT, SearchConfig
-from .planner import Planner, plan_key
+from .genes import plan_key
+from .planner import Planner
 
 log = logging.getLogger("qradaptor")
 
