@@ -3,6 +3,9 @@ simpler allocators, on SmolLM2-135M-Instruct with the default data, every method
 data, steps, seed and evaluation.
 
     lora16              LoRA r=16 on the bf16 base (unquantized): the quality ceiling
+    qlora4-r16          uniform 4-bit HQQ + LoRA r16 with PEFT's zero start: QLoRA as a user runs it today, the
+                        reference of the gap recovered (every other quantized method starts its adapters as `train`
+                        does by default, ``adapter_init``)
     uniform{b}-r{r}     uniform b-bit HQQ + LoRA rank r, for b in {3, 4, 5, 6, 8} and r in {4, 8, 16, 32}: the settings
                         a user could pick by hand. Their best-uniform front (at each memory, the best setting that fits)
                         is the baseline; its settings run seeds 0, 1, 2. uniform4-r16 (QLoRA's) is the memory reference.
@@ -271,7 +274,7 @@ class Bench:
     """The model, the one sensitivity profile and the one fitness (with its quantization cache) that every
     search of a benchmark run shares; also used by benchmarks/search.py, which reuses the same work dir."""
 
-    def __init__(self, work: str | None, *, smoke: bool):
+    def __init__(self, work: str | None, *, smoke: bool, data: str | None = None):
         from qradaptor.backends import get_backend
         from qradaptor.memory import ModelShapes
         from qradaptor.models import load_model
@@ -284,11 +287,12 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         # finished final fine-tunes, shared by the frontier, its uniform grid and the fidelity study (run_final)
         self.finals = self.work / "finals" if smoke else FINALS
-        self.model = self.data = None
+        self.model, self.data = None, data  # the defaults (SmolLM2, the reference-manual topics), or this data
         if smoke:
             from benchmarks.search import smoke_model
 
-            self.model, self.data = smoke_model(self.work)
+            self.model, words = smoke_model(self.work)
+            self.data = data or words
         self.base, self.tokenizer = load_model(self.model)
         self.shapes = ModelShapes.from_model(self.base)
         self.backend = get_backend("hqq")
@@ -419,7 +423,14 @@ def front(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: r["memory_bytes"])
 
 
-REFERENCE = "uniform4-r16"  # QLoRA's setting: the gap to close runs from it to 16-bit LoRA
+# The gap to close runs from QLoRA as a user runs it today, uniform 4-bit r16 with PEFT's zero start, to 16-bit
+# LoRA (issue #29); the uniform grid trains with the benchmark's start, as the searches' plans do.
+REFERENCE = "qlora4-r16"
+
+
+def recipe(name: str, settings: dict) -> dict:
+    """The fine-tune settings of row ``name``: the reference's plain zero start, or the benchmark's."""
+    return {**settings, "adapter_init": "zero"} if name == REFERENCE else settings
 
 
 def uniform_name(bits: int, rank: int) -> str:
@@ -446,13 +457,13 @@ def budget_searches(rows: list[dict]) -> list[dict]:
 
 
 def seeded(rows: list[dict], seeds_for: str) -> list[dict]:
-    """The rows that get every seed: the searches' plans at the budgets and the uniform settings they are compared
-    with, either the whole best-uniform front (``front``) or only the best uniform setting within each budget
-    (``budgets``), on the current seed means."""
-    ours = budget_searches(rows)
+    """The rows that get every seed: the searches' plans at the budgets, the gap's reference (`REFERENCE`) and the
+    uniform settings they are compared with, either the whole best-uniform front (``front``) or only the best
+    uniform setting within each budget (``budgets``), on the current seed means."""
+    ours = budget_searches(rows) + [r for r in rows if r["name"] == REFERENCE]
     if seeds_for == "front":
         return ours + best_uniform_front(rows)
-    best = [best_uniform_within(rows, r["budget_bytes"]) for r in ours]
+    best = [best_uniform_within(rows, r["budget_bytes"]) for r in budget_searches(rows)]
     return ours + list({id(r): r for r in best if r is not None}.values())
 
 
@@ -494,7 +505,8 @@ def targets(methods: list[dict], final_steps: int) -> dict:
     }
 
 
-STYLE = {"lora16": ("*", "black"), "greedy": ("^", "#1b9e77"), "random": ("D", "#7570b3")}  # qradaptor: blue
+STYLE = {"lora16": ("*", "black"), "greedy": ("^", "#1b9e77"), "random": ("D", "#7570b3"),
+         REFERENCE: ("P", "#e7298a")}  # qradaptor: blue
 BITS_COLOUR = {2: "#fdd0a2", 3: "#fdae6b", 4: "#fd8d3c", 5: "#e6550d", 6: "#a63603", 8: "#7f2704"}
 
 
@@ -586,12 +598,13 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
           f"compute). The uniform family: every setting bits {{{', '.join(map(str, grid['bits']))}}} × ranks "
           f"{{{', '.join(map(str, grid['ranks']))}}}, `uniform{{bits}}-r{{rank}}`; ◆ marks the best-uniform front (at "
           f"its memory no uniform setting is better); "
-          + (f"its settings and the searches' plans at the budgets are the mean of {settings['seeds']} seeds"
-             if settings.get("seeds_for", "front") == "front"
-             else f"the searches' plans at the budgets and the best uniform setting within each are the mean of "
-                  f"{settings['seeds']} seeds, every other row one seed (seed 0)")
+          + (f"its settings, `{REFERENCE}` and the searches' plans at the budgets are the mean of "
+             f"{settings['seeds']} seeds" if settings.get("seeds_for", "front") == "front"
+             else f"the searches' plans at the budgets, `{REFERENCE}` and the best uniform setting within each are "
+                  f"the mean of {settings['seeds']} seeds, every other row one seed (seed 0)")
           + f" (± half the max–min spread). Memory is measured on the trained model (weights, quantization metadata and LoRA "
           f"adapters). avg bits counts scales and zeros (uniform 4-bit = 5.0); code bits is the plan's mean bit-width. "
+          f"`{REFERENCE}` is uniform 4-bit r16 with PEFT's zero start (QLoRA as run today). "
           f"Gap recovered = ({REFERENCE} − method) / ({REFERENCE} − lora16). vs best uniform: the best uniform setting "
           f"that fits the method's budget, and the loss difference. Search steps are the fine-tune steps the "
           f"search spent (searches run as `qradaptor run` runs them: on the first steps of the final fine-tune's "
@@ -677,6 +690,7 @@ def main() -> None:
     # Every method: its plan and the search that found it (none for the fixed baselines).
     none = {"search_steps": 0, "search_seconds": 0.0, "search_evaluations": 0}
     plans: list[tuple[str, Plan, dict, str]] = [("lora16", Plan.uniform(L, 16, 16), none, "bfloat16")]
+    plans.append((REFERENCE, Plan.uniform(L, 4, 16), none, train_dtype()))  # QLoRA today: the zero start
     # quantized plans train as `qradaptor train` does by default (its compute dtype, checkpointing on)
     dtype = settings["dtype"] = train_dtype()
     # the uniform family: every setting a user could pick by hand
@@ -704,7 +718,7 @@ def main() -> None:
     first = sorted(range(len(plans)), key=lambda i: (plans[i][0] not in searched_budgets,
                                                      not plans[i][0].startswith(("uniform4-", "uniform5-")), i))
     for name, plan, cost, dtype in (plans[i] for i in first):
-        final = run_final(bench.finals, name, plan, settings, model, data, seed=0, dtype=dtype,
+        final = run_final(bench.finals, name, plan, recipe(name, settings), model, data, seed=0, dtype=dtype,
                           init_from=kept_runs.get(name))
         final.pop("run_dir")
         final.update(measure_rss(bench.work, name, plan, settings, model, data, dtype=dtype))
@@ -733,7 +747,8 @@ def main() -> None:
             break
         for r in todo:
             for seed in range(len(r["seeds"]), settings["seeds"]):
-                extra = run_final(bench.finals, f"{r['name']} seed {seed}", plan_of[r["name"]], settings, model, data,
+                extra = run_final(bench.finals, f"{r['name']} seed {seed}", plan_of[r["name"]],
+                                  recipe(r["name"], settings), model, data,
                                   seed=seed, dtype=r["dtype"])
                 r["seeds"].append(extra["loss"])
                 r.setdefault("seed_train_seconds", []).append(extra["train_seconds"])

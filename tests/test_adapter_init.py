@@ -116,7 +116,7 @@ def test_modules_own_bits_and_ranks_are_what_the_start_fits(tiny_model):
     """A module's own bits select the codes fitted against (16 bits: no start) and its own rank the truncation."""
     plan = Plan([LayerChoice(4, 8, (ModuleChoice("k_proj", 16, 8), ModuleChoice("down_proj", 3, 2))),
                  LayerChoice(16, 8, (ModuleChoice("q_proj", 4, 4),)), LayerChoice(3, 4), LayerChoice(2, 8)])
-    wanted = {name: (bits, rank) for name, _, bits, rank in adapted_linears(tiny_model, plan)}
+    wanted = {name: (bits, rank) for name, _, bits, rank, _ in adapted_linears(tiny_model, plan)}
     assert "model.layers.0.self_attn.k_proj" not in wanted and wanted["model.layers.0.mlp.down_proj"] == (3, 2)
     assert [n for n in wanted if ".layers.1." in n] == ["model.layers.1.self_attn.q_proj"]
     assert wanted["model.layers.1.self_attn.q_proj"] == (4, 4) and len(wanted) == 6 + 1 + 7 + 7
@@ -128,6 +128,20 @@ def test_modules_own_bits_and_ranks_are_what_the_start_fits(tiny_model):
     # the 3-bit down_proj's fit is against its own 3-bit codes: the same fit as a plan with 3-bit layer 0 gives
     same = AdapterStart(tiny_model, "svd", cache, max_rank=8).factors(Plan([LayerChoice(3, 2)] * 4))
     assert torch.equal(factors["model.layers.0.mlp.down_proj"].A, same["model.layers.0.mlp.down_proj"].A)
+
+
+def test_a_modules_own_group_size_selects_the_codes_the_start_fits_against(tiny_model):
+    plan = Plan([LayerChoice(4, 8, (ModuleChoice("down_proj", 4, 8, 128),), group_size=32)] + [LayerChoice(4, 8)] * 3)
+    groups = {name: group for name, _, _, _, group in adapted_linears(tiny_model, plan)}
+    assert groups["model.layers.0.mlp.down_proj"] == 128 and groups["model.layers.0.self_attn.q_proj"] == 32
+    assert groups["model.layers.1.self_attn.q_proj"] == 64
+    cache = QuantCache(get_backend("hqq"))
+    factors = AdapterStart(tiny_model, "svd", cache, max_rank=8).factors(plan)
+    for group, name in ((128, "model.layers.0.mlp.down_proj"), (32, "model.layers.0.self_attn.q_proj")):
+        same = AdapterStart(tiny_model, "svd", cache, max_rank=8).factors(Plan.uniform(4, 4, 8, group_size=group))
+        assert torch.equal(factors[name].A, same[name].A)
+    other = AdapterStart(tiny_model, "svd", cache, max_rank=8).factors(Plan.uniform(4, 4, 8))
+    assert not torch.equal(factors["model.layers.0.mlp.down_proj"].A, other["model.layers.0.mlp.down_proj"].A)
 
 
 def test_loftq_rewrites_the_codes_and_fits_the_weight_at_least_as_well(tiny_model):

@@ -51,8 +51,9 @@ def test_eight_bits_and_odd_groups_are_requantized_to_q8_0():
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def exported(request, tmp_path_factory):
-    """A 2-step fine-tune of the real SmolLM2-135M in each dtype with every kind of layer (3- to 8-bit, 16-bit)
-    and a layer whose modules have bits and ranks of their own, exported with --gguf."""
+    """A 2-step fine-tune of the real SmolLM2-135M in each dtype with every kind of layer (3- to 8-bit, 16-bit),
+    a layer whose modules have bits and ranks of their own, and group sizes of layers' and modules' own, exported
+    with --gguf."""
     from qradaptor.plan import Plan
 
     tmp = tmp_path_factory.mktemp("gguf")
@@ -62,6 +63,11 @@ def exported(request, tmp_path_factory):
     for layer in range(0, 30, 2):
         plan["layers"][layer]["rank"] = 4
     plan["layers"][1]["modules"] = {"k_proj": {"bits": 8}, "down_proj": {"bits": 5, "rank": 12}}  # modules' own
+    # group sizes of their own: a layer's 32, a row of 1536 in groups of 128 (both their own codes), and groups of
+    # 16 (smaller than a GGUF block: requantized)
+    plan["layers"][2]["group_size"] = 32
+    plan["layers"][1]["modules"]["down_proj"]["group_size"] = 128
+    plan["layers"][3]["modules"] = {"q_proj": {"group_size": 16}}
     (tmp / "plan.json").write_text(json.dumps(plan))
     run, out = tmp / "run", tmp / "export"
     assert main(["train", "--plan", str(tmp / "plan.json"), "--dtype", request.param, "--steps", "2", "--seq-len", "32",
@@ -85,6 +91,8 @@ def test_export_writes_model_adapter_and_modelfile(exported):
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.1.attn_q.weight"] == "Q4_1"  # 3 and 4 bits
     assert types["blk.3.ffn_down.weight"] == "Q5_1"
     assert types["blk.1.attn_k.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == "Q5_1"  # modules' own bits
+    assert types["blk.2.attn_q.weight"] == "Q4_1" and types["blk.3.attn_k.weight"] == "Q5_1"  # own group sizes
+    assert types["blk.3.attn_q.weight"] == "Q8_0"  # groups of 16
     dense = "F32" if info["dtype"] == "float32" else "BF16"  # 16-bit layers keep the run's dtype
     assert types["blk.5.attn_v.weight"] == "Q8_0" and types["blk.6.attn_k.weight"] == dense  # 8 and 16 bits
     assert types["blk.6.attn_norm.weight"] == "F32"

@@ -15,6 +15,10 @@ MIXED_FINE = [LayerChoice(5, 4), LayerChoice(6, 32), LayerChoice(7, 8), LayerCho
 PER_MODULE = [LayerChoice(4, 16, (ModuleChoice("k_proj", 8, 16), ModuleChoice("down_proj", 3, 32))),
               LayerChoice(16, 8, (ModuleChoice("q_proj", 2, 4),)), LayerChoice(3, 4),
               LayerChoice(8, 8, (ModuleChoice("up_proj", 16, 2), ModuleChoice("v_proj", 4, 8)))]
+# layers and linears with group sizes of their own (the plan's is 64)
+GROUPS = [LayerChoice(4, 16, (ModuleChoice("k_proj", 8, 16, 32),), group_size=128),
+          LayerChoice(3, 8, (ModuleChoice("down_proj", 4, 8, 128), ModuleChoice("q_proj", 3, 8, 32))),
+          LayerChoice(16, 8, (ModuleChoice("o_proj", 4, 4, 32),)), LayerChoice(2, 4, group_size=32)]
 
 
 def _storable(layers):
@@ -23,7 +27,7 @@ def _storable(layers):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layers, name", [(layers, name) for layers in (MIXED, MIXED_FINE, PER_MODULE,
+@pytest.mark.parametrize("layers, name", [(layers, name) for layers in (MIXED, MIXED_FINE, PER_MODULE, GROUPS,
                                                                            [LayerChoice(4, 16)] * 4)
                                           for name in _storable(layers)])
 def test_prediction_matches_measured_bytes(tiny_model, name, dtype, layers):
@@ -36,6 +40,12 @@ def test_prediction_matches_measured_bytes(tiny_model, name, dtype, layers):
     assert measured_bytes(model) == predicted
     # found through the modules themselves: nothing on the model says which backend made them
     assert not [k for m in model.modules() for k in vars(m) if k.startswith("qradaptor")]
+    # each linear is quantized with its own group size (its own, its layer's, or the plan's)
+    layers = model.base_model.model.model.layers if hasattr(model, "base_model") else model.model.layers
+    for i, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            if hasattr(module, "group_size") and hasattr(module, "bits"):
+                assert module.group_size == plan.group_size_of(i, name.removesuffix(".base_layer"))
 
 
 @pytest.mark.parametrize("name", BACKENDS)

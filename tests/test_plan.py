@@ -46,6 +46,9 @@ def test_round_trip_is_exact(tmp_path, suffix):
         ({"layers": [{"bits": 4, "rank": 8}], "colour": 1}, "unknown plan keys"),
         ({"layers": [{"bits": "4", "rank": 8}]}, "non-integer"),
         ({"layers": [{"bits": 4, "rank": 8}], "group_size": 0}, "group_size"),
+        ({"layers": [{"bits": 4, "rank": 8, "group_size": 0}]}, "layer 0 has group size 0"),
+        ({"layers": [{"bits": 4, "rank": 8, "modules": {"k_proj": {"group_size": -32}}}]}, "k_proj has group size -32"),
+        ({"layers": [{"bits": 4, "rank": 8, "group_size": "64"}]}, "non-integer"),
     ],
 )
 def test_bad_plans_are_refused_with_the_cause(tmp_path, obj, needle):
@@ -186,3 +189,26 @@ def test_memory_refuses_a_plan_naming_a_module_the_model_lacks(tmp_path, tiny_di
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     assert main(["memory", "--model", str(tiny_dir), "--plan", str(tmp_path / "plan.json")]) == 0
     assert "k_proj 8b×4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_group_sizes_of_layers_and_modules_round_trip_and_default_to_the_enclosing_one(tmp_path, suffix):
+    obj = {"layers": [{"bits": 4, "rank": 16, "group_size": 128, "modules": {"k_proj": {"group_size": 32}}},
+                      {"bits": 3, "rank": 8, "modules": {"down_proj": {"bits": 4, "group_size": 128}}},
+                      {"bits": 4, "rank": 8}], "group_size": 64}
+    plan = Plan.from_dict(obj)
+    assert plan.group_size_of(0, "self_attn.k_proj") == 32 and plan.group_size_of(0, "mlp.up_proj") == 128
+    assert plan.group_size_of(1, "mlp.down_proj") == 128 and plan.group_size_of(1, "self_attn.q_proj") == 64
+    assert plan.group_size_of(2, "mlp.down_proj") == 64
+    again = Plan.load(plan.save(tmp_path / f"plan{suffix}"))
+    assert again == plan and again.to_dict()["layers"] == obj["layers"]  # only what is given is written
+    # the plan's own group size, or a module's layer's, given explicitly, is no choice of its own
+    same = Plan([LayerChoice(4, 16, (ModuleChoice("k_proj", 4, 16, 64),), group_size=64), LayerChoice(3, 8)])
+    assert same == Plan([LayerChoice(4, 16), LayerChoice(3, 8)]) and "group_size" not in same.to_dict()["layers"][0]
+    inner = Plan([LayerChoice(4, 16, (ModuleChoice("k_proj", 4, 16, 128),), group_size=128)])
+    assert inner.layers[0].modules == () and inner.to_dict()["layers"] == [{"bits": 4, "rank": 16, "group_size": 128}]
+    # a module back at the plan's size inside a layer of another is its own choice, and stays one
+    back = Plan([LayerChoice(4, 16, (ModuleChoice("k_proj", 4, 16, 64),), group_size=128)])
+    assert back.group_size_of(0, "k_proj") == 64 and back.group_size_of(0, "q_proj") == 128
+    assert Plan.from_dict(back.to_dict()) == back
+    assert plan.describe() == "3b×1 4b×2 | r8×2 r16×1 | g64×2 g128×1 | down_proj 4b g128×1, k_proj g32×1"

@@ -74,17 +74,18 @@ def low_rank_fit(error: torch.Tensor, rank: int, gram: torch.Tensor | None = Non
     return Factors(A.contiguous(), U[:, :rank] * root)
 
 
-def adapted_linears(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear, int, int]]:
-    """``(full name, linear, bits, rank)`` of every linear of ``model`` (unquantized) that ``plan`` quantizes and
-    gives an adapter: the ones a start has something to fit for (a 16-bit layer's adapters start at zero)."""
+def adapted_linears(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear, int, int, int]]:
+    """``(full name, linear, bits, rank, group size)`` of every linear of ``model`` (unquantized) that ``plan``
+    quantizes and gives an adapter: the ones a start has something to fit for (a 16-bit layer's adapters start at
+    zero)."""
     layers = decoder_layers(model)
     targets = set(plan.targets_in(linear_names(layers[0][1])))
     found = []
-    for (layer_name, layer), choice in zip(layers, plan.layers):
+    for index, ((layer_name, layer), choice) in enumerate(zip(layers, plan.layers)):
         for name, linear in layer_linears(layer):
             own = choice.of(name)
             if own.bits != UNQUANTIZED_BITS and name.rsplit(".", 1)[-1] in targets:
-                found.append((f"{layer_name}.{name}", linear, own.bits, own.rank))
+                found.append((f"{layer_name}.{name}", linear, own.bits, own.rank, plan.group_size_of(index, name)))
     return found
 
 
@@ -120,35 +121,35 @@ class AdapterStart:
         if plan.max_rank > self.max_rank:
             raise ValueError(f"plan rank {plan.max_rank} is above the largest rank fitted ({self.max_rank})")
         wanted = adapted_linears(self.model, plan)
-        missing = {name: (linear, bits) for name, linear, bits, _ in wanted
-                   if (name, bits, plan.group_size) not in self._fits}
+        missing = {name: (linear, bits, group) for name, linear, bits, _, group in wanted
+                   if (name, bits, group) not in self._fits}
         if missing:
-            self._fit(missing, plan.group_size)
-        return {name: self._fits[(name, bits, plan.group_size)].truncated(rank) for name, _, bits, rank in wanted}
+            self._fit(missing)
+        return {name: self._fits[(name, bits, group)].truncated(rank) for name, _, bits, rank, group in wanted}
 
     def _error(self, name: str, linear: nn.Linear, bits: int, group_size: int) -> torch.Tensor:
         quantized = self.cache.get(name, linear, bits, group_size)
         return linear.weight.detach().float() - quantized.dequantize().float()
 
-    def _fit(self, missing: dict[str, tuple[nn.Linear, int]], group_size: int) -> None:
+    def _fit(self, missing: dict[str, tuple[nn.Linear, int, int]]) -> None:
+        """Fit the start of each linear in ``missing`` (full name → linear, bits, group size)."""
         if self.method == "svd":
-            for name, (linear, bits) in missing.items():
-                self._fits[(name, bits, group_size)] = low_rank_fit(self._error(name, linear, bits, group_size),
-                                                                    self.max_rank)
+            for name, (linear, bits, group) in missing.items():
+                self._fits[(name, bits, group)] = low_rank_fit(self._error(name, linear, bits, group), self.max_rank)
             return
-        by_module = {id(linear): (name, bits) for name, (linear, bits) in missing.items()}
+        by_module = {id(linear): (name, bits, group) for name, (linear, bits, group) in missing.items()}
         last: list = [None, None]  # the last input seen and its second moment: q, k and v share theirs
 
         def hook(module, args):
-            name, bits = by_module[id(module)]
+            name, bits, group = by_module[id(module)]
             x = args[0].detach()
             if last[0] is not x:
                 flat = x.reshape(-1, x.shape[-1]).float()
                 last[:] = [x, flat.T @ flat / flat.shape[0]]
-            self._fits[(name, bits, group_size)] = low_rank_fit(self._error(name, module, bits, group_size),
-                                                                self.max_rank, last[1])
+            self._fits[(name, bits, group)] = low_rank_fit(self._error(name, module, bits, group), self.max_rank,
+                                                           last[1])
 
-        linears = {id(linear): linear for linear, _ in missing.values()}
+        linears = {id(linear): linear for linear, *_ in missing.values()}
         handles = [linear.register_forward_pre_hook(hook) for linear in linears.values()]
         try:
             with torch.no_grad():
@@ -158,7 +159,7 @@ class AdapterStart:
             for handle in handles:
                 handle.remove()
             last.clear()
-        unseen = [name for name, (_, bits) in missing.items() if (name, bits, group_size) not in self._fits]
+        unseen = [name for name, (_, bits, group) in missing.items() if (name, bits, group) not in self._fits]
         if unseen:
             raise RuntimeError(f"the calibration forward never reached {unseen[:3]} ({len(unseen)} linears); the "
                                "activation start needs every adapted linear on the decoder's path")
@@ -206,14 +207,14 @@ def loftq_start(model: nn.Module, plan: Plan, backend: QuantBackend, *, iteratio
     quantized module (new codes, same bytes) and the start of each. For the benchmark's comparison: a run using it
     would have to store these codes, not those of ``quant(W)``."""
     out = {}
-    for name, linear, bits, rank in adapted_linears(model, plan):
+    for name, linear, bits, rank, group_size in adapted_linears(model, plan):
         W = linear.weight.detach().float()
         residual = torch.zeros_like(W)
         for _ in range(iterations):
             source = copy.deepcopy(linear)
             with torch.no_grad():
                 source.weight.copy_((W - residual).to(linear.weight.dtype))
-            quantized = backend.quantize(source, bits, plan.group_size)
+            quantized = backend.quantize(source, bits, group_size)
             fit = low_rank_fit(W - quantized.dequantize().float(), rank)
             residual = fit.B @ fit.A
         out[name] = (quantized, fit)

@@ -375,8 +375,11 @@ def layer_gguf_bytes(layer: list, choice, *, group_size: int, target_modules: tu
     search's planner prices ``gguf:`` budgets with it."""
     from .memory import adapted_shapes
 
-    model = sum(_padded(tensor_bytes(linear_type(choice.of(s.name).bits, group_size, s.in_features,
-                                                 has_codes=has_codes, dense=dense), s.numel)) for s in layer)
+    def own_type(s) -> str:  # each linear at its own bits and group size (the plan's: ``group_size``)
+        own = choice.of(s.name)
+        return linear_type(own.bits, own.group_size or group_size, s.in_features, has_codes=has_codes, dense=dense)
+
+    model = sum(_padded(tensor_bytes(own_type(s), s.numel)) for s in layer)
     adapted = [(s, choice.of(s.name).rank) for s in adapted_shapes(layer, target_modules)]
     adapter = sum(_padded(4 * rank * s.in_features) + _padded(4 * s.out_features * rank) for s, rank in adapted)
     return model, adapter
@@ -446,7 +449,7 @@ def predict_gguf(model, plan, backend, *, spec: str | None, dtype: torch.dtype) 
         name, shape = _gguf_name(tmap, key), list(tensor.shape)
         if key in linears:
             layer, s = linears[key]
-            kind = linear_type(plan.layers[layer].of(s.name).bits, plan.group_size, s.in_features,
+            kind = linear_type(plan.layers[layer].of(s.name).bits, plan.group_size_of(layer, s.name), s.in_features,
                                has_codes=has_codes, dense=dense)
             types[kind] = types.get(kind, 0) + 1
         else:

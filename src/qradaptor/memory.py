@@ -177,15 +177,16 @@ def linear_bytes(shape: LinearShape, bits: int, rank: int, adapted: bool, backen
 def layer_bytes(layer: list, choice: LayerChoice, backend: QuantBackend, *, group_size: int,
                 target_modules: tuple[str, ...], base_bytes: int, dora: bool = False,
                 expert_adapters: bool = False) -> tuple[int, int]:
-    """One decoder layer (its linears' shapes) under ``choice``, each linear at its own bits and rank
-    (`LayerChoice.of`, `linear_bytes`): the bytes of its weights and the number of LoRA parameters its target
-    modules get (with ``expert_adapters``, every routed expert's linears too).
+    """One decoder layer (its linears' shapes) under ``choice``, each linear at its own bits, rank and group size
+    (`LayerChoice.of`, `linear_bytes`; ``group_size``: the plan's, where neither gives one): the bytes of its weights
+    and the number of LoRA parameters its target modules get (with ``expert_adapters``, every routed expert's
+    linears too).
     The one place a layer is priced: `predict` sums it, the search memoises it."""
     adapted = {s.name for s in adapted_shapes(layer, target_modules, expert_adapters)}
     weights = params = 0
     for s in layer:
         own = choice.of(s.name)
-        w, p = linear_bytes(s, own.bits, own.rank, s.name in adapted, backend, group_size=group_size,
+        w, p = linear_bytes(s, own.bits, own.rank, s.name in adapted, backend, group_size=own.group_size or group_size,
                             base_bytes=base_bytes, dora=dora)
         weights, params = weights + w, params + p
     return weights, params

@@ -12,6 +12,11 @@ named as ``target_modules`` names them; what a module does not name is the layer
 
     {"bits": 4, "rank": 16, "modules": {"k_proj": {"bits": 8}, "down_proj": {"bits": 3, "rank": 32}}}
 
+A layer or a module may also give its own ``group_size`` (weights per quantization group; what it leaves out is
+its layer's, and a layer's is the plan's)::
+
+    {"bits": 4, "rank": 16, "group_size": 128, "modules": {"k_proj": {"group_size": 32}}}
+
 Applying a plan to a model (``qradaptor.quantize``) gives the quantized base; ``lora_config`` gives the PEFT
 ``LoraConfig`` whose per-module ranks follow the plan.
 """
@@ -50,16 +55,19 @@ class ModuleChoice:
     name: str
     bits: int
     rank: int
+    group_size: int | None = None  # None: its layer's
 
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """One decoder layer's bits and rank, and ``modules``: its linears whose own differ (sorted by name, none equal
-    to the layer's, so that equal choices compare and hash equal: the search memoises on them)."""
+    """One decoder layer's bits, rank and (``None``: the plan's) group size, and ``modules``: its linears whose own
+    differ (sorted by name, none equal to the layer's, so that equal choices compare and hash equal: the search
+    memoises on them)."""
 
     bits: int
     rank: int
     modules: tuple[ModuleChoice, ...] = ()
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         modules = [m if isinstance(m, ModuleChoice) else ModuleChoice(*m) for m in self.modules]
@@ -67,18 +75,32 @@ class LayerChoice:
         if len(set(names)) != len(names):
             raise PlanError(f"a layer names module {sorted(n for n in names if names.count(n) > 1)[0]!r} twice",
                             "give each module of a layer at most one entry")
-        object.__setattr__(self, "modules", tuple(sorted((m for m in modules if (m.bits, m.rank) != (self.bits,
-                                                                                                     self.rank)),
-                                                         key=lambda m: m.name)))
+        # a module's group size equal to its layer's is its layer's (None)
+        modules = [ModuleChoice(m.name, m.bits, m.rank, None if m.group_size == self.group_size else m.group_size)
+                   for m in modules]
+        object.__setattr__(self, "modules", tuple(sorted(
+            (m for m in modules if (m.bits, m.rank, m.group_size) != (self.bits, self.rank, None)),
+            key=lambda m: m.name)))
 
     def of(self, name: str) -> "LayerChoice":
-        """The bits and rank of the layer's linear ``name`` (its name in the layer or its short name): its own
-        `ModuleChoice`, or the layer's."""
+        """The bits, rank and group size of the layer's linear ``name`` (its name in the layer or its short name):
+        its own `ModuleChoice`, or the layer's."""
         short = name.rsplit(".", 1)[-1]
         for m in self.modules:
             if m.name == short:
-                return LayerChoice(m.bits, m.rank)
-        return LayerChoice(self.bits, self.rank) if self.modules else self
+                return LayerChoice(m.bits, m.rank, group_size=m.group_size or self.group_size)
+        return LayerChoice(self.bits, self.rank, group_size=self.group_size) if self.modules else self
+
+    def with_group_size(self, default: int) -> "LayerChoice":
+        """The same choice with the group sizes that are implied left implicit (None): the layer's where it is the
+        plan's ``default``, a module's where it is its layer's."""
+        if self.group_size is None and all(m.group_size is None for m in self.modules):
+            return self  # nothing given: the usual case, and the search builds thousands of plans
+        layer = self.group_size or default
+        modules = tuple(ModuleChoice(m.name, m.bits, m.rank, None if (m.group_size or layer) == layer else m.group_size)
+                        for m in self.modules)
+        normal = LayerChoice(self.bits, self.rank, modules, None if layer == default else layer)
+        return self if normal == self else normal
 
     @property
     def bit_widths(self) -> tuple[int, ...]:
@@ -90,15 +112,17 @@ class LayerChoice:
         return max([self.rank, *(m.rank for m in self.modules)])
 
     def unquantized(self) -> "LayerChoice":
-        """The same ranks, every linear at 16 bits."""
+        """The same ranks, every linear at 16 bits (no groups)."""
         return LayerChoice(UNQUANTIZED_BITS, self.rank,
                            tuple(ModuleChoice(m.name, UNQUANTIZED_BITS, m.rank) for m in self.modules))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"bits": self.bits, "rank": self.rank}
+        if self.group_size is not None:  # written only when given: a plan's file and digest stay as before
+            d["group_size"] = self.group_size
         if self.modules:  # written only when some module differs: a per-layer plan's file and digest stay as before
-            d["modules"] = {m.name: {k: v for k, v in (("bits", m.bits), ("rank", m.rank)) if v != d[k]}
-                            for m in self.modules}
+            d["modules"] = {m.name: {k: v for k, v in (("bits", m.bits), ("rank", m.rank), ("group_size", m.group_size))
+                                     if v is not None and v != d.get(k)} for m in self.modules}
         return d
 
 
@@ -132,6 +156,8 @@ class Plan:
         self.layers = [c if isinstance(c, LayerChoice) else _parse_layer(i, c) for i, c in enumerate(self.layers)]
         self.target_modules = tuple(self.target_modules)
         self.check()
+        # the plan's own group size, where a layer or module gives it, is the default (None): equal plans compare equal
+        self.layers = [c.with_group_size(self.group_size) for c in self.layers]
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -215,6 +241,9 @@ class Plan:
                 if own.rank <= 0:
                     raise PlanError(f"{where} has rank {own.rank}; ranks must be positive",
                                     "use a rank such as 8 or 16")
+                if own.group_size is not None and (type(own.group_size) is not int or own.group_size <= 0):
+                    raise PlanError(f"{where} has group size {own.group_size!r}; group sizes must be positive "
+                                    "integers", "use e.g. 32, 64 or 128 (or leave it out: the plan's)")
         # bool is an int to Python, and JSON allows Infinity/NaN: neither is a sane setting
         if type(self.group_size) is not int or self.group_size <= 0:
             raise PlanError(f"group_size must be a positive integer, got {self.group_size!r}", "the default is 64")
@@ -287,6 +316,10 @@ class Plan:
         Plan.uniform(len(decoder_layers(model)), 4, target_modules=targets).check_model(model, source="--target-modules")
         return targets
 
+    def group_size_of(self, layer: int, name: str) -> int:
+        """The group size linear ``name`` of layer ``layer`` is quantized with: its own, its layer's, or the plan's."""
+        return self.layers[layer].of(name).group_size or self.group_size
+
     def targets_in(self, linears: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         """The modules this plan adapts in a layer whose linears are named ``linears`` (`resolve_targets`)."""
         return resolve_targets(self.target_modules, linears)
@@ -315,25 +348,29 @@ class Plan:
         return tuple(sorted({b for c in self.layers for b in c.bit_widths}))
 
     def describe(self) -> str:
-        """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30`` (layers' own choices; ``| k_proj 8b×30`` after
-        them for modules' own, the four most common; ``| DoRA`` for DoRA adapters, ``| expert adapters`` for adapters
-        on routed experts)."""
+        """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30`` (layers' own choices; ``| g64×20 g128×10``
+        where layers give their own group sizes; ``| k_proj 8b×30`` after them for modules' own, the four most
+        common; ``| DoRA`` for DoRA adapters, ``| expert adapters`` for adapters on routed experts)."""
 
         def runs(values: Iterable[int], unit: str) -> str:
             counts: dict[int, int] = {}
             for v in values:
                 counts[v] = counts.get(v, 0) + 1
-            return " ".join(f"{unit}{v}×{n}" if unit == "r" else f"{v}b×{n}" for v, n in sorted(counts.items()))
+            return " ".join(f"{unit}{v}×{n}" if unit in "rg" else f"{v}b×{n}" for v, n in sorted(counts.items()))
 
         own: dict[str, int] = {}
         for c in self.layers:
             for m in c.modules:
-                text = " ".join([m.name] + [f"{m.bits}b"] * (m.bits != c.bits) + [f"r{m.rank}"] * (m.rank != c.rank))
+                text = " ".join([m.name] + [f"{m.bits}b"] * (m.bits != c.bits) + [f"r{m.rank}"] * (m.rank != c.rank)
+                                + [f"g{m.group_size}"] * (m.group_size is not None))
                 own[text] = own.get(text, 0) + 1
+        groups = [c.group_size or self.group_size for c in self.layers]
         common = sorted(own.items(), key=lambda kv: (-kv[1], kv[0]))
         modules = ", ".join(f"{text}×{n}" for text, n in common[:4]) + (f", +{len(common) - 4} more"
                                                                          if len(common) > 4 else "")
-        return (f"{runs(self.bits, 'b')} | {runs(self.ranks, 'r')}" + (f" | {modules}" if modules else "")
+        return (f"{runs(self.bits, 'b')} | {runs(self.ranks, 'r')}"
+                + (f" | {runs(groups, 'g')}" if any(c.group_size for c in self.layers) else "")
+                + (f" | {modules}" if modules else "")
                 + (" | DoRA" if self.dora else "") + (" | expert adapters" if self.expert_adapters else ""))
 
 
@@ -385,22 +422,25 @@ def lora_config(plan: Plan, model, **overrides: Any):
 
 
 def _parse_layer(i: int, entry: Any) -> LayerChoice:
-    """Layer ``i`` of a plan file: ``{"bits", "rank"}`` and, optionally, ``"modules"``: short name → its own
-    ``{"bits"?, "rank"?}`` (what it leaves out is the layer's)."""
+    """Layer ``i`` of a plan file: ``{"bits", "rank"}`` and, optionally, ``"group_size"`` and ``"modules"``: short
+    name → its own ``{"bits"?, "rank"?, "group_size"?}`` (what it leaves out is the layer's)."""
     example = 'write e.g. {"bits": 4, "rank": 16} or {"bits": 4, "rank": 16, "modules": {"k_proj": {"bits": 8}}}'
-    if not isinstance(entry, dict) or not {"bits", "rank"} <= set(entry) <= {"bits", "rank", "modules"}:
+    keys = {"bits", "rank", "group_size", "modules"}
+    if not isinstance(entry, dict) or not {"bits", "rank"} <= set(entry) <= keys:
         raise PlanError(f"layer {i} is {entry!r}; each layer must be an object with 'bits' and 'rank' (and "
-                        "optionally 'modules')", example)
+                        "optionally 'group_size' and 'modules')", example)
     modules = entry.get("modules", {})
     if not isinstance(modules, dict) or not all(
-            isinstance(own, dict) and own and set(own) <= {"bits", "rank"} for own in modules.values()):
+            isinstance(own, dict) and own and set(own) <= {"bits", "rank", "group_size"} for own in modules.values()):
         raise PlanError(f"layer {i}'s modules are {modules!r}; they must map module names to their own "
-                        "{'bits'?, 'rank'?}", example)
-    if not all(_is_int(v) for v in (entry["bits"], entry["rank"], *(v for o in modules.values() for v in o.values()))):
-        raise PlanError(f"layer {i} has non-integer bits or rank: {entry!r}", "use integers")
+                        "{'bits'?, 'rank'?, 'group_size'?}", example)
+    given = (entry["bits"], entry["rank"], entry.get("group_size", 1), *(v for o in modules.values() for v in o.values()))
+    if not all(_is_int(v) for v in given):
+        raise PlanError(f"layer {i} has non-integer bits, rank or group size: {entry!r}", "use integers")
     return LayerChoice(entry["bits"], entry["rank"],
-                       tuple(ModuleChoice(name, own.get("bits", entry["bits"]), own.get("rank", entry["rank"]))
-                             for name, own in modules.items()))
+                       tuple(ModuleChoice(name, own.get("bits", entry["bits"]), own.get("rank", entry["rank"]),
+                                          own.get("group_size")) for name, own in modules.items()),
+                       entry.get("group_size"))
 
 
 def _is_int(value: Any) -> bool:

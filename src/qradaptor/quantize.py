@@ -77,30 +77,30 @@ def quantize_model(
     targets = []
     for index, (_, layer) in enumerate(decoder_layers(model)):
         for name, linear in layer_linears(layer):
-            bits = plan.layers[index].of(name).bits
+            bits, group_size = plan.layers[index].of(name).bits, plan.group_size_of(index, name)
             if bits != UNQUANTIZED_BITS:
-                backend.check_shape(linear.out_features, linear.in_features, plan.group_size)
-                targets.append((index, name, linear, bits))
+                backend.check_shape(linear.out_features, linear.in_features, group_size)
+                targets.append((index, name, linear, bits, group_size))
     if inplace:
         out = model
         layers = decoder_layers(out)
-        for index, name, _, _ in targets:
+        for index, name, *_ in targets:
             set_child(layers[index][1], name, None)
     else:
-        out = copy.deepcopy(model, memo={id(linear): None for _, _, linear, _ in targets})
+        out = copy.deepcopy(model, memo={id(linear): None for _, _, linear, *_ in targets})
     convert_weights(out, dtype)  # as a load in ``dtype``: the rotary tables stay float32
     out_layers = decoder_layers(out)
     targets.reverse()
     while targets:
-        index, name, source_linear, bits = targets.pop()
+        index, name, source_linear, bits, group_size = targets.pop()
         rebalance()  # the share of the cores, while a process that started beside this one loads its model
         layer_name, layer = out_layers[index]
         if cache is not None:
-            q = cache.get(f"{layer_name}.{name}", source_linear, bits, plan.group_size, device=device)
+            q = cache.get(f"{layer_name}.{name}", source_linear, bits, group_size, device=device)
         else:
             if source_linear.weight.device != device:  # in place the source moves (and is freed below); else a copy
                 source_linear = (source_linear if inplace else copy.deepcopy(source_linear)).to(device)
-            q = backend.quantize(source_linear, bits, plan.group_size)
+            q = backend.quantize(source_linear, bits, group_size)
         set_child(layer, name, q)
         del source_linear  # in place, the last reference: that weight is freed now
     out.to(device)  # what was not quantized: embeddings, norms, 16-bit layers
