@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
 
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
 from benchmarks.frontier import (REFERENCE, Bench, best_uniform_within, recipe, run_final, seeded,  # noqa: E402
-                                 targets, train_dtype, uniform_name)
+                                 targets, targets_markdown, train_dtype, uniform_name)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Pure-Python standard-library modules: 441 KB of source on Python 3.11.7
@@ -176,18 +176,7 @@ def report(rows: list[dict], goals: dict, settings: dict, corpus: dict | None, s
           f"as run today). Gap recovered = ({REFERENCE} − method) / ({REFERENCE} − "
           f"lora16). vs best uniform: the best uniform setting that fits the search's budget.\n\n")
     md += markdown_table(["method", "MiB", "test loss", "seeds", "gap recovered", "vs best uniform", "plan"], table)
-    md += "\n## Targets\n\n"
-    for budget, b in goals["budgets"].items():
-        if b["best_uniform"] is None:
-            md += f"- {budget} budget: no uniform setting fits.\n"
-            continue
-        md += (f"- {budget} budget: qradaptor {b['loss']:.4f} vs {b['best_uniform']} {b['best_uniform_loss']:.4f}: "
-               f"{b['delta']:+.4f}; no worse: {'met' if b['no_worse'] else 'MISSED'}; better by more than the larger "
-               f"seed spread: {'yes' if b['better_beyond_spread'] else 'no'}.\n")
-    recovered = goals["gap_recovered_at_4bit"]
-    md += (f"- Gap between {REFERENCE} and lora16 recovered at the 4-bit budget: "
-           f"{100 * (recovered or 0):.0f}% (target ≥ 50%): "
-           f"{'met' if goals['gap_recovered_at_least_half'] else 'MISSED'}.\n")
+    md += targets_markdown(goals)
     return md
 
 

@@ -620,9 +620,13 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
                           "test loss", "ppl", f"Δ vs {REFERENCE}", "gap recovered", "vs best uniform", "search steps",
                           "× final", "search s", "train s", "peak RSS MiB", "RSS before MiB", "estimate MiB", "plan"],
                          rows)
-    g = goals
+    return md + targets_markdown(goals)
+
+
+def targets_markdown(g: dict) -> str:
+    """The results' Targets section, from `targets`."""
     yn = lambda ok: "met" if ok else "MISSED"  # noqa: E731
-    md += "\n## Targets\n\n"
+    md = "\n## Targets\n\n"
     for budget, b in g["budgets"].items():
         if b["best_uniform"] is None:
             md += f"- {budget} budget: no uniform setting fits.\n"

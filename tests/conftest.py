@@ -76,6 +76,14 @@ def tiny_dir(tmp_path, tiny_model):
     return out
 
 
+@pytest.fixture(scope="session")
+def words(tmp_path_factory):
+    """A text file of 120 paragraphs of 40 words the tiny tokenizer knows (w0..w119): the search tests' data."""
+    path = tmp_path_factory.mktemp("data") / "words.txt"
+    path.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(120)))
+    return str(path)
+
+
 def tiny_profiled(tmp_path_factory, *, modules: bool = False):
     """A tiny random Llama saved with a tokenizer (no tied embeddings), the loaded model and its real
     sensitivity profile on 4 random blocks of 32 tokens (with ``modules``, per-linear estimates too): what the

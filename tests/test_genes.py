@@ -20,13 +20,6 @@ LLAMA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 
 @pytest.fixture(scope="module")
-def words(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "words.txt"
-    path.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(120)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama directory, the loaded model, and its real profile with per-linear estimates."""
     from conftest import tiny_profiled

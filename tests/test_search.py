@@ -30,13 +30,6 @@ from qradaptor.search import Planner, PriorCost, SearchConfig, SearchError, pare
 
 
 @pytest.fixture(scope="module")
-def words(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "words.txt"
-    path.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(120)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory, words):
     """A tiny model directory, its loaded model, and its real sensitivity profile."""
     from conftest import tiny_profiled

@@ -25,13 +25,6 @@ from qradaptor.search import DEFAULT_BITS, DEFAULT_RANKS, MARKER, SearchError
 
 
 @pytest.fixture(scope="module")
-def words(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "words.txt"
-    path.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(120)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny model directory, its sensitivity profile, and a 4-bit budget."""
     from conftest import tiny_profiled
