@@ -38,9 +38,9 @@ def search_name(layout: str, budget: str) -> str:
     return f"qradaptor-{budget}" if layout == "layer" else f"genes-{layout}-{budget}"
 
 
-def units(plan) -> str:
+def own_choices(plan) -> int:
     """How many of the plan's linears differ from their layer's choice."""
-    return str(sum(len(c.modules) for c in plan.layers))
+    return sum(len(c.modules) for c in plan.layers)
 
 
 def main(argv=None) -> int:
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                 memory = final["memory_bytes"]
             assert memory <= result.budget_bytes, f"{name}: {memory} bytes over the budget {result.budget_bytes}"
             rows.append({"budget": budget, "genes": layout, "name": name, "plan": plan.describe(),
-                         "plan_layers": plan.to_dict()["layers"], "linears_with_their_own_choice": int(units(plan)),
+                         "plan_layers": plan.to_dict()["layers"], "linears_with_their_own_choice": own_choices(plan),
                          "memory_bytes": memory, "budget_bytes": result.budget_bytes, "seeds": seeds,
                          "loss": sum(seeds) / len(seeds), "loss_spread": max(seeds) - min(seeds),
                          "search_loss": result.chosen.loss, "train_seconds": seconds, **cost})
