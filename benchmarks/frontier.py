@@ -6,6 +6,7 @@ data, steps, seed and evaluation.
     qlora4-r16          uniform 4-bit HQQ + LoRA r16 with PEFT's zero start: QLoRA as a user runs it today, the
                         reference of the gap recovered (every other quantized method starts its adapters as `train`
                         does by default, ``adapter_init``)
+    qdora4-r16          uniform 4-bit HQQ + DoRA r16 (QDoRA, the paper's other baseline), started as `train` starts it
     uniform{b}-r{r}     uniform b-bit HQQ + LoRA rank r, for b in {3, 4, 5, 6, 8} and r in {4, 8, 16, 32}: the settings
                         a user could pick by hand. Their best-uniform front (at each memory, the best setting that fits)
                         is the baseline; its settings run seeds 0, 1, 2. uniform4-r16 (QLoRA's) is the memory reference.
@@ -426,6 +427,7 @@ def front(rows: list[dict]) -> list[dict]:
 # The gap to close runs from QLoRA as a user runs it today, uniform 4-bit r16 with PEFT's zero start, to 16-bit
 # LoRA (issue #29); the uniform grid trains with the benchmark's start, as the searches' plans do.
 REFERENCE = "qlora4-r16"
+QDORA = "qdora4-r16"
 
 
 def recipe(name: str, settings: dict) -> dict:
@@ -457,10 +459,10 @@ def budget_searches(rows: list[dict]) -> list[dict]:
 
 
 def seeded(rows: list[dict], seeds_for: str) -> list[dict]:
-    """The rows that get every seed: the searches' plans at the budgets, the gap's reference (`REFERENCE`) and the
+    """The rows that get every seed: the searches' plans at the budgets, the gap's reference (`REFERENCE`), QDoRA and the
     uniform settings they are compared with, either the whole best-uniform front (``front``) or only the best
     uniform setting within each budget (``budgets``), on the current seed means."""
-    ours = budget_searches(rows) + [r for r in rows if r["name"] == REFERENCE]
+    ours = budget_searches(rows) + [r for r in rows if r["name"] in (REFERENCE, QDORA)]
     if seeds_for == "front":
         return ours + best_uniform_front(rows)
     best = [best_uniform_within(rows, r["budget_bytes"]) for r in budget_searches(rows)]
@@ -506,7 +508,7 @@ def targets(methods: list[dict], final_steps: int) -> dict:
 
 
 STYLE = {"lora16": ("*", "black"), "greedy": ("^", "#1b9e77"), "random": ("D", "#7570b3"),
-         REFERENCE: ("P", "#e7298a")}  # qradaptor: blue
+         REFERENCE: ("P", "#e7298a"), QDORA: ("X", "#66a61e")}  # qradaptor: blue
 BITS_COLOUR = {2: "#fdd0a2", 3: "#fdae6b", 4: "#fd8d3c", 5: "#e6550d", 6: "#a63603", 8: "#7f2704"}
 
 
@@ -598,13 +600,15 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
           f"compute). The uniform family: every setting bits {{{', '.join(map(str, grid['bits']))}}} × ranks "
           f"{{{', '.join(map(str, grid['ranks']))}}}, `uniform{{bits}}-r{{rank}}`; ◆ marks the best-uniform front (at "
           f"its memory no uniform setting is better); "
-          + (f"its settings, `{REFERENCE}` and the searches' plans at the budgets are the mean of "
+          + (f"its settings, `{REFERENCE}`, `{QDORA}` and the searches' plans at the budgets are the mean of "
              f"{settings['seeds']} seeds" if settings.get("seeds_for", "front") == "front"
-             else f"the searches' plans at the budgets, `{REFERENCE}` and the best uniform setting within each are "
+             else f"the searches' plans at the budgets, `{REFERENCE}`, `{QDORA}` and the best uniform setting within "
+                  f"each are "
                   f"the mean of {settings['seeds']} seeds, every other row one seed (seed 0)")
           + f" (± half the max–min spread). Memory is measured on the trained model (weights, quantization metadata and LoRA "
           f"adapters). avg bits counts scales and zeros (uniform 4-bit = 5.0); code bits is the plan's mean bit-width. "
-          f"`{REFERENCE}` is uniform 4-bit r16 with PEFT's zero start (QLoRA as run today). "
+          f"`{REFERENCE}` is uniform 4-bit r16 with PEFT's zero start (QLoRA as run today); `{QDORA}` the same with "
+          f"DoRA adapters, started as `train` starts them. "
           f"Gap recovered = ({REFERENCE} − method) / ({REFERENCE} − lora16). vs best uniform: the best uniform setting "
           f"that fits the method's budget, and the loss difference. Search steps are the fine-tune steps the "
           f"search spent (searches run as `qradaptor run` runs them: on the first steps of the final fine-tune's "
@@ -695,6 +699,7 @@ def main() -> None:
     none = {"search_steps": 0, "search_seconds": 0.0, "search_evaluations": 0}
     plans: list[tuple[str, Plan, dict, str]] = [("lora16", Plan.uniform(L, 16, 16), none, "bfloat16")]
     plans.append((REFERENCE, Plan.uniform(L, 4, 16), none, train_dtype()))  # QLoRA today: the zero start
+    plans.append((QDORA, Plan.uniform(L, 4, 16, dora=True), none, train_dtype()))
     # quantized plans train as `qradaptor train` does by default (its compute dtype, checkpointing on)
     dtype = settings["dtype"] = train_dtype()
     # the uniform family: every setting a user could pick by hand

@@ -1,5 +1,7 @@
-"""Gene layouts (issue #29 item 1): does the search end better when each choice of bits and rank is for a block of a
-layer (``--genes groups``: attention, MLP) or for each linear (``--genes module``) than for a whole layer?
+"""Gene layouts (issue #29 items 1 and 2): does the search end better when each choice of bits and rank is for a
+block of a layer (``--genes groups``: attention, MLP) or for each linear (``--genes module``) than for a whole layer,
+and when each unit chooses its quantization group size too (``--group-sizes 32,64,128``: the ``layer-g`` and
+``module-g`` rows)?
 
 Per budget and layout: the search exactly as benchmarks/frontier.py runs its ``qradaptor-<budget>`` searches (its
 settings: 8 cheap trials, promotion, one refinement, on the first steps of the final fine-tune's schedule in its
@@ -11,6 +13,7 @@ results/finals.json), so nothing is trained twice.
 
     .venv/bin/python benchmarks/genes.py                    # 4-bit budget: ~40 min on 2 cores beyond the frontier's
     .venv/bin/python benchmarks/genes.py --budgets 3.5bit,4bit
+    .venv/bin/python benchmarks/genes.py --layouts layer,layer-g,module-g   # some rows (the others are kept)
     .venv/bin/python benchmarks/genes.py --smoke            # a tiny random model, a few minutes
 
 Resumable (searches in benchmarks/work/frontier/genes-*, finals in the store). Writes benchmarks/results/genes.{json,md}.
@@ -30,12 +33,20 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
 from benchmarks.frontier import Bench, run_final, train_dtype  # noqa: E402
 
-LAYOUTS = ("layer", "groups", "module")
+GROUP_SIZES = (32, 64, 128)
+#: row → the search's genes and group sizes (none: every linear at 64)
+LAYOUTS = {"layer": ("layer", ()), "groups": ("groups", ()), "module": ("module", ()),
+           "layer-g": ("layer", GROUP_SIZES), "module-g": ("module", GROUP_SIZES)}
 
 
 def search_name(layout: str, budget: str) -> str:
     """The frontier's own search for per-layer genes; ``genes-<layout>-<budget>`` for the others."""
     return f"qradaptor-{budget}" if layout == "layer" else f"genes-{layout}-{budget}"
+
+
+def own_groups(plan, shapes) -> int:
+    """How many of the model's decoder linears the plan quantizes at a group size other than the plan's."""
+    return sum(plan.group_size_of(l, s.name) != plan.group_size for l, layer in enumerate(shapes.layers) for s in layer)
 
 
 def own_choices(plan) -> int:
@@ -48,9 +59,16 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", default="4bit", help="comma-separated budgets (default 4bit)")
     parser.add_argument("--work", default=None, help="the frontier's working directory (default: "
                                                      "benchmarks/work/frontier; with --smoke a temp dir)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help=f"comma-separated rows to run (default all: {','.join(LAYOUTS)}); `layer` always runs, "
+                             "the others are compared with it")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
     args = parser.parse_args(argv)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    layouts = ["layer"] + [k.strip() for k in args.layouts.split(",") if k.strip() and k.strip() != "layer"]
+    unknown = [k for k in layouts if k not in LAYOUTS]
+    if unknown:
+        parser.error(f"unknown layout(s) {', '.join(unknown)}: choose from {', '.join(LAYOUTS)}")
     start = time.perf_counter()
     bench = Bench(args.work, smoke=args.smoke)
     settings, dtype = bench.settings, train_dtype()
@@ -60,9 +78,12 @@ def main(argv=None) -> int:
 
     rows = []
     for budget in budgets:
-        for layout in LAYOUTS:
+        for layout in layouts:
             name = search_name(layout, budget)
-            extra = {} if layout == "layer" else {"genes": layout, "sensitivity": profiles["per-linear"]}
+            genes, group_sizes = LAYOUTS[layout]
+            extra = {} if genes == "layer" else {"genes": genes, "sensitivity": profiles["per-linear"]}
+            if group_sizes:
+                extra["group_sizes"] = group_sizes
             result = bench.search(name, budget, **extra)
             plan = result.chosen.plan
             cost = bench.search_cost(name, result)
@@ -77,6 +98,8 @@ def main(argv=None) -> int:
             assert memory <= result.budget_bytes, f"{name}: {memory} bytes over the budget {result.budget_bytes}"
             rows.append({"budget": budget, "genes": layout, "name": name, "plan": plan.describe(),
                          "plan_layers": plan.to_dict()["layers"], "linears_with_their_own_choice": own_choices(plan),
+                         "linears_with_their_own_group": own_groups(plan, bench.shapes),
+                         "group_sizes": list(result.config.get("group_sizes") or []),  # what the search chose among
                          "memory_bytes": memory, "budget_bytes": result.budget_bytes, "seeds": seeds,
                          "loss": sum(seeds) / len(seeds), "loss_spread": max(seeds) - min(seeds),
                          "search_loss": result.chosen.loss, "train_seconds": seconds, **cost})
@@ -106,7 +129,7 @@ def report(rows: list[dict], settings: dict, profile_seconds: dict, smoke: bool)
               + (" (beyond the seed spreads)" if r["beyond_spread"] else ""), f"{r['search_loss']:.4f}",
               f"{r['memory_bytes'] / 2**20:.1f}", f"{r['budget_bytes'] / 2**20:.1f}",
               f"{(r['search_steps'] - r['search_steps_reused']) / steps:.2f}", f"{r['search_seconds']:.0f}",
-              r["linears_with_their_own_choice"], r["plan"]] for r in rows]
+              r["linears_with_their_own_choice"], r.get("linears_with_their_own_group", 0), r["plan"]] for r in rows]
     layer_s, linear_s = profile_seconds.get("layer"), profile_seconds.get("per-linear")
     md = (f"# Gene layouts on {title}\n\n"
           f"The search at each budget with one bits and one rank gene per decoder layer (`layer`, the default), per "
@@ -119,9 +142,11 @@ def report(rows: list[dict], settings: dict, profile_seconds: dict, smoke: bool)
           f"{settings['seeds']} seeds (± half the max–min spread), held-out loss on the whole test split. Δ vs layer: "
           f"the mean's difference from the `layer` row of the same budget; beyond the seed spreads when larger than "
           f"both rows' max–min spreads. × final: search steps the final fine-tune does not reuse, per final "
-          f"fine-tune. own choice: linears whose bits or rank differ from their layer's.\n\n")
+          f"fine-tune. own choice: linears whose bits or rank differ from their layer's. `-g` rows: each unit also "
+          f"chooses its group size among {', '.join(map(str, GROUP_SIZES))} where it divides the unit's rows "
+          f"(`--group-sizes`); own group: linears not at the plan's group size 64.\n\n")
     md += markdown_table(["budget", "genes", "test loss", "Δ vs layer", "search loss", "MiB", "budget MiB", "× final",
-                          "search s", "own choice", "plan"], table)
+                          "search s", "own choice", "own group", "plan"], table)
     if linear_s is not None:  # the frontier's per-layer profile of this model predates its seconds.txt
         md += (f"\nThe profile with per-linear estimates took {linear_s:.0f} s"
                + (f" (per layer: {layer_s:.0f} s, {linear_s / layer_s:.2f}×)" if layer_s else "")

@@ -33,7 +33,7 @@ def test_frontier_benchmark_smoke(tmp_path):
     result = json.loads((tmp_path / "frontier-smoke.json").read_text())
     names = [m["name"] for m in result["methods"]]
     grid = [f"uniform{b}-r{r}" for b in (3, 4, 8) for r in (4, 16)]
-    assert names == ["lora16", "qlora4-r16", *grid, "greedy", "random", "qradaptor-3bit", "qradaptor-3.5bit",
+    assert names == ["lora16", "qlora4-r16", "qdora4-r16", *grid, "greedy", "random", "qradaptor-3bit", "qradaptor-3.5bit",
                      "qradaptor-4bit", "qradaptor-5bit", "qradaptor-4bit-r16"]
     by = {m["name"]: m for m in result["methods"]}
     for m in result["methods"]:
@@ -64,6 +64,10 @@ def test_frontier_benchmark_smoke(tmp_path):
     starts = {(e["plan"], e.get("adapter_init", "zero"))
               for e in json.loads((tmp_path / "finals-ledger.json").read_text())["finals"].values()}
     assert {(u4["plan"], "zero"), (u4["plan"], "activation")} <= starts
+    # QDoRA: uniform 4-bit r16 with DoRA's magnitudes (more trainable parameters, more bytes), every seed
+    qdora = by["qdora4-r16"]
+    assert len(qdora["seeds"]) == result["settings"]["seeds"] and qdora["memory_bytes"] > u4["memory_bytes"]
+    assert qdora["trainable_params"] > u4["trainable_params"]
     # the best-uniform front: every setting on it ran every seed, its loss is their mean; the others ran one
     front = result["best_uniform_front"]
     assert front and set(front) <= set(grid)
@@ -271,13 +275,54 @@ def test_module_profile_benchmark_smoke(tmp_path):
     assert not (ROOT / "benchmarks" / "results" / "module_profile-smoke.json").exists()
 
 
+def test_ablation_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--smoke", "--work", str(tmp_path)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ablation-smoke.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["qlora4-r16", "start", "dora", "search", "search+module", "search+groups", "search+start",
+                          "all"]
+    for r in rows.values():
+        assert len(r["seeds"]) == result["settings"]["seeds"] and math.isfinite(r["loss"])
+        assert r["delta_vs_reference"] == pytest.approx(r["loss"] - rows["qlora4-r16"]["loss"])
+        if r["searched"]:
+            assert r["memory_bytes"] <= r["budget_bytes"]
+    # one lever at a time: the uniform rows share the plan's bytes but for DoRA's magnitudes, and differ in loss
+    assert rows["start"]["memory_bytes"] == rows["qlora4-r16"]["memory_bytes"] < rows["dora"]["memory_bytes"]
+    assert rows["start"]["seeds"][0] != rows["qlora4-r16"]["seeds"][0]
+    assert rows["search"]["adapter_init"] == "zero" and rows["search+start"]["adapter_init"] != "zero"
+    assert rows["search+groups"]["group_sizes"] == [32, 64, 128] and rows["all"]["dora"]
+    assert rows["all"]["genes"] == "module" and rows["qlora4-r16"]["linears_with_their_own_choice"] == 0
+    assert (tmp_path / "ablation-smoke.md").is_file()
+    assert not (ROOT / "benchmarks" / "results" / "ablation-smoke.json").exists()
+
+
+def test_run_stages_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_stages.py"), "--smoke", "--work",
+                           str(tmp_path)], capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "run_stages-smoke.json").read_text())
+    seconds = result["stage_seconds"]
+    assert list(seconds) == ["profile", "search", "train", "metrics", "export"] and all(s > 0 for s in seconds.values())
+    # the stages happen within the process's wall time; their shares are of it
+    assert 0 <= result["outside_stages_seconds"] < result["wall_seconds"]
+    assert result["share"]["profile"] == pytest.approx(seconds["profile"] / result["wall_seconds"])
+    assert result["targets"]["met"] == (result["share"]["profile"] <= 0.25)
+    assert math.isfinite(result["test_loss_after"]) and result["plan"]["layers"]
+    assert (tmp_path / "run_stages-smoke.md").is_file()
+    assert not (ROOT / "benchmarks" / "results" / "run_stages-smoke.json").exists()
+
+
 def test_genes_benchmark_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "genes.py"), "--smoke", "--work", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "genes.py"), "--smoke", "--work", str(tmp_path),
+                           "--layouts", "groups,module,module-g"],
                           capture_output=True, text=True, env=dict(os.environ), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "genes-smoke.json").read_text())
     rows = result["rows"]
-    assert [(r["budget"], r["genes"]) for r in rows] == [("4bit", g) for g in ("layer", "groups", "module")]
+    assert [(r["budget"], r["genes"]) for r in rows] == [("4bit", g) for g in ("layer", "groups", "module", "module-g")]
+    assert rows[-1]["group_sizes"] == [32, 64, 128] and rows[0]["linears_with_their_own_group"] == 0
     for r in rows:
         assert r["memory_bytes"] <= r["budget_bytes"] and len(r["seeds"]) == result["settings"]["seeds"]
         assert r["loss"] == pytest.approx(sum(r["seeds"]) / len(r["seeds"])) and math.isfinite(r["loss"])

@@ -13,7 +13,8 @@ from qradaptor.backends import get_backend
 from qradaptor.commands import search
 from qradaptor.memory import ModelShapes, predict, training_memory
 from qradaptor.plan import Plan
-from qradaptor.search import GENE_LAYOUTS, Genes, Planner, PriorCost, SearchConfig, SearchError, plan_key
+from qradaptor.search import (GENE_LAYOUTS, Genes, Planner, PriorCost, SearchConfig, SearchError, group_error_ratios,
+                              plan_key)
 from qradaptor.search.genes import layers_from_key
 
 LLAMA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -63,12 +64,17 @@ def test_units_of_each_layout(tiny):
     assert "b3.k_proj" in by["module"].space((2, 4), (4, 8)) and "r0" in by["layer"].space((2, 4), (4, 8))
 
 
+GROUPS = (16, 32, 64, 128)  # the tiny model's rows are 64 wide, down_proj's 128
+
+
+@pytest.mark.parametrize("group_sizes", ((), GROUPS), ids=("one-group", "group-genes"))
 @pytest.mark.parametrize("layout", GENE_LAYOUTS)
-def test_plans_values_and_params_round_trip_and_price_exactly(tiny, layout):
+def test_plans_values_and_params_round_trip_and_price_exactly(tiny, layout, group_sizes):
     _, model, prior = tiny
     rng = random.Random(0)
     for budget_on in ("stored", "training", "gguf"):
-        planner = planner_for(model, prior, budget_of(model, 4), genes=layout, budget_on=budget_on)
+        planner = planner_for(model, prior, budget_of(model, 4), genes=layout, budget_on=budget_on,
+                              group_sizes=group_sizes)
         genes = planner.genes
         for _ in range(15):
             values = random_values(rng, planner)
@@ -84,6 +90,70 @@ def test_plans_values_and_params_round_trip_and_price_exactly(tiny, layout):
             plan.check_model(model)  # names the model's linears; ranks only where adapters are
         if layout == "layer":  # per-layer genes write per-layer plans: no modules, the keys they always had
             assert all(not c.modules for c in plan.layers) and "+" not in plan_key(plan)
+        if not group_sizes:  # one group size: plans, params and keys as before group sizes were genes
+            assert all(c.group_size is None for c in plan.layers) and "g" not in plan_key(plan)
+            assert not any(name.startswith("g") for name in genes.space(planner.config.bits, planner.config.ranks))
+
+
+def test_group_size_genes_take_only_sizes_that_divide_the_rows(tiny):
+    _, model, _ = tiny
+    shapes = ModelShapes.from_model(model)
+    module = Genes("module", shapes, target_modules=LLAMA, group_sizes=GROUPS)
+    assert {u.names[0]: u.groups for u in module.units if u.layer == 0} == {
+        **{n: (16, 32, 64) for n in LLAMA[:6]}, "down_proj": GROUPS}
+    # a unit holding a 64-wide linear cannot take 128 (a group would straddle two rows, which GGUF cannot store)
+    assert all(u.groups == (16, 32, 64) for u in Genes("layer", shapes, target_modules=LLAMA, group_sizes=GROUPS).units)
+    assert "g0.down_proj" in module.space((2, 4), (4, 8)) and module.space((2, 4), (4, 8))["g0.down_proj"].choices == GROUPS
+    assert all(u.groups == (64,) for u in Genes("module", shapes, target_modules=LLAMA).units)
+    with pytest.raises(SearchError, match="group-sizes"):
+        SearchConfig(budget_bytes=1, group_sizes=(32, 128))  # the plans' 64 must be one of them
+    with pytest.raises(SearchError, match="positive"):
+        SearchConfig(budget_bytes=1, group_sizes=(0, 64))
+
+
+def test_group_error_ratios_order_sizes_as_hqq_errors_do(tiny):
+    """The group-size prior (mean squared group range relative to the profile's size) is 1 at that size, never
+    smaller for larger groups, and orders each linear's sizes as HQQ's measured weight error at 3 bits does."""
+    from qradaptor.architecture import decoder_layers, layer_linears
+
+    _, model, _ = tiny
+    ratios = group_error_ratios(model, GROUPS, 64)
+    assert len(ratios) == 4 and set(ratios[0]) == {f"{p}.{n}" for p, names in (("self_attn", LLAMA[:4]),
+                                                                               ("mlp", LLAMA[4:])) for n in names}
+    backend = get_backend("hqq")
+    for (_, layer), by_name in zip(decoder_layers(model)[:2], ratios[:2]):
+        for name, linear in layer_linears(layer):
+            r = by_name[name]
+            assert r[64] == pytest.approx(1.0) and r[16] <= r[32] <= r[64] <= r[128]
+            errors = {}
+            for g in GROUPS:
+                q = backend.quantize(linear, 3, g)
+                errors[g] = float((q.dequantize().float() - linear.weight.detach().float()).pow(2).sum())
+            assert sorted(GROUPS, key=errors.get) == sorted(GROUPS, key=r.get), (name, errors, r)
+
+
+def test_the_fill_buys_small_groups_only_where_the_prior_says_they_pay(tiny):
+    _, model, prior = tiny
+    shapes = ModelShapes.from_model(model)
+    budget = budget_of(model, 4, 8)
+    flat = [{name: {g: 1.0 for g in GROUPS} for name in layer} for layer in group_error_ratios(model, GROUPS, 64)]
+    config = SearchConfig(budget_bytes=budget, genes="module", group_sizes=GROUPS)
+    for ratios in (flat, None):
+        planner = Planner(shapes, get_backend("hqq"), PriorCost(prior, config, shapes=shapes, group_ratios=ratios),
+                          config)
+        plan = planner.fill(budget)
+        assert planner.memory(plan) <= budget
+        # no benefit priced: every linear keeps its largest valid group, the cheapest (down_proj 128, others 64)
+        assert all(plan.group_size_of(l, n) == (128 if n == "down_proj" else 64) for l in range(4) for n in LLAMA)
+    # a linear whose error falls 100-fold at group 16 gets it once the ladder's bits and ranks are bought (at most 4
+    # bits here: from 8 bits up a linear has no KL left for a smaller group to remove)
+    steep = [{name: dict(r) for name, r in layer.items()} for layer in flat]
+    steep[2]["self_attn.v_proj"] = {16: 0.01, 32: 0.5, 64: 1.0, 128: 1.0}
+    config = SearchConfig(budget_bytes=budget, genes="module", group_sizes=GROUPS, bits=(2, 3, 4), ranks=(4, 8))
+    planner = Planner(shapes, get_backend("hqq"), PriorCost(prior, config, shapes=shapes, group_ratios=steep), config)
+    plan = planner.fill(budget)
+    assert planner.memory(plan) <= budget and plan.group_size_of(2, "v_proj") == 16
+    assert plan_key(plan).count("g16") == 1  # no other linear is priced as gaining from it
 
 
 def test_the_training_budget_prices_a_per_linear_plan_as_training_memory_does(tiny):
@@ -183,6 +253,34 @@ def test_a_search_chooses_per_linear_within_the_budget(tiny, words, tmp_path):
     assert predict(ModelShapes.from_model(model), chosen, get_backend("hqq")).total_bytes <= budget
     with pytest.raises(SearchError, match="genes"):
         search(str(d), genes="groups", **kw)
+
+
+def test_a_search_chooses_group_sizes_within_the_budget(tiny, words, tmp_path):
+    """--group-sizes end to end: the study records them, every trial fits, trials take smaller groups where the
+    fitness rewards them, the written plan is priced by `memory` as the search did; a rerun with other sizes is
+    refused."""
+    d, model, _ = tiny
+    budget = budget_of(model, 4)
+
+    def fitness(plan, fidelity):  # stands in for a fine-tune: layer 0's error grows with its group size
+        loss = sum(4.0 ** -c.of(n).bits * (plan.group_size_of(l, n) / 16 if l == 0 else 1.0) + 0.01 / c.of(n).rank
+                   for l, c in enumerate(plan.layers) for n in LLAMA)
+        return loss, fidelity.steps
+
+    # at most 4 bits: the budget leaves room for smaller groups, and they still matter
+    kw = dict(data=words, budget=budget, out=tmp_path, trials=10, population=4, promote=1, refine=1, progress=False,
+              fitness=fitness, seq_len=32, bits=(2, 3, 4), ranks=(4, 8, 16))
+    result = search(str(d), group_sizes=GROUPS, **kw)
+    saved = json.loads((tmp_path / "pareto.json").read_text())
+    assert saved["settings"]["group_sizes"] == list(GROUPS)
+    assert all(p["memory_bytes"] <= budget for p in saved["points"])
+    plans = [Plan.from_dict(p["plan"]) for p in saved["points"]]
+    assert any(p.group_size_of(0, "q_proj") < 64 for p in plans)  # the trials tried smaller groups where they pay
+    chosen = Plan.load(tmp_path / "plan.json")
+    assert chosen.layers == result.chosen.plan.layers
+    assert predict(ModelShapes.from_model(model), chosen, get_backend("hqq")).total_bytes == result.chosen.memory_bytes
+    with pytest.raises(SearchError, match="group_sizes"):
+        search(str(d), group_sizes=(32, 64), **kw)
 
 
 def test_unknown_layout_is_refused():

@@ -171,8 +171,14 @@ def test_a_changed_setting_redoes_its_stage_and_every_later_one(setup, tmp_path,
     settings, calls = setup
     first, stages = do_run(settings, calls)
     assert stages == ALL
+    # each stage's seconds are recorded in stages.json and returned (what the run's profile share is measured by)
+    recorded = json.loads((tmp_path / "run" / pipeline.STAGES_FILE).read_text())["stages"]
+    assert list(first["stage_seconds"]) == ALL and all(v >= 0 for v in first["stage_seconds"].values())
+    assert first["stage_seconds"] == {stage: recorded[stage]["seconds"] for stage in ALL}
     old_study = (tmp_path / "run" / "search" / "study.db").read_text()
-    assert do_run(settings, calls)[1] == []  # the same command again: everything kept
+    kept, stages = do_run(settings, calls)
+    assert stages == []  # the same command again: everything kept, with the seconds it took then
+    assert kept["stage_seconds"] == first["stage_seconds"]
 
     if change == "budget":
         changed = {"budget": "2bit"}
@@ -219,7 +225,7 @@ AFTER_TRAIN = ["train", "metrics", "export"]
     ("--checkpoint-every", "2", AFTER_TRAIN), ("--max-train-blocks", "8", AFTER_TRAIN),
     ("--no-gradient-checkpointing", None, AFTER_TRAIN),
     ("--population", "3", AFTER_SEARCH), ("--promote", "2", AFTER_SEARCH), ("--refine", "0", AFTER_SEARCH),
-    ("--bits", "3,4,8", AFTER_SEARCH), ("--ranks", "8,16", AFTER_SEARCH),
+    ("--bits", "3,4,8", AFTER_SEARCH), ("--ranks", "8,16", AFTER_SEARCH), ("--group-sizes", "32,64", AFTER_SEARCH),
     ("--dtype", "bfloat16", ALL),  # the profile runs in the run's dtype (float32 in the tests)
     ("--profile-tokens", "96", ALL),
 ])
@@ -241,6 +247,8 @@ def test_run_takes_each_setting_of_train_and_search_and_a_change_redoes_what_it_
         assert calls.kwargs["train"][name] == expected, calls.kwargs["train"]
     if "search" in redone and name in ("population", "promote", "refine", "seed", "backend"):
         assert str(calls.kwargs["search"][name]) == value, calls.kwargs["search"]
+    if name == "group_sizes":
+        assert tuple(calls.kwargs["search"][name]) == (32, 64), calls.kwargs["search"]
     calls.clear()
     assert cli(capsys, *changed)[0] == 0 and calls == []  # and now that is what is kept
 

@@ -127,8 +127,8 @@ def _given_training_settings(args, *, skip: tuple[str, ...] = ()) -> dict:
 #: stages), and the training settings its search takes too.
 _RUN_OWN = ("steps", "epochs", "seq_len")
 #: The exploration's flags (`search` and `run`), and what `run` passes to its search.
-_EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "genes", "target_modules", "dora",
-                "expert_adapters")
+_EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "genes", "group_sizes", "target_modules",
+                "dora", "expert_adapters")
 _SEARCHED = (*_EXPLORATION, "backend", "seed", "adapter_init")
 #: `search.GENE_LAYOUTS`, spelled out: the CLI parses without importing torch (tests check they agree)
 GENE_LAYOUTS = ("layer", "groups", "module")
@@ -258,6 +258,10 @@ def cmd_run(args) -> int:
                  device=args.device, search_settings=searching, train_settings=training)
     print(f"test loss {result['test_loss_before']:.4f} before, {result['test_loss_after']:.4f} after training "
           f"({result['test_tokens']} tokens); plan {result['plan']}; model {result['model']}/")
+    timed = result.get("stage_seconds") or {}
+    if timed:
+        print("stage seconds (the attempt that finished each): "
+              + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in timed.items()))
     return 0
 
 
@@ -459,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="what each choice of bits and rank is for: each decoder layer (layer, the default), each "
                                "block of a layer (groups: attention, MLP) or each linear (module); finer ones are "
                                "priced by per-linear sensitivity (`run` profiles with --modules)")
+    budgeted.add_argument("--group-sizes", type=_int_list, default=None, metavar="G,G,...",
+                          help="also choose each unit's quantization group size among these (e.g. 32,64,128; 64 must "
+                               "be one), where it divides the unit's rows; priced exactly, its effect estimated from "
+                               "each weight's group ranges (default: every linear at group size 64)")
     _target_modules_flag(budgeted)
     budgeted.add_argument("--dora", action="store_true", default=None,
                           help="DoRA adapters in every plan (QDoRA: a trained magnitude per output row besides the "

@@ -1,7 +1,8 @@
 """``qradaptor run``: profile → search → train → evaluate → export, each stage in its own sub-directory of
 the run directory.
 
-    DIR/stages.json                the run's settings and one record per stage: its input fingerprint, status
+    DIR/stages.json                the run's settings and one record per stage: its input fingerprint, status,
+                                   and the seconds it took (the attempt that finished it)
     DIR/profile/sensitivity.json   stage 1
     DIR/search/plan.json           stages 2-3 (+ pareto.json, pareto.png, study.db, and runs/: the chosen plan's
                                    fine-tune as the search left it, on the final fine-tune's schedule)
@@ -43,6 +44,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 from ..errors import ArtifactError
@@ -84,6 +86,7 @@ class _Stages:
         self.path = out / STAGES_FILE
         self.records: dict[str, dict] = {}
         self.settings: dict = {}
+        self._started: dict[str, float] = {}  # stages begun in this process → when
         if out.exists() and not out.is_dir():
             raise ArtifactError(f"--out {out} exists and is not a directory", "choose a directory path for --out")
         if self.path.is_file():
@@ -155,11 +158,20 @@ class _Stages:
                 self._clear(later)
         self.records[stage] = {"fingerprint": fp, "status": "running", "inputs": inputs}
         self.save()
+        self._started[stage] = time.perf_counter()
         return how
 
     def finish(self, stage: str) -> None:
-        self.records[stage]["status"] = "finished"
+        record = self.records[stage]
+        record["status"] = "finished"
+        if stage in self._started:  # wall time of the attempt that finished it (a continued one: its own part)
+            record["seconds"] = round(time.perf_counter() - self._started.pop(stage), 3)
         self.save()
+
+    def seconds(self) -> dict[str, float]:
+        """Each finished stage's recorded seconds (by stage, in pipeline order)."""
+        return {stage: self.records[stage]["seconds"] for stage in _OUTPUTS
+                if "seconds" in self.records.get(stage, {})}
 
 
 #: Fixes the train and export commands give, and what they mean inside `run` (which has no --resume or --to:
@@ -373,8 +385,9 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
               settings=train_settings)
     metrics = job.held_out(eval_blocks)
     # a budget on the GGUF files: the export writes them (what the budget was for)
-    return {**metrics, "plan": str(plan), "model": str(out / "model"),
-            "memory": job.export(gguf=parse_gguf_budget(budget) is not None)}
+    memory = job.export(gguf=parse_gguf_budget(budget) is not None)
+    return {**metrics, "plan": str(plan), "model": str(out / "model"), "memory": memory,
+            "stage_seconds": stages.seconds()}
 
 
 @dataclasses.dataclass

@@ -3,7 +3,7 @@
 1. Warm start: uniform plans that fit, and plans filled greedily from the sensitivity prior at several
    fractions of the budget (sensitive layers get bits and ranks first).
 2. Exploration: NSGA-II over bits and ranks per unit of choice (``genes``: each decoder layer by default, or
-   each block of a layer, or each linear). Every suggested plan is repaired into the budget
+   each block of a layer, or each linear; with ``group_sizes``, its group size too). Every suggested plan is repaired into the budget
    (deterministically: lower the bit-width or rank that costs least prior sensitivity per byte saved),
    so an infeasible plan never gets a fine-tune; objectives are (held-out loss after a *cheap* fine-tune,
    memory). Identical repaired plans are evaluated once. The repair happens in the sampler (``sampler.py``),
@@ -47,13 +47,15 @@ from .config import (CONFIG_ATTR, DEFAULT_BITS, DEFAULT_RANKS, FORMAT, MARKER, S
 from .fitness import RUNS_DIR, FineTuneFitness, Fitness, run_name
 from .genes import GENE_LAYOUTS, Genes, plan_key
 from .loop import Search
-from .planner import Planner, PriorCost, check_searchable, plan_from_key, training_fixed_bytes
+from .planner import (Planner, PriorCost, check_searchable, group_error_ratios, plan_from_key,
+                      training_fixed_bytes)
 from .report import Evaluated, SearchResult, kept_run, measured_uniform, pareto_front, plot_pareto, summary, write_outputs
 from .storage import (check_search_dir, locked_search_dir, open_storage, recorded_dtype, redact,
                       search_data_fingerprint)
 
 __all__ = ["CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evaluated", "FORMAT", "Fidelity", "GENE_LAYOUTS", "Genes",
-           "FineTuneFitness", "Fitness", "MARKER", "Planner", "PriorCost", "RUNS_DIR", "SEARCH_FILES", "Search", "SearchConfig",
+           "FineTuneFitness", "Fitness", "MARKER", "Planner", "PriorCost",
+           "group_error_ratios", "RUNS_DIR", "SEARCH_FILES", "Search", "SearchConfig",
            "SearchError", "SearchResult", "measured_uniform", "open_storage", "pareto_front", "plan_from_key", "plan_key", "plot_pareto",
            "recorded_dtype", "redact", "search_data_fingerprint", "summary", "training_fixed_bytes", "write_outputs",
            "check_search_dir", "check_searchable", "kept_run", "locked_search_dir", "run_name"]

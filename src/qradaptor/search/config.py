@@ -61,6 +61,9 @@ class SearchConfig:
     full: Fidelity = field(default_factory=lambda: Fidelity("full", steps=16, eval_blocks=16))
     seq_len: int = 256
     group_size: int = 64
+    # group sizes to choose from per unit (a third gene), among those that divide all its linears' rows; empty: every
+    # linear at ``group_size``
+    group_sizes: tuple[int, ...] = ()
     # the linears of each decoder layer that get adapters (every plan's `Plan.target_modules`)
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     dora: bool = False  # DoRA adapters in every plan (`Plan.dora`)
@@ -86,6 +89,7 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         self.bits, self.ranks = tuple(sorted(self.bits)), tuple(sorted(self.ranks))
+        self.group_sizes = tuple(sorted(set(self.group_sizes)))
         self.target_modules = tuple(self.target_modules)
         for key in ("cheap", "full"):
             value = getattr(self, key)
@@ -104,6 +108,13 @@ class SearchConfig:
         if self.genes not in GENE_LAYOUTS:
             raise SearchError(f"unknown gene layout {self.genes!r}",
                               f"use --genes {', '.join(GENE_LAYOUTS)} (one choice per layer, per block, per linear)")
+        if any(type(g) is not int or g <= 0 for g in self.group_sizes):
+            raise SearchError(f"group sizes must be positive integers, got {list(self.group_sizes)}",
+                              "e.g. --group-sizes 32,64,128")
+        if self.group_sizes and self.group_size not in self.group_sizes:
+            raise SearchError(f"the plans' group size {self.group_size} is not among --group-sizes "
+                              f"{','.join(map(str, self.group_sizes))}",
+                              f"add {self.group_size} to --group-sizes (it is what a linear no size fits keeps)")
         if self.sampler not in ("nsga2", "random"):
             raise SearchError(f"unknown sampler {self.sampler!r}", "use nsga2 or random")
         if self.trials < 1 or self.population < 2:
@@ -117,6 +128,10 @@ class SearchConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["bits"], d["ranks"], d["target_modules"] = list(self.bits), list(self.ranks), list(self.target_modules)
+        if not self.group_sizes:  # a study's record and fingerprint stay what they were before group sizes were genes
+            del d["group_sizes"]
+        else:
+            d["group_sizes"] = list(self.group_sizes)
         return d
 
     @classmethod
@@ -124,4 +139,5 @@ class SearchConfig:
         # a study from before target modules were a setting adapted the default ones
         # and started its adapters at zero
         return cls(**{"adapter_init": "zero", **d, "bits": tuple(d["bits"]), "ranks": tuple(d["ranks"]),
-                      "target_modules": tuple(d.get("target_modules") or DEFAULT_TARGET_MODULES)})
+                      "target_modules": tuple(d.get("target_modules") or DEFAULT_TARGET_MODULES),
+                      "group_sizes": tuple(d.get("group_sizes") or ())})

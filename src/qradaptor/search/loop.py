@@ -19,7 +19,7 @@ from ..profile import Sensitivity
 from .config import CONFIG_ATTR, FORMAT, Fidelity, SearchConfig, SearchError
 from .fitness import Fitness
 from .genes import plan_key
-from .planner import Planner, PriorCost, plan_from_key
+from .planner import Planner, PriorCost, group_error_ratios, plan_from_key
 from .report import Evaluated, SearchResult, measured_uniform, pareto_front
 from .sampler import repairing_sampler
 from .storage import (_config_fingerprint, _dead_here, _fail, _heartbeat, _whoami, grace_seconds, open_storage,
@@ -67,7 +67,10 @@ class Search:
             if b < 16:
                 self.backend.check_bits(b)
         self.shapes = ModelShapes.from_model(model)
-        self.planner = Planner(self.shapes, self.backend, PriorCost(sensitivity, config), config)
+        # a group-size gene is priced by each linear's weights (group_error_ratios), measured here once
+        ratios = group_error_ratios(model, config.group_sizes, config.group_size) if config.group_sizes else None
+        self.planner = Planner(self.shapes, self.backend,
+                               PriorCost(sensitivity, config, shapes=self.shapes, group_ratios=ratios), config)
         self.L = self.shapes.num_layers
         self.storage = open_storage(storage) if isinstance(storage, str) else storage
         self.run_config = {**(run_config or {}), **config.to_dict(), "model_fingerprint": self.model_fp,

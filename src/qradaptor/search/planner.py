@@ -3,8 +3,9 @@ budget, greedy fill, one-edit neighbours, encodings, and the budget checks done 
 
 The prior's units: per-layer KL for bits (per linear where the profile estimated it, for finer genes); halving a
 layer's rank is charged ``rank_value`` times that layer's KL at 4 bits (on SmolLM2, halving every rank cost about a
-third of what 4-bit quantization costs in held-out loss; see DESIGN §6), a unit of it its share of that. It only
-orders repair and warm-start moves; fitness is measured.
+third of what 4-bit quantization costs in held-out loss; see DESIGN §6), a unit of it its share of that; another
+group size scales a linear's KL by `group_error_ratios`. It only orders repair and warm-start moves; fitness is
+measured.
 """
 
 from __future__ import annotations
@@ -19,40 +20,96 @@ from ..memory import ADAPTER_STATE_BYTES, ModelShapes, format_bytes, layer_bytes
 from ..plan import DEFAULT_RANK, LayerChoice, Plan
 from ..profile import Sensitivity
 from .config import SearchConfig, SearchError
-from .genes import Genes, Unit, layers_from_key, plan_key
+from .genes import Genes, Unit, Value, layers_from_key, plan_key
 
 
 class PriorCost:
     """Prior sensitivity of a plan's choices, from the profile, for repair and warm start."""
 
-    def __init__(self, sensitivity: Sensitivity, config: SearchConfig):
+    def __init__(self, sensitivity: Sensitivity, config: SearchConfig, *, shapes: ModelShapes | None = None,
+                 group_ratios: list[dict[str, dict[int, float]]] | None = None):
         self.kl = sensitivity.kl
         self.module_kl = sensitivity.module_kl  # per linear, where the profile estimated it (--modules)
         self.config = config
         self.scale = [max(k.get(4, max(k.values())), 1e-9) for k in self.kl]  # a layer's importance
+        # per layer, linear name → group size → its quantization error relative to the profile's group size
+        self.shapes, self.group_ratios = shapes, group_ratios
 
     def bits_cost(self, layer: int, bits: int) -> float:
         """The layer's KL with all its linears at ``bits``."""
         return _interpolated(self.kl[layer], bits)
 
-    def unit_bits_cost(self, unit: Unit, bits: int) -> float:
-        """A unit's KL at ``bits``: its linears' estimates (`Sensitivity.module_kl`) summed where the profile has
-        them all, else its layer's KL times its share of the layer's weights."""
+    def unit_bits_cost(self, unit: Unit, bits: int, group: int | None = None) -> float:
+        """A unit's KL at ``bits`` (and ``group``: each linear's KL times its `group_error_ratios`): its linears'
+        estimates (`Sensitivity.module_kl`) summed where the profile has them all, else its layer's KL times its
+        share of the layer's weights."""
+        ratio = self._ratios(unit, group)
         rows = self.module_kl[unit.layer] if self.module_kl and not unit.whole_layer else {}
         if unit.names and all(name in rows for name in unit.names) and unit.weight_share > 0 and \
                 len(unit.names) == len(unit.shapes):
-            return sum(_interpolated(rows[name], bits) for name in unit.names)
-        return self.bits_cost(unit.layer, bits) * unit.weight_share
+            return sum(_interpolated(rows[name], bits) * ratio[name] for name in unit.names)
+        return self.bits_cost(unit.layer, bits) * unit.weight_share * ratio[""]
+
+    def _ratios(self, unit: Unit, group: int | None) -> dict[str, float]:
+        """The unit's error ratio at ``group`` per short name, and over the unit ("": weighted by weights)."""
+        if group is None or group == self.config.group_size or not self.group_ratios:
+            return _ONES
+        layer, ratios = self.shapes.layers[unit.layer], self.group_ratios[unit.layer]
+        sums: dict[str, list[float]] = {}
+        for i in unit.shapes:
+            s = layer[i]
+            r = ratios.get(s.name, {}).get(group, 1.0)
+            for key in ("", s.name.rsplit(".", 1)[-1]):
+                total = sums.setdefault(key, [0.0, 0.0])
+                total[0], total[1] = total[0] + r * s.numel, total[1] + s.numel
+        return {k: w / n if n else 1.0 for k, (w, n) in sums.items()}
 
     def rank_cost(self, layer: int, rank: int) -> float:
         top = max(self.config.ranks)
         return self.config.rank_value * self.scale[layer] * math.log2(top / rank)
 
-    def unit_cost(self, unit: Unit, value: tuple[int, int]) -> float:
-        """A unit's prior cost at ``value`` (bits, rank): its KL, and its share of its layer's rank cost."""
-        bits, rank = value
-        return self.unit_bits_cost(unit, bits) + (self.rank_cost(unit.layer, rank) * unit.adapter_share
-                                                  if unit.adapted else 0.0)
+    def unit_cost(self, unit: Unit, value: tuple[int, int, int]) -> float:
+        """A unit's prior cost at ``value`` (bits, rank, group size): its KL, and its share of its layer's rank
+        cost."""
+        bits, rank, group = value
+        return self.unit_bits_cost(unit, bits, group) + (self.rank_cost(unit.layer, rank) * unit.adapter_share
+                                                         if unit.adapted else 0.0)
+
+
+class _Ones(dict):
+    def __missing__(self, key):
+        return 1.0
+
+
+_ONES = _Ones()
+
+
+def group_error_ratios(model, group_sizes: tuple[int, ...], base: int) -> list[dict[str, dict[int, float]]]:
+    """Per decoder layer, each linear's (by its name in the layer) expected quantization error at each of
+    ``group_sizes`` relative to group size ``base``: the mean squared range of its weight's groups (row-major runs,
+    as every backend groups). A quantizer's step is its group's range over 2^bits − 1, and its squared error
+    scales with the step squared whatever the bits, so this ratio prices a group size without quantizing (HQQ's
+    optimised zero moves every size alike). Sizes that do not divide a weight are left out."""
+    import torch
+
+    from ..architecture import decoder_layers, layer_linears
+
+    def spread(weight: torch.Tensor, group: int) -> float:
+        w = weight.detach().float().reshape(-1, group)
+        return float(((w.amax(1) - w.amin(1)) ** 2).mean())
+
+    out = []
+    with torch.no_grad():
+        for _, layer in decoder_layers(model):
+            ratios = {}
+            for name, linear in layer_linears(layer):
+                n = linear.weight.numel()
+                if n % base:
+                    continue
+                reference = max(spread(linear.weight, base), 1e-30)
+                ratios[name] = {g: spread(linear.weight, g) / reference for g in group_sizes if n % g == 0}
+            out.append(ratios)
+    return out
 
 
 def _interpolated(table: dict[int, float], bits: int) -> float:
@@ -80,10 +137,11 @@ class Planner:
     def __init__(self, shapes: ModelShapes, backend: QuantBackend, cost: PriorCost, config: SearchConfig):
         self.shapes, self.backend, self.cost, self.config = shapes, backend, cost, config
         self.genes = Genes(config.genes, shapes, target_modules=config.target_modules,
-                           expert_adapters=config.expert_adapters)
+                           expert_adapters=config.expert_adapters, group_sizes=config.group_sizes,
+                           group_size=config.group_size)
         self._layer_bytes: dict[tuple[int, LayerChoice], int] = {}
-        self._unit_bytes: dict[tuple[int, tuple[int, int]], int] = {}
-        self._unit_cost: dict[tuple[int, tuple[int, int]], float] = {}
+        self._unit_bytes: dict[tuple[int, Value], int] = {}
+        self._unit_cost: dict[tuple[int, Value], float] = {}
         # every plan the planner makes has these settings (target modules, group size): price them as predict does
         self.template = config_plan(config, shapes.num_layers, config.bits[0], config.ranks[0])
         report = predict(shapes, self.template, backend)
@@ -101,15 +159,17 @@ class Planner:
             self._layer_bytes[key] = self._price(self.shapes.layers[layer], choice, self.template.target_modules)
         return self._layer_bytes[key]
 
-    def unit_bytes(self, index: int, value: tuple[int, int]) -> int:
-        """Unit ``index``'s linears at ``value`` (bits, rank), memoised: a layer's bytes are its units' sum (each
-        linear is priced alone: `memory.linear_bytes`)."""
+    def unit_bytes(self, index: int, value: Value) -> int:
+        """Unit ``index``'s linears at ``value`` (bits, rank, group size), memoised: a layer's bytes are its units'
+        sum (each linear is priced alone: `memory.linear_bytes`)."""
         key = (index, value)
         if key not in self._unit_bytes:
             unit = self.genes.units[index]
             layer = self.shapes.layers[unit.layer]
             # the unit's own adapted linears by name: what the whole layer's targets adapt among them
-            self._unit_bytes[key] = self._price([layer[i] for i in unit.shapes], LayerChoice(*value), unit.targets)
+            bits, rank, group = value
+            self._unit_bytes[key] = self._price([layer[i] for i in unit.shapes],
+                                                LayerChoice(bits, rank, group_size=group), unit.targets)
         return self._unit_bytes[key]
 
     def _price(self, shapes: list, choice: LayerChoice, target_modules: tuple[str, ...]) -> int:
@@ -128,28 +188,36 @@ class Planner:
     def memory(self, plan: Plan) -> int:
         return self.fixed_bytes + sum(self.layer_bytes(l, c) for l, c in enumerate(plan.layers))
 
-    def values_memory(self, values: list[tuple[int, int]]) -> int:
+    def values_memory(self, values: list[Value]) -> int:
         return self.fixed_bytes + sum(self.unit_bytes(i, v) for i, v in enumerate(values))
 
     def plan(self, choices: list[LayerChoice]) -> Plan:
         return Plan(list(choices), **self.config.plan_settings())
 
-    def plan_of(self, values: list[tuple[int, int]]) -> Plan:
+    def plan_of(self, values: list[Value]) -> Plan:
         return self.plan(self.genes.choices(values))
 
-    def _moves(self, values: list[tuple[int, int]], direction: int):
-        """One-rung moves of one unit's bits or rank (down: -1, up: +1), with their (Δcost, Δbytes)."""
-        bits, ranks = self.config.bits, self.config.ranks
-        for i, (unit, (b, r)) in enumerate(zip(self.genes.units, values)):
-            bi = bits.index(b)
-            options = [(bits[bi + direction], r)] if 0 <= bi + direction < len(bits) else []
-            if unit.adapted and 0 <= ranks.index(r) + direction < len(ranks):
-                options.append((b, ranks[ranks.index(r) + direction]))
-            for new in options:
-                yield i, new, self.unit_cost(i, new) - self.unit_cost(i, (b, r)), \
-                    self.unit_bytes(i, new) - self.unit_bytes(i, (b, r))
+    def cheapest(self) -> list[Value]:
+        """Every unit at the fewest bits, the smallest rank and its largest group size."""
+        return [(self.config.bits[0], self.config.ranks[0], unit.groups[-1]) for unit in self.genes.units]
 
-    def unit_cost(self, index: int, value: tuple[int, int]) -> float:
+    def _moves(self, values: list[Value], direction: int):
+        """One-rung moves of one unit's bits, rank or group size (down: -1, toward fewer bytes; up: +1), with their
+        (Δcost, Δbytes). A smaller group costs bytes (one scale and zero more per group), so up is smaller."""
+        bits, ranks = self.config.bits, self.config.ranks
+        for i, (unit, (b, r, g)) in enumerate(zip(self.genes.units, values)):
+            bi = bits.index(b)
+            options = [(bits[bi + direction], r, g)] if 0 <= bi + direction < len(bits) else []
+            if unit.adapted and 0 <= ranks.index(r) + direction < len(ranks):
+                options.append((b, ranks[ranks.index(r) + direction], g))
+            gi = unit.groups.index(g) - direction
+            if len(unit.groups) > 1 and 0 <= gi < len(unit.groups):
+                options.append((b, r, unit.groups[gi]))
+            for new in options:
+                yield i, new, self.unit_cost(i, new) - self.unit_cost(i, (b, r, g)), \
+                    self.unit_bytes(i, new) - self.unit_bytes(i, (b, r, g))
+
+    def unit_cost(self, index: int, value: Value) -> float:
         """`PriorCost.unit_cost` of unit ``index``, memoised (a fill of per-linear genes asks it ~10⁶ times)."""
         key = (index, value)
         if key not in self._unit_cost:
@@ -173,7 +241,7 @@ class Planner:
 
     def fill(self, budget: int) -> Plan:
         """From the cheapest plan, take the one-rung step up that buys most prior per byte, while it fits."""
-        values = [(self.config.bits[0], self.config.ranks[0])] * len(self.genes.units)
+        values = self.cheapest()
         memory = self.values_memory(values)
         while True:
             # a step that costs no bytes (2 → 3 bits where both are written as the same GGUF type) comes first
@@ -181,7 +249,7 @@ class Planner:
                      if db >= 0 and memory + db <= budget and dc < 0]
             if not moves:
                 return self.plan_of(values)
-            _, i, n, db = max(moves, key=lambda m: (m[0], -m[1], -m[2][0], -m[2][1]))
+            _, i, n, db = max(moves, key=lambda m: (m[0], -m[1], -m[2][0], -m[2][1], m[2][2]))
             values[i] = n
             memory += db
 
@@ -200,10 +268,14 @@ class Planner:
         return out
 
     def encode(self, plan: Plan) -> np.ndarray:
-        """The plan's gene values scaled to [0, 1] (the refinement's GP inputs)."""
+        """The plan's gene values scaled to [0, 1] (the refinement's GP inputs; group sizes where they are genes)."""
         bits, ranks = self.config.bits, self.config.ranks
-        return np.array([v for b, r in self.genes.values(plan)
-                         for v in (bits.index(b) / max(1, len(bits) - 1), ranks.index(r) / max(1, len(ranks) - 1))])
+        out = []
+        for unit, (b, r, g) in zip(self.genes.units, self.genes.values(plan)):
+            out += [bits.index(b) / max(1, len(bits) - 1), ranks.index(r) / max(1, len(ranks) - 1)]
+            if len(unit.groups) > 1:
+                out.append(unit.groups.index(g) / (len(unit.groups) - 1))
+        return np.array(out)
 
 
 def plan_from_key(key: str, config: SearchConfig) -> Plan:
@@ -228,7 +300,7 @@ def training_fixed_bytes(shapes: ModelShapes, backend: QuantBackend, model_confi
 def check_searchable(config: SearchConfig, shapes: ModelShapes, backend: QuantBackend) -> None:
     """Refuse a budget that no plan in the space meets, or one so large that there is nothing to choose."""
     planner = Planner(shapes, backend, None, config)
-    floor = planner.memory(planner.plan([LayerChoice(config.bits[0], config.ranks[0])] * shapes.num_layers))
+    floor = planner.values_memory(planner.cheapest())
     what = {"training": "training-memory budget", "gguf": "GGUF budget"}.get(config.budget_on, "budget")
     if config.budget_bytes < floor:
         raise BudgetError(

@@ -69,7 +69,7 @@ def _config_fingerprint(config: dict) -> dict:
     keep = ("model_fingerprint", "budget_bytes", "bits", "ranks", "group_size", "backend", "seq_len", "cheap",
             "full", "seed", "data", "alpha", "rank_value", "sampler", "budget_on", "train_batch_size",
             "data_fingerprint", "dtype", "target_modules", "adapter_init", "dora",
-            "expert_adapters", "genes")
+            "expert_adapters", "genes", "group_sizes")
     out = {k: config.get(k) for k in keep}
     out["dtype"] = out["dtype"] or "float32"  # a study from before it was recorded searched in float32
     out["target_modules"] = list(out["target_modules"] or DEFAULT_TARGET_MODULES)  # ... and adapted the default
@@ -77,6 +77,7 @@ def _config_fingerprint(config: dict) -> dict:
     out["dora"] = bool(out["dora"])  # ... with LoRA adapters
     out["expert_adapters"] = bool(out["expert_adapters"])  # ... none on routed experts
     out["genes"] = out["genes"] or "layer"  # ... and chose per layer
+    out["group_sizes"] = list(out["group_sizes"] or [])  # ... with one group size
     for k in ("cheap", "full"):  # with the defaults of fields added since (a study made before has none)
         if isinstance(out[k], dict):
             out[k] = asdict(Fidelity(**out[k]))

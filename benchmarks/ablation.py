@@ -1,0 +1,156 @@
+"""Ablation at the 4-bit budget (issue #29 item 5): what each lever buys alone, and all of them together.
+
+The levers, each switched on alone against QLoRA as a user runs it today (uniform 4-bit HQQ + LoRA r16, PEFT's zero
+start: the frontier's ``qlora4-r16``), then together:
+
+    qlora4-r16       uniform 4-bit r16, zero start                              (no lever)
+    start            uniform 4-bit r16, the adapter start `train` uses by default (adapter_init)
+    dora             uniform 4-bit r16, DoRA adapters, zero start               (QDoRA as run today)
+    search           the search's plan within the budget, zero start            (bits and ranks per layer)
+    search+module    the same with a bits and rank choice per linear            (``--genes module``)
+    search+groups    the same per layer, choosing group sizes too               (``--group-sizes 32,64,128``)
+    search+start     the search with the default start: what `qradaptor run` does (the frontier's own search)
+    all              the search per linear with group sizes, DoRA, the default start
+
+Each search runs as benchmarks/frontier.py runs its ``qradaptor-4bit`` (its settings: cheap trials, promotion, one
+refinement, on the first steps of the final fine-tune's schedule, in its dtype), its fine-tunes started as its row
+says; every row's plan is then fine-tuned with 3 seeds (seed 0 continuing the search's run of it) and measured on
+the whole test split. A DoRA row's budget is priced with DoRA's magnitudes (as `--budget 4bit --dora` prices it).
+Finals go to the frontier's store and ledger (benchmarks/work/finals, results/finals.json): the rows the frontier
+or benchmarks/genes.py already trained are not trained again.
+
+    .venv/bin/python benchmarks/ablation.py            # SmolLM2: ~1.5 h on 2 cores beyond what the ledger holds
+    .venv/bin/python benchmarks/ablation.py --smoke    # a tiny random model, a few minutes
+
+Resumable (searches in benchmarks/work/frontier/ablation-*, finals in the store). Writes
+benchmarks/results/ablation.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (profile.py would shadow the stdlib's)
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
+
+from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
+from benchmarks.frontier import REFERENCE, Bench, run_final, train_dtype  # noqa: E402
+from benchmarks.genes import GROUP_SIZES, own_choices, own_groups  # noqa: E402
+
+BUDGET = "4bit"
+#: row → (how its plan is made: "uniform" or the search's extra settings, its start: "zero" or "default", DoRA)
+ROWS = {
+    REFERENCE: ("uniform", "zero", False),
+    "start": ("uniform", "default", False),
+    "dora": ("uniform", "zero", True),
+    "search": ({}, "zero", False),
+    "search+module": ({"genes": "module"}, "zero", False),
+    "search+groups": ({"group_sizes": GROUP_SIZES}, "zero", False),
+    "search+start": ({}, "default", False),
+    "all": ({"genes": "module", "group_sizes": GROUP_SIZES}, "default", True),
+}
+
+
+def search_name(row: str) -> str:
+    """The frontier's own search for the default `run` (reused where the frontier made it), else its own."""
+    return f"qradaptor-{BUDGET}" if row == "search+start" else f"ablation-{row.replace('+', '-')}-{BUDGET}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=None, help="the frontier's working directory (default: "
+                                                     "benchmarks/work/frontier; with --smoke a temp dir)")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    bench = Bench(args.work, smoke=args.smoke)
+    settings, dtype = bench.settings, train_dtype()
+    default_start = settings["adapter_init"]
+    per_linear = bench.search_profile(modules=True)
+
+    rows = []
+    for name, (source, start_as, dora) in ROWS.items():
+        adapter_init = "zero" if start_as == "zero" else default_start
+        recipe = {**settings, "adapter_init": adapter_init}
+        searched = source != "uniform"
+        if not searched:
+            from qradaptor.plan import Plan
+
+            plan, result, cost = Plan.uniform(bench.shapes.num_layers, 4, 16, dora=dora), None, {}
+        else:
+            extra = {**source, "adapter_init": adapter_init}
+            if dora:
+                extra["dora"] = True
+            if extra.get("genes", "layer") != "layer":
+                extra["sensitivity"] = per_linear
+            result = bench.search(search_name(name), BUDGET, **extra)
+            plan, cost = result.chosen.plan, bench.search_cost(search_name(name), result)
+        seeds, seconds = [], []
+        for seed in range(settings["seeds"]):
+            init_from = str(result.kept_run) if result is not None and seed == 0 and result.kept_run else None
+            final = run_final(bench.finals, f"ablation {name}" + (f" seed {seed}" if seed else ""), plan, recipe,
+                              bench.model, bench.data, seed=seed, dtype=dtype, init_from=init_from)
+            seeds.append(final["loss"])
+            seconds.append(final["train_seconds"])
+            memory = final["memory_bytes"]
+        if searched:
+            assert memory <= result.budget_bytes, f"{name}: {memory} bytes over the budget {result.budget_bytes}"
+        rows.append({"name": name, "adapter_init": adapter_init, "dora": dora,
+                     "searched": searched, "genes": source.get("genes", "layer") if searched else None,
+                     "group_sizes": list(source.get("group_sizes", ())) if searched else [],
+                     "plan": plan.describe(), "plan_layers": plan.to_dict()["layers"],
+                     "linears_with_their_own_choice": own_choices(plan),
+                     "linears_with_their_own_group": own_groups(plan, bench.shapes),
+                     "memory_bytes": memory, "budget_bytes": result.budget_bytes if searched else None,
+                     "seeds": seeds, "loss": sum(seeds) / len(seeds), "loss_spread": max(seeds) - min(seeds),
+                     "search_loss": result.chosen.loss if searched else None, "train_seconds": seconds, **cost})
+        print(f"ablation: {name}: {rows[-1]['loss']:.4f} ({plan.describe()})", flush=True)
+
+    reference = rows[0]
+    for r in rows:
+        r["delta_vs_reference"] = r["loss"] - reference["loss"]
+        r["beyond_spread"] = abs(r["delta_vs_reference"]) > max(r["loss_spread"], reference["loss_spread"])
+    payload = {"settings": {**settings, "budget": BUDGET, "dtype": dtype, "smoke": args.smoke,
+                            "group_sizes": list(GROUP_SIZES),
+                            "model": bench.model or "smollm2-135m", "data": bench.data or "pydoc-topics"},
+               "rows": rows, "seconds": time.perf_counter() - start, "environment": environment()}
+    md = report(rows, settings, args.smoke) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
+    directory = bench.work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
+    write_results("ablation-smoke" if args.smoke else "ablation", payload, md, directory=directory)
+    print(md)
+    return 0
+
+
+def report(rows: list[dict], settings: dict, smoke: bool) -> str:
+    title = "a tiny random model (smoke)" if smoke else "SmolLM2-135M-Instruct"
+    steps = settings["steps"]
+    table = [[r["name"], "search" if r["searched"] else "uniform 4b r16", r["adapter_init"],
+              "DoRA" if r["dora"] else "LoRA",
+              r["genes"] or "", ",".join(map(str, r["group_sizes"])) or "64",
+              f"{r['loss']:.4f} ± {r['loss_spread'] / 2:.4f}",
+              f"{r['delta_vs_reference']:+.4f}" + (" (beyond the seed spreads)" if r["beyond_spread"] else ""),
+              f"{r['memory_bytes'] / 2**20:.1f}",
+              f"{(r['search_steps'] - r['search_steps_reused']) / steps:.2f}" if r["searched"] else "",
+              r["linears_with_their_own_choice"], r["linears_with_their_own_group"], r["plan"]] for r in rows]
+    md = (f"# Ablation at the {BUDGET} budget on {title}\n\n"
+          f"Each lever alone against `{REFERENCE}` (uniform 4-bit r16, PEFT's zero start: QLoRA as run today), then "
+          f"all together. Searches run as benchmarks/frontier.py runs its `qradaptor-{BUDGET}` "
+          f"({settings['search']['cheap']['steps']}-step cheap trials, promotion and refinement at "
+          f"{settings['search']['full']['steps']} steps on the first steps of the final fine-tune's schedule), their "
+          f"fine-tunes started as the row's final is. Final fine-tunes: {steps} LoRA steps of "
+          f"{settings['batch_size']}×{settings['seq_len']} tokens (lr {settings['lr']}), mean of {settings['seeds']} "
+          f"seeds (± half the max–min spread), held-out loss on the whole test split; beyond the seed spreads when "
+          f"the difference is larger than both rows' max–min spreads. × final: search steps the final fine-tune does "
+          f"not reuse, per final fine-tune. own choice / own group: linears whose bits or rank differ from their "
+          f"layer's / whose group size is not 64. A DoRA row's budget is priced with DoRA's magnitudes.\n\n")
+    md += markdown_table(["row", "plan", "start", "adapter", "genes", "group sizes", "test loss", f"Δ vs {REFERENCE}",
+                          "MiB", "× final", "own choice", "own group", "plan chosen"], table)
+    return md
+
+
+if __name__ == "__main__":
+    sys.exit(main())
