@@ -333,6 +333,21 @@ class Bench:
             self._prefix_fitness = FineTuneFitness(model, self.tokenizer, data=self.data, config=self.fitness.config)
         return self._prefix_fitness
 
+    def started_fitness(self, adapter_init: str):
+        """`prefix_fitness` with its plans' adapters started as ``adapter_init``: a fitness starts adapters as its
+        own config says, so a search with another start needs its own (sharing the model, the quantized layers and
+        the data; the starts it fits are its own)."""
+        import copy
+        import dataclasses
+
+        base = self.prefix_fitness()
+        if adapter_init == base.config.adapter_init:
+            return base
+        other = copy.copy(base)
+        other.config = dataclasses.replace(base.config, adapter_init=adapter_init)
+        other._start, other._fingerprints = None, None  # fitted starts and run fingerprints are per start
+        return other
+
     def search_profile(self, *, modules: bool = False) -> Path:
         """The sensitivity profile of the model in the final fine-tune's dtype, which the searches read (a profile
         is of one model's weights, their dtype included), made once; with ``modules``, with per-linear estimates
@@ -359,11 +374,11 @@ class Bench:
         from qradaptor.search import RUNS_DIR
 
         out = self.work / name / "search"
-        fitness = self.prefix_fitness()
-        fitness.runs = out / RUNS_DIR
         settings = prefix_fidelities({"trials": self.trials, "seq_len": self.settings["seq_len"], "seed": 0,
                                       "adapter_init": self.settings["adapter_init"], **self.search_settings, **extra}, steps=self.settings["steps"],
                                      batch_size=self.settings["batch_size"], lr=self.settings["lr"])
+        fitness = self.started_fitness(settings["adapter_init"])  # its fine-tunes start as the search records
+        fitness.runs = out / RUNS_DIR
         return search(self.model, data=self.data, budget=budget, out=out, alpha=self.alpha,
                       sensitivity=str(sensitivity or self.search_profile()), progress=not self.smoke, fitness=fitness,
                       dtype=train_dtype(), **settings)
