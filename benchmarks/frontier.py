@@ -334,19 +334,9 @@ class Bench:
         return self._prefix_fitness
 
     def started_fitness(self, adapter_init: str):
-        """`prefix_fitness` with its plans' adapters started as ``adapter_init``: a fitness starts adapters as its
-        own config says, so a search with another start needs its own (sharing the model, the quantized layers and
-        the data; the starts it fits are its own)."""
-        import copy
-        import dataclasses
-
-        base = self.prefix_fitness()
-        if adapter_init == base.config.adapter_init:
-            return base
-        other = copy.copy(base)
-        other.config = dataclasses.replace(base.config, adapter_init=adapter_init)
-        other._start, other._fingerprints = None, None  # fitted starts and run fingerprints are per start
-        return other
+        """`prefix_fitness` with its plans' adapters started as ``adapter_init`` (`FineTuneFitness.with_start`): a
+        fitness starts adapters as its own config says, and a search refuses one that differs from its own."""
+        return self.prefix_fitness().with_start(adapter_init)
 
     def search_profile(self, *, modules: bool = False) -> Path:
         """The sensitivity profile of the model in the final fine-tune's dtype, which the searches read (a profile

@@ -259,6 +259,32 @@ def test_budget_above_the_16bit_model(tiny, words, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_fitness_that_fine_tunes_otherwise_than_the_search_records_is_refused(tiny, words, tmp_path):
+    """A `FineTuneFitness` starts adapters (and seeds, cuts blocks, quantizes) as its own config says: given to a
+    search that records other settings, it is refused before any trial; `with_start` gives one that agrees."""
+    from qradaptor.models import load_model
+    from qradaptor.search import FineTuneFitness
+    from qradaptor.search.loop import _check_fitness_config
+
+    d, model, _ = tiny
+    zero = FineTuneFitness(model, load_model(str(d))[1], data=words,
+                           config=SearchConfig(budget_bytes=1, seq_len=32, adapter_init="zero"))
+    kw = dict(data=words, budget="4bit", out=tmp_path / "o", seq_len=32, progress=False)
+    with pytest.raises(SearchError, match="adapter_init: fitness 'zero', search 'activation'") as e:
+        search(str(d), fitness=zero, **kw)
+    assert "with_start" in e.value.fix
+    assert not list((tmp_path / "o").glob("*.db"))  # refused before the study was opened
+    with pytest.raises(SearchError, match="seed: fitness 0, search 1"):
+        search(str(d), fitness=zero.with_start("activation"), seed=1, **{**kw, "out": tmp_path / "p"})
+
+    started = zero.with_start("activation")
+    assert zero.with_start("zero") is zero and started is not zero
+    assert started.config.adapter_init == "activation" and zero.config.adapter_init == "zero"
+    assert started.model is zero.model and started.cache is zero.cache and started.train_blocks is zero.train_blocks
+    _check_fitness_config(started, SearchConfig(budget_bytes=1, seq_len=32))  # agrees: nothing raised
+    _check_fitness_config(fast_fitness, SearchConfig(budget_bytes=1))  # a plain callable has no settings to compare
+
+
 def test_unreachable_storage_writes_nothing(tiny, words, tmp_path):
     d, model, _ = tiny
     with pytest.raises(SearchError, match="cannot open the study storage") as e:

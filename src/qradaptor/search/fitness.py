@@ -59,6 +59,19 @@ class FineTuneFitness:
         self._fingerprints: dict | None = None
         self._start = None  # the adapter starts (AdapterStart), fitted as plans need them
 
+    def with_start(self, adapter_init: str) -> "FineTuneFitness":
+        """This fitness with its plans' adapters started as ``adapter_init`` (itself when it already does): a copy
+        sharing the model, the quantized layers and the data, with its own fitted starts and run fingerprints."""
+        import copy
+        import dataclasses
+
+        if adapter_init == self.config.adapter_init:
+            return self
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, adapter_init=adapter_init)
+        other._start, other._fingerprints = None, None
+        return other
+
     def __call__(self, plan: Plan, fidelity: Fidelity) -> tuple[float, int]:
         if fidelity.schedule_steps:
             keep = self.kept_run(plan)

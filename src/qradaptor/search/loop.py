@@ -61,6 +61,7 @@ class Search:
                 f"the sensitivity profile was made for another model (fingerprint {sensitivity.model_fingerprint[:12]}…, "
                 f"this model is {self.model_fp[:12]}…)",
                 "profile this model (qradaptor profile --model M --out DIR) or point --sensitivity at its profile")
+        _check_fitness_config(fitness, config)
         # plans priced as the fitness stores them: in the model's dtype (bf16 scales and zeros for a bf16 search)
         self.backend = backend_for(model, config.backend)
         for b in config.bits:
@@ -488,3 +489,19 @@ class _progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+#: The settings a fitness fine-tunes with that the study records as the search's: they must agree.
+FITNESS_SETTINGS = ("adapter_init", "seed", "seq_len", "backend")
+
+
+def _check_fitness_config(fitness, config: SearchConfig) -> None:
+    """Refuse a fitness that fine-tunes with other settings than the search records (a `FineTuneFitness` uses its
+    own config's adapter start, seed, block length and backend, whatever the search's config says)."""
+    own = getattr(fitness, "config", None)  # a plain callable fitness has none: nothing to compare
+    differ = [k for k in FITNESS_SETTINGS if hasattr(own, k) and getattr(own, k) != getattr(config, k)]
+    if differ:
+        shown = ", ".join(f"{k}: fitness {getattr(own, k)!r}, search {getattr(config, k)!r}" for k in differ)
+        raise SearchError(f"the fitness fine-tunes with other settings than this search records ({shown})",
+                          "give the fitness the search's settings (FineTuneFitness.with_start for the adapter start), "
+                          "or let the search make its own")

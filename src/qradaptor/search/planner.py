@@ -47,13 +47,14 @@ class PriorCost:
         rows = self.module_kl[unit.layer] if self.module_kl and not unit.whole_layer else {}
         if unit.names and all(name in rows for name in unit.names) and unit.weight_share > 0 and \
                 len(unit.names) == len(unit.shapes):
-            return sum(_interpolated(rows[name], bits) * ratio[name] for name in unit.names)
-        return self.bits_cost(unit.layer, bits) * unit.weight_share * ratio[""]
+            return sum(_interpolated(rows[name], bits) * ratio.get(name, 1.0) for name in unit.names)
+        return self.bits_cost(unit.layer, bits) * unit.weight_share * ratio.get("", 1.0)
 
     def _ratios(self, unit: Unit, group: int | None) -> dict[str, float]:
-        """The unit's error ratio at ``group`` per short name, and over the unit ("": weighted by weights)."""
+        """The unit's error ratio at ``group`` per short name, and over the unit ("": weighted by weights); a name
+        missing has ratio 1 (none at the plans' own group size)."""
         if group is None or group == self.config.group_size or not self.group_ratios:
-            return _ONES
+            return {}
         layer, ratios = self.shapes.layers[unit.layer], self.group_ratios[unit.layer]
         sums: dict[str, list[float]] = {}
         for i in unit.shapes:
@@ -75,13 +76,6 @@ class PriorCost:
         return self.unit_bits_cost(unit, bits, group) + (self.rank_cost(unit.layer, rank) * unit.adapter_share
                                                          if unit.adapted else 0.0)
 
-
-class _Ones(dict):
-    def __missing__(self, key):
-        return 1.0
-
-
-_ONES = _Ones()
 
 
 def group_error_ratios(model, group_sizes: tuple[int, ...], base: int) -> list[dict[str, dict[int, float]]]:
