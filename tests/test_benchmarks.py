@@ -365,3 +365,26 @@ def test_corpus_benchmark_smoke(tmp_path):
         assert len(by[t["best_uniform"]]["seeds"]) == result["settings"]["seeds"]
     assert (tmp_path / "corpus-smoke.md").is_file()
     assert not (ROOT / "benchmarks" / "results" / "corpus-smoke.json").exists()
+
+
+def test_long_run_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "long_run.py"), "--smoke", "--work", str(tmp_path)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "long_run-smoke.json").read_text())
+    short, long = result["settings"]["steps"], result["settings"]["long_steps"]
+    assert long == 4 * short
+    rows = {(r["name"], r["steps"]): r for r in result["rows"]}
+    assert set(rows) == {(n, s) for n in ("lora16", "qlora4-r16", "start", "qradaptor-4bit") for s in (short, long)}
+    for steps in (short, long):
+        ref, ceiling = rows["qlora4-r16", steps], rows["lora16", steps]
+        assert ref["adapter_init"] == "zero" and rows["start", steps]["adapter_init"] != "zero"
+        assert ref["memory_bytes"] == rows["start", steps]["memory_bytes"] < ceiling["memory_bytes"]
+        assert rows["start", steps]["loss"] != ref["loss"] and ref["gap_recovered"] == 0
+        for r in (rows[n, steps] for n in ("start", "qradaptor-4bit")):
+            assert r["gap_recovered"] == pytest.approx((ref["loss"] - r["loss"]) / (ref["loss"] - ceiling["loss"]))
+    # the longer fine-tunes are other runs than the short ones (not ledger hits of them)
+    assert rows["qlora4-r16", long]["loss"] != rows["qlora4-r16", short]["loss"]
+    assert result["gaps"][str(long)]["qradaptor_recovered"] == rows["qradaptor-4bit", long]["gap_recovered"]
+    assert (tmp_path / "long_run-smoke.md").is_file()
+    assert not (ROOT / "benchmarks" / "results" / "long_run-smoke.json").exists()
