@@ -108,7 +108,16 @@ def report(rows: list[dict], settings: dict, smoke: bool) -> str:
             f"length, then its plan's final. Gap recovered = ({REFERENCE} − row) / ({REFERENCE} − lora16) at the "
             f"same length. Seconds: the final's training (a final continuing the search's run counts only the steps "
             f"it trains).\n\n"
-            + markdown_table(["row", "steps", "plan", "start", "test loss", "gap recovered", "MiB", "s"], table))
+            + markdown_table(["row", "steps", "plan", "start", "test loss", "gap recovered", "MiB", "s"], table)
+            + "".join(f"\nAt {steps} steps the search chose `start`'s plan ({plan}): its final is the same fine-tune "
+                      f"(one entry in the ledger).\n" for steps, plan in same_plan(rows)))
+
+
+def same_plan(rows: list[dict]) -> list[tuple[int, str]]:
+    """The lengths at which the search's plan is the uniform 4-bit r16 of the `start` row."""
+    by = {(r["name"], r["steps"]): r for r in rows}
+    return [(steps, by["start", steps]["plan"]) for (name, steps) in by
+            if name == f"qradaptor-{BUDGET}" and by[name, steps]["plan"] == by["start", steps]["plan"]]
 
 
 if __name__ == "__main__":

@@ -396,14 +396,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny random model: checks the script, not memory")
     parser.add_argument("--work", type=Path, default=None, help="where each case's result is kept (resumable)")
-    parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this (or one of "
+                                                     "several, comma-separated); results/ is not written")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
     work = args.work or Path(__file__).resolve().parent / "work" / ("memory-smoke" if args.smoke else "memory")
-    selected = [c for c in cases(args.smoke) if args.only is None or args.only in c["name"]]
+    only = args.only.split(",") if args.only else None
+    selected = [c for c in cases(args.smoke) if only is None or any(part in c["name"] for part in only)]
     results = [measure(c, work) for c in selected]
     payload, md = report(results, args.smoke)
     if args.only is None:
