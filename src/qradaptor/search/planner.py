@@ -77,7 +77,6 @@ class PriorCost:
                                                          if unit.adapted else 0.0)
 
 
-
 def group_error_ratios(model, group_sizes: tuple[int, ...], base: int) -> list[dict[str, dict[int, float]]]:
     """Per decoder layer, each linear's (by its name in the layer) expected quantization error at each of
     ``group_sizes`` relative to group size ``base``: the mean squared range of its weight's groups (row-major runs,
