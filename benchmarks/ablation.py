@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
-from benchmarks.frontier import REFERENCE, Bench, run_final, train_dtype  # noqa: E402
+from benchmarks.frontier import REFERENCE, Bench, train_dtype  # noqa: E402
 from benchmarks.genes import GROUP_SIZES, own_choices, own_groups  # noqa: E402
 
 BUDGET = "4bit"
@@ -89,14 +89,8 @@ def main(argv=None) -> int:
                 extra["sensitivity"] = per_linear
             result = bench.search(search_name(name), BUDGET, **extra)
             plan, cost = result.chosen.plan, bench.search_cost(search_name(name), result)
-        seeds, seconds = [], []
-        for seed in range(settings["seeds"]):
-            init_from = str(result.kept_run) if result is not None and seed == 0 and result.kept_run else None
-            final = run_final(bench.finals, f"ablation {name}" + (f" seed {seed}" if seed else ""), plan, recipe,
-                              bench.model, bench.data, seed=seed, dtype=dtype, init_from=init_from)
-            seeds.append(final["loss"])
-            seconds.append(final["train_seconds"])
-            memory = final["memory_bytes"]
+        finals = bench.final_seeds(f"ablation {name}", plan, recipe, dtype=dtype, search=result)
+        seeds, seconds, memory = finals["seeds"], finals["train_seconds"], finals["memory_bytes"]
         if searched:
             assert memory <= result.budget_bytes, f"{name}: {memory} bytes over the budget {result.budget_bytes}"
         rows.append({"name": name, "adapter_init": adapter_init, "dora": dora,

@@ -386,6 +386,20 @@ class Bench:
         return {"search_steps": result.fine_tune_steps, "search_steps_reused": result.kept_step,
                 "search_seconds": seconds, "search_evaluations": len(result.points)}
 
+    def final_seeds(self, label: str, plan, settings: dict, *, dtype: str, search=None) -> dict:
+        """``plan``'s final fine-tune with every seed of ``settings`` (`run_final`; seed 0 continues ``search``'s
+        kept run of it, where a search found it): the losses, their seconds and the plan's measured memory (the
+        same for every seed; the ledger's oldest entries lack it)."""
+        losses, seconds, memories = [], [], []
+        for seed in range(settings["seeds"]):
+            kept = search.kept_run if search is not None and seed == 0 else None
+            final = run_final(self.finals, label + (f" seed {seed}" if seed else ""), plan, settings, self.model,
+                              self.data, seed=seed, dtype=dtype, init_from=str(kept) if kept else None)
+            losses.append(final["loss"])
+            seconds.append(final["train_seconds"])
+            memories.append(final.get("memory_bytes"))
+        return {"seeds": losses, "train_seconds": seconds, "memory_bytes": next(m for m in memories if m is not None)}
+
     def random_settings(self, steps: int) -> dict:
         """Random search settings that spend about ``steps`` fine-tune steps (cheap trials, then promotion, which
         continues the cheap runs)."""

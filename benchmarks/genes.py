@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
-from benchmarks.frontier import Bench, run_final, train_dtype  # noqa: E402
+from benchmarks.frontier import Bench, train_dtype  # noqa: E402
 
 GROUP_SIZES = (32, 64, 128)
 #: row → the search's genes and group sizes (none: every linear at 64)
@@ -87,14 +87,8 @@ def main(argv=None) -> int:
             result = bench.search(name, budget, **extra)
             plan = result.chosen.plan
             cost = bench.search_cost(name, result)
-            seeds, seconds = [], []
-            for seed in range(settings["seeds"]):
-                final = run_final(bench.finals, f"{name}" + (f" seed {seed}" if seed else ""), plan, settings,
-                                  bench.model, bench.data, seed=seed, dtype=dtype,
-                                  init_from=str(result.kept_run) if seed == 0 and result.kept_run else None)
-                seeds.append(final["loss"])
-                seconds.append(final["train_seconds"])
-                memory = final["memory_bytes"]
+            finals = bench.final_seeds(name, plan, settings, dtype=dtype, search=result)
+            seeds, seconds, memory = finals["seeds"], finals["train_seconds"], finals["memory_bytes"]
             assert memory <= result.budget_bytes, f"{name}: {memory} bytes over the budget {result.budget_bytes}"
             rows.append({"budget": budget, "genes": layout, "name": name, "plan": plan.describe(),
                          "plan_layers": plan.to_dict()["layers"], "linears_with_their_own_choice": own_choices(plan),
