@@ -196,6 +196,23 @@ def add_to_ledger(path: Path, key: str, entry: dict) -> None:
                                       "(benchmarks/frontier.py run_final)", "finals": dict(sorted(finals.items()))})
 
 
+def ledger_notice(finals: dict, dtype: str) -> str:
+    """What of the ledger a benchmark can reuse on this machine: its quantized plans' finals train in ``dtype``
+    (`train_dtype`), and a final taken in another dtype is another fine-tune (on a CPU without native bf16 the
+    ledger's bf16 finals would all be trained again, in float32, and compared among themselves only)."""
+    counts: dict[str, int] = {}
+    for entry in finals.values():
+        counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
+    other = {d: n for d, n in sorted(counts.items()) if d != dtype}
+    line = f"benchmarks: quantized plans train in {dtype} here; the ledger holds {counts.get(dtype, 0)} finals in {dtype}"
+    if other:
+        line += (" and " + ", ".join(f"{n} in {d}" for d, n in other.items())
+                 + " (reused only where this run trains in that dtype: bf16 LoRA rows, or another machine)")
+    if dtype != "bfloat16":
+        line += "; this CPU has no native bf16, where the bf16 LoRA rows train ~15x slower (results/cpu_dtype.md)"
+    return line
+
+
 def final_key(spec: dict) -> str:
     """The store key of a final fine-tune: a hash of its settings (``spec`` without paths or labels)."""
     import hashlib
@@ -298,6 +315,9 @@ class Bench:
         self.shapes = ModelShapes.from_model(self.base)
         self.backend = get_backend("hqq")
 
+        if not smoke:
+            print(ledger_notice(read_ledger(ledger_path(self.finals)), train_dtype()), file=sys.stderr, flush=True)
+
         # Stage 1, once: the sensitivity profile every search and the greedy allocator use.
         self.profile_path = self.work / "profile" / RESULT_FILE
         seconds = self.work / "profile" / "seconds.txt"
@@ -305,7 +325,7 @@ class Bench:
             t = time.perf_counter()
             profile_model(self.base, self.tokenizer,
                           ProfileSettings(tokens=self.settings["profile_tokens"], seq_len=self.settings["seq_len"],
-                                          dtype="bfloat16", data=self.data),
+                                          dtype=train_dtype(), data=self.data),
                           out=self.profile_path.parent, force=True, progress=not smoke)
             seconds.write_text(f"{time.perf_counter() - t:.1f}\n")
         self.sensitivity = Sensitivity.load(self.profile_path)
@@ -349,7 +369,7 @@ class Bench:
             t = time.perf_counter()
             profile_model(self.prefix_fitness().model, self.tokenizer,
                           ProfileSettings(tokens=self.settings["profile_tokens"], seq_len=self.settings["seq_len"],
-                                          dtype="bfloat16", data=self.data, modules=modules),
+                                          dtype=train_dtype(), data=self.data, modules=modules),
                           out=path.parent, force=True, progress=not self.smoke)
             (path.parent / "seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
         return path

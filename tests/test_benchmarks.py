@@ -234,6 +234,20 @@ def test_final_fine_tunes_are_kept_by_what_decides_their_result():
         assert final_key({**spec, field: other}) != key, field
 
 
+def test_the_ledger_notice_says_which_finals_this_machine_cannot_reuse():
+    """A benchmark on a CPU without native bf16 trains its quantized plans in float32: the ledger's bf16 finals are
+    other fine-tunes to it, and it says so before spending hours training them again."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.frontier import ledger_notice
+
+    finals = {"a": {"dtype": "bfloat16"}, "b": {"dtype": "bfloat16"}, "c": {"dtype": "float32"}}
+    native = ledger_notice(finals, "bfloat16")
+    assert "2 finals in bfloat16" in native and "1 in float32" in native and "no native bf16" not in native
+    avx2 = ledger_notice(finals, "float32")
+    assert "1 finals in float32" in avx2 and "2 in bfloat16" in avx2 and "no native bf16" in avx2
+    assert "and" not in ledger_notice({"a": {"dtype": "bfloat16"}}, "bfloat16").split("finals in")[1]
+
+
 def test_adapter_init_benchmark_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_init.py"), "--smoke", "--work",
                            str(tmp_path), "--plans", "uniform4-r16", "--seeds", "2"],
