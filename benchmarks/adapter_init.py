@@ -120,7 +120,7 @@ def report(rows: list[dict], settings: dict, reference: dict) -> str:
           f"this benchmark reproduces exactly). KL at step 0: to the full model ({settings['dtype']}), {settings['kl_blocks']} test "
           f"blocks. activation: {settings['calibration_tokens']} calibration tokens from the training split; loftq: "
           f"{settings['loftq_iterations']} alternations (it rewrites the codes). Gap recovered: from uniform4-r16 "
-          f"with the zero start to lora16, as frontier.json measured them (means of 3 seeds: "
+          f"with the zero start to lora16, as frontier.json measured them (the mean of the seeds each ran there: "
           f"{reference.get('uniform4-r16', float('nan')):.4f} → {reference.get('lora16', float('nan')):.4f}). "
           "Loss ± half the seeds' max–min spread.\n\n")
     return md + markdown_table(headers, body)

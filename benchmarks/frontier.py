@@ -10,6 +10,9 @@ data, steps, seed and evaluation.
     uniform{b}-r{r}     uniform b-bit HQQ + LoRA rank r, for b in {3, 4, 5, 6, 8} and r in {4, 8, 16, 32}: the settings
                         a user could pick by hand. Their best-uniform front (at each memory, the best setting that fits)
                         is the baseline; its settings run seeds 0, 1, 2. uniform4-r16 (QLoRA's) is the memory reference.
+    uniform{b}-r{r}-g{g}  the same at group size 32 or 128 (a lever a uniform plan can have too): for each budget, group
+                        size and bit-width, the largest rank that fits; they join the uniform family. (DoRA, the other
+                        such lever, is the qdora4-r16 row: it ends where LoRA does, results/adapter_init.md.)
     greedy              bits and ranks from the sensitivity profile alone (greedy fill), 4-bit budget, no search
     random              random search (plans repaired into the 4-bit budget), as many fine-tune steps as ours
     qradaptor-<B>       the pipeline's search at budgets 3bit, 3.5bit, 4bit, 5bit; its plan runs seeds 0, 1, 2 (seed 0
@@ -59,7 +62,7 @@ FINALS = Path(__file__).resolve().parent / "work" / "finals"  # see run_final
 FULL = {  # SmolLM2 settings, chosen so the whole benchmark fits in about 1.5 h on 2 cores
     "adapter_init": "activation",  # `train`'s default (results before it had this key: "zero")
     "steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "seeds": 3, "kl_blocks": 16, "profile_tokens": 4096,
-    "rss_steps": 5, "grid": {"bits": (3, 4, 5, 6, 8), "ranks": (4, 8, 16, 32)},
+    "rss_steps": 5, "grid": {"bits": (3, 4, 5, 6, 8), "ranks": (4, 8, 16, 32), "group_sizes": (32, 128)},
     # 8 trials × 4 steps, the front's best plan and the warm start's 3 anchors promoted (+4 steps each, fewer where
     # they coincide), 1 refinement × 8, the chosen plan's 8 reused: at most 48 steps not reused, ≤ 0.5× the final
     # fine-tune (measured: 44–48, results/frontier.md). The fidelity study ranks on
@@ -71,7 +74,7 @@ FULL = {  # SmolLM2 settings, chosen so the whole benchmark fits in about 1.5 h 
 SMOKE = {
     "adapter_init": "activation",
     "steps": 4, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "seeds": 2, "kl_blocks": 4, "profile_tokens": 256,
-    "rss_steps": 2, "grid": {"bits": (3, 4, 8), "ranks": (4, 16)},
+    "rss_steps": 2, "grid": {"bits": (3, 4, 8), "ranks": (4, 16), "group_sizes": (32,)},
     "search": {"trials": 4, "population": 2, "promote": 1, "refine": 1, "warm_start": 2, "alpha": 1.0,
                "cheap": {"name": "cheap", "steps": 1, "eval_blocks": 2},
                "full": {"name": "full", "steps": 2, "eval_blocks": 2}},
@@ -474,12 +477,29 @@ def recipe(name: str, settings: dict) -> dict:
     return {**settings, "adapter_init": "zero"} if name == REFERENCE else settings
 
 
-def uniform_name(bits: int, rank: int) -> str:
-    return f"uniform{bits}-r{rank}"
+def uniform_name(bits: int, rank: int, group_size: int = 64) -> str:
+    return f"uniform{bits}-r{rank}" + (f"-g{group_size}" if group_size != 64 else "")
 
 
 def is_uniform(name: str) -> bool:
-    return re.fullmatch(r"uniform\d+-r\d+", name) is not None
+    return re.fullmatch(r"uniform\d+-r\d+(-g\d+)?", name) is not None
+
+
+def group_size_settings(shapes, backend, budgets: list[int], grid: dict) -> list[tuple[int, int, int]]:
+    """(bits, rank, group size): the uniform settings at the grid's other group sizes that the budgets compare with.
+    A user can give a uniform plan a group size too (issue #29: the best uniform setting is judged with the levers a
+    uniform plan can have), but all of them would double the grid: for each budget, group size and bit-width, the
+    largest rank of the grid whose plan fits (priced by ``backend``, as the fine-tunes store it)."""
+    from qradaptor.memory import predict
+    from qradaptor.plan import Plan
+
+    chosen = set()
+    for budget, size, bits in itertools.product(budgets, grid.get("group_sizes", ()), grid["bits"]):
+        fits = [r for r in grid["ranks"] if predict(shapes, Plan.uniform(shapes.num_layers, bits, r, group_size=size),
+                                                    backend).total_bytes <= budget]
+        if fits:
+            chosen.add((bits, max(fits), size))
+    return sorted(chosen)
 
 
 def best_uniform_front(methods: list[dict]) -> list[dict]:
@@ -633,11 +653,13 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
           f"Every method: {settings['steps']} LoRA steps of {settings['batch_size']}×{settings['seq_len']} tokens "
           f"(lr {settings['lr']}, seed 0, adapters started `{settings.get('adapter_init', 'zero')}`: "
           f"qradaptor.adapter_init) on the default data's training split, held-out loss on the whole test split "
-          f"({methods[0]['test_tokens']} tokens). HQQ group size 64; the shipped SmolLM2 weights were already "
+          f"({methods[0]['test_tokens']} tokens). HQQ group size 64 where the row does not say otherwise; the shipped SmolLM2 weights were already "
           f"4-bit at group size 32 (GGUF Q4_1), dequantized to fp32 before anything here. Quantized runs compute in "
           f"{settings['dtype']} (the training default), checkpointing on; `lora16` is the bf16 base (weights and "
           f"compute). The uniform family: every setting bits {{{', '.join(map(str, grid['bits']))}}} × ranks "
-          f"{{{', '.join(map(str, grid['ranks']))}}}, `uniform{{bits}}-r{{rank}}`; ◆ marks the best-uniform front (at "
+          f"{{{', '.join(map(str, grid['ranks']))}}}, `uniform{{bits}}-r{{rank}}`, and at group size "
+          f"{{{', '.join(map(str, grid.get('group_sizes', ())))}}} instead of 64 (`-g{{size}}`) the settings the budgets "
+          f"compare with: for each budget, group size and bit-width, the largest rank that fits; ◆ marks the best-uniform front (at "
           f"its memory no uniform setting is better); "
           + (f"its settings, `{REFERENCE}`, `{QDORA}` and the searches' plans at the budgets are the mean of "
              f"{settings['seeds']} seeds" if settings.get("seeds_for", "front") == "front"
@@ -708,6 +730,7 @@ def main() -> None:
     if args.rss_run:
         return rss_run(args.rss_run)
 
+    from qradaptor.backends import backend_for
     from qradaptor.data import load_blocks
     from qradaptor.memory import parse_budget
     from qradaptor.plan import Plan
@@ -749,6 +772,10 @@ def main() -> None:
     planner = Planner(bench.shapes, bench.backend, PriorCost(bench.sensitivity, config4), config4)
     plans.append(("greedy", planner.fill(budget4), none, dtype))
     ours = {budget: searched(f"qradaptor-{budget}", budget) for budget in BUDGETS}
+    pricing = backend_for(bench.prefix_fitness().model, "hqq")  # the fine-tunes' dtype, as the searches price
+    plans += [(uniform_name(b, r, g), Plan.uniform(L, b, r, group_size=g), none, dtype) for b, r, g in
+              group_size_settings(bench.shapes, pricing, [cost["budget_bytes"] for _, cost in ours.values()],
+                                  settings["grid"])]
     # random search: the 4-bit budget and as many fine-tune steps as ours spent there
     plans.append(("random", *searched("random", "4bit", **bench.random_settings(ours["4bit"][1]["search_steps"])),
                   dtype))

@@ -11,7 +11,8 @@ counts as what it is: time that is none of the stages'.
     .venv/bin/python benchmarks/run_stages.py --smoke    # a tiny random model, a minute
 
 A run is timed whole: an earlier attempt's run directory is deleted first. Writes
-benchmarks/results/run_stages.{json,md}.
+benchmarks/results/run_stages.{json,md} (run_stages-float32.* on a CPU without native bf16, where `run` computes
+in float32).
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table
 
 TARGET = 0.25  # the profile's share of the run's wall time, at most
 STAGES = ("profile", "search", "train", "metrics", "export")
+
+
+def results_name() -> str:
+    """``run_stages``, or ``run_stages-float32`` on a CPU without native bf16 (the run computes in float32 there; both
+    machine kinds' results are kept)."""
+    from qradaptor.precision import default_dtype
+
+    dtype = default_dtype("cpu").dtype
+    return "run_stages" if dtype == "bfloat16" else f"run_stages-{dtype}"
 
 
 def main(argv=None) -> int:
@@ -85,7 +95,7 @@ def main(argv=None) -> int:
                "environment": environment()}
     md = report(payload)
     directory = work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
-    write_results("run_stages-smoke" if args.smoke else "run_stages", payload, md, directory=directory)
+    write_results("run_stages-smoke" if args.smoke else results_name(), payload, md, directory=directory)
     print(md)
     return 0
 

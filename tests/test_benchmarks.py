@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,10 +33,20 @@ def test_frontier_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "frontier-smoke.json").read_text())
     names = [m["name"] for m in result["methods"]]
-    grid = [f"uniform{b}-r{r}" for b in (3, 4, 8) for r in (4, 16)]
-    assert names == ["lora16", "qlora4-r16", "qdora4-r16", *grid, "greedy", "random", "qradaptor-3bit", "qradaptor-3.5bit",
-                     "qradaptor-4bit", "qradaptor-5bit", "qradaptor-4bit-r16"]
+    plain = [f"uniform{b}-r{r}" for b in (3, 4, 8) for r in (4, 16)]
+    # the other group sizes: for each budget and bit-width, the largest rank that fits (at least 3-bit r4 at g32 fits
+    # the 3bit budget: uniform 3-bit g32 r4 costs less than uniform 3-bit g64 r16)
+    sized = [n for n in names if n.endswith("-g32")]
+    grid = plain + sized
+    assert names == ["lora16", "qlora4-r16", "qdora4-r16", *plain, "greedy", *sized, "random", "qradaptor-3bit",
+                     "qradaptor-3.5bit", "qradaptor-4bit", "qradaptor-5bit", "qradaptor-4bit-r16"]
     by = {m["name"]: m for m in result["methods"]}
+    assert sized and all("| g32×" in by[n]["plan"] for n in sized)
+    budgets = [t["budget_bytes"] for t in result["targets"]["budgets"].values()]
+    for name in sized:  # each fits a budget and costs more than the same bits and rank at group size 64
+        bits, rank = (int(x) for x in re.fullmatch(r"uniform(\d+)-r(\d+)-g32", name).groups())
+        assert any(by[name]["memory_bytes"] <= b for b in budgets)
+        assert by[name]["memory_bytes"] > by[f"uniform{bits}-r{rank}"]["memory_bytes"]
     for m in result["methods"]:
         assert m["memory_bytes"] == m["predicted_bytes"] > 0  # measured on the trained model = the memory model
         assert math.isfinite(m["loss"]) and m["peak_rss_bytes"] > 0 and m["trainable_params"] > 0

@@ -212,3 +212,6 @@ def test_group_sizes_of_layers_and_modules_round_trip_and_default_to_the_enclosi
     assert back.group_size_of(0, "k_proj") == 64 and back.group_size_of(0, "q_proj") == 128
     assert Plan.from_dict(back.to_dict()) == back
     assert plan.describe() == "3b×1 4b×2 | r8×2 r16×1 | g64×2 g128×1 | down_proj 4b g128×1, k_proj g32×1"
+    # a plan-wide group size other than the default shows too (a uniform plan at g32 is not one at g64)
+    assert Plan.uniform(3, 4, 16, group_size=32).describe() == "4b×3 | r16×3 | g32×3"
+    assert Plan.uniform(3, 4, 16).describe() == "4b×3 | r16×3"

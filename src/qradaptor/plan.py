@@ -349,7 +349,7 @@ class Plan:
 
     def describe(self) -> str:
         """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30`` (layers' own choices; ``| g64×20 g128×10``
-        where layers give their own group sizes; ``| k_proj 8b×30`` after them for modules' own, the four most
+        where layers give their own group sizes or the plan's is not the default 64; ``| k_proj 8b×30`` after them for modules' own, the four most
         common; ``| DoRA`` for DoRA adapters, ``| expert adapters`` for adapters on routed experts)."""
 
         def runs(values: Iterable[int], unit: str) -> str:
@@ -369,7 +369,8 @@ class Plan:
         modules = ", ".join(f"{text}×{n}" for text, n in common[:4]) + (f", +{len(common) - 4} more"
                                                                          if len(common) > 4 else "")
         return (f"{runs(self.bits, 'b')} | {runs(self.ranks, 'r')}"
-                + (f" | {runs(groups, 'g')}" if any(c.group_size for c in self.layers) else "")
+                + (f" | {runs(groups, 'g')}" if any(c.group_size for c in self.layers)
+                   or self.group_size != DEFAULT_GROUP_SIZE else "")
                 + (f" | {modules}" if modules else "")
                 + (" | DoRA" if self.dora else "") + (" | expert adapters" if self.expert_adapters else ""))
 
