@@ -29,7 +29,7 @@ def test_search_benchmark_smoke(tmp_path):
 
 def test_frontier_benchmark_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--smoke", "--work", str(tmp_path)],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=900)
+                          capture_output=True, text=True, env=dict(os.environ), timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "frontier-smoke.json").read_text())
     names = [m["name"] for m in result["methods"]]
@@ -79,14 +79,16 @@ def test_frontier_benchmark_smoke(tmp_path):
     qdora = by["qdora4-r16"]
     assert len(qdora["seeds"]) == result["settings"]["seeds"] and qdora["memory_bytes"] > u4["memory_bytes"]
     assert qdora["trainable_params"] > u4["trainable_params"]
-    # the best-uniform front: every setting on it ran every seed, its loss is their mean; the others ran one
+    # the best-uniform front: every setting on it ran every seed, its loss is their mean; the others ran one, unless
+    # they were on the front before it was taken again on seed means
     front = result["best_uniform_front"]
     assert front and set(front) <= set(grid)
     for name in grid:
         m = by[name]
-        assert len(m["seeds"]) == (result["settings"]["seeds"] if name in front else 1)
+        seeds, every = len(m["seeds"]), result["settings"]["seeds"]
+        assert (seeds == every) if name in front else (seeds in (1, every))
         assert m["loss"] == pytest.approx(sum(m["seeds"]) / len(m["seeds"]))
-        assert ("loss_spread" in m) == (name in front)
+        assert ("loss_spread" in m) == (len(m["seeds"]) > 1)
         # nothing on the front is beaten by a uniform setting that needs no more memory
         if name in front:
             assert not any(by[o]["memory_bytes"] <= m["memory_bytes"] and by[o]["loss"] < m["loss"] for o in grid)
@@ -106,7 +108,7 @@ def test_frontier_benchmark_smoke(tmp_path):
     assert {e["result"]["loss"] for e in ledger.values()} == {x for m in result["methods"] for x in m["seeds"]}
     shutil.rmtree(tmp_path / "finals")
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--smoke", "--work", str(tmp_path)],
-                           capture_output=True, text=True, env=dict(os.environ), timeout=900)
+                           capture_output=True, text=True, env=dict(os.environ), timeout=1800)
     assert again.returncode == 0, again.stderr[-3000:]
     assert ": final fine-tune (" not in again.stdout
     rerun = {m["name"]: m for m in json.loads((tmp_path / "frontier-smoke.json").read_text())["methods"]}
