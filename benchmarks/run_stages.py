@@ -39,9 +39,9 @@ STAGES = ("profile", "search", "train", "metrics", "export")
 def results_name() -> str:
     """``run_stages``, or ``run_stages-float32`` on a CPU without native bf16 (the run computes in float32 there; both
     machine kinds' results are kept)."""
-    from qradaptor.precision import default_dtype
+    from benchmarks.frontier import train_dtype
 
-    dtype = default_dtype("cpu").dtype
+    dtype = train_dtype()
     return "run_stages" if dtype == "bfloat16" else f"run_stages-{dtype}"
 
 

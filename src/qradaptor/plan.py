@@ -349,8 +349,9 @@ class Plan:
 
     def describe(self) -> str:
         """A compact one-line summary, e.g. ``4b×28 8b×2 | r16×30`` (layers' own choices; ``| g64×20 g128×10``
-        where layers give their own group sizes or the plan's is not the default 64; ``| k_proj 8b×30`` after them for modules' own, the four most
-        common; ``| DoRA`` for DoRA adapters, ``| expert adapters`` for adapters on routed experts)."""
+        where layers give their own group sizes or the plan's is not the default 64; ``| k_proj 8b×30`` after them
+        for modules' own, the four most common; ``| DoRA`` for DoRA adapters, ``| expert adapters`` for adapters on
+        routed experts)."""
 
         def runs(values: Iterable[int], unit: str) -> str:
             counts: dict[int, int] = {}
