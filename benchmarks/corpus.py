@@ -9,7 +9,8 @@ version and the file's sha256 go into the results (another Python's sources are 
 
 Compared as benchmarks/frontier.py compares on the default data, with its settings and its final fine-tune:
 ``lora16``; every uniform setting of the frontier's grid that fits the largest budget (the best uniform setting
-within each budget is among them); ``qradaptor-<budget>`` at 3.5 and 4 bits (the frontier's search, on a profile
+within each budget is among them) and, as the frontier has them, the grid's other group sizes at each budget
+(`group_size_settings`); ``qradaptor-<budget>`` at 3.5 and 4 bits (the frontier's search, on a profile
 of this corpus). Seeds: every seed for the searches' plans, for the best uniform setting within each budget (taken
 again on seed means until it has them all) and for ``qlora4-r16`` (uniform 4-bit r16 with PEFT's zero start: the
 gap's reference, QLoRA as a user runs it today); one for the others.
@@ -38,8 +39,8 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
-from benchmarks.frontier import (REFERENCE, Bench, best_uniform_within, recipe, run_final, seeded,  # noqa: E402
-                                 targets, targets_markdown, train_dtype, uniform_name)
+from benchmarks.frontier import (REFERENCE, Bench, best_uniform_within, group_size_settings, recipe,  # noqa: E402
+                                 run_final, seeded, targets, targets_markdown, train_dtype, uniform_name)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Pure-Python standard-library modules: 441 KB of source on Python 3.11.7
@@ -97,7 +98,6 @@ def main(argv=None) -> int:
     bench = Bench(work, smoke=args.smoke, data=None if args.smoke else str(CORPUS))
     settings, dtype = bench.settings, train_dtype()
 
-    from qradaptor.backends import backend_for
     from qradaptor.memory import predict
     from qradaptor.plan import Plan
 
@@ -110,11 +110,14 @@ def main(argv=None) -> int:
         costs[name] = {**bench.search_cost(name, result), "budget_bytes": result.budget_bytes,
                        "search_loss": result.chosen.loss}
     largest = max(r.budget_bytes for r in searches.values())
-    backend = backend_for(bench.prefix_fitness().model, "hqq")  # priced in the fine-tunes' dtype, as measured
     grid = [(b, r) for b in settings["grid"]["bits"] for r in settings["grid"]["ranks"]]
     plans = [("lora16", Plan.uniform(L, 16, 16), "bfloat16"), (REFERENCE, Plan.uniform(L, 4, 16), dtype)]
     plans += [(uniform_name(b, r), Plan.uniform(L, b, r), dtype) for b, r in grid
-              if predict(bench.shapes, Plan.uniform(L, b, r), backend).total_bytes <= largest]
+              if predict(bench.shapes, Plan.uniform(L, b, r), bench.pricing).total_bytes <= largest]
+    # the group-size lever a user could give a uniform plan too, as the frontier judges the searches with it
+    plans += [(uniform_name(b, r, g), Plan.uniform(L, b, r, group_size=g), dtype) for b, r, g in
+              group_size_settings(bench.shapes, bench.pricing, [r.budget_bytes for r in searches.values()],
+                                  settings["grid"])]
     plans += [(name, result.chosen.plan, dtype) for name, result in searches.items()]
 
     rows = []

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != _here]
 
 from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
-from benchmarks.frontier import FINALS, FULL, SMOKE, run_final  # noqa: E402
+from benchmarks.frontier import FINALS, FULL, SMOKE, children_in_process, run_final  # noqa: E402
 from benchmarks.search import smoke_model  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model = data = None
     if args.smoke:
+        children_in_process()
         model, data = smoke_model(work) if not (work / "model").is_dir() else (str(work / "model"),
                                                                                 str(work / "words.txt"))
     layers = 4 if args.smoke else 30

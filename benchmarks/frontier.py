@@ -234,7 +234,23 @@ def _drop_if_stale(result_path: Path, spec_path: Path, spec: dict) -> None:
             result_path.unlink()
 
 
+#: Run the children's code in this process instead (`children_in_process`).
+CHILDREN_IN_PROCESS = False
+
+
+def children_in_process() -> None:
+    """Smoke runs call a final fine-tune's and an RSS measurement's code in this process: a child process spends
+    ~15 s importing torch, transformers and PEFT on 2 cores, far more than a tiny model's fine-tune (most of a smoke's
+    time), and smoke results measure nothing (a smoke row's peak RSS is then this process's). The child processes
+    themselves are tested on their own (tests/test_benchmarks.py)."""
+    global CHILDREN_IN_PROCESS
+    CHILDREN_IN_PROCESS = True
+
+
 def child(name: str, mode: str, spec_path: Path) -> None:
+    if CHILDREN_IN_PROCESS:
+        {"--final-run": final_run, "--rss-run": rss_run}[mode](str(spec_path))
+        return
     code = subprocess.call([sys.executable, str(Path(__file__).resolve()), mode, str(spec_path)])
     if code != 0:
         sys.exit(f"frontier: {mode[2:]} of {name} failed (exit {code}); rerun to retry it")
@@ -312,6 +328,8 @@ class Bench:
         if smoke:
             from benchmarks.search import smoke_model
 
+            children_in_process()
+
             self.model, words = smoke_model(self.work)
             self.data = data or words
         self.base, self.tokenizer = load_model(self.model)
@@ -355,6 +373,14 @@ class Bench:
             model, _ = load_model(self.model, dtype=getattr(torch, train_dtype()))
             self._prefix_fitness = FineTuneFitness(model, self.tokenizer, data=self.data, config=self.fitness.config)
         return self._prefix_fitness
+
+    @property
+    def pricing(self):
+        """The backend that prices plans in the final fine-tune's dtype (bf16 scales, zeros and unquantized tensors
+        where it trains in bf16): as the searches price their budgets and the trained models are measured."""
+        from qradaptor.backends import backend_for
+
+        return backend_for(self.prefix_fitness().model, "hqq")
 
     def started_fitness(self, adapter_init: str):
         """`prefix_fitness` with its plans' adapters started as ``adapter_init`` (`FineTuneFitness.with_start`): a
@@ -730,7 +756,6 @@ def main() -> None:
     if args.rss_run:
         return rss_run(args.rss_run)
 
-    from qradaptor.backends import backend_for
     from qradaptor.data import load_blocks
     from qradaptor.memory import parse_budget
     from qradaptor.plan import Plan
@@ -772,9 +797,8 @@ def main() -> None:
     planner = Planner(bench.shapes, bench.backend, PriorCost(bench.sensitivity, config4), config4)
     plans.append(("greedy", planner.fill(budget4), none, dtype))
     ours = {budget: searched(f"qradaptor-{budget}", budget) for budget in BUDGETS}
-    pricing = backend_for(bench.prefix_fitness().model, "hqq")  # the fine-tunes' dtype, as the searches price
     plans += [(uniform_name(b, r, g), Plan.uniform(L, b, r, group_size=g), none, dtype) for b, r, g in
-              group_size_settings(bench.shapes, pricing, [cost["budget_bytes"] for _, cost in ours.values()],
+              group_size_settings(bench.shapes, bench.pricing, [cost["budget_bytes"] for _, cost in ours.values()],
                                   settings["grid"])]
     # random search: the 4-bit budget and as many fine-tune steps as ours spent there
     plans.append(("random", *searched("random", "4bit", **bench.random_settings(ours["4bit"][1]["search_steps"])),

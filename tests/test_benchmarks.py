@@ -247,6 +247,26 @@ def test_final_fine_tunes_are_kept_by_what_decides_their_result():
         assert final_key({**spec, field: other}) != key, field
 
 
+def test_a_final_fine_tune_and_a_peak_rss_measurement_each_run_in_a_child_process(tmp_path):
+    """Outside smoke runs (which call their code in-process: `children_in_process`), each final fine-tune and each
+    peak-RSS measurement is a fresh child process; its result comes back through its file, and the final's through
+    the ledger too."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import frontier
+    from benchmarks.search import smoke_model
+    from qradaptor.plan import Plan
+
+    assert not frontier.CHILDREN_IN_PROCESS
+    model, words = smoke_model(tmp_path)
+    plan, settings = Plan.uniform(4, 4, 4), {**frontier.SMOKE, "steps": 2}
+    final = frontier.run_final(tmp_path / "finals", "child", plan, settings, model, words, seed=0)
+    assert math.isfinite(final["loss"]) and final["memory_bytes"] == final["predicted_bytes"] > 0
+    assert [e["result"] for e in frontier.read_ledger(tmp_path / "finals-ledger.json").values()] == [
+        {k: v for k, v in final.items() if k != "run_dir"}]
+    rss = frontier.measure_rss(tmp_path, "child", plan, settings, model, words, dtype="float32")
+    assert rss["peak_rss_bytes"] >= rss["rss_before_training_bytes"] > 0 and rss["steps"] == settings["rss_steps"]
+
+
 def test_the_ledger_notice_says_which_finals_this_machine_cannot_reuse():
     """A benchmark on a CPU without native bf16 trains its quantized plans in float32: the ledger's bf16 finals are
     other fine-tunes to it, and it says so before spending hours training them again."""
