@@ -37,6 +37,7 @@ benchmarks/results/frontier.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -374,10 +375,11 @@ class Bench:
             self._prefix_fitness = FineTuneFitness(model, self.tokenizer, data=self.data, config=self.fitness.config)
         return self._prefix_fitness
 
-    @property
+    @functools.cached_property
     def pricing(self):
         """The backend that prices plans in the final fine-tune's dtype (bf16 scales, zeros and unquantized tensors
-        where it trains in bf16): as the searches price their budgets and the trained models are measured."""
+        where it trains in bf16): as the searches price their budgets and the trained models are measured. Made once:
+        corpus.py prices every grid setting with it."""
         from qradaptor.backends import backend_for
 
         return backend_for(self.prefix_fitness().model, "hqq")
