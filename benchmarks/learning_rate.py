@@ -15,8 +15,8 @@ at several learning rates, one seed:
 Gap recovered = (qlora4-r16 − start) / (qlora4-r16 − lora16), at each learning rate and with every row at its
 best learning rate.
 
-    .venv/bin/python benchmarks/learning_rate.py                 # SmolLM2: one final per row and rate (~6 min each
-                                                                 # on 2 cores in bf16, ~9 in float32), resumable
+    .venv/bin/python benchmarks/learning_rate.py                 # SmolLM2: one final per row and rate, resumable
+    # (~5 min each in bf16 on 2 cores with native bf16; in float32 on an AVX2-only EPYC, 22 min: lora16 took 1,298 s)
     .venv/bin/python benchmarks/learning_rate.py --smoke         # a tiny random model: the script runs
 
 Finals go to the frontier's store and ledger (benchmarks/work/finals, results/finals.json): the learning rate is
@@ -40,7 +40,7 @@ from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table
 from benchmarks.frontier import (FINALS, FULL, REFERENCE, SMOKE, children_in_process, recipe,  # noqa: E402
                                  run_final, train_dtype)
 
-ROWS = ("lora16", REFERENCE, "start")
+ROWS = (REFERENCE, "start", "lora16")  # in this order: the ceiling last, it answers the least
 LEARNING_RATES = (3e-4, 1e-3)
 SCALE_LAYERS = (3, 15, 27)  # the layers whose factor scales are reported (early, middle, late on SmolLM2)
 SCALE_TOKENS = 1024
@@ -97,10 +97,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES),
                         help="the learning rates, comma-separated (default %(default)s; 3e-4 is the frontier's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="every row's training dtype (default: `train`'s on this CPU); pinning it lets a machine "
+                             "with another default continue the same finals")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
+    parser.add_argument("--work", default=None, help="with --smoke: where its model, finals and results go (default: "
+                                                     "a temp dir)")
     args = parser.parse_args(argv)
     try:
-        lrs = sorted({float(x) for x in args.lrs.split(",")})
+        lrs = list(dict.fromkeys(float(x) for x in args.lrs.split(",")))  # in the order given: trained so
     except ValueError:
         parser.error(f"--lrs takes numbers separated by commas, not {args.lrs!r}")
     began = time.perf_counter()
@@ -112,7 +117,7 @@ def main(argv=None) -> int:
     from qradaptor.plan import Plan
 
     settings = {k: v for k, v in (SMOKE if args.smoke else FULL).items() if k not in ("grid", "search")}
-    work = Path(tempfile.mkdtemp(prefix="qradaptor-lr-")) if args.smoke else None
+    work = Path(args.work or tempfile.mkdtemp(prefix="qradaptor-lr-")) if args.smoke else None
     model = data = None
     store = FINALS
     if args.smoke:
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
         children_in_process()
         model, data = smoke_model(work)
         store = work / "finals"
-    dtype = train_dtype()
+    dtype = args.dtype or train_dtype()
     base, tokenizer = load_model(model, dtype=getattr(torch, dtype))
     L = len(base.model.layers)
     blocks = calibration_subset(load_blocks(data, tokenizer, "train", seq_len=settings["seq_len"], model=base),
