@@ -2,7 +2,7 @@
 
 At the frontier's recipe (100 steps of 4×128, lr 3e-4) uniform 4-bit r16 with the activation start ends below
 16-bit LoRA r16 (results/adapter_init.md). Measured (results/learning_rate.md, `factor_scales`): the start's ``A``
-maps the layers' inputs to 2–5× larger values than PEFT's random ``A`` does, and its ``B`` is not zero. Under Adam,
+maps the layers' inputs to 1.7–5.4× larger values than PEFT's random ``A`` does, and its ``B`` is not zero. Under Adam,
 which moves each weight by about the learning rate whatever its gradient, a step then changes the adapter's
 output several times more: the start also raises the adapters' effective learning rate. If the zero start only
 lacks that, a larger learning rate gives it (and 16-bit LoRA) the same lead. So the rows the 4-bit target compares,

@@ -240,6 +240,21 @@ def test_a_search_run_continues_into_train_only_with_the_same_start(inputs, tmp_
     assert continued.resumed_from == 2 and continued.train.losses == pytest.approx(whole.train.losses, rel=1e-6)
     with pytest.raises(KeptRunMismatch, match="adapter_init"):
         train_plan(tmp_path / "other", adapter_init="zero", init_from=kept, **common)
+    # the start fitted on other calibration tokens is another beginning
+    with pytest.raises(KeptRunMismatch, match="start_tokens"):
+        train_plan(tmp_path / "fewer", adapter_init="activation", start_tokens=64, init_from=kept, **common)
+
+
+def test_the_start_fits_on_the_calibration_tokens_asked_for_in_whole_blocks(inputs, tmp_path):
+    few = train_plan(tmp_path / "few", steps=1, adapter_init="activation", start_tokens=50, **inputs, **FAST)
+    every = train_plan(tmp_path / "every", steps=1, adapter_init="activation", **inputs, **FAST)
+    runs = {name: json.loads((tmp_path / name / RUN_FILE).read_text()) for name in ("few", "every")}
+    assert runs["few"]["config"]["start_tokens"] == 50
+    assert runs["few"]["adapter_start"]["calibration_tokens"] == 64  # two blocks of 32
+    assert runs["every"]["config"]["start_tokens"] == 4096
+    assert runs["every"]["adapter_start"]["calibration_tokens"] > 64  # the whole (small) training split
+    # another fit, so another model at step 0
+    assert few.train.losses[0] != pytest.approx(every.train.losses[0], rel=1e-5)
 
 
 def test_an_unknown_start_is_refused_before_anything_is_written(inputs, tmp_path, capsys):

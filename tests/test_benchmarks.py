@@ -435,3 +435,31 @@ def test_long_run_benchmark_smoke(tmp_path):
     assert result["gaps"][str(long)]["qradaptor_recovered"] == rows["qradaptor-4bit", long]["gap_recovered"]
     assert (tmp_path / "long_run-smoke.md").is_file()
     assert not (ROOT / "benchmarks" / "results" / "long_run-smoke.json").exists()
+
+
+def test_learning_rate_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning_rate.py"), "--smoke", "--work",
+                           str(tmp_path), "--lrs", "3e-4,3e-3"], capture_output=True, text=True, env=dict(os.environ),
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "learning_rate-smoke.json").read_text())
+    assert result["settings"]["lrs"] == [3e-4, 3e-3]
+    rows = {(r["name"], r["lr"]): r for r in result["rows"]}
+    assert set(rows) == {(n, lr) for n in ("lora16", "qlora4-r16", "start") for lr in (3e-4, 3e-3)}
+    for lr in (3e-4, 3e-3):
+        ref, start, ceiling = rows["qlora4-r16", lr], rows["start", lr], rows["lora16", lr]
+        assert ref["adapter_init"] == "zero" and start["adapter_init"] != "zero"
+        assert ref["memory_bytes"] == start["memory_bytes"] < ceiling["memory_bytes"]
+        gap = ref["loss"] - ceiling["loss"]  # on a random model it may not be a gap at all: then no share is given
+        expected = (ref["loss"] - start["loss"]) / gap if gap > 0 else None
+        got = result["summary"]["recovered_at"][f"{lr:g}"]
+        assert got is None if expected is None else got == pytest.approx(expected)
+    # each learning rate is its own fine-tune (not a ledger hit of another)
+    assert rows["qlora4-r16", 3e-3]["loss"] != rows["qlora4-r16", 3e-4]["loss"]
+    best = result["summary"]["best_lr"]
+    assert all(rows[n, best[n]]["loss"] == min(rows[n, lr]["loss"] for lr in (3e-4, 3e-3)) for n in best)
+    # the fitted starts move the adapters' outputs, PEFT's does not start with any (B = 0)
+    scales = result["factor_scales"]
+    assert scales and all(r["zero_ax"] > 0 and r["activation_ax"] > 0 and r["activation_b"] > 0 for r in scales)
+    assert (tmp_path / "learning_rate-smoke.md").is_file()
+    assert not (ROOT / "benchmarks" / "results" / "learning_rate-smoke.json").exists()

@@ -151,3 +151,9 @@ def test_the_fine_tune_continues_the_searchs_run_of_the_chosen_plan(tiny_dir, tm
         run(str(tiny_dir), out=tmp_path / "other", **{**kw, "train_settings": {"eval_blocks": 2, "warmup_steps": 2}})
     assert "not continuing the search's run" in caplog.text and "warmup_steps" in caplog.text
     assert "initialised_from" not in json.loads((tmp_path / "other" / "train" / "run.json").read_text())
+    # the start on fewer calibration tokens: the search's fine-tunes start as the final one does, which continues
+    run(str(tiny_dir), out=tmp_path / "few", **{**kw, "train_settings": {"eval_blocks": 2, "start_tokens": 64}})
+    pareto = json.loads((tmp_path / "few" / "search" / "pareto.json").read_text())
+    record = json.loads((tmp_path / "few" / "train" / "run.json").read_text())
+    assert pareto["settings"]["start_tokens"] == record["config"]["start_tokens"] == 64
+    assert record["initialised_from"]["step"] == 4

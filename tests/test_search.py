@@ -540,6 +540,11 @@ def test_a_study_made_before_prefix_fidelities_still_resumes():
     # the dtype of the fine-tunes (and of the plans' pricing): a study from before it was recorded searched in float32
     assert _config_fingerprint({**config, "dtype": "float32"}) == _config_fingerprint(config)
     assert _config_fingerprint({**config, "dtype": "bfloat16"}) != _config_fingerprint(config)
+    # the start's calibration tokens: a study from before they were a setting fitted on the default count
+    assert _config_fingerprint({k: v for k, v in config.items() if k != "start_tokens"}) == _config_fingerprint(config)
+    assert _config_fingerprint({**config, "start_tokens": 512}) != _config_fingerprint(config)
+    with pytest.raises(SearchError, match="--start-tokens must be a positive whole number"):
+        SearchConfig(budget_bytes=123, start_tokens=0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -135,7 +135,8 @@ def test_resume_with_a_damaged_run_record_is_refused_with_a_fix(interrupted, tmp
 
 
 @pytest.mark.parametrize("setting, value", [("lr", math.inf), ("lr", 0.0), ("warmup_steps", -1),
-                                            ("checkpoint_every", 0), ("eval_blocks", -2)])
+                                            ("checkpoint_every", 0), ("eval_blocks", -2), ("start_tokens", 0),
+                                            ("start_tokens", 64.5)])
 def test_bad_numbers_are_refused_before_anything_is_written(inputs, tmp_path, setting, value):
     out = tmp_path / "run"
     with pytest.raises(ArtifactError) as e:

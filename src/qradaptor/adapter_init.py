@@ -31,8 +31,7 @@ from .backends import QuantBackend, QuantCache
 from .plan import UNQUANTIZED_BITS, Plan
 from .rundir import ADAPTER_INITS as INIT_METHODS  # what `--adapter-init` takes; ``loftq`` (it rewrites the codes)
 #                                                   is `loftq_start`, for the benchmark
-#: calibration tokens for ``activation`` (the sensitivity profile's default count)
-DEFAULT_CALIBRATION_TOKENS = 4096
+from .rundir import DEFAULT_START_TOKENS  # calibration tokens for ``activation`` by default (`--start-tokens`)
 #: added to the input second moment, relative to its mean diagonal (as GPTQ damps its Hessian)
 DAMPING = 0.01
 
@@ -89,7 +88,7 @@ def adapted_linears(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear, 
     return found
 
 
-def calibration_subset(blocks, tokens: int = DEFAULT_CALIBRATION_TOKENS):
+def calibration_subset(blocks, tokens: int = DEFAULT_START_TOKENS):
     """The first whole blocks holding at least ``tokens`` tokens (all of them when there are fewer)."""
     return blocks.subset(max(1, -(-tokens // blocks.seq_len)))
 

@@ -11,7 +11,7 @@ import warnings
 
 from . import threads
 from .errors import QRAdaptorError
-from .rundir import ADAPTER_INITS
+from .rundir import ADAPTER_INITS, DEFAULT_START_TOKENS
 
 DTYPES = ("auto", "float32", "bfloat16")  # precision.DTYPE_CHOICES, without importing torch to parse arguments
 #: What every --dtype says about its default (one default across commands: precision.default_dtype).
@@ -129,7 +129,7 @@ _RUN_OWN = ("steps", "epochs", "seq_len")
 #: The exploration's flags (`search` and `run`), and what `run` passes to its search.
 _EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "genes", "group_sizes", "target_modules",
                 "dora", "expert_adapters")
-_SEARCHED = (*_EXPLORATION, "backend", "seed", "adapter_init")
+_SEARCHED = (*_EXPLORATION, "backend", "seed", "adapter_init", "start_tokens")
 #: `search.GENE_LAYOUTS`, spelled out: the CLI parses without importing torch (tests check they agree)
 GENE_LAYOUTS = ("layer", "groups", "module")
 
@@ -291,7 +291,7 @@ def cmd_search(args) -> int:
     from .commands import search, summary
 
     settings = {**_given_search_settings(args), "backend": args.backend, "seed": args.seed, "seq_len": args.seq_len,
-                "adapter_init": args.adapter_init}
+                "adapter_init": args.adapter_init, "start_tokens": args.start_tokens}
     result = search(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
                     storage=args.storage, study=args.study, sensitivity=args.sensitivity, progress=not args.quiet,
                     device=args.device, dtype=args.dtype, final_steps=args.final_steps, **settings)
@@ -484,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_setting_help("dtype") + "; the plans' fine-tunes compute in it and are priced in it")
     p.add_argument("--adapter-init", default="activation", choices=ADAPTER_INITS,
                    help=_setting_help("adapter_init") + "; the plans' fine-tunes start so (default activation)")
+    p.add_argument("--start-tokens", type=_positive_int, default=DEFAULT_START_TOKENS,
+                   help=_setting_help("start_tokens") + f" (default {DEFAULT_START_TOKENS})")
     p.add_argument("--final-steps", type=_positive_int, default=None, metavar="N",
                    help="measure plans on the first steps of an N-step fine-tune (train's default batch size and lr) "
                         "and keep the chosen plan's run, which `train --steps N --dtype D --init-from` continues")

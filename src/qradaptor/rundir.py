@@ -29,6 +29,9 @@ CHECKPOINTS_DIR = "checkpoints"
 RUN_FORMAT = 1
 #: how a run's adapters start (qradaptor.adapter_init; "zero" is PEFT's own)
 ADAPTER_INITS = ("activation", "svd", "zero")
+#: calibration tokens the activation start fits on by default (the sensitivity profile's default count; runs and
+#: searches from before it was a setting used it)
+DEFAULT_START_TOKENS = 4096
 #: what a record written before a setting existed meant by it, where that differs from today's default
 _BEFORE_SETTINGS = {"adapter_init": "zero"}
 
@@ -76,6 +79,9 @@ class RunConfig:
     adapter_init: str = setting("activation", "how adapters start: activation (fitted to each layer's quantization "
                                 "error as calibration inputs see it), svd (fitted in weight space) or zero "
                                 "(PEFT's B = 0)", "text", choices=ADAPTER_INITS)
+    # fewer make the activation start cheaper (one forward over them, in the training dtype) and its fit rougher
+    start_tokens: int = setting(DEFAULT_START_TOKENS, "calibration tokens of the training split the activation start "
+                                "fits on (whole blocks; all the split has if fewer)", "positive_int")
     gradient_checkpointing: bool = setting(True, "recompute each decoder layer's activations in backward instead of "
                                            "keeping them (see the README's training memory)", "bool")
     device: str = "auto"  # auto: a CUDA GPU when PyTorch sees one, else the CPU (qradaptor.device)

@@ -338,7 +338,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     from ..memory import parse_gguf_budget, parse_training_budget
     from ..models import load_base, model_fingerprint
     from ..plan import Plan
-    from ..rundir import RunConfig
+    from ..rundir import DEFAULT_START_TOKENS, RunConfig
 
     out = Path(out)
     device = resolve_device(device)
@@ -358,6 +358,8 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     base = load_base(model, dtype=DTYPES[dtype])
     # the search's fine-tunes start their adapters as the final one does (its beginning is one of them)
     search_settings = {**(search_settings or {}), "adapter_init": train_defaults["adapter_init"]}
+    if train_defaults["start_tokens"] != DEFAULT_START_TOKENS:  # (the default left out: a run's record stays as it was)
+        search_settings["start_tokens"] = train_defaults["start_tokens"]
     search_settings = Plan.check_settings(base.model, search_settings)  # refused before the profile
     if parse_gguf_budget(budget) is not None:  # a budget on files that cannot be written: refused before the profile
         from ..gguf_export import check_gguf_budget

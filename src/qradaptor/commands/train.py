@@ -105,6 +105,9 @@ def _resolve(given: dict, saved: dict | None) -> RunConfig:
     if config.adapter_init not in ADAPTER_INITS:
         raise ArtifactError(f"unknown adapter start {config.adapter_init!r}",
                             f"use --adapter-init {' or '.join(ADAPTER_INITS)}")
+    if type(config.start_tokens) is not int or config.start_tokens < 1:
+        raise ArtifactError(f"start_tokens must be a whole number of at least 1, got {config.start_tokens!r}",
+                            f"give --start-tokens such a number (default {RunConfig.start_tokens})")
     _check_numbers(config)
     return config
 
@@ -353,7 +356,7 @@ def _prepare(config: RunConfig, plan, loaded: LoadedModel | None, saved: dict | 
         _check_snapshot(init_from, snapshot, {
             "plan": plan.to_dict(), "model_fingerprint": fingerprint, "dtype": config.dtype,
             "backend": config.backend, "seq_len": config.seq_len, "data_fingerprint": data_fp,
-            "adapter_init": config.adapter_init,
+            "adapter_init": config.adapter_init, "start_tokens": config.start_tokens,
             "train_config": _loop_config(config).to_dict()})
     # The adapter start is fitted on the dense model, before quantizing it in place uses it up; ``fresh``: the run
     # starts at step 0 (a resumed or continued run loads its adapters).
@@ -380,7 +383,7 @@ def _fit_start(config: RunConfig, base, plan, quant, train_blocks):
 
     began = time.perf_counter()
     cache = QuantCache(quant)
-    calibration = calibration_subset(train_blocks)
+    calibration = calibration_subset(train_blocks, config.start_tokens)
     factors = AdapterStart(base, config.adapter_init, cache, blocks=calibration,
                            max_rank=plan.max_rank).factors(plan)
     start = {"method": config.adapter_init, "modules": len(factors), "seconds": round(time.perf_counter() - began, 2),

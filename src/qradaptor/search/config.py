@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from ..architecture import DEFAULT_TARGET_MODULES
 from ..errors import QRAdaptorError
 from ..plan import DEFAULT_BIT_LADDER
-from ..rundir import ADAPTER_INITS
+from ..rundir import ADAPTER_INITS, DEFAULT_START_TOKENS
 from .genes import GENE_LAYOUTS
 
 DEFAULT_BITS = DEFAULT_BIT_LADDER  # (2, 3, 4, 5, 6, 8): exact packing makes 5 and 6 bits worth their bytes
@@ -72,6 +72,7 @@ class SearchConfig:
     rank_value: float = 1 / 3
     gradient_checkpointing: bool = True  # in the search's fine-tunes (see TrainConfig)
     adapter_init: str = "activation"  # how the search's fine-tunes start their adapters (RunConfig.adapter_init)
+    start_tokens: int = DEFAULT_START_TOKENS  # the activation start's calibration tokens (RunConfig.start_tokens)
     # "stored": the budget is on the stored model (predict); "training": on the predicted training peak, i.e.
     # stored bytes + adapter gradients and AdamW state (12 bytes per trainable parameter) + training_fixed_bytes
     # (runtime, activations at the largest rank, loss: memory.training_memory for train_batch_size × seq_len).
@@ -105,6 +106,9 @@ class SearchConfig:
         if self.adapter_init not in ADAPTER_INITS:
             raise SearchError(f"unknown adapter start {self.adapter_init!r}",
                               f"use --adapter-init {' or '.join(ADAPTER_INITS)}")
+        if type(self.start_tokens) is not int or self.start_tokens <= 0:
+            raise SearchError(f"--start-tokens must be a positive whole number, got {self.start_tokens!r}",
+                              f"e.g. --start-tokens {DEFAULT_START_TOKENS} (the default)")
         if self.genes not in GENE_LAYOUTS:
             raise SearchError(f"unknown gene layout {self.genes!r}",
                               f"use --genes {', '.join(GENE_LAYOUTS)} (one choice per layer, per block, per linear)")

@@ -12,6 +12,7 @@ from typing import Callable
 from ..backends import QuantCache, backend_for
 from ..errors import ArtifactError
 from ..plan import Plan
+from ..rundir import DEFAULT_START_TOKENS
 from .config import Fidelity, SearchConfig
 
 log = logging.getLogger("qradaptor")
@@ -20,7 +21,7 @@ log = logging.getLogger("qradaptor")
 SNAPSHOT_FILE = "snapshot.json"
 SNAPSHOT_FORMAT = "qradaptor-snapshot-1"
 #: What a snapshot written before a setting existed meant by it (those runs all started their adapters at zero).
-SNAPSHOT_DEFAULTS = {"adapter_init": "zero"}
+SNAPSHOT_DEFAULTS = {"adapter_init": "zero", "start_tokens": DEFAULT_START_TOKENS}
 #: Where a search keeps its plans' prefix runs, under its --out: ``runs/<run_name(plan)>``.
 RUNS_DIR = "runs"
 
@@ -140,7 +141,7 @@ class FineTuneFitness:
             self._fingerprints = {
                 "model_fingerprint": model_fingerprint(self.model), "dtype": str(self.dtype).removeprefix("torch."),
                 "backend": self.config.backend, "seq_len": self.config.seq_len,
-                "adapter_init": self.config.adapter_init,
+                "adapter_init": self.config.adapter_init, "start_tokens": self.config.start_tokens,
                 "data_fingerprint": data_fingerprint(self.data, "train", self.config.seq_len, seed=self.config.seed)}
         return {"format": SNAPSHOT_FORMAT, "step": step, "train_config": config.to_dict(), "plan": plan.to_dict(),
                 **self._fingerprints}
@@ -204,7 +205,8 @@ class FineTuneFitness:
         if self.config.adapter_init != "zero":
             if self._start is None:  # fitted once per (module, bits) at the largest rank, shared by every plan
                 self._start = AdapterStart(self.model, self.config.adapter_init, self.cache,
-                                           blocks=calibration_subset(self.train_blocks),
+                                           blocks=calibration_subset(self.train_blocks,
+                                                                     self.config.start_tokens),
                                            max_rank=max(self.config.ranks))
             apply_start(model, self._start.factors(plan))
         return model

@@ -492,7 +492,7 @@ class _progress:
 
 
 #: The settings a fitness fine-tunes with that the study records as the search's: they must agree.
-FITNESS_SETTINGS = ("adapter_init", "seed", "seq_len", "backend")
+FITNESS_SETTINGS = ("adapter_init", "start_tokens", "seed", "seq_len", "backend")
 
 
 def _check_fitness_config(fitness, config: SearchConfig) -> None:

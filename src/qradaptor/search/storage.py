@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..architecture import DEFAULT_TARGET_MODULES
 from ..io import LockHeld, exclusive_lock
+from ..rundir import DEFAULT_START_TOKENS
 from .config import CONFIG_ATTR, MARKER, SEARCH_FILES, Fidelity, SearchConfig, SearchError
 
 log = logging.getLogger("qradaptor")
@@ -68,12 +69,13 @@ def _config_fingerprint(config: dict) -> dict:
     """What must match for a study to be continued: model, budget, space, settings (not trial counts)."""
     keep = ("model_fingerprint", "budget_bytes", "bits", "ranks", "group_size", "backend", "seq_len", "cheap",
             "full", "seed", "data", "alpha", "rank_value", "sampler", "budget_on", "train_batch_size",
-            "data_fingerprint", "dtype", "target_modules", "adapter_init", "dora",
+            "data_fingerprint", "dtype", "target_modules", "adapter_init", "start_tokens", "dora",
             "expert_adapters", "genes", "group_sizes")
     out = {k: config.get(k) for k in keep}
     out["dtype"] = out["dtype"] or "float32"  # a study from before it was recorded searched in float32
     out["target_modules"] = list(out["target_modules"] or DEFAULT_TARGET_MODULES)  # ... and adapted the default
     out["adapter_init"] = out["adapter_init"] or "zero"  # ... and started its adapters at zero
+    out["start_tokens"] = out["start_tokens"] or DEFAULT_START_TOKENS  # ... on this many tokens when it fitted them
     out["dora"] = bool(out["dora"])  # ... with LoRA adapters
     out["expert_adapters"] = bool(out["expert_adapters"])  # ... none on routed experts
     out["genes"] = out["genes"] or "layer"  # ... and chose per layer
