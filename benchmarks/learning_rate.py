@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     summary = summarise(rows, lrs)
     payload = {"settings": {**settings, "lrs": lrs, "dtype": dtype, "smoke": args.smoke,
                             "model": model or "smollm2-135m", "data": data or "pydoc-topics",
-                            "scale_layers": SCALE_LAYERS, "scale_tokens": SCALE_TOKENS},
+                            "scale_layers": SCALE_LAYERS, "scale_tokens": int(blocks.input_ids.numel())},
                "rows": rows, "summary": summary, "factor_scales": scales, "seconds": time.perf_counter() - began,
                "environment": environment()}
     md = report(payload) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
