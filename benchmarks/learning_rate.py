@@ -169,7 +169,7 @@ def summarise(rows: list[dict], lrs: list[float]) -> dict:
     at = {f"{lr:g}": recovered(loss[REFERENCE, lr], loss["start", lr], loss["lora16", lr]) for lr in lrs}
     best = {name: min(lrs, key=lambda lr: loss[name, lr]) for name in ROWS}
     tuned = recovered(loss[REFERENCE, best[REFERENCE]], loss["start", best["start"]], loss["lora16", best["lora16"]])
-    return {"recovered_at": at, "best_lr": {k: v for k, v in best.items()}, "recovered_tuned": tuned,
+    return {"recovered_at": at, "best_lr": best, "recovered_tuned": tuned,
             "best_loss": {name: loss[name, best[name]] for name in ROWS}}
 
 
