@@ -251,7 +251,9 @@ def test_search_within_a_gguf_budget_on_smollm2(tmp_path):
     from qradaptor.memory import meta_model, parse_gguf_budget
     from qradaptor.models import load_config
 
-    profile(None, out=tmp_path / "p", tokens=64, seq_len=32, dtype="float32", progress=False)
+    # one bit-width is enough for the prior that orders repair and warm start (the others are extrapolated): the
+    # test is about pricing, and each profiled bit-width quantizes the whole model once more
+    profile(None, out=tmp_path / "p", bits=(4,), tokens=64, seq_len=32, dtype="float32", progress=False)
     result = search(None, budget="gguf:190MB", out=tmp_path / "s", trials=2, population=2, promote=0, refine=0,
                     warm_start=1, seq_len=32, dtype="float32", adapter_init="zero", progress=False,
                     sensitivity=str(tmp_path / "p" / "sensitivity.json"),
