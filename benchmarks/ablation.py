@@ -11,6 +11,10 @@ start: the frontier's ``qlora4-r16``), then together:
     search+groups    the same per layer, choosing group sizes too               (``--group-sizes 32,64,128``)
     search+start     the search with the default start: what `qradaptor run` does (the frontier's own search)
     all              the search per linear with group sizes, DoRA, the default start
+    lora16           LoRA r16 on the unquantized base, zero start               (the ceiling: 16-bit LoRA)
+
+Gap recovered = (qlora4-r16 − row) / (qlora4-r16 − lora16): the share of the gap from QLoRA as run today to 16-bit
+LoRA that the row closes (issue #29's target: ≥ 50% for the default `run`, i.e. ``search+start``).
 
 Each search runs as benchmarks/frontier.py runs its ``qradaptor-4bit`` (its settings: cheap trials, promotion, one
 refinement, on the first steps of the final fine-tune's schedule, in its dtype), its fine-tunes started as its row
@@ -20,10 +24,14 @@ Finals go to the frontier's store and ledger (benchmarks/work/finals, results/fi
 or benchmarks/genes.py already trained are not trained again.
 
     .venv/bin/python benchmarks/ablation.py            # SmolLM2: ~1.5 h on 2 cores beyond what the ledger holds
+    .venv/bin/python benchmarks/ablation.py --lr 3e-3  # at the best rate measured (results/learning_rate.md)
+    .venv/bin/python benchmarks/ablation.py --rows qlora4-r16,lora16,start,search+start   # some rows only
     .venv/bin/python benchmarks/ablation.py --smoke    # a tiny random model, a few minutes
 
-Resumable (searches in benchmarks/work/frontier/ablation-*, finals in the store). Writes
-benchmarks/results/ablation.{json,md}.
+The recipe's learning rate (3e-4, the frontier's) under-trains every row in 100 steps and flatters the start
+(results/learning_rate.md): ``--lr`` runs every row, and every search's fine-tunes, at another rate (its searches in
+benchmarks/work/frontier-lr<lr>). Resumable (searches in benchmarks/work/frontier/ablation-*, finals in the store).
+Writes benchmarks/results/ablation.{json,md}, ablation-lr<lr>.{json,md} at another rate than the recipe's.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
-from benchmarks.frontier import REFERENCE, Bench, train_dtype  # noqa: E402
+from benchmarks.frontier import FULL, REFERENCE, Bench, train_dtype  # noqa: E402
 from benchmarks.genes import GROUP_SIZES, own_choices, own_groups  # noqa: E402
 
 BUDGET = "4bit"
@@ -52,7 +60,9 @@ ROWS = {
     "search+groups": ({"group_sizes": GROUP_SIZES}, "zero", False),
     "search+start": ({}, "default", False),
     "all": ({"genes": "module", "group_sizes": GROUP_SIZES}, "default", True),
+    "lora16": ("unquantized", "zero", False),
 }
+CEILING = "lora16"
 
 
 def search_name(row: str) -> str:
@@ -65,22 +75,33 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="the frontier's working directory (default: "
                                                      "benchmarks/work/frontier; with --smoke a temp dir)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"every row's learning rate, its searches' too (default: the recipe's, {FULL['lr']:g})")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help="the rows to run, comma-separated, in the table's order (default: all of them)")
     args = parser.parse_args(argv)
+    chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(chosen) - set(ROWS))
+    if unknown or not chosen:
+        parser.error(f"--rows: unknown {', '.join(unknown) or '(none given)'}; the rows are {', '.join(ROWS)}")
     start = time.perf_counter()
-    bench = Bench(args.work, smoke=args.smoke)
+    bench = Bench(args.work, smoke=args.smoke, lr=args.lr)
     settings, dtype = bench.settings, train_dtype()
     default_start = settings["adapter_init"]
     per_linear = bench.search_profile(modules=True)
 
     rows = []
     for name, (source, start_as, dora) in ROWS.items():
+        if name not in chosen:
+            continue
         adapter_init = "zero" if start_as == "zero" else default_start
         recipe = {**settings, "adapter_init": adapter_init}
-        searched = source != "uniform"
+        searched = source not in ("uniform", "unquantized")
         if not searched:
             from qradaptor.plan import Plan
 
-            plan, result, cost = Plan.uniform(bench.shapes.num_layers, 4, 16, dora=dora), None, {}
+            bits = 16 if source == "unquantized" else 4
+            plan, result, cost = Plan.uniform(bench.shapes.num_layers, bits, 16, dora=dora), None, {}
         else:
             extra = {**source, "adapter_init": adapter_init}
             if dora:
@@ -104,17 +125,22 @@ def main(argv=None) -> int:
                      "search_loss": result.chosen.loss if searched else None, "train_seconds": seconds, **cost})
         print(f"ablation: {name}: {rows[-1]['loss']:.4f} ({plan.describe()})", flush=True)
 
-    reference = rows[0]
+    by = {r["name"]: r for r in rows}
+    reference, ceiling = by.get(REFERENCE), by.get(CEILING)
     for r in rows:
-        r["delta_vs_reference"] = r["loss"] - reference["loss"]
-        r["beyond_spread"] = abs(r["delta_vs_reference"]) > max(r["loss_spread"], reference["loss_spread"])
+        r["delta_vs_reference"] = r["loss"] - reference["loss"] if reference else None
+        r["beyond_spread"] = (reference is not None and abs(r["delta_vs_reference"]) >
+                              max(r["loss_spread"], reference["loss_spread"]))
+        r["gap_recovered"] = ((reference["loss"] - r["loss"]) / (reference["loss"] - ceiling["loss"])
+                              if reference and ceiling and reference["loss"] != ceiling["loss"] else None)
+    name = "ablation" + (f"-lr{settings['lr']:g}" if settings["lr"] != FULL["lr"] and not args.smoke else "")
     payload = {"settings": {**settings, "budget": BUDGET, "dtype": dtype, "smoke": args.smoke,
                             "group_sizes": list(GROUP_SIZES),
                             "model": bench.model or "smollm2-135m", "data": bench.data or "pydoc-topics"},
                "rows": rows, "seconds": time.perf_counter() - start, "environment": environment()}
     md = report(rows, settings, args.smoke) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
     directory = bench.work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
-    write_results("ablation-smoke" if args.smoke else "ablation", payload, md, directory=directory)
+    write_results("ablation-smoke" if args.smoke else name, payload, md, directory=directory)
     print(md)
     return 0
 
@@ -122,11 +148,13 @@ def main(argv=None) -> int:
 def report(rows: list[dict], settings: dict, smoke: bool) -> str:
     title = "a tiny random model (smoke)" if smoke else "SmolLM2-135M-Instruct"
     steps = settings["steps"]
-    table = [[r["name"], "search" if r["searched"] else "uniform 4b r16", r["adapter_init"],
+    table = [[r["name"], "search" if r["searched"] else f"uniform {r['plan'].split('b', 1)[0]}b r16", r["adapter_init"],
               "DoRA" if r["dora"] else "LoRA",
               r["genes"] or "", ",".join(map(str, r["group_sizes"])) or "64",
               f"{r['loss']:.4f} ± {r['loss_spread'] / 2:.4f}",
+              "" if r["delta_vs_reference"] is None else
               f"{r['delta_vs_reference']:+.4f}" + (" (beyond the seed spreads)" if r["beyond_spread"] else ""),
+              "" if r["gap_recovered"] is None else f"{r['gap_recovered']:.0%}",
               f"{r['memory_bytes'] / 2**20:.1f}",
               f"{(r['search_steps'] - r['search_steps_reused']) / steps:.2f}" if r["searched"] else "",
               r["linears_with_their_own_choice"], r["linears_with_their_own_group"], r["plan"]] for r in rows]
@@ -140,8 +168,14 @@ def report(rows: list[dict], settings: dict, smoke: bool) -> str:
           f"seeds (± half the max–min spread), held-out loss on the whole test split; beyond the seed spreads when "
           f"the difference is larger than both rows' max–min spreads. × final: search steps the final fine-tune does "
           f"not reuse, per final fine-tune. own choice / own group: linears whose bits or rank differ from their "
-          f"layer's / whose group size is not 64. A DoRA row's budget is priced with DoRA's magnitudes.\n\n")
+          f"layer's / whose group size is not 64. A DoRA row's budget is priced with DoRA's magnitudes. `{CEILING}`: "
+          f"LoRA r16 on the unquantized base (16-bit LoRA); gap recovered = ({REFERENCE} − row) / ({REFERENCE} − "
+          f"{CEILING}).\n\n")
+    missing = [r for r in ROWS if r not in {row["name"] for row in rows}]
+    if missing:
+        md += f"Rows not run here: {', '.join(missing)}.\n\n"
     md += markdown_table(["row", "plan", "start", "adapter", "genes", "group sizes", "test loss", f"Δ vs {REFERENCE}",
+                          "gap recovered",
                           "MiB", "× final", "own choice", "own group", "plan chosen"], table)
     return md
 

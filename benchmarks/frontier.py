@@ -312,7 +312,7 @@ class Bench:
     """The model, the one sensitivity profile and the one fitness (with its quantization cache) that every
     search of a benchmark run shares; also used by benchmarks/search.py, which reuses the same work dir."""
 
-    def __init__(self, work: str | None, *, smoke: bool, data: str | None = None):
+    def __init__(self, work: str | None, *, smoke: bool, data: str | None = None, lr: float | None = None):
         from qradaptor.backends import get_backend
         from qradaptor.memory import ModelShapes
         from qradaptor.models import load_model
@@ -320,8 +320,12 @@ class Bench:
         from qradaptor.search import FineTuneFitness, SearchConfig
 
         self.smoke, self.settings = smoke, dict(SMOKE if smoke else FULL)
-        self.work = Path(work or (tempfile.mkdtemp(prefix="qradaptor-bench-") if smoke
-                                  else Path(__file__).resolve().parent / "work" / "frontier"))
+        # another learning rate than the recipe's: searches of its own (their fine-tunes train at it), kept apart
+        own_lr = lr is not None and lr != self.settings["lr"]
+        if lr is not None:
+            self.settings["lr"] = lr
+        default_work = Path(__file__).resolve().parent / "work" / ("frontier" + (f"-lr{lr:g}" if own_lr else ""))
+        self.work = Path(work or (tempfile.mkdtemp(prefix="qradaptor-bench-") if smoke else default_work))
         self.work.mkdir(parents=True, exist_ok=True)
         # finished final fine-tunes, shared by the frontier, its uniform grid and the fidelity study (run_final)
         self.finals = self.work / "finals" if smoke else FINALS

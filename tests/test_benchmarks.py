@@ -323,26 +323,40 @@ def test_module_profile_benchmark_smoke(tmp_path):
 
 
 def test_ablation_benchmark_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--smoke", "--work", str(tmp_path)],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--smoke", "--work", str(tmp_path),
+                           "--lr", "1e-3"], capture_output=True, text=True, env=dict(os.environ), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "ablation-smoke.json").read_text())
+    assert result["settings"]["lr"] == 1e-3
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["qlora4-r16", "start", "dora", "search", "search+module", "search+groups", "search+start",
-                          "all"]
+                          "all", "lora16"]
+    ref, ceiling = rows["qlora4-r16"]["loss"], rows["lora16"]["loss"]
     for r in rows.values():
         assert len(r["seeds"]) == result["settings"]["seeds"] and math.isfinite(r["loss"])
-        assert r["delta_vs_reference"] == pytest.approx(r["loss"] - rows["qlora4-r16"]["loss"])
+        assert r["delta_vs_reference"] == pytest.approx(r["loss"] - ref)
+        assert r["gap_recovered"] == pytest.approx((ref - r["loss"]) / (ref - ceiling))
         if r["searched"]:
             assert r["memory_bytes"] <= r["budget_bytes"]
     # one lever at a time: the uniform rows share the plan's bytes but for DoRA's magnitudes, and differ in loss
     assert rows["start"]["memory_bytes"] == rows["qlora4-r16"]["memory_bytes"] < rows["dora"]["memory_bytes"]
+    assert rows["lora16"]["memory_bytes"] > rows["qlora4-r16"]["memory_bytes"] and rows["lora16"]["plan"].startswith("16b")
     assert rows["start"]["seeds"][0] != rows["qlora4-r16"]["seeds"][0]
     assert rows["search"]["adapter_init"] == "zero" and rows["search+start"]["adapter_init"] != "zero"
     assert rows["search+groups"]["group_sizes"] == [32, 64, 128] and rows["all"]["dora"]
     assert rows["all"]["genes"] == "module" and rows["qlora4-r16"]["linears_with_their_own_choice"] == 0
     assert (tmp_path / "ablation-smoke.md").is_file()
     assert not (ROOT / "benchmarks" / "results" / "ablation-smoke.json").exists()
+
+
+def test_the_ablation_names_its_rows_when_asked_for_an_unknown_one(capsys):
+    from benchmarks import ablation
+
+    with pytest.raises(SystemExit) as stop:
+        ablation.main(["--rows", "qlora4-r16,serach"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown serach" in err and "search+start" in err
 
 
 def test_run_stages_benchmark_smoke(tmp_path):
