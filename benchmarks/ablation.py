@@ -88,7 +88,6 @@ def main(argv=None) -> int:
     bench = Bench(args.work, smoke=args.smoke, lr=args.lr)
     settings, dtype = bench.settings, train_dtype()
     default_start = settings["adapter_init"]
-    per_linear = bench.search_profile(modules=True)
 
     rows = []
     for name, (source, start_as, dora) in ROWS.items():
@@ -106,8 +105,8 @@ def main(argv=None) -> int:
             extra = {**source, "adapter_init": adapter_init}
             if dora:
                 extra["dora"] = True
-            if extra.get("genes", "layer") != "layer":
-                extra["sensitivity"] = per_linear
+            if extra.get("genes", "layer") != "layer":  # made (once) only where a row searches per linear
+                extra["sensitivity"] = bench.search_profile(modules=True)
             result = bench.search(search_name(name), BUDGET, **extra)
             plan, cost = result.chosen.plan, bench.search_cost(search_name(name), result)
         finals = bench.final_seeds(f"ablation {name}", plan, recipe, dtype=dtype, search=result)
