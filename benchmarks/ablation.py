@@ -65,6 +65,20 @@ ROWS = {
 CEILING = "lora16"
 
 
+def step_windows(steps: int) -> list[tuple[int, int]]:
+    """Step ranges (first, last), 1-based, that double in length: 1–4, 5–8, 9–16, 17–32, 33–64, 65–100 at 100 steps.
+    Where a prefix of the schedule ranks plans as the whole run does shows in them (the searches rank on a prefix)."""
+    ends = sorted({max(1, round(steps * f)) for f in (0.04, 0.08, 0.16, 0.32, 0.64)} | {steps})
+    return [(lo + 1, hi) for lo, hi in zip([0] + ends[:-1], ends)]
+
+
+def window_means(curves: list, steps: int) -> list[float] | None:
+    """Mean training loss in each of `step_windows`, over the seeds' curves; None when a seed's curve is missing."""
+    if not curves or any(c is None or len(c) != steps for c in curves):
+        return None
+    return [sum(sum(c[lo - 1:hi]) / (hi - lo + 1) for c in curves) / len(curves) for lo, hi in step_windows(steps)]
+
+
 def search_name(row: str) -> str:
     """The frontier's own search for the default `run` (reused where the frontier made it), else its own."""
     return f"qradaptor-{BUDGET}" if row == "search+start" else f"ablation-{row.replace('+', '-')}-{BUDGET}"
@@ -121,7 +135,8 @@ def main(argv=None) -> int:
                      "linears_with_their_own_group": own_groups(plan, bench.shapes),
                      "memory_bytes": memory, "budget_bytes": result.budget_bytes if searched else None,
                      "seeds": seeds, "loss": sum(seeds) / len(seeds), "loss_spread": max(seeds) - min(seeds),
-                     "search_loss": result.chosen.loss if searched else None, "train_seconds": seconds, **cost})
+                     "search_loss": result.chosen.loss if searched else None, "train_seconds": seconds,
+                     "train_loss_by_window": window_means(finals["train_losses"], settings["steps"]), **cost})
         print(f"ablation: {name}: {rows[-1]['loss']:.4f} ({plan.describe()})", flush=True)
 
     by = {r["name"]: r for r in rows}
@@ -176,6 +191,13 @@ def report(rows: list[dict], settings: dict, smoke: bool) -> str:
     md += markdown_table(["row", "plan", "start", "adapter", "genes", "group sizes", "test loss", f"Δ vs {REFERENCE}",
                           "gap recovered",
                           "MiB", "× final", "own choice", "own group", "plan chosen"], table)
+    windows = step_windows(steps)
+    curves = [r for r in rows if r.get("train_loss_by_window")]
+    if curves:
+        md += (f"\nTraining loss by step window, mean over the seeds (each seed sees the same batches in every row): "
+               f"the searches rank plans on the first {settings['search']['full']['steps']} steps of this schedule.\n\n")
+        md += markdown_table(["row"] + [f"steps {lo}–{hi}" for lo, hi in windows],
+                             [[r["name"]] + [f"{v:.3f}" for v in r["train_loss_by_window"]] for r in curves])
     return md
 
 

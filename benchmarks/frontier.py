@@ -130,7 +130,8 @@ def final_run(spec_path: str) -> None:
         "memory_bytes": result.metrics["memory"]["measured_bytes"],
         "predicted_bytes": result.metrics["memory"]["predicted_bytes"], "avg_bits": result.metrics["memory"]["avg_bits"],
         "final_train_loss": result.train.final_loss, "validation_loss": (result.validation or {}).get("loss"),
-        "training_estimate_bytes": estimate})  # what `train` predicted its peak to be
+        "training_estimate_bytes": estimate,  # what `train` predicted its peak to be
+        "train_losses": result.train.losses})  # per step, from step 1 (a continued run's kept steps included)
 
 
 def run_final(store: Path, label: str, plan, settings: dict, model, data, *, seed: int, dtype: str = "float32",
@@ -154,7 +155,15 @@ def run_final(store: Path, label: str, plan, settings: dict, model, data, *, see
     where = store / key
     result_path = where / "final.json"
     if result_path.is_file():
-        return {**json.loads(result_path.read_text()), "run_dir": str(where / "train")}
+        result = json.loads(result_path.read_text())
+        metrics = where / "train" / "metrics.json"
+        if "train_losses" not in result and metrics.is_file():  # a final taken before results kept their curve
+            result["train_losses"] = json.loads(metrics.read_text())["train_losses"]
+            entry = read_ledger(ledger).get(key)
+            if entry is not None and "train_losses" not in entry["result"]:  # the ledger keeps it too, from now on
+                add_to_ledger(ledger, key, {**entry, "result": {**entry["result"],
+                                                                "train_losses": result["train_losses"]}})
+        return {**result, "run_dir": str(where / "train")}
     kept = read_ledger(ledger).get(key)
     if kept is not None:
         return {**kept["result"], "run_dir": None}
@@ -444,8 +453,9 @@ class Bench:
     def final_seeds(self, label: str, plan, settings: dict, *, dtype: str, search=None) -> dict:
         """``plan``'s final fine-tune with every seed of ``settings`` (`run_final`; seed 0 continues ``search``'s
         kept run of it, where a search found it): the losses, their seconds and the plan's measured memory (the
-        same for every seed; the ledger's oldest entries lack it)."""
-        losses, seconds, memories = [], [], []
+        same for every seed; the ledger's oldest entries lack it) and each seed's training loss per step (None where
+        the ledger's entry predates them)."""
+        losses, seconds, memories, curves = [], [], [], []
         for seed in range(settings["seeds"]):
             kept = search.kept_run if search is not None and seed == 0 else None
             final = run_final(self.finals, label + (f" seed {seed}" if seed else ""), plan, settings, self.model,
@@ -453,7 +463,9 @@ class Bench:
             losses.append(final["loss"])
             seconds.append(final["train_seconds"])
             memories.append(final.get("memory_bytes"))
-        return {"seeds": losses, "train_seconds": seconds, "memory_bytes": next(m for m in memories if m is not None)}
+            curves.append(final.get("train_losses"))  # None for the ledger's older finals
+        return {"seeds": losses, "train_seconds": seconds, "memory_bytes": next(m for m in memories if m is not None),
+                "train_losses": curves}
 
     def random_settings(self, steps: int) -> dict:
         """Random search settings that spend about ``steps`` fine-tune steps (cheap trials, then promotion, which

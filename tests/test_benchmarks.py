@@ -328,6 +328,7 @@ def test_ablation_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "ablation-smoke.json").read_text())
     assert result["settings"]["lr"] == 1e-3
+    from benchmarks import ablation
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["qlora4-r16", "start", "dora", "search", "search+module", "search+groups", "search+start",
                           "all", "lora16"]
@@ -336,6 +337,9 @@ def test_ablation_benchmark_smoke(tmp_path):
         assert len(r["seeds"]) == result["settings"]["seeds"] and math.isfinite(r["loss"])
         assert r["delta_vs_reference"] == pytest.approx(r["loss"] - ref)
         assert r["gap_recovered"] == pytest.approx((ref - r["loss"]) / (ref - ceiling))
+        # the training curve by step window, from the finals' own per-step losses (kept in their results)
+        assert len(r["train_loss_by_window"]) == len(ablation.step_windows(result["settings"]["steps"]))
+        assert all(math.isfinite(v) for v in r["train_loss_by_window"])
         if r["searched"]:
             assert r["memory_bytes"] <= r["budget_bytes"]
     # one lever at a time: the uniform rows share the plan's bytes but for DoRA's magnitudes, and differ in loss
@@ -347,6 +351,19 @@ def test_ablation_benchmark_smoke(tmp_path):
     assert rows["all"]["genes"] == "module" and rows["qlora4-r16"]["linears_with_their_own_choice"] == 0
     assert (tmp_path / "ablation-smoke.md").is_file()
     assert not (ROOT / "benchmarks" / "results" / "ablation-smoke.json").exists()
+
+
+def test_step_windows_double_in_length_and_cover_every_step():
+    from benchmarks import ablation
+
+    assert ablation.step_windows(100) == [(1, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 100)]
+    for steps in (1, 4, 7, 400):
+        windows = ablation.step_windows(steps)
+        assert windows[0][0] == 1 and windows[-1][1] == steps
+        assert all(b[0] == a[1] + 1 for a, b in zip(windows, windows[1:]))
+    # 4 steps: windows 1, 2–3 and 4; each mean over the window, then over the seeds
+    assert ablation.window_means([[1.0, 3.0, 5.0, 7.0], [3.0, 5.0, 7.0, 9.0]], 4) == [2.0, 5.0, 8.0]
+    assert ablation.window_means([[1.0] * 4, None], 4) is None
 
 
 def test_the_ablation_names_its_rows_when_asked_for_an_unknown_one(capsys):
