@@ -136,7 +136,13 @@ def test_llama_cpp_runs_the_export_as_qradaptor_does(exported):
     # this plan: 0.002-0.003 nats per token with and without the adapter (an all-F32 export agrees to 7e-7:
     # benchmarks/results/gguf_agreement.md). The bound is 4× that; q/k rows left in the HF order give 1.7.
     assert kl(ours, theirs) < 0.01 and kl(ours_base, theirs_base) < 0.01, (kl(ours, theirs), kl(ours_base, theirs_base))
-    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
+    # the same next token wherever ours is not a near-tie: where its top two are within ~0.1 nats, that rounding
+    # decides which comes first, and how it rounds depends on the CPU's kernels (AVX2 or AVX-512 builds of
+    # llama.cpp: 5 of 41 positions flipped on an AVX-512 host, every one with both models' margins under 0.12 nats)
+    top2 = ours.topk(2, -1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.5
+    same = ours.argmax(-1) == theirs.argmax(-1)
+    assert clear.sum() >= len(ids) // 3 and same[clear].all(), (int(clear.sum()), int(same[clear].sum()), len(ids))
     # the adapter changes llama.cpp's logits as it changes qradaptor's (each module's scale right: measured 0.99)
     assert kl(ours, ours_base) > 5 * kl(ours, theirs)
     assert cosine > 0.95, cosine
