@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
-from benchmarks.frontier import FULL, REFERENCE, Bench, train_dtype  # noqa: E402
+from benchmarks.frontier import FULL, REFERENCE, Bench, gap_recovered, train_dtype  # noqa: E402
 from benchmarks.genes import GROUP_SIZES, own_choices, own_groups  # noqa: E402
 
 BUDGET = "4bit"
@@ -145,16 +145,16 @@ def main(argv=None) -> int:
         r["delta_vs_reference"] = r["loss"] - reference["loss"] if reference else None
         r["beyond_spread"] = (reference is not None and abs(r["delta_vs_reference"]) >
                               max(r["loss_spread"], reference["loss_spread"]))
-        r["gap_recovered"] = ((reference["loss"] - r["loss"]) / (reference["loss"] - ceiling["loss"])
-                              if reference and ceiling and reference["loss"] != ceiling["loss"] else None)
-    name = "ablation" + (f"-lr{settings['lr']:g}" if settings["lr"] != FULL["lr"] and not args.smoke else "")
+        r["gap_recovered"] = (gap_recovered(reference["loss"], r["loss"], ceiling["loss"])
+                              if reference and ceiling else None)
+    results_name = "ablation" + (f"-lr{settings['lr']:g}" if settings["lr"] != FULL["lr"] and not args.smoke else "")
     payload = {"settings": {**settings, "budget": BUDGET, "dtype": dtype, "smoke": args.smoke,
                             "group_sizes": list(GROUP_SIZES),
                             "model": bench.model or "smollm2-135m", "data": bench.data or "pydoc-topics"},
                "rows": rows, "seconds": time.perf_counter() - start, "environment": environment()}
     md = report(rows, settings, args.smoke) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
     directory = bench.work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
-    write_results("ablation-smoke" if args.smoke else name, payload, md, directory=directory)
+    write_results("ablation-smoke" if args.smoke else results_name, payload, md, directory=directory)
     print(md)
     return 0
 

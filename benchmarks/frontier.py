@@ -516,6 +516,13 @@ REFERENCE = "qlora4-r16"
 QDORA = "qdora4-r16"
 
 
+def gap_recovered(reference: float, row: float, ceiling: float) -> float | None:
+    """The share of the gap from ``reference`` (QLoRA as run today) to ``ceiling`` (16-bit LoRA) that ``row``'s loss
+    closes; None where there is no gap to close."""
+    gap = reference - ceiling
+    return (reference - row) / gap if gap > 0 else None
+
+
 def recipe(name: str, settings: dict) -> dict:
     """The fine-tune settings of row ``name``: the reference's plain zero start, or the benchmark's."""
     return {**settings, "adapter_init": "zero"} if name == REFERENCE else settings
@@ -578,7 +585,6 @@ def targets(methods: list[dict], final_steps: int) -> dict:
     between uniform 4-bit (rank 16) and 16-bit LoRA recovered at the 4-bit budget, and the search's cost."""
     by = {m["name"]: m for m in methods}
     ref, ceiling = by[REFERENCE], by["lora16"]
-    gap = ref["loss"] - ceiling["loss"]
     budgets = {}
     for m in budget_searches(methods):
         best = best_uniform_within(methods, m["budget_bytes"])
@@ -591,7 +597,7 @@ def targets(methods: list[dict], final_steps: int) -> dict:
             "no_worse": best is None or m["loss"] <= best["loss"],
             "better_beyond_spread": best is not None and best["loss"] - m["loss"] > spread}
     q4 = by.get("qradaptor-4bit")
-    recovered = (ref["loss"] - q4["loss"]) / gap if q4 and gap > 0 else None
+    recovered = gap_recovered(ref["loss"], q4["loss"], ceiling["loss"]) if q4 else None
     # counting only the steps the final fine-tune does not reuse (it continues the chosen plan's search run)
     costs = {m["name"]: (m["search_steps"] - m.get("search_steps_reused", 0)) / final_steps for m in methods
              if m["name"].startswith("qradaptor")}
@@ -602,7 +608,7 @@ def targets(methods: list[dict], final_steps: int) -> dict:
         "budgets_better_beyond_seed_spread": beyond,
         "better_beyond_seed_spread_at_two_or_more_budgets": beyond >= 2,
         "reference": REFERENCE, "reference_loss": ref["loss"], "reference_loss_spread": ref.get("loss_spread"),
-        "gap_reference_minus_lora16": gap,
+        "gap_reference_minus_lora16": ref["loss"] - ceiling["loss"],
         "gap_recovered_at_4bit": recovered,
         "gap_recovered_at_least_half": bool(recovered is not None and recovered >= 0.5),
         "search_cost_in_final_fine_tunes": costs,
@@ -671,12 +677,12 @@ def plot(methods: list[dict], path: Path) -> None:
 def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str:
     by = {m["name"]: m for m in methods}
     ref, ceiling = by[REFERENCE], by["lora16"]
-    gap = ref["loss"] - ceiling["loss"]
     on_front = {m["name"] for m in best_uniform_front(methods)}
     rows = []
     for m in sorted(methods, key=lambda m: (not m["name"] == "lora16", not is_uniform(m["name"]),
                                             m["memory_bytes"] if is_uniform(m["name"]) else 0)):
-        recovered = (ref["loss"] - m["loss"]) / gap if gap > 0 else float("nan")
+        recovered = gap_recovered(ref["loss"], m["loss"], ceiling["loss"])
+        recovered = float("nan") if recovered is None else recovered
         fits = best_uniform_within(methods, m["budget_bytes"]) if "budget_bytes" in m else None
         rows.append([m["name"] + (" ◆" if m["name"] in on_front else ""), f"{m['memory_bytes'] / 2**20:.1f}",
                      f"{m['memory_bytes'] / ref['memory_bytes']:.3f}", f"{m['code_bits']:.2f}", f"{m['avg_bits']:.2f}",

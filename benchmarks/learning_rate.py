@@ -37,8 +37,8 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
-from benchmarks.frontier import (FINALS, FULL, REFERENCE, SMOKE, children_in_process, recipe,  # noqa: E402
-                                 run_final, train_dtype)
+from benchmarks.frontier import (FINALS, FULL, REFERENCE, SMOKE, children_in_process, gap_recovered,  # noqa: E402
+                                 recipe, run_final, train_dtype)
 
 ROWS = (REFERENCE, "start", "lora16")  # in this order: the ceiling last, it answers the least
 LEARNING_RATES = (3e-4, 1e-3)
@@ -158,17 +158,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def recovered(reference: float, row: float, ceiling: float) -> float | None:
-    gap = reference - ceiling
-    return (reference - row) / gap if gap > 0 else None
-
-
 def summarise(rows: list[dict], lrs: list[float]) -> dict:
     """The gap recovered by ``start`` at each learning rate, and with every row at its own best learning rate."""
     loss = {(r["name"], r["lr"]): r["loss"] for r in rows}
-    at = {f"{lr:g}": recovered(loss[REFERENCE, lr], loss["start", lr], loss["lora16", lr]) for lr in lrs}
+    at = {f"{lr:g}": gap_recovered(loss[REFERENCE, lr], loss["start", lr], loss["lora16", lr]) for lr in lrs}
     best = {name: min(lrs, key=lambda lr: loss[name, lr]) for name in ROWS}
-    tuned = recovered(loss[REFERENCE, best[REFERENCE]], loss["start", best["start"]], loss["lora16", best["lora16"]])
+    tuned = gap_recovered(loss[REFERENCE, best[REFERENCE]], loss["start", best["start"]], loss["lora16", best["lora16"]])
     return {"recovered_at": at, "best_lr": best, "recovered_tuned": tuned,
             "best_loss": {name: loss[name, best[name]] for name in ROWS}}
 

@@ -323,12 +323,13 @@ def test_module_profile_benchmark_smoke(tmp_path):
 
 
 def test_ablation_benchmark_smoke(tmp_path):
+    from benchmarks import ablation
+
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--smoke", "--work", str(tmp_path),
                            "--lr", "1e-3"], capture_output=True, text=True, env=dict(os.environ), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "ablation-smoke.json").read_text())
     assert result["settings"]["lr"] == 1e-3
-    from benchmarks import ablation
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["qlora4-r16", "start", "dora", "search", "search+module", "search+groups", "search+start",
                           "all", "lora16"]
