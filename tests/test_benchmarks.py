@@ -495,3 +495,26 @@ def test_learning_rate_benchmark_smoke(tmp_path):
     assert scales and all(r["zero_ax"] > 0 and r["activation_ax"] > 0 and r["activation_b"] > 0 for r in scales)
     assert (tmp_path / "learning_rate-smoke.md").is_file()
     assert not (ROOT / "benchmarks" / "results" / "learning_rate-smoke.json").exists()
+
+
+def test_search_lr_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_lr.py"), "--smoke", "--work", str(tmp_path),
+                           "--search-lrs", "1e-4,3e-3"], capture_output=True, text=True, env=dict(os.environ),
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "search_lr-smoke.json").read_text())
+    assert result["final_lr"] == 3e-3 and result["search_lrs"] == [1e-4, 3e-3]
+    plans, ks = result["plans"], result["steps_ranked"]
+    assert len(plans) == 4 and ks == [1, 2]  # the smoke frontier searches' cheap and full fidelities
+    finals = [p["final"] for p in plans]
+    assert all(math.isfinite(v) for v in finals)
+    # each rate's prefix is its own run: a higher peak rate moves the adapters elsewhere
+    assert all(p["prefix@2 lr 0.0001"] != p["prefix@2 lr 0.003"] for p in plans)
+    assert [(s["search_lr"], s["k"]) for s in result["signals"]] == [(lr, k) for lr in (1e-4, 3e-3) for k in ks]
+    for s in result["signals"]:
+        first = next(p for p in plans if p["name"] == s["first"])
+        assert first[f"prefix@{s['k']} lr {s['search_lr']:g}"] == min(p[f"prefix@{s['k']} lr {s['search_lr']:g}"]
+                                                                      for p in plans)
+        assert s["regret"] == pytest.approx(first["final"] - min(finals)) and s["regret"] >= 0
+    assert "| search rate | K |" in (tmp_path / "search_lr-smoke.md").read_text()
+    assert not (ROOT / "benchmarks" / "results" / "search_lr-smoke.json").exists()
