@@ -37,10 +37,10 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
 
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
 
-#: The fidelity study's plans that a search at `4bit` has to tell apart (the better half there, and 5-bit r4, which
+#: The fidelity study's plans that a search at `4bit` has to tell apart (from its better half, and 5-bit r4, which
 #: the search chose at 3e-3).
 PLANS = ("uniform4-r16", "uniform5-r4", "uniform4-r8", "greedy-1.00", "greedy-0.90", "search-4bit-r16",
-         "search-3.5bit", "mixed-0")
+         "search-3.5bit")
 SEARCH_LRS = (3e-4, 1e-3, 3e-3)
 FINAL_LR = 3e-3
 
