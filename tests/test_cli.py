@@ -313,3 +313,28 @@ def test_a_search_on_the_final_schedule_keeps_the_run_that_train_continues(capsy
     # the budget are the trained model's
     memory = json.loads((workdir / "t" / "metrics.json").read_text())["memory"]
     assert pareto["chosen"]["memory_bytes"] == memory["predicted_bytes"] == memory["measured_bytes"], (pareto, memory)
+
+
+def test_a_search_at_its_own_rate_keeps_a_run_that_a_fine_tune_at_that_rate_continues(capsys, tiny_dir, tmp_path,
+                                                                                      workdir):
+    """`search --final-steps N --search-lr LR`: the kept run is the beginning of a fine-tune at LR, which the summary
+    names; `train --init-from` refuses it at the default rate (naming lr) and continues it at LR."""
+    data = words_file(tmp_path / "d.txt", n_lines=60)
+    code, out, err = run(capsys, "search", "--model", str(tiny_dir), "--data", data, "--budget", "4bit",
+                         "--trials", "2", "--population", "2", "--promote", "1", "--refine", "0", "--seq-len", "32",
+                         "--final-steps", "24", "--search-lr", "3e-3", "--out", str(workdir / "s"), "-q")
+    assert code == 0, err
+    pareto = json.loads((workdir / "s" / "pareto.json").read_text())
+    assert pareto["settings"]["cheap"]["lr"] == pareto["settings"]["full"]["lr"] == 3e-3 and pareto["kept_step"] >= 1
+    kept = str(workdir / "s" / pareto["kept_run"])
+    assert f"train --lr 0.003 --init-from {kept}" in out
+    common = ["train", "--model", str(tiny_dir), "--data", data, "--plan", str(workdir / "s" / "plan.json"),
+              "--steps", "24", "--seq-len", "32", "--eval-blocks", "0", "--init-from", kept, "-q"]
+    code, _, err = run(capsys, *common, "--out", str(workdir / "t0"))
+    assert code == 2 and "lr" in err and "Traceback" not in err, err
+    code, _, err = run(capsys, *common, "--lr", "3e-3", "--out", str(workdir / "t"))
+    assert code == 0, err
+    assert json.loads((workdir / "t" / "run.json").read_text())["initialised_from"]["step"] == pareto["kept_step"]
+    code, _, err = run(capsys, "search", "--model", str(tiny_dir), "--budget", "4bit", "--search-lr", "0",
+                       "--out", str(workdir / "bad"))
+    assert code == 2 and "--search-lr" in err and "Traceback" not in err, err

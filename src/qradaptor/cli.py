@@ -255,7 +255,7 @@ def cmd_run(args) -> int:
     searching = {k: v for k, v in {**_given_search_settings(args), **training}.items() if k in _SEARCHED}
     result = run(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
                  steps=args.steps, seq_len=args.seq_len, profile_tokens=args.profile_tokens, progress=not args.quiet,
-                 device=args.device, search_settings=searching, train_settings=training)
+                 device=args.device, search_settings=searching, train_settings=training, search_lr=args.search_lr)
     print(f"test loss {result['test_loss_before']:.4f} before, {result['test_loss_after']:.4f} after training "
           f"({result['test_tokens']} tokens); plan {result['plan']}; model {result['model']}/")
     timed = result.get("stage_seconds") or {}
@@ -294,7 +294,8 @@ def cmd_search(args) -> int:
                 "adapter_init": args.adapter_init, "start_tokens": args.start_tokens}
     result = search(args.model, data=args.data, budget=args.budget, out=args.out, alpha=args.alpha, trials=args.trials,
                     storage=args.storage, study=args.study, sensitivity=args.sensitivity, progress=not args.quiet,
-                    device=args.device, dtype=args.dtype, final_steps=args.final_steps, **settings)
+                    device=args.device, dtype=args.dtype, final_steps=args.final_steps, search_lr=args.search_lr,
+                    **settings)
     print(summary(result), end="")
     print(f"wrote {args.out}/plan.json, pareto.json, pareto.png")
     return 0
@@ -451,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="preference: 1 = only quality, 0 = only memory (default 0.5)")
     budgeted.add_argument("--trials", type=_positive_int, default=8, help="search exploration trials, cheap fidelity (default 8)")
     # the exploration's size, default None (not given: SearchConfig's defaults, which the help names)
+    budgeted.add_argument("--search-lr", type=_positive_float, default=None, metavar="LR",
+                          help="peak learning rate of the search's fine-tunes (default: the final fine-tune's, at "
+                               "most 1e-3: above that its first steps rank plans wrongly; `search` without "
+                               "--final-steps: 3e-4)")
     budgeted.add_argument("--population", type=_positive_int, default=None, help="NSGA-II population (default 4)")
     budgeted.add_argument("--promote", type=_count, default=None,
                           help="front plans re-evaluated at full fidelity, besides the warm start's uniform settings "

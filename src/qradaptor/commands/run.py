@@ -321,7 +321,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
         alpha: float = 0.5, trials: int = 8, steps: int = 200, profile_tokens: int | None = None,
         profile_dtype: str = "auto", seq_len: int = 256, eval_blocks: int | None = None,
         search_settings: dict | None = None, train_settings: dict | None = None, progress: bool = True,
-        device: str | None = None) -> dict:
+        device: str | None = None, search_lr: float | None = None) -> dict:
     """What ``qradaptor run`` does. Returns the metrics written to ``out/metrics.json``. ``profile_tokens``:
     calibration tokens of the profile (None: 4096, or all the training split has if fewer).
 
@@ -331,7 +331,9 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     fine-tune then quantizes it in place, and the test loss and the export are taken from the trained model in
     memory. The search's fidelities are the first steps of the fine-tune's schedule (`prefix_fidelities`), and
     the fine-tune continues the chosen plan's run from where the search left it: the result is that of a fine-tune
-    from step 0, with fewer steps trained.
+    from step 0, with fewer steps trained. ``search_lr``: the peak rate of the search's fine-tunes (default: the
+    fine-tune's up to `SEARCH_LR_CAP`, 1e-3: at higher rates the first steps rank plans wrongly); where it differs
+    from the fine-tune's, the search's runs are fine-tunes of their own and the fine-tune starts from step 0.
     ``model``: a spec, or a `LoadedModel` (its spec is what the run records); either is used up. ``device``
     (``auto``, ``cpu``, ``cuda``): where every stage computes; the dense model stays in host memory and each plan
     is quantized on the device. Not part of any stage's fingerprint: a run continues on another device."""
@@ -339,6 +341,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     from ..models import load_base, model_fingerprint
     from ..plan import Plan
     from ..rundir import DEFAULT_START_TOKENS, RunConfig
+    from ..search import SEARCH_LR_CAP, search_rate
 
     out = Path(out)
     device = resolve_device(device)
@@ -365,26 +368,31 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
         from ..gguf_export import check_gguf_budget
 
         check_gguf_budget(base.spec, dora=bool(search_settings.get("dora")))
+    rate = search_rate(train_defaults["lr"], search_lr)  # refused before the profile if it is no rate
     model_fp, data_fp = model_fingerprint(base.model), _data_fingerprint(data, seq_len)
     stages.settings = _jsonable({
         "model": _resolved(base.spec), "model_fingerprint": model_fp, "data": _resolved(data),
         "data_fingerprint": data_fp, "budget": budget, "alpha": alpha, "trials": trials, "steps": steps,
         "profile_tokens": profile_tokens, "profile_dtype": profile_dtype, "seq_len": seq_len,
         "eval_blocks": eval_blocks, "search_settings": search_settings or {}, "train_settings": train_settings,
-        "dtype": dtype})
+        "dtype": dtype, **({"search_lr": search_lr} if search_lr is not None else {})})
     stages.save()
     job = _Run(out, stages, base, data, seq_len, device, dtype, progress,
                same={"model": model_fp, "data": data_fp, "seq_len": seq_len})
     # genes finer than a layer are priced by each linear's own estimate (`PriorCost.unit_bits_cost`)
     sensitivity = job.profile(tokens=profile_tokens, dtype=profile_dtype,
                               modules=search_settings.get("genes", "layer") != "layer")
-    # the search measures plans on the first steps of the final fine-tune's schedule, and keeps the chosen
-    # plan's run for the fine-tune to continue
+    if rate != train_defaults["lr"]:
+        log.info("run: the search ranks plans at lr %g, the fine-tune trains at %g%s: it starts from step 0, not "
+                 "from the search's run", rate, train_defaults["lr"],
+                 "" if search_lr is not None else f" (above {SEARCH_LR_CAP:g} the first steps rank plans wrongly)")
+    # the search measures plans on the first steps of the final fine-tune's schedule (at the search's rate), and
+    # keeps the chosen plan's run for the fine-tune to continue
     plan = job.search(sensitivity, budget=budget, alpha=alpha, trials=trials, settings=search_settings or {},
-                      steps=steps, batch_size=train_defaults["batch_size"], lr=train_defaults["lr"])
+                      steps=steps, batch_size=train_defaults["batch_size"], lr=rate)
     # a budget on the training peak also binds the fine-tune (refused before it starts if it cannot fit)
     job.train(plan, steps=steps, budget=budget if parse_training_budget(budget) is not None else None,
-              settings=train_settings)
+              settings=train_settings, continue_search=rate == train_defaults["lr"])
     metrics = job.held_out(eval_blocks)
     # a budget on the GGUF files: the export writes them (what the budget was for)
     memory = job.export(gguf=parse_gguf_budget(budget) is not None)
@@ -443,7 +451,7 @@ class _Run:
         self.stages.finish("search")
         return plan
 
-    def train(self, plan: Path, *, steps: int, budget, settings: dict) -> None:
+    def train(self, plan: Path, *, steps: int, budget, settings: dict, continue_search: bool = True) -> None:
         from ..export import TrainedModel
         from ..plan import Plan
         from ..rundir import read_run
@@ -465,7 +473,8 @@ class _Run:
             common = dict(plan=plan, model=self.base, data=self.data, progress=self.progress, budget=budget,
                           device=str(self.device))
             fresh = {"steps": steps, "seq_len": self.seq_len, **settings, "dtype": self.dtype}
-            kept = None if status else kept_run(self.out / "search")  # its first steps are not trained twice
+            # its first steps are not trained twice (unless the search ranked plans at another rate)
+            kept = None if status or not continue_search else kept_run(self.out / "search")
             with _as_run_stage():
                 try:
                     result = train_plan(train_dir, **common, resume=bool(status),

@@ -18,7 +18,7 @@ from ..precision import DTYPE_CHOICES, DTYPES, resolve_dtype
 from ..profile import Sensitivity
 from ..search import (CONFIG_ATTR, FORMAT, RUNS_DIR, FineTuneFitness, Fitness, Search, SearchConfig, SearchError, SearchResult,
                       check_search_dir, check_searchable, locked_search_dir, open_storage, recorded_dtype, redact,
-                      search_data_fingerprint, training_fixed_bytes, write_outputs)
+                      search_data_fingerprint, search_rate, training_fixed_bytes, write_outputs)
 
 log = logging.getLogger("qradaptor")
 
@@ -50,15 +50,22 @@ def prefix_fidelities(settings: dict, *, steps: int, batch_size: int, lr: float)
     """``settings`` with fidelities that measure each plan on the first steps of a ``steps``-step fine-tune
     (batches of ``batch_size``, peak ``lr``: the final fine-tune's schedule), so that a promoted plan continues its
     cheap run and the final fine-tune continues the chosen plan's. What a fidelity's own dict gives wins; one
-    longer than ``steps`` stays a fine-tune of its own."""
+    longer than ``steps`` stays a fine-tune of its own (at peak ``lr`` too)."""
+    out = rated_fidelities(settings, lr)
+    for key in ("cheap", "full"):
+        given, fidelity = settings.get(key) or {}, out[key]
+        if "schedule_steps" not in given and fidelity["steps"] <= steps:
+            fidelity.update(schedule_steps=steps, batch_size=given.get("batch_size", batch_size))
+    return out
+
+
+def rated_fidelities(settings: dict, lr: float) -> dict:
+    """``settings`` with both fidelities' fine-tunes at peak ``lr`` (what a fidelity's own dict gives wins)."""
     out = dict(settings)
     for key in ("cheap", "full"):
         given = dict(settings.get(key) or {})
-        fidelity = {**asdict(SearchConfig.__dataclass_fields__[key].default_factory()), **given}
-        if "schedule_steps" not in given and fidelity["steps"] <= steps:
-            fidelity.update(schedule_steps=steps, batch_size=given.get("batch_size", batch_size),
-                            lr=given.get("lr", lr))
-        out[key] = fidelity
+        out[key] = {**asdict(SearchConfig.__dataclass_fields__[key].default_factory()), **given,
+                    "lr": given.get("lr", lr)}
     return out
 
 
@@ -66,7 +73,7 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
            alpha: float = 0.5, trials: int = 8, storage: str | None = None, study: str | None = None,
            sensitivity: str | None = None, progress: bool = True, fitness: Fitness | None = None,
            device: str | None = None, dtype: str = "auto", final_steps: int | None = None,
-           **settings) -> SearchResult:
+           search_lr: float | None = None, **settings) -> SearchResult:
     """What ``qradaptor search`` does; returns the result and writes ``out/{pareto.json,plan.json,pareto.png}``.
     ``model``: a spec, or a `LoadedModel` (converted to ``dtype`` in place if it is not; left unquantized, and
     where it was). ``device`` (``auto``, ``cpu``, ``cuda``): where each plan is quantized and fine-tuned.
@@ -75,15 +82,20 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
     recorded); a kept run (fidelities with ``schedule_steps``, see `prefix_fidelities`) continues only into a
     fine-tune of the same dtype.
     ``final_steps``: measure plans on the first steps of a ``final_steps``-step `train` at its default batch size
-    and learning rate (`prefix_fidelities`), keeping the runs that ``train --init-from`` continues."""
+    and learning rate (`prefix_fidelities`), keeping the runs that ``train --init-from`` continues.
+    ``search_lr``: the peak learning rate of the plans' fine-tunes (default: with ``final_steps``, `train`'s up to
+    `SEARCH_LR_CAP`; else the fidelities' own); a kept run is the beginning of a fine-tune at that rate."""
     if final_steps:
         from ..rundir import RunConfig
 
-        settings = prefix_fidelities(settings, steps=final_steps, batch_size=RunConfig.batch_size, lr=RunConfig.lr)
+        settings = prefix_fidelities(settings, steps=final_steps, batch_size=RunConfig.batch_size,
+                                     lr=search_rate(RunConfig.lr, search_lr))
         if not settings["full"].get("schedule_steps"):
             log.warning("search: the full fidelity's %d steps are more than the final fine-tune's %d: plans chosen "
                         "there are fine-tunes of their own, not the beginning of the final one",
                         settings["full"]["steps"], final_steps)
+    elif search_lr is not None:  # fine-tunes of their own schedule, at this rate
+        settings = rated_fidelities(settings, search_rate(search_lr, given=search_lr))
 
     out = Path(out)
     device = resolve_device(device)

@@ -28,6 +28,22 @@ class SearchError(QRAdaptorError):
     """The search cannot run as asked."""
 
 
+#: The highest peak learning rate the search's fine-tunes rank plans at unless told (`search_rate`). At higher rates
+#: the first steps rank plans unlike the final fine-tune does: at 3e-3 a small adapter on better-kept weights leads
+#: for ~64 of 100 steps and ends far behind a larger one (benchmarks/results/search_lr.md).
+SEARCH_LR_CAP = 1e-3
+
+
+def search_rate(final_lr: float, given: float | None = None) -> float:
+    """The peak learning rate of the search's fine-tunes for a final fine-tune at ``final_lr``: ``given``, else
+    ``final_lr`` up to `SEARCH_LR_CAP`. Below the cap the search's runs are the final fine-tune's first steps."""
+    if given is not None:
+        if not (isinstance(given, (int, float)) and given > 0 and given == given):
+            raise SearchError(f"--search-lr must be a positive number, got {given!r}", "e.g. --search-lr 1e-3")
+        return float(given)
+    return min(final_lr, SEARCH_LR_CAP)
+
+
 # ---------------------------------------------------------------------------------------- config
 
 

@@ -139,8 +139,12 @@ def summary(result: SearchResult) -> str:
         f"held-out loss {c.loss:.4f} ({c.fidelity} fidelity, from {c.source})",
     ]
     if result.kept_run:
+        from ..rundir import RunConfig
+
+        lr = (result.config.get("full") or {}).get("lr", RunConfig.lr)  # a fine-tune at the rate it ran at
+        rate = "" if lr == RunConfig.lr else f"--lr {lr:g} "
         lines.append(f"  its fine-tune is kept at step {result.kept_step} in {result.kept_run}: "
-                     f"`qradaptor train --init-from {result.kept_run}` continues it instead of starting over")
+                     f"`qradaptor train {rate}--init-from {result.kept_run}` continues it instead of starting over")
     for p in measured_uniform(result.points):
         kept = result.uniform_runs.get(p.source)
         lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}"
