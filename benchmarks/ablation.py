@@ -160,8 +160,10 @@ def main(argv=None) -> int:
 
 
 def report(rows: list[dict], settings: dict, smoke: bool) -> str:
+    from qradaptor.search import search_rate
+
     title = "a tiny random model (smoke)" if smoke else "SmolLM2-135M-Instruct"
-    steps = settings["steps"]
+    steps, rate = settings["steps"], search_rate(settings["lr"])
     table = [[r["name"], "search" if r["searched"] else f"uniform {r['plan'].split('b', 1)[0]}b r16", r["adapter_init"],
               "DoRA" if r["dora"] else "LoRA",
               r["genes"] or "", ",".join(map(str, r["group_sizes"])) or "64",
@@ -176,7 +178,9 @@ def report(rows: list[dict], settings: dict, smoke: bool) -> str:
           f"Each lever alone against `{REFERENCE}` (uniform 4-bit r16, PEFT's zero start: QLoRA as run today), then "
           f"all together. Searches run as benchmarks/frontier.py runs its `qradaptor-{BUDGET}` "
           f"({settings['search']['cheap']['steps']}-step cheap trials, promotion and refinement at "
-          f"{settings['search']['full']['steps']} steps on the first steps of the final fine-tune's schedule), their "
+          f"{settings['search']['full']['steps']} steps on the first steps of the final fine-tune's schedule, at lr "
+          f"{rate:g}" + ("" if rate == settings["lr"] else ", `run`'s cap on the search's rate: the final "
+                                                           "fine-tunes then train from step 0") + "), their "
           f"fine-tunes started as the row's final is. Final fine-tunes: {steps} LoRA steps of "
           f"{settings['batch_size']}×{settings['seq_len']} tokens (lr {settings['lr']}), mean of {settings['seeds']} "
           f"seeds (± half the max–min spread), held-out loss on the whole test split; beyond the seed spreads when "
