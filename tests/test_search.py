@@ -722,3 +722,21 @@ def test_the_search_rate_is_the_final_one_up_to_the_cap_unless_given():
     for bad in (0, -1e-3, float("nan"), "1e-3"):
         with pytest.raises(SearchError, match="--search-lr"):
             search_rate(3e-4, given=bad)
+
+
+def test_the_search_rate_reaches_every_fidelity_and_a_given_one_wins():
+    from qradaptor.commands.search import prefix_fidelities, rated_fidelities
+
+    settings = prefix_fidelities({}, steps=100, batch_size=2, lr=1e-3)
+    for key in ("cheap", "full"):
+        assert settings[key]["lr"] == 1e-3 and settings[key]["schedule_steps"] == 100
+        assert settings[key]["batch_size"] == 2
+    # a fidelity longer than the final fine-tune is a fine-tune of its own, at the search's rate all the same
+    short = prefix_fidelities({}, steps=10, batch_size=4, lr=1e-3)
+    assert short["cheap"]["schedule_steps"] == 10 and short["full"]["schedule_steps"] == 0
+    assert short["full"]["lr"] == 1e-3
+    given = prefix_fidelities({"full": {"lr": 5e-4}, "trials": 3}, steps=100, batch_size=4, lr=1e-3)
+    assert given["full"]["lr"] == 5e-4 and given["cheap"]["lr"] == 1e-3 and given["trials"] == 3
+    own = rated_fidelities({"cheap": {"steps": 2}}, 2e-3)
+    assert (own["cheap"]["steps"], own["cheap"]["lr"], own["cheap"]["schedule_steps"]) == (2, 2e-3, 0)
+    assert own["full"]["lr"] == 2e-3
