@@ -36,7 +36,7 @@ SEARCH_LR_CAP = 1e-3
 
 def search_rate(final_lr: float, given: float | None = None) -> float:
     """The peak learning rate of the search's fine-tunes for a final fine-tune at ``final_lr``: ``given``, else
-    ``final_lr`` up to `SEARCH_LR_CAP`. Below the cap the search's runs are the final fine-tune's first steps."""
+    ``final_lr`` up to `SEARCH_LR_CAP`. Up to the cap the search's runs are the final fine-tune's first steps."""
     if given is not None:
         if not (isinstance(given, (int, float)) and given > 0 and given == given):
             raise SearchError(f"--search-lr must be a positive number, got {given!r}", "e.g. --search-lr 1e-3")
