@@ -4,12 +4,12 @@
 recipe's 3e-4 that prefix ranks plans like the final loss (results/fidelity.md, Spearman 0.988 at 8 steps); at 3e-3,
 the best rate measured at 100 steps (results/learning_rate.md), the `4bit` search chose uniform 5-bit r4 over
 uniform 4-bit r16, which ends far better (results/ablation-lr0.003.md): at that rate a small adapter on
-better-kept weights leads for the first ~64 steps, and rank pays only late. Fine-tunes of their own schedule,
-annealed within K steps, rank the two the same wrong way (8, 16, 32 steps). So: is the ranking the final
-fine-tune makes at a high rate one that the search sees at a lower one?
+better-kept weights leads for the first ~64 steps, and rank pays only late. (Fine-tunes of their own schedule,
+annealed within K steps, ranked the two the same wrong way at 8, 16 and 32 steps in a check this script does not
+repeat.) So: is the ranking the final fine-tune makes at a high rate one that the search sees at a lower one?
 
 For contender plans inside the 4-bit budget of SmolLM2-135M-Instruct (the fidelity study's plans, by name: uniform
-settings, greedy fills, searched and mixed plans), one final fine-tune each at the final rate (``--lr``; the
+settings, greedy fills, searched plans), one final fine-tune each at the final rate (``--lr``; the
 frontier's recipe otherwise: 100 steps of 4×128 tokens, the activation start, seed 0), and the search's signal,
 prefix@K (held-out loss after the first K steps of the final fine-tune's schedule, in its dtype, with the start),
 with the search's fine-tunes at each rate of ``--search-lrs``. Per search rate and K: Spearman against the final
