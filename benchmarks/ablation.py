@@ -5,6 +5,7 @@ start: the frontier's ``qlora4-r16``), then together:
 
     qlora4-r16       uniform 4-bit r16, zero start                              (no lever)
     start            uniform 4-bit r16, the adapter start `train` uses by default (adapter_init)
+    balanced         uniform 4-bit r16, the ``balanced`` start (the same fit, A at PEFT's initial scale)
     dora             uniform 4-bit r16, DoRA adapters, zero start               (QDoRA as run today)
     search           the search's plan within the budget, zero start            (bits and ranks per layer)
     search+module    the same with a bits and rank choice per linear            (``--genes module``)
@@ -50,10 +51,12 @@ from benchmarks.frontier import FULL, REFERENCE, Bench, gap_recovered, train_dty
 from benchmarks.genes import GROUP_SIZES, own_choices, own_groups  # noqa: E402
 
 BUDGET = "4bit"
-#: row → (how its plan is made: "uniform" or the search's extra settings, its start: "zero" or "default", DoRA)
+#: row → (how its plan is made: "uniform" or the search's extra settings, its start: "default" (`train`'s) or an
+#: ``--adapter-init`` value, DoRA)
 ROWS = {
     REFERENCE: ("uniform", "zero", False),
     "start": ("uniform", "default", False),
+    "balanced": ("uniform", "balanced", False),
     "dora": ("uniform", "zero", True),
     "search": ({}, "zero", False),
     "search+module": ({"genes": "module"}, "zero", False),
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
     for name, (source, start_as, dora) in ROWS.items():
         if name not in chosen:
             continue
-        adapter_init = "zero" if start_as == "zero" else default_start
+        adapter_init = default_start if start_as == "default" else start_as
         recipe = {**settings, "adapter_init": adapter_init}
         searched = source not in ("uniform", "unquantized")
         if not searched:

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from qradaptor.adapter_init import (AdapterStart, Factors, adapted_linears, apply_start, calibration_subset,
-                                    loftq_start, low_rank_fit)
+from qradaptor.adapter_init import (AdapterStart, Factors, adapted_linears, apply_start, balanced,
+                                    calibration_subset, loftq_start, low_rank_fit)
 from qradaptor.backends import QuantCache, get_backend
 from qradaptor.commands import train_plan
 from qradaptor.data import TokenBlocks
@@ -64,6 +64,28 @@ def test_the_activation_fit_beats_the_svd_on_the_inputs_and_loses_in_weight_spac
     assert torch.allclose(iso.B @ iso.A, plain.B @ plain.A, atol=1e-4)
 
 
+def test_the_balanced_fit_is_the_same_product_with_a_at_pefts_initial_scale():
+    torch.manual_seed(0)
+    E = torch.randn(32, 48)
+    X = torch.randn(800, 48) * torch.linspace(0.05, 5.0, 48)
+    gram = X.T @ X / len(X)
+    fit = low_rank_fit(E, 6, gram)
+    even = balanced(fit, gram)
+    assert even.peft_scale and not fit.peft_scale and even.truncated(3).peft_scale
+    assert torch.allclose(even.B @ even.A, fit.B @ fit.A, atol=1e-4)
+    # PEFT's own A (Kaiming-uniform, a = √5): E (a x)² per row, the level every balanced row is set to
+    peft_A = torch.nn.init.kaiming_uniform_(torch.empty(20000, 48), a=5 ** 0.5)
+    peft_energy = float(((peft_A @ gram) * peft_A).sum(1).mean())
+    energy = ((even.A @ gram) * even.A).sum(1)
+    assert torch.allclose(energy, torch.full_like(energy, peft_energy), rtol=0.05)
+    # the even split's rows are far from it here, so the rescaling did something
+    before = ((fit.A @ gram) * fit.A).sum(1)
+    assert float((before / peft_energy).min()) > 2
+    # without inputs, the row norms: PEFT's A rows have norm² 1/3 on average
+    plain = balanced(low_rank_fit(E, 6))
+    assert torch.allclose(plain.A.norm(dim=1) ** 2, torch.full((6,), 1 / 3), rtol=1e-4)
+
+
 def _kl(reference, model, ids):
     with torch.no_grad():
         p = torch.log_softmax(reference(input_ids=ids).logits.float(), -1)
@@ -71,7 +93,7 @@ def _kl(reference, model, ids):
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("method", ["svd", "activation"])
+@pytest.mark.parametrize("method", ["svd", "activation", "balanced"])
 def test_a_start_brings_the_quantized_model_closer_to_the_full_one_and_keeps_the_codes(tiny_model, method):
     cache = QuantCache(get_backend("hqq"))
     calibration, held_out = _blocks(), _blocks(seed=1)
@@ -92,6 +114,9 @@ def test_a_start_brings_the_quantized_model_closer_to_the_full_one_and_keeps_the
     delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
     fit = factors["model.layers.1.self_attn.q_proj"]
     assert fit.rank == 4 and torch.allclose(delta, fit.B @ fit.A, atol=1e-5)
+    # balanced: A is stored as fitted (at PEFT's scale), B carries all of the scaling
+    stored_A = module.lora_A["default"].weight
+    assert torch.allclose(stored_A, fit.A, atol=1e-6) == (method == "balanced")
     # the 16-bit layer keeps PEFT's start (B = 0)
     assert not started.get_base_model().model.layers[2].self_attn.q_proj.lora_B["default"].weight.any()
 
@@ -262,7 +287,7 @@ def test_an_unknown_start_is_refused_before_anything_is_written(inputs, tmp_path
 
     with pytest.raises(ArtifactError, match="unknown adapter start 'pissa'") as e:
         train_plan(tmp_path / "run", steps=1, adapter_init="pissa", **inputs, **FAST)
-    assert "--adapter-init activation or svd or zero" in e.value.fix
+    assert "--adapter-init activation or balanced or svd or zero" in e.value.fix
     assert not (tmp_path / "run").exists()
     assert main(["train", "--out", str(tmp_path / "run"), "--adapter-init", "pissa"]) == 2
     assert "invalid choice: 'pissa'" in capsys.readouterr().err

@@ -28,7 +28,9 @@ ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 RUN_FORMAT = 1
 #: how a run's adapters start (qradaptor.adapter_init; "zero" is PEFT's own)
-ADAPTER_INITS = ("activation", "svd", "zero")
+ADAPTER_INITS = ("activation", "balanced", "svd", "zero")
+#: the starts fitted on the inputs calibration tokens give each linear (``--start-tokens`` of them)
+CALIBRATED_INITS = ("activation", "balanced")
 #: calibration tokens the activation start fits on by default (the sensitivity profile's default count; runs and
 #: searches from before it was a setting used it)
 DEFAULT_START_TOKENS = 4096
@@ -77,8 +79,8 @@ class RunConfig:
     # at 4 bits on SmolLM2 the test loss after 100 steps drops by more than the whole gap to bf16 LoRA,
     # benchmarks/results/adapter_init.md); zero: PEFT's own B = 0; svd: the fit in weight space
     adapter_init: str = setting("activation", "how adapters start: activation (fitted to each layer's quantization "
-                                "error as calibration inputs see it), svd (fitted in weight space) or zero "
-                                "(PEFT's B = 0)", "text", choices=ADAPTER_INITS)
+                                "error as calibration inputs see it), balanced (the same fit with A at PEFT's initial scale), "
+                                "svd (fitted in weight space) or zero (PEFT's B = 0)", "text", choices=ADAPTER_INITS)
     # fewer make the activation start cheaper (one forward over them, in the training dtype) and its fit rougher
     start_tokens: int = setting(DEFAULT_START_TOKENS, "calibration tokens of the training split the activation start "
                                 "fits on (whole blocks; all the split has if fewer)", "positive_int")

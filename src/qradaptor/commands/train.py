@@ -23,8 +23,8 @@ from ..evaluate import evaluate_loss
 from ..memory import release_free_memory
 from ..io import AtomicDirectory, atomic_write_json, check_output_dir
 from ..models import LoadedModel, load_base
-from ..rundir import (ADAPTER_DIR, ADAPTER_INITS, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, PLAN_FILE, RUN_FILE, RUN_FORMAT,
-                      RunConfig, package_versions, read_run)
+from ..rundir import (ADAPTER_DIR, ADAPTER_INITS, CALIBRATED_INITS, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, PLAN_FILE,
+                      RUN_FILE, RUN_FORMAT, RunConfig, package_versions, read_run)
 from ..train import (STATE_JSON, TrainConfig, TrainResult, TrainState, load_checkpoint, save_checkpoint,
                      train)
 
@@ -387,7 +387,8 @@ def _fit_start(config: RunConfig, base, plan, quant, train_blocks):
     factors = AdapterStart(base, config.adapter_init, cache, blocks=calibration,
                            max_rank=plan.max_rank).factors(plan)
     start = {"method": config.adapter_init, "modules": len(factors), "seconds": round(time.perf_counter() - began, 2),
-             "calibration_tokens": int(calibration.input_ids.numel()) if config.adapter_init == "activation" else 0}
+             "calibration_tokens": int(calibration.input_ids.numel()) if config.adapter_init in CALIBRATED_INITS
+             else 0}
     return factors, start, cache
 
 
