@@ -331,7 +331,7 @@ def test_ablation_benchmark_smoke(tmp_path):
     result = json.loads((tmp_path / "ablation-smoke.json").read_text())
     assert result["settings"]["lr"] == 1e-3
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["qlora4-r16", "start", "dora", "search", "search+module", "search+groups", "search+start",
+    assert list(rows) == ["qlora4-r16", "start", "balanced", "dora", "search", "search+module", "search+groups", "search+start",
                           "all", "lora16"]
     ref, ceiling = rows["qlora4-r16"]["loss"], rows["lora16"]["loss"]
     for r in rows.values():
@@ -347,6 +347,8 @@ def test_ablation_benchmark_smoke(tmp_path):
     assert rows["start"]["memory_bytes"] == rows["qlora4-r16"]["memory_bytes"] < rows["dora"]["memory_bytes"]
     assert rows["lora16"]["memory_bytes"] > rows["qlora4-r16"]["memory_bytes"] and rows["lora16"]["plan"].startswith("16b")
     assert rows["start"]["seeds"][0] != rows["qlora4-r16"]["seeds"][0]
+    assert rows["balanced"]["adapter_init"] == "balanced" and rows["start"]["adapter_init"] == "activation"
+    assert rows["balanced"]["memory_bytes"] == rows["start"]["memory_bytes"]
     assert rows["search"]["adapter_init"] == "zero" and rows["search+start"]["adapter_init"] != "zero"
     assert rows["search+groups"]["group_sizes"] == [32, 64, 128] and rows["all"]["dora"]
     assert rows["all"]["genes"] == "module" and rows["qlora4-r16"]["linears_with_their_own_choice"] == 0
