@@ -27,6 +27,7 @@ or benchmarks/genes.py already trained are not trained again.
     .venv/bin/python benchmarks/ablation.py            # SmolLM2: ~1.5 h on 2 cores beyond what the ledger holds
     .venv/bin/python benchmarks/ablation.py --lr 3e-3  # at the best rate measured (results/learning_rate.md)
     .venv/bin/python benchmarks/ablation.py --rows qlora4-r16,lora16,start,search+start   # some rows only
+    .venv/bin/python benchmarks/ablation.py --lr 3e-3 --warmup 20 --rows qlora4-r16,start,lora16  # another warm-up
     .venv/bin/python benchmarks/ablation.py --smoke    # a tiny random model, a few minutes
 
 The recipe's learning rate (3e-4, the frontier's) under-trains every row in 100 steps and flatters the start
@@ -94,6 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"every row's learning rate, its searches' too (default: the recipe's, {FULL['lr']:g})")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="the final fine-tunes' warm-up steps (default: the recipe's, `train`'s "
+                             "--warmup-steps); uniform rows only: a search's fine-tunes keep the recipe's")
     parser.add_argument("--rows", default=",".join(ROWS),
                         help="the rows to run, comma-separated, in the table's order (default: all of them)")
     args = parser.parse_args(argv)
@@ -101,9 +105,15 @@ def main(argv=None) -> int:
     unknown = sorted(set(chosen) - set(ROWS))
     if unknown or not chosen:
         parser.error(f"--rows: unknown {', '.join(unknown) or '(none given)'}; the rows are {', '.join(ROWS)}")
+    searched_rows = [r for r in chosen if ROWS[r][0] not in ("uniform", "unquantized")]
+    if args.warmup is not None and (args.warmup < 0 or searched_rows):
+        parser.error(f"--warmup: a count of steps, for uniform rows only (not {', '.join(searched_rows)})"
+                     if searched_rows else "--warmup: a count of steps, 0 or more")
     start = time.perf_counter()
     bench = Bench(args.work, smoke=args.smoke, lr=args.lr)
     settings, dtype = bench.settings, train_dtype()
+    if args.warmup is not None:
+        settings = {**settings, "warmup_steps": args.warmup}
     default_start = settings["adapter_init"]
 
     rows = []
@@ -151,6 +161,7 @@ def main(argv=None) -> int:
         r["gap_recovered"] = (gap_recovered(reference["loss"], r["loss"], ceiling["loss"])
                               if reference and ceiling else None)
     results_name = "ablation" + (f"-lr{settings['lr']:g}" if settings["lr"] != FULL["lr"] and not args.smoke else "")
+    results_name += f"-warmup{args.warmup}" if args.warmup is not None and not args.smoke else ""
     payload = {"settings": {**settings, "budget": BUDGET, "dtype": dtype, "smoke": args.smoke,
                             "group_sizes": list(GROUP_SIZES),
                             "model": bench.model or "smollm2-135m", "data": bench.data or "pydoc-topics"},
@@ -185,7 +196,9 @@ def report(rows: list[dict], settings: dict, smoke: bool) -> str:
           f"{rate:g}" + ("" if rate == settings["lr"] else ", `run`'s cap on the search's rate: the final "
                                                            "fine-tunes then train from step 0") + "), their "
           f"fine-tunes started as the row's final is. Final fine-tunes: {steps} LoRA steps of "
-          f"{settings['batch_size']}×{settings['seq_len']} tokens (lr {settings['lr']}), mean of {settings['seeds']} "
+          f"{settings['batch_size']}×{settings['seq_len']} tokens (lr {settings['lr']}"
+          + (f", {settings['warmup_steps']} warm-up steps" if "warmup_steps" in settings else "")
+          + f"), mean of {settings['seeds']} "
           f"seeds (± half the max–min spread), held-out loss on the whole test split; beyond the seed spreads when "
           f"the difference is larger than both rows' max–min spreads. × final: search steps the final fine-tune does "
           f"not reuse, per final fine-tune. own choice / own group: linears whose bits or rank differ from their "

@@ -101,6 +101,7 @@ def final_run(spec_path: str) -> None:
     from qradaptor.io import atomic_write_json
     from qradaptor.models import load_model
     from qradaptor.commands import train_plan
+    from qradaptor.rundir import RunConfig
 
     spec = json.loads(Path(spec_path).read_text())
     run_dir = Path(spec["run_dir"])
@@ -112,7 +113,8 @@ def final_run(spec_path: str) -> None:
     settings = dict(plan=spec["plan"], model=spec["model"], data=spec["data"], steps=spec["steps"],
                     seq_len=spec["seq_len"], batch_size=spec["batch_size"], lr=spec["lr"], seed=spec["seed"],
                     dtype=spec["dtype"], eval_every=0, eval_blocks=16, checkpoint_every=spec["steps"], progress=False,
-                    adapter_init=spec.get("adapter_init", "zero"))
+                    adapter_init=spec.get("adapter_init", "zero"),
+                    warmup_steps=spec.get("warmup_steps", RunConfig.warmup_steps))
     try:  # a search's run of the plan (its first steps), continued: the result is that of a run from step 0
         result = train_plan(run_dir, init_from=spec.get("init_from"), **settings)
     except KeptRunMismatch as e:
@@ -181,11 +183,15 @@ def run_final(store: Path, label: str, plan, settings: dict, model, data, *, see
 
 def final_spec(plan, settings: dict, model, data, *, seed: int, dtype: str) -> dict:
     """Everything that decides a final fine-tune's result (what `final_key` hashes)."""
+    from qradaptor.rundir import RunConfig
+
     spec = {"plan": plan.to_dict(), "model": model, "data": data, "steps": settings["steps"],
             "seq_len": settings["seq_len"], "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": seed,
             "dtype": dtype}
     if settings.get("adapter_init", "zero") != "zero":  # the ledger's earlier keys (all zero starts) stay valid
         spec["adapter_init"] = settings["adapter_init"]
+    if settings.get("warmup_steps", RunConfig.warmup_steps) != RunConfig.warmup_steps:  # likewise
+        spec["warmup_steps"] = settings["warmup_steps"]
     return spec
 
 

@@ -245,6 +245,16 @@ def test_final_fine_tunes_are_kept_by_what_decides_their_result():
                          ("dtype", "float32"), ("lr", 1e-4), ("model", "other"), ("batch_size", 8),
                          ("adapter_init", "activation")]:
         assert final_key({**spec, field: other}) != key, field
+    # a warm-up other than the recipe's is part of the key; the recipe's is left out, so earlier keys stay valid
+    from benchmarks.frontier import final_spec
+    from qradaptor.plan import Plan
+
+    plan, recipe = Plan.uniform(1, 4, 16), {k: spec[k] for k in ("steps", "seq_len", "batch_size", "lr")}
+    plain = final_spec(plan, recipe, None, None, seed=0, dtype="bfloat16")
+    assert "warmup_steps" not in plain
+    assert final_spec(plan, {**recipe, "warmup_steps": 5}, None, None, seed=0, dtype="bfloat16") == plain
+    longer = final_spec(plan, {**recipe, "warmup_steps": 20}, None, None, seed=0, dtype="bfloat16")
+    assert longer["warmup_steps"] == 20 and final_key(longer) != final_key(plain)
 
 
 def test_a_final_fine_tune_and_a_peak_rss_measurement_each_run_in_a_child_process(tmp_path):
@@ -377,6 +387,10 @@ def test_the_ablation_names_its_rows_when_asked_for_an_unknown_one(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "unknown serach" in err and "search+start" in err
+    # a warm-up of the finals only: a search's fine-tunes would not have it, so searched rows are refused
+    with pytest.raises(SystemExit) as stop:
+        ablation.main(["--warmup", "20", "--rows", "start,search+start"])
+    assert stop.value.code == 2 and "uniform rows only (not search+start)" in capsys.readouterr().err
 
 
 def test_run_stages_benchmark_smoke(tmp_path):

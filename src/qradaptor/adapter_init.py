@@ -15,7 +15,8 @@ not change), the error is ``E = W - Q``; a rank-``r`` adapter adds ``scaling · 
   ``A x`` is as large as PEFT's random ``A`` makes it (Kaiming-uniform, variance ``1 / (3 · in)``), its column of
   ``B`` by the inverse. Adam moves each weight by about the learning rate, so a step of ``B`` moves the output in
   proportion to ``A x``: the even split makes ``A x`` 1.7–5.4× PEFT's on SmolLM2 (results/learning_rate.md), a
-  higher effective rate; this start keeps step 0's fit at the zero start's rate for ``B``.
+  higher effective rate; this start keeps step 0's fit at the zero start's rate for ``B``. Measured at lr 3e-3
+  (benchmarks/results/ablation-lr0.003.md) it ends no better than the even split: kept as a setting to compare.
 - ``loftq`` (library and benchmark only: it changes the stored codes): LoftQ's alternation,
   ``Q ← quant(W - B A)``, ``B A ← SVD_r(W - Q)``, a few times.
 

@@ -77,10 +77,12 @@ class RunConfig:
     max_train_blocks: int | None = setting(None, "use at most this many training blocks", "positive_int")
     # activation: adapters fitted to the quantization error as the calibration inputs see it (qradaptor.adapter_init;
     # at 4 bits on SmolLM2 the test loss after 100 steps drops by more than the whole gap to bf16 LoRA,
-    # benchmarks/results/adapter_init.md); zero: PEFT's own B = 0; svd: the fit in weight space
+    # benchmarks/results/adapter_init.md); balanced: the same fit factored with A at PEFT's initial scale (no better
+    # at lr 3e-3, results/ablation-lr0.003.md); zero: PEFT's own B = 0; svd: the fit in weight space
     adapter_init: str = setting("activation", "how adapters start: activation (fitted to each layer's quantization "
-                                "error as calibration inputs see it), balanced (the same fit with A at PEFT's initial scale), "
-                                "svd (fitted in weight space) or zero (PEFT's B = 0)", "text", choices=ADAPTER_INITS)
+                                "error as calibration inputs see it), balanced (the same fit with A at PEFT's "
+                                "initial scale), svd (fitted in weight space) or zero (PEFT's B = 0)", "text",
+                                choices=ADAPTER_INITS)
     # fewer make the activation start cheaper (one forward over them, in the training dtype) and its fit rougher
     start_tokens: int = setting(DEFAULT_START_TOKENS, "calibration tokens of the training split the activation start "
                                 "fits on (whole blocks; all the split has if fewer)", "positive_int")
