@@ -15,10 +15,13 @@ of this corpus). Seeds: every seed for the searches' plans, for the best uniform
 again on seed means until it has them all) and for ``qlora4-r16`` (uniform 4-bit r16 with PEFT's zero start: the
 gap's reference, QLoRA as a user runs it today); one for the others.
 
-    .venv/bin/python benchmarks/corpus.py            # ~2 h on 2 cores, resumable (benchmarks/work/corpus-code)
-    .venv/bin/python benchmarks/corpus.py --smoke    # a tiny random model on its word data: the script runs
+    .venv/bin/python benchmarks/corpus.py                 # ~3 h on 2 cores, resumable (benchmarks/work/corpus-code)
+    .venv/bin/python benchmarks/corpus.py --budgets 4bit  # the 4-bit comparison alone (its finals are reused)
+    .venv/bin/python benchmarks/corpus.py --smoke         # a tiny random model on its word data: the script runs
 
-Finals go to the frontier's store and ledger (keyed by the data path too). Writes benchmarks/results/corpus.{json,md}.
+The gap's rows (lora16, qlora4-r16) and the searches' plans come first with all their seeds, then the uniform grid.
+Finals go to the frontier's store and ledger (keyed by the data path too). Writes benchmarks/results/corpus.{json,md}
+(corpus-4bit.* for one budget) after every final: an unfinished run's results say what is not run yet.
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="resumable working directory, relative to the repository "
                                                      "(default: benchmarks/work/corpus-code; with --smoke a temp dir)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model on its own word data: the script runs")
+    parser.add_argument("--budgets", type=_budgets, default=BUDGETS, metavar="B,B",
+                        help=f"the budgets compared (default {','.join(BUDGETS)}): one of them alone is a shorter run "
+                             "whose finals the other's reuses")
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # the corpus path is relative to the repository, so its finals' keys are the same in any clone
     start = time.perf_counter()
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
 
     L = bench.shapes.num_layers
     searches, costs, kept = {}, {}, {}
-    for budget in BUDGETS:
+    for budget in args.budgets:
         name = f"qradaptor-{budget}"
         result = bench.search(name, budget)
         searches[name], kept[name] = result, result.kept_run
@@ -111,75 +117,119 @@ def main(argv=None) -> int:
                        "search_loss": result.chosen.loss}
     largest = max(r.budget_bytes for r in searches.values())
     grid = [(b, r) for b in settings["grid"]["bits"] for r in settings["grid"]["ranks"]]
-    plans = [("lora16", Plan.uniform(L, 16, 16), "bfloat16"), (REFERENCE, Plan.uniform(L, 4, 16), dtype)]
-    plans += [(uniform_name(b, r), Plan.uniform(L, b, r), dtype) for b, r in grid
-              if predict(bench.shapes, Plan.uniform(L, b, r), bench.pricing).total_bytes <= largest]
+    # the gap's rows and the searches first, with all their seeds: the 4-bit target is measured before the grid
+    first = [("lora16", Plan.uniform(L, 16, 16), "bfloat16"), (REFERENCE, Plan.uniform(L, 4, 16), dtype)]
+    first += [(name, result.chosen.plan, dtype) for name, result in searches.items()]
+    then = [(uniform_name(b, r), Plan.uniform(L, b, r), dtype) for b, r in grid
+            if predict(bench.shapes, Plan.uniform(L, b, r), bench.pricing).total_bytes <= largest]
     # the group-size lever a user could give a uniform plan too, as the frontier judges the searches with it
-    plans += [(uniform_name(b, r, g), Plan.uniform(L, b, r, group_size=g), dtype) for b, r, g in
-              group_size_settings(bench.shapes, bench.pricing, [r.budget_bytes for r in searches.values()],
-                                  settings["grid"])]
-    plans += [(name, result.chosen.plan, dtype) for name, result in searches.items()]
-
-    rows = []
-    for name, plan, row_dtype in plans:
-        final = run_final(bench.finals, name, plan, recipe(name, settings), bench.model, bench.data, seed=0,
-                          dtype=row_dtype,
-                          init_from=str(kept[name]) if kept.get(name) else None)
-        rows.append({"name": name, "plan": plan.describe(), "dtype": row_dtype, "memory_bytes": final["memory_bytes"],
-                     "trainable_params": final["trainable_params"], "seeds": [final["loss"]], "loss": final["loss"],
-                     "train_seconds": final["train_seconds"],
-                     **costs.get(name, {"search_steps": 0, "search_seconds": 0.0})})
-        print(f"corpus: {name}: test loss {final['loss']:.4f}", flush=True)
-    plan_of = {name: plan for name, plan, _ in plans}
-    while True:  # every seed for the compared rows, the best uniform ones taken again on seed means
-        todo = [r for r in seeded(rows, "budgets") if len(r["seeds"]) < settings["seeds"]]
-        if not todo:
-            break
-        for r in {id(r): r for r in todo}.values():
-            for seed in range(len(r["seeds"]), settings["seeds"]):
-                r["seeds"].append(run_final(bench.finals, f"{r['name']} seed {seed}", plan_of[r["name"]],
-                                            recipe(r["name"], settings), bench.model, bench.data, seed=seed,
-                                            dtype=r["dtype"])["loss"])
-            r["loss"] = sum(r["seeds"]) / len(r["seeds"])
-            r["loss_spread"] = max(r["seeds"]) - min(r["seeds"])
-    goals = targets(rows, settings["steps"])
-    payload = {"settings": {**settings, "budgets": list(BUDGETS), "dtype": dtype, "smoke": args.smoke,
-                            "model": bench.model or "smollm2-135m", "data": bench.data},
-               "corpus": corpus, "rows": rows, "targets": goals, "seconds": time.perf_counter() - start,
-               "environment": environment()}
-    md = report(rows, goals, settings, corpus, args.smoke) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
+    then += [(uniform_name(b, r, g), Plan.uniform(L, b, r, group_size=g), dtype) for b, r, g in
+             group_size_settings(bench.shapes, bench.pricing, [r.budget_bytes for r in searches.values()],
+                                 settings["grid"])]
+    plan_of = {name: (plan, row_dtype) for name, plan, row_dtype in first + then}
+    payload = {"settings": {**settings, "budgets": list(args.budgets), "dtype": dtype, "smoke": args.smoke,
+                            "model": bench.model or "smollm2-135m", "data": bench.data}, "corpus": corpus}
     directory = bench.work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
-    write_results("corpus-smoke" if args.smoke else "corpus", payload, md, directory=directory)
-    print(md)
+    rows = []
+
+    def publish() -> str:
+        """Write the results so far: a run stopped after hours still leaves what it measured (marked partial)."""
+        pending = [name for name in plan_of if name not in {r["name"] for r in rows}]
+        pending += [f"{r['name']} ({settings['seeds'] - len(r['seeds'])} seeds)" for r in seeded(rows, "budgets")
+                    if len(r["seeds"]) < settings["seeds"]]
+        goals = targets(rows, settings["steps"]) if {"lora16", REFERENCE} <= {r["name"] for r in rows} else None
+        payload.update(rows=rows, targets=goals, pending=pending, seconds=time.perf_counter() - start,
+                       environment=environment())
+        md = report(rows, goals, payload["settings"], corpus, args.smoke, pending)
+        md += f"\nCPU: {describe_cpu(payload['environment'])}.\n"
+        write_results("corpus-smoke" if args.smoke else _results_name(args.budgets), payload, md, directory=directory)
+        return md
+
+    for name, plan, row_dtype in first:
+        rows.append(_final_row(bench, name, plan, row_dtype, settings, kept.get(name), costs.get(name)))
+        publish()
+    _all_seeds(bench, rows, plan_of, settings, publish)
+    for name, plan, row_dtype in then:
+        rows.append(_final_row(bench, name, plan, row_dtype, settings, kept.get(name), costs.get(name)))
+        publish()
+    _all_seeds(bench, rows, plan_of, settings, publish)
+    print(publish())
     return 0
 
 
-def report(rows: list[dict], goals: dict, settings: dict, corpus: dict | None, smoke: bool) -> str:
+def _budgets(text: str) -> tuple[str, ...]:
+    chosen = tuple(b.strip() for b in text.split(",") if b.strip())
+    if not chosen or any(b not in BUDGETS for b in chosen):
+        raise argparse.ArgumentTypeError(f"budgets are among {','.join(BUDGETS)}, got {text!r}")
+    return tuple(b for b in BUDGETS if b in chosen)
+
+
+def _results_name(budgets: tuple[str, ...]) -> str:
+    """corpus, or corpus-4bit for a run of one budget (its rows are a subset of the whole run's)."""
+    return "corpus" if tuple(budgets) == BUDGETS else "corpus-" + "-".join(budgets)
+
+
+def _final_row(bench, name, plan, dtype, settings, kept, cost) -> dict:
+    """Seed 0's final of ``plan`` (continuing the search's kept run where there is one) as a results row."""
+    final = run_final(bench.finals, name, plan, recipe(name, settings), bench.model, bench.data, seed=0, dtype=dtype,
+                      init_from=str(kept) if kept else None)
+    print(f"corpus: {name}: test loss {final['loss']:.4f}", flush=True)
+    return {"name": name, "plan": plan.describe(), "dtype": dtype, "memory_bytes": final["memory_bytes"],
+            "trainable_params": final["trainable_params"], "seeds": [final["loss"]], "loss": final["loss"],
+            "train_seconds": final["train_seconds"], **(cost or {"search_steps": 0, "search_seconds": 0.0})}
+
+
+def _all_seeds(bench, rows, plan_of, settings, publish) -> None:
+    """Every seed for the compared rows (`seeded`), the best uniform ones taken again on seed means until they have
+    them all."""
+    while True:
+        todo = [r for r in seeded(rows, "budgets") if len(r["seeds"]) < settings["seeds"]]
+        if not todo:
+            return
+        for r in {id(r): r for r in todo}.values():
+            plan, dtype = plan_of[r["name"]]
+            for seed in range(len(r["seeds"]), settings["seeds"]):
+                r["seeds"].append(run_final(bench.finals, f"{r['name']} seed {seed}", plan, recipe(r["name"], settings),
+                                            bench.model, bench.data, seed=seed, dtype=dtype)["loss"])
+                r["loss"] = sum(r["seeds"]) / len(r["seeds"])
+                r["loss_spread"] = max(r["seeds"]) - min(r["seeds"])
+                publish()
+
+
+def report(rows: list[dict], goals: dict | None, settings: dict, corpus: dict | None, smoke: bool,
+           pending: list[str] = ()) -> str:
     by = {r["name"]: r for r in rows}
-    ref, ceiling = by[REFERENCE], by["lora16"]
-    gap = ref["loss"] - ceiling["loss"]
+    ref, ceiling = by.get(REFERENCE), by.get("lora16")
+    gap = ref["loss"] - ceiling["loss"] if ref and ceiling else math.nan
     table = []
     for r in rows:
-        fits = best_uniform_within(rows, r["budget_bytes"]) if "budget_bytes" in r else None
-        recovered = (ref["loss"] - r["loss"]) / gap if gap > 0 else math.nan
+        fits = best_uniform_within(rows, r["budget_bytes"]) if "budget_bytes" in r and not pending else None
+        recovered = f"{100 * (ref['loss'] - r['loss']) / gap:.0f}%" if gap > 0 else "—"
         table.append([r["name"], f"{r['memory_bytes'] / 2**20:.1f}",
                       f"{r['loss']:.4f}" + (f" ± {r['loss_spread'] / 2:.4f}" if len(r["seeds"]) > 1 else ""),
-                      len(r["seeds"]), f"{100 * recovered:.0f}%",
+                      len(r["seeds"]), recovered,
                       f"{fits['name']} {r['loss'] - fits['loss']:+.4f}" if fits else "—", r["plan"]])
     what = ("a tiny random model on its word data (smoke)" if smoke else
             f"SmolLM2-135M-Instruct, Python source code ({len(corpus['modules'])} standard-library modules of "
             f"Python {corpus['python']}: {corpus['records']} records, {corpus['bytes'] / 1e3:.0f} KB, sha256 "
             f"{corpus['sha256'][:12]}…)")
     md = (f"# A second corpus: {what}\n\n"
-          f"The frontier's comparisons at the {' and '.join(BUDGETS)} budgets on this corpus (benchmarks/corpus.py): "
-          f"every method {settings['steps']} LoRA steps of {settings['batch_size']}×{settings['seq_len']} tokens "
-          f"(lr {settings['lr']}, adapters started `{settings['adapter_init']}`), held-out loss on the corpus's whole "
-          f"test split; the searches as the frontier runs them, on a profile of this corpus. Loss ± half the "
-          f"max–min spread over seeds (column seeds). `{REFERENCE}`: uniform 4-bit r16 with PEFT's zero start (QLoRA "
-          f"as run today). Gap recovered = ({REFERENCE} − method) / ({REFERENCE} − "
+          f"The frontier's comparisons at the {' and '.join(settings['budgets'])} budgets on this corpus "
+          f"(benchmarks/corpus.py): every method {settings['steps']} LoRA steps of {settings['batch_size']}×"
+          f"{settings['seq_len']} tokens (lr {settings['lr']}, adapters started `{settings['adapter_init']}`), "
+          f"held-out loss on the corpus's whole test split; the searches as the frontier runs them, on a profile of "
+          f"this corpus. Loss ± half the max–min spread over seeds (column seeds). `{REFERENCE}`: uniform 4-bit r16 "
+          f"with PEFT's zero start (QLoRA as run today). Gap recovered = ({REFERENCE} − method) / ({REFERENCE} − "
           f"lora16). vs best uniform: the best uniform setting that fits the search's budget.\n\n")
+    if pending:
+        md += (f"**Partial results**: the run is not finished (it resumes where it stopped). Not run yet: "
+               f"{', '.join(pending)}. The comparisons with the best uniform setting wait for the whole grid.\n\n")
     md += markdown_table(["method", "MiB", "test loss", "seeds", "gap recovered", "vs best uniform", "plan"], table)
-    md += targets_markdown(goals)
+    if goals and not pending:
+        md += targets_markdown(goals)
+    elif goals and goals["gap_recovered_at_4bit"] is not None:
+        md += (f"\nGap between {REFERENCE} and lora16 recovered at the 4-bit budget so far: "
+               f"{100 * goals['gap_recovered_at_4bit']:.0f}% (target ≥ 50%).\n")
     return md
 
 

@@ -438,7 +438,9 @@ def test_the_code_corpus_cuts_source_at_top_level_lines_and_keeps_it_whole(tmp_p
     records = code_records(source, "corpus", min_chars=500)
     assert "".join(r["text"] for r in records) == source and len(records) > 3
     assert all(len(r["text"]) >= 500 for r in records)
-    assert all(r["text"][0] not in " \t)" for r in records)  # each starts a line in column 0
+    # each starts a line in column 0 or a method (a def, class or decorator at one indent)
+    assert all(r["text"][0] not in " \t)" or re.match(r"    (def |async def |class |@)", r["text"]) for r in records)
+    assert any(r["text"].startswith("    def ") for r in records)  # main's nested functions are cut at too
     corpus = build_code_corpus(tmp_path / "code.jsonl", modules=("textwrap", "shlex"))
     again = build_code_corpus(tmp_path / "code.jsonl", modules=("textwrap", "shlex"))
     lines = (tmp_path / "code.jsonl").read_text().splitlines()
@@ -458,8 +460,30 @@ def test_corpus_benchmark_smoke(tmp_path):
     for budget, t in result["targets"]["budgets"].items():
         assert by[f"qradaptor-{budget}"]["memory_bytes"] <= t["budget_bytes"]
         assert len(by[t["best_uniform"]]["seeds"]) == result["settings"]["seeds"]
-    assert (tmp_path / "corpus-smoke.md").is_file()
+    assert result["pending"] == [] and result["settings"]["budgets"] == ["3.5bit", "4bit"]
+    assert "Partial" not in (tmp_path / "corpus-smoke.md").read_text()
     assert not (ROOT / "benchmarks" / "results" / "corpus-smoke.json").exists()
+
+
+def test_corpus_results_written_midway_say_what_is_not_run_yet():
+    import argparse
+
+    from benchmarks.corpus import _budgets, _results_name, report
+
+    settings = {"budgets": ["4bit"], "steps": 100, "batch_size": 4, "seq_len": 128, "lr": 3e-4,
+                "adapter_init": "activation"}
+    row = lambda name, loss: {"name": name, "memory_bytes": 2**27, "seeds": [loss], "loss": loss, "plan": "p"}  # noqa: E731
+    md = report([row("lora16", 2.5)], None, settings, None, True, ["qlora4-r16", "uniform4-r8"])
+    assert "**Partial results**" in md and "qlora4-r16, uniform4-r8" in md and "## Targets" not in md
+    assert "| lora16 | 128.0 | 2.5000 | 1 | — |" in md  # no gap without its reference row
+    goals = {"gap_recovered_at_4bit": 0.5}
+    md = report([row("lora16", 2.5), row("qlora4-r16", 2.7), row("qradaptor-4bit", 2.6)], goals, settings, None, True,
+                ["uniform4-r8"])
+    assert "| qradaptor-4bit | 128.0 | 2.6000 | 1 | 50% |" in md and "recovered at the 4-bit budget so far: 50%" in md
+    assert _budgets("4bit,3.5bit") == ("3.5bit", "4bit") and _results_name(("4bit",)) == "corpus-4bit"
+    assert _results_name(("3.5bit", "4bit")) == "corpus"
+    with pytest.raises(argparse.ArgumentTypeError, match="3.5bit,4bit"):
+        _budgets("5bit")
 
 
 def test_long_run_benchmark_smoke(tmp_path):
