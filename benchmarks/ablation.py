@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(chosen) - set(ROWS))
     if unknown or not chosen:
         parser.error(f"--rows: unknown {', '.join(unknown) or '(none given)'}; the rows are {', '.join(ROWS)}")
-    searched_rows = [r for r in chosen if ROWS[r][0] not in ("uniform", "unquantized")]
+    searched_rows = [r for r in chosen if _searched(ROWS[r][0])]
     if args.warmup is not None and (args.warmup < 0 or searched_rows):
         parser.error(f"--warmup: a count of steps, for uniform rows only (not {', '.join(searched_rows)})"
                      if searched_rows else "--warmup: a count of steps, 0 or more")
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             continue
         adapter_init = default_start if start_as == "default" else start_as
         recipe = {**settings, "adapter_init": adapter_init}
-        searched = source not in ("uniform", "unquantized")
+        searched = _searched(source)
         if not searched:
             from qradaptor.plan import Plan
 
@@ -171,6 +171,11 @@ def main(argv=None) -> int:
     write_results("ablation-smoke" if args.smoke else results_name, payload, md, directory=directory)
     print(md)
     return 0
+
+
+def _searched(source) -> bool:
+    """A row's plan comes from a search (its source is the search's settings), not a uniform plan."""
+    return source not in ("uniform", "unquantized")
 
 
 def report(rows: list[dict], settings: dict, smoke: bool) -> str:
