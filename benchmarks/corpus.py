@@ -134,10 +134,11 @@ def main(argv=None) -> int:
 
     def publish() -> str:
         """Write the results so far: a run stopped after hours still leaves what it measured (marked partial)."""
-        pending = [name for name in plan_of if name not in {r["name"] for r in rows}]
+        done = {r["name"] for r in rows}
+        pending = [name for name in plan_of if name not in done]
         pending += [f"{r['name']} ({settings['seeds'] - len(r['seeds'])} seeds)" for r in seeded(rows, "budgets")
                     if len(r["seeds"]) < settings["seeds"]]
-        goals = targets(rows, settings["steps"]) if {"lora16", REFERENCE} <= {r["name"] for r in rows} else None
+        goals = targets(rows, settings["steps"]) if {"lora16", REFERENCE} <= done else None
         payload.update(rows=rows, targets=goals, pending=pending, seconds=time.perf_counter() - start,
                        environment=environment())
         md = report(rows, goals, payload["settings"], corpus, args.smoke, pending)
