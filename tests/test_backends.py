@@ -363,3 +363,23 @@ def test_dequantized_model_is_the_plain_model_the_quantized_one_computes(tiny_co
     with torch.no_grad(), tuned.disable_adapter():
         assert torch.allclose(dense(ids).logits, tuned(ids).logits, atol=1e-5)
     assert not torch.allclose(dense(ids).logits, tuned(ids).logits, atol=1e-3)  # the tuned model is unchanged
+
+
+def test_attaching_adapters_does_not_repeat_peft_s_deprecation_warning(tiny_model):
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model; a search attaches
+    adapters dozens of times, so `add_adapters` keeps that FutureWarning (not the user's) out of its log."""
+    import warnings
+
+    from qradaptor.plan import Plan
+    from qradaptor.quantize import add_adapters, quantize_model
+
+    plan = Plan.uniform(len(tiny_model.model.layers), 4, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_adapters(quantize_model(tiny_model, plan, "reference"), plan)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:  # the filter is scoped: a caller's own warnings still show
+        warnings.simplefilter("always")
+        add_adapters(quantize_model(tiny_model, plan, "reference"), plan)
+        warnings.warn("the caller's own", FutureWarning)
+    assert "the caller's own" in [str(w.message) for w in caught]

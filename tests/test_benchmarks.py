@@ -537,6 +537,42 @@ def test_learning_rate_benchmark_smoke(tmp_path):
     assert not (ROOT / "benchmarks" / "results" / "learning_rate-smoke.json").exists()
 
 
+def test_recipe_benchmark_smoke(tmp_path):
+    from qradaptor.rundir import RunConfig
+
+    run = [sys.executable, str(ROOT / "benchmarks" / "recipe.py"), "--smoke", "--work", str(tmp_path)]
+    proc = subprocess.run(run + ["--recipes", "3e-4:5,3e-3:2"], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((tmp_path / "recipe-smoke.json").read_text())
+    assert [(r["name"], r["lr"], r["warmup_steps"]) for r in first["rows"]] == [("start", 3e-4, 5), ("start", 3e-3, 2)]
+    loss = {r["lr"]: r["loss"] for r in first["rows"]}
+    assert loss[3e-4] != loss[3e-3]  # each recipe is its own fine-tune
+    summary = first["summary"]
+    assert summary["default"] == {"lr": RunConfig.lr, "warmup_steps": RunConfig.warmup_steps, "loss": loss[3e-4]}
+    assert summary["gain_over_default"]["0.003:2"] == pytest.approx(loss[3e-4] - loss[3e-3])
+    assert summary["best"]["start"]["loss"] == min(loss.values()) and summary["recovered_tuned"] is None
+    assert first["settings"]["steps"] >= 1 and first["settings"]["seq_len"] == 32
+    # a second run with the references at one recipe trains only those, and reports the earlier recipe too
+    proc = subprocess.run(run + ["--recipes", "3e-3:2", "--rows", "qlora4-r16,lora16,start"], capture_output=True,
+                          text=True, env=dict(os.environ), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("final fine-tune") == 2
+    second = json.loads((tmp_path / "recipe-smoke.json").read_text())
+    rows = {(r["name"], r["lr"]): r for r in second["rows"]}
+    assert set(rows) == {("start", 3e-4), ("start", 3e-3), ("qlora4-r16", 3e-3), ("lora16", 3e-3)}
+    assert rows["start", 3e-3]["loss"] == loss[3e-3] and rows["qlora4-r16", 3e-3]["adapter_init"] == "zero"
+    ref, start, ceiling = (rows[n, 3e-3]["loss"] for n in ("qlora4-r16", "start", "lora16"))
+    expected = (ref - start) / (ref - ceiling) if ref > ceiling else None  # a random model may have no gap
+    got = second["summary"]["recovered_at"].get("0.003:2")
+    assert got is None if expected is None else got == pytest.approx(expected)
+    assert "| row | lr | warm-up |" in (tmp_path / "recipe-smoke.md").read_text()
+    assert not (ROOT / "benchmarks" / "results" / "recipe-smoke.json").exists()
+    for bad in ("3e-3", "x:5", "3e-3:-1", "0:5"):
+        proc = subprocess.run(run + ["--recipes", bad], capture_output=True, text=True, env=dict(os.environ))
+        assert proc.returncode == 2 and "LR:WARMUP" in proc.stderr
+
+
 def test_search_lr_benchmark_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_lr.py"), "--smoke", "--work", str(tmp_path),
                            "--search-lrs", "1e-4,3e-3"], capture_output=True, text=True, env=dict(os.environ),

@@ -40,7 +40,7 @@ import torch
 
 from .device import resolve_device
 from .errors import ArtifactError
-from .models import LoadedModel
+from .models import LoadedModel, quiet_peft_wrapping
 from .plan import Plan
 from .rundir import RunConfig
 
@@ -75,12 +75,14 @@ def load_adapter(model, adapter_dir: Path):
     # routed experts split into per-expert linears get no adapters, as in training (`plan.lora_config`)
     holders = model_expert_holders(model)
     if not holders:
-        return PeftModel.from_pretrained(model, adapter_dir)
+        with quiet_peft_wrapping():
+            return PeftModel.from_pretrained(model, adapter_dir)
     from peft import PeftConfig
 
     config = PeftConfig.from_pretrained(adapter_dir)
     config.exclude_modules = holders
-    return PeftModel.from_pretrained(model, adapter_dir, config=config)
+    with quiet_peft_wrapping():
+        return PeftModel.from_pretrained(model, adapter_dir, config=config)
 
 
 @contextlib.contextmanager
@@ -124,7 +126,7 @@ def write_stock_adapter(tuned, plan: Plan, dense_base, target: Path) -> None:
         target_modules=list(plan.targets_in(linear_names(decoder_layers(dense_base)[0][1]))),
         target_parameters=sorted(holders), rank_pattern={k: r for k, (r, _) in differ.items()},
         alpha_pattern={k: a for k, (_, a) in differ.items()})
-    with quiet_pattern_warnings():
+    with quiet_pattern_warnings(), quiet_peft_wrapping():
         stock = get_peft_model(dense_base, config)
     wanted = get_peft_model_state_dict(stock)
     set_peft_model_state_dict(stock, {k: v for k, v in get_peft_model_state_dict(tuned).items() if k in wanted})

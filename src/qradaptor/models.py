@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,15 @@ def _quiet_transformers():
         hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_peft_wrapping():
+    """PEFT's model wrapper reads transformers' deprecated ``is_gradient_checkpointing`` alias each time it wraps a
+    model (every adapter attached or loaded): the FutureWarning is theirs, not the user's, and floods a search's log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):

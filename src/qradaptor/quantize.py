@@ -15,7 +15,7 @@ from torch import nn
 from .architecture import EXPERTS_IMPLEMENTATION, ExpertLinears, decoder_layers, layer_linears, split_experts
 from .backends import QuantBackend, QuantCache, get_backend
 from .device import model_device
-from .models import convert_weights
+from .models import convert_weights, quiet_peft_wrapping
 from .plan import UNQUANTIZED_BITS, Plan, lora_config
 from .threads import rebalance
 
@@ -115,7 +115,8 @@ def add_adapters(model: nn.Module, plan: Plan, *, seed: int = 0):
     from peft import get_peft_model
 
     torch.manual_seed(seed)  # adapter initialisation is random: make it reproducible
-    return get_peft_model(model, lora_config(plan, model))
+    with quiet_peft_wrapping():
+        return get_peft_model(model, lora_config(plan, model))
 
 
 def prepare_model(model, plan: Plan, backend: str | QuantBackend | None = None, *, cache: QuantCache | None = None,

@@ -1,0 +1,220 @@
+"""Which peak learning rate and warm-up should `train` and `run` default to? (issue #29: recipe defaults)
+
+The frontier's recipe (100 steps of 4×128) measured every row best at lr 2e-3–3e-3, not at the default 3e-4
+(results/learning_rate.md, ablation-lr*.md), and the adapter start best at 3e-3 with a 20-step warm-up. A default
+`run` trains longer: one epoch of the training split at `train`'s default shape (4 blocks of 256 tokens: 200 steps
+on the default data). This benchmark trains what the default `run --budget 4bit` chose there (uniform 4-bit r16,
+results/run_stages.json) at that recipe, at several (learning rate, warm-up) pairs, and reports the held-out loss:
+
+    start       uniform 4-bit r16, the adapter start `train` uses by default (what `run --budget 4bit` trains)
+    qlora4-r16  the same with PEFT's zero start: QLoRA as run today       (--rows; the gap's floor)
+    lora16      LoRA r16 on the unquantized base, zero start              (--rows; the gap's ceiling)
+
+    .venv/bin/python benchmarks/recipe.py                                   # start at 3e-4:5, 3e-3:20, 2e-3:5
+    .venv/bin/python benchmarks/recipe.py --recipes 1e-3:5 --rows start,qlora4-r16,lora16
+    .venv/bin/python benchmarks/recipe.py --smoke                           # a tiny random model: the script runs
+
+Each final is about 18 min in bf16 on 2 cores with native bf16 matmuls (the default run's training stage took
+1,120 s, results/run_stages.md). Finals go to the frontier's store and ledger (benchmarks/work/finals,
+results/finals.json; learning rate and warm-up are part of their key), so a rerun with more recipes or rows trains
+only what is new. Writes benchmarks/results/recipe.{json,md} (every recipe and row in the ledger at this recipe's
+shape is reported, not only those asked for this time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (profile.py would shadow the stdlib's)
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
+
+from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
+from benchmarks.frontier import (FINALS, REFERENCE, children_in_process, final_key, final_spec,  # noqa: E402
+                                 gap_recovered, ledger_path, read_ledger, recipe, run_final, train_dtype)
+
+ROWS = ("start", REFERENCE, "lora16")
+DEFAULT_RECIPES = ((3e-4, 5), (3e-3, 20), (2e-3, 5))  # today's default first: what the others are judged against
+
+
+def _recipes(text: str) -> list[tuple[float, int]]:
+    """``LR:WARMUP[,LR:WARMUP]`` → [(lr, warm-up steps)], in the order given, without repeats."""
+    out = []
+    for item in text.split(","):
+        lr, sep, warmup = item.strip().partition(":")
+        try:
+            pair = (float(lr), int(warmup))
+        except ValueError:
+            pair = None
+        if not sep or pair is None or not pair[0] > 0 or pair[1] < 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: give LR:WARMUP pairs, e.g. 3e-3:20 (a positive rate, a "
+                                             "count of warm-up steps)")
+        out.append(pair)
+    return list(dict.fromkeys(out))
+
+
+def _rows(text: str) -> list[str]:
+    rows = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        raise argparse.ArgumentTypeError(f"unknown rows {unknown or text!r}: choose among {', '.join(ROWS)}")
+    return list(dict.fromkeys(rows))
+
+
+def run_shape(model, data, *, smoke: bool) -> dict:
+    """The training shape a default `train` or `run` uses on ``data``: `RunConfig`'s batch and block size, and one
+    epoch of the training split in steps, resolved as `train` resolves it. A smoke run keeps its blocks short."""
+    from qradaptor.commands.train import epoch_steps
+    from qradaptor.data import load_blocks
+    from qradaptor.models import load_model
+    from qradaptor.rundir import RunConfig
+
+    config = RunConfig()
+    seq_len = 32 if smoke else config.seq_len
+    _, tokenizer = load_model(model)
+    blocks = len(load_blocks(data, tokenizer, "train", seq_len=seq_len))
+    return {"steps": epoch_steps(1.0, blocks, config.batch_size, config.grad_accum), "seq_len": seq_len,
+            "batch_size": config.batch_size, "train_blocks": blocks, "adapter_init": config.adapter_init}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", type=_recipes, default=list(DEFAULT_RECIPES), metavar="LR:WARMUP,...",
+                        help="the (peak learning rate, warm-up steps) pairs, trained in this order (default "
+                             + ",".join(f"{lr:g}:{w}" for lr, w in DEFAULT_RECIPES) + ")")
+    parser.add_argument("--rows", type=_rows, default=["start"], metavar="ROW,...",
+                        help=f"what to train at each recipe, among {', '.join(ROWS)} (default: start)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="every row's training dtype (default: `train`'s on this CPU)")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model and data: checks the script runs")
+    parser.add_argument("--work", default=None, help="with --smoke: where its model, finals and results go (default: "
+                                                     "a temp dir)")
+    args = parser.parse_args(argv)
+    began = time.perf_counter()
+    from qradaptor.plan import Plan
+
+    model = data = None
+    store = FINALS
+    work = None
+    if args.smoke:
+        from benchmarks.search import smoke_model
+
+        work = Path(args.work or tempfile.mkdtemp(prefix="qradaptor-recipe-"))
+        children_in_process()
+        model, data = smoke_model(work)
+        store = work / "finals"
+    shape = run_shape(model, data, smoke=args.smoke)
+    if args.smoke:
+        shape["steps"] = min(shape["steps"], 4)  # a smoke run only checks the script
+    dtype = args.dtype or train_dtype()
+    from qradaptor.models import load_model
+
+    base, _ = load_model(model)
+    L = len(base.model.layers)
+    del base
+    plans = {"start": Plan.uniform(L, 4, 16), REFERENCE: Plan.uniform(L, 4, 16), "lora16": Plan.uniform(L, 16, 16)}
+    settings = {k: shape[k] for k in ("steps", "seq_len", "batch_size", "adapter_init")}
+    for lr, warmup in args.recipes:
+        for name in args.rows:
+            row_settings = recipe(name, {**settings, "lr": lr, "warmup_steps": warmup})
+            final = run_final(store, f"recipe {name} lr {lr:g} warm-up {warmup}", plans[name], row_settings, model,
+                              data, seed=0, dtype=dtype)
+            print(f"recipe: {name} at lr {lr:g}, {warmup} warm-up steps: {final['loss']:.4f}", flush=True)
+    # every row at this shape the ledger holds: a run that asked for one recipe reports the earlier ones too
+    rows = ledger_rows(store, plans, settings, model, data, dtype)
+    payload = {"settings": {**shape, "dtype": dtype, "smoke": args.smoke, "model": model or "smollm2-135m",
+                            "data": data or "pydoc-topics", "seed": 0},
+               "rows": rows, "summary": summarise(rows), "seconds": time.perf_counter() - began,
+               "environment": environment()}
+    md = report(payload) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
+    write_results("recipe-smoke" if args.smoke else "recipe", payload, md,
+                  directory=work if args.smoke else RESULTS)  # smoke results measure nothing: they stay out of results/
+    print(md)
+    return 0
+
+
+def ledger_rows(store: Path, plans: dict, settings: dict, model, data, dtype: str) -> list[dict]:
+    """The finals of ``plans`` at this shape (seed 0, ``dtype``) in ``store``'s ledger, at every learning rate and
+    warm-up it holds one for, in the order learning rate, warm-up, row."""
+    from qradaptor.rundir import RunConfig
+
+    finals = read_ledger(ledger_path(store))
+    pairs = {(e["lr"], e.get("warmup_steps", RunConfig.warmup_steps)) for e in finals.values()
+             if all(e.get(k) == settings[k] for k in ("steps", "seq_len", "batch_size"))}
+    rows = []
+    for lr, warmup in pairs:
+        for name, plan in plans.items():
+            spec = final_spec(plan, recipe(name, {**settings, "lr": lr, "warmup_steps": warmup}), model, data,
+                              seed=0, dtype=dtype)
+            entry = finals.get(final_key(spec))
+            if entry is not None:
+                result = entry["result"]
+                rows.append({"name": name, "lr": lr, "warmup_steps": warmup, "plan": plan.describe(),
+                             "adapter_init": spec.get("adapter_init", "zero"), "loss": result["loss"],
+                             "final_train_loss": result.get("final_train_loss"),
+                             "memory_bytes": result["memory_bytes"], "train_seconds": result["train_seconds"]})
+    return sorted(rows, key=lambda r: (r["lr"], r["warmup_steps"], ROWS.index(r["name"])))
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per row: its best recipe; the start's change from today's default recipe; the gap recovered at each recipe
+    where all three rows ran, and with each row at its best recipe."""
+    from qradaptor.rundir import RunConfig
+
+    loss = {(r["name"], r["lr"], r["warmup_steps"]): r["loss"] for r in rows}
+    best = {}
+    for name in ROWS:
+        mine = [(lr, w) for (n, lr, w) in loss if n == name]
+        if mine:
+            lr, w = min(mine, key=lambda k: loss[(name, *k)])
+            best[name] = {"lr": lr, "warmup_steps": w, "loss": loss[name, lr, w]}
+    today = loss.get(("start", RunConfig.lr, RunConfig.warmup_steps))
+    gain = {f"{lr:g}:{w}": today - v for (n, lr, w), v in loss.items() if n == "start"} if today is not None else {}
+    at = {f"{lr:g}:{w}": gap_recovered(loss[REFERENCE, lr, w], loss["start", lr, w], loss["lora16", lr, w])
+          for (n, lr, w) in loss if n == "start" and (REFERENCE, lr, w) in loss and ("lora16", lr, w) in loss}
+    tuned = (gap_recovered(best[REFERENCE]["loss"], best["start"]["loss"], best["lora16"]["loss"])
+             if len(best) == len(ROWS) else None)
+    return {"best": best, "default": {"lr": RunConfig.lr, "warmup_steps": RunConfig.warmup_steps, "loss": today},
+            "gain_over_default": gain, "recovered_at": at, "recovered_tuned": tuned}
+
+
+def report(payload: dict) -> str:
+    s, rows, summary = payload["settings"], payload["rows"], payload["summary"]
+    title = "a tiny random model (smoke)" if s["smoke"] else "SmolLM2-135M-Instruct"
+    gain, at = summary["gain_over_default"], summary["recovered_at"]
+
+    def percent(x):
+        return "" if x is None else f"{100 * x:.0f}%"
+
+    table = [[r["name"], f"{r['lr']:g}", r["warmup_steps"], r["plan"], r["adapter_init"], f"{r['loss']:.4f}",
+              f"{gain[key]:+.4f}" if r["name"] == "start" and (key := f"{r['lr']:g}:{r['warmup_steps']}") in gain
+              else "", percent(at.get(f"{r['lr']:g}:{r['warmup_steps']}")) if r["name"] == "start" else "",
+              f"{r['train_seconds']:.0f}"] for r in rows]
+    d = summary["default"]
+    lines = [f"- Best recipe measured for {name}: lr {b['lr']:g}, {b['warmup_steps']} warm-up steps ({b['loss']:.4f})"
+             for name, b in summary["best"].items()]
+    if d["loss"] is not None and "start" in summary["best"]:
+        b = summary["best"]["start"]
+        lines.append(f"- The start at today's default recipe (lr {d['lr']:g}, {d['warmup_steps']} warm-up steps) ends "
+                     f"{d['loss']:.4f}; at its best recipe measured {d['loss'] - b['loss']:.4f} lower.")
+    if summary["recovered_tuned"] is not None:
+        lines.append(f"- With each row at its best recipe measured the start recovers "
+                     f"{percent(summary['recovered_tuned'])} of the gap from {REFERENCE} to lora16.")
+    return (f"# The default recipe's learning rate and warm-up on {title}\n\n"
+            f"The default `run`'s training shape: one epoch of the training split ({s['train_blocks']} blocks), "
+            f"{s['steps']} steps of {s['batch_size']}×{s['seq_len']} tokens; seed {s['seed']}, {s['dtype']}, held-out "
+            f"loss on the whole test split. `start`: uniform 4-bit r16 (what `run --budget 4bit` chose on the default "
+            f"data) with `train`'s default start (`{s['adapter_init']}`); `{REFERENCE}`: the same with PEFT's zero "
+            "start; `lora16`: LoRA r16 on the unquantized base. vs default: the start's loss at today's default "
+            "recipe minus this one's (positive: better). Gap recovered = "
+            f"({REFERENCE} − start) / ({REFERENCE} − lora16) at the same recipe. Seconds: the final's training.\n\n"
+            + markdown_table(["row", "lr", "warm-up", "plan", "start", "test loss", "vs default", "gap recovered",
+                              "s"], table) + "\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
