@@ -538,6 +538,9 @@ def test_learning_rate_benchmark_smoke(tmp_path):
 
 
 def test_recipe_benchmark_smoke(tmp_path):
+    import inspect
+
+    import qradaptor
     from qradaptor.rundir import RunConfig
 
     run = [sys.executable, str(ROOT / "benchmarks" / "recipe.py"), "--smoke", "--work", str(tmp_path)]
@@ -552,7 +555,8 @@ def test_recipe_benchmark_smoke(tmp_path):
     assert summary["default"] == {"lr": RunConfig.lr, "warmup_steps": RunConfig.warmup_steps, "loss": loss[3e-4]}
     assert summary["gain_over_default"]["0.003:2"] == pytest.approx(loss[3e-4] - loss[3e-3])
     assert summary["best"]["start"]["loss"] == min(loss.values()) and summary["recovered_tuned"] is None
-    assert first["settings"]["steps"] >= 1 and first["settings"]["seq_len"] == 32
+    assert first["settings"]["steps"] == 4 and first["settings"]["seq_len"] == 32
+    assert first["settings"]["run_steps"] == inspect.signature(qradaptor.run).parameters["steps"].default
     # a second run with the references at one recipe trains only those, and reports the earlier recipe too
     proc = subprocess.run(run + ["--recipes", "3e-3:2", "--rows", "qlora4-r16,lora16,start"], capture_output=True,
                           text=True, env=dict(os.environ), timeout=900)
@@ -571,6 +575,8 @@ def test_recipe_benchmark_smoke(tmp_path):
     for bad in ("3e-3", "x:5", "3e-3:-1", "0:5"):
         proc = subprocess.run(run + ["--recipes", bad], capture_output=True, text=True, env=dict(os.environ))
         assert proc.returncode == 2 and "LR:WARMUP" in proc.stderr
+    proc = subprocess.run(run + ["--steps", "0"], capture_output=True, text=True, env=dict(os.environ))
+    assert proc.returncode == 2 and "--steps" in proc.stderr
 
 
 def test_search_lr_benchmark_smoke(tmp_path):

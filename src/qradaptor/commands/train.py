@@ -49,11 +49,6 @@ def _spec(value) -> str:
     return str(path.resolve()) if path.exists() else str(value)
 
 
-def epoch_steps(epochs: float, blocks: int, batch_size: int, grad_accum: int = 1) -> int:
-    """Optimizer steps that ``epochs`` passes over ``blocks`` training blocks take (what ``--epochs`` resolves to)."""
-    return max(1, math.ceil(epochs * blocks / (batch_size * grad_accum)))
-
-
 def _loop_config(config: RunConfig) -> TrainConfig:
     return TrainConfig(steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=config.lr,
                        warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio,
@@ -345,7 +340,7 @@ def _prepare(config: RunConfig, plan, loaded: LoadedModel | None, saved: dict | 
         raise ArtifactError(f"cannot resume: the training data {config.data} changed since the run started",
                             "resume with the same data, or start a new run")
     if config.steps is None:
-        config.steps = epoch_steps(config.epochs, len(train_blocks), config.batch_size, config.grad_accum)
+        config.steps = max(1, math.ceil(config.epochs * len(train_blocks) / (config.batch_size * config.grad_accum)))
     if config.eval_every is None:
         config.eval_every = max(1, math.ceil(config.steps / 5)) if config.eval_blocks else 0
     if config.checkpoint_every is None:
