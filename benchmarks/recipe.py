@@ -38,6 +38,7 @@ from benchmarks.frontier import (FINALS, REFERENCE, children_in_process, final_k
                                  gap_recovered, ledger_path, read_ledger, recipe, run_final, train_dtype)
 
 ROWS = ("start", REFERENCE, "lora16")
+VALIDATION_BLOCKS = 16  # what frontier.final_run's fine-tunes validate on (`train`'s default --eval-blocks)
 DEFAULT_RECIPES = ((3e-4, 5), (2e-3, 5), (3e-3, 20))  # today's default first: what the others are judged against
 
 
@@ -158,6 +159,7 @@ def ledger_rows(store: Path, plans: dict, settings: dict, model, data, dtype: st
                 result = entry["result"]
                 rows.append({"name": name, "lr": lr, "warmup_steps": warmup, "plan": plan.describe(),
                              "adapter_init": spec.get("adapter_init", "zero"), "loss": result["loss"],
+                             "validation_loss": result.get("validation_loss"),
                              "final_train_loss": result.get("final_train_loss"),
                              "memory_bytes": result["memory_bytes"], "train_seconds": result["train_seconds"]})
     return sorted(rows, key=lambda r: (r["lr"], r["warmup_steps"], ROWS.index(r["name"])))
@@ -194,6 +196,7 @@ def report(payload: dict) -> str:
         return "" if x is None else f"{100 * x:.0f}%"
 
     table = [[r["name"], f"{r['lr']:g}", r["warmup_steps"], r["plan"], r["adapter_init"], f"{r['loss']:.4f}",
+              "" if r["validation_loss"] is None else f"{r['validation_loss']:.4f}",
               f"{gain[key]:+.4f}" if r["name"] == "start" and (key := f"{r['lr']:g}:{r['warmup_steps']}") in gain
               else "", percent(at.get(f"{r['lr']:g}:{r['warmup_steps']}")) if r["name"] == "start" else "",
               f"{r['train_seconds']:.0f}"] for r in rows]
@@ -211,13 +214,14 @@ def report(payload: dict) -> str:
             + (f"A default `run`'s final fine-tune: " if s["steps"] == s["run_steps"] else
                f"Not a default `run`'s length ({s['run_steps']} steps): ")
             + f"{s['steps']} steps of {s['batch_size']}×{s['seq_len']} tokens; seed {s['seed']}, {s['dtype']}, held-out "
-            f"loss on the whole test split. `start`: uniform 4-bit r16 (what `run --budget 4bit` chose on the default "
+            f"loss on the whole test split (validation: the {VALIDATION_BLOCKS} validation blocks `train` reports, other "
+            "held-out topics; the recipes are chosen by neither). `start`: uniform 4-bit r16 (what `run --budget 4bit` chose on the default "
             f"data) with `train`'s default start (`{s['adapter_init']}`); `{REFERENCE}`: the same with PEFT's zero "
             "start; `lora16`: LoRA r16 on the unquantized base. vs default: the start's loss at today's default "
             "recipe minus this one's (positive: better). Gap recovered = "
             f"({REFERENCE} − start) / ({REFERENCE} − lora16) at the same recipe. Seconds: the final's training.\n\n"
-            + markdown_table(["row", "lr", "warm-up", "plan", "start", "test loss", "vs default", "gap recovered",
-                              "s"], table) + "\n" + "\n".join(lines) + "\n")
+            + markdown_table(["row", "lr", "warm-up", "plan", "start", "test loss", "validation", "vs default",
+                              "gap recovered", "s"], table) + "\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
