@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="with --smoke: where its model, finals and results go (default: "
                                                      "a temp dir)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps: a positive count, not {args.steps}")
     began = time.perf_counter()
     from qradaptor.plan import Plan
 
@@ -110,8 +112,6 @@ def main(argv=None) -> int:
         children_in_process()
         model, data = smoke_model(work)
         store = work / "finals"
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps: a positive count, not {args.steps}")
     shape = run_shape(args.steps or (4 if args.smoke else None), smoke=args.smoke)  # a smoke run only checks the script
     dtype = args.dtype or train_dtype()
     from qradaptor.models import load_model
