@@ -60,6 +60,7 @@ from benchmarks.common import (RESULTS, describe_cpu, environment, markdown_tabl
 
 BUDGETS = ("3bit", "3.5bit", "4bit", "5bit")
 FINALS = Path(__file__).resolve().parent / "work" / "finals"  # see run_final
+FINAL_EVAL_BLOCKS = 16  # the validation blocks a final fine-tune reports (`train`'s default --eval-blocks)
 FULL = {  # SmolLM2 settings, chosen so the whole benchmark fits in about 1.5 h on 2 cores
     "adapter_init": "activation",  # `train`'s default (results before it had this key: "zero")
     "steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "seeds": 3, "kl_blocks": 16, "profile_tokens": 4096,
@@ -112,7 +113,7 @@ def final_run(spec_path: str) -> None:
     start = time.perf_counter()
     settings = dict(plan=spec["plan"], model=spec["model"], data=spec["data"], steps=spec["steps"],
                     seq_len=spec["seq_len"], batch_size=spec["batch_size"], lr=spec["lr"], seed=spec["seed"],
-                    dtype=spec["dtype"], eval_every=0, eval_blocks=16, checkpoint_every=spec["steps"], progress=False,
+                    dtype=spec["dtype"], eval_every=0, eval_blocks=FINAL_EVAL_BLOCKS, checkpoint_every=spec["steps"], progress=False,
                     adapter_init=spec.get("adapter_init", "zero"),
                     warmup_steps=spec.get("warmup_steps", RunConfig.warmup_steps))
     try:  # a search's run of the plan (its first steps), continued: the result is that of a run from step 0

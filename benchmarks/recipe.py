@@ -34,11 +34,11 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
-from benchmarks.frontier import (FINALS, REFERENCE, children_in_process, final_key, final_spec,  # noqa: E402
-                                 gap_recovered, ledger_path, read_ledger, recipe, run_final, train_dtype)
+from benchmarks.frontier import (FINAL_EVAL_BLOCKS, FINALS, REFERENCE, children_in_process, final_key,  # noqa: E402
+                                 final_spec, gap_recovered, ledger_path, read_ledger, recipe, run_final, train_dtype)
+from benchmarks.learning_rate import percent  # noqa: E402
 
 ROWS = ("start", REFERENCE, "lora16")
-VALIDATION_BLOCKS = 16  # what frontier.final_run's fine-tunes validate on (`train`'s default --eval-blocks)
 DEFAULT_RECIPES = ((3e-4, 5), (2e-3, 5), (3e-3, 20))  # today's default first: what the others are judged against
 
 
@@ -114,11 +114,9 @@ def main(argv=None) -> int:
         store = work / "finals"
     shape = run_shape(args.steps or (4 if args.smoke else None), smoke=args.smoke)  # a smoke run only checks the script
     dtype = args.dtype or train_dtype()
-    from qradaptor.models import load_model
+    from qradaptor.models import load_config
 
-    base, _ = load_model(model)
-    L = len(base.model.layers)
-    del base
+    L = load_config(model).num_hidden_layers  # the plans' layer count: the weights are not needed
     plans = {"start": Plan.uniform(L, 4, 16), REFERENCE: Plan.uniform(L, 4, 16), "lora16": Plan.uniform(L, 16, 16)}
     settings = {k: shape[k] for k in ("steps", "seq_len", "batch_size", "adapter_init")}
     for lr, warmup in args.recipes:
@@ -192,9 +190,6 @@ def report(payload: dict) -> str:
     title = "a tiny random model (smoke)" if s["smoke"] else "SmolLM2-135M-Instruct"
     gain, at = summary["gain_over_default"], summary["recovered_at"]
 
-    def percent(x):
-        return "" if x is None else f"{100 * x:.0f}%"
-
     table = [[r["name"], f"{r['lr']:g}", r["warmup_steps"], r["plan"], r["adapter_init"], f"{r['loss']:.4f}",
               "" if r["validation_loss"] is None else f"{r['validation_loss']:.4f}",
               f"{gain[key]:+.4f}" if r["name"] == "start" and (key := f"{r['lr']:g}:{r['warmup_steps']}") in gain
@@ -214,7 +209,7 @@ def report(payload: dict) -> str:
             + (f"A default `run`'s final fine-tune: " if s["steps"] == s["run_steps"] else
                f"Not a default `run`'s length ({s['run_steps']} steps): ")
             + f"{s['steps']} steps of {s['batch_size']}×{s['seq_len']} tokens; seed {s['seed']}, {s['dtype']}, held-out "
-            f"loss on the whole test split (validation: the {VALIDATION_BLOCKS} validation blocks `train` reports, other "
+            f"loss on the whole test split (validation: the {FINAL_EVAL_BLOCKS} validation blocks `train` reports, other "
             "held-out topics; the recipes are chosen by neither). `start`: uniform 4-bit r16 (what `run --budget 4bit` chose on the default "
             f"data) with `train`'s default start (`{s['adapter_init']}`); `{REFERENCE}`: the same with PEFT's zero "
             "start; `lora16`: LoRA r16 on the unquantized base. vs default: the start's loss at today's default "
