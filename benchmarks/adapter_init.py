@@ -52,11 +52,11 @@ def frontier_plan(name: str):
 def from_ledger(plan, seed: int, settings: dict) -> dict | None:
     """The frontier's final fine-tune of ``plan`` with the zero start (its finals ledger, committed): the same recipe
     as a ``zero`` case here (seed 0 reproduces it exactly), so its seeds are not trained again."""
-    from benchmarks.frontier import FINALS, final_key, final_spec, ledger_path, read_ledger
+    from benchmarks.frontier import FINALS, final_key, final_spec, held_out_current, ledger_path, read_ledger
 
     spec = final_spec(plan, {**settings, "adapter_init": "zero"}, None, None, seed=seed, dtype=settings["dtype"])
     kept = read_ledger(ledger_path(FINALS)).get(final_key(spec))
-    return None if kept is None else {"loss": kept["result"]["loss"], "train_seconds": kept["result"]["train_seconds"],
+    return None if kept is None or not held_out_current(kept["result"], spec) else {"loss": kept["result"]["loss"], "train_seconds": kept["result"]["train_seconds"],
                                       "from_frontier": True}
 
 

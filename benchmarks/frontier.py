@@ -95,12 +95,9 @@ def train_dtype() -> str:
 
 
 def final_run(spec_path: str) -> None:
-    """Child process: the real ``qradaptor train`` stage on one plan, then the test-split loss of the trained
-    model. Writes ``final.json`` next to the run."""
-    from qradaptor.data import load_blocks
-    from qradaptor.evaluate import evaluate_loss
+    """Child process: the real ``qradaptor train`` stage on one plan, then the trained model's `held_out_losses`.
+    Writes ``final.json`` next to the run."""
     from qradaptor.io import atomic_write_json
-    from qradaptor.models import load_model
     from qradaptor.commands import train_plan
     from qradaptor.rundir import RunConfig
 
@@ -122,19 +119,62 @@ def final_run(spec_path: str) -> None:
         print(f"frontier: not continuing {spec['init_from']} ({e.cause}); training from step 0", flush=True)
         result = train_plan(run_dir, **settings)
     seconds = time.perf_counter() - start
-    _, tokenizer = load_model(spec["model"])
-    test = load_blocks(spec["data"], tokenizer, "test", seq_len=spec["seq_len"])
-    evaluated = evaluate_loss(result.model, test, progress=False)
+    from qradaptor.models import load_tokenizer
+
+    held_out = held_out_losses(result.model, load_tokenizer(spec["model"]), spec["data"], spec["seq_len"])
     trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
     estimate = json.loads((run_dir / "run.json").read_text())["training_estimate"]["peak_bytes"]
     atomic_write_json(Path(spec["result"]), {
-        "loss": evaluated.loss, "perplexity": evaluated.perplexity, "test_tokens": evaluated.tokens,
-        "train_seconds": seconds, "train_loop_seconds": result.train.seconds, "trainable_params": trainable,
+        **held_out, "train_seconds": seconds, "train_loop_seconds": result.train.seconds, "trainable_params": trainable,
         "memory_bytes": result.metrics["memory"]["measured_bytes"],
         "predicted_bytes": result.metrics["memory"]["predicted_bytes"], "avg_bits": result.metrics["memory"]["avg_bits"],
-        "final_train_loss": result.train.final_loss, "validation_loss": (result.validation or {}).get("loss"),
+        "final_train_loss": result.train.final_loss,
         "training_estimate_bytes": estimate,  # what `train` predicted its peak to be
         "train_losses": result.train.losses})  # per step, from step 1 (a continued run's kept steps included)
+
+
+def held_out_losses(model, tokenizer, data, seq_len: int) -> dict:
+    """What every final reports of held-out text: the loss on the whole test split (``loss``, the one the benchmarks
+    compare), on the first `FINAL_EVAL_BLOCKS` validation blocks (``validation_loss``: what `train` reports) and on
+    the whole validation split; and ``held_out``, the fingerprint of the splits they were taken on."""
+    from qradaptor.data import load_blocks
+    from qradaptor.evaluate import evaluate_loss
+
+    test = evaluate_loss(model, load_blocks(data, tokenizer, "test", seq_len=seq_len), progress=False)
+    validation = load_blocks(data, tokenizer, "validation", seq_len=seq_len)
+    whole = evaluate_loss(model, validation, progress=False)
+    first = evaluate_loss(model, validation.subset(FINAL_EVAL_BLOCKS), progress=False)
+    return {"loss": test.loss, "perplexity": test.perplexity, "test_tokens": test.tokens,
+            "validation_loss": first.loss, "validation_all_loss": whole.loss, "validation_tokens": whole.tokens,
+            "held_out": held_out_fingerprint(data, seq_len)}
+
+
+@functools.lru_cache(maxsize=None)
+def held_out_fingerprint(data, seq_len: int) -> str:
+    """The held-out splits' text, as a short key: a final's losses taken on other held-out text (the default
+    corpus's before its held-out splits lost the paragraphs training holds, results/overlap.md) are stale."""
+    import hashlib
+
+    from qradaptor.data import data_fingerprint
+
+    both = "".join(data_fingerprint(data, split, seq_len) for split in ("validation", "test"))
+    return hashlib.sha256(both.encode()).hexdigest()[:16]
+
+
+def held_out_current(result: dict, spec: dict) -> bool:
+    """Whether a kept final's held-out losses were taken on today's held-out splits."""
+    return result.get("held_out") == held_out_fingerprint(spec["data"], spec["seq_len"])
+
+
+def evaluate_run(spec_path: str) -> None:
+    """Child process: `held_out_losses` of a kept final's trained run (its training is unchanged: only the held-out
+    text it was judged on changed). Writes them to the spec's ``result``."""
+    from qradaptor.export import open_artifact
+    from qradaptor.io import atomic_write_json
+
+    spec = json.loads(Path(spec_path).read_text())
+    model, tokenizer, _ = open_artifact(spec["run_dir"])
+    atomic_write_json(Path(spec["result"]), held_out_losses(model, tokenizer, spec["data"], spec["seq_len"]))
 
 
 def run_final(store: Path, label: str, plan, settings: dict, model, data, *, seed: int, dtype: str = "float32",
@@ -166,9 +206,12 @@ def run_final(store: Path, label: str, plan, settings: dict, model, data, *, see
             if entry is not None and "train_losses" not in entry["result"]:  # the ledger keeps it too, from now on
                 add_to_ledger(ledger, key, {**entry, "result": {**entry["result"],
                                                                 "train_losses": result["train_losses"]}})
-        return {**result, "run_dir": str(where / "train")}
+        if not held_out_current(result, spec) and (where / "train" / "run.json").is_file():
+            result = reevaluate(where, label, plan, spec, result)
+        if held_out_current(result, spec):
+            return {**result, "run_dir": str(where / "train")}
     kept = read_ledger(ledger).get(key)
-    if kept is not None:
+    if kept is not None and held_out_current(kept["result"], spec):  # else trained again: its run is not here
         return {**kept["result"], "run_dir": None}
     where.mkdir(parents=True, exist_ok=True)
     spec_path = atomic_write_json(where / "spec.json", {**spec, "run_dir": str(where / "train"),
@@ -180,6 +223,28 @@ def run_final(store: Path, label: str, plan, settings: dict, model, data, *, see
     add_to_ledger(ledger, key, {"label": label, "plan": plan.describe(),
                                 **{k: v for k, v in spec.items() if k != "plan"}, "result": result})
     return {**result, "run_dir": str(where / "train")}
+
+
+def reevaluate(where: Path, label: str, plan, spec: dict, result: dict) -> dict:
+    """A kept final whose held-out losses are stale (`held_out_current`), judged again on today's held-out splits
+    in a child process (seconds, against minutes to train it again). Its earlier losses stay in the result, under
+    ``earlier_held_out``; the store and the ledger keep the new ones."""
+    from qradaptor.io import atomic_write_json
+
+    print(f"frontier: {label}: held-out losses taken again on today's held-out splits", flush=True)
+    spec_path = atomic_write_json(where / "evaluate-spec.json", {**spec, "run_dir": str(where / "train"),
+                                                                 "result": str(where / "held-out.json")})
+    child(label, "--evaluate-run", spec_path)
+    held_out = json.loads((where / "held-out.json").read_text())
+    earlier = {k: result[k] for k in ("loss", "perplexity", "test_tokens", "validation_loss", "validation_all_loss",
+                                      "held_out") if k in result}
+    result = {**result, **held_out, "earlier_held_out": earlier}
+    atomic_write_json(where / "final.json", result)
+    ledger, key = ledger_path(where.parent), where.name
+    entry = read_ledger(ledger).get(key) or {"label": label, "plan": plan.describe(),
+                                             **{k: v for k, v in spec.items() if k != "plan"}}
+    add_to_ledger(ledger, key, {**entry, "result": result})
+    return result
 
 
 def final_spec(plan, settings: dict, model, data, *, seed: int, dtype: str) -> dict:
@@ -266,7 +331,7 @@ def children_in_process() -> None:
 
 def child(name: str, mode: str, spec_path: Path) -> None:
     if CHILDREN_IN_PROCESS:
-        {"--final-run": final_run, "--rss-run": rss_run}[mode](str(spec_path))
+        {"--final-run": final_run, "--rss-run": rss_run, "--evaluate-run": evaluate_run}[mode](str(spec_path))
         return
     code = subprocess.call([sys.executable, str(Path(__file__).resolve()), mode, str(spec_path)])
     if code != 0:
@@ -788,11 +853,14 @@ def main() -> None:
                              "(the targets' comparison; a shorter run)")
     parser.add_argument("--final-run", default=None, help=argparse.SUPPRESS)  # child processes
     parser.add_argument("--rss-run", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--evaluate-run", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.final_run:
         return final_run(args.final_run)
     if args.rss_run:
         return rss_run(args.rss_run)
+    if args.evaluate_run:
+        return evaluate_run(args.evaluate_run)
 
     from qradaptor.data import load_blocks
     from qradaptor.memory import parse_budget

@@ -277,6 +277,51 @@ def test_a_final_fine_tune_and_a_peak_rss_measurement_each_run_in_a_child_proces
     assert rss["peak_rss_bytes"] >= rss["rss_before_training_bytes"] > 0 and rss["steps"] == settings["rss_steps"]
 
 
+def test_a_kept_final_judged_on_other_held_out_text_is_judged_again_not_reused(tmp_path):
+    """A final's losses taken on held-out splits that have changed since (the default corpus's lost the paragraphs
+    training holds) are stale: a kept run is evaluated again in a child process, not trained again, and gives the
+    same losses where the text is the same; a ledger entry whose run is not on this machine is trained again."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import frontier
+    from benchmarks.search import smoke_model
+    from qradaptor.io import atomic_write_json
+    from qradaptor.plan import Plan
+
+    model, words = smoke_model(tmp_path)
+    store, ledger = tmp_path / "finals", tmp_path / "finals-ledger.json"
+    plan, settings = Plan.uniform(4, 4, 4), {**frontier.SMOKE, "steps": 2}
+    frontier.children_in_process()
+    try:
+        first = frontier.run_final(store, "stale", plan, settings, model, words, seed=0)
+    finally:
+        frontier.CHILDREN_IN_PROCESS = False
+    assert first["held_out"] == frontier.held_out_fingerprint(words, settings["seq_len"])
+    assert first["validation_tokens"] >= first["test_tokens"] > 0 and math.isfinite(first["validation_all_loss"])
+    (key,) = frontier.read_ledger(ledger)
+    kept = json.loads((store / key / "final.json").read_text())
+    atomic_write_json(store / key / "final.json", {**kept, "held_out": "earlier", "loss": 99.0})
+    frontier.add_to_ledger(ledger, key, {**frontier.read_ledger(ledger)[key],
+                                         "result": {**kept, "held_out": "earlier", "loss": 99.0}})
+    run_json = (store / key / "train" / "run.json").stat().st_mtime_ns
+    again = frontier.run_final(store, "stale", plan, settings, model, words, seed=0)  # a child evaluates it
+    assert (store / key / "train" / "run.json").stat().st_mtime_ns == run_json  # not trained again
+    assert again["earlier_held_out"]["loss"] == 99.0 and again["earlier_held_out"]["held_out"] == "earlier"
+    assert again["held_out"] == first["held_out"] and again["train_seconds"] == first["train_seconds"]
+    for k in ("loss", "validation_loss", "validation_all_loss"):  # the same model on the same text
+        assert again[k] == pytest.approx(first[k], rel=1e-5), k
+    assert frontier.read_ledger(ledger)[key]["result"] == {k: v for k, v in again.items() if k != "run_dir"}
+    shutil.rmtree(store / key)  # the run is not on this machine, and the ledger's losses are stale: train again
+    frontier.add_to_ledger(ledger, key, {**frontier.read_ledger(ledger)[key],
+                                         "result": {**kept, "held_out": "earlier"}})
+    frontier.children_in_process()
+    try:
+        retrained = frontier.run_final(store, "stale", plan, settings, model, words, seed=0)
+    finally:
+        frontier.CHILDREN_IN_PROCESS = False
+    assert (store / key / "train" / "run.json").is_file() and "earlier_held_out" not in retrained
+    assert retrained["loss"] == pytest.approx(first["loss"], rel=1e-5)
+
+
 def test_the_ledger_notice_says_which_finals_this_machine_cannot_reuse():
     """A benchmark on a CPU without native bf16 trains its quantized plans in float32: the ledger's bf16 finals are
     other fine-tunes to it, and it says so before spending hours training them again."""
@@ -566,6 +611,7 @@ def test_recipe_benchmark_smoke(tmp_path):
     rows = {(r["name"], r["lr"]): r for r in second["rows"]}
     assert set(rows) == {("start", 3e-4), ("start", 3e-3), ("qlora4-r16", 3e-3), ("lora16", 3e-3)}
     assert rows["start", 3e-3]["loss"] == loss[3e-3] and rows["qlora4-r16", 3e-3]["adapter_init"] == "zero"
+    assert all(math.isfinite(r["validation_all_loss"]) for r in second["rows"])
     ref, start, ceiling = (rows[n, 3e-3]["loss"] for n in ("qlora4-r16", "start", "lora16"))
     expected = (ref - start) / (ref - ceiling) if ref > ceiling else None  # a random model may have no gap
     got = second["summary"]["recovered_at"].get("0.003:2")
@@ -600,3 +646,16 @@ def test_search_lr_benchmark_smoke(tmp_path):
         assert s["regret"] == pytest.approx(first["final"] - min(finals)) and s["regret"] >= 0
     assert "| search rate | K |" in (tmp_path / "search_lr-smoke.md").read_text()
     assert not (ROOT / "benchmarks" / "results" / "search_lr-smoke.json").exists()
+
+
+def test_overlap_benchmark_smoke(tmp_path):
+    """The default corpus split by topic alone shares most of its test text with training; as loaded, almost none."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overlap.py"), "--smoke", "--work",
+                           str(tmp_path)], capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["corpus"]: r for r in json.loads((tmp_path / "overlap-smoke.json").read_text())["rows"]}
+    assert rows["pydoc-topics, by topic"]["overlap"]["13"]["test"] > 0.5
+    assert rows["pydoc-topics"]["overlap"]["13"]["test"] < 0.01
+    loaded, by_topic = rows["pydoc-topics"]["sizes"], rows["pydoc-topics, by topic"]["sizes"]
+    assert loaded["train"] == by_topic["train"] and 0 < loaded["test"]["tokens"] < by_topic["test"]["tokens"]
+    assert "| corpus | split |" in (tmp_path / "overlap-smoke.md").read_text()
