@@ -13,6 +13,7 @@ the held-out loss:
 
     .venv/bin/python benchmarks/recipe.py                                   # start at 3e-4:5, 2e-3:5, 3e-3:20
     .venv/bin/python benchmarks/recipe.py --recipes 1e-3:5 --rows start,qlora4-r16,lora16
+    .venv/bin/python benchmarks/recipe.py --recipes 3e-4:5 --seeds 3        # seeds 0-2 of each row asked for
     .venv/bin/python benchmarks/recipe.py --smoke                           # a tiny random model: the script runs
 
 Each 200-step final is about 20 min in bf16 on 2 cores with native bf16 matmuls (89 steps took 492 s). Finals go to the frontier's store and ledger (benchmarks/work/finals,
@@ -92,6 +93,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, metavar="N",
                         help="optimizer steps of each fine-tune (default: a default `run`'s, 200; the default `train` "
                              "trains one epoch, 89 steps on the default data)")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="train seeds 0..N-1 of each row at each recipe (default 1; every seed the ledger holds is "
+                             "reported)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="every row's training dtype (default: `train`'s on this CPU)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model and data: checks the script runs")
@@ -100,6 +104,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps: a positive count, not {args.steps}")
+    if args.seeds < 1:
+        parser.error(f"--seeds: a positive count, not {args.seeds}")
     began = time.perf_counter()
     from qradaptor.plan import Plan
 
@@ -123,13 +129,15 @@ def main(argv=None) -> int:
     for lr, warmup in args.recipes:
         for name in args.rows:
             row_settings = recipe(name, {**settings, "lr": lr, "warmup_steps": warmup})
-            final = run_final(store, f"recipe {name} lr {lr:g} warm-up {warmup}", plans[name], row_settings, model,
-                              data, seed=0, dtype=dtype)
-            print(f"recipe: {name} at lr {lr:g}, {warmup} warm-up steps: {final['loss']:.4f}", flush=True)
+            for seed in range(args.seeds):
+                label = f"recipe {name} lr {lr:g} warm-up {warmup}" + (f" seed {seed}" if seed else "")
+                final = run_final(store, label, plans[name], row_settings, model, data, seed=seed, dtype=dtype)
+                print(f"recipe: {name} at lr {lr:g}, {warmup} warm-up steps, seed {seed}: {final['loss']:.4f}",
+                      flush=True)
     # every row at this shape the ledger holds: a run that asked for one recipe reports the earlier ones too
     rows = ledger_rows(store, plans, settings, model, data, dtype)
     payload = {"settings": {**shape, "dtype": dtype, "smoke": args.smoke, "model": model or "smollm2-135m",
-                            "data": data or "pydoc-topics", "seed": 0},
+                            "data": data or "pydoc-topics"},
                "rows": rows, "summary": summarise(rows), "seconds": time.perf_counter() - began,
                "environment": environment()}
     md = report(payload) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
@@ -141,27 +149,38 @@ def main(argv=None) -> int:
 
 
 def ledger_rows(store: Path, plans: dict, settings: dict, model, data, dtype: str) -> list[dict]:
-    """The finals of ``plans`` at this shape (seed 0, ``dtype``) in ``store``'s ledger, at every learning rate and
-    warm-up it holds one for, in the order learning rate, warm-up, row."""
+    """The finals of ``plans`` at this shape (``dtype``) in ``store``'s ledger, at every learning rate, warm-up and
+    seed it holds one for: one row per plan, rate and warm-up (means over its seeds), in the order learning rate,
+    warm-up, row."""
     from qradaptor.rundir import RunConfig
 
     finals = read_ledger(ledger_path(store))
-    pairs = {(e["lr"], e.get("warmup_steps", RunConfig.warmup_steps)) for e in finals.values()
-             if all(e.get(k) == settings[k] for k in ("steps", "seq_len", "batch_size"))}
+    shape = [e for e in finals.values() if all(e.get(k) == settings[k] for k in ("steps", "seq_len", "batch_size"))]
+    pairs = {(e["lr"], e.get("warmup_steps", RunConfig.warmup_steps)) for e in shape}
+    seeds = sorted({e["seed"] for e in shape})
     rows = []
     for lr, warmup in pairs:
         for name, plan in plans.items():
-            spec = final_spec(plan, recipe(name, {**settings, "lr": lr, "warmup_steps": warmup}), model, data,
-                              seed=0, dtype=dtype)
-            entry = finals.get(final_key(spec))
-            if entry is not None and held_out_current(entry["result"], spec):  # else judged on other held-out text
-                result = entry["result"]
+            found = {}
+            for seed in seeds:
+                spec = final_spec(plan, recipe(name, {**settings, "lr": lr, "warmup_steps": warmup}), model, data,
+                                  seed=seed, dtype=dtype)
+                entry = finals.get(final_key(spec))
+                if entry is not None and held_out_current(entry["result"], spec):  # else judged on other text
+                    found[seed] = entry["result"]
+            if found:
+                mean = lambda key: (sum(r[key] for r in found.values()) / len(found)  # noqa: E731
+                                    if all(r.get(key) is not None for r in found.values()) else None)
+                losses = [r["loss"] for r in found.values()]
                 rows.append({"name": name, "lr": lr, "warmup_steps": warmup, "plan": plan.describe(),
-                             "adapter_init": spec.get("adapter_init", "zero"), "loss": result["loss"],
-                             "validation_loss": result.get("validation_loss"),
-                             "validation_all_loss": result.get("validation_all_loss"),
-                             "final_train_loss": result.get("final_train_loss"),
-                             "memory_bytes": result["memory_bytes"], "train_seconds": result["train_seconds"]})
+                             # a 16-bit layer's adapters start at zero whatever the setting (nothing to fit)
+                             "adapter_init": "zero" if name == "lora16" else spec.get("adapter_init", "zero"),
+                             "seeds": sorted(found),
+                             "seed_losses": losses, "loss": mean("loss"), "loss_spread": max(losses) - min(losses),
+                             "validation_loss": mean("validation_loss"),
+                             "validation_all_loss": mean("validation_all_loss"),
+                             "final_train_loss": mean("final_train_loss"), "memory_bytes": mean("memory_bytes"),
+                             "train_seconds": mean("train_seconds")})
     return sorted(rows, key=lambda r: (r["lr"], r["warmup_steps"], ROWS.index(r["name"])))
 
 
@@ -192,7 +211,9 @@ def report(payload: dict) -> str:
     title = "a tiny random model (smoke)" if s["smoke"] else "SmolLM2-135M-Instruct"
     gain, at = summary["gain_over_default"], summary["recovered_at"]
 
-    table = [[r["name"], f"{r['lr']:g}", r["warmup_steps"], r["plan"], r["adapter_init"], f"{r['loss']:.4f}",
+    table = [[r["name"], f"{r['lr']:g}", r["warmup_steps"], r["plan"], r["adapter_init"],
+              ",".join(map(str, r["seeds"])),
+              f"{r['loss']:.4f}" + (f" ± {r['loss_spread'] / 2:.4f}" if len(r["seeds"]) > 1 else ""),
               "" if r["validation_loss"] is None else f"{r['validation_loss']:.4f}",
               "" if r["validation_all_loss"] is None else f"{r['validation_all_loss']:.4f}",
               f"{gain[key]:+.4f}" if r["name"] == "start" and (key := f"{r['lr']:g}:{r['warmup_steps']}") in gain
@@ -211,15 +232,16 @@ def report(payload: dict) -> str:
     return (f"# The default recipe's learning rate and warm-up on {title}\n\n"
             + (f"A default `run`'s final fine-tune: " if s["steps"] == s["run_steps"] else
                f"Not a default `run`'s length ({s['run_steps']} steps): ")
-            + f"{s['steps']} steps of {s['batch_size']}×{s['seq_len']} tokens; seed {s['seed']}, {s['dtype']}, held-out "
+            + f"{s['steps']} steps of {s['batch_size']}×{s['seq_len']} tokens; {s['dtype']}; losses are means over the "
+            "seeds shown (± half the max − min spread); held-out "
             f"loss on the whole test split (validation: the {FINAL_EVAL_BLOCKS} validation blocks `train` reports, and "
             "the whole validation split; other held-out topics, less the paragraphs training holds, results/overlap.md; "
             "the recipes are chosen by none of them). `start`: uniform 4-bit r16 (what `run --budget 4bit` chose on the default "
             f"data) with `train`'s default start (`{s['adapter_init']}`); `{REFERENCE}`: the same with PEFT's zero "
             "start; `lora16`: LoRA r16 on the unquantized base. vs default: the start's loss at today's default "
             "recipe minus this one's (positive: better). Gap recovered = "
-            f"({REFERENCE} − start) / ({REFERENCE} − lora16) at the same recipe. Seconds: the final's training.\n\n"
-            + markdown_table(["row", "lr", "warm-up", "plan", "start", "test loss", "validation (16 blocks)",
+            f"({REFERENCE} − start) / ({REFERENCE} − lora16) at the same recipe. Seconds: a final's training (mean over the seeds).\n\n"
+            + markdown_table(["row", "lr", "warm-up", "plan", "start", "seeds", "test loss", "validation (16 blocks)",
                               "validation (all)", "vs default",
                               "gap recovered", "s"], table) + "\n" + "\n".join(lines) + "\n")
 

@@ -589,11 +589,14 @@ def test_recipe_benchmark_smoke(tmp_path):
     from qradaptor.rundir import RunConfig
 
     run = [sys.executable, str(ROOT / "benchmarks" / "recipe.py"), "--smoke", "--work", str(tmp_path)]
-    proc = subprocess.run(run + ["--recipes", "3e-4:5,3e-3:2"], capture_output=True, text=True,
+    proc = subprocess.run(run + ["--recipes", "3e-4:5,3e-3:2", "--seeds", "2"], capture_output=True, text=True,
                           env=dict(os.environ), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = json.loads((tmp_path / "recipe-smoke.json").read_text())
     assert [(r["name"], r["lr"], r["warmup_steps"]) for r in first["rows"]] == [("start", 3e-4, 5), ("start", 3e-3, 2)]
+    for r in first["rows"]:  # two seeds each: their mean and spread
+        assert r["seeds"] == [0, 1] and r["loss"] == pytest.approx(sum(r["seed_losses"]) / 2)
+        assert r["seed_losses"][0] != r["seed_losses"][1] and r["loss_spread"] > 0
     loss = {r["lr"]: r["loss"] for r in first["rows"]}
     assert loss[3e-4] != loss[3e-3]  # each recipe is its own fine-tune
     summary = first["summary"]
@@ -610,6 +613,7 @@ def test_recipe_benchmark_smoke(tmp_path):
     second = json.loads((tmp_path / "recipe-smoke.json").read_text())
     rows = {(r["name"], r["lr"]): r for r in second["rows"]}
     assert set(rows) == {("start", 3e-4), ("start", 3e-3), ("qlora4-r16", 3e-3), ("lora16", 3e-3)}
+    assert rows["qlora4-r16", 3e-3]["seeds"] == [0] and rows["start", 3e-3]["seeds"] == [0, 1]
     assert rows["start", 3e-3]["loss"] == loss[3e-3] and rows["qlora4-r16", 3e-3]["adapter_init"] == "zero"
     assert all(math.isfinite(r["validation_all_loss"]) for r in second["rows"])
     ref, start, ceiling = (rows[n, 3e-3]["loss"] for n in ("qlora4-r16", "start", "lora16"))
@@ -621,8 +625,9 @@ def test_recipe_benchmark_smoke(tmp_path):
     for bad in ("3e-3", "x:5", "3e-3:-1", "0:5"):
         proc = subprocess.run(run + ["--recipes", bad], capture_output=True, text=True, env=dict(os.environ))
         assert proc.returncode == 2 and "LR:WARMUP" in proc.stderr
-    proc = subprocess.run(run + ["--steps", "0"], capture_output=True, text=True, env=dict(os.environ))
-    assert proc.returncode == 2 and "--steps" in proc.stderr
+    for flag in ("--steps", "--seeds"):
+        proc = subprocess.run(run + [flag, "0"], capture_output=True, text=True, env=dict(os.environ))
+        assert proc.returncode == 2 and flag in proc.stderr
 
 
 def test_search_lr_benchmark_smoke(tmp_path):
