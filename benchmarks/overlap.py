@@ -1,8 +1,8 @@
 """How much of each held-out split the training split holds verbatim (issue #29: is the test loss held out?)
 
 A higher learning rate gained 4x as much on the default corpus's test split as on its validation split
-(results/recipe.md, session 33). The reference manual's topics nest: ``specialnames`` holds all of
-``customization``, ``compound`` holds ``if``, ``while`` and ``async``. Splitting them by topic put a topic in a
+(results/recipe.md, session 33). The reference manual's topics nest: ``specialnames`` holds nearly all of
+``customization``, ``compound`` most of ``if``, ``while`` and ``async``. Splitting them by topic put a topic in a
 held-out split and its container in training. This benchmark counts, for every run of N words of a held-out split
 (whitespace-separated words, N = 8, 13, 25), whether the same run occurs in the training split (for test: in
 training or validation), for

@@ -68,7 +68,7 @@ def _words(texts):
 
 
 def test_default_held_out_splits_hold_no_training_text():
-    """The manual's topics nest (`specialnames` holds `customization`): held-out text training holds verbatim
+    """The manual's topics nest (`specialnames` holds nearly all of `customization`): held-out text training holds verbatim
     would make the held-out loss measure recall. No held-out paragraph occurs in an earlier split, and almost no
     held-out run of 13 words does (by topic alone 62% of the test split's did)."""
     import re

@@ -224,8 +224,8 @@ def _words(text: str) -> str:
 
 def unseen_paragraphs(texts: list[str], seen: list[str]) -> list[str]:
     """``texts`` without the paragraphs that ``seen`` holds verbatim (whitespace aside); texts left empty are
-    dropped. The reference manual's topics nest (``specialnames`` holds all of ``customization``, ``compound``
-    holds ``if``, ``while`` and ``async``), so splitting by topic alone left 62% of the test split's 13-word runs
+    dropped. The reference manual's topics nest (``specialnames`` holds nearly all of ``customization``, ``compound``
+    most of ``if``, ``while`` and ``async``), so splitting by topic alone left 62% of the test split's 13-word runs
     in the training split (benchmarks/results/overlap.md): a held-out loss that partly measured recall."""
     known = "\n".join(_words(t) for t in seen)
     out = []
