@@ -125,7 +125,8 @@ def final_run(spec_path: str) -> None:
     trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
     estimate = json.loads((run_dir / "run.json").read_text())["training_estimate"]["peak_bytes"]
     atomic_write_json(Path(spec["result"]), {
-        **held_out, "train_seconds": seconds, "train_loop_seconds": result.train.seconds, "trainable_params": trainable,
+        **held_out, "train_seconds": seconds, "train_loop_seconds": result.train.seconds,
+        "trainable_params": trainable,
         "memory_bytes": result.metrics["memory"]["measured_bytes"],
         "predicted_bytes": result.metrics["memory"]["predicted_bytes"], "avg_bits": result.metrics["memory"]["avg_bits"],
         "final_train_loss": result.train.final_loss,

@@ -233,14 +233,14 @@ def report(payload: dict) -> str:
             + (f"A default `run`'s final fine-tune: " if s["steps"] == s["run_steps"] else
                f"Not a default `run`'s length ({s['run_steps']} steps): ")
             + f"{s['steps']} steps of {s['batch_size']}×{s['seq_len']} tokens; {s['dtype']}; losses are means over the "
-            "seeds shown (± half the max − min spread); held-out "
-            f"loss on the whole test split (validation: the {FINAL_EVAL_BLOCKS} validation blocks `train` reports, and "
-            "the whole validation split; other held-out topics, less the paragraphs training holds, results/overlap.md; "
-            "the recipes are chosen by none of them). `start`: uniform 4-bit r16 (what `run --budget 4bit` chose on the default "
-            f"data) with `train`'s default start (`{s['adapter_init']}`); `{REFERENCE}`: the same with PEFT's zero "
-            "start; `lora16`: LoRA r16 on the unquantized base. vs default: the start's loss at today's default "
-            "recipe minus this one's (positive: better). Gap recovered = "
-            f"({REFERENCE} − start) / ({REFERENCE} − lora16) at the same recipe. Seconds: a final's training (mean over the seeds).\n\n"
+            "seeds shown (± half the max − min spread); held-out loss on the whole test split (validation: the "
+            f"{FINAL_EVAL_BLOCKS} validation blocks `train` reports, and the whole validation split; other held-out "
+            "topics, less the paragraphs training holds, results/overlap.md; the recipes are chosen by none of them). "
+            "`start`: uniform 4-bit r16 (what `run --budget 4bit` chose on the default data) with `train`'s default "
+            f"start (`{s['adapter_init']}`); `{REFERENCE}`: the same with PEFT's zero start; `lora16`: LoRA r16 on the "
+            "unquantized base. vs default: the start's loss at today's default recipe minus this one's (positive: "
+            f"better). Gap recovered = ({REFERENCE} − start) / ({REFERENCE} − lora16) at the same recipe. Seconds: a "
+            "final's training (mean over the seeds).\n\n"
             + markdown_table(["row", "lr", "warm-up", "plan", "start", "seeds", "test loss", "validation (16 blocks)",
                               "validation (all)", "vs default",
                               "gap recovered", "s"], table) + "\n" + "\n".join(lines) + "\n")
