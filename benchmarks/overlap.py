@@ -88,8 +88,7 @@ def main(argv=None) -> int:
         from benchmarks.corpus import CORPUS, build_code_corpus
 
         build_code_corpus(CORPUS)
-        code = {s: [r["text"] for r in load_records(str(CORPUS), s)] for s in SPLITS}
-        rows.append(corpus_row("stdlib-code", code, tokenizer, ns))
+        rows.append(corpus_row("stdlib-code", loaded(str(CORPUS)), tokenizer, ns))
     payload = {"ns": list(ns), "rows": rows, "smoke": args.smoke, "seconds": time.perf_counter() - began,
                "environment": environment()}
     md = report(payload) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
