@@ -34,7 +34,8 @@ Spearman over the better half.
     .venv/bin/python benchmarks/fidelity.py --report   # write the results from what is done so far
 
 Resumable: every measurement is kept under --work (default benchmarks/work/fidelity) as soon as it is made, and the
-rows of benchmarks/results/fidelity.json are put back there when missing (a fresh clone goes on from the results);
+rows of benchmarks/results/fidelity.json are put back there when missing (a fresh clone goes on from the results;
+rows and measurements taken on other held-out text than today's splits are measured again);
 plans are visited in a fixed shuffled order, those with no layer below 3 bits (the ones a search must tell
 apart) before the rest, so a partial run covers every kind of contender. Results:
 benchmarks/results/fidelity.{json,md} (with --smoke, in the work directory).
@@ -221,35 +222,40 @@ def plan_id(plan) -> str:
 # ---------------------------------------------------------------------------------------- measurements
 
 
-def cached(path: Path, compute):
-    """The JSON value kept at ``path``, computing and keeping it first if it is not there."""
+def cached(path: Path, compute, held_out: str):
+    """The JSON value kept at ``path``, computing and keeping it first if it is not there or was taken on other
+    held-out text (``held_out``: `frontier.held_out_fingerprint` of the splits it is measured on)."""
     from qradaptor.io import atomic_write_json
 
-    if not path.is_file():
-        atomic_write_json(path, {"value": compute()})
-    return json.loads(path.read_text())["value"]
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    if kept.get("held_out") != held_out:
+        atomic_write_json(path, {"value": compute(), "held_out": held_out})
+        kept = json.loads(path.read_text())
+    return kept["value"]
 
 
 def measure(bench, name: str, plan, settings: dict, kl_blocks, *, seeds: int) -> dict:
-    from benchmarks.frontier import kl_to_full, run_final, train_dtype
+    from benchmarks.frontier import held_out_fingerprint, kl_to_full, run_final, train_dtype
     from qradaptor.search import Fidelity
 
     d = bench.work / "plans" / plan_id(plan)
     d.mkdir(parents=True, exist_ok=True)
     (d / "plan.json").write_text(json.dumps({"name": name, "plan": plan.to_dict()}))
-    row = {"name": name, "plan": plan.describe(), "id": plan_id(plan)}
+    held_out = held_out_fingerprint(bench.data, settings["seq_len"])  # KL on test blocks, the losses on validation
+    row = {"name": name, "plan": plan.describe(), "id": plan_id(plan), "held_out": held_out}
     row["kl_before"] = cached(d / "kl.json", lambda: kl_to_full(bench.base, plan, kl_blocks, bench.fitness.cache,
-                                                                 None))
+                                                                 None), held_out)
     for k in settings["short_steps"]:
         fidelity = Fidelity(f"k{k}", steps=k, eval_blocks=settings["eval_blocks"], batch_size=settings["batch_size"],
                             lr=settings["lr"])
-        row[f"loss@{k}"] = cached(d / f"loss-{k}.json", lambda: bench.fitness(plan, fidelity)[0])
+        row[f"loss@{k}"] = cached(d / f"loss-{k}.json", lambda: bench.fitness(plan, fidelity)[0], held_out)
     # one run on the final fine-tune's schedule, evaluated at every K on its way
     ks = list(settings["short_steps"])
     prefix = Fidelity("prefix", steps=max(ks), eval_blocks=settings["eval_blocks"], batch_size=settings["batch_size"],
                       lr=settings["lr"], schedule_steps=settings["steps"])
     along = cached(d / "prefix.json", lambda: {str(k): v for k, v in bench.prefix_fitness().trajectory(plan, prefix,
-                                                                                                       ks).items()})
+                                                                                                       ks).items()},
+                   held_out)
     row.update({f"prefix@{k}": along[str(k)] for k in ks})
     finals = []
     for seed in range(seeds):
@@ -264,27 +270,37 @@ def measure(bench, name: str, plan, settings: dict, kl_blocks, *, seeds: int) ->
     return row
 
 
-def restore_rows(work: Path, results: Path) -> int:
+def restore_rows(work: Path, results: Path, held_out: str) -> tuple[int, int]:
     """Put the rows of the committed results (``results``/fidelity.json) back into ``work`` where they are missing:
-    a fresh clone resumes the study where the last run's results left it instead of measuring those plans again."""
+    a fresh clone resumes the study where the last run's results left it instead of measuring those plans again.
+    Only rows measured on today's held-out splits (``held_out``, `frontier.held_out_fingerprint`) come back: the
+    others are measured again. Returns (rows restored, rows left out as measured on other held-out text)."""
     from qradaptor.io import atomic_write_json
 
     path = results / "fidelity.json"
     if not path.is_file():
-        return 0
-    restored = 0
+        return 0, 0
+    restored = stale = 0
     for row in json.loads(path.read_text())["plans"]:
         target = work / "rows" / f"{row['id']}.json"
-        if not target.is_file():
+        if row.get("held_out") != held_out:
+            stale += 1
+        elif not target.is_file():
             atomic_write_json(target, row)
             restored += 1
-    return restored
+    return restored, stale
 
 
-def done_rows(work: Path, settings: dict) -> list[dict]:
-    """Rows of the plans whose every measurement is done (for --report while a run is under way)."""
+def finished(row: dict, settings: dict, held_out: str) -> bool:
+    """Whether ``row`` holds every signal, all measured on today's held-out splits."""
+    return measured_signals(settings) <= row.keys() and row.get("held_out") == held_out
+
+
+def done_rows(work: Path, settings: dict, held_out: str) -> list[dict]:
+    """Rows of the plans whose every measurement is done on today's held-out splits (for --report while a run is
+    under way)."""
     rows = [json.loads(path.read_text()) for path in sorted((work / "rows").glob("*.json"))]
-    return [r for r in rows if measured_signals(settings) <= r.keys()]
+    return [r for r in rows if finished(r, settings, held_out)]
 
 
 # ---------------------------------------------------------------------------------------- the report
@@ -374,8 +390,14 @@ def main(argv=None) -> int:
     work = args.work or Path(__file__).resolve().parent / "work" / ("fidelity-smoke" if args.smoke else "fidelity")
     bench = frontier.Bench(str(work), smoke=args.smoke)
     plans = candidate_plans(bench, settings)
-    if not args.smoke and (restored := restore_rows(work, RESULTS)):
+    held_out = frontier.held_out_fingerprint(bench.data, settings["seq_len"])
+    restored, stale = (0, 0) if args.smoke else restore_rows(work, RESULTS, held_out)
+    if restored:
         print(f"fidelity: {restored} plans' rows restored from {RESULTS / 'fidelity.json'}", flush=True)
+    if stale:
+        print(f"fidelity: {stale} plans' rows of {RESULTS / 'fidelity.json'} were measured on other held-out text "
+              "(the default corpus's splits before they lost the paragraphs training holds): measured again",
+              flush=True)
     if not args.report:
         kl_blocks = load_blocks(bench.data, bench.tokenizer, "test", seq_len=settings["seq_len"],
                                 max_blocks=settings["kl_blocks"])
@@ -389,7 +411,7 @@ def main(argv=None) -> int:
         for i in order[: args.max_plans]:
             name, plan = plans[i]
             row_path = work / "rows" / f"{plan_id(plan)}.json"
-            if row_path.is_file() and measured_signals(settings) <= json.loads(row_path.read_text()).keys():
+            if row_path.is_file() and finished(json.loads(row_path.read_text()), settings, held_out):
                 continue
             print(f"fidelity: plan {i + 1}/{len(plans)} {name} ({plan.describe()})", flush=True)
             row = measure(bench, name, plan, settings, kl_blocks,
@@ -398,9 +420,9 @@ def main(argv=None) -> int:
 
             atomic_write_json(row_path, row)
         print(f"fidelity: measured for {time.perf_counter() - start:.0f} s", flush=True)
-    rows = done_rows(work, settings)
+    rows = done_rows(work, settings, held_out)
     if not rows:
-        sys.exit("fidelity: no plan is measured yet; run without --report first")
+        sys.exit("fidelity: no plan is measured on today's held-out splits yet; run without --report first")
     payload, md = report(rows, settings, len(plans), args.smoke)
     where = work if args.smoke else RESULTS
     write_results("fidelity", payload, md, where)

@@ -78,12 +78,13 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown plans {', '.join(unknown)}: the fidelity study's are {', '.join(candidates)}")
     fitness = bench.started_fitness(bench.settings["adapter_init"])
+    held_out = frontier.held_out_fingerprint(bench.data, bench.settings["seq_len"])  # its signals: validation loss
     rows = []
     for name in names:
         plan = candidates[name]
         d = bench.work / "search_lr" / fidelity.plan_id(plan)
         d.mkdir(parents=True, exist_ok=True)
-        row = {"name": name, "plan": plan.describe(), "id": fidelity.plan_id(plan)}
+        row = {"name": name, "plan": plan.describe(), "id": fidelity.plan_id(plan), "held_out": held_out}
         final = frontier.run_final(bench.finals, f"{name} lr {args.lr:g}", plan, bench.settings, bench.model,
                                    bench.data, seed=0, dtype=frontier.train_dtype())
         row["final"], row["train_seconds"] = final["loss"], final["train_seconds"]
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
             prefix = Fidelity("prefix", steps=max(ks), eval_blocks=settings["eval_blocks"],
                               batch_size=bench.settings["batch_size"], lr=lr, schedule_steps=bench.settings["steps"])
             along = fidelity.cached(d / f"prefix-lr{lr:g}.json", lambda: {
-                str(k): v for k, v in fitness.trajectory(plan, prefix, ks).items()})
+                str(k): v for k, v in fitness.trajectory(plan, prefix, ks).items()}, held_out)
             row.update({f"prefix@{k} lr {lr:g}": along[str(k)] for k in ks})
         print(f"search_lr: {name}: final {row['final']:.4f}; "
               + ", ".join(f"{k}: {v:.4f}" for k, v in row.items() if k.startswith("prefix")), flush=True)

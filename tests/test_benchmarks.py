@@ -215,6 +215,33 @@ def test_fidelity_study_smoke(tmp_path):
     assert json.loads((tmp_path / "fidelity.json").read_text())["signals"] == result["signals"]
 
 
+def test_fidelity_rows_taken_on_other_held_out_text_are_measured_again(tmp_path):
+    """The study's committed rows come back into a fresh work directory, and its kept measurements are reused, only
+    where they were taken on today's held-out splits (the default corpus's splits changed once: results/overlap.md)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.fidelity import cached, done_rows, restore_rows
+
+    settings = {"short_steps": (1, 2)}
+    signals = {"kl_before": 0.1, "final": 2.5, "loss@1": 3.0, "loss@2": 2.9, "prefix@1": 3.1, "prefix@2": 2.8}
+    rows = [{"id": "a", "held_out": "today", **signals}, {"id": "b", "held_out": "before", **signals},
+            {"id": "c", **signals}]  # a row from before rows recorded their held-out text
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "fidelity.json").write_text(json.dumps({"plans": rows}))
+    work = tmp_path / "work"
+    assert restore_rows(work, results, "today") == (1, 2)
+    assert sorted(p.name for p in (work / "rows").iterdir()) == ["a.json"]
+    assert restore_rows(work, results, "today") == (0, 2)  # what is already there stays
+    (work / "rows" / "b.json").write_text(json.dumps(rows[1]))  # a stale row left in the work directory
+    assert [r["id"] for r in done_rows(work, settings, "today")] == ["a"]
+    calls = []
+    value = lambda: calls.append(1) or len(calls)  # noqa: E731
+    assert cached(tmp_path / "kl.json", value, "before") == 1
+    assert cached(tmp_path / "kl.json", value, "before") == 1  # kept
+    assert cached(tmp_path / "kl.json", value, "today") == 2  # taken on other held-out text: measured again
+    assert cached(tmp_path / "kl.json", value, "today") == 2 and len(calls) == 2
+
+
 def test_fidelity_statistics():
     sys.path.insert(0, str(ROOT))
     from benchmarks.fidelity import extrapolate, ranks, ridge_loo, spearman, top3
