@@ -14,17 +14,20 @@ the held-out loss:
     .venv/bin/python benchmarks/recipe.py                                   # start at 3e-4:5, 2e-3:5, 3e-3:20
     .venv/bin/python benchmarks/recipe.py --recipes 1e-3:5 --rows start,qlora4-r16,lora16
     .venv/bin/python benchmarks/recipe.py --recipes 3e-4:5 --seeds 3        # seeds 0-2 of each row asked for
+    .venv/bin/python benchmarks/recipe.py --corpus code --recipes 3e-4:5 --rows start,qlora4-r16,lora16
     .venv/bin/python benchmarks/recipe.py --smoke                           # a tiny random model: the script runs
 
 Each 200-step final is about 20 min in bf16 on 2 cores with native bf16 matmuls (89 steps took 492 s). Finals go to the frontier's store and ledger (benchmarks/work/finals,
 results/finals.json; learning rate and warm-up are part of their key), so a rerun with more recipes or rows trains
-only what is new. Writes benchmarks/results/recipe.{json,md} (recipe-steps<N> at another length; every recipe and
-row the ledger holds at this shape is reported, not only those asked for this time).
+only what is new. Writes benchmarks/results/recipe.{json,md} (recipe-steps<N> at another length, recipe-code on the
+second corpus, benchmarks/corpus.py's Python source; every recipe and row the ledger holds at this shape is reported,
+not only those asked for this time).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -98,6 +101,9 @@ def main(argv=None) -> int:
                              "reported)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="every row's training dtype (default: `train`'s on this CPU)")
+    parser.add_argument("--corpus", choices=("pydoc", "code"), default="pydoc",
+                        help="the data: the default corpus (pydoc topics) or benchmarks/corpus.py's Python source, "
+                             "built on first use (default pydoc)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model and data: checks the script runs")
     parser.add_argument("--work", default=None, help="with --smoke: where its model, finals and results go (default: "
                                                      "a temp dir)")
@@ -106,6 +112,8 @@ def main(argv=None) -> int:
         parser.error(f"--steps: a positive count, not {args.steps}")
     if args.seeds < 1:
         parser.error(f"--seeds: a positive count, not {args.seeds}")
+    if args.smoke and args.corpus != "pydoc":
+        parser.error("--smoke trains on its own tiny data: leave out --corpus")
     began = time.perf_counter()
     from qradaptor.plan import Plan
 
@@ -119,6 +127,12 @@ def main(argv=None) -> int:
         children_in_process()
         model, data = smoke_model(work)
         store = work / "finals"
+    elif args.corpus == "code":
+        from benchmarks.corpus import CORPUS, ROOT, build_code_corpus
+
+        os.chdir(ROOT)  # the corpus path is relative to the repository: its finals' keys are the same in any clone
+        build_code_corpus(CORPUS)
+        data = str(CORPUS)
     shape = run_shape(args.steps or (4 if args.smoke else None), smoke=args.smoke)  # a smoke run only checks the script
     dtype = args.dtype or train_dtype()
     from qradaptor.models import load_config
@@ -137,11 +151,12 @@ def main(argv=None) -> int:
     # every row at this shape the ledger holds: a run that asked for one recipe reports the earlier ones too
     rows = ledger_rows(store, plans, settings, model, data, dtype)
     payload = {"settings": {**shape, "dtype": dtype, "smoke": args.smoke, "model": model or "smollm2-135m",
-                            "data": data or "pydoc-topics"},
+                            "data": data or "pydoc-topics", "corpus": args.corpus},
                "rows": rows, "summary": summarise(rows), "seconds": time.perf_counter() - began,
                "environment": environment()}
     md = report(payload) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
-    name = "recipe" if args.smoke or shape["steps"] == shape["run_steps"] else f"recipe-steps{shape['steps']}"
+    name = "recipe" + ("-code" if args.corpus == "code" else "")
+    name += "" if args.smoke or shape["steps"] == shape["run_steps"] else f"-steps{shape['steps']}"
     write_results(f"{name}-smoke" if args.smoke else name, payload, md,
                   directory=work if args.smoke else RESULTS)  # smoke results measure nothing: they stay out of results/
     print(md)
@@ -209,6 +224,9 @@ def summarise(rows: list[dict]) -> dict:
 def report(payload: dict) -> str:
     s, rows, summary = payload["settings"], payload["rows"], payload["summary"]
     title = "a tiny random model (smoke)" if s["smoke"] else "SmolLM2-135M-Instruct"
+    code = s.get("corpus") == "code"
+    if code:
+        title += ", on Python source"
     gain, at = summary["gain_over_default"], summary["recovered_at"]
 
     table = [[r["name"], f"{r['lr']:g}", r["warmup_steps"], r["plan"], r["adapter_init"],
@@ -234,9 +252,13 @@ def report(payload: dict) -> str:
                f"Not a default `run`'s length ({s['run_steps']} steps): ")
             + f"{s['steps']} steps of {s['batch_size']}×{s['seq_len']} tokens; {s['dtype']}; losses are means over the "
             "seeds shown (± half the max − min spread); held-out loss on the whole test split (validation: the "
-            f"{FINAL_EVAL_BLOCKS} validation blocks `train` reports, and the whole validation split; other held-out "
-            "topics, less the paragraphs training holds, results/overlap.md; the recipes are chosen by none of them). "
-            "`start`: uniform 4-bit r16 (what `run --budget 4bit` chose on the default data) with `train`'s default "
+            f"{FINAL_EVAL_BLOCKS} validation blocks `train` reports, and the whole validation split; "
+            + ("other source files' chunks of benchmarks/corpus.py's corpus (what they share with training: "
+               "results/overlap.md)" if code else
+               "other held-out topics, less the paragraphs training holds, results/overlap.md")
+            + "; the recipes are chosen by none of them). "
+            "`start`: uniform 4-bit r16 (what `run --budget 4bit` chose on the default data"
+            + ("; a `run` on this corpus searches its own plan" if code else "") + ") with `train`'s default "
             f"start (`{s['adapter_init']}`); `{REFERENCE}`: the same with PEFT's zero start; `lora16`: LoRA r16 on the "
             "unquantized base. vs default: the start's loss at today's default recipe minus this one's (positive: "
             f"better). Gap recovered = ({REFERENCE} − start) / ({REFERENCE} − lora16) at the same recipe. Seconds: a "

@@ -655,6 +655,15 @@ def test_recipe_benchmark_smoke(tmp_path):
     for flag in ("--steps", "--seeds"):
         proc = subprocess.run(run + [flag, "0"], capture_output=True, text=True, env=dict(os.environ))
         assert proc.returncode == 2 and flag in proc.stderr
+    proc = subprocess.run(run + ["--corpus", "code"], capture_output=True, text=True, env=dict(os.environ))
+    assert proc.returncode == 2 and "--corpus" in proc.stderr  # the smoke run has its own data
+    assert second["settings"]["corpus"] == "pydoc"
+    assert "on Python source" not in (tmp_path / "recipe-smoke.md").read_text()
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.recipe import report
+
+    on_code = report({**second, "settings": {**second["settings"], "corpus": "code"}})
+    assert "on Python source" in on_code.splitlines()[0] and "searches its own plan" in on_code
 
 
 def test_search_lr_benchmark_smoke(tmp_path):
