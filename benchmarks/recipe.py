@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     from qradaptor.plan import Plan
 
-    model = data = None
+    model = data = source = None
     store = FINALS
     work = None
     if args.smoke:
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         from benchmarks.corpus import CORPUS, ROOT, build_code_corpus
 
         os.chdir(ROOT)  # the corpus path is relative to the repository: its finals' keys are the same in any clone
-        build_code_corpus(CORPUS)
+        source = build_code_corpus(CORPUS)  # its sha256 and Python version: another Python's sources are another corpus
         data = str(CORPUS)
     shape = run_shape(args.steps or (4 if args.smoke else None), smoke=args.smoke)  # a smoke run only checks the script
     dtype = args.dtype or train_dtype()
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     # every row at this shape the ledger holds: a run that asked for one recipe reports the earlier ones too
     rows = ledger_rows(store, plans, settings, model, data, dtype)
     payload = {"settings": {**shape, "dtype": dtype, "smoke": args.smoke, "model": model or "smollm2-135m",
-                            "data": data or "pydoc-topics", "corpus": args.corpus},
+                            "data": data or "pydoc-topics", "corpus": args.corpus, "corpus_source": source},
                "rows": rows, "summary": summarise(rows), "seconds": time.perf_counter() - began,
                "environment": environment()}
     md = report(payload) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"

@@ -657,7 +657,7 @@ def test_recipe_benchmark_smoke(tmp_path):
         assert proc.returncode == 2 and flag in proc.stderr
     proc = subprocess.run(run + ["--corpus", "code"], capture_output=True, text=True, env=dict(os.environ))
     assert proc.returncode == 2 and "--corpus" in proc.stderr  # the smoke run has its own data
-    assert second["settings"]["corpus"] == "pydoc"
+    assert second["settings"]["corpus"] == "pydoc" and second["settings"]["corpus_source"] is None
     assert "on Python source" not in (tmp_path / "recipe-smoke.md").read_text()
     sys.path.insert(0, str(ROOT))
     from benchmarks.recipe import report
