@@ -7,7 +7,7 @@ cache of its own (no profile is reused; the converted model is shared), and read
 run's ``stages.json``. The run's wall time is measured from the process's start to its exit, so loading the model
 counts as what it is: time that is none of the stages'.
 
-    .venv/bin/python benchmarks/run_stages.py            # ~30 min on 2 cores
+    .venv/bin/python benchmarks/run_stages.py            # ~36 min on 2 cores
     .venv/bin/python benchmarks/run_stages.py --smoke    # a tiny random model, a minute
 
 A run is timed whole: an earlier attempt's run directory is deleted first. Writes
@@ -107,12 +107,16 @@ def report(p: dict) -> str:
                  f"{p['outside_stages_seconds'] / wall:.1%}"])
     rows.append(["**the run**", f"**{wall:.0f}**", "100%"])
     t = p["targets"]
+    from qradaptor.plan import Plan
+
+    plan = f"`{Plan.from_dict(p['plan']).describe()}`"
     verdict = ("met" if t["met"] else f"MISSED by {t['profile_share'] - t['profile_share_at_most']:.1%} of the run "
                f"({t['profile_share'] / t['profile_share_at_most']:.2f}× the allowance)")
     return (f"# Where the default run spends its time{' (smoke: a tiny random model)' if p['smoke'] else ''}\n\n"
             f"`{p['command']}` with every other setting at its default, in its own process with a cache of its own "
             f"(no profile reused), each stage's seconds from its `stages.json`; the run's wall time from the "
-            f"process's start to its exit. Held-out loss after training: {p['test_loss_after']:.4f}.\n\n"
+            f"process's start to its exit. The search chose {plan}; held-out (test) loss after training: "
+            f"{p['test_loss_after']:.4f}.\n\n"
             + markdown_table(["stage", "seconds", "of the run"], rows)
             + f"\nTarget: the profile takes at most {t['profile_share_at_most']:.0%} of the run: "
               f"{t['profile_share']:.1%}, {verdict}.\n\nCPU: {describe_cpu(p['environment'])}.\n")
