@@ -213,12 +213,34 @@ def summarise(rows: list[dict]) -> dict:
             best[name] = {"lr": lr, "warmup_steps": w, "loss": loss[name, lr, w]}
     today = loss.get(("start", RunConfig.lr, RunConfig.warmup_steps))
     gain = {f"{lr:g}:{w}": today - v for (n, lr, w), v in loss.items() if n == "start"} if today is not None else {}
-    at = {f"{lr:g}:{w}": gap_recovered(loss[REFERENCE, lr, w], loss["start", lr, w], loss["lora16", lr, w])
-          for (n, lr, w) in loss if n == "start" and (REFERENCE, lr, w) in loss and ("lora16", lr, w) in loss}
-    tuned = (gap_recovered(best[REFERENCE]["loss"], best["start"]["loss"], best["lora16"]["loss"])
-             if len(best) == len(ROWS) else None)
+    # the gap from the seeds all three rows ran (a row's extra seeds would move its mean alone)
+    by_seed = {(r["name"], r["lr"], r["warmup_steps"]): dict(zip(r["seeds"], r["seed_losses"])) for r in rows}
+
+    def shared_gap(three: list[tuple]) -> tuple[float | None, list[int]]:
+        shared = sorted(set.intersection(*(set(by_seed.get(k, ())) for k in three)))
+        means = [sum(by_seed[k][seed] for seed in shared) / len(shared) for k in three] if shared else None
+        return (gap_recovered(*means) if means else None), shared
+
+    at, at_seeds = {}, {}
+    for (n, lr, w) in loss:
+        gap, shared = shared_gap([(REFERENCE, lr, w), ("start", lr, w), ("lora16", lr, w)])
+        if n == "start" and shared:
+            at[f"{lr:g}:{w}"], at_seeds[f"{lr:g}:{w}"] = gap, shared
+    at_best = [(name, best[name]["lr"], best[name]["warmup_steps"]) for name in (REFERENCE, "start", "lora16")
+               if name in best]
+    tuned = shared_gap(at_best)[0] if len(at_best) == 3 else None
     return {"best": best, "default": {"lr": RunConfig.lr, "warmup_steps": RunConfig.warmup_steps, "loss": today},
-            "gain_over_default": gain, "recovered_at": at, "recovered_tuned": tuned}
+            "gain_over_default": gain, "recovered_at": at, "recovered_seeds": at_seeds, "recovered_tuned": tuned}
+
+
+def gap_cell(summary: dict, row: dict) -> str:
+    """The gap recovered at ``row``'s recipe, naming the seeds it is of where the three rows ran different ones."""
+    key = f"{row['lr']:g}:{row['warmup_steps']}"
+    shared = summary.get("recovered_seeds", {}).get(key)
+    cell = percent(summary["recovered_at"].get(key))
+    if cell and shared != row["seeds"]:
+        cell += f" (seed{'s' * (len(shared) > 1)} {','.join(map(str, shared))}: those all three rows ran)"
+    return cell
 
 
 def report(payload: dict) -> str:
@@ -235,7 +257,7 @@ def report(payload: dict) -> str:
               "" if r["validation_loss"] is None else f"{r['validation_loss']:.4f}",
               "" if r["validation_all_loss"] is None else f"{r['validation_all_loss']:.4f}",
               f"{gain[key]:+.4f}" if r["name"] == "start" and (key := f"{r['lr']:g}:{r['warmup_steps']}") in gain
-              else "", percent(at.get(f"{r['lr']:g}:{r['warmup_steps']}")) if r["name"] == "start" else "",
+              else "", gap_cell(summary, r) if r["name"] == "start" else "",
               f"{r['train_seconds']:.0f}"] for r in rows]
     d = summary["default"]
     lines = [f"- Best recipe measured for {name}: lr {b['lr']:g}, {b['warmup_steps']} warm-up steps ({b['loss']:.4f})"
@@ -261,8 +283,8 @@ def report(payload: dict) -> str:
             + ("; a `run` on this corpus searches its own plan" if code else "") + ") with `train`'s default "
             f"start (`{s['adapter_init']}`); `{REFERENCE}`: the same with PEFT's zero start; `lora16`: LoRA r16 on the "
             "unquantized base. vs default: the start's loss at today's default recipe minus this one's (positive: "
-            f"better). Gap recovered = ({REFERENCE} − start) / ({REFERENCE} − lora16) at the same recipe. Seconds: a "
-            "final's training (mean over the seeds).\n\n"
+            f"better). Gap recovered = ({REFERENCE} − start) / ({REFERENCE} − lora16) at the same recipe, of the means "
+            "over the seeds all three rows ran. Seconds: a final's training (mean over the seeds).\n\n"
             + markdown_table(["row", "lr", "warm-up", "plan", "start", "seeds", "test loss", "validation (16 blocks)",
                               "validation (all)", "vs default",
                               "gap recovered", "s"], table) + "\n" + "\n".join(lines) + "\n")

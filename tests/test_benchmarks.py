@@ -643,10 +643,19 @@ def test_recipe_benchmark_smoke(tmp_path):
     assert rows["qlora4-r16", 3e-3]["seeds"] == [0] and rows["start", 3e-3]["seeds"] == [0, 1]
     assert rows["start", 3e-3]["loss"] == loss[3e-3] and rows["qlora4-r16", 3e-3]["adapter_init"] == "zero"
     assert all(math.isfinite(r["validation_all_loss"]) for r in second["rows"])
-    ref, start, ceiling = (rows[n, 3e-3]["loss"] for n in ("qlora4-r16", "start", "lora16"))
+    # the gap is of the seed all three rows ran (seed 0), not of the start's two-seed mean
+    ref, start, ceiling = (rows[n, 3e-3]["seed_losses"][0] for n in ("qlora4-r16", "start", "lora16"))
+    assert rows["start", 3e-3]["loss"] != start
     expected = (ref - start) / (ref - ceiling) if ref > ceiling else None  # a random model may have no gap
     got = second["summary"]["recovered_at"].get("0.003:2")
     assert got is None if expected is None else got == pytest.approx(expected)
+    assert second["summary"]["recovered_seeds"]["0.003:2"] == [0]
+    best = second["summary"]["best"]  # each row at its best recipe: again of seed 0, the one all three ran
+    ref, start, ceiling = (rows[n, best[n]["lr"]]["seed_losses"][0] for n in ("qlora4-r16", "start", "lora16"))
+    tuned = second["summary"]["recovered_tuned"]
+    assert tuned is None if ref <= ceiling else tuned == pytest.approx((ref - start) / (ref - ceiling))
+    if got is not None:
+        assert "(seed 0: those all three rows ran)" in (tmp_path / "recipe-smoke.md").read_text()
     assert "| row | lr | warm-up |" in (tmp_path / "recipe-smoke.md").read_text()
     assert not (ROOT / "benchmarks" / "results" / "recipe-smoke.json").exists()
     for bad in ("3e-3", "x:5", "3e-3:-1", "0:5"):
