@@ -222,9 +222,9 @@ def summarise(rows: list[dict]) -> dict:
         return (gap_recovered(*means) if means else None), shared
 
     at, at_seeds = {}, {}
-    for (n, lr, w) in loss:
+    for (_, lr, w) in (k for k in loss if k[0] == "start"):
         gap, shared = shared_gap([(REFERENCE, lr, w), ("start", lr, w), ("lora16", lr, w)])
-        if n == "start" and shared:
+        if shared:
             at[f"{lr:g}:{w}"], at_seeds[f"{lr:g}:{w}"] = gap, shared
     at_best = [(name, best[name]["lr"], best[name]["warmup_steps"]) for name in (REFERENCE, "start", "lora16")
                if name in best]
@@ -236,7 +236,7 @@ def summarise(rows: list[dict]) -> dict:
 def gap_cell(summary: dict, row: dict) -> str:
     """The gap recovered at ``row``'s recipe, naming the seeds it is of where the three rows ran different ones."""
     key = f"{row['lr']:g}:{row['warmup_steps']}"
-    shared = summary.get("recovered_seeds", {}).get(key)
+    shared = summary["recovered_seeds"].get(key)
     cell = percent(summary["recovered_at"].get(key))
     if cell and shared != row["seeds"]:
         cell += f" (seed{'s' * (len(shared) > 1)} {','.join(map(str, shared))}: those all three rows ran)"
@@ -249,7 +249,7 @@ def report(payload: dict) -> str:
     code = s.get("corpus") == "code"
     if code:
         title += ", on Python source"
-    gain, at = summary["gain_over_default"], summary["recovered_at"]
+    gain = summary["gain_over_default"]
 
     table = [[r["name"], f"{r['lr']:g}", r["warmup_steps"], r["plan"], r["adapter_init"],
               ",".join(map(str, r["seeds"])),
