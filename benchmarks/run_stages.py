@@ -9,8 +9,11 @@ counts as what it is: time that is none of the stages'.
 
     .venv/bin/python benchmarks/run_stages.py            # ~36 min on 2 cores
     .venv/bin/python benchmarks/run_stages.py --smoke    # a tiny random model, a minute
+    .venv/bin/python benchmarks/run_stages.py --report   # rebuild the results from the run kept in --work
 
-A run is timed whole: an earlier attempt's run directory is deleted first. Writes
+A run is timed whole: an earlier attempt's run directory is deleted first. Besides the stages it reports what the
+search cost beyond the final fine-tune, counting the steps the final continues from the search's kept run (issue #29
+target: at most 0.5× the final fine-tune), in steps and in wall time. Writes
 benchmarks/results/run_stages.{json,md} (run_stages-float32.* on a CPU without native bf16, where `run` computes
 in float32).
 """
@@ -33,6 +36,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
 
 TARGET = 0.25  # the profile's share of the run's wall time, at most
+SEARCH_TARGET = 0.5  # the search's cost beyond what the final reuses, as a share of the final fine-tune, at most
 STAGES = ("profile", "search", "train", "metrics", "export")
 
 
@@ -50,10 +54,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="working directory (default: benchmarks/work/run_stages; with "
                                                      "--smoke a temp dir)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
+    parser.add_argument("--report", action="store_true", help="no rerun: rebuild the results from the finished run "
+                                                              "kept in --work and the wall time its results recorded")
     args = parser.parse_args(argv)
     import tempfile
-
-    from qradaptor.models import cache_dir
 
     work = Path(args.work or (tempfile.mkdtemp(prefix="qradaptor-bench-") if args.smoke
                               else Path(__file__).resolve().parent / "work" / "run_stages"))
@@ -66,6 +70,28 @@ def main(argv=None) -> int:
         command += ["--model", model, "--data", words, "--steps", "4", "--trials", "2", "--seq-len", "32",
                     "--profile-tokens", "64"]
     out, cache = work / "run", work / "cache"
+    name = "run_stages-smoke" if args.smoke else results_name()
+    directory = work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
+    if args.report:
+        recorded = directory / f"{name}.json"
+        if not (recorded.is_file() and (out / "stages.json").is_file()):
+            sys.exit(f"run_stages --report: needs a finished run in {out} and its results {recorded}; "
+                     "run without --report first")
+        recorded = json.loads(recorded.read_text())  # the run's wall time and machine, not this one's
+        payload = {**summarise(out, command, recorded["wall_seconds"], args.smoke),
+                   "environment": recorded["environment"]}
+    else:
+        payload = summarise(out, command, timed_run(command, out, cache, work), args.smoke)
+    md = report(payload)
+    write_results(name, payload, md, directory=directory)
+    print(md)
+    return 0
+
+
+def timed_run(command: list[str], out: Path, cache: Path, work: Path) -> float:
+    """Run ``qradaptor COMMAND`` whole, in its own process and cache; its wall time from start to exit."""
+    from qradaptor.models import cache_dir
+
     for path in (out, cache):  # timed whole: nothing from an earlier attempt
         shutil.rmtree(path, ignore_errors=True)
     cache.mkdir(parents=True)
@@ -82,22 +108,45 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - started
     if code != 0:
         sys.exit(f"run_stages: `qradaptor {' '.join(command)}` failed (exit {code}):\n{log.read_text()[-3000:]}")
+    return wall
+
+
+def summarise(out: Path, command: list[str], wall: float, smoke: bool) -> dict:
+    """The stages' seconds and shares, the search's cost and the run's outcome, read from its run directory."""
     stages = json.loads((out / "stages.json").read_text())["stages"]
     seconds = {stage: stages[stage]["seconds"] for stage in STAGES}
     metrics = json.loads((out / "metrics.json").read_text())
     share = {stage: s / wall for stage, s in seconds.items()}
-    payload = {"command": f"qradaptor {' '.join(command)}", "smoke": args.smoke, "wall_seconds": wall,
-               "stage_seconds": seconds, "outside_stages_seconds": wall - sum(seconds.values()), "share": share,
-               "test_loss_after": metrics["test_loss_after"], "plan": json.loads((out / "search" / "plan.json")
-                                                                                .read_text()),
-               "targets": {"profile_share_at_most": TARGET, "profile_share": share["profile"],
-                           "met": share["profile"] <= TARGET},
-               "environment": environment()}
-    md = report(payload)
-    directory = work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
-    write_results("run_stages-smoke" if args.smoke else results_name(), payload, md, directory=directory)
-    print(md)
-    return 0
+    return {"command": f"qradaptor {' '.join(command)}", "smoke": smoke, "wall_seconds": wall,
+            "stage_seconds": seconds, "outside_stages_seconds": wall - sum(seconds.values()), "share": share,
+            "test_loss_after": metrics["test_loss_after"],
+            "plan": json.loads((out / "search" / "plan.json").read_text()),
+            "search": search_cost(out, seconds),
+            "targets": {"profile_share_at_most": TARGET, "profile_share": share["profile"],
+                        "met": share["profile"] <= TARGET},
+            "environment": environment()}
+
+
+def search_cost(out: Path, seconds: dict) -> dict:
+    """What the search spent beyond the final fine-tune: its fine-tune steps less those the final continues from
+    (the search's kept run of the chosen plan), as a share of the final's steps, and the same in wall time, where
+    the reused steps are priced at the final's own pace (its evaluations and checkpoints included)."""
+    from collections import Counter
+
+    pareto = json.loads((out / "search" / "pareto.json").read_text())
+    run = json.loads((out / "train" / "run.json").read_text())
+    steps = run["config"]["steps"]
+    reused = (run.get("initialised_from") or {}).get("step", 0)
+    per_step = seconds["train"] / max(steps - reused, 1)
+    in_steps = (pareto["fine_tune_steps"] - reused) / steps
+    in_seconds = (seconds["search"] - reused * per_step) / (steps * per_step)
+    return {"evaluations": dict(Counter(point["fidelity"] for point in pareto["points"])),
+            "fine_tune_steps": pareto["fine_tune_steps"], "reused_steps": reused, "final_steps": steps,
+            "final_seconds_per_step": per_step, "cost_in_steps": in_steps, "cost_in_seconds": in_seconds,
+            # what its trials spend besides fine-tune steps (building, quantizing, starting, evaluating, saving)
+            "beyond_steps_seconds": seconds["search"] - pareto["fine_tune_steps"] * per_step,
+            "at_most": SEARCH_TARGET, "met_in_steps": in_steps <= SEARCH_TARGET,
+            "met_in_seconds": in_seconds <= SEARCH_TARGET}
 
 
 def report(p: dict) -> str:
@@ -112,6 +161,7 @@ def report(p: dict) -> str:
     plan = f"`{Plan.from_dict(p['plan']).describe()}`"
     verdict = ("met" if t["met"] else f"MISSED by {t['profile_share'] - t['profile_share_at_most']:.1%} of the run "
                f"({t['profile_share'] / t['profile_share_at_most']:.2f}× the allowance)")
+    search = search_line(p["search"]) if "search" in p else ""
     return (f"# Where the default run spends its time{' (smoke: a tiny random model)' if p['smoke'] else ''}\n\n"
             f"`{p['command']}` with every other setting at its default, in its own process with a cache of its own "
             f"(no profile reused), each stage's seconds from its `stages.json`; the run's wall time from the "
@@ -119,7 +169,22 @@ def report(p: dict) -> str:
             f"{p['test_loss_after']:.4f}.\n\n"
             + markdown_table(["stage", "seconds", "of the run"], rows)
             + f"\nTarget: the profile takes at most {t['profile_share_at_most']:.0%} of the run: "
-              f"{t['profile_share']:.1%}, {verdict}.\n\nCPU: {describe_cpu(p['environment'])}.\n")
+              f"{t['profile_share']:.1%}, {verdict}.\n\n{search}CPU: {describe_cpu(p['environment'])}.\n")
+
+
+
+def search_line(c: dict) -> str:
+    evaluations = ", ".join(f"{n} {fidelity}" for fidelity, n in c["evaluations"].items())
+    verdicts = [f"{c[key]:.2f}× in {unit}" + ("" if c[f"met_in_{unit}"] else
+                                              f" (MISSED by {c[key] - c['at_most']:.2f}×)")
+                for key, unit in (("cost_in_steps", "steps"), ("cost_in_seconds", "seconds"))]
+    return (f"Search cost: {sum(c['evaluations'].values())} evaluations ({evaluations}), {c['fine_tune_steps']} "
+            f"fine-tune steps, of which the final continues {c['reused_steps']}; beyond them it cost "
+            f"{verdicts[0]} and {verdicts[1]} of the {c['final_steps']}-step final fine-tune (its steps priced at "
+            f"the final's pace, {c['final_seconds_per_step']:.2f} s/step). Target: at most {c['at_most']:.1f}×. "
+            f"Its trials spent {c['beyond_steps_seconds']:.0f} s besides fine-tune steps at that pace (building "
+            f"and quantizing each plan's model, fitting the adapter starts not fitted yet, evaluating, saving "
+            f"its run).\n\n")
 
 
 if __name__ == "__main__":

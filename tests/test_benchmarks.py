@@ -477,8 +477,25 @@ def test_run_stages_benchmark_smoke(tmp_path):
     assert result["share"]["profile"] == pytest.approx(seconds["profile"] / result["wall_seconds"])
     assert result["targets"]["met"] == (result["share"]["profile"] <= 0.25)
     assert math.isfinite(result["test_loss_after"]) and result["plan"]["layers"]
-    assert (tmp_path / "run_stages-smoke.md").is_file()
+    # the search's cost beyond the steps the final continues, in steps and priced at the final's pace
+    cost = result["search"]
+    assert cost["fine_tune_steps"] >= cost["reused_steps"] >= 0 and sum(cost["evaluations"].values()) >= 2
+    assert cost["final_steps"] == 4 and cost["cost_in_steps"] == pytest.approx(
+        (cost["fine_tune_steps"] - cost["reused_steps"]) / cost["final_steps"])
+    assert cost["cost_in_seconds"] == pytest.approx(
+        (seconds["search"] - cost["reused_steps"] * cost["final_seconds_per_step"])
+        / (cost["final_steps"] * cost["final_seconds_per_step"]))
+    assert cost["met_in_steps"] == (cost["cost_in_steps"] <= 0.5)
+    assert "Search cost:" in (tmp_path / "run_stages-smoke.md").read_text()
     assert not (ROOT / "benchmarks" / "results" / "run_stages-smoke.json").exists()
+    # --report rebuilds the results from the kept run, with its recorded wall time, without rerunning it
+    (tmp_path / "run.log").unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_stages.py"), "--smoke", "--report",
+                           "--work", str(tmp_path)], capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "run_stages-smoke.json").read_text())
+    assert not (tmp_path / "run.log").exists()
+    assert again["wall_seconds"] == result["wall_seconds"] and again["search"] == result["search"]
 
 
 def test_genes_benchmark_smoke(tmp_path):
