@@ -10,6 +10,7 @@ counts as what it is: time that is none of the stages'.
     .venv/bin/python benchmarks/run_stages.py            # ~36 min on 2 cores
     .venv/bin/python benchmarks/run_stages.py --smoke    # a tiny random model, a minute
     .venv/bin/python benchmarks/run_stages.py --report   # rebuild the results from the run kept in --work
+    .venv/bin/python benchmarks/run_stages.py --corpus code   # the same run on benchmarks/corpus.py's Python source
 
 A run is timed whole: an earlier attempt's run directory is deleted first. Besides the stages it reports what the
 search cost beyond the final fine-tune, counting the steps the final continues from the search's kept run (issue #29
@@ -40,29 +41,42 @@ SEARCH_TARGET = 0.5  # the search's cost beyond what the final reuses, as a shar
 STAGES = ("profile", "search", "train", "metrics", "export")
 
 
-def results_name() -> str:
-    """``run_stages``, or ``run_stages-float32`` on a CPU without native bf16 (the run computes in float32 there; both
-    machine kinds' results are kept)."""
+def results_name(corpus: str = "pydoc") -> str:
+    """``run_stages`` (``run_stages-code`` on the second corpus), suffixed ``-float32`` on a CPU without native bf16
+    (the run computes in float32 there; both machine kinds' results are kept)."""
     from benchmarks.frontier import train_dtype
 
     dtype = train_dtype()
-    return "run_stages" if dtype == "bfloat16" else f"run_stages-{dtype}"
+    name = "run_stages" + ("-code" if corpus == "code" else "")
+    return name if dtype == "bfloat16" else f"{name}-{dtype}"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=None, help="working directory (default: benchmarks/work/run_stages; with "
-                                                     "--smoke a temp dir)")
+    parser.add_argument("--work", default=None, help="working directory (default: benchmarks/work/run_stages, "
+                                                     "run_stages-code with --corpus code; with --smoke a temp dir)")
+    parser.add_argument("--corpus", choices=("pydoc", "code"), default="pydoc",
+                        help="the data: the default (pydoc topics) or benchmarks/corpus.py's Python source, given as "
+                             "`--data`")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
     parser.add_argument("--report", action="store_true", help="no rerun: rebuild the results from the finished run "
                                                               "kept in --work and the wall time its results recorded")
     args = parser.parse_args(argv)
+    if args.smoke and args.corpus != "pydoc":
+        parser.error("--smoke trains on its own tiny data: leave out --corpus")
     import tempfile
 
     work = Path(args.work or (tempfile.mkdtemp(prefix="qradaptor-bench-") if args.smoke
-                              else Path(__file__).resolve().parent / "work" / "run_stages"))
+                              else Path(__file__).resolve().parent / "work"
+                              / ("run_stages-code" if args.corpus == "code" else "run_stages")))
     work.mkdir(parents=True, exist_ok=True)
-    command = ["run", "--budget", "4bit"]
+    command, source = ["run", "--budget", "4bit"], None
+    if args.corpus == "code":
+        from benchmarks.corpus import CORPUS, ROOT, build_code_corpus
+
+        os.chdir(ROOT)  # the corpus path is relative to the repository, as the command records it
+        source = build_code_corpus(CORPUS)  # its sha256 and Python version: another Python's sources are another corpus
+        command += ["--data", str(CORPUS)]
     if args.smoke:
         from benchmarks.search import smoke_model
 
@@ -70,7 +84,7 @@ def main(argv=None) -> int:
         command += ["--model", model, "--data", words, "--steps", "4", "--trials", "2", "--seq-len", "32",
                     "--profile-tokens", "64"]
     out, cache = work / "run", work / "cache"
-    name = "run_stages-smoke" if args.smoke else results_name()
+    name = "run_stages-smoke" if args.smoke else results_name(args.corpus)
     directory = work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
     if args.report:
         recorded = directory / f"{name}.json"
@@ -82,6 +96,7 @@ def main(argv=None) -> int:
                    "environment": recorded["environment"]}
     else:
         payload = summarise(out, command, timed_run(command, out, cache, work), args.smoke)
+    payload["corpus_source"] = source
     md = report(payload)
     write_results(name, payload, md, directory=directory)
     print(md)
@@ -162,7 +177,10 @@ def report(p: dict) -> str:
     verdict = ("met" if t["met"] else f"MISSED by {t['profile_share'] - t['profile_share_at_most']:.1%} of the run "
                f"({t['profile_share'] / t['profile_share_at_most']:.2f}× the allowance)")
     search = search_line(p["search"]) if "search" in p else ""
-    return (f"# Where the default run spends its time{' (smoke: a tiny random model)' if p['smoke'] else ''}\n\n"
+    title = " (smoke: a tiny random model)" if p["smoke"] else ""
+    if p.get("corpus_source"):
+        title = " on the second corpus (Python source)"
+    return (f"# Where the default run spends its time{title}\n\n"
             f"`{p['command']}` with every other setting at its default, in its own process with a cache of its own "
             f"(no profile reused), each stage's seconds from its `stages.json`; the run's wall time from the "
             f"process's start to its exit. The search chose {plan}; held-out (test) loss after training: "

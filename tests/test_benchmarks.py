@@ -498,6 +498,14 @@ def test_run_stages_benchmark_smoke(tmp_path):
     assert again["wall_seconds"] == result["wall_seconds"] and again["search"] == result["search"]
 
 
+def test_run_stages_refuses_a_corpus_with_smoke(capsys):
+    from benchmarks import run_stages
+
+    with pytest.raises(SystemExit) as stop:
+        run_stages.main(["--smoke", "--corpus", "code"])
+    assert stop.value.code == 2 and "leave out --corpus" in capsys.readouterr().err
+
+
 def test_genes_benchmark_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "genes.py"), "--smoke", "--work", str(tmp_path),
                            "--layouts", "groups,module,module-g"],
