@@ -176,7 +176,6 @@ def report(p: dict) -> str:
     plan = f"`{Plan.from_dict(p['plan']).describe()}`"
     verdict = ("met" if t["met"] else f"MISSED by {t['profile_share'] - t['profile_share_at_most']:.1%} of the run "
                f"({t['profile_share'] / t['profile_share_at_most']:.2f}× the allowance)")
-    search = search_line(p["search"]) if "search" in p else ""
     title = " (smoke: a tiny random model)" if p["smoke"] else ""
     if p.get("corpus_source"):
         title = " on the second corpus (Python source)"
@@ -187,8 +186,8 @@ def report(p: dict) -> str:
             f"{p['test_loss_after']:.4f}.\n\n"
             + markdown_table(["stage", "seconds", "of the run"], rows)
             + f"\nTarget: the profile takes at most {t['profile_share_at_most']:.0%} of the run: "
-              f"{t['profile_share']:.1%}, {verdict}.\n\n{search}CPU: {describe_cpu(p['environment'])}.\n")
-
+              f"{t['profile_share']:.1%}, {verdict}.\n\n"
+              + search_line(p["search"]) + f"CPU: {describe_cpu(p['environment'])}.\n")
 
 
 def search_line(c: dict) -> str:
