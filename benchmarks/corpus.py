@@ -88,6 +88,14 @@ def build_code_corpus(path: Path, modules=MODULES) -> dict:
             "records": text.count(b"\n"), "modules": list(modules), "python": sys.version.split()[0]}
 
 
+def code_corpus_data() -> tuple[str, dict]:
+    """The corpus as the benchmarks give it to `--data`, built on first use: its path relative to the repository,
+    which becomes the working directory (the finals' keys hold the path: the same in any clone), and what identifies
+    it (its sha256 and Python version: another Python's sources are another corpus)."""
+    os.chdir(ROOT)
+    return str(CORPUS), build_code_corpus(CORPUS)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=None, help="resumable working directory, relative to the repository "

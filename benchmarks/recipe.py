@@ -27,7 +27,6 @@ not only those asked for this time).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -128,11 +127,9 @@ def main(argv=None) -> int:
         model, data = smoke_model(work)
         store = work / "finals"
     elif args.corpus == "code":
-        from benchmarks.corpus import CORPUS, ROOT, build_code_corpus
+        from benchmarks.corpus import code_corpus_data
 
-        os.chdir(ROOT)  # the corpus path is relative to the repository: its finals' keys are the same in any clone
-        source = build_code_corpus(CORPUS)  # its sha256 and Python version: another Python's sources are another corpus
-        data = str(CORPUS)
+        data, source = code_corpus_data()
     shape = run_shape(args.steps or (4 if args.smoke else None), smoke=args.smoke)  # a smoke run only checks the script
     dtype = args.dtype or train_dtype()
     from qradaptor.models import load_config

@@ -11,10 +11,15 @@ counts as what it is: time that is none of the stages'.
     .venv/bin/python benchmarks/run_stages.py --smoke    # a tiny random model, a minute
     .venv/bin/python benchmarks/run_stages.py --report   # rebuild the results from the run kept in --work
     .venv/bin/python benchmarks/run_stages.py --corpus code   # the same run on benchmarks/corpus.py's Python source
+    .venv/bin/python benchmarks/run_stages.py --report --seeds 3  # and the chosen plan at seeds 1-2 (~20 min each)
 
 A run is timed whole: an earlier attempt's run directory is deleted first. Besides the stages it reports what the
 search cost beyond the final fine-tune, counting the steps the final continues from the search's kept run (issue #29
-target: at most 0.5× the final fine-tune), in steps and in wall time. Writes
+target: at most 0.5× the final fine-tune), in steps and in wall time. With ``--seeds N`` it also trains the plan
+the run chose at seeds 1..N-1, with the run's final's settings from step 0 (seed 0 is the run's own final), and
+reports the share of the gap from QLoRA as run today to LoRA r16 that it recovers, mean of the N seeds (issue #29
+target: at least 50%), against recipe.py's rows at the same shape and seeds; every such fine-tune goes to the finals'
+store and ledger, so one the ledger holds is not trained again. Writes
 benchmarks/results/run_stages.{json,md} (run_stages-float32.* on a CPU without native bf16, where `run` computes
 in float32).
 """
@@ -38,6 +43,7 @@ from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table
 
 TARGET = 0.25  # the profile's share of the run's wall time, at most
 SEARCH_TARGET = 0.5  # the search's cost beyond what the final reuses, as a share of the final fine-tune, at most
+GAP_TARGET = 0.5  # the share of the gap from QLoRA as run today to LoRA r16 that the run recovers, at least
 STAGES = ("profile", "search", "train", "metrics", "export")
 
 
@@ -61,31 +67,36 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings: checks the script runs")
     parser.add_argument("--report", action="store_true", help="no rerun: rebuild the results from the finished run "
                                                               "kept in --work and the wall time its results recorded")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="the chosen plan's loss and gap recovered over seeds 0..N-1, training the seeds the "
+                             "finals' ledger lacks (default: 1, the run alone; with --report, those recorded)")
     args = parser.parse_args(argv)
     if args.smoke and args.corpus != "pydoc":
         parser.error("--smoke trains on its own tiny data: leave out --corpus")
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds: a positive count, not {args.seeds}")
     import tempfile
 
     work = Path(args.work or (tempfile.mkdtemp(prefix="qradaptor-bench-") if args.smoke
                               else Path(__file__).resolve().parent / "work"
                               / ("run_stages-code" if args.corpus == "code" else "run_stages")))
     work.mkdir(parents=True, exist_ok=True)
-    command, source = ["run", "--budget", "4bit"], None
+    command, source, model, data = ["run", "--budget", "4bit"], None, None, None
     if args.corpus == "code":
-        from benchmarks.corpus import CORPUS, ROOT, build_code_corpus
+        from benchmarks.corpus import code_corpus_data
 
-        os.chdir(ROOT)  # the corpus path is relative to the repository, as the command records it
-        source = build_code_corpus(CORPUS)  # its sha256 and Python version: another Python's sources are another corpus
-        command += ["--data", str(CORPUS)]
+        data, source = code_corpus_data()
+        command += ["--data", data]
     if args.smoke:
         from benchmarks.search import smoke_model
 
-        model, words = smoke_model(work)
-        command += ["--model", model, "--data", words, "--steps", "4", "--trials", "2", "--seq-len", "32",
+        model, data = smoke_model(work)
+        command += ["--model", model, "--data", data, "--steps", "4", "--trials", "2", "--seq-len", "32",
                     "--profile-tokens", "64"]
     out, cache = work / "run", work / "cache"
     name = "run_stages-smoke" if args.smoke else results_name(args.corpus)
     directory = work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
+    seeds = args.seeds or 1
     if args.report:
         recorded = directory / f"{name}.json"
         if not (recorded.is_file() and (out / "stages.json").is_file()):
@@ -94,9 +105,13 @@ def main(argv=None) -> int:
         recorded = json.loads(recorded.read_text())  # the run's wall time and machine, not this one's
         payload = {**summarise(out, command, recorded["wall_seconds"], args.smoke),
                    "environment": recorded["environment"]}
+        seeds = args.seeds or len((recorded.get("seeds") or {}).get("seeds", [0]))
     else:
         payload = summarise(out, command, timed_run(command, out, cache, work), args.smoke)
     payload["corpus_source"] = source
+    if seeds > 1:
+        payload["seeds"] = across_seeds(out, payload["test_loss_after"], seeds, model, data,
+                                        work / "finals" if args.smoke else None)
     md = report(payload)
     write_results(name, payload, md, directory=directory)
     print(md)
@@ -164,6 +179,40 @@ def search_cost(out: Path, seconds: dict) -> dict:
             "met_in_seconds": in_seconds <= SEARCH_TARGET}
 
 
+def across_seeds(out: Path, run_loss: float, seeds: int, model, data, store: Path | None) -> dict:
+    """The chosen plan's held-out loss at seeds 0..``seeds``-1 (seed 0: the run's own final; the others the same
+    fine-tune, with the settings its run.json records, from step 0 at that seed) beside recipe.py's QLoRA (uniform
+    4-bit r16, zero start) and LoRA r16 at the same shape and seeds, and the share of the gap between them that the
+    plan's mean closes. The fine-tunes come from the finals' ``store`` (default: the shared one, and its committed
+    ledger) or are trained there."""
+    from benchmarks import frontier
+    from qradaptor.plan import Plan
+
+    if store is not None:  # a smoke run's tiny fine-tunes: in this process, in its own store
+        frontier.children_in_process()
+    plan = Plan.from_dict(json.loads((out / "search" / "plan.json").read_text()))
+    run = json.loads((out / "train" / "run.json").read_text())
+    config, dtype = run["config"], run["dtype_choice"]["dtype"]  # the dtype it trained in, not "auto"
+    settings = {k: config[k] for k in ("steps", "seq_len", "batch_size", "lr", "warmup_steps", "adapter_init")}
+    rows = {"run": plan, frontier.REFERENCE: Plan.uniform(plan.num_layers, 4, 16),
+            "lora16": Plan.uniform(plan.num_layers, 16, 16)}
+    losses = {name: [] for name in rows}
+    for seed in range(seeds):
+        for name, row_plan in rows.items():
+            if name == "run" and seed == 0:
+                losses[name].append(run_loss)
+                continue
+            final = frontier.run_final(store or frontier.FINALS, f"run_stages {name} seed {seed}", row_plan,
+                                       frontier.recipe(name, settings), model, data, seed=seed, dtype=dtype)
+            print(f"run_stages: {name} seed {seed}: {final['loss']:.4f}", flush=True)
+            losses[name].append(final["loss"])
+    mean = {name: sum(values) / len(values) for name, values in losses.items()}
+    gap = frontier.gap_recovered(mean[frontier.REFERENCE], mean["run"], mean["lora16"])
+    return {"seeds": list(range(seeds)), "settings": {**settings, "dtype": dtype}, "losses": losses,
+            "mean": mean, "spread": {name: max(v) - min(v) for name, v in losses.items()}, "gap_recovered": gap,
+            "gap_at_least": GAP_TARGET, "met": gap is not None and gap >= GAP_TARGET}
+
+
 def report(p: dict) -> str:
     wall = p["wall_seconds"]
     rows = [[stage, f"{s:.0f}", f"{s / wall:.1%}"] for stage, s in p["stage_seconds"].items()]
@@ -187,7 +236,8 @@ def report(p: dict) -> str:
             + markdown_table(["stage", "seconds", "of the run"], rows)
             + f"\nTarget: the profile takes at most {t['profile_share_at_most']:.0%} of the run: "
               f"{t['profile_share']:.1%}, {verdict}.\n\n"
-              + search_line(p["search"]) + f"CPU: {describe_cpu(p['environment'])}.\n")
+              + search_line(p["search"]) + (seeds_line(p["seeds"]) if p.get("seeds") else "")
+            + f"CPU: {describe_cpu(p['environment'])}.\n")
 
 
 def search_line(c: dict) -> str:
@@ -202,6 +252,24 @@ def search_line(c: dict) -> str:
             f"Its trials spent {c['beyond_steps_seconds']:.0f} s besides fine-tune steps at that pace (building "
             f"and quantizing each plan's model, fitting the adapter starts not fitted yet, evaluating, saving "
             f"its run).\n\n")
+
+
+def seeds_line(s: dict) -> str:
+    from benchmarks.frontier import REFERENCE
+    from benchmarks.learning_rate import percent
+
+    seeds = f"seeds {', '.join(map(str, s['seeds']))}"
+    rows = "; ".join(f"{label} {', '.join(f'{v:.4f}' for v in s['losses'][name])} → **{s['mean'][name]:.4f} ± "
+                     f"{s['spread'][name] / 2:.4f}**"
+                     for name, label in (("run", "the chosen plan"), (REFERENCE, "QLoRA as run today (uniform 4-bit "
+                                                                                 "r16, zero start)"),
+                                         ("lora16", "LoRA r16 on the unquantized base")))
+    gap = s["gap_recovered"]
+    verdict = ("" if gap is None else "met" if s["met"] else f"MISSED by {s['gap_at_least'] - gap:.0%}")
+    return (f"Across {seeds} (held-out test loss; seed 0 of the chosen plan is this run's own final, the others the "
+            f"same fine-tune at another seed; mean ± half the spread): {rows}. The run recovers "
+            f"**{percent(gap) or 'nothing (no gap)'}** of the gap from QLoRA to LoRA r16, mean of {len(s['seeds'])} "
+            f"seeds. Target: at least {s['gap_at_least']:.0%}" + (f": {verdict}" if verdict else "") + ".\n\n")
 
 
 if __name__ == "__main__":

@@ -488,14 +488,32 @@ def test_run_stages_benchmark_smoke(tmp_path):
     assert cost["met_in_steps"] == (cost["cost_in_steps"] <= 0.5)
     assert "Search cost:" in (tmp_path / "run_stages-smoke.md").read_text()
     assert not (ROOT / "benchmarks" / "results" / "run_stages-smoke.json").exists()
-    # --report rebuilds the results from the kept run, with its recorded wall time, without rerunning it
+    assert "seeds" not in result  # one seed: the run alone
+    # --report rebuilds the results from the kept run, with its recorded wall time, without rerunning it; --seeds
+    # adds the chosen plan at seed 1 and the gap's two ends at seeds 0 and 1 (trained: the smoke's store is empty)
     (tmp_path / "run.log").unlink()
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_stages.py"), "--smoke", "--report",
-                           "--work", str(tmp_path)], capture_output=True, text=True, env=dict(os.environ), timeout=300)
+                           "--seeds", "2", "--work", str(tmp_path)], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((tmp_path / "run_stages-smoke.json").read_text())
     assert not (tmp_path / "run.log").exists()
     assert again["wall_seconds"] == result["wall_seconds"] and again["search"] == result["search"]
+    seeds = again["seeds"]
+    assert seeds["seeds"] == [0, 1] and seeds["losses"]["run"][0] == result["test_loss_after"]
+    assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in seeds["losses"].values())
+    mean = {name: sum(v) / 2 for name, v in seeds["losses"].items()}
+    assert seeds["mean"] == pytest.approx(mean) and seeds["settings"]["adapter_init"] == "activation"
+    gap = mean["qlora4-r16"] - mean["lora16"]
+    assert seeds["gap_recovered"] == (pytest.approx((mean["qlora4-r16"] - mean["run"]) / gap) if gap > 0 else None)
+    assert "Across seeds 0, 1" in (tmp_path / "run_stages-smoke.md").read_text()
+    ledger = json.loads((tmp_path / "finals-ledger.json").read_text())["finals"]
+    assert len(ledger) == 5  # seed 0 of the chosen plan is the run's own final: not trained again
+    # a second report takes every seed from the ledger (the seeds recorded: no --seeds needed)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_stages.py"), "--smoke", "--report",
+                           "--work", str(tmp_path)], capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert proc.returncode == 0 and "frontier: run_stages" not in proc.stdout, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "run_stages-smoke.json").read_text())["seeds"] == seeds
 
 
 def test_run_stages_refuses_a_corpus_with_smoke(capsys):
