@@ -516,6 +516,30 @@ def test_run_stages_benchmark_smoke(tmp_path):
     assert json.loads((tmp_path / "run_stages-smoke.json").read_text())["seeds"] == seeds
 
 
+def test_trial_cost_benchmark_smoke(tmp_path):
+    from benchmarks import trial_cost
+
+    assert trial_cost.main(["--smoke", "--work", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "trial_cost-smoke.json").read_text())
+    first, second, mixed, full = result["trials"]
+    # the parts are the trial's: none outlasts it, and training's steps are what is left of it besides them
+    for trial in result["trials"]:
+        parts = trial["parts"]
+        assert 0 < parts["steps"] <= trial["seconds"] and trial["beyond_steps"] == pytest.approx(
+            trial["seconds"] - parts["steps"])
+        assert parts.get("fit: SVD", 0) <= parts.get("start: fit", 0) <= trial["seconds"]
+    # a new bit-width fits starts (SVDs); a plan of widths already seen fits none; the promoted plan continues
+    assert first["parts"]["fit: SVD"] > 0 and second["parts"]["fit: SVD"] > 0 and "fit: SVD" not in mixed["parts"]
+    assert full["steps"] == first["steps"] and full["fidelity"] == "full" and full["parts"]["save"] > 0
+    # the wrapped library functions are restored
+    import torch
+
+    from qradaptor import quantize
+    assert torch.linalg.svd.__name__ == "linalg_svd" and quantize.quantize_model.__name__ == "quantize_model"
+    assert "Where a search trial's seconds go" in (tmp_path / "trial_cost-smoke.md").read_text()
+    assert not (ROOT / "benchmarks" / "results" / "trial_cost-smoke.json").exists()
+
+
 def test_run_stages_refuses_a_corpus_with_smoke(capsys):
     from benchmarks import run_stages
 
