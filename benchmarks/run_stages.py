@@ -110,8 +110,7 @@ def main(argv=None) -> int:
         payload = summarise(out, command, timed_run(command, out, cache, work), args.smoke)
     payload["corpus_source"] = source
     if seeds > 1:
-        payload["seeds"] = across_seeds(out, payload["test_loss_after"], seeds, model, data,
-                                        work / "finals" if args.smoke else None)
+        payload["seeds"] = across_seeds(out, payload, seeds, model, data, work / "finals" if args.smoke else None)
     md = report(payload)
     write_results(name, payload, md, directory=directory)
     print(md)
@@ -179,18 +178,18 @@ def search_cost(out: Path, seconds: dict) -> dict:
             "met_in_seconds": in_seconds <= SEARCH_TARGET}
 
 
-def across_seeds(out: Path, run_loss: float, seeds: int, model, data, store: Path | None) -> dict:
-    """The chosen plan's held-out loss at seeds 0..``seeds``-1 (seed 0: the run's own final; the others the same
-    fine-tune, with the settings its run.json records, from step 0 at that seed) beside recipe.py's QLoRA (uniform
-    4-bit r16, zero start) and LoRA r16 at the same shape and seeds, and the share of the gap between them that the
-    plan's mean closes. The fine-tunes come from the finals' ``store`` (default: the shared one, and its committed
+def across_seeds(out: Path, summary: dict, seeds: int, model, data, store: Path | None) -> dict:
+    """The chosen plan's held-out loss at seeds 0..``seeds``-1 (seed 0: the run's own final, from its ``summary``,
+    `summarise`'s; the others the same fine-tune, with the settings its run.json records, from step 0 at that seed)
+    beside recipe.py's QLoRA (uniform 4-bit r16, zero start) and LoRA r16 at the same shape and seeds, and the share
+    of the gap between them that the plan's mean closes. The fine-tunes come from the finals' ``store`` (default: the shared one, and its committed
     ledger) or are trained there."""
     from benchmarks import frontier
     from qradaptor.plan import Plan
 
     if store is not None:  # a smoke run's tiny fine-tunes: in this process, in its own store
         frontier.children_in_process()
-    plan = Plan.from_dict(json.loads((out / "search" / "plan.json").read_text()))
+    plan = Plan.from_dict(summary["plan"])
     run = json.loads((out / "train" / "run.json").read_text())
     config, dtype = run["config"], run["dtype_choice"]["dtype"]  # the dtype it trained in, not "auto"
     settings = {k: config[k] for k in ("steps", "seq_len", "batch_size", "lr", "warmup_steps", "adapter_init")}
@@ -200,7 +199,7 @@ def across_seeds(out: Path, run_loss: float, seeds: int, model, data, store: Pat
     for seed in range(seeds):
         for name, row_plan in rows.items():
             if name == "run" and seed == 0:
-                losses[name].append(run_loss)
+                losses[name].append(summary["test_loss_after"])
                 continue
             final = frontier.run_final(store or frontier.FINALS, f"run_stages {name} seed {seed}", row_plan,
                                        frontier.recipe(name, settings), model, data, seed=seed, dtype=dtype)

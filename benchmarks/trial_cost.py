@@ -96,7 +96,8 @@ def measure(model_spec, data, *, smoke: bool, work: Path) -> dict:
     schedule = 4 if smoke else 200  # a default `run`'s final fine-tune, whose first steps the trials are
     cheap = Fidelity("cheap", steps=2 if smoke else config.cheap.steps, eval_blocks=config.cheap.eval_blocks,
                      schedule_steps=schedule)
-    full = Fidelity("full", steps=2 * cheap.steps, eval_blocks=config.full.eval_blocks, schedule_steps=schedule)
+    full = Fidelity("full", steps=4 if smoke else config.full.steps, eval_blocks=config.full.eval_blocks,
+                    schedule_steps=schedule)
     fitness = FineTuneFitness(loaded.model, loaded.tokenizer, data=data, config=config, runs=work / "runs")
     layers = loaded.model.config.num_hidden_layers
     half = layers // 2
