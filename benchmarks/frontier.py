@@ -27,6 +27,7 @@ for a few steps with the same batch shape and reads its own high-water mark, res
 
     .venv/bin/python benchmarks/frontier.py            # SmolLM2: hours on 2 cores (the grid: ~30 fine-tunes), resumable
     .venv/bin/python benchmarks/frontier.py --smoke    # a tiny random model, a few minutes: keeps this script working
+    .venv/bin/python benchmarks/frontier.py --partial  # what is measured so far, training nothing (frontier-partial.*)
 
 Everything is resumable: searches, KL and peak RSS per method go to ``--work`` (default benchmarks/work/frontier);
 final fine-tunes go to a store shared with benchmarks/fidelity.py and benchmarks/dtype.py (benchmarks/work/finals,
@@ -179,7 +180,7 @@ def evaluate_run(spec_path: str) -> None:
 
 
 def run_final(store: Path, label: str, plan, settings: dict, model, data, *, seed: int, dtype: str = "float32",
-              init_from: str | None = None) -> dict:
+              init_from: str | None = None, train: bool = True) -> dict | None:
     """Train ``plan`` in a child process (the real training stage), or return the kept result of the same fine-tune.
 
     Finished fine-tunes are kept under a key of everything that decides their result (plan, model, data, steps,
@@ -191,7 +192,8 @@ def run_final(store: Path, label: str, plan, settings: dict, model, data, *, see
     change to training that changes its results, start afresh (delete the store and the ledger). ``init_from``: a
     search's kept run of the plan to continue (not part of the key: the result is exactly that of a run from step 0;
     ``train_seconds`` then counts only the steps trained here). Returns the child's result, plus ``run_dir`` (the
-    training run's directory; None for a result from the ledger, whose run is not on this machine)."""
+    training run's directory; None for a result from the ledger, whose run is not on this machine). ``train``
+    False: only a kept result (None where there is none; a stale held-out evaluation is still taken again)."""
     from qradaptor.io import atomic_write_json
 
     spec = final_spec(plan, settings, model, data, seed=seed, dtype=dtype)
@@ -214,6 +216,8 @@ def run_final(store: Path, label: str, plan, settings: dict, model, data, *, see
     kept = read_ledger(ledger).get(key)
     if kept is not None and held_out_current(kept["result"], spec):  # else trained again: its run is not here
         return {**kept["result"], "run_dir": None}
+    if not train:
+        return None
     where.mkdir(parents=True, exist_ok=True)
     spec_path = atomic_write_json(where / "spec.json", {**spec, "run_dir": str(where / "train"),
                                                         "result": str(result_path), "label": label,
@@ -818,6 +822,19 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
     return md + targets_markdown(goals)
 
 
+def partial_notice(unfinished: list[str], pending: list[str], fewer: dict[str, int], seeds: int) -> str:
+    """The paragraph that heads a partial report (``--partial``): what it lacks."""
+    parts = [f"searches not finished: {', '.join(unfinished)}" if unfinished else "",
+             f"rows whose final is not trained yet: {', '.join(pending)}" if pending else "",
+             ("rows that get every seed, with fewer so far: "
+              + ", ".join(f"{n} ({k} of {seeds})" for n, k in fewer.items())) if fewer else ""]
+    missing = "; ".join(p for p in parts if p) or "nothing: every row and seed is measured"
+    return (f"**Partial** (`frontier.py --partial`): what is measured so far of a frontier that runs over several "
+            f"sessions; nothing here was trained for this report. Not measured yet: {missing}. A budget's best uniform "
+            f"setting is the best of the uniform rows measured so far, and a row with fewer seeds is the mean of "
+            f"those it has.\n\n")
+
+
 def targets_markdown(g: dict) -> str:
     """The results' Targets section, from `targets`."""
     yn = lambda ok: "met" if ok else "MISSED"  # noqa: E731
@@ -833,8 +850,9 @@ def targets_markdown(g: dict) -> str:
     md += (f"- Better than the best uniform setting by more than the larger seed spread at two or more budgets: "
            f"{g['budgets_better_beyond_seed_spread']} — {yn(g['better_beyond_seed_spread_at_two_or_more_budgets'])}.\n"
            f"- Gap between {REFERENCE} and lora16 recovered at the 4-bit budget: "
-           f"{100 * (g['gap_recovered_at_4bit'] or 0):.0f}% (target ≥ 50%): {yn(g['gap_recovered_at_least_half'])}.\n"
-           f"- Search cost ≤ 0.5× the final fine-tune (the steps it does not reuse): "
+           + (f"{100 * g['gap_recovered_at_4bit']:.0f}% (target ≥ 50%): {yn(g['gap_recovered_at_least_half'])}.\n"
+              if g["gap_recovered_at_4bit"] is not None else "not measured (no 4bit search's final).\n")
+           + "- Search cost ≤ 0.5× the final fine-tune (the steps it does not reuse): "
            + ", ".join(f"{k} {v:.2f}×" for k, v in g["search_cost_in_final_fine_tunes"].items())
            + f" — {yn(g['search_cost_at_most_half'])}.\n")
     return md
@@ -852,6 +870,11 @@ def main() -> None:
                         help="which uniform settings get every seed (as the searches' plans do): the whole "
                              "best-uniform front (default), or only the best uniform setting within each budget "
                              "(the targets' comparison; a shorter run)")
+    parser.add_argument("--partial", action="store_true",
+                        help="report what is measured so far, training nothing and running no search: finished "
+                             "searches, finals in the store or the ledger (frontier-partial.{json,md,png}, beside "
+                             "the complete frontier's results; for a frontier that spans sessions). A measured row's "
+                             "KL and peak RSS are still taken where they are missing")
     parser.add_argument("--final-run", default=None, help=argparse.SUPPRESS)  # child processes
     parser.add_argument("--rss-run", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--evaluate-run", default=None, help=argparse.SUPPRESS)
@@ -874,7 +897,10 @@ def main() -> None:
     model, data, base, tokenizer, L = bench.model, bench.data, bench.base, bench.tokenizer, bench.shapes.num_layers
     settings["profile_seconds"] = bench.profile_seconds
 
-    def searched(name: str, budget: str, **extra) -> tuple[Plan, dict]:
+    def searched(name: str, budget: str, **extra) -> tuple[Plan, dict] | None:
+        if args.partial and not (bench.work / name / "search" / "plan.json").is_file():  # written once it finished
+            unfinished.append(name)
+            return None
         result = bench.search(name, budget, **extra)
         kept_runs[name] = result.kept_run
         # the search's own full-fidelity losses (its chosen plan's, and the best uniform setting's that it
@@ -888,6 +914,9 @@ def main() -> None:
                                     "budget_bytes": result.budget_bytes}
 
     kept_runs: dict[str, str | None] = {}  # method → its search's run of the chosen plan, which its final continues
+    unfinished: list[str] = []  # --partial: searches not finished (their rows are left out)
+    pending: list[str] = []  # --partial: rows whose final (seed 0) is not trained yet
+    train = not args.partial
 
     # Every method: its plan and the search that found it (none for the fixed baselines).
     none = {"search_steps": 0, "search_seconds": 0.0, "search_evaluations": 0}
@@ -903,16 +932,21 @@ def main() -> None:
     config4 = SearchConfig(budget_bytes=budget4, seq_len=settings["seq_len"], **bench.search_settings)
     planner = Planner(bench.shapes, bench.backend, PriorCost(bench.sensitivity, config4), config4)
     plans.append(("greedy", planner.fill(budget4), none, dtype))
-    ours = {budget: searched(f"qradaptor-{budget}", budget) for budget in BUDGETS}
+    ours = {budget: found for budget in BUDGETS if (found := searched(f"qradaptor-{budget}", budget)) is not None}
     plans += [(uniform_name(b, r, g), Plan.uniform(L, b, r, group_size=g), none, dtype) for b, r, g in
               group_size_settings(bench.shapes, bench.pricing, [cost["budget_bytes"] for _, cost in ours.values()],
                                   settings["grid"])]
     # random search: the 4-bit budget and as many fine-tune steps as ours spent there
-    plans.append(("random", *searched("random", "4bit", **bench.random_settings(ours["4bit"][1]["search_steps"])),
-                  dtype))
+    random = None
+    if "4bit" in ours:
+        random = searched("random", "4bit", **bench.random_settings(ours["4bit"][1]["search_steps"]))
+    else:  # --partial: its steps are the 4bit search's
+        unfinished.append("random")
+    plans += [("random", *random, dtype)] if random else []
     plans += [(f"qradaptor-{budget}", plan, cost, dtype) for budget, (plan, cost) in ours.items()]
     # ablation: the same search over bits only, every adapter at rank 16 (does redistributing bits alone help?)
-    plans.append(("qradaptor-4bit-r16", *searched("qradaptor-4bit-r16", "4bit", ranks=(16,)), dtype))
+    bits_only = searched("qradaptor-4bit-r16", "4bit", ranks=(16,))
+    plans += [("qradaptor-4bit-r16", *bits_only, dtype)] if bits_only else []
     cache = bench.fitness.cache  # quantized layers the searches made, reused for the KL measurements
 
     kl_blocks = load_blocks(data, tokenizer, "test", seq_len=settings["seq_len"], max_blocks=settings["kl_blocks"])
@@ -925,7 +959,10 @@ def main() -> None:
                                                      not plans[i][0].startswith(("uniform4-", "uniform5-")), i))
     for name, plan, cost, dtype in (plans[i] for i in first):
         final = run_final(bench.finals, name, plan, recipe(name, settings), model, data, seed=0, dtype=dtype,
-                          init_from=kept_runs.get(name))
+                          init_from=kept_runs.get(name), train=train)
+        if final is None:
+            pending.append(name)
+            continue
         final.pop("run_dir")
         final.update(measure_rss(bench.work, name, plan, settings, model, data, dtype=dtype))
         # KL before training in fp32 for every method, as the fidelity study and the search's fitness measure it
@@ -939,7 +976,8 @@ def main() -> None:
         print(f"frontier: {name}: test loss {final['loss']:.4f}, {final['memory_bytes'] / 2**20:.1f} MiB", flush=True)
         if name in searched_budgets:  # always seeded (see `seeded`): their other seeds now, as the loop below would
             for seed in range(1, settings["seeds"]):
-                run_final(bench.finals, f"{name} seed {seed}", plan, settings, model, data, seed=seed, dtype=dtype)
+                run_final(bench.finals, f"{name} seed {seed}", plan, settings, model, data, seed=seed, dtype=dtype,
+                          train=train)
     order = {name: i for i, (name, *_) in enumerate(plans)}
     rows.sort(key=lambda r: order[r["name"]])
 
@@ -951,23 +989,39 @@ def main() -> None:
         todo = [r for r in seeded(rows, args.seeds_for) if len(r["seeds"]) < settings["seeds"]]
         if not todo:
             break
+        added = 0
         for r in todo:
             for seed in range(len(r["seeds"]), settings["seeds"]):
                 extra = run_final(bench.finals, f"{r['name']} seed {seed}", plan_of[r["name"]],
                                   recipe(r["name"], settings), model, data,
-                                  seed=seed, dtype=r["dtype"])
+                                  seed=seed, dtype=r["dtype"], train=train)
+                if extra is None:  # --partial: not trained yet
+                    break
                 r["seeds"].append(extra["loss"])
                 r.setdefault("seed_train_seconds", []).append(extra["train_seconds"])
+                added += 1
+            if len(r["seeds"]) < 2:
+                continue
             r["loss"] = sum(r["seeds"]) / len(r["seeds"])
             r["loss_spread"] = max(r["seeds"]) - min(r["seeds"])
             r["perplexity"] = math.exp(r["loss"])
+        if not added:  # --partial: the seeds still missing are not trained yet
+            break
     methods = rows
+    if args.partial and not {REFERENCE, "lora16"} <= {r["name"] for r in rows}:
+        sys.exit(f"frontier: --partial needs the {REFERENCE} and lora16 finals (the gap's ends), which are not "
+                 "trained yet; run benchmarks/frontier.py until they are")
     goals = targets(methods, settings["steps"])
+    fewer = {r["name"]: len(r["seeds"]) for r in seeded(rows, args.seeds_for) if len(r["seeds"]) < settings["seeds"]}
     payload = {"settings": {**settings, "budgets": list(BUDGETS), "model": model or "smollm2-135m",
-                            "data": data or "pydoc-topics", "smoke": args.smoke, "group_size": 64},
+                            "data": data or "pydoc-topics", "smoke": args.smoke, "group_size": 64,
+                            "partial": args.partial},
                "methods": methods, "best_uniform_front": [r["name"] for r in best_uniform_front(methods)],
                "targets": goals, "seconds": time.perf_counter() - start, "environment": environment()}
     md = report(methods, settings, goals, args.smoke)
+    if args.partial:
+        payload["not_measured"] = {"searches": unfinished, "finals": pending, "seeds": fewer}
+        md = md.replace("\n\n", "\n\n" + partial_notice(unfinished, pending, fewer, settings["seeds"]), 1)
     md += f"\nCPU: {describe_cpu(payload['environment'])}.\n"
     compute = settings["profile_seconds"] + sum(r["search_seconds"] + r["train_seconds"]
                                                 + sum(r.get("seed_train_seconds", [])) for r in rows)
@@ -975,9 +1029,10 @@ def main() -> None:
     md += (f"\nTime: {compute / 60:.0f} min in the profile, the searches and the final fine-tunes (measured parts, "
            f"summed; the KL and peak-RSS measurements add a few minutes).\n")
     directory = bench.work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
-    name = "frontier-smoke" if args.smoke else "frontier"
+    name = ("frontier-smoke" if args.smoke else "frontier") + ("-partial" if args.partial else "")
     write_results(name, payload, md, directory=directory)
-    plot(methods, directory / f"{name}.png")
+    if any(m["name"].startswith("qradaptor") for m in methods):  # a partial report may have no search yet
+        plot(methods, directory / f"{name}.png")
     print(md)
 
 

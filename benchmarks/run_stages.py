@@ -162,6 +162,9 @@ def search_cost(out: Path, seconds: dict) -> dict:
     the reused steps are priced at the final's own pace (its evaluations and checkpoints included)."""
     from collections import Counter
 
+    from qradaptor.plan import Plan
+    from qradaptor.search import bit_widths_tried
+
     pareto = json.loads((out / "search" / "pareto.json").read_text())
     run = json.loads((out / "train" / "run.json").read_text())
     steps = run["config"]["steps"]
@@ -174,6 +177,9 @@ def search_cost(out: Path, seconds: dict) -> dict:
             "final_seconds_per_step": per_step, "cost_in_steps": in_steps, "cost_in_seconds": in_seconds,
             # what its trials spend besides fine-tune steps (building, quantizing, starting, evaluating, saving)
             "beyond_steps_seconds": seconds["search"] - pareto["fine_tune_steps"] * per_step,
+            # each quantized, and its starts fitted, once: the search's one-time costs (results/trial_cost.md)
+            "bit_widths": bit_widths_tried([Plan.from_dict(point["plan"]) for point in pareto["points"]]),
+            "layers": len(pareto["chosen"]["plan"]["layers"]),
             "at_most": SEARCH_TARGET, "met_in_steps": in_steps <= SEARCH_TARGET,
             "met_in_seconds": in_seconds <= SEARCH_TARGET}
 
@@ -250,7 +256,9 @@ def search_line(c: dict) -> str:
             f"the final's pace, {c['final_seconds_per_step']:.2f} s/step). Target: at most {c['at_most']:.1f}×. "
             f"Its trials spent {c['beyond_steps_seconds']:.0f} s besides fine-tune steps at that pace (building "
             f"and quantizing each plan's model, fitting the adapter starts not fitted yet, evaluating, saving "
-            f"its run).\n\n")
+            f"its run), and its plans stored "
+            + ", ".join(f"{bits}-bit in {n} of {c['layers']} layers" for bits, n in c["bit_widths"].items())
+            + " (each bit-width quantized, and its starts fitted, once).\n\n")
 
 
 def seeds_line(s: dict) -> str:

@@ -114,6 +114,35 @@ def test_frontier_benchmark_smoke(tmp_path):
     rerun = {m["name"]: m for m in json.loads((tmp_path / "frontier-smoke.json").read_text())["methods"]}
     assert rerun["uniform4-r16"]["seeds"] == u4["seeds"]
 
+    # a frontier that spans sessions: `--partial` reports what is measured, training nothing. Take the greedy plan's
+    # seed 0 and the 5bit plan's seed 1 out of the ledger (fine-tunes with the benchmark's start) and un-finish the
+    # random search
+    complete = (tmp_path / "frontier-smoke.json").read_text()
+    dropped = {(by["greedy"]["plan"], 0), (by["qradaptor-5bit"]["plan"], 1)}
+    ledger_file = tmp_path / "finals-ledger.json"
+    kept = {k: e for k, e in ledger.items()
+            if (e["plan"], e["seed"]) not in dropped or e.get("adapter_init", "zero") == "zero"}
+    ledger_file.write_text(json.dumps({"finals": kept}))
+    (tmp_path / "random" / "search" / "plan.json").unlink()
+    partial = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--smoke", "--partial",
+                              "--work", str(tmp_path)], capture_output=True, text=True, env=dict(os.environ),
+                             timeout=1800)
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert ": final fine-tune (" not in partial.stdout
+    assert not (tmp_path / "random" / "search" / "plan.json").exists()  # no search ran
+    assert (tmp_path / "frontier-smoke.json").read_text() == complete  # the complete report is left as it was
+    report = json.loads((tmp_path / "frontier-smoke-partial.json").read_text())
+    missing, rows = report["not_measured"], {m["name"]: m for m in report["methods"]}
+    assert report["settings"]["partial"] and missing["searches"] == ["random"]
+    assert "greedy" in missing["finals"] and all(by[n]["plan"] == by["greedy"]["plan"] for n in missing["finals"])
+    assert set(rows) == set(rerun) - {"random", *missing["finals"]}
+    five = rows["qradaptor-5bit"]
+    assert missing["seeds"]["qradaptor-5bit"] == 1 and five["seeds"] == by["qradaptor-5bit"]["seeds"][:1]
+    assert five["loss"] == five["seeds"][0] and "loss_spread" not in five
+    assert rows["qradaptor-3bit"]["seeds"] == by["qradaptor-3bit"]["seeds"]
+    md = (tmp_path / "frontier-smoke-partial.md").read_text()
+    assert "**Partial**" in md and "searches not finished: random" in md and "qradaptor-5bit (1 of 2)" in md
+
 
 def test_memory_benchmark_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--smoke", "--work", str(tmp_path)],
@@ -487,6 +516,13 @@ def test_run_stages_benchmark_smoke(tmp_path):
         / (cost["final_steps"] * cost["final_seconds_per_step"]))
     assert cost["met_in_steps"] == (cost["cost_in_steps"] <= 0.5)
     assert "Search cost:" in (tmp_path / "run_stages-smoke.md").read_text()
+    # the bit-widths its plans stored (each a one-time cost of the search), counted over its evaluated plans
+    pareto = json.loads((tmp_path / "run" / "search" / "pareto.json").read_text())
+    widths = {layer["bits"] for point in pareto["points"] for layer in point["plan"]["layers"]}
+    tried = {int(b): n for b, n in result["search"]["bit_widths"].items()}
+    assert set(tried) >= widths and all(1 <= n <= len(result["plan"]["layers"]) for n in tried.values())
+    lowest = min(widths)
+    assert f"{lowest}-bit in {tried[lowest]} of " in (tmp_path / "run_stages-smoke.md").read_text()
     assert not (ROOT / "benchmarks" / "results" / "run_stages-smoke.json").exists()
     assert "seeds" not in result  # one seed: the run alone
     # --report rebuilds the results from the kept run, with its recorded wall time, without rerunning it; --seeds

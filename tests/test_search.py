@@ -26,7 +26,7 @@ from qradaptor.memory import ModelShapes, predict
 from qradaptor.plan import LayerChoice, Plan
 from qradaptor.profile import ProfileSettings, profile_model
 from qradaptor.commands import search
-from qradaptor.search import Planner, PriorCost, SearchConfig, SearchError, pareto_front, plan_key
+from qradaptor.search import Planner, PriorCost, SearchConfig, SearchError, bit_widths_tried, pareto_front, plan_key
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +143,24 @@ def test_search_on_a_training_budget_keeps_every_predicted_training_peak_within_
     assert saved["points"] and all(peak(Plan.from_dict(p["plan"])) <= p["memory_bytes"] <= budget
                                    for p in saved["points"])
     assert peak(result.chosen.plan) <= budget
-    assert "on the predicted training peak" in (tmp_path / "search-summary.txt").read_text()
+    text = (tmp_path / "search-summary.txt").read_text()
+    assert "on the predicted training peak" in text
+    # the bit-widths its plans stored, each quantized and fitted once: what it spent beyond its steps
+    tried = bit_widths_tried([Plan.from_dict(p["plan"]) for p in saved["points"]])
+    assert tried and all(f"{b}-bit in {n} of 4 layers" in text for b, n in tried.items())
     # a training budget below the cheapest plan's training peak names that peak
     with pytest.raises(BudgetError, match="training-memory budget") as e:
         search(str(d), data=words, budget=f"train:{peak(Plan.uniform(4, 2, 4)) // 2}", out=tmp_path / "o",
                progress=False, fitness=fast_fitness, seq_len=32)
     assert "smaller batch" in str(e.value) and not (tmp_path / "o").exists()
+
+
+def test_bit_widths_tried_counts_the_layers_of_each_width():
+    mixed = Plan.from_dict({"layers": [{"bits": 4, "rank": 16, "modules": {"k_proj": {"bits": 8}}},
+                                       {"bits": 3, "rank": 8}, {"bits": 4, "rank": 16}, {"bits": 16, "rank": 8}]})
+    assert bit_widths_tried([mixed]) == {3: 1, 4: 2, 8: 1, 16: 1}
+    assert bit_widths_tried([Plan.uniform(4, 4, 16), mixed]) == {3: 1, 4: 4, 8: 1, 16: 1}
+    assert bit_widths_tried([]) == {}
 
 
 def test_same_seed_same_result(tiny, words, tmp_path):

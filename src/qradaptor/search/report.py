@@ -9,7 +9,7 @@ from pathlib import Path
 from ..backends import QuantBackend
 from ..io import atomic_write_json, atomic_write_text
 from ..memory import ModelShapes, format_bytes
-from ..plan import DEFAULT_RANK, LayerChoice, Plan
+from ..plan import DEFAULT_RANK, UNQUANTIZED_BITS, LayerChoice, Plan
 from .config import FORMAT, SearchConfig
 from .genes import plan_key
 from .planner import Planner
@@ -54,6 +54,18 @@ class SearchResult:
 def measured_uniform(points: list[Evaluated]) -> list[Evaluated]:
     """The uniform settings measured at the full fidelity: the baselines the search's choice is compared with."""
     return [p for p in points if p.fidelity == "full" and p.source.startswith("uniform-")]
+
+
+def bit_widths_tried(plans: list[Plan]) -> dict[int, int]:
+    """Bit-width → how many decoder layers some of ``plans`` store (in one linear or more) at it. A search quantizes
+    each (linear, bit-width) once and fits its adapter starts once, so each width it meets costs it once, beyond its
+    fine-tune steps (benchmarks/results/trial_cost.md)."""
+    layers: dict[int, set[int]] = {}
+    for plan in plans:
+        for index, choice in enumerate(plan.layers):
+            for bits in choice.bit_widths:
+                layers.setdefault(bits, set()).add(index)
+    return {bits: len(found) for bits, found in sorted(layers.items())}
 
 
 def pareto_front(points: list[Evaluated]) -> list[Evaluated]:
@@ -145,6 +157,10 @@ def summary(result: SearchResult) -> str:
         rate = "" if lr == RunConfig.lr else f"--lr {lr:g} "
         lines.append(f"  its fine-tune is kept at step {result.kept_step} in {result.kept_run}: "
                      f"`qradaptor train {rate}--init-from {result.kept_run}` continues it instead of starting over")
+    tried, layers = bit_widths_tried([p.plan for p in result.points]), len(c.plan.layers)
+    lines.append("bit-widths its plans stored (each quantized, and its adapter starts fitted, once): " + ", ".join(
+        f"{bits}-bit{' (unquantized)' if bits == UNQUANTIZED_BITS else ''} in {n} of {layers} layers"
+        for bits, n in tried.items()))
     for p in measured_uniform(result.points):
         kept = result.uniform_runs.get(p.source)
         lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}"
