@@ -58,8 +58,8 @@ def measured_uniform(points: list[Evaluated]) -> list[Evaluated]:
 
 def bit_widths_tried(plans: list[Plan]) -> dict[int, int]:
     """Bit-width → how many decoder layers some of ``plans`` store (in one linear or more) at it. A search quantizes
-    each (linear, bit-width) once and fits its adapter starts once, so each width it meets costs it once, beyond its
-    fine-tune steps (benchmarks/results/trial_cost.md)."""
+    each (linear, bit-width) once and fits its adapter start once (one calibration forward for the linears a plan
+    adds): seconds beyond its fine-tune steps that grow with the widths it meets (benchmarks/results/trial_cost.md)."""
     layers: dict[int, set[int]] = {}
     for plan in plans:
         for index, choice in enumerate(plan.layers):
@@ -157,14 +157,16 @@ def summary(result: SearchResult) -> str:
         rate = "" if lr == RunConfig.lr else f"--lr {lr:g} "
         lines.append(f"  its fine-tune is kept at step {result.kept_step} in {result.kept_run}: "
                      f"`qradaptor train {rate}--init-from {result.kept_run}` continues it instead of starting over")
-    tried, layers = bit_widths_tried([p.plan for p in result.points]), len(c.plan.layers)
-    lines.append("bit-widths its plans stored (each quantized, and its adapter starts fitted, once): " + ", ".join(
-        f"{bits}-bit{' (unquantized)' if bits == UNQUANTIZED_BITS else ''} in {n} of {layers} layers"
-        for bits, n in tried.items()))
     for p in measured_uniform(result.points):
         kept = result.uniform_runs.get(p.source)
         lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}"
                      + (f"; its run is kept at step {kept[1]} in {kept[0]}" if kept else ""))
+    tried, layers = bit_widths_tried([p.plan for p in result.points]), len(c.plan.layers)
+    fitted = result.config.get("adapter_init", "zero") != "zero"  # a zero start fits nothing
+    lines.append(f"bit-widths its plans stored (each linear quantized{', and its adapter start fitted,' if fitted else ''}"
+                 " once per width): " + ", ".join(
+                     f"{bits}-bit{' (unquantized)' if bits == UNQUANTIZED_BITS else ''} in {n} of {layers} layers"
+                     for bits, n in tried.items()))
     return "\n".join(lines) + "\n"
 
 
