@@ -188,8 +188,8 @@ def across_seeds(out: Path, summary: dict, seeds: int, model, data, store: Path 
     """The chosen plan's held-out loss at seeds 0..``seeds``-1 (seed 0: the run's own final, from its ``summary``,
     `summarise`'s; the others the same fine-tune, with the settings its run.json records, from step 0 at that seed)
     beside recipe.py's QLoRA (uniform 4-bit r16, zero start) and LoRA r16 at the same shape and seeds, and the share
-    of the gap between them that the plan's mean closes. The fine-tunes come from the finals' ``store`` (default: the shared one, and its committed
-    ledger) or are trained there."""
+    of the gap between them that the plan's mean closes. The fine-tunes come from the finals' ``store`` (default:
+    the shared one, and its committed ledger) or are trained there."""
     from benchmarks import frontier
     from qradaptor.plan import Plan
 
@@ -246,6 +246,8 @@ def report(p: dict) -> str:
 
 
 def search_line(c: dict) -> str:
+    from qradaptor.search import describe_bit_widths
+
     evaluations = ", ".join(f"{n} {fidelity}" for fidelity, n in c["evaluations"].items())
     verdicts = [f"{c[key]:.2f}× in {unit}" + ("" if c[f"met_in_{unit}"] else
                                               f" (MISSED by {c[key] - c['at_most']:.2f}×)")
@@ -256,9 +258,8 @@ def search_line(c: dict) -> str:
             f"the final's pace, {c['final_seconds_per_step']:.2f} s/step). Target: at most {c['at_most']:.1f}×. "
             f"Its trials spent {c['beyond_steps_seconds']:.0f} s besides fine-tune steps at that pace (building "
             f"and quantizing each plan's model, fitting the adapter starts not fitted yet, evaluating, saving "
-            f"its run), and its plans stored "
-            + ", ".join(f"{bits}-bit in {n} of {c['layers']} layers" for bits, n in c["bit_widths"].items())
-            + " (each bit-width quantized, and its starts fitted, once).\n\n")
+            f"its run), and its plans stored {describe_bit_widths(c['bit_widths'], c['layers'])} (each linear "
+            f"quantized, and its adapter start fitted, once per width).\n\n")
 
 
 def seeds_line(s: dict) -> str:

@@ -68,6 +68,12 @@ def bit_widths_tried(plans: list[Plan]) -> dict[int, int]:
     return {bits: len(found) for bits, found in sorted(layers.items())}
 
 
+def describe_bit_widths(tried: dict[int, int], layers: int) -> str:
+    """`bit_widths_tried`'s result in words: ``3-bit in 2 of 30 layers, 4-bit in 30 of 30 layers``."""
+    return ", ".join(f"{bits}-bit{' (unquantized)' if int(bits) == UNQUANTIZED_BITS else ''} in {n} of {layers} layers"
+                     for bits, n in tried.items())
+
+
 def pareto_front(points: list[Evaluated]) -> list[Evaluated]:
     """Non-dominated points in (loss, memory), sorted by memory."""
     front = []
@@ -162,11 +168,9 @@ def summary(result: SearchResult) -> str:
         lines.append(f"  {p.source} at full fidelity: loss {p.loss:.4f}, memory {format_bytes(p.memory_bytes)}"
                      + (f"; its run is kept at step {kept[1]} in {kept[0]}" if kept else ""))
     tried, layers = bit_widths_tried([p.plan for p in result.points]), len(c.plan.layers)
-    fitted = result.config.get("adapter_init", "zero") != "zero"  # a zero start fits nothing
-    lines.append(f"bit-widths its plans stored (each linear quantized{', and its adapter start fitted,' if fitted else ''}"
-                 " once per width): " + ", ".join(
-                     f"{bits}-bit{' (unquantized)' if bits == UNQUANTIZED_BITS else ''} in {n} of {layers} layers"
-                     for bits, n in tried.items()))
+    fitted = ", and its adapter start fitted," if result.config.get("adapter_init", "zero") != "zero" else ""
+    lines.append(f"bit-widths its plans stored (each linear quantized{fitted} once per width): "
+                 f"{describe_bit_widths(tried, layers)}")
     return "\n".join(lines) + "\n"
 
 
