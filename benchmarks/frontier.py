@@ -875,6 +875,9 @@ def main() -> None:
                              "searches, finals in the store or the ledger (frontier-partial.{json,md,png}, beside "
                              "the complete frontier's results; for a frontier that spans sessions). A measured row's "
                              "KL and peak RSS are still taken where they are missing")
+    parser.add_argument("--first", default="", metavar="ROW[,ROW...]",
+                        help="train these rows (seed 0) before all others, in this order: to measure what a "
+                             "decision waits on first in a frontier that spans sessions (the rest follow as usual)")
     parser.add_argument("--final-run", default=None, help=argparse.SUPPRESS)  # child processes
     parser.add_argument("--rss-run", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--evaluate-run", default=None, help=argparse.SUPPRESS)
@@ -955,7 +958,13 @@ def main() -> None:
     # uniform settings the budgets fall among), so an interrupted run has measured what matters most; the table
     # keeps the order of ``plans``.
     searched_budgets = {f"qradaptor-{budget}" for budget in BUDGETS}
-    first = sorted(range(len(plans)), key=lambda i: (plans[i][0] not in searched_budgets,
+    asked = [name for name in args.first.split(",") if name]
+    unknown = sorted(set(asked) - {name for name, *_ in plans})
+    if unknown:
+        raise SystemExit(f"frontier: --first names rows this run does not have: {', '.join(unknown)} (rows: "
+                         f"{', '.join(name for name, *_ in plans)})")
+    first = sorted(range(len(plans)), key=lambda i: (asked.index(plans[i][0]) if plans[i][0] in asked else len(asked),
+                                                     plans[i][0] not in searched_budgets,
                                                      not plans[i][0].startswith(("uniform4-", "uniform5-")), i))
     for name, plan, cost, dtype in (plans[i] for i in first):
         final = run_final(bench.finals, name, plan, recipe(name, settings), model, data, seed=0, dtype=dtype,

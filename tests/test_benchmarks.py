@@ -467,6 +467,44 @@ def test_ablation_benchmark_smoke(tmp_path):
     assert not (ROOT / "benchmarks" / "results" / "ablation-smoke.json").exists()
 
 
+def test_rank_value_benchmark_smoke(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "rank_value.py"), "--smoke", "--work", str(tmp_path),
+           "--budgets", "4bit", "--value", "2.0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "rank_value-smoke.json").read_text())
+    c = result["calibration"]
+    rows = c["rows"]
+    assert set(rows) == {"uniform4-r16", "uniform4-r4", "uniform3-r16"} and (c["rank_high"], c["rank_low"]) == (16, 4)
+    # the price is read from those rows and the profile, by the docstring's formula (none where a step gained)
+    assert c["per_halving"] == pytest.approx((rows["uniform4-r4"] - rows["uniform4-r16"]) / 2)
+    assert c["three_bit_step"] == pytest.approx(rows["uniform3-r16"] - rows["uniform4-r16"])
+    kl3, kl4 = c["kl_sum"]["3"], c["kl_sum"]["4"]
+    assert kl3 > kl4 > 0
+    if c["per_halving"] > 0 and c["three_bit_step"] > 0:
+        assert c["measured"] == pytest.approx(c["per_halving"] / c["three_bit_step"] * (kl3 - kl4) / kl4)
+    else:
+        assert c["measured"] is None
+    assert result["settings"]["value"] == 2.0 and [b["budget"] for b in result["budgets"]] == ["4bit"]
+    row = result["budgets"][0]
+    ours, today = row["ours"], row["today"]
+    assert ours["rank_value"] == 2.0 and today["rank_value"] == pytest.approx(1 / 3)
+    for r in (ours, today):
+        assert len(r["seeds"]) == result["settings"]["seeds"] and r["memory_bytes"] <= r["budget_bytes"]
+    # each search records the price it ran with: the two are separate studies
+    import optuna
+
+    for name, value in ((f"rank-value-2-4bit", 2.0), ("qradaptor-4bit", 1 / 3)):
+        study = optuna.load_study(study_name="qradaptor", storage=f"sqlite:///{tmp_path / name / 'search' / 'study.db'}")
+        assert study.user_attrs["qradaptor_config"]["rank_value"] == pytest.approx(value)
+    # the uniform rows trained for the calibration are among the best-uniform candidates
+    assert row["best_uniform"] is not None and row["best_uniform"]["name"].startswith("uniform")
+    assert (tmp_path / "rank_value-smoke.md").is_file()
+    assert not (ROOT / "benchmarks" / "results" / "rank_value-smoke.json").exists()
+    bad = subprocess.run(cmd[:-4] + ["--budgets", "7bit"], capture_output=True, text=True, env=dict(os.environ))
+    assert bad.returncode != 0 and "--budgets: choose among" in bad.stderr
+
+
 def test_step_windows_double_in_length_and_cover_every_step():
     from benchmarks import ablation
 
