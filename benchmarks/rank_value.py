@@ -15,15 +15,16 @@ as a check (the prior's 4 → 5-bit step against the fine-tune's), where the led
 
 Then the frontier's searches run again at each budget with the measured ``rank_value`` (2 significant digits), their
 plans are fine-tuned with 3 seeds (seed 0 continuing the search's run, as `run` does), and the report sets each beside
-the frontier's own search at today's 1/3 and the best uniform setting in the budget (the uniform rows the ledger
-holds; their seeds as far as they are measured).
+the same search at the old price, 1/3, and the best uniform setting in the budget (the uniform rows the ledger holds;
+their seeds as far as they are measured). The searches at 1/3 are the frontier's own from before the default changed
+(moved to ``rank-value-0.333-<budget>``; where missing they run here).
 
     .venv/bin/python benchmarks/rank_value.py                       # SmolLM2: ~1.5 h beyond what the ledger holds
     .venv/bin/python benchmarks/rank_value.py --budgets 5bit,4bit   # some budgets only (resumable: more later)
     .venv/bin/python benchmarks/rank_value.py --value 2.0           # try a price of your own instead of measuring
     .venv/bin/python benchmarks/rank_value.py --smoke               # a tiny random model, a few minutes
 
-Resumable (searches in benchmarks/work/frontier/rank-value-*, finals in the frontier's store and ledger). Writes
+Resumable (searches in benchmarks/work/frontier/rank-value-<price>-<budget>, finals in the frontier's store and ledger). Writes
 benchmarks/results/rank_value.{json,md}.
 """
 
@@ -42,13 +43,14 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
 from benchmarks.frontier import BUDGETS, Bench, run_final, train_dtype, uniform_name  # noqa: E402
 
-TODAY = 1 / 3  # the prior's price before this benchmark (DESIGN §6, zero-start fine-tunes)
+OLD = 1 / 3  # the prior's price before this benchmark (DESIGN §6, from zero-start fine-tunes)
 
 
 def calibrate(bench: Bench, settings: dict, dtype: str) -> dict:
     """Train (or take from the ledger) the uniform rows the price is measured on; return them and the price."""
     from qradaptor.plan import DEFAULT_RANK, Plan
     from qradaptor.profile import Sensitivity
+    from qradaptor.search import PriorCost, SearchConfig
 
     L, ranks = bench.shapes.num_layers, settings["grid"]["ranks"]
     high = DEFAULT_RANK if DEFAULT_RANK in ranks else max(ranks)
@@ -62,7 +64,8 @@ def calibrate(bench: Bench, settings: dict, dtype: str) -> dict:
     check = run_final(bench.finals, uniform_name(5, high), Plan.uniform(L, 5, high), settings, bench.model, bench.data,
                       seed=0, dtype=dtype, train=False)  # the ledger's, where the frontier trained it
     profile = Sensitivity.load(bench.search_profile())
-    kl = {b: sum(layer[b] for layer in profile.kl) for b in (3, 4)}
+    prior = PriorCost(profile, SearchConfig(budget_bytes=1))
+    kl = {b: sum(prior.bits_cost(layer, b) for layer in range(L)) for b in (3, 4, 5)}  # 5: extrapolated, as priced
     halving = (loss[(4, low)] - loss[(4, high)]) / math.log2(high / low)
     step = loss[(3, high)] - loss[(4, high)]
     # where a smaller rank or fewer bits did not end worse, no price can be read from these rows
@@ -92,6 +95,12 @@ def best_uniform(bench: Bench, settings: dict, budget_bytes: int, dtype: str) ->
             if seeds and (best is None or sum(seeds) / len(seeds) < best["loss"]):
                 best = {"name": name, "seeds": seeds, "loss": sum(seeds) / len(seeds)}
     return best
+
+
+def search_name(value: float, budget: str) -> str:
+    """Where the search at ``budget`` with the prior's ``value`` runs (``work/<name>/search``). The frontier's own
+    searches at the old price, made before the default changed, were moved there (they are those searches)."""
+    return f"rank-value-{value:.3g}-{budget}"
 
 
 def searched_row(bench: Bench, name: str, budget: str, value: float, settings: dict, dtype: str) -> dict:
@@ -135,12 +144,12 @@ def main(argv=None) -> int:
           flush=True)
     rows = []
     for budget in budgets:  # the results are written after each budget, so a stopped run has reported the rest
-        ours = searched_row(bench, f"rank-value-{value:g}-{budget}", budget, value, settings, dtype)
-        today = searched_row(bench, f"qradaptor-{budget}", budget, TODAY, settings, dtype)  # the frontier's
+        ours = searched_row(bench, search_name(value, budget), budget, value, settings, dtype)
+        old = searched_row(bench, search_name(OLD, budget), budget, OLD, settings, dtype)
         uniform = best_uniform(bench, settings, ours["budget_bytes"], dtype)
-        rows.append({"budget": budget, "ours": ours, "today": today, "best_uniform": uniform})
-        print(f"rank_value: {budget}: {ours['loss']:.4f} ({ours['plan']}) vs today's {today['loss']:.4f}", flush=True)
-        payload = {"settings": {**settings, "dtype": dtype, "smoke": args.smoke, "today": TODAY, "value": value,
+        rows.append({"budget": budget, "ours": ours, "old": old, "best_uniform": uniform})
+        print(f"rank_value: {budget}: {ours['loss']:.4f} ({ours['plan']}) vs {old['loss']:.4f} at {OLD:.3g}", flush=True)
+        payload = {"settings": {**settings, "dtype": dtype, "smoke": args.smoke, "old": OLD, "value": value,
                                 "model": bench.model or "smollm2-135m", "data": bench.data or "pydoc-topics"},
                    "calibration": calibration, "budgets": rows, "seconds": time.perf_counter() - start,
                    "environment": environment()}
@@ -172,27 +181,31 @@ def report(calibration: dict, rows: list[dict], settings: dict, value: float, sm
             f"(r{high}): {c['three_bit_step']:+.4f}. The profile's KL summed over layers: 3-bit {c['kl_sum']['3']:.4f}, "
             f"4-bit {c['kl_sum']['4']:.4f}. "
           + (f"rank_value = {c['per_halving']:.4f} / {c['three_bit_step']:.4f} × ({c['kl_sum']['3']:.4f} − "
-             f"{c['kl_sum']['4']:.4f}) / {c['kl_sum']['4']:.4f} = **{c['measured']:.3f}** (today's: {TODAY:.3f})."
+             f"{c['kl_sum']['4']:.4f}) / {c['kl_sum']['4']:.4f} = **{c['measured']:.3f}** (until now: {OLD:.3f})."
              if c["measured"] is not None else "No price can be read from these rows (a step did not end worse).")
           + ("" if value == c["value"] else f" The searches below use {value:g} (given)."))
     if c["five_bit_check"] is not None:
+        # the prior's 4 → 5-bit step in the loss units of the 3-bit step it is read against
+        priced = -(c["kl_sum"]["4"] - c["kl_sum"]["5"]) / (c["kl_sum"]["3"] - c["kl_sum"]["4"]) * c["three_bit_step"]
         md += (f" Check: every layer 4 → 5 bits (r{high}) changed the loss by {c['five_bit_check']:+.4f}; the prior "
-               f"prices that step as a gain of ΣKL₄ − ΣKL₅ (KL₅ extrapolated from the profile's widths).")
+               f"prices that step at {priced:+.4f} (ΣKL₅ {c['kl_sum']['5']:.4f}, extrapolated from the profile's "
+               f"widths as the search prices it, against the 3-bit step): it values a 5th bit "
+               + ("more" if priced < c["five_bit_check"] else "no more") + " than the fine-tune did.")
     md += (f"\n\n## The searches with rank_value {value:g}\n\n"
            f"Each budget's search as benchmarks/frontier.py runs its `qradaptor-<budget>` (same settings, "
            f"`rank_value` aside), its plan fine-tuned with {settings['seeds']} seeds (mean ± half the max–min spread); "
-           f"beside it the frontier's own search (rank_value {TODAY:.3f}) and the best uniform setting (group size 64) "
+           f"beside it the same search at the old price ({OLD:.3f}: the frontier's own, made before the default changed) and the best uniform setting (group size 64) "
            f"within the budget among the rows the ledger holds.\n\n")
     table = []
     for r in rows:
-        ours, today, uniform = r["ours"], r["today"], r["best_uniform"]
+        ours, old, uniform = r["ours"], r["old"], r["best_uniform"]
         table.append([r["budget"], f"{ours['budget_bytes'] / 2**20:.1f}", ours["plan"], _mean(ours),
-                      today["plan"], _mean(today), f"{ours['loss'] - today['loss']:+.4f}",
+                      old["plan"], _mean(old), f"{ours['loss'] - old['loss']:+.4f}",
                       "" if uniform is None else f"{uniform['name']} {_mean(uniform)}",
                       "" if uniform is None else f"{ours['loss'] - uniform['loss']:+.4f}",
-                      f"{ours['search_steps']} / {today['search_steps']}"])
-    md += markdown_table(["budget", "MiB", f"plan (rank_value {value:g})", "test loss", f"plan ({TODAY:.3f})",
-                          "test loss", "Δ", "best uniform", "Δ vs uniform", "search steps (ours / today's)"], table)
+                      f"{ours['search_steps']} / {old['search_steps']}"])
+    md += markdown_table(["budget", "MiB", f"plan (rank_value {value:g})", "test loss", f"plan ({OLD:.3f})",
+                          "test loss", "Δ", "best uniform", "Δ vs uniform", f"search steps ({value:g} / {OLD:.3f})"], table)
     return md
 
 

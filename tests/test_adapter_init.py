@@ -137,6 +137,33 @@ def test_fits_are_kept_per_module_and_bits_and_shared_by_plans(tiny_model):
     assert AdapterStart(tiny_model, "zero", cache).factors(PLAN) == {}
 
 
+def test_a_width_met_in_early_layers_only_stops_the_calibration_forward_there(tiny_model):
+    """Fitting linears of the first layers only runs the forward no further than the last of them, and the fits are
+    those of a whole forward."""
+    cache, blocks = QuantCache(get_backend("hqq")), _blocks()
+    layers = tiny_model.model.layers
+    calls = {i: 0 for i in range(len(layers))}
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    try:
+        start = AdapterStart(tiny_model, "activation", cache, blocks=blocks, max_rank=8)
+        early = start.factors(Plan([LayerChoice(3, 8), LayerChoice(4, 8)] + [LayerChoice(16, 8)] * 2))
+        assert calls == {0: 1, 1: 1, 2: 0, 3: 0}
+        assert len(early) == 14
+        whole = AdapterStart(tiny_model, "activation", QuantCache(get_backend("hqq")), blocks=blocks,
+                             max_rank=8).factors(Plan([LayerChoice(3, 8), LayerChoice(4, 8)] + [LayerChoice(2, 8)] * 2))
+        assert calls == {0: 2, 1: 2, 2: 1, 3: 1}  # linears in the last layer: the whole forward
+        for name, fit in early.items():
+            assert torch.equal(fit.A, whole[name].A) and torch.equal(fit.B, whole[name].B)
+        # a width in layer 3 only: the first layers run again (their outputs feed it), none is refitted
+        fitted = len(start._fits)
+        start.factors(Plan([LayerChoice(3, 8), LayerChoice(4, 8), LayerChoice(16, 8), LayerChoice(2, 8)]))
+        assert len(start._fits) == fitted + 7 and calls[3] == 2
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_modules_own_bits_and_ranks_are_what_the_start_fits(tiny_model):
     """A module's own bits select the codes fitted against (16 bits: no start) and its own rank the truncation."""
     plan = Plan([LayerChoice(4, 8, (ModuleChoice("k_proj", 16, 8), ModuleChoice("down_proj", 3, 2))),

@@ -487,14 +487,14 @@ def test_rank_value_benchmark_smoke(tmp_path):
         assert c["measured"] is None
     assert result["settings"]["value"] == 2.0 and [b["budget"] for b in result["budgets"]] == ["4bit"]
     row = result["budgets"][0]
-    ours, today = row["ours"], row["today"]
-    assert ours["rank_value"] == 2.0 and today["rank_value"] == pytest.approx(1 / 3)
-    for r in (ours, today):
+    ours, old = row["ours"], row["old"]
+    assert ours["rank_value"] == 2.0 and old["rank_value"] == pytest.approx(1 / 3)
+    for r in (ours, old):
         assert len(r["seeds"]) == result["settings"]["seeds"] and r["memory_bytes"] <= r["budget_bytes"]
     # each search records the price it ran with: the two are separate studies
     import optuna
 
-    for name, value in ((f"rank-value-2-4bit", 2.0), ("qradaptor-4bit", 1 / 3)):
+    for name, value in (("rank-value-2-4bit", 2.0), ("rank-value-0.333-4bit", 1 / 3)):
         study = optuna.load_study(study_name="qradaptor", storage=f"sqlite:///{tmp_path / name / 'search' / 'study.db'}")
         assert study.user_attrs["qradaptor_config"]["rank_value"] == pytest.approx(value)
     # the uniform rows trained for the calibration are among the best-uniform candidates

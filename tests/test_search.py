@@ -193,6 +193,42 @@ def test_rerun_reuses_the_study_without_new_evaluations(tiny, words, tmp_path):
     assert plan_key(again.chosen.plan) == plan_key(first.chosen.plan)
 
 
+def test_the_priors_price_of_rank_follows_the_start_and_a_study_keeps_the_one_it_began_with(tiny, words, tmp_path):
+    from qradaptor.search.config import STARTED_RANK_VALUE, ZERO_START_RANK_VALUE
+    from qradaptor.search.storage import recorded_config
+
+    assert SearchConfig(budget_bytes=1, adapter_init="zero").rank_value == ZERO_START_RANK_VALUE == 1 / 3
+    assert SearchConfig(budget_bytes=1).rank_value == STARTED_RANK_VALUE > ZERO_START_RANK_VALUE  # activation
+    assert SearchConfig(budget_bytes=1, adapter_init="zero", rank_value=2.0).rank_value == 2.0
+    with pytest.raises(SearchError, match="rank_value must be a positive number"):
+        SearchConfig(budget_bytes=1, rank_value=0.0)
+    # pricing rank higher moves the prior's fill of the same budget from bits toward rank
+    d, model, prior = tiny
+    budget = budget_of(model, 4)
+    zero, started = (planner_for(model, prior, budget, adapter_init=a).fill(budget) for a in ("zero", "activation"))
+    assert sum(c.rank for c in started.layers) >= sum(c.rank for c in zero.layers)
+    assert sum(c.bits for c in started.layers) <= sum(c.bits for c in zero.layers)
+    # a study begun under the old price (as before the default changed) resumes with it: nothing evaluated again
+    prior.save(tmp_path)
+    calls = []
+
+    def counting(plan, fidelity):
+        calls.append(fidelity.name)
+        return fast_fitness(plan, fidelity)
+
+    kw = dict(data=words, budget=budget, out=tmp_path, trials=8, population=4, promote=1, refine=1, progress=False,
+              seq_len=32)
+    first = search(str(d), fitness=counting, rank_value=ZERO_START_RANK_VALUE, **kw)
+    n = len(calls)
+    again = search(str(d), fitness=counting, **kw)
+    assert len(calls) == n and plan_key(again.chosen.plan) == plan_key(first.chosen.plan)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert recorded_config(storage, "qradaptor")["rank_value"] == ZERO_START_RANK_VALUE
+    assert recorded_config(storage, "no such study") is None
+    assert recorded_config(f"sqlite:///{tmp_path / 'none.db'}", "qradaptor") is None
+    assert not (tmp_path / "none.db").exists()
+
+
 def test_resume_after_a_killed_process(tiny, words, tmp_path):
     """Kill a real CLI search mid-exploration (SIGKILL, in its 4th trial); the same command finishes it without
     redoing finished trials."""

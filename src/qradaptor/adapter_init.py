@@ -118,6 +118,10 @@ def calibration_subset(blocks, tokens: int = DEFAULT_START_TOKENS):
     return blocks.subset(max(1, -(-tokens // blocks.seq_len)))
 
 
+class _AllFitted(Exception):
+    """Raised by the calibration forward's last fit: nothing after it needs the forward."""
+
+
 class AdapterStart:
     """Quantization-aware starts for the adapters of ``model`` (full precision; it is not changed), fitted once per
     ``(module, bits, group size)`` up to ``max_rank`` and kept, so the many plans of a search share them.
@@ -172,13 +176,19 @@ class AdapterStart:
                 last[:] = [x, flat.T @ flat / flat.shape[0]]
             fit = low_rank_fit(self._error(name, module, bits, group), self.max_rank, last[1])
             self._fits[(name, bits, group)] = balanced(fit, last[1]) if self.method == "balanced" else fit
+            left.discard(id(module))
+            if not left:  # the rest of the forward fits nothing (a width met in early layers only: stop there)
+                raise _AllFitted
 
         linears = {id(linear): linear for linear, *_ in missing.values()}
+        left = set(linears)
         handles = [linear.register_forward_pre_hook(hook) for linear in linears.values()]
         try:
             with torch.no_grad():
                 ids = self.blocks.input_ids.to(next(self.model.parameters()).device)
                 backbone(self.model)(input_ids=ids, use_cache=False)
+        except _AllFitted:
+            pass
         finally:
             for handle in handles:
                 handle.remove()

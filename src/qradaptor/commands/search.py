@@ -17,8 +17,8 @@ from ..plan import Plan
 from ..precision import DTYPE_CHOICES, DTYPES, resolve_dtype
 from ..profile import Sensitivity
 from ..search import (CONFIG_ATTR, FORMAT, RUNS_DIR, FineTuneFitness, Fitness, Search, SearchConfig, SearchError, SearchResult,
-                      check_search_dir, check_searchable, locked_search_dir, open_storage, recorded_dtype, redact,
-                      search_data_fingerprint, search_rate, training_fixed_bytes, write_outputs)
+                      check_search_dir, check_searchable, locked_search_dir, open_storage, recorded_config, recorded_dtype,
+                      redact, search_data_fingerprint, search_rate, training_fixed_bytes, write_outputs)
 
 log = logging.getLogger("qradaptor")
 
@@ -107,6 +107,11 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
     reached = open_storage(storage_url) if storage else None  # reach the server before anything is written locally
     if dtype == "auto":  # a study begun before goes on in the dtype it recorded; a new one in this device's
         dtype = recorded_dtype(reached or storage_url, study) or resolve_dtype(dtype, device)
+    if settings.get("rank_value") is None:  # and with the prior's price of rank it recorded (its default has changed)
+        settings.pop("rank_value", None)
+        recorded = (recorded_config(reached or storage_url, study) or {}).get("rank_value")
+        if recorded is not None:
+            settings["rank_value"] = recorded
     loaded = load_base(model, dtype=DTYPES[dtype])
     base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
     settings = Plan.check_settings(base, settings)  # refused before any work, naming the model's linears

@@ -31,9 +31,9 @@ how more processes join. A trial left RUNNING is failed (and its plan retried) o
 known dead: at once on this machine, after the heartbeat grace period elsewhere.
 
 The prior's units: per-layer KL for bits (a unit's own estimate where the profile made per-linear ones); halving
-a layer's rank is charged ``rank_value`` times that layer's KL at 4 bits (on SmolLM2, halving every rank cost about
-a third of what 4-bit quantization costs in held-out loss; see DESIGN §6), a unit its share of it. It only orders
-repair and warm-start moves; fitness is measured.
+a layer's rank is charged ``rank_value`` times that layer's KL at 4 bits (`config.default_rank_value`, by how the
+fine-tunes start their adapters: measured on SmolLM2 in benchmarks/results/rank_value.md), a unit its share of it.
+A study keeps the price it began with. It only orders repair and warm-start moves; fitness is measured.
 
 The package keeps one concern per module: ``config`` (settings), ``genes`` (plans as Optuna parameters), ``planner`` (prior cost, memory, repair),
 ``fitness`` (the fine-tune objective), ``storage`` (Optuna storage, locks, leases, stale trials), ``sampler``
@@ -53,7 +53,7 @@ from .planner import (Planner, PriorCost, check_searchable, group_error_ratios, 
                       training_fixed_bytes)
 from .report import (Evaluated, SearchResult, bit_widths_tried, describe_bit_widths, kept_run, measured_uniform,
                      pareto_front, plot_pareto, summary, write_outputs)
-from .storage import (check_search_dir, locked_search_dir, open_storage, recorded_dtype, redact,
+from .storage import (check_search_dir, locked_search_dir, open_storage, recorded_config, recorded_dtype, redact,
                       search_data_fingerprint)
 
 __all__ = ["CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evaluated", "FORMAT", "Fidelity", "GENE_LAYOUTS", "Genes",
@@ -61,5 +61,5 @@ __all__ = ["CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evaluated", "FORMAT"
            "group_error_ratios", "RUNS_DIR", "SEARCH_FILES", "SEARCH_LR_CAP", "Search", "SearchConfig",
            "SearchError", "SearchResult", "bit_widths_tried", "describe_bit_widths", "measured_uniform", "open_storage",
            "pareto_front", "plan_from_key", "plan_key", "plot_pareto",
-           "recorded_dtype", "redact", "search_data_fingerprint", "search_rate", "summary", "training_fixed_bytes", "write_outputs",
+           "recorded_config", "recorded_dtype", "redact", "search_data_fingerprint", "search_rate", "summary", "training_fixed_bytes", "write_outputs",
            "check_search_dir", "check_searchable", "kept_run", "locked_search_dir", "run_name"]

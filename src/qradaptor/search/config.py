@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from ..architecture import DEFAULT_TARGET_MODULES
@@ -32,6 +33,18 @@ class SearchError(QRAdaptorError):
 #: the first steps rank plans unlike the final fine-tune does: at 3e-3 a small adapter on better-kept weights leads
 #: for ~64 of 100 steps and ends far behind a larger one (benchmarks/results/search_lr.md).
 SEARCH_LR_CAP = 1e-3
+
+#: The prior's price of halving a layer's rank, in units of that layer's 4-bit KL (`planner.PriorCost`), by how the
+#: search's fine-tunes start their adapters. From zero, a third (DESIGN §6). From a quantization-aware start the
+#: fine-tune recovers far more of the quantization error, so bits buy less and rank more: priced as the fine-tune
+#: traded them on SmolLM2 (halving every rank against every layer 4 → 3 bits; benchmarks/results/rank_value.md).
+ZERO_START_RANK_VALUE = 1 / 3
+STARTED_RANK_VALUE = 1.4
+
+
+def default_rank_value(adapter_init: str) -> float:
+    """The prior's price of rank (`SearchConfig.rank_value`) for fine-tunes whose adapters start as ``adapter_init``."""
+    return ZERO_START_RANK_VALUE if adapter_init == "zero" else STARTED_RANK_VALUE
 
 
 def search_rate(final_lr: float, given: float | None = None) -> float:
@@ -85,7 +98,7 @@ class SearchConfig:
     dora: bool = False  # DoRA adapters in every plan (`Plan.dora`)
     expert_adapters: bool = False  # adapters on routed experts in every plan (`Plan.expert_adapters`)
     backend: str = "hqq"
-    rank_value: float = 1 / 3
+    rank_value: float | None = None  # None: `default_rank_value` of ``adapter_init``
     gradient_checkpointing: bool = True  # in the search's fine-tunes (see TrainConfig)
     adapter_init: str = "activation"  # how the search's fine-tunes start their adapters (RunConfig.adapter_init)
     start_tokens: int = DEFAULT_START_TOKENS  # the activation start's calibration tokens (RunConfig.start_tokens)
@@ -122,6 +135,12 @@ class SearchConfig:
         if self.adapter_init not in ADAPTER_INITS:
             raise SearchError(f"unknown adapter start {self.adapter_init!r}",
                               f"use --adapter-init {' or '.join(ADAPTER_INITS)}")
+        if self.rank_value is None:
+            self.rank_value = default_rank_value(self.adapter_init)
+        if not (isinstance(self.rank_value, (int, float)) and self.rank_value > 0 and math.isfinite(self.rank_value)):
+            raise SearchError(f"the prior's rank_value must be a positive number, got {self.rank_value!r}",
+                              f"leave it out for the default ({default_rank_value(self.adapter_init):g} with the "
+                              f"{self.adapter_init} start)")
         if type(self.start_tokens) is not int or self.start_tokens <= 0:
             raise SearchError(f"--start-tokens must be a positive whole number, got {self.start_tokens!r}",
                               f"e.g. --start-tokens {DEFAULT_START_TOKENS} (the default)")

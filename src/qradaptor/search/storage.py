@@ -41,10 +41,9 @@ def open_storage(url: str):
                           "(PostgreSQL needs `pip install psycopg2-binary`)") from None
 
 
-def recorded_dtype(storage, study: str) -> str | None:
-    """The dtype the fine-tunes of ``study`` compute in (float32 for a study from before it was recorded), or None
-    where there is no such study. ``storage``: an opened storage, or its URL (a SQLite file not yet made is not
-    created)."""
+def recorded_config(storage, study: str) -> dict | None:
+    """The settings ``study`` recorded when it began (`SearchConfig.to_dict` and more), or None where there is no
+    such study. ``storage``: an opened storage, or its URL (a SQLite file not yet made is not created)."""
     import optuna
 
     if isinstance(storage, str) and storage.startswith("sqlite:///") and not Path(
@@ -55,7 +54,14 @@ def recorded_dtype(storage, study: str) -> str | None:
     except Exception:  # noqa: BLE001 - an unreadable storage is reported when the search opens it
         return None
     config = next((s.user_attrs.get(CONFIG_ATTR) for s in summaries if s.study_name == study), None)
-    return (config.get("dtype") or "float32") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def recorded_dtype(storage, study: str) -> str | None:
+    """The dtype the fine-tunes of ``study`` compute in (float32 for a study from before it was recorded), or None
+    where there is no such study (`recorded_config`)."""
+    config = recorded_config(storage, study)
+    return None if config is None else config.get("dtype") or "float32"
 
 
 def redact(url: str) -> str:
