@@ -17,8 +17,8 @@ from ..plan import Plan
 from ..precision import DTYPE_CHOICES, DTYPES, resolve_dtype
 from ..profile import Sensitivity
 from ..search import (CONFIG_ATTR, FORMAT, RUNS_DIR, FineTuneFitness, Fitness, Search, SearchConfig, SearchError, SearchResult,
-                      check_search_dir, check_searchable, locked_search_dir, open_storage, recorded_config, recorded_dtype,
-                      redact, search_data_fingerprint, search_rate, training_fixed_bytes, write_outputs)
+                      check_search_dir, check_searchable, locked_search_dir, open_storage, recorded_config, redact,
+                      search_data_fingerprint, search_rate, training_fixed_bytes, write_outputs)
 
 log = logging.getLogger("qradaptor")
 
@@ -105,13 +105,14 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
     storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study = study or "qradaptor"
     reached = open_storage(storage_url) if storage else None  # reach the server before anything is written locally
+    recorded = recorded_config(reached or storage_url, study)  # None: a new study
     if dtype == "auto":  # a study begun before goes on in the dtype it recorded; a new one in this device's
-        dtype = recorded_dtype(reached or storage_url, study) or resolve_dtype(dtype, device)
+        # (float32 where it began before the dtype was recorded)
+        dtype = (recorded.get("dtype") or "float32") if recorded is not None else resolve_dtype(dtype, device)
     if settings.get("rank_value") is None:  # and with the prior's price of rank it recorded (its default has changed)
         settings.pop("rank_value", None)
-        recorded = (recorded_config(reached or storage_url, study) or {}).get("rank_value")
-        if recorded is not None:
-            settings["rank_value"] = recorded
+        if recorded is not None and recorded.get("rank_value") is not None:
+            settings["rank_value"] = recorded["rank_value"]
     loaded = load_base(model, dtype=DTYPES[dtype])
     base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
     settings = Plan.check_settings(base, settings)  # refused before any work, naming the model's linears

@@ -53,7 +53,7 @@ from .planner import (Planner, PriorCost, check_searchable, group_error_ratios, 
                       training_fixed_bytes)
 from .report import (Evaluated, SearchResult, bit_widths_tried, describe_bit_widths, kept_run, measured_uniform,
                      pareto_front, plot_pareto, summary, write_outputs)
-from .storage import (check_search_dir, locked_search_dir, open_storage, recorded_config, recorded_dtype, redact,
+from .storage import (check_search_dir, locked_search_dir, open_storage, recorded_config, redact,
                       search_data_fingerprint)
 
 __all__ = ["CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evaluated", "FORMAT", "Fidelity", "GENE_LAYOUTS", "Genes",
@@ -61,5 +61,5 @@ __all__ = ["CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evaluated", "FORMAT"
            "group_error_ratios", "RUNS_DIR", "SEARCH_FILES", "SEARCH_LR_CAP", "Search", "SearchConfig",
            "SearchError", "SearchResult", "bit_widths_tried", "describe_bit_widths", "measured_uniform", "open_storage",
            "pareto_front", "plan_from_key", "plan_key", "plot_pareto",
-           "recorded_config", "recorded_dtype", "redact", "search_data_fingerprint", "search_rate", "summary", "training_fixed_bytes", "write_outputs",
+           "recorded_config", "redact", "search_data_fingerprint", "search_rate", "summary", "training_fixed_bytes", "write_outputs",
            "check_search_dir", "check_searchable", "kept_run", "locked_search_dir", "run_name"]

@@ -57,13 +57,6 @@ def recorded_config(storage, study: str) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def recorded_dtype(storage, study: str) -> str | None:
-    """The dtype the fine-tunes of ``study`` compute in (float32 for a study from before it was recorded), or None
-    where there is no such study (`recorded_config`)."""
-    config = recorded_config(storage, study)
-    return None if config is None else config.get("dtype") or "float32"
-
-
 def redact(url: str) -> str:
     """The URL without its password, for messages."""
     import re
