@@ -652,6 +652,23 @@ def budget_searches(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["name"].startswith("qradaptor-") and r["name"] != "qradaptor-4bit-r16"]
 
 
+def first_rows(given: str, rows: list[str], seeds: int) -> dict[str, int]:
+    """``--first``'s rows, in its order, each with the number of seeds to train first (``ROW`` or ``ROW:SEEDS``,
+    comma-separated; 1 to ``seeds``). Exits with one message for a row this run lacks or a count out of range."""
+    asked = {}
+    for entry in filter(None, given.split(",")):
+        name, _, count = entry.partition(":")
+        if not (count or "1").isdigit() or not 1 <= int(count or 1) <= seeds:
+            raise SystemExit(f"frontier: --first {entry}: the number of seeds must be a whole number from 1 to "
+                             f"{seeds}, e.g. --first {name}:{seeds}")
+        asked[name] = int(count or 1)
+    unknown = sorted(set(asked) - set(rows))
+    if unknown:
+        raise SystemExit(f"frontier: --first names rows this run does not have: {', '.join(unknown)} (rows: "
+                         f"{', '.join(rows)})")
+    return asked
+
+
 def seeded(rows: list[dict], seeds_for: str) -> list[dict]:
     """The rows that get every seed: the searches' plans at the budgets, the gap's reference (`REFERENCE`), QDoRA and the
     uniform settings they are compared with, either the whole best-uniform front (``front``) or only the best
@@ -875,9 +892,11 @@ def main() -> None:
                              "searches, finals in the store or the ledger (frontier-partial.{json,md,png}, beside "
                              "the complete frontier's results; for a frontier that spans sessions). A measured row's "
                              "KL and peak RSS are still taken where they are missing")
-    parser.add_argument("--first", default="", metavar="ROW[,ROW...]",
-                        help="train these rows (seed 0) before all others, in this order: to measure what a "
-                             "decision waits on first in a frontier that spans sessions (the rest follow as usual)")
+    parser.add_argument("--first", default="", metavar="ROW[:SEEDS][,...]",
+                        help="train these rows before all others, in this order, each with seeds 0 … SEEDS−1 "
+                             "(default 1: seed 0): to measure what a decision waits on first in a frontier that spans "
+                             "sessions (the rest follow as usual; a row's extra seeds show in the table where the "
+                             "row is one that gets every seed)")
     parser.add_argument("--final-run", default=None, help=argparse.SUPPRESS)  # child processes
     parser.add_argument("--rss-run", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--evaluate-run", default=None, help=argparse.SUPPRESS)
@@ -958,12 +977,15 @@ def main() -> None:
     # uniform settings the budgets fall among), so an interrupted run has measured what matters most; the table
     # keeps the order of ``plans``.
     searched_budgets = {f"qradaptor-{budget}" for budget in BUDGETS}
-    asked = [name for name in args.first.split(",") if name]
-    unknown = sorted(set(asked) - {name for name, *_ in plans})
-    if unknown:
-        raise SystemExit(f"frontier: --first names rows this run does not have: {', '.join(unknown)} (rows: "
-                         f"{', '.join(name for name, *_ in plans)})")
-    first = sorted(range(len(plans)), key=lambda i: (asked.index(plans[i][0]) if plans[i][0] in asked else len(asked),
+    asked = first_rows(args.first, [name for name, *_ in plans], settings["seeds"])
+    if args.partial:  # the gap's ends first: without them there is no report, so measure nothing else before
+        ends = [(name, plan, dtype) for name, plan, _, dtype in plans if name in (REFERENCE, "lora16")]
+        if any(run_final(bench.finals, name, plan, recipe(name, settings), model, data, seed=0, dtype=dtype,
+                         train=False) is None for name, plan, dtype in ends):
+            sys.exit(f"frontier: --partial needs the {REFERENCE} and lora16 finals (the gap's ends), which are not "
+                     "trained yet; run benchmarks/frontier.py until they are")
+    place = {name: i for i, name in enumerate(asked)}
+    first = sorted(range(len(plans)), key=lambda i: (place.get(plans[i][0], len(asked)),
                                                      plans[i][0] not in searched_budgets,
                                                      not plans[i][0].startswith(("uniform4-", "uniform5-")), i))
     for name, plan, cost, dtype in (plans[i] for i in first):
@@ -983,10 +1005,10 @@ def main() -> None:
                      "code_bits": sum(c.bits for c in plan.layers) / L,  # decoder layers are equal in size
                      "dtype": dtype, **json.loads(kl_path.read_text()), **final, **cost, "seeds": [final["loss"]]})
         print(f"frontier: {name}: test loss {final['loss']:.4f}, {final['memory_bytes'] / 2**20:.1f} MiB", flush=True)
-        if name in searched_budgets:  # always seeded (see `seeded`): their other seeds now, as the loop below would
-            for seed in range(1, settings["seeds"]):
-                run_final(bench.finals, f"{name} seed {seed}", plan, settings, model, data, seed=seed, dtype=dtype,
-                          train=train)
+        # always seeded (see `seeded`): their other seeds now, as the loop below would; a row --first asked seeds for
+        for seed in range(1, settings["seeds"] if name in searched_budgets else asked.get(name, 1)):
+            run_final(bench.finals, f"{name} seed {seed}", plan, recipe(name, settings), model, data, seed=seed,
+                      dtype=dtype, train=train)
     order = {name: i for i, (name, *_) in enumerate(plans)}
     rows.sort(key=lambda r: order[r["name"]])
 
@@ -1017,9 +1039,6 @@ def main() -> None:
         if not added:  # --partial: the seeds still missing are not trained yet
             break
     methods = rows
-    if args.partial and not {REFERENCE, "lora16"} <= {r["name"] for r in rows}:
-        sys.exit(f"frontier: --partial needs the {REFERENCE} and lora16 finals (the gap's ends), which are not "
-                 "trained yet; run benchmarks/frontier.py until they are")
     goals = targets(methods, settings["steps"])
     fewer = {r["name"]: len(r["seeds"]) for r in seeded(rows, args.seeds_for) if len(r["seeds"]) < settings["seeds"]}
     payload = {"settings": {**settings, "budgets": list(BUDGETS), "model": model or "smollm2-135m",

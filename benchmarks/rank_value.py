@@ -22,10 +22,15 @@ their seeds as far as they are measured). The searches at 1/3 are the frontier's
     .venv/bin/python benchmarks/rank_value.py                       # SmolLM2: ~1.5 h beyond what the ledger holds
     .venv/bin/python benchmarks/rank_value.py --budgets 5bit,4bit   # some budgets only (resumable: more later)
     .venv/bin/python benchmarks/rank_value.py --value 2.0           # try a price of your own instead of measuring
+    .venv/bin/python benchmarks/rank_value.py --recovered-bits 4    # the same price, bits at and above 4 free
     .venv/bin/python benchmarks/rank_value.py --smoke               # a tiny random model, a few minutes
 
-Resumable (searches in benchmarks/work/frontier/rank-value-<price>-<budget>, finals in the frontier's store and ledger). Writes
-benchmarks/results/rank_value.{json,md}.
+``--recovered-bits B`` tries the prior's other setting, `SearchConfig.recovered_bits`: a layer's bits are charged
+only their KL above the layer's KL at B bits (what the start is counted on recovering; the price of rank, read from the
+3 → 4-bit step, is the same for B ≥ 4), against the searches at the same price charging all of it (B = 8).
+
+Resumable (searches in benchmarks/work/frontier/rank-value-<price>[-rb<B>]-<budget>, finals in the frontier's store and
+ledger). Writes benchmarks/results/rank_value.{json,md} (with --recovered-bits: rank_value-rb<B>.{json,md}).
 """
 
 from __future__ import annotations
@@ -97,18 +102,26 @@ def best_uniform(bench: Bench, settings: dict, budget_bytes: int, dtype: str) ->
     return best
 
 
-def search_name(value: float, budget: str) -> str:
-    """Where the search at ``budget`` with the prior's ``value`` runs (``work/<name>/search``). The frontier's own
-    searches at the old price, made before the default changed, were moved there (they are those searches)."""
-    return f"rank-value-{value:.3g}-{budget}"
+def search_name(value: float, budget: str, recovered_bits: int = 8) -> str:
+    """Where the search at ``budget`` with the prior's ``value`` (and ``recovered_bits``) runs
+    (``work/<name>/search``). The frontier's own searches at the old price, made before the default changed, were
+    moved there (they are those searches)."""
+    return f"rank-value-{value:.3g}" + (f"-rb{recovered_bits}" if recovered_bits != 8 else "") + f"-{budget}"
 
 
-def searched_row(bench: Bench, name: str, budget: str, value: float, settings: dict, dtype: str) -> dict:
-    """The search ``name`` at ``budget`` with the prior's ``rank_value`` and its plan's finals (3 seeds)."""
-    result = bench.search(name, budget, rank_value=value)
+def prior_label(value: float, recovered_bits: int) -> str:
+    return f"rank_value {value:.3g}" + (f", recovered_bits {recovered_bits}" if recovered_bits != 8 else "")
+
+
+def searched_row(bench: Bench, budget: str, value: float, recovered_bits: int, settings: dict, dtype: str) -> dict:
+    """The search at ``budget`` with the prior's ``rank_value`` and ``recovered_bits`` (`search_name`) and its plan's
+    finals (3 seeds)."""
+    name = search_name(value, budget, recovered_bits)
+    extra = {"recovered_bits": recovered_bits} if recovered_bits != 8 else {}
+    result = bench.search(name, budget, rank_value=value, **extra)
     finals = bench.final_seeds(name, result.chosen.plan, settings, dtype=dtype, search=result)
     seeds = finals["seeds"]
-    return {"name": name, "rank_value": value, "plan": result.chosen.plan.describe(),
+    return {"name": name, "rank_value": value, "recovered_bits": recovered_bits, "plan": result.chosen.plan.describe(),
             "memory_bytes": finals["memory_bytes"], "budget_bytes": result.budget_bytes, "seeds": seeds,
             "loss": sum(seeds) / len(seeds), "loss_spread": max(seeds) - min(seeds),
             "search_loss": result.chosen.loss, **bench.search_cost(name, result)}
@@ -124,12 +137,17 @@ def main(argv=None) -> int:
     parser.add_argument("--value", type=float, default=None,
                         help="search with this rank_value instead of the measured one (the calibration is still "
                              "reported)")
+    parser.add_argument("--recovered-bits", type=int, default=None, metavar="B",
+                        help="search with the prior charging bits only their KL above B bits' (SearchConfig."
+                             "recovered_bits), beside the searches at the same price charging all of it")
     args = parser.parse_args(argv)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     if not budgets or set(budgets) - set(BUDGETS):
         parser.error(f"--budgets: choose among {', '.join(BUDGETS)}")
     if args.value is not None and not args.value > 0:
         parser.error("--value: a positive number")
+    if args.recovered_bits is not None and not 2 <= args.recovered_bits < 8:
+        parser.error("--recovered-bits: a bit-width from 2 to 7 (8 is the searches it is compared with)")
     start = time.perf_counter()
     bench = Bench(args.work, smoke=args.smoke)
     settings, dtype = bench.settings, train_dtype()
@@ -142,20 +160,28 @@ def main(argv=None) -> int:
     measured = calibration["measured"]
     print(f"rank_value: measured {'none' if measured is None else f'{measured:.3f}'}; searching with {value:g}",
           flush=True)
+    # the prior compared: this price (and recovered_bits, where given) against the old price, or against this price
+    # charging every layer's whole KL
+    tried = (value, args.recovered_bits or 8)
+    baseline = (value, 8) if args.recovered_bits else (OLD, 8)
     rows = []
     for budget in budgets:  # the results are written after each budget, so a stopped run has reported the rest
-        ours = searched_row(bench, search_name(value, budget), budget, value, settings, dtype)
-        old = searched_row(bench, search_name(OLD, budget), budget, OLD, settings, dtype)
+        ours = searched_row(bench, budget, *tried, settings, dtype)
+        old = searched_row(bench, budget, *baseline, settings, dtype)
         uniform = best_uniform(bench, settings, ours["budget_bytes"], dtype)
         rows.append({"budget": budget, "ours": ours, "old": old, "best_uniform": uniform})
-        print(f"rank_value: {budget}: {ours['loss']:.4f} ({ours['plan']}) vs {old['loss']:.4f} at {OLD:.3g}", flush=True)
-        payload = {"settings": {**settings, "dtype": dtype, "smoke": args.smoke, "old": OLD, "value": value,
+        print(f"rank_value: {budget}: {ours['loss']:.4f} ({ours['plan']}) vs {old['loss']:.4f} ({prior_label(*baseline)})",
+              flush=True)
+        payload = {"settings": {**settings, "dtype": dtype, "smoke": args.smoke, "old": baseline[0], "value": value,
+                                "recovered_bits": tried[1], "baseline_recovered_bits": baseline[1],
                                 "model": bench.model or "smollm2-135m", "data": bench.data or "pydoc-topics"},
                    "calibration": calibration, "budgets": rows, "seconds": time.perf_counter() - start,
                    "environment": environment()}
-        md = report(calibration, rows, settings, value, args.smoke) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
+        md = report(calibration, rows, settings, tried, baseline, args.smoke)
+        md += f"\nCPU: {describe_cpu(payload['environment'])}.\n"
         directory = bench.work if args.smoke else RESULTS  # smoke results measure nothing: they stay out of results/
-        write_results("rank_value-smoke" if args.smoke else "rank_value", payload, md, directory=directory)
+        name = "rank_value" + (f"-rb{args.recovered_bits}" if args.recovered_bits else "")
+        write_results(name + ("-smoke" if args.smoke else ""), payload, md, directory=directory)
     print(md)
     return 0
 
@@ -168,8 +194,12 @@ def _mean(row: dict | None) -> str:
     return f"{row['loss']:.4f}{spread} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
 
 
-def report(calibration: dict, rows: list[dict], settings: dict, value: float, smoke: bool) -> str:
-    c = calibration
+def report(calibration: dict, rows: list[dict], settings: dict, tried: tuple[float, int], baseline: tuple[float, int],
+           smoke: bool) -> str:
+    c, value = calibration, tried[0]
+    ours_label, old_label = prior_label(*tried), prior_label(*baseline)
+    old_about = (f"the old price ({OLD:.3f}: the frontier's own, made before the default changed)" if baseline[0] == OLD
+                 else f"the same price charging every layer's whole KL ({old_label})")
     title = "a tiny random model (smoke)" if smoke else "SmolLM2-135M-Instruct"
     high, low = c["rank_high"], c["rank_low"]
     md = (f"# The search prior's price of rank on {title}\n\n"
@@ -191,10 +221,12 @@ def report(calibration: dict, rows: list[dict], settings: dict, value: float, sm
                f"prices that step at {priced:+.4f} (ΣKL₅ {c['kl_sum']['5']:.4f}, extrapolated from the profile's "
                f"widths as the search prices it, against the 3-bit step): it values a 5th bit "
                + ("more" if priced < c["five_bit_check"] else "no more") + " than the fine-tune did.")
-    md += (f"\n\n## The searches with rank_value {value:g}\n\n"
+        if tried[1] <= 4:
+            md += f" With recovered_bits {tried[1]} the prior prices that step at 0 (no width from {tried[1]} up costs KL)."
+    md += (f"\n\n## The searches with {ours_label}\n\n"
            f"Each budget's search as benchmarks/frontier.py runs its `qradaptor-<budget>` (same settings, "
-           f"`rank_value` aside), its plan fine-tuned with {settings['seeds']} seeds (mean ± half the max–min spread); "
-           f"beside it the same search at the old price ({OLD:.3f}: the frontier's own, made before the default changed) and the best uniform setting (group size 64) "
+           f"the prior's aside), its plan fine-tuned with {settings['seeds']} seeds (mean ± half the max–min spread); "
+           f"beside it the same search at {old_about} and the best uniform setting (group size 64) "
            f"within the budget among the rows the ledger holds.\n\n")
     table = []
     for r in rows:
@@ -204,8 +236,8 @@ def report(calibration: dict, rows: list[dict], settings: dict, value: float, sm
                       "" if uniform is None else f"{uniform['name']} {_mean(uniform)}",
                       "" if uniform is None else f"{ours['loss'] - uniform['loss']:+.4f}",
                       f"{ours['search_steps']} / {old['search_steps']}"])
-    md += markdown_table(["budget", "MiB", f"plan (rank_value {value:g})", "test loss", f"plan ({OLD:.3f})",
-                          "test loss", "Δ", "best uniform", "Δ vs uniform", f"search steps ({value:g} / {OLD:.3f})"], table)
+    md += markdown_table(["budget", "MiB", f"plan ({ours_label})", "test loss", f"plan ({old_label})",
+                          "test loss", "Δ", "best uniform", "Δ vs uniform", "search steps (ours / beside)"], table)
     return md
 
 

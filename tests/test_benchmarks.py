@@ -142,6 +142,14 @@ def test_frontier_benchmark_smoke(tmp_path):
     assert rows["qradaptor-3bit"]["seeds"] == by["qradaptor-3bit"]["seeds"]
     md = (tmp_path / "frontier-smoke-partial.md").read_text()
     assert "**Partial**" in md and "searches not finished: random" in md and "qradaptor-5bit (1 of 2)" in md
+    # without the gap's ends there is no report: it says so before measuring any row
+    ledger_file.write_text(json.dumps({"finals": {k: e for k, e in kept.items() if e["plan"] != by["lora16"]["plan"]}}))
+    (tmp_path / "frontier-smoke-partial.json").unlink()
+    endless = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--smoke", "--partial",
+                              "--work", str(tmp_path)], capture_output=True, text=True, env=dict(os.environ),
+                             timeout=1800)
+    assert endless.returncode != 0 and "needs the qlora4-r16 and lora16 finals" in endless.stderr, endless.stderr[-2000:]
+    assert "frontier: " not in endless.stdout and not (tmp_path / "frontier-smoke-partial.json").exists()
 
 
 def test_memory_benchmark_smoke(tmp_path):
@@ -392,6 +400,23 @@ def test_the_ledger_notice_says_which_finals_this_machine_cannot_reuse():
     assert "and" not in ledger_notice({"a": {"dtype": "bfloat16"}}, "bfloat16").split("finals in")[1]
 
 
+def test_frontier_first_rows_take_seeds_and_refuse_what_the_run_lacks():
+    """`frontier.py --first ROW[:SEEDS],...`: the rows in the order given, with their seeds to train first; a row the
+    run lacks or a seed count out of range ends the run with one message before anything trains."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.frontier import first_rows
+
+    rows = ["lora16", "uniform4-r4", "uniform4-r16-g32"]
+    assert list(first_rows("uniform4-r16-g32,uniform4-r4:3", rows, 3).items()) == [("uniform4-r16-g32", 1),
+                                                                                    ("uniform4-r4", 3)]
+    assert first_rows("", rows, 3) == {}
+    with pytest.raises(SystemExit, match="does not have: uniform9-r4"):
+        first_rows("uniform9-r4", rows, 3)
+    for bad in ("uniform4-r4:4", "uniform4-r4:0", "uniform4-r4:x"):
+        with pytest.raises(SystemExit, match="from 1 to 3"):
+            first_rows(bad, rows, 3)
+
+
 def test_adapter_init_benchmark_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_init.py"), "--smoke", "--work",
                            str(tmp_path), "--plans", "uniform4-r16", "--seeds", "2"],
@@ -503,6 +528,18 @@ def test_rank_value_benchmark_smoke(tmp_path):
     assert not (ROOT / "benchmarks" / "results" / "rank_value-smoke.json").exists()
     bad = subprocess.run(cmd[:-4] + ["--budgets", "7bit"], capture_output=True, text=True, env=dict(os.environ))
     assert bad.returncode != 0 and "--budgets: choose among" in bad.stderr
+    # --recovered-bits: the same price with bits at and above 4 free, beside the search above (resumed, not rerun)
+    proc = subprocess.run(cmd + ["--recovered-bits", "4"], capture_output=True, text=True, env=dict(os.environ),
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "rank_value-rb4-smoke.json").read_text())
+    ours, beside = result["budgets"][0]["ours"], result["budgets"][0]["old"]
+    assert (ours["rank_value"], ours["recovered_bits"], beside["rank_value"], beside["recovered_bits"]) == (2.0, 4, 2.0, 8)
+    assert beside["seeds"] == row["ours"]["seeds"]  # the search at 2.0 above, its finals from the store
+    study = optuna.load_study(study_name="qradaptor",
+                              storage=f"sqlite:///{tmp_path / 'rank-value-2-rb4-4bit' / 'search' / 'study.db'}")
+    assert study.user_attrs["qradaptor_config"]["recovered_bits"] == 4
+    assert "recovered_bits 4" in (tmp_path / "rank_value-rb4-smoke.md").read_text()
 
 
 def test_step_windows_double_in_length_and_cover_every_step():

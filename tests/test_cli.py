@@ -287,6 +287,22 @@ def test_search_profiles_with_its_own_block_length(capsys, tiny_dir, tmp_path, w
     assert code == 0, err
     settings = json.loads((workdir / "s" / "sensitivity.json").read_text())["settings"]
     assert settings["seq_len"] == 32 and settings["backend"] == "hqq"
+    # the prior's price of rank, given on the command line, reaches the search and is recorded; the same study
+    # asked at another price is another search, refused (naming the field), nothing changed
+    code, _, err = run(capsys, "search", "--model", str(tiny_dir), "--data", data, "--budget", "4bit", "--trials",
+                       "2", "--population", "2", "--promote", "1", "--refine", "0", "--seq-len", "32",
+                       "--rank-value", "2.5", "--out", str(workdir / "priced"), "-q")
+    assert code == 0, err
+    assert json.loads((workdir / "priced" / "pareto.json").read_text())["settings"]["rank_value"] == 2.5
+    before = (workdir / "priced" / "pareto.json").read_bytes()
+    code, _, err = run(capsys, "search", "--model", str(tiny_dir), "--data", data, "--budget", "4bit", "--trials",
+                       "2", "--population", "2", "--promote", "1", "--refine", "0", "--seq-len", "32",
+                       "--rank-value", "0.5", "--out", str(workdir / "priced"), "-q")
+    assert code == 2 and "rank_value" in err and "Traceback" not in err, err
+    assert (workdir / "priced" / "pareto.json").read_bytes() == before
+    code, _, err = run(capsys, "search", "--model", str(tiny_dir), "--budget", "4bit", "--rank-value", "0",
+                       "--out", str(workdir / "bad"))
+    assert code == 2 and "--rank-value" in err and "Traceback" not in err, err
 
 
 def test_a_search_on_the_final_schedule_keeps_the_run_that_train_continues(capsys, tiny_dir, tmp_path, workdir):

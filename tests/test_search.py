@@ -200,8 +200,9 @@ def test_the_priors_price_of_rank_follows_the_start_and_a_study_keeps_the_one_it
     assert SearchConfig(budget_bytes=1, adapter_init="zero").rank_value == ZERO_START_RANK_VALUE == 1 / 3
     assert SearchConfig(budget_bytes=1).rank_value == STARTED_RANK_VALUE > ZERO_START_RANK_VALUE  # activation
     assert SearchConfig(budget_bytes=1, adapter_init="zero", rank_value=2.0).rank_value == 2.0
-    with pytest.raises(SearchError, match="rank_value must be a positive number"):
-        SearchConfig(budget_bytes=1, rank_value=0.0)
+    for bad in (0.0, -1.0, float("inf"), True, "1.4"):  # a bool is an int to Python, not a price
+        with pytest.raises(SearchError, match="rank_value must be a positive number"):
+            SearchConfig(budget_bytes=1, rank_value=bad)
     # pricing rank higher moves the prior's fill of the same budget from bits toward rank
     d, model, prior = tiny
     budget = budget_of(model, 4)
@@ -397,6 +398,25 @@ def test_the_prior_prices_bit_widths_beyond_those_profiled(tiny):
         row = [cost.bits_cost(layer, b) for b in (2, 3, 4, 5, 6, 8)]
         assert all(math.isfinite(c) for c in row)
         assert row == sorted(row, reverse=True) and row[0] > row[2] > row[-1] == 0.0, row
+
+
+def test_the_prior_charges_only_the_kl_above_what_the_start_is_counted_on_recovering(tiny):
+    """``recovered_bits``: a layer's bits cost their KL less the layer's KL at that width (8, the default, charges
+    all of it); widths at or above it cost nothing, so the prior's fill spends a large budget on rank, not bits."""
+    _, model, prior = tiny
+    whole = PriorCost(prior, SearchConfig(budget_bytes=1))
+    part = PriorCost(prior, SearchConfig(budget_bytes=1, recovered_bits=4))
+    for layer in range(len(prior.kl)):
+        assert part.bits_cost(layer, 3) == pytest.approx(whole.bits_cost(layer, 3) - whole.bits_cost(layer, 4))
+        assert part.bits_cost(layer, 4) == part.bits_cost(layer, 5) == part.bits_cost(layer, 8) == 0.0
+        assert whole.bits_cost(layer, 4) > whole.bits_cost(layer, 5) > 0.0
+    budget = budget_of(model, 6, 32)  # every plan of the ladders below fits
+    fills = {b: planner_for(model, prior, budget, bits=(3, 4, 5, 6), recovered_bits=b).fill(budget) for b in (8, 4)}
+    assert {c.bits for c in fills[4].layers} == {4} and {c.rank for c in fills[4].layers} == {32}, fills[4]
+    assert {c.bits for c in fills[8].layers} == {6}, fills[8]
+    for bad in (1, 9, True, 4.0):
+        with pytest.raises(SearchError, match="recovered_bits must be a bit-width from 2 to 8"):
+            SearchConfig(budget_bytes=1, recovered_bits=bad)
 
 
 def test_gaussian_process_interpolates_and_ei_prefers_promising_points():

@@ -128,7 +128,7 @@ def _given_training_settings(args, *, skip: tuple[str, ...] = ()) -> dict:
 _RUN_OWN = ("steps", "epochs", "seq_len")
 #: The exploration's flags (`search` and `run`), and what `run` passes to its search.
 _EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "genes", "group_sizes", "target_modules",
-                "dora", "expert_adapters")
+                "dora", "expert_adapters", "rank_value")
 _SEARCHED = (*_EXPLORATION, "backend", "seed", "adapter_init", "start_tokens")
 #: `search.GENE_LAYOUTS`, spelled out: the CLI parses without importing torch (tests check they agree)
 GENE_LAYOUTS = ("layer", "groups", "module")
@@ -461,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="front plans re-evaluated at full fidelity, besides the warm start's uniform settings "
                                "and prior fill (default 1)")
     budgeted.add_argument("--refine", type=_count, default=None, help="Bayesian refinement iterations (default 1)")
+    budgeted.add_argument("--rank-value", type=_positive_float, default=None, metavar="V",
+                          help="the search prior's price of halving a layer's rank, in units of that layer's 4-bit KL: it "
+                               "orders the warm start's fill and the repair into the budget, the fine-tunes still rank "
+                               "plans (default 1.4 with a quantization-aware --adapter-init, 1/3 with zero; a study "
+                               "keeps the price it began with)")
     budgeted.add_argument("--bits", type=_int_list, default=None,
                           help="bit-widths to choose from (default 2,3,4,5,6,8)")
     budgeted.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks to choose from (default 4,8,16,32)")

@@ -99,6 +99,9 @@ class SearchConfig:
     expert_adapters: bool = False  # adapters on routed experts in every plan (`Plan.expert_adapters`)
     backend: str = "hqq"
     rank_value: float | None = None  # None: `default_rank_value` of ``adapter_init``
+    # the bit-width whose quantization error the prior counts as recovered by the fine-tune from its start: a
+    # layer's bits are charged only their KL above its KL at this width (8: all of it; planner.PriorCost)
+    recovered_bits: int = 8
     gradient_checkpointing: bool = True  # in the search's fine-tunes (see TrainConfig)
     adapter_init: str = "activation"  # how the search's fine-tunes start their adapters (RunConfig.adapter_init)
     start_tokens: int = DEFAULT_START_TOKENS  # the activation start's calibration tokens (RunConfig.start_tokens)
@@ -137,10 +140,14 @@ class SearchConfig:
                               f"use --adapter-init {' or '.join(ADAPTER_INITS)}")
         if self.rank_value is None:
             self.rank_value = default_rank_value(self.adapter_init)
-        if not (isinstance(self.rank_value, (int, float)) and self.rank_value > 0 and math.isfinite(self.rank_value)):
+        if not (isinstance(self.rank_value, (int, float)) and not isinstance(self.rank_value, bool)
+                and self.rank_value > 0 and math.isfinite(self.rank_value)):
             raise SearchError(f"the prior's rank_value must be a positive number, got {self.rank_value!r}",
                               f"leave it out for the default ({default_rank_value(self.adapter_init):g} with the "
                               f"{self.adapter_init} start)")
+        if type(self.recovered_bits) is not int or not 2 <= self.recovered_bits <= 8:
+            raise SearchError(f"the prior's recovered_bits must be a bit-width from 2 to 8, got {self.recovered_bits!r}",
+                              "leave it out for the default (8: the prior charges a layer's whole KL)")
         if type(self.start_tokens) is not int or self.start_tokens <= 0:
             raise SearchError(f"--start-tokens must be a positive whole number, got {self.start_tokens!r}",
                               f"e.g. --start-tokens {DEFAULT_START_TOKENS} (the default)")

@@ -4,8 +4,9 @@ budget, greedy fill, one-edit neighbours, encodings, and the budget checks done 
 The prior's units: per-layer KL for bits (per linear where the profile estimated it, for finer genes); halving a
 layer's rank is charged ``rank_value`` times that layer's KL at 4 bits (`config.default_rank_value`: a third with
 zero-started adapters, DESIGN §6; more with the quantization-aware start, which recovers more of what bits lose), a
-unit of it its share of that; another group size scales a linear's KL by `group_error_ratios`. It only orders repair
-and warm-start moves; fitness is measured.
+unit of it its share of that; another group size scales a linear's KL by `group_error_ratios`. With
+``recovered_bits`` below 8, bits are charged only their KL above the KL at that width (what the start is counted on
+recovering: benchmarks/results/rank_value-rb4.md). It only orders repair and warm-start moves; fitness is measured.
 """
 
 from __future__ import annotations
@@ -36,19 +37,25 @@ class PriorCost:
         self.shapes, self.group_ratios = shapes, group_ratios
 
     def bits_cost(self, layer: int, bits: int) -> float:
-        """The layer's KL with all its linears at ``bits``."""
-        return _interpolated(self.kl[layer], bits)
+        """The layer's KL with all its linears at ``bits``, above what the fine-tune recovers (`_charged`)."""
+        return self._charged(self.kl[layer], bits)
+
+    def _charged(self, table: dict[int, float], bits: int, ratio: float = 1.0) -> float:
+        """A KL table's KL at ``bits`` (times a group size's error ``ratio``) less its KL at the config's
+        ``recovered_bits`` (none at 8, the default), which the fine-tune is counted on recovering from its start."""
+        recovered = _interpolated(table, self.config.recovered_bits)
+        return max(_interpolated(table, bits) * ratio - recovered, 0.0)
 
     def unit_bits_cost(self, unit: Unit, bits: int, group: int | None = None) -> float:
-        """A unit's KL at ``bits`` (and ``group``: each linear's KL times its `group_error_ratios`): its linears'
-        estimates (`Sensitivity.module_kl`) summed where the profile has them all, else its layer's KL times its
-        share of the layer's weights."""
+        """A unit's KL at ``bits`` (and ``group``: each linear's KL times its `group_error_ratios`) as `_charged`:
+        its linears' estimates (`Sensitivity.module_kl`) summed where the profile has them all, else its layer's
+        KL times its share of the layer's weights."""
         ratio = self._ratios(unit, group)
         rows = self.module_kl[unit.layer] if self.module_kl and not unit.whole_layer else {}
         if unit.names and all(name in rows for name in unit.names) and unit.weight_share > 0 and \
                 len(unit.names) == len(unit.shapes):
-            return sum(_interpolated(rows[name], bits) * ratio.get(name, 1.0) for name in unit.names)
-        return self.bits_cost(unit.layer, bits) * unit.weight_share * ratio.get("", 1.0)
+            return sum(self._charged(rows[name], bits, ratio.get(name, 1.0)) for name in unit.names)
+        return self._charged(self.kl[unit.layer], bits, ratio.get("", 1.0)) * unit.weight_share
 
     def _ratios(self, unit: Unit, group: int | None) -> dict[str, float]:
         """The unit's error ratio at ``group`` per short name, and over the unit ("": weighted by weights); a name

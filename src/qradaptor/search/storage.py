@@ -69,7 +69,7 @@ def _config_fingerprint(config: dict) -> dict:
     keep = ("model_fingerprint", "budget_bytes", "bits", "ranks", "group_size", "backend", "seq_len", "cheap",
             "full", "seed", "data", "alpha", "rank_value", "sampler", "budget_on", "train_batch_size",
             "data_fingerprint", "dtype", "target_modules", "adapter_init", "start_tokens", "dora",
-            "expert_adapters", "genes", "group_sizes")
+            "expert_adapters", "genes", "group_sizes", "recovered_bits")
     out = {k: config.get(k) for k in keep}
     out["dtype"] = out["dtype"] or "float32"  # a study from before it was recorded searched in float32
     out["target_modules"] = list(out["target_modules"] or DEFAULT_TARGET_MODULES)  # ... and adapted the default
@@ -79,6 +79,7 @@ def _config_fingerprint(config: dict) -> dict:
     out["expert_adapters"] = bool(out["expert_adapters"])  # ... none on routed experts
     out["genes"] = out["genes"] or "layer"  # ... and chose per layer
     out["group_sizes"] = list(out["group_sizes"] or [])  # ... with one group size
+    out["recovered_bits"] = out["recovered_bits"] or 8  # ... and a prior that charged every layer's whole KL
     for k in ("cheap", "full"):  # with the defaults of fields added since (a study made before has none)
         if isinstance(out[k], dict):
             out[k] = asdict(Fidelity(**out[k]))
