@@ -69,7 +69,7 @@ def calibrate(bench: Bench, settings: dict, dtype: str) -> dict:
     check = run_final(bench.finals, uniform_name(5, high), Plan.uniform(L, 5, high), settings, bench.model, bench.data,
                       seed=0, dtype=dtype, train=False)  # the ledger's, where the frontier trained it
     profile = Sensitivity.load(bench.search_profile())
-    prior = PriorCost(profile, SearchConfig(budget_bytes=1))
+    prior = PriorCost(profile, SearchConfig(budget_bytes=1, recovered_bits=8))  # the whole KL, as the formula reads
     kl = {b: sum(prior.bits_cost(layer, b) for layer in range(L)) for b in (3, 4, 5)}  # 5: extrapolated, as priced
     halving = (loss[(4, low)] - loss[(4, high)]) / math.log2(high / low)
     step = loss[(3, high)] - loss[(4, high)]
@@ -117,8 +117,7 @@ def searched_row(bench: Bench, budget: str, value: float, recovered_bits: int, s
     """The search at ``budget`` with the prior's ``rank_value`` and ``recovered_bits`` (`search_name`) and its plan's
     finals (3 seeds)."""
     name = search_name(value, budget, recovered_bits)
-    extra = {"recovered_bits": recovered_bits} if recovered_bits != 8 else {}
-    result = bench.search(name, budget, rank_value=value, **extra)
+    result = bench.search(name, budget, rank_value=value, recovered_bits=recovered_bits)
     finals = bench.final_seeds(name, result.chosen.plan, settings, dtype=dtype, search=result)
     seeds = finals["seeds"]
     return {"name": name, "rank_value": value, "recovered_bits": recovered_bits, "plan": result.chosen.plan.describe(),

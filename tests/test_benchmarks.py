@@ -417,6 +417,40 @@ def test_frontier_first_rows_take_seeds_and_refuse_what_the_run_lacks():
             first_rows(bad, rows, 3)
 
 
+def test_frontier_takes_a_committed_rows_kl_and_rss_only_for_the_same_plan_settings_and_split(tmp_path):
+    """A fresh checkout's frontier does not measure again the KL and peak RSS its committed results hold for a row,
+    where the plan, dtype, settings and held-out split agree; a row measured here keeps its own measurement."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.frontier import _drop_if_stale, _rss_spec, committed_rows, reuse_measurement
+    from qradaptor.plan import Plan
+
+    settings = {"rss_steps": 5, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "kl_blocks": 16}
+    plan = Plan.uniform(2, 4, 16)
+    row = {"name": "uniform4-r16", "dtype": "bfloat16", "plan_layers": plan.to_dict()["layers"], "held_out": "abc",
+           "peak_rss_bytes": 123, "rss_before_training_bytes": 100, "kl_before": 0.25}
+    results = tmp_path / "frontier-partial.json"
+    results.write_text(json.dumps({"settings": {**settings, "model": "smollm2-135m", "data": "pydoc-topics"},
+                                   "methods": [row]}))
+    assert committed_rows([tmp_path / "none.json", results], {**settings, "lr": 1e-3}, None, None) == {}
+    kept = committed_rows([tmp_path / "none.json", results], settings, None, None)
+    work = tmp_path / "work"
+    row, name = kept["uniform4-r16"], "uniform4-r16"
+    # another split, another dtype, another plan: measured again
+    assert not reuse_measurement(work, row, name, plan, {"held_out": "xyz"}, settings, None, None, "bfloat16")
+    assert not reuse_measurement(work, row, name, plan, {"held_out": "abc"}, settings, None, None, "float32")
+    assert not reuse_measurement(work, row, name, Plan.uniform(2, 4, 8), {"held_out": "abc"}, settings,
+                                 None, None, "bfloat16")
+    assert not (work / "uniform4-r16").exists()
+    assert reuse_measurement(work, row, name, plan, {"held_out": "abc"}, settings, None, None, "bfloat16")
+    rss, kl = work / "uniform4-r16" / "rss.json", work / "uniform4-r16" / "kl-fp32.json"
+    assert json.loads(kl.read_text()) == {"kl_before": 0.25} and json.loads(rss.read_text())["peak_rss_bytes"] == 123
+    _drop_if_stale(rss, work / name / "rss-spec.json", _rss_spec(rss, plan, settings, None, None, "bfloat16"))
+    assert rss.is_file()  # what measure_rss would read instead of measuring
+    rss.write_text(json.dumps({"peak_rss_bytes": 456}))  # measured here: kept
+    assert not reuse_measurement(work, row, name, plan, {"held_out": "abc"}, settings, None, None, "bfloat16")
+    assert json.loads(rss.read_text())["peak_rss_bytes"] == 456
+
+
 def test_adapter_init_benchmark_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_init.py"), "--smoke", "--work",
                            str(tmp_path), "--plans", "uniform4-r16", "--seeds", "2"],

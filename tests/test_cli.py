@@ -293,7 +293,8 @@ def test_search_profiles_with_its_own_block_length(capsys, tiny_dir, tmp_path, w
                        "2", "--population", "2", "--promote", "1", "--refine", "0", "--seq-len", "32",
                        "--rank-value", "2.5", "--out", str(workdir / "priced"), "-q")
     assert code == 0, err
-    assert json.loads((workdir / "priced" / "pareto.json").read_text())["settings"]["rank_value"] == 2.5
+    priced = json.loads((workdir / "priced" / "pareto.json").read_text())["settings"]
+    assert priced["rank_value"] == 2.5 and priced["recovered_bits"] == 4  # the default with the activation start
     before = (workdir / "priced" / "pareto.json").read_bytes()
     code, _, err = run(capsys, "search", "--model", str(tiny_dir), "--data", data, "--budget", "4bit", "--trials",
                        "2", "--population", "2", "--promote", "1", "--refine", "0", "--seq-len", "32",
@@ -303,6 +304,11 @@ def test_search_profiles_with_its_own_block_length(capsys, tiny_dir, tmp_path, w
     code, _, err = run(capsys, "search", "--model", str(tiny_dir), "--budget", "4bit", "--rank-value", "0",
                        "--out", str(workdir / "bad"))
     assert code == 2 and "--rank-value" in err and "Traceback" not in err, err
+    for bad in ("9", "1", "four"):
+        code, _, err = run(capsys, "search", "--model", str(tiny_dir), "--budget", "4bit", "--recovered-bits", bad,
+                           "--out", str(workdir / "bad"))
+        assert code == 2 and "--recovered-bits" in err and "Traceback" not in err, err
+    assert not (workdir / "bad").exists()
 
 
 def test_a_search_on_the_final_schedule_keeps_the_run_that_train_continues(capsys, tiny_dir, tmp_path, workdir):

@@ -149,7 +149,10 @@ def test_the_fill_buys_small_groups_only_where_the_prior_says_they_pay(tiny):
     # bits here: from 8 bits up a linear has no KL left for a smaller group to remove)
     steep = [{name: dict(r) for name, r in layer.items()} for layer in flat]
     steep[2]["self_attn.v_proj"] = {16: 0.01, 32: 0.5, 64: 1.0, 128: 1.0}
-    config = SearchConfig(budget_bytes=budget, genes="module", group_sizes=GROUPS, bits=(2, 3, 4), ranks=(4, 8))
+    # (the whole KL charged: with the start's default, recovered_bits 4, a 4-bit linear's KL below its 4-bit g64 KL is
+    # counted as recovered, so no smaller group is worth buying at 4 bits)
+    config = SearchConfig(budget_bytes=budget, genes="module", group_sizes=GROUPS, bits=(2, 3, 4), ranks=(4, 8),
+                          recovered_bits=8)
     planner = Planner(shapes, get_backend("hqq"), PriorCost(prior, config, shapes=shapes, group_ratios=steep), config)
     plan = planner.fill(budget)
     assert planner.memory(plan) <= budget and plan.group_size_of(2, "v_proj") == 16
@@ -201,13 +204,15 @@ def test_fill_gives_bits_to_the_linear_the_per_linear_prior_calls_sensitive(tiny
         for row in layer.values():
             row.update({b: 1e-3 * 4.0 ** (4 - b) for b in row})  # every linear alike ...
     prior.module_kl[1]["k_proj"] = {b: 10.0 * 4.0 ** (4 - b) for b in prior.module_kl[1]["k_proj"]}  # ... but one
-    planner = planner_for(model, prior, budget, genes="module", ranks=(4,), bits=(3, 4, 5, 6, 8))
+    # the whole KL charged (with the default, recovered_bits 4, no width above 4 is worth a byte)
+    planner = planner_for(model, prior, budget, genes="module", ranks=(4,), bits=(3, 4, 5, 6, 8), recovered_bits=8)
     plan = planner.fill(budget)
     assert planner.memory(plan) <= budget
     k = plan.layers[1].of("k_proj").bits
     assert k >= 5 and all(plan.layers[l].of(n).bits < k for l in range(4) for n in LLAMA if (l, n) != (1, "k_proj"))
     # per-layer genes cannot: layer 1 as a whole is priced by its layer KL, not by one linear's estimate
-    layer_plan = planner_for(model, prior, budget, genes="layer", ranks=(4,), bits=(3, 4, 5, 6, 8)).fill(budget)
+    layer_plan = planner_for(model, prior, budget, genes="layer", ranks=(4,), bits=(3, 4, 5, 6, 8),
+                             recovered_bits=8).fill(budget)
     assert all(not c.modules for c in layer_plan.layers)
 
 
@@ -267,9 +272,11 @@ def test_a_search_chooses_group_sizes_within_the_budget(tiny, words, tmp_path):
                    for l, c in enumerate(plan.layers) for n in LLAMA)
         return loss, fidelity.steps
 
-    # at most 4 bits: the budget leaves room for smaller groups, and they still matter
+    # at most 4 bits: the budget leaves room for smaller groups, and they still matter (to the prior too: it charges
+    # the whole KL here; with the start's default a 4-bit linear's KL below its g64 KL counts as recovered, and the
+    # repair gives smaller groups back first)
     kw = dict(data=words, budget=budget, out=tmp_path, trials=10, population=4, promote=1, refine=1, progress=False,
-              fitness=fitness, seq_len=32, bits=(2, 3, 4), ranks=(4, 8, 16))
+              fitness=fitness, seq_len=32, bits=(2, 3, 4), ranks=(4, 8, 16), recovered_bits=8)
     result = search(str(d), group_sizes=GROUPS, **kw)
     saved = json.loads((tmp_path / "pareto.json").read_text())
     assert saved["settings"]["group_sizes"] == list(GROUPS)

@@ -194,7 +194,9 @@ def test_rerun_reuses_the_study_without_new_evaluations(tiny, words, tmp_path):
 
 
 def test_the_priors_price_of_rank_follows_the_start_and_a_study_keeps_the_one_it_began_with(tiny, words, tmp_path):
-    from qradaptor.search.config import STARTED_RANK_VALUE, ZERO_START_RANK_VALUE
+    import optuna
+
+    from qradaptor.search.config import CONFIG_ATTR, STARTED_RANK_VALUE, ZERO_START_RANK_VALUE
     from qradaptor.search.storage import recorded_config
 
     assert SearchConfig(budget_bytes=1, adapter_init="zero").rank_value == ZERO_START_RANK_VALUE == 1 / 3
@@ -219,11 +221,14 @@ def test_the_priors_price_of_rank_follows_the_start_and_a_study_keeps_the_one_it
 
     kw = dict(data=words, budget=budget, out=tmp_path, trials=8, population=4, promote=1, refine=1, progress=False,
               seq_len=32)
-    first = search(str(d), fitness=counting, rank_value=ZERO_START_RANK_VALUE, **kw)
+    first = search(str(d), fitness=counting, rank_value=ZERO_START_RANK_VALUE, recovered_bits=8, **kw)
     n = len(calls)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    # ... and charged whole KLs, as every study did before recovered_bits was recorded
+    study = optuna.load_study(study_name="qradaptor", storage=storage)
+    study.set_user_attr(CONFIG_ATTR, {k: v for k, v in study.user_attrs[CONFIG_ATTR].items() if k != "recovered_bits"})
     again = search(str(d), fitness=counting, **kw)
     assert len(calls) == n and plan_key(again.chosen.plan) == plan_key(first.chosen.plan)
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
     assert recorded_config(storage, "qradaptor")["rank_value"] == ZERO_START_RANK_VALUE
     assert recorded_config(storage, "no such study") is None
     assert recorded_config(f"sqlite:///{tmp_path / 'none.db'}", "qradaptor") is None
@@ -393,19 +398,28 @@ def test_the_prior_prices_bit_widths_beyond_those_profiled(tiny):
 
     _, _, prior = tiny
     only4 = dataclasses.replace(prior, bits=[4], kl=[{4: k[4]} for k in prior.kl])
-    cost = PriorCost(only4, SearchConfig(budget_bytes=1))
+    cost = PriorCost(only4, SearchConfig(budget_bytes=1, recovered_bits=8))  # the whole KL, extrapolated
+    started = PriorCost(only4, SearchConfig(budget_bytes=1))  # the default: only what 4 bits would not keep
     for layer in range(len(prior.kl)):
         row = [cost.bits_cost(layer, b) for b in (2, 3, 4, 5, 6, 8)]
         assert all(math.isfinite(c) for c in row)
         assert row == sorted(row, reverse=True) and row[0] > row[2] > row[-1] == 0.0, row
+        assert [started.bits_cost(layer, b) for b in (2, 3, 4, 5, 6, 8)] == pytest.approx(
+            [c - row[2] for c in row[:3]] + [0.0] * 3)
 
 
 def test_the_prior_charges_only_the_kl_above_what_the_start_is_counted_on_recovering(tiny):
-    """``recovered_bits``: a layer's bits cost their KL less the layer's KL at that width (8, the default, charges
-    all of it); widths at or above it cost nothing, so the prior's fill spends a large budget on rank, not bits."""
+    """``recovered_bits``: a layer's bits cost their KL less the layer's KL at that width (8 charges all of it; the
+    default, 4, with a quantization-aware start); widths at or above it cost nothing, so the prior's fill spends a
+    large budget on rank, not bits."""
+    from qradaptor.search.config import STARTED_RECOVERED_BITS
+
     _, model, prior = tiny
-    whole = PriorCost(prior, SearchConfig(budget_bytes=1))
+    whole = PriorCost(prior, SearchConfig(budget_bytes=1, recovered_bits=8))
     part = PriorCost(prior, SearchConfig(budget_bytes=1, recovered_bits=4))
+    # the default follows the start: what a quantization-aware one is counted on recovering, none from zero
+    assert SearchConfig(budget_bytes=1).recovered_bits == STARTED_RECOVERED_BITS == 4
+    assert SearchConfig(budget_bytes=1, adapter_init="zero").recovered_bits == 8
     for layer in range(len(prior.kl)):
         assert part.bits_cost(layer, 3) == pytest.approx(whole.bits_cost(layer, 3) - whole.bits_cost(layer, 4))
         assert part.bits_cost(layer, 4) == part.bits_cost(layer, 5) == part.bits_cost(layer, 8) == 0.0

@@ -72,6 +72,14 @@ _positive_float = _number(float, 0, above=True)
 _fraction = _number(float, 0)
 
 
+def _bit_width(text: str) -> int:
+    """An argparse type: a bit-width from 2 to 8 (the prior's ``recovered_bits``)."""
+    value = _number(int, 2)(text)
+    if value > 8:
+        raise argparse.ArgumentTypeError(f"must be a bit-width from 2 to 8, got {text!r}")
+    return value
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -128,7 +136,7 @@ def _given_training_settings(args, *, skip: tuple[str, ...] = ()) -> dict:
 _RUN_OWN = ("steps", "epochs", "seq_len")
 #: The exploration's flags (`search` and `run`), and what `run` passes to its search.
 _EXPLORATION = ("population", "promote", "refine", "bits", "ranks", "genes", "group_sizes", "target_modules",
-                "dora", "expert_adapters", "rank_value")
+                "dora", "expert_adapters", "rank_value", "recovered_bits")
 _SEARCHED = (*_EXPLORATION, "backend", "seed", "adapter_init", "start_tokens")
 #: `search.GENE_LAYOUTS`, spelled out: the CLI parses without importing torch (tests check they agree)
 GENE_LAYOUTS = ("layer", "groups", "module")
@@ -466,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "orders the warm start's fill and the repair into the budget, the fine-tunes still rank "
                                "plans (default 1.4 with a quantization-aware --adapter-init, 1/3 with zero; a study "
                                "keeps the price it began with)")
+    budgeted.add_argument("--recovered-bits", type=_bit_width, default=None, metavar="B",
+                          help="the search prior charges a layer's bits only their KL above its KL at B bits, which the "
+                               "fine-tune is counted on recovering from its start (default 4 with a quantization-aware "
+                               "--adapter-init, 8 with zero: the whole KL; a study keeps the value it began with)")
     budgeted.add_argument("--bits", type=_int_list, default=None,
                           help="bit-widths to choose from (default 2,3,4,5,6,8)")
     budgeted.add_argument("--ranks", type=_int_list, default=None, help="LoRA ranks to choose from (default 4,8,16,32)")

@@ -113,6 +113,10 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
         settings.pop("rank_value", None)
         if recorded is not None and recorded.get("rank_value") is not None:
             settings["rank_value"] = recorded["rank_value"]
+    if settings.get("recovered_bits") is None:  # ... and the KL its prior charged (all of it before it was recorded)
+        settings.pop("recovered_bits", None)
+        if recorded is not None:
+            settings["recovered_bits"] = recorded.get("recovered_bits") or 8
     loaded = load_base(model, dtype=DTYPES[dtype])
     base, tokenizer, model = loaded.model, loaded.tokenizer, loaded.spec
     settings = Plan.check_settings(base, settings)  # refused before any work, naming the model's linears

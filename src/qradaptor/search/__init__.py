@@ -33,7 +33,9 @@ known dead: at once on this machine, after the heartbeat grace period elsewhere.
 The prior's units: per-layer KL for bits (a unit's own estimate where the profile made per-linear ones); halving
 a layer's rank is charged ``rank_value`` times that layer's KL at 4 bits (`config.default_rank_value`, by how the
 fine-tunes start their adapters: measured on SmolLM2 in benchmarks/results/rank_value.md), a unit its share of it;
-``recovered_bits`` below 8 charges bits only their KL above that width's. A study keeps the price it began with.
+bits are charged only their KL above their KL at ``recovered_bits`` (`config.default_recovered_bits`: 4 with a
+quantization-aware start, which recovers what more bits would keep; 8, the whole KL, from zero). A study keeps the
+prior it began with.
 It only orders repair and warm-start moves; fitness is measured.
 
 The package keeps one concern per module: ``config`` (settings), ``genes`` (plans as Optuna parameters), ``planner`` (prior cost, memory, repair),

@@ -42,9 +42,21 @@ ZERO_START_RANK_VALUE = 1 / 3
 STARTED_RANK_VALUE = 1.4
 
 
+#: The bit-width whose quantization error the prior counts as recovered by a fine-tune from a quantization-aware
+#: start (`SearchConfig.recovered_bits`): a layer's bits are charged only their KL above its KL at 4 bits, so widths
+#: from 4 up cost nothing and a budget above 4 bits buys rank. With the price of rank above, on SmolLM2 it ends no
+#: worse at every budget and ahead at 3.5 and 5 bits (benchmarks/results/rank_value-rb4.md). From zero: all of it.
+STARTED_RECOVERED_BITS = 4
+
+
 def default_rank_value(adapter_init: str) -> float:
     """The prior's price of rank (`SearchConfig.rank_value`) for fine-tunes whose adapters start as ``adapter_init``."""
     return ZERO_START_RANK_VALUE if adapter_init == "zero" else STARTED_RANK_VALUE
+
+
+def default_recovered_bits(adapter_init: str) -> int:
+    """The prior's `SearchConfig.recovered_bits` for fine-tunes whose adapters start as ``adapter_init`` (8: none)."""
+    return 8 if adapter_init == "zero" else STARTED_RECOVERED_BITS
 
 
 def search_rate(final_lr: float, given: float | None = None) -> float:
@@ -100,8 +112,9 @@ class SearchConfig:
     backend: str = "hqq"
     rank_value: float | None = None  # None: `default_rank_value` of ``adapter_init``
     # the bit-width whose quantization error the prior counts as recovered by the fine-tune from its start: a
-    # layer's bits are charged only their KL above its KL at this width (8: all of it; planner.PriorCost)
-    recovered_bits: int = 8
+    # layer's bits are charged only their KL above its KL at this width (8: all of it; planner.PriorCost). None:
+    # `default_recovered_bits` of ``adapter_init``
+    recovered_bits: int | None = None
     gradient_checkpointing: bool = True  # in the search's fine-tunes (see TrainConfig)
     adapter_init: str = "activation"  # how the search's fine-tunes start their adapters (RunConfig.adapter_init)
     start_tokens: int = DEFAULT_START_TOKENS  # the activation start's calibration tokens (RunConfig.start_tokens)
@@ -145,9 +158,12 @@ class SearchConfig:
             raise SearchError(f"the prior's rank_value must be a positive number, got {self.rank_value!r}",
                               f"leave it out for the default ({default_rank_value(self.adapter_init):g} with the "
                               f"{self.adapter_init} start)")
+        if self.recovered_bits is None:
+            self.recovered_bits = default_recovered_bits(self.adapter_init)
         if type(self.recovered_bits) is not int or not 2 <= self.recovered_bits <= 8:
             raise SearchError(f"the prior's recovered_bits must be a bit-width from 2 to 8, got {self.recovered_bits!r}",
-                              "leave it out for the default (8: the prior charges a layer's whole KL)")
+                              f"leave it out for the default ({default_recovered_bits(self.adapter_init)} with the "
+                              f"{self.adapter_init} start; 8 charges a layer's whole KL)")
         if type(self.start_tokens) is not int or self.start_tokens <= 0:
             raise SearchError(f"--start-tokens must be a positive whole number, got {self.start_tokens!r}",
                               f"e.g. --start-tokens {DEFAULT_START_TOKENS} (the default)")

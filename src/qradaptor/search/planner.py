@@ -4,9 +4,10 @@ budget, greedy fill, one-edit neighbours, encodings, and the budget checks done 
 The prior's units: per-layer KL for bits (per linear where the profile estimated it, for finer genes); halving a
 layer's rank is charged ``rank_value`` times that layer's KL at 4 bits (`config.default_rank_value`: a third with
 zero-started adapters, DESIGN §6; more with the quantization-aware start, which recovers more of what bits lose), a
-unit of it its share of that; another group size scales a linear's KL by `group_error_ratios`. With
-``recovered_bits`` below 8, bits are charged only their KL above the KL at that width (what the start is counted on
-recovering: benchmarks/results/rank_value-rb4.md). It only orders repair and warm-start moves; fitness is measured.
+unit of it its share of that; another group size scales a linear's KL by `group_error_ratios`. Bits are charged
+only their KL above the KL at ``recovered_bits`` (`config.default_recovered_bits`: 4 with the quantization-aware start,
+what it is counted on recovering, benchmarks/results/rank_value-rb4.md; 8, all of it, from zero). It only orders
+repair and warm-start moves; fitness is measured.
 """
 
 from __future__ import annotations
