@@ -399,31 +399,32 @@ def measure_rss(work: Path, name: str, plan, settings: dict, model, data, *, dty
 _MEASURED_WITH = ("rss_steps", "seq_len", "batch_size", "lr", "kl_blocks", "model", "data")
 
 
-def committed_rows(paths: list[Path], settings: dict, model, data) -> dict[str, dict]:
-    """The rows of committed frontier results (``paths``, first match wins) whose KL and peak RSS were measured with
+def committed_rows(paths: list[Path], settings: dict, model, data) -> dict[str, list[dict]]:
+    """The rows of committed frontier results (``paths``, in that order) whose KL and peak RSS were measured with
     ``settings`` (`_MEASURED_WITH`), by name."""
     given = {**settings, "model": model or "smollm2-135m", "data": data or "pydoc-topics"}
-    kept: dict[str, dict] = {}
+    kept: dict[str, list[dict]] = {}
     for path in paths:
         if path.is_file():
             payload = json.loads(path.read_text())
             if all(payload["settings"].get(k) == given.get(k) for k in _MEASURED_WITH):
                 for row in payload["methods"]:
-                    kept.setdefault(row["name"], row)
+                    kept.setdefault(row["name"], []).append(row)
     return kept
 
 
-def reuse_measurement(work: Path, row: dict | None, name: str, plan, final: dict, settings: dict, model, data,
+def reuse_measurement(work: Path, rows: list[dict], name: str, plan, final: dict, settings: dict, model, data,
                       dtype: str) -> bool:
-    """Take a committed row's KL before training and peak RSS into the work directory, where it lacks both and the
-    row measured the same plan in the same dtype on the same held-out split as ``final``: a fresh checkout then
-    measures only rows never measured. True where it took them."""
+    """Take a committed row's KL before training and peak RSS (the first of ``rows`` that measured the same plan in
+    the same dtype on the same held-out split as ``final``) into the work directory, where it lacks both: a fresh
+    checkout then measures only rows never measured. True where it took them."""
     from qradaptor.io import atomic_write_json
 
     result_path, kl_path = work / name / "rss.json", work / name / "kl-fp32.json"
-    if row is None or result_path.is_file() or kl_path.is_file() or row.get("dtype") != dtype or \
-            row.get("plan_layers") != plan.to_dict()["layers"] or row.get("held_out") != final.get("held_out") or \
-            row.get("peak_rss_bytes") is None or row.get("kl_before") is None:
+    row = next((r for r in rows if r.get("dtype") == dtype and r.get("plan_layers") == plan.to_dict()["layers"] and
+                r.get("held_out") == final.get("held_out") and r.get("peak_rss_bytes") is not None and
+                r.get("kl_before") is not None), None)
+    if row is None or result_path.is_file() or kl_path.is_file():
         return False
     atomic_write_json(work / name / "rss-spec.json", _rss_spec(result_path, plan, settings, model, data, dtype))
     atomic_write_json(result_path, {"peak_rss_bytes": row["peak_rss_bytes"], "steps": settings["rss_steps"],
@@ -1014,7 +1015,7 @@ def main() -> None:
 
     kl_blocks = load_blocks(data, tokenizer, "test", seq_len=settings["seq_len"], max_blocks=settings["kl_blocks"])
     # a fresh checkout: the KL and RSS the committed results measured are not measured again
-    committed = {} if args.smoke else committed_rows([RESULTS / "frontier.json", RESULTS / "frontier-partial.json"],
+    committed = {} if args.smoke else committed_rows([RESULTS / "frontier-partial.json", RESULTS / "frontier.json"],
                                                      settings, model, data)
     rows = []
     # The rows the targets compare train first (the budgets' plans with all their seeds, then the 4- and 5-bit
@@ -1039,7 +1040,7 @@ def main() -> None:
             pending.append(name)
             continue
         final.pop("run_dir")
-        if reuse_measurement(bench.work, committed.get(name), name, plan, final, settings, model, data, dtype):
+        if reuse_measurement(bench.work, committed.get(name, []), name, plan, final, settings, model, data, dtype):
             print(f"frontier: {name}: KL before training and peak RSS from the committed results (the same plan, "
                   "settings and split)", flush=True)
         final.update(measure_rss(bench.work, name, plan, settings, model, data, dtype=dtype))

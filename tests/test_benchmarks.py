@@ -428,13 +428,14 @@ def test_frontier_takes_a_committed_rows_kl_and_rss_only_for_the_same_plan_setti
     plan = Plan.uniform(2, 4, 16)
     row = {"name": "uniform4-r16", "dtype": "bfloat16", "plan_layers": plan.to_dict()["layers"], "held_out": "abc",
            "peak_rss_bytes": 123, "rss_before_training_bytes": 100, "kl_before": 0.25}
-    results = tmp_path / "frontier-partial.json"
-    results.write_text(json.dumps({"settings": {**settings, "model": "smollm2-135m", "data": "pydoc-topics"},
-                                   "methods": [row]}))
+    results, older = tmp_path / "frontier-partial.json", tmp_path / "frontier.json"
+    for path, rows in ((results, [row]), (older, [{**row, "held_out": None, "kl_before": 9.0}])):  # an older split
+        path.write_text(json.dumps({"settings": {**settings, "model": "smollm2-135m", "data": "pydoc-topics"},
+                                    "methods": rows}))
     assert committed_rows([tmp_path / "none.json", results], {**settings, "lr": 1e-3}, None, None) == {}
-    kept = committed_rows([tmp_path / "none.json", results], settings, None, None)
+    kept = committed_rows([tmp_path / "none.json", older, results], settings, None, None)
     work = tmp_path / "work"
-    row, name = kept["uniform4-r16"], "uniform4-r16"
+    row, name = kept["uniform4-r16"], "uniform4-r16"  # both files' rows: the one measured on this split is taken
     # another split, another dtype, another plan: measured again
     assert not reuse_measurement(work, row, name, plan, {"held_out": "xyz"}, settings, None, None, "bfloat16")
     assert not reuse_measurement(work, row, name, plan, {"held_out": "abc"}, settings, None, None, "float32")
