@@ -257,7 +257,8 @@ def search_line(c: dict) -> str:
             f"{verdicts[0]} and {verdicts[1]} of the {c['final_steps']}-step final fine-tune (its steps priced at "
             f"the final's pace, {c['final_seconds_per_step']:.2f} s/step). Target: at most {c['at_most']:.1f}×. "
             f"Its trials spent {c['beyond_steps_seconds']:.0f} s besides fine-tune steps at that pace (building "
-            f"and quantizing each plan's model, fitting the adapter starts not fitted yet, evaluating, saving "
+            f"and quantizing each plan's model, fitting the adapter starts not fitted yet — the warm start's up front, "
+            f"in one calibration forward —, evaluating, saving "
             f"its run), and its plans stored {describe_bit_widths(c['bit_widths'], c['layers'])} (each linear "
             f"quantized, and its adapter start fitted, once per width).\n\n")
 

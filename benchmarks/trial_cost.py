@@ -15,7 +15,9 @@ Each part is timed by wrapping the library function that does it (the same calls
 reported apart: steps = training less its evaluations and saves): building the plan's model (quantizing the linears
 the cache lacks, attaching PEFT's adapters), fitting the starts the plan lacks (and within it the SVDs, the Cholesky
 factors and solves, the quantization errors; the rest is the forward on the calibration tokens and the inputs' second
-moments), the fine-tune steps, evaluating, saving the kept run.
+moments), the fine-tune steps, evaluating, saving the kept run. Then what a search does instead before its first
+trial: the first two plans' widths quantized and fitted together in one calibration forward (`FineTuneFitness.prefit`),
+against what the two trials paid for them one at a time.
 
     .venv/bin/python benchmarks/trial_cost.py            # ~5 min on 2 cores, on a quiet machine
     .venv/bin/python benchmarks/trial_cost.py --smoke    # a tiny random model: the script runs
@@ -52,7 +54,8 @@ PARTS = (("build: quantize", "qradaptor.quantize", "quantize_model"),  # the cop
          ("fit: SVD", "torch.linalg", "svd"),
          ("fit: Cholesky and solve", "torch.linalg", "cholesky"),
          ("fit: Cholesky and solve", "torch.linalg", "solve_triangular"),
-         ("fit: quantization error", "qradaptor.adapter_init", "AdapterStart._error"))
+         ("fit: quantization error", "qradaptor.adapter_init", "AdapterStart._error"),
+         ("quantize", "qradaptor.backends.base", "QuantCache.get"))  # within the others: the cache's misses
 
 
 @contextmanager
@@ -119,7 +122,17 @@ def measure(model_spec, data, *, smoke: bool, work: Path) -> dict:
                      "seconds_per_step": parts["steps"] / steps,
                      "beyond_steps": total - parts["steps"]})
         print(f"trial_cost: {label}: {total:.1f} s, of which steps {parts['steps']:.1f} s", flush=True)
-    return {"dtype": dtype, "trials": rows, "smoke": smoke}
+    # what a search does instead before its first trial (`FineTuneFitness.prefit`): the first two plans' widths
+    # quantized and their starts fitted together, in one calibration forward (a fitness of its own: nothing cached)
+    ahead = FineTuneFitness(loaded.model, loaded.tokenizer, data=data, config=config)
+    seconds = defaultdict(float)
+    began = time.perf_counter()
+    with timing_parts(seconds):
+        fitted = ahead.prefit([plan for _, plan, _ in trials[:2]])
+    prefit = {"plans": [label for label, *_ in trials[:2]], "fitted": fitted, "seconds": time.perf_counter() - began,
+              "parts": dict(seconds)}
+    print(f"trial_cost: prefit of {' and '.join(prefit['plans'])}: {prefit['seconds']:.1f} s", flush=True)
+    return {"dtype": dtype, "trials": rows, "prefit": prefit, "smoke": smoke}
 
 
 def main(argv=None) -> int:
@@ -161,7 +174,27 @@ def report(p: dict) -> str:
               f"seen ({first['trial']}: {first['beyond_steps']:.1f} s, {plain['trial']}: "
               f"{plain['beyond_steps']:.1f} s): quantizing its linears and fitting their starts, once per search. "
               f"Steps ran at {plain['seconds_per_step']:.2f} s each in the mixed plan's trial.\n\n"
-              f"CPU: {describe_cpu(p['environment'])}.\n")
+            + prefit_report(p)
+            + f"CPU: {describe_cpu(p['environment'])}.\n")
+
+
+def prefit_report(p: dict) -> str:
+    """The search's up-front fit of its first plans (one calibration forward for every width) against the same
+    widths fitted trial by trial."""
+    ahead = p.get("prefit")
+    if not ahead:  # results from before the search fitted ahead
+        return ""
+    first = [t for t in p["trials"] if t["trial"] in ahead["plans"]]
+    plain = p["trials"][2]
+    # one by one, a width's first plan quantizes its linears while it is built and fits their starts: what it pays
+    # beyond a plan of widths already seen, building included
+    one_by_one = sum(t["beyond_steps"] - plain["beyond_steps"] for t in first)
+    return (f"A search fits its first plans' starts before its first trial instead (`FineTuneFitness.prefit`, every "
+            f"width in one calibration forward, the same fits): {' and '.join(ahead['plans'])} together took "
+            f"{ahead['seconds']:.1f} s ({ahead['parts'].get('quantize', 0.0):.1f} s of it quantizing, "
+            f"{ahead['parts'].get('fit: SVD', 0.0):.1f} s SVDs, {ahead['fitted']} linears), against {one_by_one:.1f} s "
+            f"one trial at a time (each one's seconds beyond its steps, less the mixed plan's): "
+            f"{one_by_one - ahead['seconds']:.1f} s saved.\n\n")
 
 
 if __name__ == "__main__":

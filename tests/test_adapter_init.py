@@ -318,3 +318,30 @@ def test_an_unknown_start_is_refused_before_anything_is_written(inputs, tmp_path
     assert not (tmp_path / "run").exists()
     assert main(["train", "--out", str(tmp_path / "run"), "--adapter-init", "pissa"]) == 2
     assert "invalid choice: 'pissa'" in capsys.readouterr().err
+
+
+def test_a_searchs_first_plans_are_fitted_in_one_forward_exactly_as_one_by_one(tiny_model):
+    """`prefit` fits every (module, bits) of several plans (each width of a linear from the same inputs) in one
+    calibration forward, and the fits are bitwise those `factors` makes plan by plan: the search's results do not
+    change, only its time."""
+    blocks = _blocks()
+    plans = [Plan.uniform(4, 4, 8), Plan.uniform(4, 5, 4), Plan([LayerChoice(3, 8)] * 2 + [LayerChoice(16, 8)] * 2)]
+    forwards = []
+    hook = tiny_model.model.layers[0].register_forward_pre_hook(lambda m, a: forwards.append(1))
+    try:
+        together = AdapterStart(tiny_model, "activation", QuantCache(get_backend("hqq")), blocks=blocks, max_rank=8)
+        assert together.prefit(plans) == 4 * 7 * 2 + 2 * 7
+        assert len(forwards) == 1
+        assert together.prefit(plans) == 0 and len(forwards) == 1  # nothing left to fit: no forward
+        alone = AdapterStart(tiny_model, "activation", QuantCache(get_backend("hqq")), blocks=blocks, max_rank=8)
+        for plan in plans:
+            one, other = alone.factors(plan), together.factors(plan)
+            assert one.keys() == other.keys()
+            for name, fit in one.items():
+                assert torch.equal(fit.A, other[name].A) and torch.equal(fit.B, other[name].B)
+        assert len(forwards) == 1 + 3  # one by one: a forward per plan with new widths
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="above the largest rank fitted"):
+        together.prefit([Plan.uniform(4, 4, 16)])
+    assert AdapterStart(tiny_model, "zero", QuantCache(get_backend("hqq"))).prefit(plans) == 0

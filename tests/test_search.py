@@ -822,3 +822,28 @@ def test_the_search_rate_reaches_every_fidelity_and_a_given_one_wins():
     own = rated_fidelities({"cheap": {"steps": 2}}, 2e-3)
     assert (own["cheap"]["steps"], own["cheap"]["lr"], own["cheap"]["schedule_steps"]) == (2, 2e-3, 0)
     assert own["full"]["lr"] == 2e-3
+
+
+def test_the_warm_starts_adapter_starts_are_fitted_up_front_once(tiny, words, tmp_path):
+    """A fitness that can fit its plans' adapter starts ahead (`FineTuneFitness.prefit`) is handed the warm start's
+    plans before the first trial, so every bit-width among them shares one calibration forward; a resumed search
+    (its trials enqueued before) hands it nothing again."""
+    d, model, prior = tiny
+    prior.save(tmp_path)
+    handed = []
+
+    class Fitness:
+        def __call__(self, plan, fidelity):
+            return fast_fitness(plan, fidelity)
+
+        def prefit(self, plans):
+            handed.append([plan_key(p) for p in plans])
+            return 0
+
+    kw = dict(data=words, budget=budget_of(model, 4), out=tmp_path, trials=6, population=4, promote=1, refine=1,
+              progress=False, fitness=Fitness(), seq_len=32)
+    result = search(str(d), **kw)
+    warm = {plan_key(p.plan) for p in result.points if p.fidelity == "cheap" and p.source != "nsga2"}
+    assert len(handed) == 1 and set(handed[0]) == warm and len(handed[0]) == len(warm) >= 2
+    search(str(d), **{**kw, "trials": 8})  # resumed: two more trials, the warm start is not enqueued again
+    assert len(handed) == 1

@@ -146,41 +146,64 @@ class AdapterStart:
         out: 16-bit layers, and every module with the ``zero`` start)."""
         if self.method == "zero":
             return {}
+        self._check_rank(plan)
+        wanted = adapted_linears(self.model, plan)
+        self._fit_missing(wanted)
+        return {name: self._fits[(name, bits, group)].truncated(rank) for name, _, bits, rank, group in wanted}
+
+    def prefit(self, plans) -> int:
+        """Fit now, in one calibration forward, every start ``plans`` will ask for that is not fitted yet (a search's
+        first plans: fitted one plan at a time, each new bit-width would run a forward of its own). The fits are
+        exactly those `factors` would make. Returns how many were fitted."""
+        if self.method == "zero":
+            return 0
+        wanted = []
+        for plan in plans:
+            self._check_rank(plan)
+            wanted += adapted_linears(self.model, plan)
+        return self._fit_missing(wanted)
+
+    def _check_rank(self, plan: Plan) -> None:
         if plan.max_rank > self.max_rank:
             raise ValueError(f"plan rank {plan.max_rank} is above the largest rank fitted ({self.max_rank})")
-        wanted = adapted_linears(self.model, plan)
-        missing = {name: (linear, bits, group) for name, linear, bits, _, group in wanted
+
+    def _fit_missing(self, wanted) -> int:
+        """Fit the starts of the ``(name, linear, bits, rank, group)`` in ``wanted`` not fitted yet."""
+        missing = {(name, bits, group): linear for name, linear, bits, _, group in wanted
                    if (name, bits, group) not in self._fits}
         if missing:
             self._fit(missing)
-        return {name: self._fits[(name, bits, group)].truncated(rank) for name, _, bits, rank, group in wanted}
+        return len(missing)
 
     def _error(self, name: str, linear: nn.Linear, bits: int, group_size: int) -> torch.Tensor:
-        quantized = self.cache.get(name, linear, bits, group_size)
-        return linear.weight.detach().float() - quantized.dequantize().float()
+        quantized = self.cache.get(name, linear, bits, group_size)  # where a search's plans were quantized (a GPU)
+        return linear.weight.detach().float() - quantized.dequantize().float().to(linear.weight.device)
 
-    def _fit(self, missing: dict[str, tuple[nn.Linear, int, int]]) -> None:
-        """Fit the start of each linear in ``missing`` (full name → linear, bits, group size)."""
+    def _fit(self, missing: dict[tuple[str, int, int], nn.Linear]) -> None:
+        """Fit the start of each ``(full name, bits, group size)`` in ``missing`` (→ its linear); a linear wanted at
+        several widths is fitted at each from the same inputs."""
         if self.method == "svd":
-            for name, (linear, bits, group) in missing.items():
+            for (name, bits, group), linear in missing.items():
                 self._fits[(name, bits, group)] = low_rank_fit(self._error(name, linear, bits, group), self.max_rank)
             return
-        by_module = {id(linear): (name, bits, group) for name, (linear, bits, group) in missing.items()}
+        by_module: dict[int, list[tuple[str, int, int]]] = {}
+        for key, linear in missing.items():
+            by_module.setdefault(id(linear), []).append(key)
         last: list = [None, None]  # the last input seen and its second moment: q, k and v share theirs
 
         def hook(module, args):
-            name, bits, group = by_module[id(module)]
             x = args[0].detach()
             if last[0] is not x:
                 flat = x.reshape(-1, x.shape[-1]).float()
                 last[:] = [x, flat.T @ flat / flat.shape[0]]
-            fit = low_rank_fit(self._error(name, module, bits, group), self.max_rank, last[1])
-            self._fits[(name, bits, group)] = balanced(fit, last[1]) if self.method == "balanced" else fit
+            for name, bits, group in by_module[id(module)]:
+                fit = low_rank_fit(self._error(name, module, bits, group), self.max_rank, last[1])
+                self._fits[(name, bits, group)] = balanced(fit, last[1]) if self.method == "balanced" else fit
             left.discard(id(module))
             if not left:  # the rest of the forward fits nothing (a width met in early layers only: stop there)
                 raise _AllFitted
 
-        linears = {id(linear): linear for linear, *_ in missing.values()}
+        linears = {id(linear): linear for linear in missing.values()}
         left = set(linears)
         handles = [linear.register_forward_pre_hook(hook) for linear in linears.values()]
         try:
@@ -193,7 +216,7 @@ class AdapterStart:
             for handle in handles:
                 handle.remove()
             last.clear()
-        unseen = [name for name, (_, bits, group) in missing.items() if (name, bits, group) not in self._fits]
+        unseen = [name for name, bits, group in missing if (name, bits, group) not in self._fits]
         if unseen:
             raise RuntimeError(f"the calibration forward never reached {unseen[:3]} ({len(unseen)} linears); the "
                                "activation start needs every adapted linear on the decoder's path")

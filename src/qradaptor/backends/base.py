@@ -163,7 +163,8 @@ class QuantCache:
 
     def get(self, name: str, linear: nn.Linear, bits: int, group_size: int,
             device: torch.device | None = None) -> nn.Module:
-        """A copy of ``linear`` quantized (once per key) on ``device`` (default: where ``linear`` is)."""
+        """A copy of ``linear`` quantized (once per key) on ``device`` (default: where ``linear`` is; a key quantized on
+        another device is copied there)."""
         key = (name, bits, group_size)
         sig = self._signature(linear)
         if key in self._modules:
@@ -177,7 +178,8 @@ class QuantCache:
             module = self.backend.quantize(linear, bits, group_size)
             self._modules[key] = (sig, module)
             self.misses += 1
-        return copy.deepcopy(module)
+        module = copy.deepcopy(module)
+        return module.to(device) if device is not None else module
 
     def __len__(self) -> int:
         return len(self._modules)

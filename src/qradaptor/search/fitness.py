@@ -197,18 +197,31 @@ class FineTuneFitness:
             return 0
         return info["step"] if info["step"] <= fidelity.steps else -1
 
+    def prefit(self, plans: list[Plan]) -> int:
+        """Quantize and fit now the adapter starts ``plans`` will need, every bit-width of them in one calibration
+        forward (a search's first plans; the same fits their trials would make one by one). Returns how many
+        linears were fitted (0 with the zero start)."""
+        if self.config.adapter_init == "zero":
+            return 0
+        return self._starter().prefit(plans)
+
+    def _starter(self):
+        """The adapter starts, fitted once per (module, bits) at the largest rank and shared by every plan."""
+        from ..adapter_init import AdapterStart, calibration_subset
+
+        if self._start is None:
+            self._start = AdapterStart(self.model, self.config.adapter_init, self.cache,
+                                       blocks=calibration_subset(self.train_blocks, self.config.start_tokens),
+                                       max_rank=max(self.config.ranks))
+        return self._start
+
     def _prepare(self, plan: Plan):
-        from ..adapter_init import AdapterStart, apply_start, calibration_subset
+        from ..adapter_init import apply_start
         from ..quantize import prepare_model
 
         model = prepare_model(self.model, plan, cache=self.cache, seed=self.config.seed, device=self.device)
         if self.config.adapter_init != "zero":
-            if self._start is None:  # fitted once per (module, bits) at the largest rank, shared by every plan
-                self._start = AdapterStart(self.model, self.config.adapter_init, self.cache,
-                                           blocks=calibration_subset(self.train_blocks,
-                                                                     self.config.start_tokens),
-                                           max_rank=max(self.config.ranks))
-            apply_start(model, self._start.factors(plan))
+            apply_start(model, self._starter().factors(plan))
         return model
 
     def _eval_blocks(self, fidelity: Fidelity):

@@ -227,8 +227,10 @@ class Search:
         from optuna.trial import TrialState
 
         if warm_start and not self.study.trials and self.config.sampler == "nsga2":
-            for plan, source in self.warm_start_plans()[: self.config.trials]:
+            first = self.warm_start_plans()[: self.config.trials]
+            for plan, source in first:
                 self.study.enqueue_trial(self.params(plan), user_attrs={"source": source})
+            self._prefit([plan for plan, _ in first])
         self._fail_dead_trials()
         done = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         remaining = self.config.trials - done
@@ -242,6 +244,19 @@ class Search:
                                            lambda study, trial: self._prune_runs(self._may_be_promoted())])
         finally:
             bar.close()
+
+    def _prefit(self, plans: list[Plan]) -> None:
+        """Have the fitness fit the adapter starts of the warm start's plans in one calibration forward, not one per
+        bit-width as their trials come (~11 s each on SmolLM2, benchmarks/results/trial_cost.md)."""
+        prefit = getattr(self.fitness, "prefit", None)
+        if prefit is None:
+            return
+        log.info("search: quantizing and fitting the adapter starts of the first %d plans", len(plans))
+        started = time.perf_counter()
+        fitted = prefit(plans)
+        if fitted:
+            log.info("search: fitted %d adapter starts for the first %d plans in one pass (%.0f s)", fitted,
+                     len(plans), time.perf_counter() - started)
 
     def _fail_dead_trials(self) -> None:
         """Fail exploration trials left RUNNING by a process that died, so the storage's retry callback
