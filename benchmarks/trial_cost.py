@@ -55,7 +55,7 @@ PARTS = (("build: quantize", "qradaptor.quantize", "quantize_model"),  # the cop
          ("fit: Cholesky and solve", "torch.linalg", "cholesky"),
          ("fit: Cholesky and solve", "torch.linalg", "solve_triangular"),
          ("fit: quantization error", "qradaptor.adapter_init", "AdapterStart._error"),
-         ("quantize", "qradaptor.backends.base", "QuantCache.get"))  # within the others: the cache's misses
+         ("quantize", "qradaptor.backends.base", "QuantCache.get"))  # within the others; in the up-front fit all misses
 
 
 @contextmanager
