@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qradaptor.adapter_init import (AdapterStart, Factors, adapted_linears, apply_start, balanced,
-                                    calibration_subset, loftq_start, low_rank_fit)
+                                    calibration_subset, input_root, loftq_start, low_rank_fit)
 from qradaptor.backends import QuantCache, get_backend
 from qradaptor.commands import train_plan
 from qradaptor.data import TokenBlocks
@@ -62,6 +62,19 @@ def test_the_activation_fit_beats_the_svd_on_the_inputs_and_loses_in_weight_spac
     # with inputs that use every direction alike it is the plain SVD (up to the damping)
     iso = low_rank_fit(E, 4, torch.eye(16))
     assert torch.allclose(iso.B @ iso.A, plain.B @ plain.A, atol=1e-4)
+
+
+def test_a_root_computed_once_gives_the_fit_the_moment_gives_bitwise():
+    # q, k and v (gate and up) share an input: the hook takes its root once and fits each of them from it
+    torch.manual_seed(0)
+    X = torch.randn(300, 24) * torch.linspace(0.1, 4.0, 24)
+    gram = X.T @ X / len(X)
+    L = input_root(gram)
+    assert torch.allclose(L @ L.T, gram + 0.01 * gram.diagonal().mean() * torch.eye(24), atol=1e-4)
+    for rows in (8, 24, 40):
+        E = torch.randn(rows, 24)
+        from_moment, from_root = low_rank_fit(E, 6, gram), low_rank_fit(E, 6, root=L)
+        assert torch.equal(from_moment.A, from_root.A) and torch.equal(from_moment.B, from_root.B)
 
 
 def test_the_balanced_fit_is_the_same_product_with_a_at_pefts_initial_scale():

@@ -62,20 +62,28 @@ class Factors:
         return Factors(self.A[:rank], self.B[:, :rank], self.peft_scale)
 
 
-def low_rank_fit(error: torch.Tensor, rank: int, gram: torch.Tensor | None = None) -> Factors:
-    """The rank-``rank`` ``B A`` closest to ``error`` (out × in): in Frobenius norm, or with ``gram`` (the inputs'
-    second moment, in × in) in the norm ``E_x ||(error - B A) x||²``. The singular values are split evenly between
-    ``A`` and ``B`` (as LoftQ does), so neither factor starts tiny."""
-    error = error.float()
-    rank = min(rank, *error.shape)
-    if gram is None:
-        U, S, Vh = torch.linalg.svd(error, full_matrices=False)
-        root = S[:rank].sqrt()
-        return Factors(root[:, None] * Vh[:rank], U[:, :rank] * root)
+def input_root(gram: torch.Tensor) -> torch.Tensor:
+    """``L`` with ``L Lᵀ`` = ``gram`` (the inputs' second moment) damped as `DAMPING` says: the whitening that turns
+    ``E_x ||M x||²`` into ``||M L||²_F``. One per input serves every linear reading it and every width fitted."""
     gram = gram.float()
     damped = gram + DAMPING * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype,
                                                                                    device=gram.device)
-    L = torch.linalg.cholesky(damped)  # damped = L Lᵀ, so E_x ||M x||² = ||M L||²_F
+    return torch.linalg.cholesky(damped)
+
+
+def low_rank_fit(error: torch.Tensor, rank: int, gram: torch.Tensor | None = None, *,
+                 root: torch.Tensor | None = None) -> Factors:
+    """The rank-``rank`` ``B A`` closest to ``error`` (out × in): in Frobenius norm, or with ``gram`` (the inputs'
+    second moment, in × in) in the norm ``E_x ||(error - B A) x||²``; ``root``, `input_root` of that ``gram``, may
+    be given instead (computed once for the linears that share an input). The singular values are split evenly
+    between ``A`` and ``B`` (as LoftQ does), so neither factor starts tiny."""
+    error = error.float()
+    rank = min(rank, *error.shape)
+    if gram is None and root is None:
+        U, S, Vh = torch.linalg.svd(error, full_matrices=False)
+        root = S[:rank].sqrt()
+        return Factors(root[:, None] * Vh[:rank], U[:, :rank] * root)
+    L = input_root(gram) if root is None else root  # damped gram = L Lᵀ, so E_x ||M x||² = ||M L||²_F
     U, S, Vh = torch.linalg.svd(error @ L, full_matrices=False)
     root = S[:rank].sqrt()
     # A = (√S Vhᵣ) L⁻¹, i.e. Lᵀ Aᵀ = (√S Vhᵣ)ᵀ
@@ -189,15 +197,17 @@ class AdapterStart:
         by_module: dict[int, list[tuple[str, int, int]]] = {}
         for key, linear in missing.items():
             by_module.setdefault(id(linear), []).append(key)
-        last: list = [None, None]  # the last input seen and its second moment: q, k and v share theirs
+        # the last input seen, its second moment and that moment's root: q, k and v share theirs (gate and up too)
+        last: list = [None, None, None]
 
         def hook(module, args):
             x = args[0].detach()
             if last[0] is not x:
                 flat = x.reshape(-1, x.shape[-1]).float()
-                last[:] = [x, flat.T @ flat / flat.shape[0]]
+                gram = flat.T @ flat / flat.shape[0]
+                last[:] = [x, gram, input_root(gram)]
             for name, bits, group in by_module[id(module)]:
-                fit = low_rank_fit(self._error(name, module, bits, group), self.max_rank, last[1])
+                fit = low_rank_fit(self._error(name, module, bits, group), self.max_rank, root=last[2])
                 self._fits[(name, bits, group)] = balanced(fit, last[1]) if self.method == "balanced" else fit
             left.discard(id(module))
             if not left:  # the rest of the forward fits nothing (a width met in early layers only: stop there)
