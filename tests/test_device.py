@@ -136,6 +136,23 @@ def test_quantizing_onto_the_device_gives_the_same_model(tiny_model):
     assert model_device(there) == torch.device("cpu")
 
 
+def test_a_cached_hqq_native_layer_moves_whole_to_the_device_asked_for():
+    # hqq's own HQQLinear.to does nothing: a cache hit asked for on another device stayed put, and a model's .to
+    # moved its codes but not its scales and zeros. The meta device stands in for a GPU here.
+    from qradaptor.backends import QuantCache, get_backend
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64, bias=True)
+    cache = QuantCache(get_backend("hqq-native"))
+    here = cache.get("l", linear, 4, 64)
+    there = cache.get("l", linear, 4, 64, device="meta")
+    assert cache.hits == 1 and cache.misses == 1
+    moved = [there.W_q, there.meta["scale"], there.meta["zero"], there.bias]
+    assert all(t.device.type == "meta" for t in moved) and str(there.device) == "meta"
+    assert here.W_q.device.type == "cpu" and here.meta["scale"].device.type == "cpu"  # the cached one stays
+    assert there.to(torch.float32) is there and there.W_q.device.type == "meta"  # a dtype alone changes nothing
+
+
 # ------------------------------------------------------------------------------------------- CUDA
 
 
@@ -157,6 +174,19 @@ def test_lora_gradients_on_cuda_match_the_cpu(tiny_model, backend):
     assert grads["cpu"].keys() == grads["cuda"].keys()
     for k, g in grads["cpu"].items():
         torch.testing.assert_close(grads["cuda"][k], g, rtol=5e-2, atol=5e-3, msg=k)
+
+
+@needs_cuda
+def test_a_cached_hqq_native_layer_asked_for_on_cuda_dequantizes_there_as_on_the_cpu():
+    from qradaptor.backends import QuantCache, get_backend
+
+    torch.manual_seed(0)
+    cache = QuantCache(get_backend("hqq-native"))
+    linear = torch.nn.Linear(128, 64)
+    on_cpu = cache.get("l", linear, 4, 64)
+    on_gpu = cache.get("l", linear, 4, 64, device="cuda")  # a hit, copied there
+    assert on_gpu.W_q.device.type == "cuda" and on_gpu.meta["scale"].device.type == "cuda"
+    torch.testing.assert_close(on_gpu.dequantize().cpu(), on_cpu.dequantize())
 
 
 @needs_cuda

@@ -44,6 +44,20 @@ class NativeHQQLinear(HQQLinear, QuantizedLinear):
         # HQQ's own dequantize (its forward calls it too), as the (out_features, in_features) matrix.
         return super().dequantize().reshape(self.out_features, self.in_features)
 
+    def to(self, *args, **kwargs):
+        # HQQLinear.to is a no-op in hqq 0.2.8: a cached layer asked for on another device (QuantCache.get) stayed
+        # where it was quantized, and a model's own .to then moved its codes (a Parameter) but not its scales and
+        # zeros (a dict). Move all of them. The dtype is left: codes and compute dtype are fixed at quantization.
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is None or device == self.W_q.device:
+            return self
+        self.W_q = nn.Parameter(self.W_q.detach().to(device), requires_grad=False)
+        self.meta = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.meta.items()}
+        if getattr(self, "bias", None) is not None:
+            self.bias = self.bias.to(device)
+        self.device = device  # where hqq's own forward and dequantize put what they make
+        return self
+
     def state(self) -> dict[str, torch.Tensor]:
         state = {
             "W_q": self.W_q.detach(),
