@@ -81,14 +81,14 @@ def low_rank_fit(error: torch.Tensor, rank: int, gram: torch.Tensor | None = Non
     rank = min(rank, *error.shape)
     if gram is None and root is None:
         U, S, Vh = torch.linalg.svd(error, full_matrices=False)
-        root = S[:rank].sqrt()
-        return Factors(root[:, None] * Vh[:rank], U[:, :rank] * root)
+        half = S[:rank].sqrt()  # √S to each factor
+        return Factors(half[:, None] * Vh[:rank], U[:, :rank] * half)
     L = input_root(gram) if root is None else root  # damped gram = L Lᵀ, so E_x ||M x||² = ||M L||²_F
     U, S, Vh = torch.linalg.svd(error @ L, full_matrices=False)
-    root = S[:rank].sqrt()
+    half = S[:rank].sqrt()
     # A = (√S Vhᵣ) L⁻¹, i.e. Lᵀ Aᵀ = (√S Vhᵣ)ᵀ
-    A = torch.linalg.solve_triangular(L.T, (root[:, None] * Vh[:rank]).T, upper=True).T
-    return Factors(A.contiguous(), U[:, :rank] * root)
+    A = torch.linalg.solve_triangular(L.T, (half[:, None] * Vh[:rank]).T, upper=True).T
+    return Factors(A.contiguous(), U[:, :rank] * half)
 
 
 def balanced(fit: Factors, gram: torch.Tensor | None = None) -> Factors:
