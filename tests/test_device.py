@@ -153,6 +153,22 @@ def test_a_cached_hqq_native_layer_moves_whole_to_the_device_asked_for():
     assert there.to(torch.float32) is there and there.W_q.device.type == "meta"  # a dtype alone changes nothing
 
 
+def test_a_model_moved_whole_moves_its_hqq_native_layers_whole():
+    # nn.Module.to on a parent reaches each child through _apply, not the child's .to: that moved the codes (a
+    # Parameter) and left the scales, zeros and bias behind. The meta device stands in for a GPU.
+    from qradaptor.backends import get_backend
+
+    torch.manual_seed(0)
+    layer = get_backend("hqq-native").quantize(torch.nn.Linear(128, 64, bias=True), 4, 64)
+    scale_dtype = layer.meta["scale"].dtype
+    model = torch.nn.Sequential(layer, torch.nn.Linear(64, 8))
+    model.half()  # hqq fixes its dtypes at quantization: a dtype change leaves the layer as it was
+    assert layer.meta["scale"].dtype == scale_dtype and layer.W_q.dtype == torch.uint8
+    model.to("meta")
+    moved = [layer.W_q, layer.meta["scale"], layer.meta["zero"], layer.bias, model[1].weight]
+    assert all(t.device.type == "meta" for t in moved) and str(layer.device) == "meta"
+
+
 # ------------------------------------------------------------------------------------------- CUDA
 
 
