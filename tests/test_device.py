@@ -167,6 +167,9 @@ def test_a_model_moved_whole_moves_its_hqq_native_layers_whole():
     model.to("meta")
     moved = [layer.W_q, layer.meta["scale"], layer.meta["zero"], layer.bias, model[1].weight]
     assert all(t.device.type == "meta" for t in moved) and str(layer.device) == "meta"
+    alone = get_backend("hqq-native").quantize(torch.nn.Linear(128, 64, bias=True), 4, 64)
+    assert alone.to("meta") is alone  # the layer's own .to (a no-op in hqq) moves it whole too
+    assert all(t.device.type == "meta" for t in (alone.W_q, alone.meta["scale"], alone.meta["zero"], alone.bias))
 
 
 # ------------------------------------------------------------------------------------------- CUDA

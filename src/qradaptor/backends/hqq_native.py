@@ -46,28 +46,20 @@ class NativeHQQLinear(HQQLinear, QuantizedLinear):
 
     def to(self, *args, **kwargs):
         # HQQLinear.to is a no-op in hqq 0.2.8: a cached layer asked for on another device (QuantCache.get) stayed
-        # where it was quantized. Move all of it. The dtype is left: codes and compute dtype are fixed at
-        # quantization (hqq's own .half and .float leave them too).
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        if device is not None:
-            self._move(device)
-        return self
+        # where it was quantized. nn.Module's .to goes through _apply below, as a parent's .to does. The codes are
+        # integers and keep their dtype; scales and zeros keep the compute dtype fixed at quantization.
+        return nn.Module.to(self, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # A parent's .to / .cuda / .cpu reaches this layer through _apply, not .to, and _apply moves the codes (a
         # Parameter) only: bring the scales and zeros (a dict) and the bias (a plain tensor) to where they went.
         super()._apply(fn, recurse)
-        self._move(self.W_q.device)
-        return self
-
-    def _move(self, device) -> None:
-        device = torch.device(device)
-        if self.W_q.device != device:
-            self.W_q = nn.Parameter(self.W_q.detach().to(device), requires_grad=False)
+        device = self.W_q.device
         self.meta = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.meta.items()}
         if getattr(self, "bias", None) is not None:
             self.bias = self.bias.to(device)
         self.device = device  # where hqq's own forward and dequantize put what they make
+        return self
 
     def state(self) -> dict[str, torch.Tensor]:
         state = {
