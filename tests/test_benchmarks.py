@@ -216,6 +216,14 @@ def test_gpu_check_smoke_on_the_cpu(tmp_path):
         assert len(case["step_seconds"]) == case["steps"] and case["step_time"] > 0
         assert (case["quantize_seconds"] is None) == (case["method"] == "bf16-lora")
     assert result["ratios"]["step_mixed_over_uniform4"] > 0
+    from benchmarks.gpu import cases
+
+    case = next(c for c in cases(smoke=True) if c["name"] == "mixed/ckpt")  # on a GPU each case is a child process
+    child = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--case", json.dumps(case),
+                            "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    alone = json.loads(child.stdout.strip().splitlines()[-1])
+    assert alone["name"] == "mixed/ckpt" and alone["peak_bytes"] > 0 and len(alone["step_seconds"]) == case["steps"]
     committed = ROOT / "benchmarks" / "results" / "gpu.json"  # a smoke run never writes into results/
     assert not committed.exists() or not json.loads(committed.read_text())["smoke"]
     import torch
