@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a file: keep benchmarks/ off sys.path (p
 from benchmarks.common import RESULTS, describe_cpu, environment, markdown_table, write_results  # noqa: E402
 
 METHODS = ("zero", "svd", "loftq", "activation")
+QLORA = "qlora4-r16"  # the frontier's uniform 4-bit r16 with PEFT's zero start: the gap's reference, QLoRA as run today
 FULL = {"steps": 100, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "kl_blocks": 16, "calibration_tokens": 4096,
         "loftq_iterations": 5}
 SMOKE = {"steps": 3, "seq_len": 32, "batch_size": 2, "lr": 3e-4, "kl_blocks": 2, "calibration_tokens": 128,
@@ -49,12 +50,16 @@ def frontier_plan(name: str):
     return None if row is None else Plan.from_dict({"layers": row["plan_layers"]})
 
 
-def from_ledger(plan, seed: int, settings: dict) -> dict | None:
-    """The frontier's final fine-tune of ``plan`` with the zero start (its finals ledger, committed): the same recipe
-    as a ``zero`` case here (seed 0 reproduces it exactly), so its seeds are not trained again."""
+def from_ledger(plan, seed: int, settings: dict, method: str) -> dict | None:
+    """The frontier's final fine-tune of ``plan`` with the start ``method`` (its finals ledger, committed), or None.
+    The frontier trains the ``zero`` and ``activation`` starts with the same recipe as a case here (`train_plan`,
+    which fits the activation start on the same calibration tokens), so their seeds beyond 0 are not trained again;
+    seed 0 always is (it measures the start itself, and checks that it reproduces the ledger's)."""
     from benchmarks.frontier import FINALS, final_key, final_spec, held_out_current, ledger_path, read_ledger
 
-    spec = final_spec(plan, {**settings, "adapter_init": "zero"}, None, None, seed=seed, dtype=settings["dtype"])
+    if method not in ("zero", "activation") or settings["calibration_tokens"] != 4096:  # train's default tokens
+        return None
+    spec = final_spec(plan, {**settings, "adapter_init": method}, None, None, seed=seed, dtype=settings["dtype"])
     kept = read_ledger(ledger_path(FINALS)).get(final_key(spec))
     if kept is None or not held_out_current(kept["result"], spec):  # judged on other held-out text: train it here
         return None
@@ -105,10 +110,10 @@ def report(rows: list[dict], settings: dict, reference: dict) -> str:
     headers = ["plan", "start", "seeds", "start s", "KL step 0", "test loss step 0", "test loss", "Δ vs zero (same seeds)",
                "gap recovered", "train s"]
     zero = {r["plan"]: r["seeds"] for r in rows if r["method"] == "zero"}
-    gap = reference.get("uniform4-r16", float("nan")) - reference.get("lora16", float("nan"))
+    gap = reference.get(QLORA, float("nan")) - reference.get("lora16", float("nan"))
     body = []
     for r in rows:
-        recovered = (reference.get("uniform4-r16", float("nan")) - r["loss"]) / gap if gap == gap else float("nan")
+        recovered = (reference.get(QLORA, float("nan")) - r["loss"]) / gap if gap == gap else float("nan")
         spread = f" ± {r['spread'] / 2:.4f}" if len(r["seeds"]) > 1 else ""
         body.append([r["plan"], r["method"], len(r["seeds"]), f"{r['start_seconds']:.1f}", f"{r['kl_before']:.4f}",
                      f"{r['loss_before']:.4f}", f"{r['loss']:.4f}{spread}",
@@ -117,14 +122,19 @@ def report(rows: list[dict], settings: dict, reference: dict) -> str:
     md = ("# Adapter starts at the 4-bit budget\n\nSmolLM2-135M-Instruct, default data; each plan quantized by HQQ "
           f"(group 64), adapters started as named, then {settings['steps']} LoRA steps of {settings['batch_size']}×"
           f"{settings['seq_len']} tokens (lr {settings['lr']}, {settings['dtype']}, checkpointing), test loss on the "
-          f"whole test split; start s: attaching the adapters and fitting them (seeds 1 and 2 of the zero start: the frontier's finals ledger, the same recipe, whose seed 0 "
-          f"this benchmark reproduces exactly). KL at step 0: to the full model ({settings['dtype']}), {settings['kl_blocks']} test "
+          f"whole test split; start s: attaching the adapters and fitting them. Seeds beyond 0 of the zero and "
+          f"activation starts come from the frontier's finals ledger where it has them (the same recipe: seed 0, "
+          f"trained here, is checked against it below). KL at step 0: to the full model ({settings['dtype']}), {settings['kl_blocks']} test "
           f"blocks. activation: {settings['calibration_tokens']} calibration tokens from the training split; loftq: "
-          f"{settings['loftq_iterations']} alternations (it rewrites the codes). Gap recovered: from uniform4-r16 "
-          f"with the zero start to lora16, as frontier.json measured them (the mean of the seeds each ran there: "
-          f"{reference.get('uniform4-r16', float('nan')):.4f} → {reference.get('lora16', float('nan')):.4f}). "
+          f"{settings['loftq_iterations']} alternations (it rewrites the codes). Gap recovered: from uniform 4-bit r16 "
+          f"with the zero start (QLoRA as run today, {QLORA}) to lora16, as frontier.json measured them (the mean of the seeds each ran there: "
+          f"{reference.get(QLORA, float('nan')):.4f} → {reference.get('lora16', float('nan')):.4f}). "
           "Loss ± half the seeds' max–min spread.\n\n")
-    return md + markdown_table(headers, body)
+    checks = [f"{r['plan']} {r['method']}: {r['seeds'][0]:.4f} here, {r['frontier_seed0']:.4f} in the ledger"
+              for r in rows if r.get("frontier_seed0") is not None]
+    checked = ("\n\nSeed 0 against the frontier's final of the same settings: " + "; ".join(checks) + ".\n"
+               if checks else "\n")
+    return md + markdown_table(headers, body) + checked
 
 
 def main() -> None:
@@ -134,19 +144,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the starts in --seeded (default 3)")
     parser.add_argument("--seeded", default="zero,activation",
                         help="the starts that get every seed (the others run seed 0)")
-    parser.add_argument("--plans", default="uniform4-r16,qradaptor-4bit,uniform4-r16-dora",
+    parser.add_argument("--plans", default="uniform4-r16,greedy,uniform4-r16-dora",
                         help="uniform4-r16, uniform4-r16-dora (QDoRA) and/or frontier methods whose plans to use "
-                             "(comma-separated)")
+                             "(comma-separated; default: greedy, the profile's fill of the 4-bit budget, is a plan "
+                             "with mixed ranks)")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--plan-seeds", default="uniform4-r16-dora=1",
-                        help="seeds for particular plans, as PLAN=N,... (default: QDoRA's one seed)")
+    parser.add_argument("--plan-seeds", default="uniform4-r16-dora=1,greedy=1",
+                        help="seeds for particular plans, as PLAN=N,... (default: one seed for QDoRA and greedy)")
     parser.add_argument("--compare-on", default="uniform4-r16",
                         help="the plans every start in --methods runs on; the others run only the starts in --seeded")
     args = parser.parse_args()
 
     import torch
 
+    from benchmarks.frontier import held_out_fingerprint
     from qradaptor.backends import QuantCache, get_backend
+    from qradaptor.io import atomic_write_json
     from qradaptor.data import load_blocks
     from qradaptor.models import load_model
     from qradaptor.plan import Plan
@@ -167,6 +180,7 @@ def main() -> None:
             "test": load_blocks(data_spec, tokenizer, "test", seq_len=settings["seq_len"], model=base)}
     data["kl"] = data["test"].subset(settings["kl_blocks"])
     cache = QuantCache(get_backend("hqq", compute_dtype=getattr(torch, dtype)))
+    held_out = held_out_fingerprint(data_spec, settings["seq_len"])  # a kept case judged on other text is run again
     num_layers = len(base.model.layers)
     plans = {}
     for name in args.plans.split(","):
@@ -186,26 +200,29 @@ def main() -> None:
             seeds = dict(item.split("=") for item in args.plan_seeds.split(",") if item).get(plan_name, args.seeds)
             for seed in range(int(seeds) if method in args.seeded.split(",") else 1):
                 path = work / f"{plan_name}-{method}-s{seed}.json"
-                kept = from_ledger(plan, seed, settings) if method == "zero" and seed and not args.smoke else None
+                kept = from_ledger(plan, seed, settings, method) if seed and not args.smoke else None
                 if kept is not None:
                     runs.append(kept)
                     continue
-                if not path.is_file():
+                kept = json.loads(path.read_text()) if path.is_file() else None
+                if kept is None or kept.get("held_out") != held_out:  # none, or judged on other held-out text
                     print(f"adapter_init: {plan_name} {method} seed {seed}", flush=True)
-                    result = run_case(base, plan, method, seed, settings, data, cache)
-                    path.write_text(json.dumps(result))
-                runs.append(json.loads(path.read_text()))
+                    kept = {**run_case(base, plan, method, seed, settings, data, cache), "held_out": held_out}
+                    atomic_write_json(path, kept)
+                runs.append(kept)
             losses = [r["loss"] for r in runs]
+            ledger_seed0 = None if args.smoke else from_ledger(plan, 0, settings, method)
             row = {"plan": plan_name, "method": method, "seeds": losses, "loss": sum(losses) / len(losses),
                    "spread": max(losses) - min(losses), **{k: v for k, v in runs[0].items() if k != "loss"},
-                   "seeds_from_frontier": sum(1 for r in runs if r.get("from_frontier"))}
+                   "seeds_from_frontier": sum(1 for r in runs if r.get("from_frontier")),
+                   "frontier_seed0": None if ledger_seed0 is None else ledger_seed0["loss"]}
             rows.append(row)
             print(f"adapter_init: {plan_name} {method}: step 0 {row['loss_before']:.4f}, after {row['loss']:.4f}",
                   flush=True)
     frontier = json.loads((RESULTS / "frontier.json").read_text()) if (RESULTS / "frontier.json").is_file() else {}
-    reference = {m["name"]: m["loss"] for m in frontier.get("methods", [])}
-    if "uniform4-r16" not in reference:  # no committed frontier (the smoke run): this table's own zero row
-        reference["uniform4-r16"] = next((r["loss"] for r in rows if r["method"] == "zero"), float("nan"))
+    reference = {m["name"]: m["loss"] for m in frontier.get("methods", []) if m["name"] in (QLORA, "lora16")}
+    if QLORA not in reference:  # no committed frontier (the smoke run): this table's own zero row
+        reference[QLORA] = next((r["loss"] for r in rows if r["method"] == "zero"), float("nan"))
     payload = {"settings": settings, "rows": rows, "reference": reference, "environment": environment()}
     md = report(rows, settings, reference) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
     write_results("adapter_init-smoke" if args.smoke else "adapter_init", payload, md,

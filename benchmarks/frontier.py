@@ -722,6 +722,36 @@ def seeded(rows: list[dict], seeds_for: str) -> list[dict]:
     return ours + list({id(r): r for r in best if r is not None}.values())
 
 
+def fill_seeds(rows: list[dict], seeds_for: str, seeds: int, final, *, train: bool) -> None:
+    """Give the `seeded` rows their other seeds, each row's mean and spread taken over its seeds. The front is taken
+    on the seed means, so every seed already kept is read first (on seed 0 alone a row can look like a front row
+    until the others' seeds are in), and only then is one more seed trained, for the first row still short of them.
+    ``final(row, seed, fine_tune)``: that seed's final (`run_final`), or None where it is not kept and ``fine_tune``
+    is False. ``train`` False (--partial): only kept seeds."""
+
+    def add(row: dict, seed: int, fine_tune: bool) -> bool:
+        extra = final(row, seed, fine_tune)
+        if extra is None:
+            return False
+        row["seeds"].append(extra["loss"])
+        row.setdefault("seed_train_seconds", []).append(extra["train_seconds"])
+        row["loss"] = sum(row["seeds"]) / len(row["seeds"])
+        row["loss_spread"] = max(row["seeds"]) - min(row["seeds"])
+        row["perplexity"] = math.exp(row["loss"])
+        return True
+
+    while True:
+        todo = [r for r in seeded(rows, seeds_for) if len(r["seeds"]) < seeds]
+        kept = False
+        for r in todo:
+            while len(r["seeds"]) < seeds and add(r, len(r["seeds"]), False):
+                kept = True
+        if kept:  # the front may have moved: take it again
+            continue
+        if not todo or not train or not add(todo[0], len(todo[0]["seeds"]), True):
+            return  # done, or --partial: the seeds still missing are not trained yet
+
+
 def targets(methods: list[dict], final_steps: int) -> dict:
     """Issue 16's targets: at every budget, qradaptor's final loss against the best uniform setting that fits it
     (seed means; better by more than the larger seed spread of the two at two or more budgets), the share of the gap
@@ -1060,32 +1090,13 @@ def main() -> None:
     order = {name: i for i, (name, *_) in enumerate(plans)}
     rows.sort(key=lambda r: order[r["name"]])
 
-    # More seeds for the searches' plans and the uniform settings on the best-uniform front (the front is taken
-    # again on the seed means, until every setting on it has them all)
+    # More seeds for the searches' plans and the uniform settings on the best-uniform front
     plan_of = {name: plan for name, plan, _, _ in plans}
     settings["seeds_for"] = args.seeds_for
-    while True:
-        todo = [r for r in seeded(rows, args.seeds_for) if len(r["seeds"]) < settings["seeds"]]
-        if not todo:
-            break
-        added = 0
-        for r in todo:
-            for seed in range(len(r["seeds"]), settings["seeds"]):
-                extra = run_final(bench.finals, f"{r['name']} seed {seed}", plan_of[r["name"]],
-                                  recipe(r["name"], settings), model, data,
-                                  seed=seed, dtype=r["dtype"], train=train)
-                if extra is None:  # --partial: not trained yet
-                    break
-                r["seeds"].append(extra["loss"])
-                r.setdefault("seed_train_seconds", []).append(extra["train_seconds"])
-                added += 1
-            if len(r["seeds"]) < 2:
-                continue
-            r["loss"] = sum(r["seeds"]) / len(r["seeds"])
-            r["loss_spread"] = max(r["seeds"]) - min(r["seeds"])
-            r["perplexity"] = math.exp(r["loss"])
-        if not added:  # --partial: the seeds still missing are not trained yet
-            break
+    fill_seeds(rows, args.seeds_for, settings["seeds"], train=train,
+               final=lambda row, seed, fine_tune: run_final(
+                   bench.finals, f"{row['name']} seed {seed}", plan_of[row["name"]], recipe(row["name"], settings),
+                   model, data, seed=seed, dtype=row["dtype"], train=fine_tune))
     methods = rows
     goals = targets(methods, settings["steps"])
     fewer = {r["name"]: len(r["seeds"]) for r in seeded(rows, args.seeds_for) if len(r["seeds"]) < settings["seeds"]}

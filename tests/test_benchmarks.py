@@ -425,6 +425,40 @@ def test_frontier_first_rows_take_seeds_and_refuse_what_the_run_lacks():
             first_rows(bad, rows, 3)
 
 
+def test_frontier_reads_every_kept_seed_before_it_trains_one():
+    """The best-uniform front is taken on seed means: a row that is on it at seed 0 alone (uniform5-r16-g128 here)
+    gets no seed trained once the kept seeds of the others take it off (a full run once trained such a row)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.frontier import fill_seeds
+
+    def rows():
+        return [{"name": "uniform4-r16", "memory_bytes": 100, "loss": 2.70, "seeds": [2.70], "dtype": "bfloat16"},
+                {"name": "uniform5-r16-g128", "memory_bytes": 110, "loss": 2.69, "seeds": [2.69], "dtype": "bfloat16"}]
+
+    def finals(kept):
+        trained = []
+
+        def final(row, seed, fine_tune):
+            if (row["name"], seed) in kept:
+                return {"loss": kept[row["name"], seed], "train_seconds": 1.0}
+            if not fine_tune:
+                return None
+            trained.append((row["name"], seed))
+            return {"loss": 2.66, "train_seconds": 1.0}
+        return final, trained
+
+    table = rows()
+    final, trained = finals({("uniform4-r16", 1): 2.66})
+    fill_seeds(table, "front", 3, final, train=True)
+    assert trained == [("uniform4-r16", 2)]  # not uniform5-r16-g128: behind 4-bit r16's mean (2.673) in more memory
+    assert table[0]["seeds"] == [2.70, 2.66, 2.66] and table[0]["loss"] == pytest.approx(2.6733, abs=1e-4)
+    assert table[0]["loss_spread"] == pytest.approx(0.04) and table[1]["seeds"] == [2.69]
+    table = rows()
+    final, trained = finals({("uniform4-r16", 1): 2.66})
+    fill_seeds(table, "front", 3, final, train=False)  # --partial: kept seeds only
+    assert trained == [] and table[0]["seeds"] == [2.70, 2.66] and table[1]["seeds"] == [2.69]
+
+
 def test_frontier_takes_a_committed_rows_kl_and_rss_only_for_the_same_plan_settings_and_split(tmp_path):
     """A fresh checkout's frontier does not measure again the KL and peak RSS its committed results hold for a row,
     where the plan, dtype, settings and held-out split agree; a row measured here keeps its own measurement."""
