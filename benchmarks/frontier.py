@@ -890,7 +890,7 @@ def report(methods: list[dict], settings: dict, goals: dict, smoke: bool) -> str
                   f"each are "
                   f"the mean of {settings['seeds']} seeds, every other row one seed (seed 0)")
           + f" (± half the max–min spread). Memory is measured on the trained model (weights, quantization metadata and LoRA "
-          f"adapters). avg bits counts scales and zeros (uniform 4-bit = 5.0); code bits is the plan's mean bit-width. "
+          f"adapters). avg bits counts scales and zeros (uniform 4-bit at group size 64 = 4.5: a bf16 scale and zero per 64 weights); code bits is the plan's mean bit-width. "
           f"`{REFERENCE}` is uniform 4-bit r16 with PEFT's zero start (QLoRA as run today); `{QDORA}` the same with "
           f"DoRA adapters, started as `train` starts them. "
           f"Gap recovered = ({REFERENCE} − method) / ({REFERENCE} − lora16). vs best uniform: the best uniform setting "
