@@ -132,7 +132,7 @@ def report(rows: list[dict], settings: dict, reference: dict) -> str:
           "Loss ± half the seeds' max–min spread.\n\n")
     checks = [f"{r['plan']} {r['method']}: {r['seeds'][0]:.4f} here, {r['frontier_seed0']:.4f} in the ledger"
               for r in rows if r.get("frontier_seed0") is not None]
-    checked = ("\n\nSeed 0 against the frontier's final of the same settings: " + "; ".join(checks) + ".\n"
+    checked = ("\nSeed 0 against the frontier's final of the same settings: " + "; ".join(checks) + ".\n"
                if checks else "\n")
     return md + markdown_table(headers, body) + checked
 
@@ -159,8 +159,8 @@ def main() -> None:
 
     from benchmarks.frontier import held_out_fingerprint
     from qradaptor.backends import QuantCache, get_backend
-    from qradaptor.io import atomic_write_json
     from qradaptor.data import load_blocks
+    from qradaptor.io import atomic_write_json
     from qradaptor.models import load_model
     from qradaptor.plan import Plan
     from qradaptor.precision import default_dtype
