@@ -56,8 +56,9 @@ def from_ledger(plan, seed: int, settings: dict, method: str) -> dict | None:
     which fits the activation start on the same calibration tokens), so their seeds beyond 0 are not trained again;
     seed 0 always is (it measures the start itself, and checks that it reproduces the ledger's)."""
     from benchmarks.frontier import FINALS, final_key, final_spec, held_out_current, ledger_path, read_ledger
+    from qradaptor.rundir import DEFAULT_START_TOKENS
 
-    if method not in ("zero", "activation") or settings["calibration_tokens"] != 4096:  # train's default tokens
+    if method not in ("zero", "activation") or settings["calibration_tokens"] != DEFAULT_START_TOKENS:  # train's
         return None
     spec = final_spec(plan, {**settings, "adapter_init": method}, None, None, seed=seed, dtype=settings["dtype"])
     kept = read_ledger(ledger_path(FINALS)).get(final_key(spec))
