@@ -16,12 +16,15 @@ with the search's fine-tunes at each rate of ``--search-lrs``. Per search rate a
 loss, the plan the signal ranks first, and its regret (its final loss − the best final loss among the plans).
 
     .venv/bin/python benchmarks/search_lr.py              # SmolLM2, final rate 3e-3: ~6 min per final, resumable
+    .venv/bin/python benchmarks/search_lr.py --lr 3e-4 --search-lrs 3e-4   # the recipe's rate (finals from the ledger)
     .venv/bin/python benchmarks/search_lr.py --smoke      # a tiny random model: the script runs
 
 Finals go to the frontier's store and ledger (benchmarks/work/finals, results/finals.json; the rate is part of their
 key): the ablation's rows at 3e-3 are not trained again. Signals are kept under --work (default: the frontier's at
 that rate, benchmarks/work/frontier-lr<lr>, whose profile the greedy plans come from) in search_lr/, as they are
-measured. Writes benchmarks/results/search_lr.{json,md}.
+measured. Writes benchmarks/results/search_lr.{json,md} (at another final rate, search_lr-lr<rate>.{json,md}: at
+the recipe's 3e-4 with ``--search-lrs 3e-4`` it is the fidelity check of the search's signal with the start, on the
+clean split).
 """
 
 from __future__ import annotations
@@ -102,10 +105,15 @@ def main(argv=None) -> int:
                "dtype": frontier.train_dtype(), "signals": analyse(rows, search_lrs, ks), "plans": rows,
                "seconds": time.perf_counter() - began, "environment": environment()}
     md = report(payload) + f"\nCPU: {describe_cpu(payload['environment'])}.\n"
-    write_results("search_lr-smoke" if args.smoke else "search_lr", payload, md,
+    write_results(results_name(args.lr, args.smoke), payload, md,
                   directory=bench.work if args.smoke else RESULTS)  # smoke results measure nothing
     print(md)
     return 0
+
+
+def results_name(final_lr: float, smoke: bool = False) -> str:
+    """``search_lr`` for finals at `FINAL_LR`, ``search_lr-lr<rate>`` at another (each rate's study is its own)."""
+    return "search_lr" + ("" if final_lr == FINAL_LR else f"-lr{final_lr:g}") + ("-smoke" if smoke else "")
 
 
 def frontier_steps(bench, fidelity_name: str) -> int:

@@ -953,6 +953,15 @@ def test_search_lr_benchmark_smoke(tmp_path):
     assert not (ROOT / "benchmarks" / "results" / "search_lr-smoke.json").exists()
 
 
+def test_search_lr_results_are_named_by_the_final_rate():
+    """A study at another final rate (the recipe's 3e-4: the fidelity check with the start) does not overwrite the
+    one at 3e-3."""
+    from benchmarks.search_lr import FINAL_LR, results_name
+
+    assert results_name(FINAL_LR) == "search_lr" and results_name(FINAL_LR, smoke=True) == "search_lr-smoke"
+    assert results_name(3e-4) == "search_lr-lr0.0003" and results_name(1e-3, smoke=True) == "search_lr-lr0.001-smoke"
+
+
 def test_overlap_benchmark_smoke(tmp_path):
     """The default corpus split by topic alone shares most of its test text with training; as loaded, almost none."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overlap.py"), "--smoke", "--work",
