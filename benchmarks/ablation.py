@@ -198,8 +198,7 @@ def report(rows: list[dict], settings: dict, smoke: bool) -> str:
           f"all together. Searches run as benchmarks/frontier.py runs its `qradaptor-{BUDGET}` "
           f"({settings['search']['cheap']['steps']}-step cheap trials, promotion and refinement at "
           f"{settings['search']['full']['steps']} steps on the first steps of the final fine-tune's schedule, at lr "
-          f"{rate:g}" + ("" if rate == settings["lr"] else ", `run`'s cap on the search's rate: the final "
-                                                           "fine-tunes then train from step 0") + "), their "
+          f"{rate:g}), their "
           f"fine-tunes started as the row's final is. Final fine-tunes: {steps} LoRA steps of "
           f"{settings['batch_size']}×{settings['seq_len']} tokens (lr {settings['lr']}"
           + (f", {settings['warmup_steps']} warm-up steps" if "warmup_steps" in settings else "")

@@ -541,26 +541,20 @@ class Bench:
         """Run (or resume, or reload when finished) the search ``name`` in ``work/name/search``, as `qradaptor run`
         searches: in the final fine-tune's dtype, on the first steps of its schedule, keeping the chosen plan's
         run for the final fine-tune to continue (``result.kept_run``). ``sensitivity``: the profile it reads
-        (default `search_profile`). Its fine-tunes train at the final's rate up to `SEARCH_LR_CAP`, as `run`'s do
-        (`search_rate`); above it the final trains from step 0 (``kept_run`` None, no step reused)."""
-        import dataclasses
-
+        (default `search_profile`). Its fine-tunes train at the final's rate, as `run`'s do (`search_rate`)."""
         from qradaptor.commands import search
         from qradaptor.commands.search import prefix_fidelities
         from qradaptor.search import RUNS_DIR, search_rate
 
         out = self.work / name / "search"
-        rate = search_rate(self.settings["lr"])
         settings = prefix_fidelities({"trials": self.trials, "seq_len": self.settings["seq_len"], "seed": 0,
                                       "adapter_init": self.settings["adapter_init"], **self.search_settings, **extra}, steps=self.settings["steps"],
-                                     batch_size=self.settings["batch_size"], lr=rate)
+                                     batch_size=self.settings["batch_size"], lr=search_rate(self.settings["lr"]))
         fitness = self.started_fitness(settings["adapter_init"])  # its fine-tunes start as the search records
         fitness.runs = out / RUNS_DIR
         result = search(self.model, data=self.data, budget=budget, out=out, alpha=self.alpha,
                         sensitivity=str(sensitivity or self.search_profile()), progress=not self.smoke,
                         fitness=fitness, dtype=train_dtype(), **settings)
-        if rate != self.settings["lr"]:  # its runs are not the final fine-tune's beginning
-            result = dataclasses.replace(result, kept_run=None, kept_step=0, uniform_runs={})
         return result
 
     def search_cost(self, name: str, result) -> dict:

@@ -101,34 +101,32 @@ def test_stage_fixes_inside_run_name_only_what_run_offers(tmp_path):
         assert set(re.findall(r"--[a-z][a-z-]*", fix)) <= options, fix
 
 
-def test_above_the_cap_the_search_ranks_plans_at_its_own_rate(tiny_dir, tmp_path, caplog):
-    """At a fine-tune rate above `SEARCH_LR_CAP` the search's fine-tunes train at the cap, and the fine-tune, which
-    their runs are not the beginning of, trains from step 0 without a warning; ``search_lr`` sets the search's rate
-    (at the fine-tune's own, the fine-tune continues the chosen plan's run again)."""
+def test_the_search_ranks_plans_at_the_fine_tunes_rate_unless_given_another(tiny_dir, tmp_path, caplog):
+    """At a high fine-tune rate the search's fine-tunes train at it too and the fine-tune continues the chosen plan's
+    run; ``search_lr`` sets another rate for the search, whose runs the fine-tune then is not the continuation of:
+    it trains from step 0, without a warning."""
     import logging
-
-    from qradaptor.search import SEARCH_LR_CAP
 
     data = tmp_path / "words.txt"
     data.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 120}" for j in range(40)) for i in range(120)))
     model, _ = load_model(str(tiny_dir))
     budget = predict(ModelShapes.from_model(model), Plan.uniform(4, 4, 16), get_backend("hqq")).total_bytes
-    lr = 3 * SEARCH_LR_CAP
+    lr = 3e-3
     kw = dict(data=str(data), budget=budget, trials=4, steps=6, profile_tokens=128, seq_len=32,
               search_settings=TINY_SEARCH, train_settings={"eval_blocks": 2, "lr": lr}, progress=False)
-    with caplog.at_level(logging.INFO, logger="qradaptor"):
-        run(str(tiny_dir), out=tmp_path / "capped", **kw)
-    pareto = json.loads((tmp_path / "capped" / "search" / "pareto.json").read_text())
-    record = json.loads((tmp_path / "capped" / "train" / "run.json").read_text())
-    assert pareto["settings"]["cheap"]["lr"] == pareto["settings"]["full"]["lr"] == SEARCH_LR_CAP
-    assert record["config"]["lr"] == lr and "initialised_from" not in record
-    assert f"ranks plans at lr {SEARCH_LR_CAP:g}, the fine-tune trains at {lr:g}" in caplog.text
-    assert "not continuing" not in caplog.text
-    run(str(tiny_dir), out=tmp_path / "own", search_lr=lr, **kw)
+    run(str(tiny_dir), out=tmp_path / "own", **kw)
     pareto = json.loads((tmp_path / "own" / "search" / "pareto.json").read_text())
     record = json.loads((tmp_path / "own" / "train" / "run.json").read_text())
-    assert pareto["settings"]["full"]["lr"] == record["config"]["lr"] == lr
+    assert pareto["settings"]["cheap"]["lr"] == pareto["settings"]["full"]["lr"] == record["config"]["lr"] == lr
     assert record["initialised_from"]["step"] == pareto["kept_step"] == 4
+    with caplog.at_level(logging.INFO, logger="qradaptor"):
+        run(str(tiny_dir), out=tmp_path / "given", search_lr=1e-3, **kw)
+    pareto = json.loads((tmp_path / "given" / "search" / "pareto.json").read_text())
+    record = json.loads((tmp_path / "given" / "train" / "run.json").read_text())
+    assert pareto["settings"]["cheap"]["lr"] == pareto["settings"]["full"]["lr"] == 1e-3
+    assert record["config"]["lr"] == lr and "initialised_from" not in record
+    assert f"ranks plans at lr 0.001, the fine-tune trains at {lr:g}" in caplog.text
+    assert "not continuing" not in caplog.text
     with pytest.raises(QRAdaptorError) as e:  # refused before any stage
         run(str(tiny_dir), out=tmp_path / "bad", search_lr=-1.0, **kw)
     assert "--search-lr" in e.value.cause and not (tmp_path / "bad" / "profile").exists()

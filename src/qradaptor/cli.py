@@ -461,9 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     budgeted.add_argument("--trials", type=_positive_int, default=8, help="search exploration trials, cheap fidelity (default 8)")
     # the exploration's size, default None (not given: SearchConfig's defaults, which the help names)
     budgeted.add_argument("--search-lr", type=_positive_float, default=None, metavar="LR",
-                          help="peak learning rate of the search's fine-tunes (default: the final fine-tune's, at "
-                               "most 1e-3: above that its first steps rank plans wrongly; `search` without "
-                               "--final-steps: 3e-4)")
+                          help="peak learning rate of the search's fine-tunes (default: the final fine-tune's, whose "
+                               "first steps they then are; `search` without --final-steps: 3e-4)")
     budgeted.add_argument("--population", type=_positive_int, default=None, help="NSGA-II population (default 4)")
     budgeted.add_argument("--promote", type=_count, default=None,
                           help="front plans re-evaluated at full fidelity, besides the warm start's uniform settings "

@@ -332,8 +332,8 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     memory. The search's fidelities are the first steps of the fine-tune's schedule (`prefix_fidelities`), and
     the fine-tune continues the chosen plan's run from where the search left it: the result is that of a fine-tune
     from step 0, with fewer steps trained. ``search_lr``: the peak rate of the search's fine-tunes (default: the
-    fine-tune's up to `SEARCH_LR_CAP`, 1e-3: at higher rates the first steps rank plans wrongly); where it differs
-    from the fine-tune's, the search's runs are fine-tunes of their own and the fine-tune starts from step 0.
+    fine-tune's, `search_rate`); where it differs from the fine-tune's, the search's runs are fine-tunes of their
+    own and the fine-tune starts from step 0.
     ``model``: a spec, or a `LoadedModel` (its spec is what the run records); either is used up. ``device``
     (``auto``, ``cpu``, ``cuda``): where every stage computes; the dense model stays in host memory and each plan
     is quantized on the device. Not part of any stage's fingerprint: a run continues on another device."""
@@ -341,7 +341,7 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     from ..models import load_base, model_fingerprint
     from ..plan import Plan
     from ..rundir import DEFAULT_START_TOKENS, RunConfig
-    from ..search import SEARCH_LR_CAP, search_rate
+    from ..search import search_rate
 
     out = Path(out)
     device = resolve_device(device)
@@ -383,9 +383,8 @@ def run(model: "str | LoadedModel | None" = None, *, data: str | None = None, bu
     sensitivity = job.profile(tokens=profile_tokens, dtype=profile_dtype,
                               modules=search_settings.get("genes", "layer") != "layer")
     if rate != train_defaults["lr"]:
-        log.info("run: the search ranks plans at lr %g, the fine-tune trains at %g%s: it starts from step 0, not "
-                 "from the search's run", rate, train_defaults["lr"],
-                 "" if search_lr is not None else f" (above {SEARCH_LR_CAP:g} the first steps rank plans wrongly)")
+        log.info("run: the search ranks plans at lr %g, the fine-tune trains at %g: it starts from step 0, not "
+                 "from the search's run", rate, train_defaults["lr"])
     # the search measures plans on the first steps of the final fine-tune's schedule (at the search's rate), and
     # keeps the chosen plan's run for the fine-tune to continue
     plan = job.search(sensitivity, budget=budget, alpha=alpha, trials=trials, settings=search_settings or {},

@@ -83,8 +83,8 @@ def search(model: str | LoadedModel | None = None, *, data: str | None = None, b
     fine-tune of the same dtype.
     ``final_steps``: measure plans on the first steps of a ``final_steps``-step `train` at its default batch size
     and learning rate (`prefix_fidelities`), keeping the runs that ``train --init-from`` continues.
-    ``search_lr``: the peak learning rate of the plans' fine-tunes (default: with ``final_steps``, `train`'s up to
-    `SEARCH_LR_CAP`; else the fidelities' own); a kept run is the beginning of a fine-tune at that rate."""
+    ``search_lr``: the peak learning rate of the plans' fine-tunes (default: with ``final_steps``, `train`'s; else
+    the fidelities' own); a kept run is the beginning of a fine-tune at that rate."""
     if final_steps:
         from ..rundir import RunConfig
 

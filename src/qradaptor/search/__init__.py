@@ -12,8 +12,7 @@
    Fidelities with ``schedule_steps`` measure a plan on the first steps of the final fine-tune's schedule:
    each plan's run is kept (``OUT/runs``, only for the plans that would be promoted), a promoted plan continues
    its cheap run instead of starting over, and the chosen plan's run is where ``train --init-from`` continues.
-   The fine-tunes rank plans at the final one's learning rate up to ``SEARCH_LR_CAP`` (1e-3; `search_rate`):
-   at higher rates the first steps favour small adapters that the end of the schedule leaves behind.
+   The fine-tunes rank plans at the final one's learning rate unless given another (`search_rate`).
 4. Refinement: a Gaussian process over plan encodings proposes, by expected improvement of the
    alpha-scalarised objective, among one-edit neighbours of the expensive front; a few iterations.
 
@@ -47,7 +46,7 @@ in ``qradaptor.commands.search``. Optuna is used through its public API only.
 
 from __future__ import annotations
 
-from .config import (CONFIG_ATTR, DEFAULT_BITS, DEFAULT_RANKS, FORMAT, MARKER, SEARCH_FILES, SEARCH_LR_CAP, Fidelity,
+from .config import (CONFIG_ATTR, DEFAULT_BITS, DEFAULT_RANKS, FORMAT, MARKER, SEARCH_FILES, Fidelity,
                      SearchConfig, SearchError, search_rate)
 from .fitness import RUNS_DIR, FineTuneFitness, Fitness, run_name
 from .genes import GENE_LAYOUTS, Genes, plan_key
@@ -61,7 +60,7 @@ from .storage import (check_search_dir, locked_search_dir, open_storage, recorde
 
 __all__ = ["CONFIG_ATTR", "DEFAULT_BITS", "DEFAULT_RANKS", "Evaluated", "FORMAT", "Fidelity", "GENE_LAYOUTS", "Genes",
            "FineTuneFitness", "Fitness", "MARKER", "Planner", "PriorCost",
-           "group_error_ratios", "RUNS_DIR", "SEARCH_FILES", "SEARCH_LR_CAP", "Search", "SearchConfig",
+           "group_error_ratios", "RUNS_DIR", "SEARCH_FILES", "Search", "SearchConfig",
            "SearchError", "SearchResult", "bit_widths_tried", "describe_bit_widths", "measured_uniform", "open_storage",
            "pareto_front", "plan_from_key", "plan_key", "plot_pareto",
            "recorded_config", "redact", "search_data_fingerprint", "search_rate", "summary", "training_fixed_bytes", "write_outputs",
