@@ -552,10 +552,9 @@ class Bench:
                                      batch_size=self.settings["batch_size"], lr=search_rate(self.settings["lr"]))
         fitness = self.started_fitness(settings["adapter_init"])  # its fine-tunes start as the search records
         fitness.runs = out / RUNS_DIR
-        result = search(self.model, data=self.data, budget=budget, out=out, alpha=self.alpha,
-                        sensitivity=str(sensitivity or self.search_profile()), progress=not self.smoke,
-                        fitness=fitness, dtype=train_dtype(), **settings)
-        return result
+        return search(self.model, data=self.data, budget=budget, out=out, alpha=self.alpha,
+                      sensitivity=str(sensitivity or self.search_profile()), progress=not self.smoke,
+                      fitness=fitness, dtype=train_dtype(), **settings)
 
     def search_cost(self, name: str, result) -> dict:
         """Fine-tune steps and seconds of a search, from its storage (a resumed search counts every session)."""
